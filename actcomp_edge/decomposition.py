@@ -1,0 +1,216 @@
+"""Activation compression by truncated HOSVD (Tucker) and by mode-1 SVD.
+
+numpy only: this module runs on the device. Shapes follow the paper:
+an activation A is (B, C, H, W); mode n = 0..3 is (batch, channel, height, width).
+
+Ranks follow the paper's rule: for mode n the rank K_n is the smallest k such
+that the k largest squared singular values of the mode-n unfolding A_(n) hold
+at least a fraction eps of their total (equality counts).  The squared singular
+values and left singular vectors of A_(n) are the eigenpairs of the Gram matrix
+A_(n) A_(n)^T (d_n x d_n), which is far cheaper than an SVD of the d_n x (rest)
+unfolding and exact up to float rounding.
+
+Degenerate cases (defined behaviour):
+- every rank is at least 1 and at most min(d_n, product of the other dims);
+- eps == 1 keeps the full rank min(d_n, rest): reconstruction is exact;
+- an all-zero activation gets rank 1 in every mode, unit-vector factors and a
+  zero core (reconstruction is the zero tensor);
+- a mode of size 1 has rank 1 and factor [[1]] (up to sign).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import prod
+from typing import Optional, Sequence
+
+import numpy as np
+
+# Relative slack when comparing a cumulative energy ratio to eps, so that a
+# ratio equal to eps up to float rounding counts as reaching it.
+EQUALITY_SLACK = 1e-9
+
+
+def unfold(tensor: np.ndarray, mode: int) -> np.ndarray:
+    """Mode-n unfolding: (d_n, product of the other dims), other dims in order."""
+    return np.moveaxis(tensor, mode, 0).reshape(tensor.shape[mode], -1)
+
+
+def mode_product(tensor: np.ndarray, matrix: np.ndarray, mode: int) -> np.ndarray:
+    """tensor x_n matrix: dim n (size d_n) becomes matrix.shape[0]; matrix is (J, d_n)."""
+    moved = np.moveaxis(tensor, mode, -1)
+    return np.moveaxis(moved @ matrix.T, -1, mode)
+
+
+def mode_gram(tensor: np.ndarray, mode: int) -> np.ndarray:
+    """A_(n) A_(n)^T, (d_n, d_n) float64 (accumulated in the input precision)."""
+    m = unfold(tensor, mode)
+    return (m @ m.T).astype(np.float64)
+
+
+def rank_for_energy(energies: np.ndarray, eps: float) -> int:
+    """Smallest k with sum(energies[:k]) >= eps * sum(energies); energies sorted descending, >= 0.
+
+    Returns 1 for an all-zero spectrum and len(energies) for eps == 1.
+    """
+    check_eps(eps)
+    total = float(np.sum(energies))
+    if total <= 0.0:
+        return 1
+    if eps >= 1.0:
+        return len(energies)
+    cumulative = np.cumsum(energies) / total
+    return int(np.searchsorted(cumulative, eps * (1.0 - EQUALITY_SLACK), side="left")) + 1
+
+
+def check_eps(eps: float) -> None:
+    if not (isinstance(eps, (int, float, np.floating)) and 0.0 < float(eps) <= 1.0):
+        raise ValueError(f"eps must be in (0, 1], got {eps!r}")
+
+
+def mode_spectrum(tensor: np.ndarray, mode: int) -> tuple[np.ndarray, np.ndarray]:
+    """Squared singular values (descending, clipped at 0, at most min(d_n, rest) of them)
+    and the matching left singular vectors (d_n, r) of the mode-n unfolding."""
+    d_n = tensor.shape[mode]
+    rest = tensor.size // d_n if d_n else 0
+    energies, vectors = np.linalg.eigh(mode_gram(tensor, mode))
+    keep = min(d_n, rest)
+    energies = np.clip(energies[::-1][:keep], 0.0, None)
+    vectors = vectors[:, ::-1][:, :keep]
+    return energies, vectors
+
+
+def _choose_rank(energies, max_rank, eps, fixed, cap) -> int:
+    if fixed is not None:
+        k = int(fixed)
+        if k < 1:
+            raise ValueError(f"ranks must be >= 1, got {fixed}")
+    else:
+        k = rank_for_energy(energies, eps)
+    if cap is not None:
+        if int(cap) < 1:
+            raise ValueError(f"rank caps must be >= 1, got {cap}")
+        k = min(k, int(cap))
+    return max(1, min(k, max_rank))
+
+
+def _per_mode(value, ndim: int, what: str) -> list:
+    if value is None or np.isscalar(value):
+        return [value] * ndim
+    value = list(value)
+    if len(value) != ndim:
+        raise ValueError(f"{what} needs one value per mode ({ndim}), got {len(value)}")
+    return value
+
+
+@dataclass
+class Tucker:
+    """A ~= core x_1 U_1 x_2 U_2 x_3 U_3 x_4 U_4; core (K_1..K_4), factors[n] (d_n, K_n)."""
+
+    core: np.ndarray
+    factors: tuple
+
+    @property
+    def rank_per_mode(self) -> tuple:
+        return tuple(self.core.shape)
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(u.shape[0] for u in self.factors)
+
+    @property
+    def kept_floats(self) -> int:
+        """prod(K_n) + sum(d_n K_n): what the backward keeps instead of A."""
+        return int(self.core.size + sum(u.size for u in self.factors))
+
+    def reconstruct(self) -> np.ndarray:
+        out = self.core
+        for mode, u in enumerate(self.factors):
+            out = mode_product(out, u, mode)
+        return out
+
+
+def hosvd(activation: np.ndarray, eps: Optional[float] = None,
+          ranks: Optional[Sequence[int]] = None,
+          rank_cap: Optional[Sequence[Optional[int]] | int] = None) -> Tucker:
+    """Truncated HOSVD of an N-D activation (the paper uses (B, C, H, W)).
+
+    eps: energy threshold per mode (paper rule); or ranks: fixed rank per mode.
+    rank_cap: upper bound per mode (int for all modes, or a sequence with None = no cap).
+    Factors are computed from the ORIGINAL tensor for every mode (not sequentially
+    truncated), as in the paper, so ranks do not depend on mode order.
+    """
+    if (eps is None) == (ranks is None):
+        raise ValueError("give exactly one of eps or ranks")
+    if eps is not None:
+        check_eps(eps)
+    a = np.asarray(activation)
+    if a.dtype not in (np.float32, np.float64):
+        a = a.astype(np.float32)
+    fixed = _per_mode(ranks, a.ndim, "ranks")
+    caps = _per_mode(rank_cap, a.ndim, "rank_cap")
+    factors = []
+    for mode in range(a.ndim):
+        energies, vectors = mode_spectrum(a, mode)
+        k = _choose_rank(energies, vectors.shape[1], eps, fixed[mode], caps[mode])
+        factors.append(np.ascontiguousarray(vectors[:, :k], dtype=a.dtype))
+    return Tucker(project_core(a, factors), tuple(factors))
+
+
+def project_core(activation: np.ndarray, factors: Sequence[np.ndarray]) -> np.ndarray:
+    """core = A x_1 U_1^T x_2 U_2^T ...; the modes that shrink most go first (fewest flops)."""
+    core = activation
+    order = sorted(range(activation.ndim),
+                   key=lambda n: factors[n].shape[1] / max(1, activation.shape[n]))
+    for mode in order:
+        core = mode_product(core, factors[mode].T, mode)
+    return np.ascontiguousarray(core)
+
+
+@dataclass
+class LowRank:
+    """Mode-1 SVD: A_(1) (B, C*H*W) ~= left @ right; left = U_k diag(s_k) (B, k), right = V_k^T (k, C*H*W)."""
+
+    left: np.ndarray
+    right: np.ndarray
+    shape: tuple
+
+    @property
+    def rank(self) -> int:
+        return int(self.left.shape[1])
+
+    @property
+    def kept_floats(self) -> int:
+        """k (B + C*H*W)."""
+        return int(self.left.size + self.right.size)
+
+    def reconstruct(self) -> np.ndarray:
+        return (self.left @ self.right).reshape(self.shape)
+
+
+def svd_compress(activation: np.ndarray, eps: Optional[float] = None,
+                 rank: Optional[int] = None, rank_cap: Optional[int] = None) -> LowRank:
+    """Truncated SVD of the mode-1 (batch) unfolding, rank by the paper's eps rule or fixed."""
+    if (eps is None) == (rank is None):
+        raise ValueError("give exactly one of eps or rank")
+    if eps is not None:
+        check_eps(eps)
+    a = np.asarray(activation)
+    if a.dtype not in (np.float32, np.float64):
+        a = a.astype(np.float32)
+    energies, vectors = mode_spectrum(a, 0)
+    k = _choose_rank(energies, vectors.shape[1], eps, rank, rank_cap)
+    u = vectors[:, :k].astype(a.dtype)
+    m = unfold(a, 0)
+    # U_k^T A_(1) = diag(s_k) V_k^T; split the scale so that left = U_k diag(s_k).
+    scaled_right = u.T @ m
+    sigma = np.sqrt(energies[:k]).astype(a.dtype)
+    safe = np.where(sigma > 0, sigma, 1).astype(a.dtype)
+    left = u * sigma
+    right = np.where(sigma[:, None] > 0, scaled_right / safe[:, None], 0).astype(a.dtype)
+    return LowRank(np.ascontiguousarray(left), np.ascontiguousarray(right), tuple(a.shape))
+
+
+def full_rank_bound(shape: Sequence[int]) -> tuple:
+    """Largest possible HOSVD rank per mode: min(d_n, product of the other dims)."""
+    total = prod(shape)
+    return tuple(min(d, total // d) if d else 0 for d in shape)

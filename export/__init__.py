@@ -1,0 +1,1 @@
+"""Workstation side (torch): model zoo, PyTorch reference of compressed training."""
