@@ -42,9 +42,14 @@ def mode_product(tensor: np.ndarray, matrix: np.ndarray, mode: int) -> np.ndarra
 
 
 def mode_gram(tensor: np.ndarray, mode: int) -> np.ndarray:
-    """A_(n) A_(n)^T, (d_n, d_n) float64 (accumulated in the input precision)."""
-    m = unfold(tensor, mode)
-    return (m @ m.T).astype(np.float64)
+    """A_(n) A_(n)^T, (d_n, d_n), accumulated in float64.
+
+    float64 keeps the trailing eigenvalues of a rank-deficient float32 activation at
+    ~1e-14 of the largest (a float32 Gram leaves ~1e-6 of noise there), so the
+    energy rule picks the true rank when eps is close to 1.
+    """
+    m = unfold(tensor, mode).astype(np.float64)
+    return m @ m.T
 
 
 def rank_for_energy(energies: np.ndarray, eps: float) -> int:

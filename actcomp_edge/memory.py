@@ -1,0 +1,187 @@
+"""Bytes kept for the backward pass, per fine-tuned layer and method (numpy-free, torch-free).
+
+Two accountings:
+- paper: the inputs of the fine-tuned convs only, as the paper's tables count them;
+- full:  everything the backward of the fine-tuned part really keeps: the conv
+  inputs (compressed or not), one byte per element for every activation mask
+  (ReLU/ReLU6/clamp, also after a residual add) downstream of the first
+  fine-tuned conv, max-pool indices (int64) if the ResNet stem is fine-tuned,
+  and the classifier input (float32).  Budgets use this one.
+
+Floats are float32 (4 bytes). MiB = 2**20 bytes.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from decimal import ROUND_HALF_UP, Decimal
+from math import ceil, prod
+from typing import Optional, Sequence
+
+from .arch import MASKING_ACTS, ConvLayer, Network
+from .decomposition import check_eps, full_rank_bound
+
+FLOAT_BYTES = 4
+MASK_BYTES = 1
+INDEX_BYTES = 8
+METHODS = ("vanilla", "svd", "hosvd", "gf-r2")
+GF_RADIUS = 2
+MIB = 2 ** 20
+
+
+def vanilla_floats(shape: Sequence[int]) -> int:
+    """B*C*H*W."""
+    return prod(shape)
+
+
+def svd_floats(shape: Sequence[int], rank: int) -> int:
+    """k (B + C*H*W)."""
+    return rank * (shape[0] + prod(shape[1:]))
+
+
+def hosvd_floats(shape: Sequence[int], rank_per_mode: Sequence[int]) -> int:
+    """prod(K_n) + sum(d_n K_n)."""
+    return prod(rank_per_mode) + sum(d * k for d, k in zip(shape, rank_per_mode))
+
+
+def gradient_filter_floats(shape: Sequence[int], stride: int, radius: int = GF_RADIUS) -> int:
+    """B*C*ceil(H/(r*s))*ceil(W/(r*s))."""
+    b, c, h, w = shape
+    return b * c * ceil(h / (radius * stride)) * ceil(w / (radius * stride))
+
+
+def mib(nbytes: int) -> str:
+    """Bytes as MiB with two decimals, rounded half up (as the paper prints them)."""
+    return str((Decimal(nbytes) / MIB).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP))
+
+
+@dataclass
+class LayerPlan:
+    name: str
+    input_shape: tuple
+    method: str
+    rank_per_mode: Optional[tuple]   # hosvd: (K1..K4); svd: (k,); else None
+    paper_bytes: int                 # conv input as kept (compressed or not)
+    mask_bytes: int                  # activation masks / pool indices after this layer
+    full_bytes: int                  # paper_bytes + mask_bytes (+ classifier input)
+
+
+@dataclass
+class Plan:
+    model: str
+    method: str
+    batch_size: int
+    input_size: tuple
+    eps: Optional[float]
+    rank_basis: str                  # how ranks were obtained: exact / fixed / bound
+    layers: list = field(default_factory=list)
+
+    @property
+    def paper_bytes(self) -> int:
+        return sum(layer.paper_bytes for layer in self.layers)
+
+    @property
+    def full_bytes(self) -> int:
+        return sum(layer.full_bytes for layer in self.layers)
+
+    def to_json(self) -> dict:
+        return {"model": self.model, "method": self.method, "batch_size": self.batch_size,
+                "input_size": list(self.input_size), "eps": self.eps,
+                "rank_basis": self.rank_basis, "paper_bytes": self.paper_bytes,
+                "full_bytes": self.full_bytes, "paper_mib": mib(self.paper_bytes),
+                "full_mib": mib(self.full_bytes),
+                "layers": [dict(asdict(layer), input_shape=list(layer.input_shape),
+                                rank_per_mode=(list(layer.rank_per_mode)
+                                               if layer.rank_per_mode else None))
+                           for layer in self.layers]}
+
+
+RANK_BASES = {
+    "exact": "sizes are exact (no data-dependent ranks)",
+    "fixed": "ranks fixed by --ranks",
+    "bound": "eps ranks depend on the data: reported sizes use the worst case "
+             "(full multilinear rank min(d_n, prod of the other dims), capped by --rank-cap)",
+}
+
+
+def mask_bytes(layer: ConvLayer, batch: int) -> int:
+    """Masks the backward needs after this conv: its activation, a post-add activation,
+    and max-pool indices (ResNet stem)."""
+    out = prod(layer.output_shape(batch))
+    total = 0
+    for act in (layer.act, layer.post_add_act):
+        if act is not None and act.get("type") in MASKING_ACTS:
+            total += out * MASK_BYTES
+    if layer.maxpool_after:
+        p = layer.maxpool_after
+        h, w = ((s + 2 * p["padding"] - p["kernel"]) // p["stride"] + 1 for s in layer.output_hw)
+        total += batch * layer.out_ch * h * w * INDEX_BYTES
+    return total
+
+
+def layer_ranks(method: str, shape: tuple, ranks, rank_cap) -> Optional[tuple]:
+    """Ranks used for sizing: fixed ones if given, else the worst case, capped."""
+    if method == "hosvd":
+        bound = full_rank_bound(shape)
+        chosen = tuple(ranks) if ranks is not None else bound
+        if len(chosen) != 4:
+            raise ValueError(f"hosvd needs 4 ranks (B, C, H, W), got {len(chosen)}")
+        caps = rank_cap if rank_cap is not None else (None,) * 4
+        if isinstance(caps, int):
+            caps = (caps,) * 4
+        return tuple(max(1, min(k, b, c if c else b)) for k, b, c in zip(chosen, bound, caps))
+    if method == "svd":
+        bound = min(shape[0], prod(shape[1:]))
+        k = int(ranks[0]) if ranks is not None else bound
+        cap = rank_cap if isinstance(rank_cap, int) else (rank_cap[0] if rank_cap else None)
+        return (max(1, min(k, bound, cap if cap else bound)),)
+    return None
+
+
+def kept_floats(method: str, layer: ConvLayer, shape: tuple, rank_per_mode) -> int:
+    if method == "vanilla":
+        return vanilla_floats(shape)
+    if method == "svd":
+        return svd_floats(shape, rank_per_mode[0])
+    if method == "hosvd":
+        return hosvd_floats(shape, rank_per_mode)
+    if method == "gf-r2":
+        return gradient_filter_floats(shape, layer.stride)
+    raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+
+
+def plan(net: Network, n_layers: int, method: str, batch_size: int, input_size,
+         eps: Optional[float] = None, ranks: Optional[Sequence[int]] = None,
+         rank_cap=None) -> Plan:
+    """Memory kept for backward when the last n_layers convs (and the classifier) are fine-tuned.
+
+    hosvd/svd: give ranks (fixed: exact sizes) or eps (data-dependent: worst-case bound).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    count = len(net.convs)
+    if not 1 <= n_layers <= count:
+        raise ValueError(f"--layers must be between 1 and {count} ({net.name} has {count} convs), "
+                         f"got {n_layers}")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    if eps is not None:
+        check_eps(eps)
+    if method in ("hosvd", "svd"):
+        if ranks is None and eps is None:
+            raise ValueError(f"{method} needs --eps or --ranks")
+        basis = "fixed" if ranks is not None else "bound"
+    else:
+        basis = "exact"
+    result = Plan(net.name, method, batch_size, tuple(input_size) if not isinstance(input_size, int)
+                  else (input_size, input_size), eps, basis)
+    for layer in net.convs[-n_layers:]:
+        shape = layer.input_shape(batch_size)
+        rank_per_mode = layer_ranks(method, shape, ranks, rank_cap)
+        paper = kept_floats(method, layer, shape, rank_per_mode) * FLOAT_BYTES
+        masks = mask_bytes(layer, batch_size)
+        result.layers.append(LayerPlan(layer.name, shape, method, rank_per_mode, paper, masks,
+                                       paper + masks))
+    head = batch_size * net.classifier_in * FLOAT_BYTES
+    result.layers.append(LayerPlan("classifier", (batch_size, net.classifier_in), "vanilla", None,
+                                   0, 0, head))
+    return result
