@@ -31,6 +31,9 @@ IMAGENET_NORM = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 HALF_NORM = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
 
 
+FAMILIES = ("inverted_residual", "resnet")
+
+
 class SpecError(ValueError):
     """A model name or architecture spec that cannot be used."""
 
@@ -179,7 +182,11 @@ def load_spec(model: str, num_classes: Optional[int] = None) -> dict:
         spec = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise SpecError(f"cannot read architecture spec {path}: {e}") from None
-    spec.setdefault("family", "inverted_residual" if "blocks" in spec else None)
+    if not isinstance(spec, dict):
+        raise SpecError(f"architecture spec {path} is not a JSON object")
+    if spec.get("family") not in FAMILIES and "blocks" in spec:
+        # ../shared/weights/*.json use "family" for a description ("MCUNet-5fps (TinyNAS), ...")
+        spec["family_description"], spec["family"] = spec.get("family"), "inverted_residual"
     spec.setdefault("name", path.stem)
     if num_classes is not None and spec.get("classifier"):
         spec["classifier"] = dict(spec["classifier"], out_features=num_classes)

@@ -20,7 +20,6 @@ as the state_dict.
 """
 from __future__ import annotations
 
-import json
 import re
 import zipfile
 from pathlib import Path
@@ -34,7 +33,6 @@ from torch import nn
 from actcomp_edge import arch
 
 IGNORED_SUFFIXES = (".w_scale",)
-FAMILIES = ("inverted_residual", "resnet")
 
 
 class WeightsError(ValueError):
@@ -44,21 +42,7 @@ class WeightsError(ValueError):
 # ---------------------------------------------------------------- specs
 
 def load_spec(model: str, num_classes: Optional[int] = None) -> dict:
-    """``arch.load_spec``, also accepting ``../shared/weights/*.json``, whose ``family``
-    field is descriptive text ("MCUNet-5fps (TinyNAS), ..."), not a family key."""
-    path = Path(model)
-    if path.suffix == ".json" and path.is_file():
-        try:
-            spec = json.loads(path.read_text())
-        except (OSError, ValueError):
-            spec = None  # arch.load_spec reports it
-        if isinstance(spec, dict) and "blocks" in spec and spec.get("family") not in FAMILIES:
-            spec["family_description"], spec["family"] = spec.get("family"), "inverted_residual"
-            spec.setdefault("name", path.stem)
-            if num_classes is not None:
-                spec["classifier"] = dict(spec["classifier"], out_features=num_classes)
-            arch.validate(spec)
-            return spec
+    """A zoo name or an architecture spec .json (see ``actcomp_edge.arch.load_spec``)."""
     return arch.load_spec(model, num_classes)
 
 
@@ -86,13 +70,12 @@ class ConvUnit(nn.Module):
         k = int(layer["kernel"])
         self.conv = nn.Conv2d(int(layer["in_ch"]), int(layer["out_ch"]), k, int(layer["stride"]),
                               k // 2, groups=int(layer.get("groups", 1)), bias=conv_bias)
-        if with_bn:
-            self.bn = nn.BatchNorm2d(int(layer["out_ch"]), eps=bn_eps)
+        self.bn = nn.BatchNorm2d(int(layer["out_ch"]), eps=bn_eps) if with_bn else None
         self.act = activation(layer.get("act"))
 
     def forward(self, x):
         x = self.conv(x)
-        if hasattr(self, "bn"):
+        if self.bn is not None:
             x = self.bn(x)
         return self.act(x)
 
@@ -278,8 +261,16 @@ def read_arrays(path_or_dict: Union[str, Path, Mapping]) -> dict:
                 items = {k: npz[k] for k in npz.files}
         except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
             raise WeightsError(f"cannot read weights {path_or_dict}: {e}") from None
-    return {k: np.asarray(v.detach().cpu().numpy() if torch.is_tensor(v) else v, np.float32)
-            for k, v in items.items() if not k.endswith(IGNORED_SUFFIXES)}
+    arrays = {}
+    for name, value in items.items():
+        if name.endswith(IGNORED_SUFFIXES):
+            continue
+        try:
+            arrays[name] = np.asarray(value.detach().cpu() if torch.is_tensor(value) else value,
+                                      np.float32)
+        except (TypeError, ValueError) as e:
+            raise WeightsError(f"weights array {name} is not numeric: {e}") from None
+    return arrays
 
 
 def _listing(names: list, limit: int = 3) -> str:
@@ -319,7 +310,9 @@ def load_weights(model: nn.Module, spec: dict, path_or_dict, strict: bool = True
     if strict and unexpected:
         problems.append("unexpected " + _listing(unexpected))
     if problems:
-        raise WeightsError(f"weights do not fit {spec.get('name', '?')}: " + "; ".join(problems))
+        source = "" if isinstance(path_or_dict, Mapping) else f" {path_or_dict}"
+        raise WeightsError(f"weights{source} do not fit {spec.get('name', '?')}: "
+                           + "; ".join(problems))
     with torch.no_grad():
         for n, key in names.items():
             if n in arrays:
