@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from math import prod
+from numbers import Real
 from typing import Optional, Sequence
 
 import numpy as np
@@ -68,7 +69,7 @@ def rank_for_energy(energies: np.ndarray, eps: float) -> int:
 
 
 def check_eps(eps: float) -> None:
-    if not (isinstance(eps, (int, float, np.floating)) and 0.0 < float(eps) <= 1.0):
+    if isinstance(eps, bool) or not (isinstance(eps, Real) and 0.0 < float(eps) <= 1.0):
         raise ValueError(f"eps must be in (0, 1], got {eps!r}")
 
 
