@@ -1,0 +1,127 @@
+"""Run a training artifact's step on onnxruntime + numpy (no torch, no onnxruntime-training).
+
+    trainer = Trainer("ART/")
+    result = trainer.step(images, labels, lr=0.01)   # images (B, 3, H, W) float32, normalised
+    logits = trainer.evaluate(images)
+
+The forward partitions run in order; before partition p >= 1 the input of
+fine-tuned conv p is decomposed with numpy (``actcomp_edge.compress``) and the
+full tensor is dropped as soon as no later partition needs it. The backward
+graph then takes only the kept pieces, masks and classifier input.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from actcomp_edge.compress import compress
+from actcomp_edge.manifest import ArtifactError, load_manifest
+from actcomp_edge.npz import load_npz
+
+
+@dataclass
+class StepResult:
+    loss: float
+    logits: np.ndarray
+    grads: dict                 # param -> gradient
+    ranks: dict                 # layer -> rank per mode (or None)
+    kept_bytes: dict            # layer -> bytes of the kept pieces
+
+
+class Trainer:
+    def __init__(self, folder, threads: int | None = None, verify: bool = True):
+        self.folder = Path(folder)
+        self.manifest = load_manifest(self.folder, ort.__version__, verify=verify)
+        m = self.manifest
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+
+        def session(name):
+            try:
+                return ort.InferenceSession(str(self.folder / name), options,
+                                            providers=["CPUExecutionProvider"])
+            except Exception as e:  # onnxruntime raises its own exception types
+                raise ArtifactError(f"onnxruntime cannot load {name}: {e}".splitlines()[0]) from None
+
+        self.forward = [session(name) for name in m["graphs"]["forward"]]
+        self.backward = session(m["graphs"]["backward"])
+        self._evaluate = None
+        self._session = session
+        self.params = load_npz(self.folder / "weights.npz")
+        self.state = load_npz(self.folder / "optimizer.npz")
+        self.step_count = 0
+        train = m["train"]
+        self.method, self.eps = train["method"], train["eps"]
+        self.ranks, self.rank_cap = train["ranks"], train["rank_cap"]
+        self.layers = m["trainable_layers"]
+        backward_inputs = {i.name for i in self.backward.get_inputs()}
+        # last forward partition that reads each tensor; the backward's inputs are kept
+        self.last_use = {}
+        for p, s in enumerate(self.forward):
+            for i in s.get_inputs():
+                self.last_use[i.name] = p
+        self.backward_inputs = backward_inputs
+
+    def _release(self, tensors: dict, partition: int) -> None:
+        for name in list(tensors):
+            if name in ("image", "labels", "loss", "logits") or name in self.backward_inputs:
+                continue
+            if self.last_use.get(name, -1) <= partition:
+                del tensors[name]
+
+    def step(self, images: np.ndarray, labels: np.ndarray, lr: float) -> StepResult:
+        tensors = {"image": np.ascontiguousarray(images, dtype=np.float32),
+                   "labels": np.ascontiguousarray(labels, dtype=np.int64)}
+        ranks, kept_bytes = {}, {}
+        for p, sess in enumerate(self.forward):
+            if p >= 1:
+                layer = self.layers[p - 1]
+                kept = compress(self.method, tensors[layer["input"]], eps=self.eps,
+                                ranks=self.ranks, rank_cap=self.rank_cap, stride=layer["stride"])
+                for piece, name in zip(kept.pieces, layer["kept"]):
+                    tensors[name] = np.ascontiguousarray(kept.pieces[piece], dtype=np.float32)
+                ranks[layer["name"]] = kept.rank_per_mode
+                kept_bytes[layer["name"]] = kept.nbytes
+            feeds = {i.name: (tensors[i.name] if i.name in tensors else self.params[i.name])
+                     for i in sess.get_inputs()}
+            outputs = sess.run(None, feeds)
+            tensors.update(zip((o.name for o in sess.get_outputs()), outputs))
+            self._release(tensors, p)
+        self.step_count += 1
+        feeds = {}
+        for i in self.backward.get_inputs():
+            name = i.name
+            if name == "lr":
+                feeds[name] = np.array(lr, np.float32)
+            elif name == "step":
+                feeds[name] = np.array(self.step_count, np.float32)
+            elif name in self.params:
+                feeds[name] = self.params[name]
+            elif name in self.state:
+                feeds[name] = self.state[name]
+            else:
+                feeds[name] = tensors[name]
+        outputs = dict(zip((o.name for o in self.backward.get_outputs()),
+                           self.backward.run(None, feeds)))
+        grads = {}
+        for name, value in outputs.items():
+            if name.startswith("grad/"):
+                grads[name[5:]] = value
+            elif name.startswith("new/state/"):
+                self.state[name[4:]] = value
+            elif name.startswith("new/"):
+                self.params[name[4:]] = value
+        return StepResult(float(tensors["loss"]), tensors["logits"], grads, ranks, kept_bytes)
+
+    def evaluate(self, images: np.ndarray) -> np.ndarray:
+        if self._evaluate is None:
+            self._evaluate = self._session(self.manifest["graphs"]["evaluate"])
+        feeds = {i.name: self.params[i.name] for i in self._evaluate.get_inputs()
+                 if i.name != "image"}
+        feeds["image"] = np.ascontiguousarray(images, dtype=np.float32)
+        return self._evaluate.run(None, feeds)[0]

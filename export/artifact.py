@@ -1,0 +1,97 @@
+"""Write a training artifact folder (see ``actcomp_edge.manifest``) from a spec and weights."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from actcomp_edge import arch
+from actcomp_edge.compress import PIECES
+from actcomp_edge.manifest import (FORMAT, FORMAT_VERSION, MANIFEST, MIN_ONNXRUNTIME,
+                                   manifest_bytes, sha256_file)
+from actcomp_edge.memory import plan
+from actcomp_edge.npz import save_npz, write_atomic
+
+from .onnx_graph import IR_VERSION, OPSET
+from .program import build_program
+from .training_graph import (TrainConfig, backward_graph, eval_graph, forward_partitions,
+                             optimizer_state, split_program)
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> None:
+    write_atomic(path, model.SerializeToString(deterministic=True))
+
+
+def export_artifact(spec: dict, arrays: dict, out_dir, config: TrainConfig, batch_size: int,
+                    input_size, classes=None) -> dict:
+    """Build every graph, the weights and the manifest into out_dir; returns the manifest."""
+    hw = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+    if config.method not in PIECES:
+        raise ValueError(f"unknown method {config.method!r}: choose one of {', '.join(PIECES)}")
+    program = build_program(spec, arrays, hw)
+    split = split_program(program, config.n_layers)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    files = {}
+    forward = []
+    for p, (g, _, _) in enumerate(forward_partitions(split, config)):
+        name = f"forward_{p}.onnx"
+        save_model(g.model(), out / name)
+        forward.append(name)
+    graphs = {"forward": forward, "backward": "backward.onnx", "evaluate": "evaluate.onnx",
+              "inference": "inference.onnx"}
+    save_model(backward_graph(split, config).model(), out / graphs["backward"])
+    save_model(eval_graph(program, split.trainable_params).model(), out / graphs["evaluate"])
+    save_model(eval_graph(program, split.trainable_params, frozen_all=True).model(),
+               out / graphs["inference"])
+    save_npz(out / "weights.npz", {p: program.params[p] for p in split.trainable_params})
+    save_npz(out / "optimizer.npz", optimizer_state(split, config))
+
+    net = arch.network(spec, hw)
+    memory = plan(net, config.n_layers, config.method, batch_size, hw, eps=config.eps,
+                  ranks=config.ranks, rank_cap=config.rank_cap).to_json()
+    for name in forward + [graphs["backward"], graphs["evaluate"], graphs["inference"],
+                           "weights.npz", "optimizer.npz"]:
+        files[name] = sha256_file(out / name)
+    norm = (spec.get("input") or {}).get("normalize") or arch.HALF_NORM
+    num_classes = program.num_classes
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "model": program.name,
+        "input": {"height": hw[0], "width": hw[1], "channels": 3, "layout": "NCHW",
+                  "pixel_scale": "pixel / 255", "mean": list(norm["mean"]),
+                  "std": list(norm["std"])},
+        "num_classes": num_classes,
+        "classes": list(classes) if classes else [str(i) for i in range(num_classes)],
+        "batch_size": batch_size,
+        "train": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
+        "trainable_layers": [
+            {"name": op.name, "input": op.inputs[0], "input_shape": list(program.shapes[op.inputs[0]]),
+             "output_shape": list(program.shapes[op.output]), "kernel": op.attrs["kernel"],
+             "stride": op.attrs["stride"], "padding": op.attrs["padding"],
+             "groups": op.attrs["groups"],
+             "kept": [f"{op.name}/kept/{piece}" for piece in PIECES[config.method]]}
+            for op in split.trainable_convs],
+        "trainable_params": split.trainable_params,
+        "graphs": graphs,
+        "opset": OPSET, "ir_version": IR_VERSION, "min_onnxruntime": MIN_ONNXRUNTIME,
+        "predicted_memory": memory,
+        "files": files,
+    }
+    write_atomic(out / MANIFEST, manifest_bytes(manifest))
+    return manifest
+
+
+def describe(manifest: dict) -> str:
+    """A few lines for the terminal."""
+    m = manifest["predicted_memory"]
+    return json.dumps({k: m[k] for k in ("paper_mib", "full_mib", "rank_basis")})
+
+
+def arrays_from_npz(path) -> dict:
+    from actcomp_edge.npz import load_npz
+    return {k: np.asarray(v) for k, v in load_npz(path).items()}

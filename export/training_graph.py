@@ -1,0 +1,508 @@
+"""ONNX graphs of one training step, split where the device decomposes activations.
+
+ONNX has no SVD/eigen operator, and the eps rule needs the exact spectrum every
+step. So the step is cut at the input of every fine-tuned conv:
+
+    forward_0 (frozen prefix, BN folded)   image -> x_1 (+ skip tensors)
+    [device: compress x_1 with numpy]      x_1 -> kept pieces of layer 1, x_1 freed
+    forward_1                              x_1 -> x_2, masks ...
+    ...
+    forward_N (last convs, head, loss)     x_N, labels -> loss, logits, dlogits, features, masks
+    backward                               dlogits, kept pieces, masks, features, params, optimizer
+                                           state, lr, step -> gradients, new params, new state
+
+Between forward and backward the device holds only the kept pieces (core +
+factors for HOSVD), the 1-byte activation masks and the classifier input.
+Every graph uses standard ONNX ops only (opset ``OPSET``), so the stock
+onnxruntime wheel runs it. Tensor names say what they hold:
+``<layer>/kept/<piece>``, ``<op>/mask``, ``grad/<param>``, ``new/<param>``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from math import ceil
+
+import numpy as np
+
+from actcomp_edge.compress import GF_RADIUS, PIECES
+
+from .onnx_graph import Graph
+from .program import RELU_HI, Op, Program
+
+BATCH = "batch"
+OPTIMIZERS = ("sgd", "adamw")
+
+
+@dataclass
+class TrainConfig:
+    n_layers: int
+    method: str = "hosvd"
+    eps: float | None = 0.8
+    ranks: tuple | None = None
+    rank_cap: object = None
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class Split:
+    """Where the program is cut. partitions[p] = op indices of forward_p."""
+
+    program: Program
+    trainable_convs: list            # conv Ops, in order
+    trainable_params: list           # param names (weights, biases, classifier)
+    partitions: list = field(default_factory=list)
+
+    @property
+    def region_start(self) -> int:
+        return self.program.ops.index(self.trainable_convs[0])
+
+
+def split_program(program: Program, n_layers: int) -> Split:
+    convs = program.conv_ops()
+    if not 1 <= n_layers <= len(convs):
+        raise ValueError(f"--layers must be between 1 and {len(convs)} ({program.name} has "
+                         f"{len(convs)} convs), got {n_layers}")
+    trainable = convs[-n_layers:]
+    starts = [program.ops.index(c) for c in trainable]
+    for op in program.ops[starts[0]:]:
+        if op.kind == "maxpool":
+            raise ValueError(f"fine-tuning through the max-pool after the stem is not supported: "
+                             f"use --layers {len(convs) - 1} or fewer")
+    params = []
+    for op in program.ops[starts[0]:]:
+        if op.kind in ("conv", "linear"):
+            params += [op.attrs["weight"]] + ([op.attrs["bias"]] if op.attrs.get("bias") else [])
+    bounds = [0] + starts + [len(program.ops)]
+    parts = [list(range(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
+    return Split(program, trainable, params, parts)
+
+
+# ------------------------------------------------------------------ forward ops
+
+def param_ref(g: Graph, program: Program, name: str, trainable: set) -> str:
+    """Trainable params are graph inputs (fed each step); frozen ones initializers."""
+    if name in trainable:
+        if not any(i.name == name for i in g.inputs):
+            g.input(name, np.float32, list(program.params[name].shape))
+        return name
+    return g.const(name, program.params[name])
+
+
+def channel_const(g: Graph, program: Program, name: str) -> str:
+    """A per-channel param (C,) as an initializer shaped (1, C, 1, 1)."""
+    return g.const(name + "/nchw", program.params[name].reshape(1, -1, 1, 1))
+
+
+def emit_forward(g: Graph, program: Program, op: Op, trainable: set, with_mask: bool,
+                 fold_bn: Op | None = None) -> None:
+    """One op of the forward pass. fold_bn: the frozen affine that follows a frozen conv."""
+    a = op.attrs
+    if op.kind == "conv":
+        w, b = a["weight"], a.get("bias")
+        out = op.output
+        if fold_bn is not None:  # frozen prefix: W' = W * scale, b' = b * scale + shift
+            scale = program.params[fold_bn.attrs["scale"]]
+            shift = program.params[fold_bn.attrs["shift"]]
+            bias = program.params[b] if b else np.zeros_like(scale)
+            w = g.const(w + "/folded", program.params[w] * scale[:, None, None, None])
+            b = g.const(f"{op.name}.bias/folded", bias * scale + shift)
+            out = fold_bn.output
+        else:
+            w = param_ref(g, program, w, trainable)
+            b = param_ref(g, program, b, trainable) if b else None
+        p, k = a["padding"], a["kernel"]
+        g.op("Conv", [op.inputs[0], w] + ([b] if b else []), op.name, outputs=[out],
+             kernel_shape=[k, k], strides=[a["stride"]] * 2, pads=[p] * 4, group=a["groups"])
+    elif op.kind == "affine":
+        y = g.op("Mul", [op.inputs[0], channel_const(g, program, a["scale"])], op.name + "/bn_scale")
+        g.op("Add", [y, channel_const(g, program, a["shift"])], op.name + "/bn_shift",
+             outputs=[op.output])
+    elif op.kind == "clip":
+        x = op.inputs[0]
+        if a["hi"] == RELU_HI and a["lo"] == 0.0:
+            g.op("Relu", [x], op.name, outputs=[op.output])
+        else:
+            g.op("Clip", [x, g.scalar(a["lo"]), g.scalar(a["hi"])], op.name, outputs=[op.output])
+        if with_mask:  # the backward of min(max(x, lo), hi): pass where lo < x < hi (as torch)
+            mask = g.op("Greater", [x, g.scalar(a["lo"])], op.name + "/above_lo",
+                        outputs=[op.output + "/mask" if a["hi"] == RELU_HI else None])
+            if a["hi"] != RELU_HI:
+                below = g.op("Less", [x, g.scalar(a["hi"])], op.name + "/below_hi")
+                g.op("And", [mask, below], op.name + "/mask", outputs=[op.output + "/mask"])
+    elif op.kind == "add":
+        g.op("Add", list(op.inputs), op.name, outputs=[op.output])
+    elif op.kind == "maxpool":
+        k, s, p = a["kernel"], a["stride"], a["padding"]
+        g.op("MaxPool", [op.inputs[0]], op.name, outputs=[op.output], kernel_shape=[k, k],
+             strides=[s, s], pads=[p] * 4)
+    elif op.kind == "gap":
+        pooled = g.op("GlobalAveragePool", [op.inputs[0]], op.name)
+        g.op("Flatten", [pooled], op.name + "/flatten", outputs=[op.output], axis=1)
+    elif op.kind == "linear":
+        w = param_ref(g, program, a["weight"], trainable)
+        b = param_ref(g, program, a["bias"], trainable) if a.get("bias") else None
+        g.op("Gemm", [op.inputs[0], w] + ([b] if b else []), op.name, outputs=[op.output],
+             transB=1)
+    else:
+        raise ValueError(f"unknown op kind {op.kind!r}")
+
+
+def emit_ops(g: Graph, program: Program, indices, trainable: set, masks_from: int) -> None:
+    """Forward ops at these indices; frozen conv+affine pairs are folded into one Conv;
+    clips from masks_from on also output their backward mask."""
+    ops = program.ops
+    skip = set()
+    for i in indices:
+        if i in skip:
+            continue
+        op = ops[i]
+        fold = None
+        if (op.kind == "conv" and op.attrs["weight"] not in trainable and i + 1 in indices
+                and ops[i + 1].kind == "affine"
+                and ops[i + 1].inputs == (op.output,) and len(program.consumers(op.output)) == 1):
+            fold = ops[i + 1]
+            skip.add(i + 1)
+        emit_forward(g, program, op, trainable, with_mask=i >= masks_from, fold_bn=fold)
+
+
+def tensor_shape(program: Program, name: str) -> list:
+    return [BATCH] + list(program.shapes[name])
+
+
+def emit_loss(g: Graph, num_classes: int, label_smoothing: float) -> None:
+    """Softmax cross-entropy (mean over the batch, optional label smoothing) and dL/dlogits."""
+    g.input("labels", np.int64, [BATCH])
+    onehot = g.op("OneHot", ["labels", g.ints([num_classes]),
+                             g.const("const/onehot_values", np.array([0.0, 1.0], np.float32))],
+                  "loss/onehot", axis=-1)
+    target = onehot
+    if label_smoothing:
+        scaled = g.op("Mul", [onehot, g.scalar(1.0 - label_smoothing)], "loss/smooth_scale")
+        target = g.op("Add", [scaled, g.scalar(label_smoothing / num_classes)], "loss/smooth")
+    logp = g.op("LogSoftmax", ["logits"], "loss/log_softmax", axis=1)
+    picked = g.op("ReduceSum", [g.op("Mul", [target, logp], "loss/target_logp"), g.ints([1])],
+                  "loss/sum_classes", keepdims=0)
+    g.op("Neg", [g.op("ReduceMean", [picked], "loss/mean", keepdims=0)], "loss", outputs=["loss"])
+    batch = g.op("Cast", [g.op("Gather", [g.op("Shape", ["logits"], "loss/shape"), g.ints([0])],
+                               "loss/batch")], "loss/batch_f", to=1)
+    diff = g.op("Sub", [g.op("Exp", [logp], "loss/softmax"), target], "loss/softmax_minus_target")
+    g.op("Div", [diff, batch], "dlogits", outputs=["dlogits"])
+
+
+def forward_partitions(split: Split, config: TrainConfig) -> list:
+    """forward_0 .. forward_N as (Graph, inputs, outputs); liveness decides what crosses."""
+    program = split.program
+    trainable = set(split.trainable_params)
+    region = split.region_start
+    produced_in = {}
+    for p, part in enumerate(split.partitions):
+        for i in part:
+            produced_in[program.ops[i].output] = p
+    used_in = {}
+    for p, part in enumerate(split.partitions):
+        for i in part:
+            for t in program.ops[i].inputs:
+                used_in.setdefault(t, set()).add(p)
+    result = []
+    for p, part in enumerate(split.partitions):
+        g = Graph(f"forward_{p}")
+        inputs = []
+        for i in part:
+            for t in program.ops[i].inputs:
+                if produced_in.get(t, -1) != p and t not in inputs:
+                    inputs.append(t)
+        for t in inputs:
+            g.input(t, np.float32, tensor_shape(program, t))
+        emit_ops(g, program, part, trainable, masks_from=region)
+        outputs = []
+        for i in part:
+            op = program.ops[i]
+            if any(q > p for q in used_in.get(op.output, ())):
+                outputs.append(op.output)
+            if op.kind == "clip" and i >= region:
+                outputs.append(op.output + "/mask")
+        last = p == len(split.partitions) - 1
+        if last:
+            emit_loss(g, program.num_classes, config.label_smoothing)
+            outputs += ["features", "logits", "loss", "dlogits"]
+        for t in outputs:
+            if t == "loss":
+                g.output(t, np.float32, [])
+            elif t.endswith("/mask"):
+                g.output(t, np.bool_, tensor_shape(program, t[:-len("/mask")]))
+            elif t == "dlogits":
+                g.output(t, np.float32, tensor_shape(program, "logits"))
+            else:
+                g.output(t, np.float32, tensor_shape(program, t))
+        result.append((g, inputs + (["labels"] if last else []), outputs))
+    return result
+
+
+def eval_graph(program: Program, trainable_params, frozen_all: bool = False) -> Graph:
+    """image -> logits. Trainable params are inputs, unless frozen_all (the inference export,
+    every weight an initializer)."""
+    g = Graph("inference" if frozen_all else "evaluate")
+    g.input("image", np.float32, tensor_shape(program, "image"))
+    trainable = set() if frozen_all else set(trainable_params)
+    emit_ops(g, program, range(len(program.ops)), trainable, masks_from=len(program.ops))
+    g.output("logits", np.float32, tensor_shape(program, "logits"))
+    return g
+
+
+# ------------------------------------------------------------------ backward
+
+def kept_name(layer: str, piece: str) -> str:
+    return f"{layer}/kept/{piece}"
+
+
+def kept_inputs(split: Split, method: str) -> list:
+    """(name, shape) of every kept piece the backward takes, per trainable conv."""
+    program, out = split.program, []
+    for op in split.trainable_convs:
+        c, h, w = program.shapes[op.inputs[0]]
+        shapes = {
+            "input": [BATCH, c, h, w],
+            "core": ["k1", "k2", "k3", "k4"],
+            "u_batch": [BATCH, "k1"], "u_channel": [c, "k2"], "u_height": [h, "k3"],
+            "u_width": [w, "k4"],
+            "left": [BATCH, "k"], "right": ["k", c, h, w],
+            "x_sum": [BATCH, c, ceil(h / (GF_RADIUS * op.attrs["stride"])),
+                      ceil(w / (GF_RADIUS * op.attrs["stride"]))],
+        }
+        for piece in PIECES[method]:
+            dims = [f"{op.name}/{d}" if isinstance(d, str) and d != BATCH else d
+                    for d in shapes[piece]]
+            out.append((kept_name(op.name, piece), dims))
+    return out
+
+
+def conv_weight_grad(g: Graph, name: str, x: str, dy: str, x_chw, dy_hw, kernel: int,
+                     stride: int, padding: int, groups: int, out_ch: int) -> str:
+    """dW (O, C/groups, k, k) of a conv from its input x (N, C, H, W) and dY (N, O, H', W'),
+    N any "batch" (images, or the K1 rows of a Tucker core), as a single Conv:
+    every channel c of x becomes an image, dY^T becomes the kernel (dilation = stride)."""
+    c, h, w = x_chw  # c may be symbolic (a Tucker rank) when groups == 1
+    if kernel == 1 and stride == 1 and padding == 0 and groups == 1:
+        dw = g.op("Einsum", [dy, x], name + "/pointwise", equation="nohw,nchw->oc")
+        return g.op("Reshape", [dw, g.ints([out_ch, -1, 1, 1])], name + "/dW")
+    if groups == 1:
+        xr = g.op("Transpose", [x], name + "/x_T", perm=[1, 0, 2, 3])           # (C, N, H, W)
+    else:
+        cg = c // groups
+        xg = g.op("Reshape", [x, g.ints([0, groups, cg, h, w])], name + "/x_groups")
+        xg = g.op("Transpose", [xg], name + "/x_groups_T", perm=[2, 1, 0, 3, 4])
+        xr = g.op("Reshape", [xg, g.ints([cg, -1, h, w])], name + "/x_T")     # (Cg, groups*N, H, W)
+    kernel_from_dy = g.op("Transpose", [dy], name + "/dy_T", perm=[1, 0, 2, 3])  # (O, N, H', W')
+    full = g.op("Conv", [xr, kernel_from_dy], name + "/grad_conv", dilations=[stride, stride],
+                pads=[padding] * 4, strides=[1, 1], group=groups)           # (Cg, O, kh', kw')
+    reach_h = h + 2 * padding - (dy_hw[0] - 1) * stride
+    reach_w = w + 2 * padding - (dy_hw[1] - 1) * stride
+    if (reach_h, reach_w) != (kernel, kernel):  # rows past the last stride step are unused
+        full = g.op("Slice", [full, g.ints([0, 0]), g.ints([kernel, kernel]), g.ints([2, 3])],
+                    name + "/crop")
+    return g.op("Transpose", [full], name + "/dW", perm=[1, 0, 2, 3])
+
+
+def emit_conv_backward(g: Graph, program: Program, op: Op, dy: str, method: str,
+                       needs_dx: bool) -> tuple:
+    """(dW, db | None, dx | None) of a fine-tuned conv from what was kept."""
+    a = op.attrs
+    k, s, p, groups = a["kernel"], a["stride"], a["padding"], a["groups"]
+    c, h, w = program.shapes[op.inputs[0]]
+    out_ch, oh, ow = program.shapes[op.output]
+    name = op.name + "/backward"
+    kept = {piece: kept_name(op.name, piece) for piece in PIECES[method]}
+    if method == "vanilla":
+        dw = conv_weight_grad(g, name, kept["input"], dy, (c, h, w), (oh, ow), k, s, p, groups,
+                              out_ch)
+    elif method == "svd":
+        z = g.op("Einsum", [dy, kept["left"]], name + "/dY_x_left", equation="bohw,bk->kohw")
+        dw = conv_weight_grad(g, name, kept["right"], z, (c, h, w), (oh, ow), k, s, p, groups,
+                              out_ch)
+    elif method == "hosvd":
+        z = g.op("Einsum", [dy, kept["u_batch"]], name + "/dY_x_U1", equation="bohw,bk->kohw")
+        u3, u4 = kept["u_height"], kept["u_width"]
+        if p:
+            u3 = g.op("Pad", [u3, g.ints([p, 0, p, 0])], name + "/U3_padded")
+            u4 = g.op("Pad", [u4, g.ints([p, 0, p, 0])], name + "/U4_padded")
+        core_hw = g.op("Einsum", [kept["core"], u3, u4], name + "/core_x_U3p_x_U4p",
+                       equation="abcd,hc,wd->abhw")                           # (K1, K2, Hp, Wp)
+        dw_low = conv_weight_grad(g, name + "/lowrank", core_hw, z, ("k2", h + 2 * p, w + 2 * p),
+                                  (oh, ow), k, s, 0, 1, out_ch)                # (O, K2, k, k)
+        if groups == 1:
+            dw = g.op("Einsum", [dw_low, kept["u_channel"]], name + "/project_U2",
+                      equation="okij,ck->ocij")
+        else:
+            low = g.op("Reshape", [dw_low, g.ints([groups, out_ch // groups, -1, k, k])],
+                       name + "/dW_low_groups")
+            u2 = g.op("Reshape", [kept["u_channel"], g.ints([groups, c // groups, -1])],
+                      name + "/U2_groups")
+            dw = g.op("Einsum", [low, u2], name + "/project_U2", equation="gokij,gck->gocij")
+            dw = g.op("Reshape", [dw, g.ints([out_ch, c // groups, k, k])], name + "/dW")
+    elif method == "gf-r2":
+        r = GF_RADIUS
+        ph, pw = ceil(h / (r * s)), ceil(w / (r * s))
+        gh, gw = ceil(oh / r), ceil(ow / r)
+        avg = g.op("AveragePool", [dy], name + "/dY_patch_mean", kernel_shape=[r, r],
+                   strides=[r, r], pads=[0, 0, gh * r - oh, gw * r - ow], count_include_pad=0)
+        if (gh, gw) != (ph, pw):
+            avg = g.op("Slice", [avg, g.ints([0, 0]), g.ints([min(gh, ph), min(gw, pw)]),
+                                 g.ints([2, 3])], name + "/dY_patch_crop")
+            if gh < ph or gw < pw:
+                avg = g.op("Pad", [avg, g.ints([0, 0, 0, 0, 0, 0, max(0, ph - gh),
+                                                max(0, pw - gw)])], name + "/dY_patch_pad")
+        dw1 = conv_weight_grad(g, name, kept["x_sum"], avg, (c, ph, pw), (ph, pw), 1, 1, 0,
+                               groups, out_ch)                               # (O, Cg, 1, 1)
+        dw = g.op("Expand", [dw1, g.ints([1, 1, k, k])], name + "/dW_every_tap")
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    db = None
+    if a.get("bias"):
+        db = g.op("ReduceSum", [dy, g.ints([0, 2, 3])], name + "/db", keepdims=0)
+    dx = None
+    if needs_dx:
+        out_pad_h = h - ((oh - 1) * s - 2 * p + k)
+        out_pad_w = w - ((ow - 1) * s - 2 * p + k)
+        dx = g.op("ConvTranspose", [dy, a["weight"]], name + "/dX", kernel_shape=[k, k],
+                  strides=[s, s], pads=[p] * 4, group=groups,
+                  output_padding=[out_pad_h, out_pad_w])
+    return dw, db, dx
+
+
+def emit_update(g: Graph, config: TrainConfig, param: str, grad: str, shape) -> list:
+    """Optimizer step in torch's semantics; returns the state tensor names it reads."""
+    lr = "lr"
+    if config.optimizer == "sgd":
+        if config.weight_decay:
+            grad = g.op("Add", [grad, g.op("Mul", [param, g.scalar(config.weight_decay)],
+                                           param + "/decay")], param + "/grad_decayed")
+        step_dir, state = grad, []
+        if config.momentum:
+            buf = g.input(f"state/momentum/{param}", np.float32, shape)
+            step_dir = g.op("Add", [g.op("Mul", [buf, g.scalar(config.momentum)], param + "/mom"),
+                                    grad], param + "/momentum",
+                            outputs=[f"new/state/momentum/{param}"])
+            g.output(step_dir, np.float32, shape)
+            state = [buf]
+        g.op("Sub", [param, g.op("Mul", [step_dir, lr], param + "/lr_x_dir")], param + "/update",
+             outputs=[f"new/{param}"])
+        g.output(f"new/{param}", np.float32, shape)
+        return state
+    # AdamW: decoupled weight decay, bias-corrected moments; "step" counts from 1
+    b1, b2 = config.betas
+    m = g.input(f"state/exp_avg/{param}", np.float32, shape)
+    v = g.input(f"state/exp_avg_sq/{param}", np.float32, shape)
+    m_new = g.op("Add", [g.op("Mul", [m, g.scalar(b1)], param + "/m_b1"),
+                         g.op("Mul", [grad, g.scalar(1 - b1)], param + "/g_1mb1")],
+                 param + "/exp_avg", outputs=[f"new/state/exp_avg/{param}"])
+    g_sq = g.op("Mul", [grad, grad], param + "/g_sq")
+    v_new = g.op("Add", [g.op("Mul", [v, g.scalar(b2)], param + "/v_b2"),
+                         g.op("Mul", [g_sq, g.scalar(1 - b2)], param + "/gsq_1mb2")],
+                 param + "/exp_avg_sq", outputs=[f"new/state/exp_avg_sq/{param}"])
+    bc1 = g.op("Sub", [g.scalar(1.0), g.op("Pow", [g.scalar(b1), "step"], param + "/b1_t")],
+               param + "/bias_correction1")
+    bc2 = g.op("Sub", [g.scalar(1.0), g.op("Pow", [g.scalar(b2), "step"], param + "/b2_t")],
+               param + "/bias_correction2")
+    denom = g.op("Add", [g.op("Div", [g.op("Sqrt", [v_new], param + "/sqrt_v"),
+                                      g.op("Sqrt", [bc2], param + "/sqrt_bc2")], param + "/v_hat"),
+                         g.scalar(config.adam_eps)], param + "/denom")
+    step_size = g.op("Div", [lr, bc1], param + "/step_size")
+    decayed = g.op("Mul", [param, g.op("Sub", [g.scalar(1.0), g.op(
+        "Mul", [lr, g.scalar(config.weight_decay)], param + "/lr_wd")], param + "/1m_lr_wd")],
+        param + "/decayed")
+    g.op("Sub", [decayed, g.op("Mul", [step_size, g.op("Div", [m_new, denom], param + "/m_over_d")],
+                               param + "/delta")], param + "/update", outputs=[f"new/{param}"])
+    for t in (f"new/{param}", m_new, v_new):
+        g.output(t, np.float32, shape)
+    return [m, v]
+
+
+def backward_graph(split: Split, config: TrainConfig) -> Graph:
+    """dlogits + kept pieces + masks + features + params -> gradients and updated params/state."""
+    program = split.program
+    g = Graph("backward")
+    trainable = split.trainable_params
+    region = split.region_start
+    region_ops = program.ops[region:]
+    produced = {op.output for op in region_ops}
+    first_input = split.trainable_convs[0].inputs[0]
+
+    def needs_grad(t: str) -> bool:
+        return t in produced and t != first_input
+
+    g.input("dlogits", np.float32, tensor_shape(program, "logits"))
+    g.input("features", np.float32, tensor_shape(program, "features"))
+    for name, dims in kept_inputs(split, config.method):
+        g.input(name, np.float32, dims)
+    for op in region_ops:
+        if op.kind == "clip":
+            g.input(op.output + "/mask", np.bool_, tensor_shape(program, op.output))
+    for name in trainable:
+        g.input(name, np.float32, list(program.params[name].shape))
+    g.input("lr", np.float32, [])
+    if config.optimizer == "adamw":
+        g.input("step", np.float32, [])
+
+    grads = {"logits": "dlogits"}
+    param_grads = {}
+
+    def accumulate(t: str, grad: str) -> None:
+        if not needs_grad(t):
+            return
+        grads[t] = g.op("Add", [grads[t], grad], t + "/grad_sum") if t in grads else grad
+
+    for op in reversed(region_ops):
+        dy = grads.pop(op.output, None)
+        if dy is None:
+            continue
+        x = op.inputs[0]
+        if op.kind == "linear":
+            param_grads[op.attrs["weight"]] = g.op("Gemm", [dy, op.inputs[0]], op.name + "/dW",
+                                                   transA=1)
+            if op.attrs.get("bias"):
+                param_grads[op.attrs["bias"]] = g.op("ReduceSum", [dy, g.ints([0])],
+                                                     op.name + "/db", keepdims=0)
+            if needs_grad(x):
+                accumulate(x, g.op("MatMul", [dy, op.attrs["weight"]], op.name + "/dX"))
+        elif op.kind == "gap":
+            c, h, w = program.shapes[x]
+            spread = g.op("Unsqueeze", [g.op("Mul", [dy, g.scalar(1.0 / (h * w))], op.name + "/dX_mean"),
+                                        g.ints([2, 3])], op.name + "/dX_unsqueeze")
+            accumulate(x, g.op("Expand", [spread, g.ints([1, 1, h, w])], op.name + "/dX"))
+        elif op.kind == "add":
+            for t in op.inputs:
+                accumulate(t, dy)
+        elif op.kind == "clip":
+            mask = g.op("Cast", [op.output + "/mask"], op.name + "/mask_f", to=1)
+            accumulate(x, g.op("Mul", [dy, mask], op.name + "/dX"))
+        elif op.kind == "affine":
+            accumulate(x, g.op("Mul", [dy, channel_const(g, program, op.attrs["scale"])],
+                               op.name + "/dX"))
+        elif op.kind == "conv":
+            dw, db, dx = emit_conv_backward(g, program, op, dy, config.method, needs_grad(x))
+            param_grads[op.attrs["weight"]] = dw
+            if db:
+                param_grads[op.attrs["bias"]] = db
+            if dx:
+                accumulate(x, dx)
+        else:
+            raise ValueError(f"no backward for {op.kind!r}")
+
+    for name in trainable:
+        shape = list(program.params[name].shape)
+        grad = g.op("Identity", [param_grads[name]], name + "/grad", outputs=[f"grad/{name}"])
+        g.output(grad, np.float32, shape)
+        emit_update(g, config, name, grad, shape)
+    return g
+
+
+def optimizer_state(split: Split, config: TrainConfig) -> dict:
+    """Initial optimizer state (zeros), named as the backward graph's state inputs."""
+    names = {"sgd": ["momentum"] if config.momentum else [], "adamw": ["exp_avg", "exp_avg_sq"]}
+    return {f"state/{kind}/{p}": np.zeros_like(split.program.params[p])
+            for p in split.trainable_params for kind in names[config.optimizer]}
