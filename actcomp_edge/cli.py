@@ -61,9 +61,16 @@ def cmd_plan(args) -> int:
     if args.json:
         print(json.dumps(result.to_json()))
         return 0
-    print(f"{net.name}: last {args.layers} convs + classifier, method {args.method}"
-          + (f", eps {args.eps}" if args.eps is not None else "")
-          + f", batch {args.batch_size}, input {size[0]}x{size[1]}, float32")
+    print_plan(result, args.layers)
+    return 0
+
+
+def print_plan(result, n_layers: int) -> None:
+    """The per-layer memory table of a Plan."""
+    size = result.input_size
+    print(f"{result.model}: last {n_layers} convs + classifier, method {result.method}"
+          + (f", eps {result.eps}" if result.eps is not None else "")
+          + f", batch {result.batch_size}, input {size[0]}x{size[1]}, float32")
     print(f"ranks: {RANK_BASES[result.rank_basis]}")
     header = f"{'layer':<24} {'input (B,C,H,W)':<22} {'ranks':<18} {'paper MiB':>10} {'full MiB':>10}"
     print(header)
@@ -76,7 +83,11 @@ def cmd_plan(args) -> int:
     print(f"{'total':<66} {mib(result.paper_bytes):>10} {mib(result.full_bytes):>10}")
     print("paper = conv inputs only (the paper's tables); full = also activation masks and the "
           "classifier input (what a budget must hold)")
-    return 0
+
+
+def cmd_export(args) -> int:
+    from export.cli import run_export  # torch + onnx: only needed here
+    return run_export(args)
 
 
 def cmd_paper_table(args) -> int:
@@ -133,6 +144,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=positive_int, help="classifier outputs (default 1000)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_plan)
+
+    e = sub.add_parser("export", help="build a training artifact for the device",
+                       description="Turn a model (zoo name or spec .json) with optional .npz "
+                                   "weights into a training artifact folder: ONNX training-step "
+                                   "graphs whose fine-tuned convs keep only compressed "
+                                   "activations, weights, optimizer state and manifest.json.")
+    e.add_argument("--model", required=True,
+                   help=f"zoo name ({', '.join(sorted(ZOO))}) or an architecture spec .json "
+                        "(the format of ../shared/weights/*.json)")
+    e.add_argument("--weights", help=".npz whose array names match the model (no pickles); "
+                                     "without it the model is randomly initialised (--seed)")
+    e.add_argument("--num-classes", type=positive_int,
+                   help="classifier outputs; when it differs from the weights' classifier, the "
+                        "classifier is re-initialised (default: the weights' / 1000)")
+    e.add_argument("--classes", help="text file with one class name per line (optional)")
+    e.add_argument("--layers", type=positive_int, required=True,
+                   help="fine-tune the last N Conv2d modules and the classifier")
+    e.add_argument("--method", choices=METHODS, default="hosvd",
+                   help="what the backward keeps of each fine-tuned conv input (default hosvd)")
+    group = e.add_mutually_exclusive_group()
+    group.add_argument("--eps", type=eps_value,
+                       help="hosvd/svd: explained-variance threshold in (0,1], ranks recomputed "
+                            "every step (the paper's rule)")
+    group.add_argument("--ranks", type=positive_int, nargs="+",
+                       help="hosvd: 4 fixed ranks (B C H W); svd: 1")
+    e.add_argument("--rank-cap", type=positive_int, nargs="+",
+                   help="upper bound on the ranks (1 value for all modes or 4)")
+    e.add_argument("--batch-size", type=positive_int, default=32,
+                   help="training batch size the memory prediction is made for (default 32; the "
+                        "graphs accept any batch)")
+    e.add_argument("--input-size", type=input_size,
+                   help="training resolution, 128 or HxW (default: the model's own)")
+    e.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
+                   help="update rule baked into the backward graph (default sgd)")
+    e.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    e.add_argument("--weight-decay", type=float, default=0.0,
+                   help="weight decay (SGD: L2 added to the gradient; AdamW: decoupled)")
+    e.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="cross-entropy label smoothing in [0, 1) (default 0)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
+    e.add_argument("-o", "--out", required=True, help="artifact folder to create")
+    e.set_defaults(func=cmd_export)
 
     t = sub.add_parser("paper-table", help="recompute the paper's analytic memory columns",
                        description="Vanilla and Gradient Filter R2 memory of the paper's models "

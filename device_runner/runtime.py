@@ -74,6 +74,11 @@ class Trainer:
             if self.last_use.get(name, -1) <= partition:
                 del tensors[name]
 
+    def compress(self, layer: dict, x: np.ndarray):
+        """What the backward keeps of fine-tuned conv ``layer``'s input x (B, C, H, W)."""
+        return compress(self.method, x, eps=self.eps, ranks=self.ranks, rank_cap=self.rank_cap,
+                        stride=layer["stride"])
+
     def step(self, images: np.ndarray, labels: np.ndarray, lr: float) -> StepResult:
         tensors = {"image": np.ascontiguousarray(images, dtype=np.float32),
                    "labels": np.ascontiguousarray(labels, dtype=np.int64)}
@@ -81,8 +86,7 @@ class Trainer:
         for p, sess in enumerate(self.forward):
             if p >= 1:
                 layer = self.layers[p - 1]
-                kept = compress(self.method, tensors[layer["input"]], eps=self.eps,
-                                ranks=self.ranks, rank_cap=self.rank_cap, stride=layer["stride"])
+                kept = self.compress(layer, tensors[layer["input"]])
                 for piece, name in zip(kept.pieces, layer["kept"]):
                     tensors[name] = np.ascontiguousarray(kept.pieces[piece], dtype=np.float32)
                 ranks[layer["name"]] = kept.rank_per_mode

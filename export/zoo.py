@@ -320,12 +320,16 @@ def load_weights(model: nn.Module, spec: dict, path_or_dict, strict: bool = True
     return note
 
 
+def model_arrays(model: nn.Module, spec: dict) -> dict:
+    """The model's arrays as float32 numpy, in ``load_weights`` naming."""
+    state = model.state_dict()
+    return {n: state[k].detach().cpu().numpy().astype(np.float32)
+            for n, k in array_names(model, spec).items()}
+
+
 def save_weights(model: nn.Module, spec: dict, path: Union[str, Path]) -> None:
     """Write the model's arrays as float32 .npz in ``load_weights`` naming."""
-    state = model.state_dict()
-    arrays = {n: state[k].detach().cpu().numpy().astype(np.float32)
-              for n, k in array_names(model, spec).items()}
-    np.savez(path, **arrays)
+    np.savez(path, **model_arrays(model, spec))
 
 
 # ---------------------------------------------------------------- input

@@ -1,0 +1,61 @@
+"""`actcomp export`: model + weights -> training artifact folder."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from actcomp_edge.cli import print_plan
+from actcomp_edge.memory import LayerPlan, Plan
+
+from . import zoo
+from .artifact import export_artifact
+from .training_graph import TrainConfig
+
+
+def plan_from_manifest(manifest: dict) -> Plan:
+    m = manifest["predicted_memory"]
+    result = Plan(m["model"], m["method"], m["batch_size"], tuple(m["input_size"]), m["eps"],
+                  m["rank_basis"])
+    result.layers = [LayerPlan(**dict(layer, input_shape=tuple(layer["input_shape"])))
+                     for layer in m["layers"]]
+    return result
+
+
+def run_export(args) -> int:
+    if args.method in ("hosvd", "svd") and args.eps is None and args.ranks is None:
+        raise ValueError(f"--method {args.method} needs --eps (e.g. 0.8) or --ranks")
+    if not 0.0 <= args.label_smoothing < 1.0:
+        raise ValueError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
+    classes = None
+    if args.classes:
+        classes = [line.strip() for line in Path(args.classes).read_text().splitlines()
+                   if line.strip()]
+        if args.num_classes and len(classes) != args.num_classes:
+            raise ValueError(f"--classes lists {len(classes)} names but --num-classes is "
+                             f"{args.num_classes}")
+        args.num_classes = args.num_classes or len(classes)
+    torch.manual_seed(args.seed)
+    spec = zoo.load_spec(args.model, args.num_classes)
+    if args.weights:
+        model = zoo.build_from_name(args.model, args.num_classes, args.weights)
+        if model.weights_note:
+            print(f"note: {model.weights_note}")
+    else:
+        model = zoo.build_model(spec)
+        print(f"warning: no --weights given: {spec.get('name')} is randomly initialised "
+              f"(seed {args.seed})", file=sys.stderr)
+    spec = model.spec
+    size = args.input_size or (int(spec.get("input", {}).get("resolution", 224)),) * 2
+    arrays = zoo.model_arrays(model, spec)
+    config = TrainConfig(n_layers=args.layers, method=args.method, eps=args.eps,
+                         ranks=tuple(args.ranks) if args.ranks else None,
+                         rank_cap=args.rank_cap, optimizer=args.optimizer,
+                         momentum=args.momentum, weight_decay=args.weight_decay,
+                         label_smoothing=args.label_smoothing)
+    manifest = export_artifact(spec, arrays, args.out, config, args.batch_size, size, classes)
+    print(f"wrote training artifact {args.out} ({len(manifest['files'])} files, "
+          f"{len(manifest['graphs']['forward'])} forward partitions)")
+    print_plan(plan_from_manifest(manifest), args.layers)
+    return 0

@@ -1,0 +1,261 @@
+"""The exported training step against torch.autograd and the PyTorch reference."""
+import copy
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from actcomp_edge.manifest import ArtifactError, load_manifest, manifest_bytes
+from device_runner.runtime import Trainer
+from export.training_graph import TrainConfig
+from export_helpers import batch, export, random_model, rel, torch_step, trainable_grads
+
+TOL = 1e-4
+
+
+def check_step(name, n_layers, method, tmp_path, eps=None, batch_size=3, hw=(96, 96),
+               num_classes=10, config_kwargs=None, seed=0):
+    spec, model = random_model(name, num_classes, seed)
+    config = TrainConfig(n_layers=n_layers, method=method, eps=eps, **(config_kwargs or {}))
+    trainer = export(model, spec, tmp_path, config, batch_size, hw)
+    images, labels = batch(batch_size, hw, num_classes, seed)
+    ref = copy.deepcopy(model)
+    # Float32 rounding differs between onnxruntime (BN folded into the frozen prefix) and
+    # torch by ~1e-5 after 40 layers. A ReLU mask or a truncated decomposition can amplify
+    # that (a subspace moves by rounding / singular-value gap), so the reference runs its
+    # fine-tuned part on the artifact's own conv inputs; how close torch's were is checked.
+    conv_inputs = []
+    own_compress = trainer.compress
+
+    def recording(layer, x):
+        conv_inputs.append(x.copy())
+        return own_compress(layer, x)
+    trainer.compress = recording
+    result = trainer.step(images, labels, lr=0.05)
+    loss, logits, replaced = torch_step(ref, n_layers, images, labels, method, eps=eps,
+                                        label_smoothing=config.label_smoothing,
+                                        conv_inputs=conv_inputs)
+    assert len(ref.input_rel_diff) == n_layers and max(ref.input_rel_diff) < TOL
+    grads = trainable_grads(ref)
+    assert sorted(grads) == sorted(result.grads) == sorted(trainer.manifest["trainable_params"])
+    assert abs(result.loss - loss) <= TOL * abs(loss)
+    np.testing.assert_allclose(result.logits, logits, rtol=1e-4, atol=1e-4)
+    for key in grads:
+        assert rel(result.grads[key], grads[key]) < TOL, key
+    if method in ("hosvd", "svd"):
+        modules = dict(ref.named_modules())
+        for layer, conv_name in zip(trainer.manifest["trainable_layers"], replaced):
+            assert result.ranks[layer["name"]] == tuple(modules[conv_name].last_ranks)
+    return trainer, ref, result
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "mcunet-in1", "resnet18"])
+@pytest.mark.parametrize("n_layers", [2, 4])
+def test_vanilla_gradients_and_sgd_step_equal_autograd(name, n_layers, tmp_path):
+    wd, momentum, lr = 1e-3, 0.9, 0.05
+    trainer, ref, _ = check_step(name, n_layers, "vanilla", tmp_path,
+                                 config_kwargs=dict(momentum=momentum, weight_decay=wd))
+    params = [p for p in ref.parameters() if p.requires_grad]
+    torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=wd).step()
+    named = {k: v for k, v in zip(sorted(trainable_grads(ref)), [None] * len(params))}
+    after = {}
+    for mod_name, p in ref.named_parameters():
+        if p.requires_grad:
+            after[mod_name.replace(".conv.weight", ".weight").replace(".conv.bias", ".bias")] = p
+    assert sorted(after) == sorted(named)
+    for key, p in after.items():
+        assert rel(trainer.params[key], p.detach().numpy()) < TOL, key
+
+
+@pytest.mark.parametrize("name,n_layers,hw", [("mcunet-in1", 12, (128, 128)),  # dw 7x7 stride 2
+                                              ("resnet18", 5, (96, 96))])      # 3x3 s2, 1x1 s2
+def test_stride_two_and_depthwise_layers(name, n_layers, hw, tmp_path):
+    trainer, _, _ = check_step(name, n_layers, "vanilla", tmp_path, hw=hw)
+    layers = trainer.manifest["trainable_layers"]
+    assert any(layer["stride"] == 2 for layer in layers)
+    if name == "mcunet-in1":
+        assert any(layer["groups"] > 1 and layer["stride"] == 2 for layer in layers)
+
+
+@pytest.mark.parametrize("name,n_layers,hw", [("mcunet-in1", 4, (128, 128)),
+                                              ("mcunet-in1", 12, (128, 128)),
+                                              ("mobilenet_v2", 4, (96, 96)),
+                                              ("resnet18", 5, (96, 96))])
+@pytest.mark.parametrize("eps", [0.8, 0.95])
+def test_hosvd_gradients_equal_reference(name, n_layers, hw, eps, tmp_path):
+    trainer, _, result = check_step(name, n_layers, "hosvd", tmp_path, eps=eps, hw=hw,
+                                    batch_size=7)
+    # the comparison must cover real truncations: ranks above 1, channel rank below full
+    for layer in trainer.manifest["trainable_layers"]:
+        ranks = result.ranks[layer["name"]]
+        assert max(ranks) > 1 and ranks[1] < layer["input_shape"][0]
+
+
+@pytest.mark.parametrize("method", ["svd", "gf-r2"])
+def test_svd_and_gradient_filter_equal_reference(method, tmp_path):
+    check_step("mcunet-in1", 12, method, tmp_path, eps=0.9 if method == "svd" else None,
+               hw=(128, 128), batch_size=5)
+
+
+@pytest.mark.parametrize("optimizer,kwargs", [
+    ("adamw", dict(weight_decay=0.05)),
+    ("sgd", dict(momentum=0.9, weight_decay=1e-3)),
+    ("sgd", dict(momentum=0.0, weight_decay=0.0))])
+def test_optimizer_updates_equal_torch(optimizer, kwargs, tmp_path):
+    """Three steps of the update baked into the backward graph against torch.optim fed the
+    artifact's own gradients (the gradients themselves are checked above)."""
+    lr = 0.01
+    spec, model = random_model("mcunet-in1", 10)
+    config = TrainConfig(n_layers=3, method="vanilla", eps=None, optimizer=optimizer, **kwargs)
+    trainer = export(model, spec, tmp_path, config, 4, (96, 96))
+    params = {k: torch.from_numpy(v.copy()) for k, v in trainer.params.items()}
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=kwargs["weight_decay"])
+    else:
+        opt = torch.optim.SGD(list(params.values()), lr=lr, **kwargs)
+    for step in range(3):
+        images, labels = batch(4, (96, 96), 10, seed=step)
+        result = trainer.step(images, labels, lr=lr)
+        for key, p in params.items():
+            p.grad = torch.from_numpy(result.grads[key])
+        opt.step()
+        for key, p in params.items():
+            assert rel(trainer.params[key], p.numpy()) < 1e-5, (step, key)
+
+
+def test_label_smoothing(tmp_path):
+    check_step("mcunet-in1", 2, "vanilla", tmp_path, config_kwargs=dict(label_smoothing=0.1))
+
+
+@pytest.mark.parametrize("batch_size,hw,num_classes", [
+    (1, (96, 96), 2), (3, (128, 128), 37), (7, (160, 160), 2), (3, (224, 224), 10),
+    (3, (160, 128), 37)])
+def test_odd_shapes(batch_size, hw, num_classes, tmp_path):
+    check_step("mcunet-in1", 4, "hosvd", tmp_path, eps=0.9, batch_size=batch_size, hw=hw,
+               num_classes=num_classes)
+
+
+def test_evaluate_and_inference_graphs_give_the_model_logits(tmp_path):
+    import onnxruntime as ort
+    spec, model = random_model("mcunet-in1", 10)
+    trainer = export(model, spec, tmp_path, TrainConfig(n_layers=4, method="hosvd", eps=0.8),
+                     4, (96, 96))
+    images, _ = batch(4, (96, 96), 10)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(images)).numpy()
+    np.testing.assert_allclose(trainer.evaluate(images), expected, rtol=1e-4, atol=1e-4)
+    session = ort.InferenceSession(str(trainer.folder / "inference.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"image": images})[0], expected,
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_kept_between_forward_and_backward_is_only_the_compressed_form(tmp_path):
+    """The backward graph takes no full activation of a fine-tuned conv: only kept pieces,
+    1-byte masks and the classifier input; what the device holds matches the ranks."""
+    import onnxruntime as ort
+    spec, model = random_model("mcunet-in1", 10)
+    trainer = export(model, spec, tmp_path, TrainConfig(n_layers=4, method="hosvd", eps=0.8),
+                     8, (128, 128))
+    session = ort.InferenceSession(str(trainer.folder / "backward.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    inputs = {i.name: i for i in session.get_inputs()}
+    conv_inputs = {layer["input"] for layer in trainer.manifest["trainable_layers"]}
+    assert not conv_inputs & set(inputs)
+    for layer in trainer.manifest["trainable_layers"]:
+        assert [n for n in inputs if n.startswith(layer["name"] + "/kept/")] == layer["kept"]
+    masks = [i for n, i in inputs.items() if n.endswith("/mask")]
+    assert masks and all(i.type == "tensor(bool)" for i in masks)
+    images, labels = batch(8, (128, 128), 10)
+    result = trainer.step(images, labels, lr=0.01)
+    for layer in trainer.manifest["trainable_layers"]:
+        k = result.ranks[layer["name"]]
+        d = (8,) + tuple(layer["input_shape"])
+        assert result.kept_bytes[layer["name"]] == 4 * (np.prod(k) + sum(a * b for a, b in zip(d, k)))
+
+
+def test_export_is_deterministic(tmp_path):
+    spec, model = random_model("mcunet-in1", 10)
+    config = TrainConfig(n_layers=4, method="hosvd", eps=0.8)
+    a = export(model, spec, tmp_path / "a", config, 8, (96, 96)).folder
+    b = export(model, spec, tmp_path / "b", config, 8, (96, 96)).folder
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_tampered_truncated_and_too_new_artifacts_are_refused(tmp_path):
+    spec, model = random_model("mcunet-in1", 10)
+    folder = export(model, spec, tmp_path, TrainConfig(n_layers=2, method="vanilla", eps=None),
+                    2, (96, 96)).folder
+    load_manifest(folder, "1.16.3")
+    with pytest.raises(ArtifactError, match="too old"):
+        load_manifest(folder, "1.15.1")
+    data = bytearray((folder / "weights.npz").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (folder / "weights.npz").write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="weights.npz fails its SHA-256"):
+        Trainer(folder)
+    (folder / "backward.onnx").unlink()
+    with pytest.raises(ArtifactError, match="missing"):
+        load_manifest(folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (folder / "manifest.json").write_bytes(manifest_bytes(manifest))
+    with pytest.raises(ArtifactError, match="newer"):
+        load_manifest(folder)
+    (folder / "manifest.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        load_manifest(folder)
+
+
+def run_cli(*argv):
+    return subprocess.run([sys.executable, "-m", "actcomp_edge.cli", *argv],
+                          capture_output=True, text=True)
+
+
+def test_cli_export_writes_a_working_artifact(tmp_path):
+    out = tmp_path / "art"
+    proc = run_cli("export", "--model", "mcunet-in1", "--num-classes", "10", "--layers", "4",
+                   "--method", "hosvd", "--eps", "0.8", "--batch-size", "4", "--input-size",
+                   "96", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "randomly initialised" in proc.stderr
+    assert "blocks.13.dw" in proc.stdout and "total" in proc.stdout
+    manifest = load_manifest(out)
+    assert manifest["train"]["eps"] == 0.8 and manifest["predicted_memory"]["full_bytes"] > 0
+    images, labels = batch(4, (96, 96), 10)
+    assert np.isfinite(Trainer(out).step(images, labels, 0.01).loss)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "nosuchnet", "--layers", "2", "--method", "vanilla"], "unknown model"),
+    (["--model", "mcunet-in1", "--layers", "43", "--method", "vanilla"], "between 1 and 42"),
+    (["--model", "mcunet-in1", "--layers", "2", "--eps", "1.5"], "eps must be in (0, 1]"),
+    (["--model", "mcunet-in1", "--layers", "2", "--method", "hosvd"], "needs --eps"),
+])
+def test_cli_export_errors(argv, message, tmp_path):
+    proc = run_cli("export", *argv, "-o", str(tmp_path / "x"))
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) <= 2  # maybe the random-init warning
+
+
+def test_cli_export_unsupported_layer_and_bad_weights(tmp_path):
+    spec = json.loads(json.dumps(__import__("actcomp_edge.arch", fromlist=["x"]).load_spec(
+        "mcunet-in1", 10)))
+    spec["blocks"][3]["layers"][1]["type"] = "deform_conv"
+    path = tmp_path / "user.json"
+    path.write_text(json.dumps(spec))
+    proc = run_cli("export", "--model", str(path), "--layers", "2", "--method", "vanilla",
+                   "-o", str(tmp_path / "x"))
+    assert proc.returncode == 2 and "blocks.3.dw" in proc.stderr and "deform_conv" in proc.stderr
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, **{"stem.weight": np.zeros((1, 1, 1, 1), np.float32)})
+    proc = run_cli("export", "--model", "mcunet-in1", "--weights", str(bad), "--layers", "2",
+                   "--method", "vanilla", "-o", str(tmp_path / "y"))
+    assert proc.returncode == 2 and "stem.weight" in proc.stderr and "Traceback" not in proc.stderr
