@@ -5,9 +5,30 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup clean
+# Second and third environments for the compatibility tests (tests/test_runtimes.py):
+# the oldest supported onnxruntime (newest manylinux2014 aarch64 wheel; needs numpy<2) and
+# the deprecated onnxruntime-training (x86_64 only; never in the same env as onnxruntime).
+OLDEST := .venv-ort-oldest
+TRAINING := .venv-ort-training
+
+.PHONY: demo test setup clean compat-envs
 
 setup: $(STAMP)
+
+$(OLDEST)/.installed:
+	test -x $(OLDEST)/bin/python || $(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/python -m pip install --quiet "onnxruntime==1.16.3" "numpy<2" "pyserial>=3.5,<4"
+	touch $@
+
+$(TRAINING)/.installed:
+	test -x $(TRAINING)/bin/python || $(PYTHON) -m venv $(TRAINING)
+	$(TRAINING)/bin/python -m pip install --quiet "onnxruntime-training==1.19.2" "onnx==1.16.2" "numpy<2"
+	touch $@
+
+# A failed install of either only makes their tests skip (with the reason), not the suite fail.
+compat-envs:
+	-$(MAKE) $(OLDEST)/.installed
+	-$(MAKE) $(TRAINING)/.installed
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,8 +40,8 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m actcomp_edge.demo
 
-test: $(STAMP)
+test: $(STAMP) compat-envs
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) out
+	rm -rf $(VENV) $(OLDEST) $(TRAINING) out

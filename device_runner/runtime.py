@@ -4,10 +4,11 @@
     result = trainer.step(images, labels, lr=0.01)   # images (B, 3, H, W) float32, normalised
     logits = trainer.evaluate(images)
 
-The forward partitions run in order; before partition p >= 1 the input of
-fine-tuned conv p is decomposed with numpy (``actcomp_edge.compress``) and the
-full tensor is dropped as soon as no later partition needs it. The backward
-graph then takes only the kept pieces, masks and classifier input.
+The manifest's ``schedule`` alternates forward partitions ("run") and
+decompositions ("compress": the input of that fine-tuned conv is decomposed
+with numpy, ``actcomp_edge.compress``); a full tensor is dropped as soon as no
+later partition needs it. The backward graph, last, takes only the kept
+pieces, masks and classifier input.
 """
 from __future__ import annotations
 
@@ -48,8 +49,9 @@ class Trainer:
             except Exception as e:  # onnxruntime raises its own exception types
                 raise ArtifactError(f"onnxruntime cannot load {name}: {e}".splitlines()[0]) from None
 
-        self.forward = [session(name) for name in m["graphs"]["forward"]]
+        self.sessions = {name: session(name) for name in m["graphs"]["forward"]}
         self.backward = session(m["graphs"]["backward"])
+        self.schedule = m["schedule"]
         self._evaluate = None
         self._session = session
         self.params = load_npz(self.folder / "weights.npz")
@@ -58,14 +60,14 @@ class Trainer:
         train = m["train"]
         self.method, self.eps = train["method"], train["eps"]
         self.ranks, self.rank_cap = train["ranks"], train["rank_cap"]
-        self.layers = m["trainable_layers"]
-        backward_inputs = {i.name for i in self.backward.get_inputs()}
-        # last forward partition that reads each tensor; the backward's inputs are kept
+        self.layers = {layer["name"]: layer for layer in m["trainable_layers"]}
+        self.backward_inputs = {i.name for i in self.backward.get_inputs()}
+        # position in the schedule of the last forward partition that reads each tensor
         self.last_use = {}
-        for p, s in enumerate(self.forward):
-            for i in s.get_inputs():
-                self.last_use[i.name] = p
-        self.backward_inputs = backward_inputs
+        for position, item in enumerate(self.schedule):
+            if item.get("run") in self.sessions:
+                for i in self.sessions[item["run"]].get_inputs():
+                    self.last_use[i.name] = position
 
     def _release(self, tensors: dict, partition: int) -> None:
         for name in list(tensors):
@@ -83,19 +85,21 @@ class Trainer:
         tensors = {"image": np.ascontiguousarray(images, dtype=np.float32),
                    "labels": np.ascontiguousarray(labels, dtype=np.int64)}
         ranks, kept_bytes = {}, {}
-        for p, sess in enumerate(self.forward):
-            if p >= 1:
-                layer = self.layers[p - 1]
+        for position, item in enumerate(self.schedule):
+            if "compress" in item:
+                layer = self.layers[item["compress"]]
                 kept = self.compress(layer, tensors[layer["input"]])
                 for piece, name in zip(kept.pieces, layer["kept"]):
                     tensors[name] = np.ascontiguousarray(kept.pieces[piece], dtype=np.float32)
                 ranks[layer["name"]] = kept.rank_per_mode
                 kept_bytes[layer["name"]] = kept.nbytes
-            feeds = {i.name: (tensors[i.name] if i.name in tensors else self.params[i.name])
-                     for i in sess.get_inputs()}
-            outputs = sess.run(None, feeds)
-            tensors.update(zip((o.name for o in sess.get_outputs()), outputs))
-            self._release(tensors, p)
+            elif item["run"] in self.sessions:
+                sess = self.sessions[item["run"]]
+                feeds = {i.name: (tensors[i.name] if i.name in tensors else self.params[i.name])
+                         for i in sess.get_inputs()}
+                outputs = sess.run(None, feeds)
+                tensors.update(zip((o.name for o in sess.get_outputs()), outputs))
+            self._release(tensors, position)
         self.step_count += 1
         feeds = {}
         for i in self.backward.get_inputs():

@@ -37,11 +37,17 @@ def export_artifact(spec: dict, arrays: dict, out_dir, config: TrainConfig, batc
     out.mkdir(parents=True, exist_ok=True)
 
     files = {}
-    forward = []
+    forward, schedule = [], []
     for p, (g, _, _) in enumerate(forward_partitions(split, config)):
+        if p >= 1:  # the input of fine-tuned conv p is ready: the device decomposes it
+            schedule.append({"compress": split.trainable_convs[p - 1].name})
+        if not g.nodes:  # every conv fine-tuned: no frozen prefix
+            continue
         name = f"forward_{p}.onnx"
         save_model(g.model(), out / name)
         forward.append(name)
+        schedule.append({"run": name})
+    schedule.append({"run": "backward.onnx"})
     graphs = {"forward": forward, "backward": "backward.onnx", "evaluate": "evaluate.onnx",
               "inference": "inference.onnx"}
     save_model(backward_graph(split, config).model(), out / graphs["backward"])
@@ -78,6 +84,7 @@ def export_artifact(spec: dict, arrays: dict, out_dir, config: TrainConfig, batc
             for op in split.trainable_convs],
         "trainable_params": split.trainable_params,
         "graphs": graphs,
+        "schedule": schedule,
         "opset": OPSET, "ir_version": IR_VERSION, "min_onnxruntime": MIN_ONNXRUNTIME,
         "predicted_memory": memory,
         "files": files,

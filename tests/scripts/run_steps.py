@@ -1,0 +1,28 @@
+"""Run training steps of an artifact with whatever onnxruntime this interpreter has.
+
+    python run_steps.py ART/ batch.npz out.npz STEPS
+
+batch.npz holds `images` (S, B, 3, H, W) float32 and `labels` (S, B) int64; out.npz gets
+`loss` (S,), every trained param after the last step, and `ort_version`. Used by the tests to
+compare onnxruntime versions (it imports only numpy, onnxruntime and actcomp-edge).
+"""
+import sys
+
+import numpy as np
+import onnxruntime
+
+from device_runner.runtime import Trainer
+
+
+def main(folder, batch_path, out_path, steps):
+    data = np.load(batch_path, allow_pickle=False)
+    trainer = Trainer(folder)
+    losses = [trainer.step(data["images"][s], data["labels"][s], lr=0.05).loss
+              for s in range(int(steps))]
+    np.savez(out_path, loss=np.array(losses), ort_version=np.array(onnxruntime.__version__),
+             numpy_version=np.array(np.__version__),
+             **{f"param/{k}": v for k, v in trainer.params.items()})
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

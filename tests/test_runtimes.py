@@ -1,0 +1,88 @@
+"""The artifact on other runtimes, each in its own virtual environment:
+
+- the oldest supported onnxruntime (1.16.3, newest manylinux2014 aarch64 wheel, numpy 1.26):
+  same losses and weights as the newest onnxruntime here;
+- the deprecated onnxruntime-training 1.19.2 (generate_artifacts): same gradients.
+
+`make test` creates .venv-ort-oldest and .venv-ort-training; ACTCOMP_ORT_OLDEST_PYTHON /
+ACTCOMP_ORT_TRAINING_PYTHON override the interpreters. Without them these tests skip.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from export.training_graph import TrainConfig
+from export_helpers import batch, export, random_model, rel
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = Path(__file__).parent / "scripts"
+
+
+def interpreter(env_var, venv):
+    path = Path(os.environ.get(env_var) or REPO / venv / "bin" / "python")
+    if not path.exists():
+        pytest.skip(f"{path} is absent: `make test` creates {venv} (or set {env_var})")
+    return str(path)
+
+
+def run(python, script, *args):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([python, str(SCRIPTS / script), *map(str, args)], capture_output=True,
+                          text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def steps_data(tmp_path, steps, size, hw, num_classes):
+    data = [batch(size, hw, num_classes, seed=s) for s in range(steps)]
+    path = tmp_path / "batches.npz"
+    np.savez(path, images=np.stack([d[0] for d in data]), labels=np.stack([d[1] for d in data]))
+    return path
+
+
+# Every conv fine-tuned: no frozen prefix, so the runtimes' float32 rounding differences
+# (1e-7) cannot flip a ReLU mask downstream of 40 frozen layers (see test_export).
+@pytest.mark.parametrize("method,n_layers", [("vanilla", 42), ("gf-r2", 42), ("hosvd", 42)])
+def test_oldest_onnxruntime_trains_like_the_newest(method, n_layers, tmp_path):
+    old = interpreter("ACTCOMP_ORT_OLDEST_PYTHON", ".venv-ort-oldest")
+    spec, model = random_model("mcunet-in1", 10)
+    config = TrainConfig(n_layers=n_layers, method=method, eps=0.9 if method == "hosvd" else None)
+    folder = export(model, spec, tmp_path, config, 4, (96, 96)).folder
+    data = steps_data(tmp_path, 2, 4, (96, 96), 10)
+    run(old, "run_steps.py", folder, data, tmp_path / "old.npz", 2)
+    run(sys.executable, "run_steps.py", folder, data, tmp_path / "new.npz", 2)
+    old_out, new_out = np.load(tmp_path / "old.npz"), np.load(tmp_path / "new.npz")
+    assert str(old_out["ort_version"]) == "1.16.3" and str(old_out["numpy_version"]) < "2"
+    np.testing.assert_allclose(old_out["loss"], new_out["loss"], rtol=1e-4)
+    for key in new_out.files:
+        if key.startswith("param/"):
+            assert rel(old_out[key], new_out[key]) < 1e-4, key
+
+
+@pytest.mark.parametrize("name,n_layers,hw", [("mcunet-in1", 4, (96, 96)),
+                                              ("mobilenet_v2", 4, (96, 96)),
+                                              ("resnet18", 5, (96, 96)),    # stride 2
+                                              ("mcunet-in1", 12, (128, 128))])  # dw 7x7 s2
+def test_vanilla_gradients_equal_onnxruntime_training(name, n_layers, hw, tmp_path):
+    """Both start from the same frozen-prefix output (forward_0 run here), as in test_export:
+    float32 rounding differences through 40 frozen layers can flip a ReLU mask."""
+    python = interpreter("ACTCOMP_ORT_TRAINING_PYTHON", ".venv-ort-training")
+    spec, model = random_model(name, 10)
+    trainer = export(model, spec, tmp_path, TrainConfig(n_layers=n_layers, method="vanilla",
+                                                        eps=None), 4, hw)
+    images, labels = batch(4, hw, 10)
+    prefix = trainer.sessions[trainer.manifest["graphs"]["forward"][0]]
+    boundary = dict(zip((o.name for o in prefix.get_outputs()),
+                        prefix.run(None, {"image": images})))
+    np.savez(tmp_path / "inputs.npz", labels=labels, **boundary)
+    run(python, "ort_training_grads.py", trainer.folder, tmp_path / "inputs.npz",
+        tmp_path / "ortt.npz", tmp_path / "ortt")
+    reference = np.load(tmp_path / "ortt.npz")
+    result = trainer.step(images, labels, lr=0.05)
+    assert abs(result.loss - float(reference["loss"])) < 1e-4 * result.loss
+    assert sorted(result.grads) == sorted(trainer.manifest["trainable_params"])
+    for key, grad in result.grads.items():
+        assert rel(grad, reference[f"grad/{key}"]) < 1e-4, key
