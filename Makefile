@@ -22,7 +22,8 @@ $(OLDEST)/.installed:
 
 $(TRAINING)/.installed:
 	test -x $(TRAINING)/bin/python || $(PYTHON) -m venv $(TRAINING)
-	$(TRAINING)/bin/python -m pip install --quiet "onnxruntime-training==1.19.2" "onnx==1.16.2" "numpy<2"
+	# its Python package imports torch; 2.13.0 is the local CPU wheel
+	$(TRAINING)/bin/python -m pip install --quiet "onnxruntime-training==1.19.2" "onnx==1.16.2" "numpy<2" "torch==2.13.0"
 	touch $@
 
 # A failed install of either only makes their tests skip (with the reason), not the suite fail.
