@@ -162,7 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--layers", type=positive_int, required=True,
                    help="fine-tune the last N Conv2d modules and the classifier")
     e.add_argument("--method", choices=METHODS, default="hosvd",
-                   help="what the backward keeps of each fine-tuned conv input (default hosvd)")
+                   help="what the backward keeps of each fine-tuned conv input (default hosvd): "
+                        "vanilla (all of it), hosvd (the paper: eps ranks recomputed every "
+                        "step), hosvd-tracked (ranks fixed between refreshes, factors followed "
+                        "by a cheap subspace iteration), svd (mode-1), gf-r2 (Gradient Filter)")
+    e.add_argument("--refresh-every", type=positive_int, default=50,
+                   help="hosvd-tracked: run the exact HOSVD (and re-pick eps ranks) every K "
+                        "steps (default 50)")
     group = e.add_mutually_exclusive_group()
     group.add_argument("--eps", type=eps_value,
                        help="hosvd/svd: explained-variance threshold in (0,1], ranks recomputed "

@@ -23,7 +23,7 @@ from .decomposition import check_eps, full_rank_bound
 FLOAT_BYTES = 4
 MASK_BYTES = 1
 INDEX_BYTES = 8
-METHODS = ("vanilla", "svd", "hosvd", "gf-r2")
+METHODS = ("vanilla", "svd", "hosvd", "hosvd-tracked", "gf-r2")
 GF_RADIUS = 2
 MIB = 2 ** 20
 
@@ -120,7 +120,7 @@ def mask_bytes(layer: ConvLayer, batch: int) -> int:
 
 def layer_ranks(method: str, shape: tuple, ranks, rank_cap) -> Optional[tuple]:
     """Ranks used for sizing: fixed ones if given, else the worst case, capped."""
-    if method == "hosvd":
+    if method in ("hosvd", "hosvd-tracked"):
         bound = full_rank_bound(shape)
         chosen = tuple(ranks) if ranks is not None else bound
         if len(chosen) != 4:
@@ -142,7 +142,7 @@ def kept_floats(method: str, layer: ConvLayer, shape: tuple, rank_per_mode) -> i
         return vanilla_floats(shape)
     if method == "svd":
         return svd_floats(shape, rank_per_mode[0])
-    if method == "hosvd":
+    if method in ("hosvd", "hosvd-tracked"):
         return hosvd_floats(shape, rank_per_mode)
     if method == "gf-r2":
         return gradient_filter_floats(shape, layer.stride)
@@ -166,7 +166,7 @@ def plan(net: Network, n_layers: int, method: str, batch_size: int, input_size,
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     if eps is not None:
         check_eps(eps)
-    if method in ("hosvd", "svd"):
+    if method in ("hosvd", "hosvd-tracked", "svd"):
         if ranks is None and eps is None:
             raise ValueError(f"{method} needs --eps or --ranks")
         basis = "fixed" if ranks is not None else "bound"

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from actcomp_edge.compress import compress
+from actcomp_edge.compress import TrackedHosvd, compress
 from actcomp_edge.manifest import ArtifactError, load_manifest
 from actcomp_edge.npz import load_npz
 
@@ -61,6 +61,11 @@ class Trainer:
         self.method, self.eps = train["method"], train["eps"]
         self.ranks, self.rank_cap = train["ranks"], train["rank_cap"]
         self.layers = {layer["name"]: layer for layer in m["trainable_layers"]}
+        self.trackers = {}
+        if self.method == "hosvd-tracked":
+            self.trackers = {name: TrackedHosvd(self.eps, self.ranks, self.rank_cap,
+                                                train.get("refresh_every", 50))
+                             for name in self.layers}
         self.backward_inputs = {i.name for i in self.backward.get_inputs()}
         # position in the schedule of the last forward partition that reads each tensor
         self.last_use = {}
@@ -78,6 +83,8 @@ class Trainer:
 
     def compress(self, layer: dict, x: np.ndarray):
         """What the backward keeps of fine-tuned conv ``layer``'s input x (B, C, H, W)."""
+        if self.trackers:
+            return self.trackers[layer["name"]](x)
         return compress(self.method, x, eps=self.eps, ranks=self.ranks, rank_cap=self.rank_cap,
                         stride=layer["stride"])
 

@@ -24,7 +24,7 @@ def plan_from_manifest(manifest: dict) -> Plan:
 
 
 def run_export(args) -> int:
-    if args.method in ("hosvd", "svd") and args.eps is None and args.ranks is None:
+    if args.method in ("hosvd", "hosvd-tracked", "svd") and args.eps is None and args.ranks is None:
         raise ValueError(f"--method {args.method} needs --eps (e.g. 0.8) or --ranks")
     if not 0.0 <= args.label_smoothing < 1.0:
         raise ValueError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
@@ -53,7 +53,7 @@ def run_export(args) -> int:
                          ranks=tuple(args.ranks) if args.ranks else None,
                          rank_cap=args.rank_cap, optimizer=args.optimizer,
                          momentum=args.momentum, weight_decay=args.weight_decay,
-                         label_smoothing=args.label_smoothing)
+                         label_smoothing=args.label_smoothing, refresh_every=args.refresh_every)
     manifest = export_artifact(spec, arrays, args.out, config, args.batch_size, size, classes)
     print(f"wrote training artifact {args.out} ({len(manifest['files'])} files, "
           f"{len(manifest['graphs']['forward'])} forward partitions)")

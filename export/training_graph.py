@@ -46,6 +46,7 @@ class TrainConfig:
     betas: tuple = (0.9, 0.999)
     adam_eps: float = 1e-8
     label_smoothing: float = 0.0
+    refresh_every: int = 50          # hosvd-tracked: exact HOSVD every K steps
 
 
 @dataclass
@@ -324,7 +325,7 @@ def emit_conv_backward(g: Graph, program: Program, op: Op, dy: str, method: str,
         z = g.op("Einsum", [dy, kept["left"]], name + "/dY_x_left", equation="bohw,bk->kohw")
         dw = conv_weight_grad(g, name, kept["right"], z, (c, h, w), (oh, ow), k, s, p, groups,
                               out_ch)
-    elif method == "hosvd":
+    elif method in ("hosvd", "hosvd-tracked"):
         z = g.op("Einsum", [dy, kept["u_batch"]], name + "/dY_x_U1", equation="bohw,bk->kohw")
         u3, u4 = kept["u_height"], kept["u_width"]
         if p:

@@ -35,7 +35,8 @@ def check_step(name, n_layers, method, tmp_path, eps=None, batch_size=3, hw=(96,
         return own_compress(layer, x)
     trainer.compress = recording
     result = trainer.step(images, labels, lr=0.05)
-    loss, logits, replaced = torch_step(ref, n_layers, images, labels, method, eps=eps,
+    ref_method = "hosvd" if method == "hosvd-tracked" else method  # first step: exact HOSVD
+    loss, logits, replaced = torch_step(ref, n_layers, images, labels, ref_method, eps=eps,
                                         label_smoothing=config.label_smoothing,
                                         conv_inputs=conv_inputs)
     assert len(ref.input_rel_diff) == n_layers and max(ref.input_rel_diff) < TOL
@@ -45,7 +46,7 @@ def check_step(name, n_layers, method, tmp_path, eps=None, batch_size=3, hw=(96,
     np.testing.assert_allclose(result.logits, logits, rtol=1e-4, atol=1e-4)
     for key in grads:
         assert rel(result.grads[key], grads[key]) < TOL, key
-    if method in ("hosvd", "svd"):
+    if method in ("hosvd", "hosvd-tracked", "svd"):
         modules = dict(ref.named_modules())
         for layer, conv_name in zip(trainer.manifest["trainable_layers"], replaced):
             assert result.ranks[layer["name"]] == tuple(modules[conv_name].last_ranks)
@@ -124,6 +125,20 @@ def test_optimizer_updates_equal_torch(optimizer, kwargs, tmp_path):
         opt.step()
         for key, p in params.items():
             assert rel(trainer.params[key], p.numpy()) < 1e-5, (step, key)
+
+
+def test_tracked_hosvd_first_step_is_the_exact_hosvd_and_training_converges(tmp_path):
+    trainer, _, first = check_step("mcunet-in1", 4, "hosvd-tracked", tmp_path, eps=0.9,
+                                   hw=(128, 128), batch_size=8,
+                                   config_kwargs=dict(refresh_every=5))
+    images, labels = batch(8, (128, 128), 10, seed=0)
+    losses, ranks = [], []
+    for _ in range(12):  # overfit one batch: tracked steps in between refreshes
+        result = trainer.step(images, labels, lr=0.002)
+        losses.append(result.loss)
+        ranks.append(result.ranks)
+    assert losses[-1] < 0.2 * losses[0]
+    assert ranks[0] == ranks[1] == ranks[2]  # fixed between refreshes (steps 2..5)
 
 
 def test_label_smoothing(tmp_path):

@@ -1,0 +1,89 @@
+"""What the device keeps per method: sum pooling, the stateful tracked HOSVD."""
+import numpy as np
+import pytest
+
+from actcomp_edge.compress import PIECES, TrackedHosvd, compress, sum_pool
+from actcomp_edge.decomposition import hosvd, unfold
+
+
+def test_sum_pool_hand_computed():
+    x = np.arange(1 * 1 * 3 * 5, dtype=np.float32).reshape(1, 1, 3, 5)
+    # rows [0,1] and [2,pad]; cols [0,1] [2,3] [4,pad]
+    expected = np.array([[0 + 1 + 5 + 6, 2 + 3 + 7 + 8, 4 + 9],
+                         [10 + 11, 12 + 13, 14]], dtype=np.float32)
+    np.testing.assert_array_equal(sum_pool(x, 2)[0, 0], expected)
+    kept = compress("gf-r2", np.ones((2, 3, 7, 7), np.float32), stride=2)
+    assert kept.pieces["x_sum"].shape == (2, 3, 2, 2)  # ceil(7 / 4)
+    assert kept.pieces["x_sum"][0, 0, 0, 0] == 16 and kept.pieces["x_sum"][0, 0, 1, 1] == 9
+
+
+@pytest.mark.parametrize("method", sorted(set(PIECES) - {"hosvd-tracked"}))
+def test_pieces_are_named_as_the_backward_expects(method):
+    x = np.random.default_rng(0).standard_normal((4, 6, 5, 5)).astype(np.float32)
+    kept = compress(method, x, eps=0.9)
+    assert tuple(kept.pieces) == PIECES[method]
+    assert kept.nbytes == sum(a.nbytes for a in kept.pieces.values())
+
+
+def drifting(rng, steps, shape, ranks, drift=0.02):
+    """Activations of a fixed multilinear structure whose channel/spatial factors drift."""
+    base = [np.linalg.qr(rng.standard_normal((d, k)))[0] for d, k in zip(shape[1:], ranks[1:])]
+    for _ in range(steps):
+        base = [np.linalg.qr(u + drift * rng.standard_normal(u.shape))[0] for u in base]
+        core = rng.standard_normal((shape[0],) + tuple(ranks[1:]))
+        x = core
+        for mode, u in enumerate(base, start=1):
+            x = np.moveaxis(np.moveaxis(x, mode, -1) @ u.T, -1, mode)
+        yield (x + 0.01 * rng.standard_normal(shape)).astype(np.float32)
+
+
+def captured(x, kept):
+    core = kept.pieces["core"]
+    return float(np.sum(core.astype(np.float64) ** 2) / np.sum(x.astype(np.float64) ** 2))
+
+
+def test_tracked_hosvd_follows_a_drifting_subspace():
+    rng = np.random.default_rng(1)
+    tracker = TrackedHosvd(eps=0.95, refresh_every=100)
+    ranks, energies = [], []
+    for x in drifting(rng, 20, (16, 64, 6, 6), (16, 5, 3, 3)):
+        kept = tracker(x)
+        ranks.append(kept.rank_per_mode)
+        exact = hosvd(x, ranks=kept.rank_per_mode)
+        energies.append((captured(x, kept), float(np.sum(exact.core.astype(np.float64) ** 2)
+                                                   / np.sum(x.astype(np.float64) ** 2))))
+        for name in ("u_channel", "u_height", "u_width"):
+            u = kept.pieces[name]
+            np.testing.assert_allclose(u.T @ u, np.eye(u.shape[1]), atol=1e-4)
+    assert len(set(r[1:] for r in ranks)) == 1          # fixed between refreshes
+    assert ranks[0][1] == 5
+    for tracked, exact in energies:                     # within 1 % of the exact HOSVD
+        assert tracked >= exact - 0.01
+
+
+def test_tracked_hosvd_refreshes_and_handles_a_short_batch():
+    rng = np.random.default_rng(2)
+    tracker = TrackedHosvd(ranks=(4, 3, 2, 2), refresh_every=3)
+    x = rng.standard_normal((8, 10, 4, 4)).astype(np.float32)
+    assert tracker(x).rank_per_mode == (4, 3, 2, 2)
+    assert tracker(x[:2]).rank_per_mode == (2, 3, 2, 2)   # last batch smaller than K1
+    assert tracker.steps == 2
+    other = rng.standard_normal((8, 12, 4, 4)).astype(np.float32)
+    assert tracker(other).rank_per_mode == (4, 3, 2, 2)    # new shape: exact again
+    with pytest.raises(ValueError):
+        TrackedHosvd(eps=0.9, refresh_every=0)
+
+
+def test_tracked_reconstruction_is_the_projection():
+    """The backward is exact w.r.t. core x U's: the core must be A projected on the factors."""
+    rng = np.random.default_rng(3)
+    tracker = TrackedHosvd(ranks=(3, 4, 2, 2))
+    xs = list(drifting(rng, 3, (6, 12, 5, 5), (6, 4, 2, 2)))
+    for x in xs:
+        kept = tracker(x)
+    p = kept.pieces
+    proj = x.astype(np.float64)
+    for mode, u in enumerate((p["u_batch"], p["u_channel"], p["u_height"], p["u_width"])):
+        proj = np.moveaxis(np.moveaxis(proj, mode, -1) @ u, -1, mode)
+    np.testing.assert_allclose(p["core"], proj, rtol=1e-4, atol=1e-4)
+    assert unfold(p["core"], 0).shape[0] == 3
