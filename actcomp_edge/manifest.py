@@ -7,6 +7,8 @@ An artifact is a folder:
     backward.onnx      gradients + optimizer update
     evaluate.onnx      image -> logits with the trainable weights as inputs
     inference.onnx     image -> logits, every weight baked in (deployable)
+    overview.onnx      the whole step in one graph for people (Netron): ai.actcomp nodes mark
+                       where activations are decomposed; not executed, no initializers
     weights.npz        trainable parameters (float32)
     optimizer.npz      optimizer state (float32)
 """

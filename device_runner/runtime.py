@@ -12,7 +12,8 @@ pieces, masks and classifier input.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ class StepResult:
     grads: dict                 # param -> gradient
     ranks: dict                 # layer -> rank per mode (or None)
     kept_bytes: dict            # layer -> bytes of the kept pieces
+    seconds: dict = field(default_factory=dict)  # prefix / forward / compress / backward
 
 
 class Trainer:
@@ -92,7 +94,9 @@ class Trainer:
         tensors = {"image": np.ascontiguousarray(images, dtype=np.float32),
                    "labels": np.ascontiguousarray(labels, dtype=np.int64)}
         ranks, kept_bytes = {}, {}
+        seconds = {"prefix": 0.0, "forward": 0.0, "compress": 0.0, "backward": 0.0}
         for position, item in enumerate(self.schedule):
+            start = time.perf_counter()
             if "compress" in item:
                 layer = self.layers[item["compress"]]
                 kept = self.compress(layer, tensors[layer["input"]])
@@ -100,12 +104,15 @@ class Trainer:
                     tensors[name] = np.ascontiguousarray(kept.pieces[piece], dtype=np.float32)
                 ranks[layer["name"]] = kept.rank_per_mode
                 kept_bytes[layer["name"]] = kept.nbytes
+                seconds["compress"] += time.perf_counter() - start
             elif item["run"] in self.sessions:
                 sess = self.sessions[item["run"]]
                 feeds = {i.name: (tensors[i.name] if i.name in tensors else self.params[i.name])
                          for i in sess.get_inputs()}
                 outputs = sess.run(None, feeds)
                 tensors.update(zip((o.name for o in sess.get_outputs()), outputs))
+                part = "forward" if any("compress" in i for i in self.schedule[:position]) else "prefix"
+                seconds[part] += time.perf_counter() - start
             self._release(tensors, position)
         self.step_count += 1
         feeds = {}
@@ -121,8 +128,10 @@ class Trainer:
                 feeds[name] = self.state[name]
             else:
                 feeds[name] = tensors[name]
+        start = time.perf_counter()
         outputs = dict(zip((o.name for o in self.backward.get_outputs()),
                            self.backward.run(None, feeds)))
+        seconds["backward"] = time.perf_counter() - start
         grads = {}
         for name, value in outputs.items():
             if name.startswith("grad/"):
@@ -131,7 +140,8 @@ class Trainer:
                 self.state[name[4:]] = value
             elif name.startswith("new/"):
                 self.params[name[4:]] = value
-        return StepResult(float(tensors["loss"]), tensors["logits"], grads, ranks, kept_bytes)
+        return StepResult(float(tensors["loss"]), tensors["logits"], grads, ranks, kept_bytes,
+                          seconds)
 
     def evaluate(self, images: np.ndarray) -> np.ndarray:
         if self._evaluate is None:

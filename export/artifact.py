@@ -18,7 +18,7 @@ from actcomp_edge.npz import save_npz, write_atomic
 from .onnx_graph import IR_VERSION, OPSET
 from .program import build_program
 from .training_graph import (TrainConfig, backward_graph, eval_graph, forward_partitions,
-                             optimizer_state, split_program)
+                             optimizer_state, overview_graph, split_program)
 
 
 def save_model(model: onnx.ModelProto, path: Path) -> None:
@@ -38,7 +38,8 @@ def export_artifact(spec: dict, arrays: dict, out_dir, config: TrainConfig, batc
 
     files = {}
     forward, schedule = [], []
-    for p, (g, _, _) in enumerate(forward_partitions(split, config)):
+    partitions = forward_partitions(split, config)
+    for p, (g, _, _) in enumerate(partitions):
         if p >= 1:  # the input of fine-tuned conv p is ready: the device decomposes it
             schedule.append({"compress": split.trainable_convs[p - 1].name})
         if not g.nodes:  # every conv fine-tuned: no frozen prefix
@@ -50,7 +51,11 @@ def export_artifact(spec: dict, arrays: dict, out_dir, config: TrainConfig, batc
     schedule.append({"run": "backward.onnx"})
     graphs = {"forward": forward, "backward": "backward.onnx", "evaluate": "evaluate.onnx",
               "inference": "inference.onnx"}
-    save_model(backward_graph(split, config).model(), out / graphs["backward"])
+    backward = backward_graph(split, config)
+    save_model(backward.model(), out / graphs["backward"])
+    graphs["overview"] = "overview.onnx"
+    save_model(overview_graph([g for g, _, _ in partitions], split, backward, config)
+               .model(check=False), out / graphs["overview"])
     save_model(eval_graph(program, split.trainable_params).model(), out / graphs["evaluate"])
     save_model(eval_graph(program, split.trainable_params, frozen_all=True).model(),
                out / graphs["inference"])
@@ -61,7 +66,7 @@ def export_artifact(spec: dict, arrays: dict, out_dir, config: TrainConfig, batc
     memory = plan(net, config.n_layers, config.method, batch_size, hw, eps=config.eps,
                   ranks=config.ranks, rank_cap=config.rank_cap).to_json()
     for name in forward + [graphs["backward"], graphs["evaluate"], graphs["inference"],
-                           "weights.npz", "optimizer.npz"]:
+                           graphs["overview"], "weights.npz", "optimizer.npz"]:
         files[name] = sha256_file(out / name)
     norm = (spec.get("input") or {}).get("normalize") or arch.HALF_NORM
     num_classes = program.num_classes

@@ -26,7 +26,7 @@ import numpy as np
 
 from actcomp_edge.compress import GF_RADIUS, PIECES
 
-from .onnx_graph import Graph
+from .onnx_graph import ACTCOMP_DOMAIN, Graph
 from .program import RELU_HI, Op, Program
 
 BATCH = "batch"
@@ -507,3 +507,49 @@ def optimizer_state(split: Split, config: TrainConfig) -> dict:
     names = {"sgd": ["momentum"] if config.momentum else [], "adamw": ["exp_avg", "exp_avg_sq"]}
     return {f"state/{kind}/{p}": np.zeros_like(split.program.params[p])
             for p in split.trainable_params for kind in names[config.optimizer]}
+
+
+def overview_graph(forward_graphs: list, split: Split, backward: Graph,
+                   config: TrainConfig) -> Graph:
+    """One graph of the whole step for people (Netron), not for execution: the forward
+    partitions, an ``ai.actcomp`` node where the device decomposes each fine-tuned conv's
+    input (its outputs are exactly what the backward keeps), then the backward. Initializers
+    are left out (they stay in the executable graphs); unproduced tensors become inputs."""
+    import onnx
+    g = Graph("training_step_overview")
+    op_type = {"vanilla": "KeepInput", "hosvd": "HOSVD", "hosvd-tracked": "TrackedHOSVD",
+               "svd": "SVD", "gf-r2": "GradientFilterSumPool"}[config.method]
+    attrs = {}
+    if config.eps is not None:
+        attrs["eps"] = float(config.eps)
+    if config.ranks:
+        attrs["ranks"] = [int(r) for r in config.ranks]
+    parts = [(graph.name, graph) for graph in forward_graphs]
+    for p, (name, graph) in enumerate(parts):
+        if p >= 1:
+            conv = split.trainable_convs[p - 1]
+            kept = [kept_name(conv.name, piece) for piece in PIECES[config.method]]
+            g.op(op_type, [conv.inputs[0]], f"{conv.name}/decompose", outputs=kept,
+                 domain=ACTCOMP_DOMAIN, **attrs)
+        for node in graph.nodes:
+            copy = onnx.NodeProto()
+            copy.CopyFrom(node)
+            copy.name = f"{name}/{node.name}"
+            g.nodes.append(copy)
+    for node in backward.nodes:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.name = f"backward/{node.name}"
+        g.nodes.append(copy)
+    produced = {o for n in g.nodes for o in n.output}
+    consumed = []
+    for n in g.nodes:
+        for i in n.input:
+            if i and i not in produced and i not in consumed:
+                consumed.append(i)
+    for name in consumed:
+        g.input(name, np.int64 if name == "labels" else np.float32, None)
+    for graph in [backward]:
+        g.outputs.extend(graph.outputs)
+    g.outputs.extend(o for o in forward_graphs[-1].outputs if o.name in ("loss", "logits"))
+    return g
