@@ -184,6 +184,12 @@ def test_kept_between_forward_and_backward_is_only_the_compressed_form(tmp_path)
         assert [n for n in inputs if n.startswith(layer["name"] + "/kept/")] == layer["kept"]
     masks = [i for n, i in inputs.items() if n.endswith("/mask")]
     assert masks and all(i.type == "tensor(bool)" for i in masks)
+    import onnx
+    overview = onnx.load(str(trainer.folder / "overview.onnx"))
+    decompositions = [n for n in overview.graph.node if n.domain == "ai.actcomp"]
+    assert [n.op_type for n in decompositions] == ["HOSVD"] * 4
+    assert [list(n.output) for n in decompositions] == [
+        layer["kept"] for layer in trainer.manifest["trainable_layers"]]
     images, labels = batch(8, (128, 128), 10)
     result = trainer.step(images, labels, lr=0.01)
     for layer in trainer.manifest["trainable_layers"]:
