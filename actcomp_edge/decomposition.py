@@ -75,14 +75,24 @@ def check_eps(eps: float) -> None:
 
 def mode_spectrum(tensor: np.ndarray, mode: int) -> tuple[np.ndarray, np.ndarray]:
     """Squared singular values (descending, clipped at 0, at most min(d_n, rest) of them)
-    and the matching left singular vectors (d_n, r) of the mode-n unfolding."""
+    and the matching left singular vectors (d_n, r) of the mode-n unfolding M = A_(n).
+
+    Eigendecomposes the smaller Gram matrix: M M^T (d_n x d_n), or, when d_n > rest
+    (e.g. 576 channels but B*H*W = 512), M^T M (rest x rest) with U = M V / sigma (a
+    direction of zero energy gets a zero column: it carries nothing either way).
+    """
     d_n = tensor.shape[mode]
     rest = tensor.size // d_n if d_n else 0
-    energies, vectors = np.linalg.eigh(mode_gram(tensor, mode))
     keep = min(d_n, rest)
+    if d_n <= rest:
+        energies, vectors = np.linalg.eigh(mode_gram(tensor, mode))
+        return np.clip(energies[::-1][:keep], 0.0, None), vectors[:, ::-1][:, :keep]
+    m = unfold(tensor, mode).astype(np.float64)
+    energies, right = np.linalg.eigh(m.T @ m)
     energies = np.clip(energies[::-1][:keep], 0.0, None)
-    vectors = vectors[:, ::-1][:, :keep]
-    return energies, vectors
+    sigma = np.sqrt(energies)
+    scale = np.where(sigma > sigma[0] * 1e-12, 1.0 / np.where(sigma > 0, sigma, 1.0), 0.0)
+    return energies, (m @ right[:, ::-1][:, :keep]) * scale
 
 
 def _choose_rank(energies, max_rank, eps, fixed, cap) -> int:

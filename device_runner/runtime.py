@@ -43,6 +43,9 @@ class Trainer:
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3
+        # onnxruntime's worker threads spin after each run by default; numpy's decomposition
+        # runs right after on the same cores, so spinning only steals its CPU
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
 
         def session(name):
             try:
