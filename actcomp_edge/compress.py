@@ -42,12 +42,21 @@ class Kept:
 
 
 def sum_pool(x: np.ndarray, window: int) -> np.ndarray:
-    """(B, C, H, W) -> (B, C, ceil(H/window), ceil(W/window)), zero-padded bottom/right."""
+    """(B, C, H, W) -> (B, C, ceil(H/window), ceil(W/window)), zero-padded bottom/right.
+
+    Sum of window**2 strided views (a 6-D reshape + sum is ~10x slower in numpy)."""
     b, c, h, w = x.shape
     ph, pw = ceil(h / window), ceil(w / window)
-    padded = np.zeros((b, c, ph * window, pw * window), dtype=x.dtype)
-    padded[:, :, :h, :w] = x
-    return padded.reshape(b, c, ph, window, pw, window).sum(axis=(3, 5))
+    if (ph * window, pw * window) != (h, w):
+        padded = np.zeros((b, c, ph * window, pw * window), dtype=x.dtype)
+        padded[:, :, :h, :w] = x
+        x = padded
+    total = x[:, :, 0::window, 0::window].copy()
+    for i in range(window):
+        for j in range(window):
+            if i or j:
+                total += x[:, :, i::window, j::window]
+    return total
 
 
 def tucker_kept(t: Tucker) -> Kept:
