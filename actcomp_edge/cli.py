@@ -108,6 +108,17 @@ def cmd_paper_table(args) -> int:
     return 1 if mismatches else 0
 
 
+def add_rank_arguments(parser, eps_note: str) -> None:
+    """--eps | --ranks, and --rank-cap (hosvd, hosvd-tracked, svd)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--eps", type=eps_value,
+                       help="explained-variance threshold in (0,1] for hosvd/svd ranks" + eps_note)
+    group.add_argument("--ranks", type=positive_int, nargs="+",
+                       help="fixed ranks: 4 for hosvd (B C H W), 1 for svd")
+    parser.add_argument("--rank-cap", type=positive_int, nargs="+",
+                        help="upper bound on the ranks (hosvd: 1 value for all modes or 4; svd: 1)")
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors (no usage dump)."""
 
@@ -130,14 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=METHODS, required=True,
                    help="how the conv inputs are kept: vanilla, svd (mode-1), hosvd, gf-r2 "
                         "(Gradient Filter, r=2)")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--eps", type=eps_value,
-                       help="explained-variance threshold in (0,1] (svd, hosvd); sizes are a "
-                            "worst-case bound since ranks depend on the data")
-    group.add_argument("--ranks", type=positive_int, nargs="+",
-                       help="fixed ranks: 4 for hosvd (B C H W), 1 for svd; sizes are exact")
-    p.add_argument("--rank-cap", type=positive_int, nargs="+",
-                   help="upper bound on the ranks (hosvd: 1 value for all modes or 4; svd: 1)")
+    add_rank_arguments(p, "; plan sizes are a worst-case bound since eps ranks depend on the "
+                          "data (with --ranks they are exact)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="batch size (default 64)")
     p.add_argument("--input-size", type=input_size,
                    help="input resolution, 224 or HxW (default: the model's own)")
@@ -169,14 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--refresh-every", type=positive_int, default=50,
                    help="hosvd-tracked: run the exact HOSVD (and re-pick eps ranks) every K "
                         "steps (default 50)")
-    group = e.add_mutually_exclusive_group()
-    group.add_argument("--eps", type=eps_value,
-                       help="hosvd/svd: explained-variance threshold in (0,1], ranks recomputed "
-                            "every step (the paper's rule)")
-    group.add_argument("--ranks", type=positive_int, nargs="+",
-                       help="hosvd: 4 fixed ranks (B C H W); svd: 1")
-    e.add_argument("--rank-cap", type=positive_int, nargs="+",
-                   help="upper bound on the ranks (1 value for all modes or 4)")
+    add_rank_arguments(e, "; ranks are recomputed every step (the paper's rule)")
     e.add_argument("--batch-size", type=positive_int, default=32,
                    help="training batch size the memory prediction is made for (default 32; the "
                         "graphs accept any batch)")

@@ -57,6 +57,8 @@ class Trainer:
         self.sessions = {name: session(name) for name in m["graphs"]["forward"]}
         self.backward = session(m["graphs"]["backward"])
         self.schedule = m["schedule"]
+        first = self.schedule[0]  # the frozen prefix, unless every conv is fine-tuned
+        self.prefix = first.get("run")
         self._evaluate = None
         self._session = session
         self.params = load_npz(self.folder / "weights.npz")
@@ -114,7 +116,7 @@ class Trainer:
                          for i in sess.get_inputs()}
                 outputs = sess.run(None, feeds)
                 tensors.update(zip((o.name for o in sess.get_outputs()), outputs))
-                part = "forward" if any("compress" in i for i in self.schedule[:position]) else "prefix"
+                part = "prefix" if item["run"] == self.prefix else "forward"
                 seconds[part] += time.perf_counter() - start
             self._release(tensors, position)
         self.step_count += 1
