@@ -82,6 +82,19 @@ class TrackedHosvd:
         self.shape = None
         self.steps = 0
 
+    def state(self) -> dict:
+        """Arrays to checkpoint: the factors and the step count."""
+        if self.factors is None:
+            return {"steps": np.array(self.steps)}
+        return {"steps": np.array(self.steps), "shape": np.array(self.shape),
+                **{f"u{n}": u for n, u in enumerate(self.factors)}}
+
+    def restore(self, state: dict) -> None:
+        self.steps = int(state["steps"])
+        if "shape" in state:
+            self.shape = tuple(int(d) for d in state["shape"])
+            self.factors = [state[f"u{n}"] for n in range(len(self.shape))]
+
     def __call__(self, x: np.ndarray) -> Kept:
         due = self.steps % self.refresh_every == 0
         if self.factors is None or due or x.shape[1:] != self.shape[1:]:

@@ -32,6 +32,7 @@ class StepResult:
     ranks: dict                 # layer -> rank per mode (or None)
     kept_bytes: dict            # layer -> bytes of the kept pieces
     seconds: dict = field(default_factory=dict)  # prefix / forward / compress / backward
+    applied: bool = True        # False: non-finite loss or update, the step was rejected
 
 
 class Trainer:
@@ -137,16 +138,49 @@ class Trainer:
         outputs = dict(zip((o.name for o in self.backward.get_outputs()),
                            self.backward.run(None, feeds)))
         seconds["backward"] = time.perf_counter() - start
-        grads = {}
-        for name, value in outputs.items():
-            if name.startswith("grad/"):
-                grads[name[5:]] = value
-            elif name.startswith("new/state/"):
-                self.state[name[4:]] = value
-            elif name.startswith("new/"):
-                self.params[name[4:]] = value
-        return StepResult(float(tensors["loss"]), tensors["logits"], grads, ranks, kept_bytes,
-                          seconds)
+        loss = float(tensors["loss"])
+        updated = {name: value for name, value in outputs.items() if name.startswith("new/")}
+        applied = np.isfinite(loss) and all(np.isfinite(v).all() for v in updated.values())
+        if applied:  # a NaN/Inf step is rejected: params and state stay the last good ones
+            for name, value in updated.items():
+                if name.startswith("new/state/"):
+                    self.state[name[4:]] = value
+                else:
+                    self.params[name[4:]] = value
+        else:
+            self.step_count -= 1
+        grads = {name[5:]: value for name, value in outputs.items() if name.startswith("grad/")}
+        return StepResult(loss, tensors["logits"], grads, ranks, kept_bytes, seconds, applied)
+
+    def state_arrays(self) -> dict:
+        """Everything training needs to continue exactly: params, optimizer state, trackers."""
+        arrays = {f"param/{k}": v for k, v in self.params.items()}
+        arrays.update({f"opt/{k}": v for k, v in self.state.items()})
+        for layer, tracker in self.trackers.items():
+            arrays.update({f"tracker/{layer}/{k}": v for k, v in tracker.state().items()})
+        arrays["step_count"] = np.array(self.step_count)
+        return arrays
+
+    def load_state_arrays(self, arrays: dict) -> None:
+        params = {k[6:]: v for k, v in arrays.items() if k.startswith("param/")}
+        state = {k[4:]: v for k, v in arrays.items() if k.startswith("opt/")}
+        if set(params) != set(self.params) or set(state) != set(self.state):
+            raise ArtifactError("checkpoint does not belong to this artifact (its arrays differ)")
+        for name, value in params.items():
+            if value.shape != self.params[name].shape:
+                raise ArtifactError(f"checkpoint array {name} has shape {value.shape}, the "
+                                    f"artifact {self.params[name].shape}")
+        self.params, self.state = params, state
+        for layer, tracker in self.trackers.items():
+            prefix = f"tracker/{layer}/"
+            tracker.restore({k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
+        self.step_count = int(arrays["step_count"])
+
+    def inference_model(self) -> bytes:
+        """evaluate.onnx with the current weights baked in: runs on the image alone."""
+        from .onnx_write import with_initializers
+        model = (self.folder / self.manifest["graphs"]["evaluate"]).read_bytes()
+        return with_initializers(model, self.params)
 
     def evaluate(self, images: np.ndarray) -> np.ndarray:
         if self._evaluate is None:

@@ -1,0 +1,201 @@
+"""`actcomp-device`: the board's command line (numpy + onnxruntime + pyserial; never torch)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from actcomp_edge.manifest import ArtifactError
+from actcomp_edge.npz import NpzError
+
+from . import data as data_module
+from . import procmem
+from .train import BudgetError, Options, TrainingError, check_budget, evaluate, fit, write_summary
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def size_arg(text: str) -> int:
+    try:
+        return procmem.parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
+
+
+def positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def load_trainer(args):
+    from .runtime import Trainer  # onnxruntime import only when needed
+    return Trainer(args.artifact, threads=getattr(args, "threads", None))
+
+
+def input_size(trainer) -> tuple:
+    return (trainer.manifest["input"]["height"], trainer.manifest["input"]["width"])
+
+
+def cmd_train(args) -> int:
+    trainer = load_trainer(args)
+    m = trainer.manifest
+    data = data_module.load(args.data, input_size(trainer), m["num_classes"])
+    if data.skipped:
+        print(f"skipped {len(data.skipped)} unreadable or non-image files "
+              f"(first: {data.skipped[0][0]}: {data.skipped[0][1]})", file=sys.stderr)
+    if args.val_data:
+        train_set = data
+        val_set = data_module.load(args.val_data, input_size(trainer), m["num_classes"])
+    else:
+        if len(data) < 2:
+            raise data_module.DataError("need at least 2 images to hold some out for validation")
+        train_set, val_set = data.split(args.val_fraction, args.seed)
+    batch = args.batch_size or m["batch_size"]
+    print(f"{m['model']}: {len(m['trainable_layers'])} fine-tuned convs, method "
+          f"{m['train']['method']}; {len(train_set)} training / {len(val_set)} validation images, "
+          f"batch {batch}")
+    options = Options(epochs=args.epochs, batch_size=batch, lr=args.lr, seed=args.seed,
+                      max_steps=args.max_steps, checkpoint_every=args.checkpoint_every,
+                      budget_bytes=args.budget, resume=args.resume)
+    if args.budget is not None:
+        check_budget(trainer, train_set, min(batch, len(train_set)), args.budget)
+    sender = None
+    if args.report:
+        from .transport import ProfileSender
+        sender = ProfileSender(args.report, Path(args.out) / "spool")
+    try:
+        summary = fit(trainer, train_set, val_set, args.out, options, sender=sender)
+    finally:
+        if sender is not None:
+            if not sender.flush(timeout=args.report_timeout):
+                print(f"warning: not every profile record was acknowledged; they stay in "
+                      f"{Path(args.out) / 'spool'} and are re-sent by the next run",
+                      file=sys.stderr)
+            sender.close()
+    if args.summary:
+        write_summary(args.summary, summary)
+    print(f"done: {summary['steps']} steps, val accuracy {summary['final_val_accuracy']:.4f}; "
+          f"weights {summary['outputs']['weights']}, inference model "
+          f"{summary['outputs']['inference']}")
+    if args.budget is not None and summary["budget_violations"]:
+        print(f"budget exceeded on {summary['budget_violations']} steps", file=sys.stderr)
+        return 4
+    return 0
+
+
+def cmd_eval(args) -> int:
+    trainer = load_trainer(args)
+    if args.weights:
+        from actcomp_edge.npz import load_npz
+        trainer.load_state_arrays({**{f"param/{k}": v for k, v in load_npz(args.weights).items()},
+                                   **{f"opt/{k}": v for k, v in trainer.state.items()},
+                                   "step_count": trainer.step_count})
+    data = data_module.load(args.data, input_size(trainer), trainer.manifest["num_classes"])
+    accuracy = evaluate(trainer, data, args.batch_size)
+    print(json.dumps({"images": len(data), "accuracy": accuracy, "skipped": len(data.skipped)}))
+    return 0
+
+
+def cmd_info(args) -> int:
+    from actcomp_edge.manifest import load_manifest
+    m = load_manifest(args.artifact)
+    mem = m["predicted_memory"]
+    mib = 2 ** 20
+    print(f"{m['model']} training artifact (format {m['format_version']}, opset {m['opset']}, "
+          f"needs onnxruntime >= {m['min_onnxruntime']})")
+    print(f"input {m['input']['height']}x{m['input']['width']}, {m['num_classes']} classes, "
+          f"batch {m['batch_size']}")
+    print(f"fine-tuned: {', '.join(layer['name'] for layer in m['trainable_layers'])} + classifier")
+    print(f"method {m['train']['method']}, eps {m['train']['eps']}, ranks {m['train']['ranks']}, "
+          f"optimizer {m['train']['optimizer']}")
+    print(f"kept for backward (predicted, {mem['rank_basis']}): paper {mem['paper_bytes'] / mib:.2f}"
+          f" MiB, full {mem['full_bytes'] / mib:.2f} MiB")
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+        print(f"this board: {total / mib:.0f} MiB RAM, {avail / mib:.0f} MiB free; the kept "
+              f"activations use {100 * mem['full_bytes'] / max(1, avail):.2f} % of the free memory "
+              f"(run `actcomp-device train --budget ...` for a measured check)")
+    except (ValueError, OSError, AttributeError):
+        pass
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="actcomp-device", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    t = sub.add_parser("train", help="fine-tune an artifact on local images",
+                       description="Verify the artifact, load the data, fine-tune, evaluate each "
+                                   "epoch, checkpoint, and write the fine-tuned weights and an "
+                                   "inference ONNX model.")
+    t.add_argument("artifact", help="training artifact folder (from `actcomp export`)")
+    t.add_argument("--data", required=True,
+                   help="ImageFolder-style directory (one sub-folder per class) or .npz "
+                        "(uint8 images (N,H,W,3) + labels)")
+    t.add_argument("--val-data", help="held-out set (default: a seeded split of --data)")
+    t.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of --data held out when --val-data is not given (default 0.1)")
+    t.add_argument("--epochs", type=positive, default=1, help="epochs (default 1)")
+    t.add_argument("--max-steps", type=positive, help="stop after K steps")
+    t.add_argument("--batch-size", type=positive, help="default: the artifact's")
+    t.add_argument("--lr", type=float, default=0.01, help="learning rate (default 0.01)")
+    t.add_argument("--seed", type=int, default=0, help="data order and split seed (default 0)")
+    t.add_argument("--threads", type=positive, help="onnxruntime threads (default: all cores)")
+    t.add_argument("--budget", type=size_arg,
+                   help="memory budget for the training working set, e.g. 48MiB: checked by a "
+                        "dry-run step before training, violations counted per step")
+    t.add_argument("--report", help="where to stream memory profiles: /dev/ttyUSB0, "
+                                    "socket://host:port, loop://, file://path.jsonl")
+    t.add_argument("--report-timeout", type=float, default=10.0,
+                   help="seconds to wait at the end for the host to acknowledge (default 10)")
+    t.add_argument("--checkpoint-every", type=positive, default=50,
+                   help="checkpoint every K steps, and at every epoch end (default 50)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the last good checkpoint in --out, same data order")
+    t.add_argument("--out", help="output folder (default: ARTIFACT/run)")
+    t.add_argument("--summary", help="write a JSON summary here at the end")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="accuracy of an artifact (or trained weights) on images")
+    e.add_argument("artifact")
+    e.add_argument("--data", required=True, help="ImageFolder directory or .npz")
+    e.add_argument("--weights", help="trained weights.npz (default: the artifact's)")
+    e.add_argument("--batch-size", type=positive, default=32)
+    e.add_argument("--threads", type=positive)
+    e.set_defaults(func=cmd_eval)
+
+    i = sub.add_parser("info", help="what an artifact is, its predicted memory, this board")
+    i.add_argument("artifact")
+    i.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "out", "unset") is None:
+        args.out = str(Path(args.artifact) / "run")
+    try:
+        return args.func(args)
+    except BudgetError as e:
+        print(f"actcomp-device: error: {e}", file=sys.stderr)
+        return 3
+    except (ArtifactError, NpzError, data_module.DataError, TrainingError, ValueError) as e:
+        print(f"actcomp-device: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("actcomp-device: interrupted (resume with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Training data on the device: an ImageFolder-style directory or an .npz (numpy + Pillow).
+
+- directory: one sub-folder per class (sorted names = class order), JPEG/PNG files inside;
+  files that are not readable images are skipped and counted (``Dataset.skipped``), never fatal;
+- .npz: ``images`` uint8 (N, H, W, 3), ``labels`` int (N,), optional ``classes``.
+
+Images are resized (bilinear) to the artifact's input size once, at load time, and kept as
+uint8; ``Dataset.batch`` normalises a batch to float32 NCHW: (pixel / 255 - mean) / std.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used (one-line message)."""
+
+
+@dataclass
+class Dataset:
+    images: np.ndarray           # uint8 (N, H, W, 3)
+    labels: np.ndarray           # int64 (N,)
+    classes: list
+    skipped: list = field(default_factory=list)   # (path, reason) of unreadable files
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, indices, mean, std) -> tuple:
+        """(float32 (B, 3, H, W) normalised, int64 (B,))."""
+        x = self.images[indices].astype(np.float32) / 255.0
+        x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2)), self.labels[indices]
+
+    def split(self, fraction: float, seed: int) -> tuple:
+        """(train, held-out) with a seeded shuffle; the held-out part has >= 1 sample."""
+        order = np.random.default_rng(seed).permutation(len(self))
+        n_val = min(len(self) - 1, max(1, int(round(fraction * len(self)))))
+        val, train = order[:n_val], order[n_val:]
+        return (Dataset(self.images[train], self.labels[train], self.classes, self.skipped),
+                Dataset(self.images[val], self.labels[val], self.classes))
+
+
+def resize(image: np.ndarray, size: tuple) -> np.ndarray:
+    """uint8 (h, w, 3) -> uint8 (H, W, 3), bilinear."""
+    from PIL import Image
+    if image.shape[:2] == tuple(size):
+        return image
+    return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
+
+
+def load(path, size: tuple, num_classes: int | None = None) -> Dataset:
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"dataset {path} does not exist")
+    data = _load_npz(path, size) if path.is_file() else _load_folder(path, size)
+    if len(data) == 0:
+        raise DataError(f"dataset {path} has no usable images")
+    if num_classes is not None:
+        bad = data.labels[(data.labels < 0) | (data.labels >= num_classes)]
+        if len(bad):
+            raise DataError(f"dataset {path}: label {int(bad[0])} is out of range for an artifact "
+                            f"with {num_classes} classes")
+    return data
+
+
+def _load_npz(path: Path, size: tuple) -> Dataset:
+    try:
+        with np.load(path, allow_pickle=False) as d:
+            images, labels = d["images"], d["labels"]
+            classes = [str(c) for c in d["classes"]] if "classes" in d.files else None
+    except (OSError, ValueError, KeyError, EOFError) as e:
+        raise DataError(f"cannot read dataset {path}: {e}") from None
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise DataError(f"{path}: images must be uint8 (N, H, W, 3), got {images.dtype} "
+                        f"{images.shape}")
+    if labels.shape != (len(images),):
+        raise DataError(f"{path}: labels must be ({len(images)},), got {labels.shape}")
+    resized = np.stack([resize(im, size) for im in images]) if len(images) else images
+    labels = labels.astype(np.int64)
+    if classes is None:
+        classes = [str(i) for i in range(int(labels.max()) + 1)] if len(labels) else []
+    return Dataset(resized, labels, classes)
+
+
+def _load_folder(path: Path, size: tuple) -> Dataset:
+    from PIL import Image, UnidentifiedImageError
+    classes = sorted(p.name for p in path.iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"{path} has no class sub-folders (expected {path}/<class>/<image>)")
+    images, labels, skipped = [], [], []
+    for label, name in enumerate(classes):
+        for file in sorted((path / name).rglob("*")):
+            if not file.is_file():
+                continue
+            if file.suffix.lower() not in IMAGE_SUFFIXES:
+                skipped.append((str(file), "not an image file"))
+                continue
+            try:
+                with Image.open(file) as im:
+                    rgb = np.asarray(im.convert("RGB"))
+            except (OSError, UnidentifiedImageError, ValueError) as e:
+                skipped.append((str(file), f"unreadable: {e}".splitlines()[0]))
+                continue
+            images.append(resize(rgb, size))
+            labels.append(label)
+    if not images:
+        return Dataset(np.zeros((0,) + tuple(size) + (3,), np.uint8), np.zeros(0, np.int64),
+                       classes, skipped)
+    return Dataset(np.stack(images), np.asarray(labels, np.int64), classes, skipped)

@@ -1,0 +1,219 @@
+"""The fine-tuning loop on the board: data order, evaluation, checkpoints, budget, profiles."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from math import ceil
+from pathlib import Path
+
+import numpy as np
+
+from actcomp_edge.manifest import sha256_file
+from actcomp_edge.npz import save_npz, write_atomic
+
+from . import checkpoint, procmem
+from .data import Dataset
+from .runtime import Trainer
+
+MAX_REJECTED_IN_A_ROW = 5
+
+
+class BudgetError(ValueError):
+    """The training working set cannot fit the memory budget."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss stays NaN)."""
+
+
+@dataclass
+class Options:
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.01
+    seed: int = 0
+    max_steps: int | None = None
+    checkpoint_every: int = 50
+    budget_bytes: int | None = None
+    resume: bool = False
+
+
+def evaluate(trainer: Trainer, data: Dataset, batch_size: int) -> float:
+    """Top-1 accuracy on data."""
+    norm = trainer.manifest["input"]
+    correct = 0
+    for start in range(0, len(data), batch_size):
+        idx = np.arange(start, min(start + batch_size, len(data)))
+        x, y = data.batch(idx, norm["mean"], norm["std"])
+        correct += int((trainer.evaluate(x).argmax(axis=1) == y).sum())
+    return correct / max(1, len(data))
+
+
+def dry_run(trainer: Trainer, data: Dataset, batch_size: int) -> int:
+    """Peak RSS growth (bytes) of one training step on a real batch; the state is restored."""
+    norm = trainer.manifest["input"]
+    saved = {k: np.array(v, copy=True) for k, v in trainer.state_arrays().items()}
+    x, y = data.batch(np.arange(min(batch_size, len(data))), norm["mean"], norm["std"])
+    base = procmem.rss_bytes()
+    procmem.reset_peak()
+    trainer.step(x, y, lr=0.0)
+    grown = procmem.peak_rss_bytes() - base
+    trainer.load_state_arrays(saved)
+    return max(0, grown)
+
+
+def check_budget(trainer: Trainer, data: Dataset, batch_size: int, budget: int,
+                 log=print) -> int:
+    """Measure a dry-run step; refuse (BudgetError) with what would fit when it cannot fit."""
+    need = dry_run(trainer, data, batch_size)
+    mib = 2 ** 20
+    if need > budget:
+        per_sample = need / batch_size
+        fits = int(budget // per_sample) if per_sample else batch_size
+        hint = (f"--batch-size {fits} would need about {fits * per_sample / mib:.1f} MiB"
+                if fits >= 1 else "even batch 1 does not fit")
+        raise BudgetError(f"budget {budget / mib:.1f} MiB is too small: one training step needs "
+                          f"{need / mib:.1f} MiB ({(need - budget) / mib:.1f} MiB over); {hint}, "
+                          f"or export with fewer --layers, a lower --eps or a --rank-cap")
+    log(f"budget: one step needs {need / 2 ** 20:.1f} MiB of the {budget / 2 ** 20:.1f} MiB budget")
+    return need
+
+
+class Progress:
+    """One line per step on a terminal (overwritten), every 10th step otherwise."""
+
+    def __init__(self, total: int, stream=sys.stdout):
+        self.total, self.stream, self.tty = total, stream, stream.isatty()
+
+    def update(self, step: int, text: str) -> None:
+        width = 24
+        filled = int(width * step / max(1, self.total))
+        line = f"[{'#' * filled}{'.' * (width - filled)}] {step}/{self.total} {text}"
+        if self.tty:
+            self.stream.write("\r" + line)
+            self.stream.flush()
+        elif step % 10 == 0 or step == self.total:
+            print(line, file=self.stream, flush=True)
+
+    def done(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+
+
+def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset, out_dir, options: Options,
+        sender=None, log=print) -> dict:
+    """Train; returns the summary. Checkpoints go to out_dir/checkpoints, results to out_dir."""
+    out = Path(out_dir)
+    ckpt_dir = out / "checkpoints"
+    norm = trainer.manifest["input"]
+    batch = min(options.batch_size, len(train_set))
+    steps_per_epoch = ceil(len(train_set) / batch)
+    total = options.epochs * steps_per_epoch
+    if options.max_steps:
+        total = min(total, options.max_steps)
+    identity = {"artifact": sha256_file(trainer.folder / "manifest.json"),
+                "data_size": len(train_set), "batch_size": batch, "seed": options.seed}
+    epoch, next_batch, step = 0, 0, 0
+    if options.resume:
+        found = checkpoint.load_latest(ckpt_dir, log=checkpoint.warn)
+        if found is None:
+            log("no checkpoint to resume from: starting from the artifact's weights")
+        else:
+            meta, arrays = found
+            changed = [k for k, v in identity.items() if meta.get(k) != v]
+            if changed:
+                raise TrainingError(f"checkpoint in {ckpt_dir} was made with a different "
+                                    f"{', '.join(changed)}: cannot resume with the same data order")
+            trainer.load_state_arrays(arrays)
+            epoch, next_batch, step = meta["epoch"], meta["next_batch"], meta["step"]
+            log(f"resumed from step {step} (epoch {epoch + 1}, batch {next_batch + 1})")
+
+    def save_checkpoint():
+        checkpoint.save(ckpt_dir, step, dict(identity, epoch=epoch, next_batch=next_batch,
+                                             step=step), trainer.state_arrays())
+
+    baseline = procmem.rss_bytes()
+    procmem.reset_peak()
+    progress = Progress(total)
+    step_seconds, losses, violations, rejected = [], [], 0, 0
+    kept_peak = {"paper": 0}
+    val_accuracy = None
+    while epoch < options.epochs and step < total:
+        order = np.random.default_rng(options.seed + epoch).permutation(len(train_set))
+        while next_batch < steps_per_epoch and step < total:
+            idx = order[next_batch * batch:(next_batch + 1) * batch]
+            x, y = train_set.batch(idx, norm["mean"], norm["std"])
+            start = time.perf_counter()
+            result = trainer.step(x, y, options.lr)
+            seconds = time.perf_counter() - start
+            if not result.applied:
+                rejected += 1
+                log(f"step {step + 1}: loss {result.loss} is not finite: step rejected, "
+                    f"weights kept")
+                if rejected >= MAX_REJECTED_IN_A_ROW:
+                    save_checkpoint()
+                    raise TrainingError(f"{rejected} steps in a row gave a non-finite loss: "
+                                        f"stopping (lower --lr?); last good state checkpointed")
+                next_batch += 1
+                continue
+            rejected = 0
+            step += 1
+            next_batch += 1
+            step_seconds.append(seconds)
+            losses.append(result.loss)
+            working = procmem.peak_rss_bytes() - baseline
+            over = options.budget_bytes is not None and working > options.budget_bytes
+            violations += int(over)
+            kept = sum(result.kept_bytes.values())
+            kept_peak["paper"] = max(kept_peak["paper"], kept)
+            record = {"type": "step", "step": step, "epoch": epoch + 1, "loss": result.loss,
+                      "step_seconds": seconds, "rss_bytes": procmem.rss_bytes(),
+                      "peak_rss_bytes": procmem.peak_rss_bytes(), "baseline_rss_bytes": baseline,
+                      "kept_bytes": result.kept_bytes, "kept_bytes_total": kept,
+                      "ranks": {k: list(v) if v else None for k, v in result.ranks.items()},
+                      "eps": trainer.eps, "method": trainer.method,
+                      "budget_bytes": options.budget_bytes, "budget_exceeded": over,
+                      "seconds_split": result.seconds}
+            if sender is not None:
+                sender.send(record)
+            progress.update(step, f"loss {result.loss:.4f} {seconds * 1e3:.0f} ms/step "
+                                  f"rss {procmem.rss_bytes() / 2 ** 20:.0f} MiB")
+            if options.checkpoint_every and step % options.checkpoint_every == 0:
+                save_checkpoint()
+        if next_batch >= steps_per_epoch:  # epoch finished
+            progress.done()
+            val_accuracy = evaluate(trainer, val_set, batch)
+            log(f"epoch {epoch + 1}/{options.epochs}: train loss {np.mean(losses[-steps_per_epoch:]):.4f}"
+                f", val accuracy {val_accuracy:.4f}")
+            if sender is not None:
+                sender.send({"type": "epoch", "epoch": epoch + 1, "step": step,
+                             "val_accuracy": val_accuracy})
+            epoch, next_batch = epoch + 1, 0
+            save_checkpoint()
+    progress.done()
+    if val_accuracy is None:
+        val_accuracy = evaluate(trainer, val_set, batch)
+    save_checkpoint()
+    out.mkdir(parents=True, exist_ok=True)
+    save_npz(out / "weights.npz", trainer.params)
+    write_atomic(out / "inference.onnx", trainer.inference_model())
+    summary = {"steps": step, "epochs": epoch, "final_train_loss": losses[-1] if losses else None,
+               "final_val_accuracy": val_accuracy,
+               "median_step_seconds": float(np.median(step_seconds)) if step_seconds else None,
+               "peak_rss_bytes": procmem.peak_rss_bytes(), "baseline_rss_bytes": baseline,
+               "budget_bytes": options.budget_bytes, "budget_violations": violations,
+               "kept_bytes_peak": kept_peak,
+               "predicted_kept_bytes": {
+                   "paper": trainer.manifest["predicted_memory"]["paper_bytes"],
+                   "full": trainer.manifest["predicted_memory"]["full_bytes"]},
+               "outputs": {"weights": str(out / "weights.npz"),
+                           "inference": str(out / "inference.onnx")}}
+    if sender is not None:
+        sender.send(dict(summary, type="summary"))
+    return summary
+
+
+def write_summary(path, summary: dict) -> None:
+    write_atomic(Path(path), (json.dumps(summary, indent=1, sort_keys=True) + "\n").encode())
