@@ -41,7 +41,10 @@ def npz_bytes(arrays: dict) -> bytes:
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as zf:
         for name in sorted(arrays):
             entry = io.BytesIO()
-            np.lib.format.write_array(entry, np.ascontiguousarray(arrays[name]), allow_pickle=False)
+            array = np.asarray(arrays[name])  # (np.ascontiguousarray would make 0-d arrays 1-d)
+            if not array.flags.c_contiguous:
+                array = array.copy(order="C")
+            np.lib.format.write_array(entry, array, allow_pickle=False)
             info = zipfile.ZipInfo(name + ".npy", date_time=FIXED_DATE)
             info.external_attr = 0o644 << 16
             zf.writestr(info, entry.getvalue())

@@ -1,0 +1,198 @@
+"""The device runner end to end: CLI, data, checkpoints after SIGKILL, bad input, no torch."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from actcomp_edge.npz import load_npz
+from device_runner import checkpoint
+from device_runner.data import DataError, load
+from export.training_graph import TrainConfig
+from export_helpers import export, random_model
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = (64, 64)
+# one thread everywhere: bit-identical steps between runs
+ENV = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
+           PYTHONPATH=str(REPO))
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("art")
+    spec, model = random_model("mcunet-in1", 3, calibration_hw=SIZE)
+    return export(model, spec, tmp, TrainConfig(n_layers=4, method="hosvd", eps=0.9),
+                  8, SIZE).folder
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """3 classes of generated PNG/JPEG images (a learnable colour rule), plus junk files."""
+    from PIL import Image
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(["red", "green", "blue"]):
+        (root / name).mkdir()
+        for i in range(12):
+            pixels = rng.integers(0, 80, (40, 48, 3)).astype(np.uint8)
+            pixels[..., label] += 150
+            Image.fromarray(pixels).save(root / name / f"{i}.{'png' if i % 2 else 'jpg'}")
+    (root / "red" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (root / "green" / "notes.txt").write_text("not an image")
+    return root
+
+
+def device(*argv, timeout=600):
+    return subprocess.run([sys.executable, "-m", "device_runner.cli", *map(str, argv)],
+                          capture_output=True, text=True, env=ENV, timeout=timeout)
+
+
+def test_image_folder_loads_resizes_and_counts_junk(image_folder):
+    data = load(image_folder, SIZE, num_classes=3)
+    assert len(data) == 36 and data.images.shape == (36, 64, 64, 3)
+    assert data.classes == ["blue", "green", "red"]
+    assert sorted(Path(p).name for p, _ in data.skipped) == ["broken.jpg", "notes.txt"]
+    x, y = data.batch(np.arange(4), [0.5] * 3, [0.5] * 3)
+    assert x.shape == (4, 3, 64, 64) and x.dtype == np.float32 and -1 <= x.min() <= x.max() <= 1
+
+
+def test_npz_data_and_label_range(tmp_path):
+    path = tmp_path / "d.npz"
+    np.savez(path, images=np.zeros((5, 32, 32, 3), np.uint8), labels=np.array([0, 1, 2, 3, 4]))
+    with pytest.raises(DataError, match="label 3 is out of range"):
+        load(path, SIZE, num_classes=3)
+    np.savez(path, images=np.zeros((5, 32, 32), np.float32), labels=np.zeros(5))
+    with pytest.raises(DataError, match="uint8"):
+        load(path, SIZE)
+    with pytest.raises(DataError, match="does not exist"):
+        load(tmp_path / "nope", SIZE)
+
+
+def train_args(artifact, data, out, *extra):
+    return ["train", artifact, "--data", data, "--epochs", "2", "--batch-size", "8", "--lr",
+            "0.002", "--threads", "1", "--checkpoint-every", "2", "--out", out, *extra]
+
+
+def test_train_writes_weights_inference_model_and_summary(artifact, image_folder, tmp_path):
+    import onnxruntime as ort
+    from device_runner.runtime import Trainer
+    out = tmp_path / "run"
+    proc = device(*train_args(artifact, image_folder, out, "--summary", tmp_path / "s.json"))
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped 2 unreadable or non-image files" in proc.stderr
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["steps"] == 2 * 4 and summary["epochs"] == 2   # 36 - 4 held out = 32 / 8
+    assert summary["peak_rss_bytes"] >= summary["baseline_rss_bytes"] > 0
+    assert 0 < summary["kept_bytes_peak"]["paper"] < summary["predicted_kept_bytes"]["paper"]
+    assert {"final_train_loss", "final_val_accuracy", "median_step_seconds",
+            "budget_violations"} <= set(summary)
+    trainer = Trainer(artifact)
+    trained = load_npz(out / "weights.npz")
+    assert any(not np.array_equal(trained[k], trainer.params[k]) for k in trained)
+    trainer.params = trained
+    images = np.random.default_rng(0).standard_normal((3, 3) + SIZE).astype(np.float32)
+    session = ort.InferenceSession(str(out / "inference.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["image"]
+    np.testing.assert_allclose(session.run(None, {"image": images})[0], trainer.evaluate(images),
+                               rtol=1e-5, atol=1e-5)
+
+
+def wait_for_checkpoint(folder, min_step, proc, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            entries = json.loads((folder / "checkpoints.json").read_text())
+            if entries and entries[-1]["step"] >= min_step:
+                return entries[-1]["step"]
+        except (OSError, ValueError):
+            pass
+        if proc.poll() is not None:
+            raise AssertionError(f"runner ended early: {proc.stderr.read()}")
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint appeared")
+
+
+def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(artifact, image_folder,
+                                                                      tmp_path):
+    reference = tmp_path / "reference"
+    assert device(*train_args(artifact, image_folder, reference)).returncode == 0
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "device_runner.cli",
+                             *map(str, train_args(artifact, image_folder, out))],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    step = wait_for_checkpoint(out / "checkpoints", 4, proc)   # mid first epoch or later
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "weights.npz").exists() and step < 8
+    resumed = device(*train_args(artifact, image_folder, out, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from step" in resumed.stdout
+    expected, got = load_npz(reference / "weights.npz"), load_npz(out / "weights.npz")
+    for key in expected:
+        np.testing.assert_allclose(got[key], expected[key], rtol=1e-6, atol=1e-7, err_msg=key)
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(artifact, image_folder, tmp_path):
+    out = tmp_path / "run"
+    assert device(*train_args(artifact, image_folder, out, "--max-steps", "4")).returncode == 0
+    entries = json.loads((out / "checkpoints" / "checkpoints.json").read_text())
+    newest = out / "checkpoints" / entries[-1]["file"]
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0x55
+    newest.write_bytes(bytes(data))
+    messages = []
+    meta, _ = checkpoint.load_latest(out / "checkpoints", log=messages.append)
+    assert meta["step"] == entries[-2]["step"]
+    assert "fails its SHA-256 check" in messages[0]
+
+
+@pytest.mark.parametrize("extra,code,message", [
+    (["--budget", "1KiB"], 3, "too small"),
+    (["--lr", "1e38"], 2, "non-finite loss"),
+    (["--budget", "lots"], 2, "cannot read memory size"),
+])
+def test_bad_runs_stop_with_one_line(artifact, image_folder, tmp_path, extra, code, message):
+    proc = device(*train_args(artifact, image_folder, tmp_path / "run", *extra))
+    assert proc.returncode == code, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in proc.stderr
+
+
+def test_tampered_artifact_and_bad_data_are_refused(artifact, tmp_path):
+    import shutil
+    copy = tmp_path / "art"
+    shutil.copytree(artifact, copy)
+    with open(copy / "backward.onnx", "ab") as f:
+        f.write(b"\x00")
+    proc = device("info", copy)
+    assert proc.returncode == 2 and "fails its SHA-256 check" in proc.stderr
+    bad = tmp_path / "labels.npz"
+    np.savez(bad, images=np.zeros((4, 8, 8, 3), np.uint8), labels=np.array([0, 1, 7, 2]))
+    proc = device("train", artifact, "--data", bad, "--out", tmp_path / "run")
+    assert proc.returncode == 2 and "label 7 is out of range" in proc.stderr
+
+
+def test_device_side_never_imports_torch(artifact, image_folder, tmp_path):
+    """Run info, train and eval in a process where `import torch` fails."""
+    code = f"""
+import sys
+sys.modules["torch"] = None  # any import of torch now raises ImportError
+from device_runner.cli import main
+assert main(["info", {str(artifact)!r}]) == 0
+assert main(["train", {str(artifact)!r}, "--data", {str(image_folder)!r}, "--max-steps", "2",
+             "--batch-size", "4", "--out", {str(tmp_path / 'run')!r}]) == 0
+assert main(["eval", {str(artifact)!r}, "--data", {str(image_folder)!r}]) == 0
+assert not any(name == "torch" or name.startswith("torch.") for name in sys.modules
+               if sys.modules[name] is not None)
+print("no torch")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "no torch" in proc.stdout
