@@ -12,7 +12,11 @@ from actcomp_edge.npz import NpzError
 
 from . import data as data_module
 from . import procmem
+from .runtime import MemoryBudgetError
 from .train import BudgetError, Options, TrainingError, check_budget, evaluate, fit, write_summary
+
+
+ARENA_HEADROOM = 1.5
 
 
 class Parser(argparse.ArgumentParser):
@@ -39,7 +43,12 @@ def positive(text: str) -> int:
 
 def load_trainer(args):
     from .runtime import Trainer  # onnxruntime import only when needed
-    return Trainer(args.artifact, threads=getattr(args, "threads", None))
+    budget = getattr(args, "budget", None)
+    # The budget is enforced by measurement (dry run, rank caps, per-step peak RSS); the
+    # arena cap is the hard stop against runaway allocation. onnxruntime's BFC arena keeps
+    # and fragments chunks, so a cap at exactly the budget fails steps that fit: 1.5x.
+    return Trainer(args.artifact, threads=getattr(args, "threads", None),
+                   arena_bytes=int(ARENA_HEADROOM * budget) if budget else None)
 
 
 def input_size(trainer) -> tuple:
@@ -67,14 +76,16 @@ def cmd_train(args) -> int:
     options = Options(epochs=args.epochs, batch_size=batch, lr=args.lr, seed=args.seed,
                       max_steps=args.max_steps, checkpoint_every=args.checkpoint_every,
                       budget_bytes=args.budget, resume=args.resume)
+    budget_action = None
     if args.budget is not None:
-        check_budget(trainer, train_set, min(batch, len(train_set)), args.budget)
+        budget_action = check_budget(trainer, train_set, min(batch, len(train_set)), args.budget)
     sender = None
     if args.report:
         from .transport import ProfileSender
         sender = ProfileSender(args.report, Path(args.out) / "spool")
     try:
-        summary = fit(trainer, train_set, val_set, args.out, options, sender=sender)
+        summary = fit(trainer, train_set, val_set, args.out, options, sender=sender,
+                      budget_action=budget_action)
     finally:
         if sender is not None:
             if not sender.flush(timeout=args.report_timeout):
@@ -186,6 +197,10 @@ def main(argv=None) -> int:
         args.out = str(Path(args.artifact) / "run")
     try:
         return args.func(args)
+    except MemoryBudgetError as e:
+        print(f"actcomp-device: error: {e}; the last checkpoint is intact (--resume with a "
+              f"larger --budget or a smaller --batch-size)", file=sys.stderr)
+        return 3
     except BudgetError as e:
         print(f"actcomp-device: error: {e}", file=sys.stderr)
         return 3

@@ -33,20 +33,59 @@ class StepResult:
     kept_bytes: dict            # layer -> bytes of the kept pieces
     seconds: dict = field(default_factory=dict)  # prefix / forward / compress / backward
     applied: bool = True        # False: non-finite loss or update, the step was rejected
+    kept_full_bytes: int = 0    # everything the backward took: kept pieces, masks, features
+
+
+class MemoryBudgetError(RuntimeError):
+    """onnxruntime could not allocate within its arena cap (the budget)."""
+
+
+_ARENA_BYTES = None
+
+
+def cap_arena(max_bytes: int) -> None:
+    """Register a process-wide onnxruntime CPU arena of at most max_bytes: an allocation past
+    it fails with an error instead of the OS killing the process. Once per process."""
+    global _ARENA_BYTES
+    if _ARENA_BYTES is not None:
+        if _ARENA_BYTES != max_bytes:
+            raise ValueError(f"the onnxruntime arena is already capped at {_ARENA_BYTES} bytes")
+        return
+    info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0,
+                             ort.OrtMemType.DEFAULT)
+    # arena_extend_strategy 1 = kSameAsRequested: grow by what is asked, not by powers of two
+    ort.create_and_register_allocator(info, ort.OrtArenaCfg(int(max_bytes), 1, -1, -1))
+    _ARENA_BYTES = max_bytes
+
+
+def run(session, feeds: dict) -> list:
+    try:
+        return session.run(None, feeds)
+    except Exception as e:  # onnxruntime's own exception types
+        text = str(e)
+        if "bfc_arena" in text or "Available memory" in text:
+            raise MemoryBudgetError(f"onnxruntime could not allocate within the memory budget "
+                                    f"({_ARENA_BYTES / 2 ** 20:.1f} MiB arena)") from None
+        raise
 
 
 class Trainer:
-    def __init__(self, folder, threads: int | None = None, verify: bool = True):
+    def __init__(self, folder, threads: int | None = None, verify: bool = True,
+                 arena_bytes: int | None = None):
         self.folder = Path(folder)
         self.manifest = load_manifest(self.folder, ort.__version__, verify=verify)
         m = self.manifest
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # failures reach the caller as exceptions
         # onnxruntime's worker threads spin after each run by default; numpy's decomposition
         # runs right after on the same cores, so spinning only steals its CPU
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if arena_bytes:
+            cap_arena(arena_bytes)
+            options.add_session_config_entry("session.use_env_allocators", "1")
+        ort.set_default_logger_severity(4)  # errors reach the user as exceptions, once
 
         def session(name):
             try:
@@ -69,6 +108,7 @@ class Trainer:
         self.method, self.eps = train["method"], train["eps"]
         self.ranks, self.rank_cap = train["ranks"], train["rank_cap"]
         self.layers = {layer["name"]: layer for layer in m["trainable_layers"]}
+        self.rank_caps = {}  # layer -> rank cap derived from a memory budget
         self.trackers = {}
         if self.method == "hosvd-tracked":
             self.trackers = {name: TrackedHosvd(self.eps, self.ranks, self.rank_cap,
@@ -91,9 +131,14 @@ class Trainer:
 
     def compress(self, layer: dict, x: np.ndarray):
         """What the backward keeps of fine-tuned conv ``layer``'s input x (B, C, H, W)."""
+        cap = self.rank_cap
+        budget_cap = self.rank_caps.get(layer["name"])
+        if budget_cap is not None:
+            cap = budget_cap if cap is None else np.minimum(cap, budget_cap).tolist()
         if self.trackers:
+            self.trackers[layer["name"]].rank_cap = cap
             return self.trackers[layer["name"]](x)
-        return compress(self.method, x, eps=self.eps, ranks=self.ranks, rank_cap=self.rank_cap,
+        return compress(self.method, x, eps=self.eps, ranks=self.ranks, rank_cap=cap,
                         stride=layer["stride"])
 
     def step(self, images: np.ndarray, labels: np.ndarray, lr: float) -> StepResult:
@@ -115,13 +160,13 @@ class Trainer:
                 sess = self.sessions[item["run"]]
                 feeds = {i.name: (tensors[i.name] if i.name in tensors else self.params[i.name])
                          for i in sess.get_inputs()}
-                outputs = sess.run(None, feeds)
+                outputs = run(sess, feeds)
                 tensors.update(zip((o.name for o in sess.get_outputs()), outputs))
                 part = "prefix" if item["run"] == self.prefix else "forward"
                 seconds[part] += time.perf_counter() - start
             self._release(tensors, position)
         self.step_count += 1
-        feeds = {}
+        feeds, kept_full = {}, 0
         for i in self.backward.get_inputs():
             name = i.name
             if name == "lr":
@@ -134,9 +179,10 @@ class Trainer:
                 feeds[name] = self.state[name]
             else:
                 feeds[name] = tensors[name]
+                kept_full += tensors[name].nbytes
         start = time.perf_counter()
         outputs = dict(zip((o.name for o in self.backward.get_outputs()),
-                           self.backward.run(None, feeds)))
+                           run(self.backward, feeds)))
         seconds["backward"] = time.perf_counter() - start
         loss = float(tensors["loss"])
         updated = {name: value for name, value in outputs.items() if name.startswith("new/")}
@@ -150,7 +196,8 @@ class Trainer:
         else:
             self.step_count -= 1
         grads = {name[5:]: value for name, value in outputs.items() if name.startswith("grad/")}
-        return StepResult(loss, tensors["logits"], grads, ranks, kept_bytes, seconds, applied)
+        return StepResult(loss, tensors["logits"], grads, ranks, kept_bytes, seconds, applied,
+                          kept_full)
 
     def state_arrays(self) -> dict:
         """Everything training needs to continue exactly: params, optimizer state, trackers."""

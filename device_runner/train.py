@@ -51,23 +51,25 @@ def evaluate(trainer: Trainer, data: Dataset, batch_size: int) -> float:
     return correct / max(1, len(data))
 
 
-def dry_run(trainer: Trainer, data: Dataset, batch_size: int) -> int:
-    """Peak RSS growth (bytes) of one training step on a real batch; the state is restored."""
+def dry_run(trainer: Trainer, data: Dataset, batch_size: int) -> tuple:
+    """(peak RSS growth, bytes kept for backward) of one training step on a real batch;
+    the training state is restored afterwards."""
     norm = trainer.manifest["input"]
     saved = {k: np.array(v, copy=True) for k, v in trainer.state_arrays().items()}
     x, y = data.batch(np.arange(min(batch_size, len(data))), norm["mean"], norm["std"])
     base = procmem.rss_bytes()
     procmem.reset_peak()
-    trainer.step(x, y, lr=0.0)
+    result = trainer.step(x, y, lr=0.0)
     grown = procmem.peak_rss_bytes() - base
     trainer.load_state_arrays(saved)
-    return max(0, grown)
+    return max(0, grown), result.kept_full_bytes
 
 
 def check_budget(trainer: Trainer, data: Dataset, batch_size: int, budget: int,
-                 log=print) -> int:
-    """Measure a dry-run step; refuse (BudgetError) with what would fit when it cannot fit."""
-    need = dry_run(trainer, data, batch_size)
+                 log=print) -> dict:
+    """Measure a dry-run step; refuse (BudgetError) with what would fit when it cannot fit;
+    otherwise derive per-layer rank caps (set on the trainer) and return what was done."""
+    need, kept = dry_run(trainer, data, batch_size)
     mib = 2 ** 20
     if need > budget:
         per_sample = need / batch_size
@@ -77,8 +79,45 @@ def check_budget(trainer: Trainer, data: Dataset, batch_size: int, budget: int,
         raise BudgetError(f"budget {budget / mib:.1f} MiB is too small: one training step needs "
                           f"{need / mib:.1f} MiB ({(need - budget) / mib:.1f} MiB over); {hint}, "
                           f"or export with fewer --layers, a lower --eps or a --rank-cap")
-    log(f"budget: one step needs {need / 2 ** 20:.1f} MiB of the {budget / 2 ** 20:.1f} MiB budget")
-    return need
+    # what is not activations (weights, gradients, workspace) is what the dry run measured
+    # beyond the kept activations; the rest of the budget may go to activations
+    allowance = budget - (need - kept)
+    trainer.rank_caps = rank_caps_for_budget(trainer, batch_size, allowance)
+    log(f"budget: one step needs {need / mib:.1f} MiB of the {budget / mib:.1f} MiB budget"
+        + (f"; rank caps {trainer.rank_caps} keep the worst-case activations within "
+           f"{allowance / mib:.1f} MiB" if trainer.rank_caps else ""))
+    return {"dry_run_bytes": need, "activation_allowance_bytes": allowance,
+            "rank_caps": trainer.rank_caps}
+
+
+def rank_caps_for_budget(trainer: Trainer, batch_size: int, allowance: int) -> dict:
+    """Per-layer rank cap (one value for every mode) so that even a batch whose eps ranks
+    come out high keeps at most ``allowance`` bytes of activations in all: each layer gets a
+    share proportional to its uncompressed input, and the largest cap whose worst case fits."""
+    from actcomp_edge.decomposition import full_rank_bound
+    from actcomp_edge.memory import hosvd_floats, svd_floats
+    if trainer.method not in ("hosvd", "hosvd-tracked", "svd") or allowance <= 0:
+        return {}
+    shapes = {name: (batch_size,) + tuple(layer["input_shape"])
+              for name, layer in trainer.layers.items()}
+    total = sum(int(np.prod(s)) for s in shapes.values())
+    caps = {}
+    for name, shape in shapes.items():
+        share = allowance * int(np.prod(shape)) / total
+
+        def kept(cap):
+            if trainer.method == "svd":
+                return 4 * svd_floats(shape, min(cap, shape[0]))
+            return 4 * hosvd_floats(shape, [min(b, cap) for b in full_rank_bound(shape)])
+        top = max(full_rank_bound(shape))
+        if kept(top) <= share:
+            continue  # even full rank fits: no cap needed
+        lo, hi = 1, top
+        while lo < hi:  # largest cap with kept(cap) <= share (kept grows with cap)
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if kept(mid) <= share else (lo, mid - 1)
+        caps[name] = lo
+    return caps
 
 
 class Progress:
@@ -103,7 +142,7 @@ class Progress:
 
 
 def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset, out_dir, options: Options,
-        sender=None, log=print) -> dict:
+        sender=None, log=print, budget_action: dict | None = None) -> dict:
     """Train; returns the summary. Checkpoints go to out_dir/checkpoints, results to out_dir."""
     out = Path(out_dir)
     ckpt_dir = out / "checkpoints"
@@ -138,7 +177,7 @@ def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset, out_dir, options
     procmem.reset_peak()
     progress = Progress(total)
     step_seconds, losses, violations, rejected = [], [], 0, 0
-    kept_peak = {"paper": 0}
+    kept_peak = {"paper": 0, "full": 0}
     val_accuracy = None
     while epoch < options.epochs and step < total:
         order = np.random.default_rng(options.seed + epoch).permutation(len(train_set))
@@ -168,13 +207,16 @@ def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset, out_dir, options
             violations += int(over)
             kept = sum(result.kept_bytes.values())
             kept_peak["paper"] = max(kept_peak["paper"], kept)
+            kept_peak["full"] = max(kept_peak["full"], result.kept_full_bytes)
             record = {"type": "step", "step": step, "epoch": epoch + 1, "loss": result.loss,
                       "step_seconds": seconds, "rss_bytes": procmem.rss_bytes(),
                       "peak_rss_bytes": procmem.peak_rss_bytes(), "baseline_rss_bytes": baseline,
                       "kept_bytes": result.kept_bytes, "kept_bytes_total": kept,
+                      "kept_full_bytes": result.kept_full_bytes,
                       "ranks": {k: list(v) if v else None for k, v in result.ranks.items()},
                       "eps": trainer.eps, "method": trainer.method,
                       "budget_bytes": options.budget_bytes, "budget_exceeded": over,
+                      "budget_action": budget_action,
                       "seconds_split": result.seconds}
             if sender is not None:
                 sender.send(record)
