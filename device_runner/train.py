@@ -15,7 +15,7 @@ from actcomp_edge.npz import save_npz, write_atomic
 
 from . import checkpoint, procmem
 from .data import Dataset
-from .runtime import Trainer
+from .runtime import MemoryBudgetError, Trainer
 
 MAX_REJECTED_IN_A_ROW = 5
 
@@ -69,8 +69,13 @@ def check_budget(trainer: Trainer, data: Dataset, batch_size: int, budget: int,
                  log=print) -> dict:
     """Measure a dry-run step; refuse (BudgetError) with what would fit when it cannot fit;
     otherwise derive per-layer rank caps (set on the trainer) and return what was done."""
-    need, kept = dry_run(trainer, data, batch_size)
     mib = 2 ** 20
+    try:
+        need, kept = dry_run(trainer, data, batch_size)
+    except MemoryBudgetError:
+        raise BudgetError(f"budget {budget / mib:.1f} MiB is too small: a dry-run step of batch "
+                          f"{batch_size} could not allocate within it; give a larger --budget, "
+                          f"a smaller --batch-size, or export with fewer --layers") from None
     if need > budget:
         per_sample = need / batch_size
         fits = int(budget // per_sample) if per_sample else batch_size
