@@ -1,12 +1,13 @@
 """`make demo`: the main job end to end on a built-in default.
 
-export (mcunet-in1, last 4 convs, HOSVD eps=0.8, batch 32, 128 px) -> train a few steps
-on the local runner -> memory report (predicted vs kept per layer).  Uses the real
+export (mcunet-in1, last 4 convs, HOSVD eps=0.8, batch 32, 128 px) -> `actcomp-device
+train` on the local runner -> memory report (kept vs vanilla and the bound, peak RSS).  Uses the real
 tiny-training weights and ants/bees images from ../shared when present, otherwise random
 weights and generated images (said on screen).  Output goes to out/demo/.
 """
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -21,22 +22,15 @@ OUT = REPO / "out" / "demo"
 STEPS, BATCH, SIZE, LAYERS, EPS = 8, 32, 128, 4, 0.8
 
 
-def data(spec_mean, spec_std):
-    """(images float32 NCHW normalised, labels, description)."""
-    path = SHARED / "data" / "hymenoptera_train.npz"
+def generated_data(path: Path) -> Path:
+    """256 images of a learnable rule (bright vs dark blocks) as an .npz, for a fresh clone."""
     rng = np.random.default_rng(0)
-    if path.exists():
-        with np.load(path, allow_pickle=False) as d:
-            pixels, labels = d["images"], d["labels"].astype(np.int64)
-        what = f"{len(labels)} real ants/bees images from {path}"
-    else:
-        low = rng.integers(0, 256, (256, SIZE // 16, SIZE // 16, 3))
-        labels = (low[..., 0].mean(axis=(1, 2)) > 127).astype(np.int64)  # a learnable rule
-        pixels = np.kron(low, np.ones((1, 16, 16, 1))).astype(np.uint8)
-        what = "256 generated images (../shared is absent)"
-    x = (pixels.astype(np.float32) / 255 - np.array(spec_mean, np.float32)) / np.array(
-        spec_std, np.float32)
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2)), labels, what
+    low = rng.integers(0, 256, (256, SIZE // 16, SIZE // 16, 3))
+    labels = (low[..., 0].mean(axis=(1, 2)) > 127).astype(np.int64)
+    pixels = np.kron(low, np.ones((1, 16, 16, 1))).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, images=pixels, labels=labels)
+    return path
 
 
 def main() -> int:
@@ -56,33 +50,44 @@ def main() -> int:
     if status:
         return status
 
-    from device_runner.runtime import Trainer
-    trainer = Trainer(art)
-    norm = trainer.manifest["input"]
-    images, labels, what = data(norm["mean"], norm["std"])
-    print(f"\n== 3. Train {STEPS} steps on the local runner ({what})")
-    rng = np.random.default_rng(0)
-    peak = {}
-    for step in range(STEPS):
-        idx = rng.choice(len(labels), BATCH, replace=False)
-        result = trainer.step(images[idx], labels[idx], lr=0.005)
-        for layer, nbytes in result.kept_bytes.items():
-            peak[layer] = max(peak.get(layer, 0), nbytes)
-        ranks = " ".join(f"{k.split('.')[-1]}{tuple(v)}" for k, v in result.ranks.items())
-        print(f"step {step + 1}/{STEPS}  loss {result.loss:.4f}  ranks {ranks}")
+    import json
 
-    print("\n== 4. Memory kept for backward (conv inputs, paper accounting)")
-    predicted = {layer["name"]: layer for layer in trainer.manifest["predicted_memory"]["layers"]}
-    print(f"{'layer':<20} {'vanilla MiB':>12} {'bound MiB':>10} {'measured peak MiB':>18}")
-    total_vanilla = total_peak = 0
-    for layer in trainer.manifest["trainable_layers"]:
-        vanilla = 4 * BATCH * int(np.prod(layer["input_shape"]))
-        total_vanilla += vanilla
-        total_peak += peak[layer["name"]]
-        print(f"{layer['name']:<20} {mib(vanilla):>12} {mib(predicted[layer['name']]['paper_bytes']):>10}"
-              f" {mib(peak[layer['name']]):>18}")
-    print(f"{'total':<20} {mib(total_vanilla):>12} {'':>10} {mib(total_peak):>18}  "
-          f"({total_vanilla / max(total_peak, 1):.0f}x less than vanilla)")
+    from device_runner.data import load
+    data_path = SHARED / "data" / "hymenoptera_train.npz"
+    if data_path.exists():
+        what = f"real ants/bees images from {data_path}"
+    else:
+        data_path = generated_data(OUT / "generated.npz")
+        what = f"generated images in {data_path} (../shared is absent)"
+    print(f"\n== 3. Train on the local runner (actcomp-device train, {STEPS} steps, {what})")
+    summary_path = OUT / "summary.json"
+    # a process of its own, as on the board: numpy + onnxruntime, no torch
+    status = subprocess.call([sys.executable, "-m", "device_runner.cli", "train", str(art),
+                              "--data", str(data_path), "--max-steps", str(STEPS),
+                              "--batch-size", str(BATCH), "--lr", "0.005", "--out",
+                              str(OUT / "run"), "--summary", str(summary_path)])
+    if status:
+        return status
+    summary = json.loads(summary_path.read_text())
+    manifest = json.loads((art / "manifest.json").read_text())
+
+    print("\n== 4. Memory report")
+    n_images = len(load(data_path, (SIZE, SIZE)))
+    vanilla = sum(4 * BATCH * int(np.prod(layer["input_shape"]))
+                  for layer in manifest["trainable_layers"])
+    kept = summary["kept_bytes_peak"]
+    print(f"conv inputs kept for backward (paper accounting): vanilla {mib(vanilla)} MiB, "
+          f"HOSVD eps={EPS} peak {mib(kept['paper'])} MiB "
+          f"({vanilla / max(1, kept['paper']):.0f}x less; worst-case bound "
+          f"{mib(manifest['predicted_memory']['paper_bytes'])} MiB)")
+    print(f"everything the backward kept (full accounting): peak {mib(kept['full'])} MiB "
+          f"(bound {mib(manifest['predicted_memory']['full_bytes'])} MiB)")
+    print(f"process: peak RSS {mib(summary['peak_rss_bytes'])} MiB, of which "
+          f"{mib(summary['baseline_rss_bytes'])} MiB interpreter, libraries, model and "
+          f"{n_images} images before the first step")
+    print(f"{summary['steps']} steps, median {summary['median_step_seconds'] * 1e3:.0f} ms/step, "
+          f"final loss {summary['final_train_loss']:.4f}, "
+          f"val accuracy {summary['final_val_accuracy']:.3f}")
     print(f"\nartifact: {art}  (open overview.onnx in Netron to see the decomposition nodes)")
     return 0
 
