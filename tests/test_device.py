@@ -196,3 +196,95 @@ print("no torch")
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "no torch" in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def real_or_generated(image_folder, tmp_path_factory):
+    """96 ants/bees images from ../shared when present, else the generated folder."""
+    shared = REPO.parent / "shared" / "data" / "hymenoptera_train.npz"
+    if not shared.exists():
+        return image_folder
+    with np.load(shared, allow_pickle=False) as d:
+        path = tmp_path_factory.mktemp("real") / "antsbees.npz"
+        np.savez(path, images=d["images"][:96], labels=d["labels"][:96])
+    return path
+
+
+class PtyHost:
+    """The host end of a pseudo-terminal pair: a thread feeding a Receiver, ACKs written back."""
+
+    def __init__(self):
+        import select
+        import threading
+        import tty
+        from actcomp_edge.protocol import Receiver
+        self.master, self.slave = os.openpty()
+        tty.setraw(self.master)
+        tty.setraw(self.slave)
+        self.path = os.ttyname(self.slave)   # we keep the slave open: no hang-up between runs
+        self.records = []
+        self.stop = threading.Event()
+
+        def read():
+            ready, _, _ = select.select([self.master], [], [], 0.05)
+            return os.read(self.master, 65536) if ready else b""
+        self.receiver = Receiver(read=read, write=lambda data: os.write(self.master, data))
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self.stop.is_set():
+            self.records += [(f.seq, f.record) for f in self.receiver.poll()]
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(5)
+        os.close(self.master)
+        os.close(self.slave)
+
+
+def test_end_to_end_kill_resume_and_complete_profile_stream_over_a_pty(artifact,
+                                                                        real_or_generated,
+                                                                        tmp_path):
+    """Train through the CLI streaming profiles over a pty, SIGKILL mid-epoch, resume: same
+    weights as an uninterrupted run, and the host got every record once, in order."""
+    common = ["--epochs", "1", "--batch-size", "8", "--lr", "0.002", "--threads", "1",
+              "--checkpoint-every", "3"]
+    reference = tmp_path / "reference"
+    proc = device("train", artifact, "--data", real_or_generated, *common, "--out", reference)
+    assert proc.returncode == 0, proc.stderr
+    host = PtyHost()
+    try:
+        out = tmp_path / "run"
+        args = ["train", artifact, "--data", real_or_generated, *common, "--out", out,
+                "--report", host.path, "--report-timeout", "20"]
+        runner = subprocess.Popen([sys.executable, "-m", "device_runner.cli", *map(str, args)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env=ENV)
+        killed_at = wait_for_checkpoint(out / "checkpoints", 6, runner)
+        runner.send_signal(signal.SIGKILL)
+        runner.wait()
+        resumed = device(*args, "--resume")
+        assert resumed.returncode == 0, resumed.stderr
+        deadline = time.time() + 20
+        while time.time() < deadline and not any(r.get("type") == "summary"
+                                                 for _, r in host.records):
+            time.sleep(0.1)
+    finally:
+        host.close()
+    expected, got = load_npz(reference / "weights.npz"), load_npz(out / "weights.npz")
+    for key in expected:
+        np.testing.assert_allclose(got[key], expected[key], rtol=1e-6, atol=1e-7, err_msg=key)
+    seqs = [seq for seq, _ in host.records]
+    assert seqs == list(range(len(seqs)))          # every record once, in order
+    assert host.receiver.lost == 0
+    steps = [r["step"] for _, r in host.records if r.get("type") == "step"]
+    total = json.loads(json.dumps(host.records[-1][1]))["steps"]
+    assert host.records[-1][1]["type"] == "summary"
+    assert set(steps) == set(range(1, total + 1))  # steps after the last checkpoint run twice
+    resumed_at = int(resumed.stdout.split("resumed from step ")[1].split()[0])
+    assert resumed_at >= killed_at                 # (a later checkpoint may beat the kill)
+    tail = steps[len(steps) - (total - resumed_at):]
+    assert tail == list(range(resumed_at + 1, total + 1))
+    assert all(r["kept_bytes_total"] > 0 and r["ranks"] for _, r in host.records
+               if r.get("type") == "step")
