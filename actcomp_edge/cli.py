@@ -8,6 +8,8 @@ import sys
 from . import __version__
 from .arch import ZOO, load_spec, network
 from .memory import METHODS, RANK_BASES, mib, plan
+from .profiles import OPTIMIZER_STATE, Fit, load_profile, parse_size, profile_names, \
+    trainable_param_count
 
 # The paper's analytic columns (batch 64, 224x224, float32, MiB): vanilla and
 # Gradient Filter R2 for the last N = 2 and 4 convs.
@@ -52,7 +54,21 @@ def eps_value(text: str) -> float:
     return value
 
 
+def size_value(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
+
+
 def cmd_plan(args) -> int:
+    if args.profile is not None:
+        return cmd_plan_profile(args)
+    if args.layers is None:
+        args.parser.error("the following arguments are required: --layers (or give --profile "
+                          "to search for the largest that fits)")
+    if args.batch_size is None:
+        args.batch_size = 64
     spec = load_spec(args.model, args.num_classes)
     size = args.input_size or input_size(str(spec.get("input", {}).get("resolution", 224)))
     net = network(spec, size)
@@ -83,6 +99,145 @@ def print_plan(result, n_layers: int) -> None:
     print(f"{'total':<66} {mib(result.paper_bytes):>10} {mib(result.full_bytes):>10}")
     print("paper = conv inputs only (the paper's tables); full = also activation masks and the "
           "classifier input (what a budget must hold)")
+
+
+BATCH_CANDIDATES = tuple(2 ** i for i in range(9))  # 1 .. 256
+NOT_COUNTED = ("not counted: the transient forward/backward workspace (the frozen prefix's "
+               "activations, a conv input before it is compressed); `actcomp-device train "
+               "--budget` measures it with a dry-run step")
+
+
+def cmd_plan_profile(args) -> int:
+    """plan against a device profile; searches --layers and/or --batch-size when omitted:
+    the largest value that fits (full accounting; eps: worst-case ranks, --ranks: exact)."""
+    profile = load_profile(args.profile)
+    spec = load_spec(args.model, args.num_classes)
+    size = args.input_size or input_size(str(spec.get("input", {}).get("resolution", 224)))
+    net = network(spec, size)
+
+    def evaluate(n_layers, batch):
+        result = plan(net, n_layers, args.method, batch, size, eps=args.eps, ranks=args.ranks,
+                      rank_cap=args.rank_cap)
+        params = trainable_param_count(spec, net.convs, n_layers)
+        return result, Fit.from_params(result.full_bytes, params, args.optimizer, profile,
+                                       args.budget)
+
+    def largest(n_layers=None, batch=None):
+        """(layers, batch, plan, fit, found): the largest value of the omitted axis that fits,
+        else its smallest (to show by how much it does not)."""
+        tried = [(n, batch) for n in range(1, max_layers + 1)] if n_layers is None else \
+                [(n_layers, b) for b in BATCH_CANDIDATES]
+        tried = [(n, b) + evaluate(n, b) for n, b in tried]
+        fitting = [t for t in tried if t[3].fits]
+        return fitting[-1] + (True,) if fitting else tried[0] + (False,)
+
+    # the exporter cannot fine-tune through a max-pool (the ResNet stem's): never propose it
+    max_layers = len(net.convs) - max((i + 1 for i, c in enumerate(net.convs) if c.maxpool_after),
+                                      default=0)
+
+    def proposal(n, b, fit):
+        return {"layers": n, "batch_size": b, "working_bytes": fit.working_bytes,
+                "margin_bytes": fit.margin_bytes}
+
+    search = [a for a, v in (("layers", args.layers), ("batch_size", args.batch_size)) if v is None]
+    head = (f"device {profile.name} ({profile.path}): {mib(profile.ram_bytes)} MiB RAM, "
+            f"{profile.cores} cores, training budget {mib(args.budget or profile.budget_bytes)} MiB")
+    if len(search) == 2:  # the largest --layers for every batch size
+        rows = [largest(batch=b) for b in BATCH_CANDIDATES]
+        proposals = [proposal(n, b, fit) for n, b, _, fit, found in rows if found]
+        if args.json:
+            print(json.dumps({"model": net.name, "method": args.method, "eps": args.eps,
+                              "optimizer": args.optimizer, "profile": profile.to_json(),
+                              "budget_bytes": args.budget or profile.budget_bytes,
+                              "search": search, "proposals": proposals}))
+            return 0
+        print(head)
+        print(f"largest --layers that fits each --batch-size ({net.name}, {args.method}"
+              + (f" eps {args.eps}, worst-case ranks" if args.eps is not None else "")
+              + f", {args.optimizer}, input {size[0]}x{size[1]}):")
+        print(f"{'batch':>6} {'layers':>7} {'working MiB':>12} {'margin MiB':>11}")
+        for n, b, _, fit, found in rows:
+            print(f"{b:>6} {n if found else '-':>7} {mib(fit.working_bytes):>12} "
+                  f"{mib(fit.margin_bytes):>11}" + ("" if found else "  (--layers 1 does not fit)"))
+        print(NOT_COUNTED)
+        return 0
+
+    if search:
+        args.layers, args.batch_size, result, fit, found = largest(args.layers, args.batch_size)
+        flag, value = (("--layers", args.layers) if search == ["layers"]
+                       else ("--batch-size", args.batch_size))
+        message = (f"proposal: {flag} {value} (the largest that fits)" if found else
+                   f"no {flag} fits: even {flag} {value} needs {mib(fit.working_bytes)} MiB")
+    else:
+        result, fit = evaluate(args.layers, args.batch_size)
+    if args.json:
+        out = dict(result.to_json(), profile=profile.to_json(), fit=fit.to_json())
+        if search:
+            out.update(search=search, proposals=[proposal(args.layers, args.batch_size, fit)]
+                       if found else [])
+        print(json.dumps(out))
+        return 0
+    print(head)
+    if search:
+        print(message)
+    print_plan(result, args.layers)
+    print()
+    print("\n".join(fit.lines() + [NOT_COUNTED]))
+    return 0
+
+
+def cmd_check(args) -> int:
+    """Does an exported artifact fit a device profile? exit 0 yes, 1 no, 2 bad input."""
+    from pathlib import Path
+
+    from .manifest import load_manifest
+    from .npz import load_npz
+    profile = load_profile(args.profile)
+    folder = Path(args.artifact)
+    m = load_manifest(folder)
+    try:
+        memory, train = m["predicted_memory"], m["train"]
+        activations, optimizer = int(memory["full_bytes"]), str(train["optimizer"])
+        n_layers, batch = len(m["trainable_layers"]), int(memory["batch_size"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{folder / 'manifest.json'} lacks the predicted memory or training "
+                         f"settings ({e})") from None
+    weights = sum(a.nbytes for a in load_npz(folder / "weights.npz").values())
+    state = sum(a.nbytes for a in load_npz(folder / "optimizer.npz").values())
+    fit = Fit(activations, weights, weights, state, optimizer, args.budget or profile.budget_bytes,
+              profile.runtime_baseline_bytes, profile.ram_bytes)
+    if args.json:
+        print(json.dumps({"artifact": str(folder), "model": m.get("model"),
+                          "profile": profile.to_json(), "fit": fit.to_json()}))
+        return 0 if fit.fits else 1
+    size = memory.get("input_size") or ["?", "?"]
+    print(f"artifact {folder}: {m.get('model')}, last {n_layers} convs + classifier, method "
+          f"{train.get('method')}" + (f" eps {train['eps']}" if train.get("eps") is not None else "")
+          + f", batch {batch}, input {size[0]}x{size[1]}, {optimizer}"
+          + (" (activations: worst-case eps ranks)" if memory.get("rank_basis") == "bound" else ""))
+    print(f"device {profile.name} ({profile.path}): {mib(profile.ram_bytes)} MiB RAM, "
+          f"{profile.cores} cores")
+    print("\n".join(fit.lines() + [NOT_COUNTED]))
+    return 0 if fit.fits else 1
+
+
+def cmd_report(args) -> int:
+    try:
+        from .report import build_report
+    except ImportError as e:
+        raise ValueError(f"report needs matplotlib ({e}): pip install 'actcomp-edge[host]'") \
+            from None
+    try:
+        result = build_report(args.streams, args.out)
+    except OSError as e:
+        raise ValueError(f"{e.filename or args.out}: {e.strerror or e}") from None
+    for s in result["summaries"]:
+        loss = "-" if s["final_loss"] is None else f"{s['final_loss']:.4f}"
+        print(f"{s['run']}: {s['steps'] or 0} steps, final loss {loss}"
+              + (f", {s['skipped_lines']} malformed lines skipped" if s["skipped_lines"] else ""))
+    print(f"report: {args.out}/index.md (and index.html, "
+          + ", ".join(f"{n}.png" for n in result["plots"]) + ")")
+    return 0
 
 
 def cmd_export(args) -> int:
@@ -136,19 +291,26 @@ def build_parser() -> argparse.ArgumentParser:
                                    "convs (and the classifier) of a model are fine-tuned.")
     p.add_argument("--model", required=True,
                    help=f"zoo name ({', '.join(sorted(ZOO))}) or an architecture spec .json")
-    p.add_argument("--layers", type=positive_int, required=True,
-                   help="fine-tune the last N Conv2d modules (definition order)")
+    p.add_argument("--layers", type=positive_int,
+                   help="fine-tune the last N Conv2d modules (definition order); required "
+                        "unless --profile is given, which then searches the largest N that fits")
     p.add_argument("--method", choices=METHODS, required=True,
                    help="how the conv inputs are kept: vanilla, svd (mode-1), hosvd, gf-r2 "
                         "(Gradient Filter, r=2)")
     add_rank_arguments(p, "; plan sizes are a worst-case bound since eps ranks depend on the "
                           "data (with --ranks they are exact)")
-    p.add_argument("--batch-size", type=positive_int, default=64, help="batch size (default 64)")
+    p.add_argument("--batch-size", type=positive_int,
+                   help="batch size (default 64; with --profile and no --batch-size, the "
+                        "largest power of two up to 256 that fits is searched)")
     p.add_argument("--input-size", type=input_size,
                    help="input resolution, 224 or HxW (default: the model's own)")
     p.add_argument("--num-classes", type=positive_int, help="classifier outputs (default 1000)")
+    add_profile_arguments(p)
+    p.add_argument("--optimizer", choices=tuple(OPTIMIZER_STATE), default="sgd",
+                   help="with --profile: optimizer whose state is counted (sgd: momentum, 1x "
+                        "the weights; adamw: 2x; default sgd)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=cmd_plan)
+    p.set_defaults(func=cmd_plan, parser=p)
 
     e = sub.add_parser("export", help="build a training artifact for the device",
                        description="Turn a model (zoo name or spec .json) with optional .npz "
@@ -195,7 +357,36 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Vanilla and Gradient Filter R2 memory of the paper's models "
                                    "(batch 64, 224x224), next to the figures the paper prints.")
     t.set_defaults(func=cmd_paper_table)
+
+    c = sub.add_parser("check", help="does an exported artifact fit a device?",
+                       description="Compare an artifact's predicted training memory (activations "
+                                   "kept for backward, full accounting, from manifest.json; "
+                                   "weights.npz; gradients of the same size; optimizer.npz) with "
+                                   "a device profile's training budget. Exit 0 if it fits, 1 if "
+                                   "not, 2 for bad input.")
+    c.add_argument("artifact", help="training artifact folder (from `actcomp export`)")
+    add_profile_arguments(c, required=True)
+    c.add_argument("--json", action="store_true", help="print one JSON object")
+    c.set_defaults(func=cmd_check)
+
+    r = sub.add_parser("report", help="plots and a summary page from profile streams",
+                       description="Read profile streams (JSON lines, e.g. from `actcomp-device "
+                                   "train --report file://RUN.jsonl`) and write PNG plots (memory, "
+                                   "kept activations, ranks, loss; several runs on the same axes, "
+                                   "named by file stem) and index.md / index.html with a summary "
+                                   "table per run. Malformed lines are skipped and counted.")
+    r.add_argument("streams", nargs="+", metavar="RUN.jsonl", help="profile stream(s)")
+    r.add_argument("-o", "--out", required=True, help="report folder (created)")
+    r.set_defaults(func=cmd_report)
     return parser
+
+
+def add_profile_arguments(parser, required: bool = False) -> None:
+    parser.add_argument("--profile", required=required,
+                        help="device profile: a .toml file or a shipped name ("
+                             + ", ".join(profile_names()) + ")")
+    parser.add_argument("--budget", type=size_value,
+                        help="training budget overriding the profile's, e.g. 48MiB, 512MB")
 
 
 def main(argv=None) -> int:

@@ -77,15 +77,17 @@ def _plain(value):
 
 def _frame(kind: int, seq: int, base: int, payload: bytes = b"") -> bytes:
     if not all(isinstance(n, int) for n in (seq, base)) or not 0 <= base <= seq <= MAX_SEQ:
-        raise ProtocolError(f"seq {seq!r} / base {base!r}: need integers 0 <= base <= seq <= {MAX_SEQ}")
+        raise ProtocolError(f"seq {seq!r}, base {base!r}: need integers "
+                            f"0 <= base <= seq <= {MAX_SEQ}")
     header = HEADER.pack(MAGIC, VERSION, kind, seq, base, len(payload))
     head = header + CRC.pack(zlib.crc32(header))
     return head + payload + CRC.pack(zlib.crc32(payload, zlib.crc32(head)))
 
 
-def encode_frame(seq: int, record: dict, base: Optional[int] = None) -> bytes:
-    """A DATA frame carrying `record` as number `seq`; `base` (default `seq`) as above."""
-    return _frame(DATA, seq, seq if base is None else base, encode_record(record))
+def encode_frame(seq: int, record: dict, base: int = 0) -> bytes:
+    """A DATA frame carrying `record` as number `seq`. `base`: the sender holds no record
+    below it any more (0: no such claim)."""
+    return _frame(DATA, seq, base, encode_record(record))
 
 
 def encode_ack(seq: int) -> bytes:
@@ -236,11 +238,9 @@ class Receiver:
             if self.next_seq is None:
                 self.next_seq = frame.base
             if frame.base > self.next_seq:  # the sender dropped everything below base
-                for seq in range(self.next_seq, frame.base):
-                    if seq in self._ahead:
-                        delivered.append(self._ahead.pop(seq))
-                    else:
-                        self.lost += 1
+                arrived = sorted(seq for seq in self._ahead if seq < frame.base)
+                delivered += [self._ahead.pop(seq) for seq in arrived]
+                self.lost += frame.base - self.next_seq - len(arrived)
                 self.next_seq = frame.base
             if frame.seq < self.next_seq or frame.seq in self._ahead:
                 self.duplicates += 1

@@ -75,7 +75,8 @@ def cmd_train(args) -> int:
           f"batch {batch}")
     options = Options(epochs=args.epochs, batch_size=batch, lr=args.lr, seed=args.seed,
                       max_steps=args.max_steps, checkpoint_every=args.checkpoint_every,
-                      budget_bytes=args.budget, resume=args.resume)
+                      budget_bytes=args.budget, resume=args.resume,
+                      report_every=args.report_every)
     budget_action = None
     if args.budget is not None:
         budget_action = check_budget(trainer, train_set, min(batch, len(train_set)), args.budget)
@@ -167,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "dry-run step before training, violations counted per step")
     t.add_argument("--report", help="where to stream memory profiles: /dev/ttyUSB0, "
                                     "socket://host:port, loop://, file://path.jsonl")
+    t.add_argument("--report-every", type=positive, default=1,
+                   help="send a profile record every K steps (always on a budget violation)")
     t.add_argument("--report-timeout", type=float, default=10.0,
                    help="seconds to wait at the end for the host to acknowledge (default 10)")
     t.add_argument("--checkpoint-every", type=positive, default=50,

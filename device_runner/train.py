@@ -38,6 +38,7 @@ class Options:
     checkpoint_every: int = 50
     budget_bytes: int | None = None
     resume: bool = False
+    report_every: int = 1
 
 
 def evaluate(trainer: Trainer, data: Dataset, batch_size: int) -> float:
@@ -223,7 +224,7 @@ def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset, out_dir, options
                       "budget_bytes": options.budget_bytes, "budget_exceeded": over,
                       "budget_action": budget_action,
                       "seconds_split": result.seconds}
-            if sender is not None:
+            if sender is not None and (step % options.report_every == 0 or over):
                 sender.send(record)
             progress.update(step, f"loss {result.loss:.4f} {seconds * 1e3:.0f} ms/step "
                                   f"rss {procmem.rss_bytes() / 2 ** 20:.0f} MiB")

