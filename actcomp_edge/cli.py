@@ -398,6 +398,9 @@ def main(argv=None) -> int:
     except ValueError as e:  # SpecError, bad layer counts, ranks, ...
         print(f"actcomp: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `actcomp ... | head`
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

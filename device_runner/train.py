@@ -220,7 +220,8 @@ def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset, out_dir, options
                       "kept_bytes": result.kept_bytes, "kept_bytes_total": kept,
                       "kept_full_bytes": result.kept_full_bytes,
                       "ranks": {k: list(v) if v else None for k, v in result.ranks.items()},
-                      "eps": trainer.eps, "method": trainer.method,
+                      "eps": trainer.eps if trainer.method in ("hosvd", "hosvd-tracked", "svd")
+                      else None, "method": trainer.method,
                       "budget_bytes": options.budget_bytes, "budget_exceeded": over,
                       "budget_action": budget_action,
                       "seconds_split": result.seconds}
