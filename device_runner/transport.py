@@ -436,7 +436,7 @@ class ProfileSender:
             if acks:
                 self._acknowledged(max(acks))
             if (self._send_from > self._head
-                    and False):
+                    and time.monotonic() - self._progress_at > self.resend_after):
                 self._send_from, self._progress_at = self._head, time.monotonic()
                 self.resends += 1
         return True
