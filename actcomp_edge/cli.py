@@ -240,6 +240,15 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_monitor(args) -> int:
+    from .monitor import monitor
+    from .profiles import load_profile, parse_size
+    budget = parse_size(args.budget) if args.budget else None
+    if budget is None and args.profile:
+        budget = load_profile(args.profile).budget_bytes
+    return monitor(args.url, args.output, budget, args.idle_timeout)
+
+
 def cmd_export(args) -> int:
     from export.cli import run_export  # torch + onnx: only needed here
     return run_export(args)
@@ -352,6 +361,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
     e.add_argument("-o", "--out", required=True, help="artifact folder to create")
     e.set_defaults(func=cmd_export)
+
+    mo = sub.add_parser("monitor", help="receive a runner's profile stream live",
+                        description="Receive, acknowledge, show and store a runner's memory "
+                                    "profile stream; flag budget violations (exit 1 if any).")
+    mo.add_argument("url", help="serial port or pyserial URL (/dev/ttyACM0, loop://), "
+                                "tcp://HOST:PORT to listen (the runner uses socket://HOST:PORT), "
+                                "or file://PATH.jsonl to follow a file the runner writes")
+    mo.add_argument("--profile", help="device profile (name in profiles/ or .toml): its budget")
+    mo.add_argument("--budget", help="budget for the working set, e.g. 48MiB (overrides the "
+                                     "profile's; default: what the runner reports)")
+    mo.add_argument("-o", "--output", help="append the records here as JSON lines (a restart "
+                                           "continues after the last saved record)")
+    mo.add_argument("--idle-timeout", type=float, default=600.0,
+                    help="stop after this many seconds without data (default 600)")
+    mo.set_defaults(func=cmd_monitor)
 
     t = sub.add_parser("paper-table", help="recompute the paper's analytic memory columns",
                        description="Vanilla and Gradient Filter R2 memory of the paper's models "

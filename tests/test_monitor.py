@@ -1,0 +1,127 @@
+"""`actcomp monitor` against a scripted runner: over a pty, over TCP, following a file."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import tty
+from pathlib import Path
+
+import pytest
+
+from actcomp_edge.protocol import ACK, FrameDecoder, encode_frame
+from device_runner.transport import ProfileSender
+
+REPO = Path(__file__).resolve().parents[1]
+MIB = 2 ** 20
+
+
+def records(n=30, violation_at=17):
+    """A run's stream: n steps (one over a 10 MiB budget), an epoch record, the summary."""
+    out = []
+    for step in range(1, n + 1):
+        working = (12 if step == violation_at else 6) * MIB
+        out.append({"type": "step", "step": step, "epoch": 1, "loss": 2.0 / step,
+                    "step_seconds": 0.01, "rss_bytes": 100 * MIB + working,
+                    "peak_rss_bytes": 100 * MIB + working, "baseline_rss_bytes": 100 * MIB,
+                    "kept_bytes": {"a": 1000}, "kept_bytes_total": 1000, "kept_full_bytes": 2000,
+                    "ranks": {"blocks.1.dw": [2, 3, 1, 1]}, "eps": 0.8, "method": "hosvd",
+                    "budget_bytes": None, "budget_exceeded": False})
+    out.append({"type": "epoch", "epoch": 1, "step": n, "val_accuracy": 0.5})
+    out.append({"type": "summary", "steps": n, "final_train_loss": 2.0 / n,
+                "final_val_accuracy": 0.5})
+    return out
+
+
+def start_monitor(url, output, *extra):
+    return subprocess.Popen([sys.executable, "-m", "actcomp_edge.cli", "monitor", url,
+                             "--budget", "10MiB", "-o", str(output), "--idle-timeout", "60",
+                             *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+
+
+def check_result(proc, output, sent):
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err          # a violation was seen
+    assert "BUDGET VIOLATION at step 17" in out
+    saved = [json.loads(line) for line in Path(output).read_text().splitlines()]
+    assert [r["_seq"] for r in saved] == list(range(len(sent)))
+    assert [{k: v for k, v in r.items() if k != "_seq"} for r in saved] == sent
+
+
+def test_monitor_over_a_pty(tmp_path):
+    master, slave = os.openpty()
+    tty.setraw(master)
+    tty.setraw(slave)
+    output = tmp_path / "run.jsonl"
+    proc = start_monitor(os.ttyname(slave), output)
+    sent = records()
+    time.sleep(1.0)  # the monitor opens the port
+    for seq, record in enumerate(sent):
+        os.write(master, encode_frame(seq, record))
+    decoder, acked, deadline = FrameDecoder(), -1, time.time() + 60
+    os.set_blocking(master, False)
+    while acked < len(sent) - 1 and time.time() < deadline:  # the ACKs come back
+        try:
+            data = os.read(master, 4096)
+        except BlockingIOError:
+            time.sleep(0.05)
+            continue
+        acked = max([acked] + [f.seq for f in decoder.feed(data) if f.kind == ACK])
+    assert acked == len(sent) - 1
+    check_result(proc, output, sent)
+    os.close(master)
+    os.close(slave)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_monitor_over_tcp_with_a_real_sender(tmp_path):
+    port = free_port()
+    output = tmp_path / "run.jsonl"
+    proc = start_monitor(f"tcp://127.0.0.1:{port}", output)
+    sent = records()
+    sender = ProfileSender(f"socket://127.0.0.1:{port}", tmp_path / "spool")
+    for record in sent:
+        sender.send(record)
+    assert sender.flush(timeout=60)            # everything acknowledged by the monitor
+    sender.close()
+    check_result(proc, output, sent)
+
+
+def test_monitor_follows_a_file(tmp_path):
+    stream = tmp_path / "stream.jsonl"
+    output = tmp_path / "run.jsonl"
+    proc = start_monitor(f"file://{stream}", output)
+    sender = ProfileSender(f"file://{stream}", tmp_path / "spool")
+    sent = records()
+    for record in sent:
+        sender.send(record)
+    assert sender.flush(timeout=30)
+    sender.close()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "BUDGET VIOLATION at step 17" in out, err
+    saved = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [r["step"] for r in saved if r["type"] == "step"] == list(range(1, 31))
+
+
+def test_monitor_without_violations_exits_zero_and_bad_budget_is_one_line(tmp_path):
+    port = free_port()
+    proc = start_monitor(f"tcp://127.0.0.1:{port}", tmp_path / "run.jsonl")
+    sender = ProfileSender(f"socket://127.0.0.1:{port}", tmp_path / "spool")
+    for record in records(violation_at=None):
+        sender.send(record)
+    assert sender.flush(timeout=60)
+    sender.close()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    bad = subprocess.run([sys.executable, "-m", "actcomp_edge.cli", "monitor", "loop://",
+                          "--budget", "lots"], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in bad.stderr
