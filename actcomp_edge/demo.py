@@ -1,7 +1,9 @@
 """`make demo`: the main job end to end on a built-in default.
 
-export (mcunet-in1, last 4 convs, HOSVD eps=0.8, batch 32, 128 px) -> `actcomp-device
-train` on the local runner -> memory report (kept vs vanilla and the bound, peak RSS).  Uses the real
+predict for a Raspberry Pi Zero 2 W profile -> export (mcunet-in1, last 4 convs, HOSVD
+eps=0.8, batch 32, 128 px) -> `actcomp-device train` on the local runner, streaming profiles
+over a pty pair (the serial cable) to `actcomp monitor` -> memory report -> `actcomp check`
+-> `actcomp report` (plots + summary page).  Uses the real
 tiny-training weights and ants/bees images from ../shared when present, otherwise random
 weights and generated images (said on screen).  Output goes to out/demo/.
 """
@@ -15,11 +17,13 @@ import numpy as np
 
 from . import cli
 from .memory import mib
+from .nullmodem import NullModem
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 OUT = REPO / "out" / "demo"
 STEPS, BATCH, SIZE, LAYERS, EPS = 8, 32, 128, 4, 0.8
+PROFILE = "pi-zero-2w"
 
 
 def generated_data(path: Path) -> Path:
@@ -43,7 +47,10 @@ def main() -> int:
         model = ["--model", str(weights.with_suffix(".json")), "--weights",
                  str(weights.with_suffix(".npz"))]
     art = OUT / "artifact"
-    print(f"\n== 2. Export: {' '.join(model)} -> {art}")
+    print(f"\n== 2. Predict for the board ({PROFILE}), then export: {' '.join(model)} -> {art}")
+    cli.main(["plan", "--model", "mcunet-in1", "--method", "hosvd", "--eps", str(EPS),
+              "--layers", str(LAYERS), "--batch-size", str(BATCH), "--input-size", str(SIZE),
+              "--profile", PROFILE])
     status = cli.main(["export", *model, "--num-classes", "2", "--layers", str(LAYERS),
                        "--method", "hosvd", "--eps", str(EPS), "--batch-size", str(BATCH),
                        "--input-size", str(SIZE), "--momentum", "0.9", "-o", str(art)])
@@ -59,15 +66,27 @@ def main() -> int:
     else:
         data_path = generated_data(OUT / "generated.npz")
         what = f"generated images in {data_path} (../shared is absent)"
-    print(f"\n== 3. Train on the local runner (actcomp-device train, {STEPS} steps, {what})")
+    print(f"\n== 3. Train on the local runner (actcomp-device train, {STEPS} steps, {what}),"
+          f" streaming memory profiles over a pseudo-terminal pair standing in for the serial "
+          f"cable to `actcomp monitor`")
     summary_path = OUT / "summary.json"
-    # a process of its own, as on the board: numpy + onnxruntime, no torch
-    status = subprocess.call([sys.executable, "-m", "device_runner.cli", "train", str(art),
-                              "--data", str(data_path), "--max-steps", str(STEPS),
-                              "--batch-size", str(BATCH), "--lr", "0.005", "--out",
-                              str(OUT / "run"), "--summary", str(summary_path)])
+    stream = OUT / "run.jsonl"
+    stream.unlink(missing_ok=True)
+    with NullModem() as (board_port, host_port):
+        monitor = subprocess.Popen([sys.executable, "-m", "actcomp_edge.cli", "monitor", host_port,
+                                    "--profile", PROFILE, "-o", str(stream), "--idle-timeout",
+                                    "120"])
+        # a process of its own, as on the board: numpy + onnxruntime, no torch
+        status = subprocess.call([sys.executable, "-m", "device_runner.cli", "train", str(art),
+                                  "--data", str(data_path), "--max-steps", str(STEPS),
+                                  "--batch-size", str(BATCH), "--lr", "0.005", "--out",
+                                  str(OUT / "run"), "--summary", str(summary_path),
+                                  "--report", board_port, "--report-timeout", "30"])
+        monitor_status = monitor.wait(timeout=180)
     if status:
         return status
+    print(f"monitor: {'no budget violation' if monitor_status == 0 else 'budget violated'}; "
+          f"stream saved to {stream}")
     summary = json.loads(summary_path.read_text())
     manifest = json.loads((art / "manifest.json").read_text())
 
@@ -88,7 +107,13 @@ def main() -> int:
     print(f"{summary['steps']} steps, median {summary['median_step_seconds'] * 1e3:.0f} ms/step, "
           f"final loss {summary['final_train_loss']:.4f}, "
           f"val accuracy {summary['final_val_accuracy']:.3f}")
+    print(f"\n== 5. Check the artifact against the board ({PROFILE}) and write the report")
+    cli.main(["check", str(art), "--profile", PROFILE])
+    report = OUT / "report"
+    if cli.main(["report", str(stream), "-o", str(report)]) != 0:
+        return 1
     print(f"\nartifact: {art}  (open overview.onnx in Netron to see the decomposition nodes)")
+    print(f"report:   {report / 'index.html'}")
     return 0
 
 

@@ -8,7 +8,6 @@ import time
 import tty
 from pathlib import Path
 
-import pytest
 
 from actcomp_edge.protocol import ACK, FrameDecoder, encode_frame
 from device_runner.transport import ProfileSender
