@@ -50,3 +50,19 @@ class NullModem:
         for master, slave in self.pairs:  # slaves stay open until here: no hang-up between runs
             os.close(master)
             os.close(slave)
+
+
+def main() -> None:
+    """`python -m actcomp_edge.nullmodem`: print the two ports and relay until Ctrl-C."""
+    import time
+    with NullModem() as (board_port, host_port):
+        print(f"board side: {board_port}   host side: {host_port}   (Ctrl-C to stop)", flush=True)
+        try:
+            while True:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()

@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--budget", type=size_arg,
                    help="memory budget for the training working set, e.g. 48MiB: checked by a "
                         "dry-run step before training, violations counted per step")
+    t.add_argument("--profile", help="device profile (.toml, or a name in profiles/): its "
+                                     "budget is the default for --budget")
     t.add_argument("--report", help="where to stream memory profiles: /dev/ttyUSB0, "
                                     "socket://host:port, loop://, file://path.jsonl")
     t.add_argument("--report-every", type=positive, default=1,
@@ -196,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "profile", None) and args.budget is None:
+        from actcomp_edge.profiles import ProfileError, load_profile
+        try:
+            args.budget = load_profile(args.profile).budget_bytes
+        except ProfileError as e:
+            print(f"actcomp-device: error: {e}", file=sys.stderr)
+            return 2
     if getattr(args, "out", "unset") is None:
         args.out = str(Path(args.artifact) / "run")
     try:

@@ -288,3 +288,13 @@ def test_end_to_end_kill_resume_and_complete_profile_stream_over_a_pty(artifact,
     assert tail == list(range(resumed_at + 1, total + 1))
     assert all(r["kept_bytes_total"] > 0 and r["ranks"] for _, r in host.records
                if r.get("type") == "step")
+
+
+def test_profile_budget_is_the_default_budget(artifact, image_folder, tmp_path):
+    text = (REPO / "profiles" / "pi-zero-2w.toml").read_text()
+    lines = [('budget = "1KiB"' if line.split("=")[0].strip() == "budget" else line)
+             for line in text.splitlines()]
+    profile = tmp_path / "tiny.toml"
+    profile.write_text("\n".join(lines) + "\n")
+    proc = device(*train_args(artifact, image_folder, tmp_path / "run", "--profile", profile))
+    assert proc.returncode == 3 and "budget 0.0 MiB is too small" in proc.stderr, proc.stderr
