@@ -7,8 +7,9 @@ import sys
 
 from . import __version__
 from .arch import ZOO, load_spec, network
+from .cliutil import Parser, positive_int, size_bytes
 from .memory import METHODS, RANK_BASES, mib, plan
-from .profiles import OPTIMIZER_STATE, Fit, load_profile, parse_size, profile_names, \
+from .profiles import OPTIMIZER_STATE, Fit, load_profile, profile_names, \
     trainable_param_count
 
 # The paper's analytic columns (batch 64, 224x224, float32, MiB): vanilla and
@@ -34,16 +35,6 @@ def input_size(text: str) -> tuple:
     return tuple(parts)
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def eps_value(text: str) -> float:
     try:
         value = float(text)
@@ -52,13 +43,6 @@ def eps_value(text: str) -> float:
     if not 0.0 < value <= 1.0:
         raise argparse.ArgumentTypeError(f"eps must be in (0, 1], got {text!r}")
     return value
-
-
-def size_value(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e))
 
 
 def cmd_plan(args) -> int:
@@ -242,8 +226,7 @@ def cmd_report(args) -> int:
 
 def cmd_monitor(args) -> int:
     from .monitor import monitor
-    from .profiles import load_profile, parse_size
-    budget = parse_size(args.budget) if args.budget else None
+    budget = args.budget
     if budget is None and args.profile:
         budget = load_profile(args.profile).budget_bytes
     return monitor(args.url, args.output, budget, args.idle_timeout)
@@ -281,13 +264,6 @@ def add_rank_arguments(parser, eps_note: str) -> None:
                        help="fixed ranks: 4 for hosvd (B C H W), 1 for svd")
     parser.add_argument("--rank-cap", type=positive_int, nargs="+",
                         help="upper bound on the ranks (hosvd: 1 value for all modes or 4; svd: 1)")
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (no usage dump)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -369,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "tcp://HOST:PORT to listen (the runner uses socket://HOST:PORT), "
                                 "or file://PATH.jsonl to follow a file the runner writes")
     mo.add_argument("--profile", help="device profile (name in profiles/ or .toml): its budget")
-    mo.add_argument("--budget", help="budget for the working set, e.g. 48MiB (overrides the "
+    mo.add_argument("--budget", type=size_bytes,
+                    help="budget for the working set, e.g. 48MiB (overrides the "
                                      "profile's; default: what the runner reports)")
     mo.add_argument("-o", "--output", help="append the records here as JSON lines (a restart "
                                            "continues after the last saved record)")
@@ -409,7 +386,7 @@ def add_profile_arguments(parser, required: bool = False) -> None:
     parser.add_argument("--profile", required=required,
                         help="device profile: a .toml file or a shipped name ("
                              + ", ".join(profile_names()) + ")")
-    parser.add_argument("--budget", type=size_value,
+    parser.add_argument("--budget", type=size_bytes,
                         help="training budget overriding the profile's, e.g. 48MiB, 512MB")
 
 

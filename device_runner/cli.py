@@ -7,38 +7,16 @@ import os
 import sys
 from pathlib import Path
 
+from actcomp_edge.cliutil import Parser, positive_int, size_bytes
 from actcomp_edge.manifest import ArtifactError
 from actcomp_edge.npz import NpzError
 
 from . import data as data_module
-from . import procmem
 from .runtime import MemoryBudgetError
 from .train import BudgetError, Options, TrainingError, check_budget, evaluate, fit, write_summary
 
 
 ARENA_HEADROOM = 1.5
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def size_arg(text: str) -> int:
-    try:
-        return procmem.parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e))
-
-
-def positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def load_trainer(args):
@@ -157,24 +135,24 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val-data", help="held-out set (default: a seeded split of --data)")
     t.add_argument("--val-fraction", type=float, default=0.1,
                    help="share of --data held out when --val-data is not given (default 0.1)")
-    t.add_argument("--epochs", type=positive, default=1, help="epochs (default 1)")
-    t.add_argument("--max-steps", type=positive, help="stop after K steps")
-    t.add_argument("--batch-size", type=positive, help="default: the artifact's")
+    t.add_argument("--epochs", type=positive_int, default=1, help="epochs (default 1)")
+    t.add_argument("--max-steps", type=positive_int, help="stop after K steps")
+    t.add_argument("--batch-size", type=positive_int, help="default: the artifact's")
     t.add_argument("--lr", type=float, default=0.01, help="learning rate (default 0.01)")
     t.add_argument("--seed", type=int, default=0, help="data order and split seed (default 0)")
-    t.add_argument("--threads", type=positive, help="onnxruntime threads (default: all cores)")
-    t.add_argument("--budget", type=size_arg,
+    t.add_argument("--threads", type=positive_int, help="onnxruntime threads (default: all cores)")
+    t.add_argument("--budget", type=size_bytes,
                    help="memory budget for the training working set, e.g. 48MiB: checked by a "
                         "dry-run step before training, violations counted per step")
     t.add_argument("--profile", help="device profile (.toml, or a name in profiles/): its "
                                      "budget is the default for --budget")
     t.add_argument("--report", help="where to stream memory profiles: /dev/ttyUSB0, "
                                     "socket://host:port, loop://, file://path.jsonl")
-    t.add_argument("--report-every", type=positive, default=1,
+    t.add_argument("--report-every", type=positive_int, default=1,
                    help="send a profile record every K steps (always on a budget violation)")
     t.add_argument("--report-timeout", type=float, default=10.0,
                    help="seconds to wait at the end for the host to acknowledge (default 10)")
-    t.add_argument("--checkpoint-every", type=positive, default=50,
+    t.add_argument("--checkpoint-every", type=positive_int, default=50,
                    help="checkpoint every K steps, and at every epoch end (default 50)")
     t.add_argument("--resume", action="store_true",
                    help="continue from the last good checkpoint in --out, same data order")
@@ -186,8 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("artifact")
     e.add_argument("--data", required=True, help="ImageFolder directory or .npz")
     e.add_argument("--weights", help="trained weights.npz (default: the artifact's)")
-    e.add_argument("--batch-size", type=positive, default=32)
-    e.add_argument("--threads", type=positive)
+    e.add_argument("--batch-size", type=positive_int, default=32)
+    e.add_argument("--threads", type=positive_int)
     e.set_defaults(func=cmd_eval)
 
     i = sub.add_parser("info", help="what an artifact is, its predicted memory, this board")

@@ -39,19 +39,3 @@ def reset_peak() -> bool:
         return True
     except OSError:
         return False
-
-
-def parse_size(text: str) -> int:
-    """'48MiB', '512MB', '1.5GiB', '1000000' -> bytes."""
-    units = {"": 1, "B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "KIB": 2 ** 10,
-             "MIB": 2 ** 20, "GIB": 2 ** 30, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}
-    s = str(text).strip().upper().replace(" ", "")
-    number = s.rstrip("KMGIB")
-    unit = s[len(number):]
-    try:
-        value = float(number)
-    except ValueError:
-        value = -1.0
-    if unit not in units or value <= 0:
-        raise ValueError(f"cannot read memory size {text!r} (examples: 48MiB, 512MB, 2GiB)")
-    return int(value * units[unit])
