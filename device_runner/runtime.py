@@ -34,6 +34,7 @@ class StepResult:
     seconds: dict = field(default_factory=dict)  # prefix / forward / compress / backward
     applied: bool = True        # False: non-finite loss or update, the step was rejected
     kept_full_bytes: int = 0    # everything the backward took: kept pieces, masks, features
+    kept_full_per_layer: dict = field(default_factory=dict)  # layer -> pieces + its masks
 
 
 class MemoryBudgetError(RuntimeError):
@@ -201,8 +202,12 @@ class Trainer:
         else:
             self.step_count -= 1
         grads = {name[5:]: value for name, value in outputs.items() if name.startswith("grad/")}
+        per_layer_full = {name: kept_bytes[name] + sum(tensors[m].nbytes
+                                                       for m in layer.get("masks", ()))
+                          for name, layer in self.layers.items()}
+        per_layer_full["classifier"] = tensors["features"].nbytes
         return StepResult(loss, tensors["logits"], grads, ranks, kept_bytes, seconds, applied,
-                          kept_full)
+                          kept_full, per_layer_full)
 
     def state_arrays(self) -> dict:
         """Everything training needs to continue exactly: params, optimizer state, trackers."""

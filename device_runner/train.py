@@ -71,6 +71,11 @@ def check_budget(trainer: Trainer, data: Dataset, batch_size: int, budget: int,
     """Measure a dry-run step; refuse (BudgetError) with what would fit when it cannot fit;
     otherwise derive per-layer rank caps (set on the trainer) and return what was done."""
     mib = 2 ** 20
+    predicted = trainer.manifest["predicted_memory"]
+    scale = batch_size / predicted["batch_size"]  # every kept term grows with the batch
+    log(f"budget: predicted kept for backward at batch {batch_size}: about "
+        f"{predicted['full_bytes'] * scale / mib:.1f} MiB ({predicted['rank_basis']} ranks); "
+        f"measuring a dry-run step")
     try:
         need, kept = dry_run(trainer, data, batch_size)
     except MemoryBudgetError:
@@ -219,6 +224,7 @@ def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset, out_dir, options
                       "peak_rss_bytes": procmem.peak_rss_bytes(), "baseline_rss_bytes": baseline,
                       "kept_bytes": result.kept_bytes, "kept_bytes_total": kept,
                       "kept_full_bytes": result.kept_full_bytes,
+                      "kept_full_bytes_per_layer": result.kept_full_per_layer,
                       "ranks": {k: list(v) if v else None for k, v in result.ranks.items()},
                       "eps": trainer.eps if trainer.method in ("hosvd", "hosvd-tracked", "svd")
                       else None, "method": trainer.method,
@@ -227,7 +233,9 @@ def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset, out_dir, options
                       "seconds_split": result.seconds}
             if sender is not None and (step % options.report_every == 0 or over):
                 sender.send(record)
-            progress.update(step, f"loss {result.loss:.4f} {seconds * 1e3:.0f} ms/step "
+            accuracy = float((result.logits.argmax(axis=1) == y).mean())
+            progress.update(step, f"loss {result.loss:.4f} acc {accuracy:.2f} "
+                                  f"{seconds * 1e3:.0f} ms/step "
                                   f"rss {procmem.rss_bytes() / 2 ** 20:.0f} MiB")
             if options.checkpoint_every and step % options.checkpoint_every == 0:
                 save_checkpoint()

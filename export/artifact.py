@@ -39,6 +39,8 @@ def export_artifact(spec: dict, arrays: dict, out_dir, config: TrainConfig, batc
     files = {}
     forward, schedule = [], []
     partitions = forward_partitions(split, config)
+    # masks made between fine-tuned conv i and the next belong to conv i (full accounting)
+    masks = [[t for t in outputs if t.endswith("/mask")] for _, _, outputs in partitions[1:]]
     for p, (g, _, _) in enumerate(partitions):
         if p >= 1:  # the input of fine-tuned conv p is ready: the device decomposes it
             schedule.append({"compress": split.trainable_convs[p - 1].name})
@@ -85,8 +87,9 @@ def export_artifact(spec: dict, arrays: dict, out_dir, config: TrainConfig, batc
              "output_shape": list(program.shapes[op.output]), "kernel": op.attrs["kernel"],
              "stride": op.attrs["stride"], "padding": op.attrs["padding"],
              "groups": op.attrs["groups"],
-             "kept": [f"{op.name}/kept/{piece}" for piece in PIECES[config.method]]}
-            for op in split.trainable_convs],
+             "kept": [f"{op.name}/kept/{piece}" for piece in PIECES[config.method]],
+             "masks": layer_masks}
+            for op, layer_masks in zip(split.trainable_convs, masks)],
         "trainable_params": split.trainable_params,
         "graphs": graphs,
         "schedule": schedule,
