@@ -63,8 +63,55 @@ def load_images(batch: int, size: int, spec: dict):
     return x, rng.integers(0, 2, batch).astype(np.int64), "synthetic"
 
 
-def plain_torch(model, n_layers):
-    """PyTorch eager with nn.Conv2d (no reference wrappers): the fair vanilla baseline."""
+class FullSvdHosvdConv2d(torch.autograd.Function):
+    """The paper's formulation in PyTorch eager: a full SVD of every mode unfolding
+    (torch.linalg.svd), eps ranks, core by mode products; the weight gradient in the
+    low-rank space (export.reference.hosvd_weight_grad); dX from W and dY."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, groups, eps):
+        factors = []
+        with torch.no_grad():
+            for mode in range(4):
+                unfolded = x.movedim(mode, 0).reshape(x.shape[mode], -1)
+                u, s, _ = torch.linalg.svd(unfolded, full_matrices=False)
+                energy = torch.cumsum(s.double() ** 2, 0)
+                k = int(torch.searchsorted(energy, eps * energy[-1] * (1 - 1e-9))) + 1
+                factors.append(u[:, :k].contiguous())
+            core = x
+            for mode, u in enumerate(factors):
+                core = torch.movedim(torch.movedim(core, mode, -1) @ u, -1, mode)
+        ctx.save_for_backward(core, *factors, weight)
+        ctx.conf = (x.shape, stride, padding, groups)
+        return F.conv2d(x, weight, bias, stride, padding, 1, groups)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        from export.reference import hosvd_weight_grad
+        core, *factors, weight = ctx.saved_tensors
+        shape, stride, padding, groups = ctx.conf
+        grad_w = hosvd_weight_grad(core, factors, grad_y, weight.shape, stride, padding, (1, 1),
+                                   groups)
+        grad_x = (torch.nn.grad.conv2d_input(shape, weight, grad_y, stride, padding, 1, groups)
+                  if ctx.needs_input_grad[0] else None)
+        grad_b = grad_y.sum((0, 2, 3)) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+
+class FullSvdHosvdConv(torch.nn.Module):
+    def __init__(self, conv: torch.nn.Conv2d, eps: float):
+        super().__init__()
+        self.conv, self.eps = conv, eps
+
+    def forward(self, x):
+        c = self.conv
+        return FullSvdHosvdConv2d.apply(x, c.weight, c.bias, c.stride, c.padding, c.groups,
+                                        self.eps)
+
+
+def plain_torch(model, n_layers, full_svd_eps=None):
+    """PyTorch eager with nn.Conv2d (no reference wrappers): the fair vanilla baseline;
+    with full_svd_eps, the fine-tuned convs use the full-SVD-per-mode HOSVD instead."""
     ref = copy.deepcopy(model)
     convs = [m for m in ref.modules() if isinstance(m, torch.nn.Conv2d)]
     for p in ref.parameters():
@@ -80,6 +127,13 @@ def plain_torch(model, n_layers):
     for m in ref.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
+    if full_svd_eps is not None:  # the reference formulation of HOSVD, eager
+        parents = dict(ref.named_modules())
+        for name, m in list(ref.named_modules()):
+            if any(m is c for c in trainable):
+                parent_name, _, attr = name.rpartition(".")
+                setattr(parents[parent_name] if parent_name else ref, attr,
+                        FullSvdHosvdConv(m, full_svd_eps))
     ref.eval()  # frozen BN
     opt = torch.optim.SGD([p for p in ref.parameters() if p.requires_grad], lr=0.001,
                           momentum=0.9)
@@ -89,6 +143,26 @@ def plain_torch(model, n_layers):
         F.cross_entropy(ref(images), labels).backward()
         opt.step()
     return step
+
+
+def start_ort_training(artifact, images, labels, tmp):
+    """The onnxruntime-training step server in its own venv, or None (said) if absent."""
+    import subprocess
+    python = REPO / ".venv-ort-training" / "bin" / "python"
+    if not python.exists():
+        print(f"note: {python} is absent (`make test` creates it): no onnxruntime-training row")
+        return None
+    batch = tmp / "ort_training_batch.npz"
+    np.savez(batch, images=images, labels=labels)
+    server = subprocess.Popen([str(python), str(REPO / "benchmarks" / "scripts" /
+                                                "ort_training_step_server.py"),
+                               str(artifact), str(batch), str(tmp / "ort_training")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              stderr=subprocess.DEVNULL)
+    if server.stdout.readline().strip() != "ready":
+        print("note: onnxruntime-training could not build its artifacts: no row")
+        return None
+    return server
 
 
 def main() -> None:
@@ -124,10 +198,14 @@ def main() -> None:
             export_artifact(spec, arrays, tmp / method, config, args.batch_size,
                             args.input_size)
             runners[f"runner {method}"] = Trainer(tmp / method, threads=args.threads)
-        timed = {k: [] for k in list(runners) + ["torch eager vanilla"]}
+        eager_variants = {"torch eager vanilla": plain_torch(model, args.layers),
+                          f"torch eager HOSVD full SVD per mode (eps {args.eps})":
+                              plain_torch(model, args.layers, full_svd_eps=args.eps)}
+        server = start_ort_training(tmp / "vanilla", images, labels, tmp)
+        timed = {k: [] for k in list(runners) + list(eager_variants)
+                 + (["onnxruntime-training 1.19.2 vanilla (SGD)"] if server else [])}
         splits = {k: [] for k in runners}
         ranks = {}
-        eager = plain_torch(model, args.layers)
         timg, tlab = torch.from_numpy(images), torch.from_numpy(labels)
         for r in range(args.repeats + 2):  # 2 warm-up rounds
             for key, runner in runners.items():
@@ -138,10 +216,21 @@ def main() -> None:
                     timed[key].append(elapsed)
                     splits[key].append(result.seconds)
                     ranks[key] = {k: list(v) if v else None for k, v in result.ranks.items()}
-            t0 = time.perf_counter()
-            eager(timg, tlab)
-            if r >= 2:
-                timed["torch eager vanilla"].append(time.perf_counter() - t0)
+            for key, eager in eager_variants.items():
+                t0 = time.perf_counter()
+                eager(timg, tlab)
+                if r >= 2:
+                    timed[key].append(time.perf_counter() - t0)
+            if server:
+                server.stdin.write("step\n")
+                server.stdin.flush()
+                elapsed = float(server.stdout.readline())
+                if r >= 2:
+                    timed["onnxruntime-training 1.19.2 vanilla (SGD)"].append(elapsed)
+        if server:
+            server.stdin.write("quit\n")
+            server.stdin.flush()
+            server.wait(30)
         base = float(np.median(timed["runner vanilla"]))
         eager_median = float(np.median(timed["torch eager vanilla"]))
         rows = {}
@@ -163,6 +252,22 @@ def main() -> None:
             lines.append(f"| {key} | {row['median_ms']:.1f} | {row['min_ms']:.1f}-"
                          f"{row['max_ms']:.1f} | {row['median_ms'] / 1e3 / base:.2f} | "
                          f"{row['median_ms'] / 1e3 / eager_median:.2f} | {split_text} |")
+        med = {k: r["median_ms"] for k, r in rows.items()}
+        ortt = med.get("onnxruntime-training 1.19.2 vanilla (SGD)")
+        targets = [
+            ("runner HOSVD-eps / runner vanilla <= 1.25", med["runner hosvd"] / med["runner vanilla"],
+             1.25),
+            ("runner tracked HOSVD / runner vanilla <= 1.0",
+             med["runner hosvd-tracked"] / med["runner vanilla"], 1.0),
+            ("runner vanilla / torch eager vanilla <= 1.0",
+             med["runner vanilla"] / med["torch eager vanilla"], 1.0)]
+        if ortt:
+            targets.append(("runner vanilla / onnxruntime-training vanilla <= 0.8",
+                            med["runner vanilla"] / ortt, 0.8))
+        results["models"][name]["targets"] = {t: {"ratio": v, "limit": lim, "met": v <= lim}
+                                              for t, v, lim in targets}
+        lines.append("")
+        lines += [f"- {t}: {v:.2f} — {'met' if v <= lim else 'missed'}" for t, v, lim in targets]
         lines.append("")
         lines.append("HOSVD ranks (last step): " + json.dumps(ranks.get("runner hosvd")))
         lines.append("")

@@ -1,0 +1,58 @@
+"""A training-step server on the deprecated onnxruntime-training (run in its own venv).
+
+    .venv-ort-training/bin/python ort_training_step_server.py ART/ batch.npz WORKDIR
+
+Builds onnxruntime-training's artifacts (generate_artifacts: cross-entropy loss, SGD) from
+ART/evaluate.onnx with the trainable params as initializers, then answers on stdin/stdout:
+a line "step" runs one training step (forward, backward, optimizer step, grad reset) on the
+batch and prints its wall time in seconds; "quit" ends. Lets benchmarks/step_time.py
+interleave these steps with its in-process ones.
+"""
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+from onnxruntime.training import artifacts
+from onnxruntime.training.api import CheckpointState, Module, Optimizer
+
+
+def main(folder, batch_path, workdir):
+    folder, workdir = Path(folder), Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    weights = np.load(folder / "weights.npz", allow_pickle=False)
+    model = onnx.load(str(folder / manifest["graphs"]["evaluate"]))
+    trainable = manifest["trainable_params"]
+    kept = [i for i in model.graph.input if i.name not in trainable]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    model.graph.initializer.extend(numpy_helper.from_array(weights[n], n) for n in trainable)
+    frozen = [i.name for i in model.graph.initializer if i.name not in trainable]
+    artifacts.generate_artifacts(model, requires_grad=trainable, frozen_params=frozen,
+                                 loss=artifacts.LossType.CrossEntropyLoss,
+                                 optimizer=artifacts.OptimType.SGD,
+                                 artifact_directory=str(workdir))
+    state = CheckpointState.load_checkpoint(str(workdir / "checkpoint"))
+    module = Module(str(workdir / "training_model.onnx"), state)
+    optimizer = Optimizer(str(workdir / "optimizer_model.onnx"), module)
+    optimizer.set_learning_rate(0.001)
+    module.train()
+    data = np.load(batch_path, allow_pickle=False)
+    images, labels = data["images"], data["labels"]
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
+        start = time.perf_counter()
+        module(images, labels)
+        optimizer.step()
+        module.lazy_reset_grad()
+        print(time.perf_counter() - start, flush=True)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
