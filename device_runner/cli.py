@@ -12,6 +12,7 @@ from actcomp_edge.manifest import ArtifactError
 from actcomp_edge.npz import NpzError
 
 from . import data as data_module
+from . import procmem
 from .runtime import MemoryBudgetError
 from .train import BudgetError, Options, TrainingError, check_budget, evaluate, fit, write_summary
 
@@ -176,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    procmem.return_freed_memory()
     if getattr(args, "profile", None) and args.budget is None:
         from actcomp_edge.profiles import ProfileError, load_profile
         try:
