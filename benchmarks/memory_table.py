@@ -72,6 +72,8 @@ def method_label(method: str, eps) -> str:
 
 
 def fmt(mib: float) -> str:
+    if mib == 0:
+        return "0"
     if mib >= 1:
         return f"{mib:.2f}"
     if mib >= 0.01:
@@ -282,7 +284,8 @@ def main() -> None:
              "classifier input, dlogits). *paper fig.*: Nguyen et al. (ImageNet, batch 64, "
              "224 px, paper accounting); *ours @224*: our spec's analytic paper-accounting "
              "size at the paper's batch 64 and 224 px (exact for vanilla and GF-R2; HOSVD/SVD "
-             "depend on the data). CIFAR-10: 32 px upscaled bilinearly; ants/bees: 128 px "
+             "depend on the data). CIFAR-10: 32 px upscaled bilinearly; ants/bees: 128 px, "
+             "resized bilinearly when the model's input differs "
              f"({', '.join(str(s) for s in sizes)} px inputs).", "",
              "| model | N | method | paper fig. | ours @224 | CIFAR-10 paper acct. | "
              "CIFAR-10 full | ants/bees paper acct. | ants/bees full |",
@@ -309,11 +312,17 @@ def main() -> None:
         if r["method"] == "hosvd" and r["eps"] == 0.8 and r["n_layers"] == max(args.layers):
             last = r["ranks_per_batch"][0]
             hosvd_ranks[f"{r['model']} {r['dataset']}"] = last
+    resolution = ("the resolution (the models' own 128 px, 176 px for mcunet-320kb, not "
+                  "224 px: the fine-tuned layers see 4x4 (6x6) maps instead of 7x7, so vanilla "
+                  "sizes shrink by 16/49 (36/49) exactly and GF-R2's, pooled to 2x2 (3x3) "
+                  "instead of 4x4, by 1/4 (9/16))" if not args.input_size else
+                  f"the images' resolution (CIFAR-10 32 px and ants/bees 128 px, both upscaled "
+                  f"to {args.input_size} px here by --input-size)")
     lines += ["",
               "What differs from the paper: the data (CIFAR-10 subset upscaled from 32 px and "
-              "ants/bees, not ImageNet), the resolution (the models' own 128 px, 176 px for "
-              "mcunet-320kb, not 224 px: the last stage is 4x4 (6x6) instead of 7x7, so vanilla "
-              "and GF-R2 sizes shrink by (4/7)^2 (36/49) exactly), and the width: our "
+              "ants/bees, not ImageNet), " + resolution + ", the weights (the paper's HOSVD peak comes "
+              "from its fine-tuning runs, where ranks move with the weights; ours are at the "
+              "pretrained weights, before any update), and the width: our "
               "MobileNetV2 is the tiny-training w0.35 without the final feature-mix conv, the "
               "paper's is w1.0 with it, so its last N convs are different layers (the ours @224 "
               "column shows the architecture effect alone). The MCUNet rows are the paper's "
