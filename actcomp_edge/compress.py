@@ -115,13 +115,12 @@ class TrackedHosvd:
 
 
 def compress(method: str, x: np.ndarray, eps: Optional[float] = None, ranks=None,
-             rank_cap=None, stride: int = 1, rank_hint=None) -> Kept:
-    """rank_hint: hosvd's expected ranks (e.g. last step's), a speed hint only."""
+             rank_cap=None, stride: int = 1) -> Kept:
     if method == "vanilla":
         return Kept({"input": x}, None)
     if method == "hosvd":
         return tucker_kept(hosvd(x, eps=eps, ranks=ranks if eps is None else None,
-                                 rank_cap=rank_cap, rank_hint=rank_hint))
+                                 rank_cap=rank_cap))
     if method == "svd":
         rank = None if eps is not None else (ranks[0] if ranks is not None else None)
         s = svd_compress(x, eps=eps, rank=rank, rank_cap=rank_cap)

@@ -95,75 +95,6 @@ def mode_spectrum(tensor: np.ndarray, mode: int) -> tuple[np.ndarray, np.ndarray
     return energies, (m @ right[:, ::-1][:, :keep]) * scale
 
 
-try:  # optional: LAPACK's subset eigensolver (syevr) computes only the top-k eigenpairs
-    from scipy.linalg import eigh as _subset_eigh
-except ImportError:  # numpy only: full eigendecompositions, same results
-    _subset_eigh = None
-
-SUBSET_MIN_SIZE = 128  # below this a full eigendecomposition is as cheap
-
-
-def _top_eigenpairs(gram: np.ndarray, k: int) -> tuple:
-    """The k largest eigenvalues (descending) and their eigenvectors (n, k) of gram."""
-    n = gram.shape[0]
-    if _subset_eigh is None or n < SUBSET_MIN_SIZE or k >= n:
-        values, vectors = np.linalg.eigh(gram)
-    else:
-        values, vectors = _subset_eigh(gram, subset_by_index=[n - k, n - 1], driver="evr")
-    return values[::-1][:k], vectors[:, ::-1][:, :k]
-
-
-def mode_factor(tensor: np.ndarray, mode: int, eps=None, fixed=None, cap=None,
-                hint=None) -> np.ndarray:
-    """U_n (d_n, K_n) of the truncated HOSVD, from the smaller Gram matrix of A_(n).
-
-    Same rule and result as ``mode_spectrum`` + ``rank_for_energy`` (the total energy is
-    trace(G) = ||A||^2, so only the leading eigenpairs are needed): with scipy, only the
-    top k are computed, starting from ``hint`` (e.g. last step's rank) and doubling until
-    the eps energy is reached.
-    """
-    d_n = tensor.shape[mode]
-    rest = tensor.size // d_n if d_n else 0
-    m = unfold(tensor, mode).astype(np.float64)
-    primal = d_n <= rest
-    gram = m @ m.T if primal else m.T @ m            # n = min(d_n, rest) = the largest rank
-    n = gram.shape[0]
-    total = float(np.trace(gram))
-    if fixed is not None:
-        if int(fixed) < 1:
-            raise ValueError(f"ranks must be >= 1, got {fixed}")
-        k = min(int(fixed), n)
-        energies, vectors = _top_eigenpairs(gram, k)
-    elif total <= 0.0:  # all-zero activation: rank 1
-        k = 1
-        energies, vectors = _top_eigenpairs(gram, 1)
-    elif eps >= 1.0:
-        k = n
-        energies, vectors = _top_eigenpairs(gram, n)
-    else:
-        want = min(n, max(8, int(1.25 * hint) + 4)) if hint else min(n, 16)
-        while True:
-            energies, vectors = _top_eigenpairs(gram, want)
-            cumulative = np.cumsum(np.clip(energies, 0.0, None))
-            reached = np.nonzero(cumulative >= eps * total * (1.0 - EQUALITY_SLACK))[0]
-            if len(reached) or want == n:
-                k = int(reached[0]) + 1 if len(reached) else n
-                break
-            want = min(n, 2 * want)
-    if cap is not None:
-        if int(cap) < 1:
-            raise ValueError(f"rank caps must be >= 1, got {cap}")
-        k = min(k, int(cap))
-    k = max(1, k)
-    vectors = vectors[:, :k]
-    if not primal:  # U = M V / sigma; a direction of zero energy gets a zero column
-        sigma = np.sqrt(np.clip(energies[:k], 0.0, None))
-        top = sigma[0] if len(sigma) else 0.0
-        scale = np.where(sigma > top * 1e-12, 1.0 / np.where(sigma > 0, sigma, 1.0), 0.0)
-        vectors = (m @ vectors) * scale
-    return np.ascontiguousarray(vectors, dtype=tensor.dtype)
-
-
 def _choose_rank(energies, max_rank, eps, fixed, cap) -> int:
     if fixed is not None:
         k = int(fixed)
@@ -216,14 +147,11 @@ class Tucker:
 
 def hosvd(activation: np.ndarray, eps: Optional[float] = None,
           ranks: Optional[Sequence[int]] = None,
-          rank_cap: Optional[Sequence[Optional[int]] | int] = None,
-          rank_hint: Optional[Sequence[int]] = None) -> Tucker:
+          rank_cap: Optional[Sequence[Optional[int]] | int] = None) -> Tucker:
     """Truncated HOSVD of an N-D activation (the paper uses (B, C, H, W)).
 
     eps: energy threshold per mode (paper rule); or ranks: fixed rank per mode.
     rank_cap: upper bound per mode (int for all modes, or a sequence with None = no cap).
-    rank_hint: expected ranks (e.g. the previous step's): only a speed hint, the result is
-    the same.
     Factors are computed from the ORIGINAL tensor for every mode (not sequentially
     truncated), as in the paper, so ranks do not depend on mode order.
     """
@@ -236,9 +164,11 @@ def hosvd(activation: np.ndarray, eps: Optional[float] = None,
         a = a.astype(np.float32)
     fixed = _per_mode(ranks, a.ndim, "ranks")
     caps = _per_mode(rank_cap, a.ndim, "rank_cap")
-    hints = _per_mode(rank_hint, a.ndim, "rank_hint")
-    factors = [mode_factor(a, mode, eps, fixed[mode], caps[mode], hints[mode])
-               for mode in range(a.ndim)]
+    factors = []
+    for mode in range(a.ndim):
+        energies, vectors = mode_spectrum(a, mode)
+        k = _choose_rank(energies, vectors.shape[1], eps, fixed[mode], caps[mode])
+        factors.append(np.ascontiguousarray(vectors[:, :k], dtype=a.dtype))
     return Tucker(project_core(a, factors), tuple(factors))
 
 

@@ -115,7 +115,6 @@ class Trainer:
         self.ranks, self.rank_cap = train["ranks"], train["rank_cap"]
         self.layers = {layer["name"]: layer for layer in m["trainable_layers"]}
         self.rank_caps = {}  # layer -> rank cap derived from a memory budget
-        self.last_ranks = {}  # layer -> last step's ranks: where the eigensolver starts
         self.trackers = {}
         if self.method == "hosvd-tracked":
             self.trackers = {name: TrackedHosvd(self.eps, self.ranks, self.rank_cap,
@@ -145,10 +144,8 @@ class Trainer:
         if self.trackers:
             self.trackers[layer["name"]].rank_cap = cap
             return self.trackers[layer["name"]](x)
-        kept = compress(self.method, x, eps=self.eps, ranks=self.ranks, rank_cap=cap,
-                        stride=layer["stride"], rank_hint=self.last_ranks.get(layer["name"]))
-        self.last_ranks[layer["name"]] = kept.rank_per_mode
-        return kept
+        return compress(self.method, x, eps=self.eps, ranks=self.ranks, rank_cap=cap,
+                        stride=layer["stride"])
 
     def step(self, images: np.ndarray, labels: np.ndarray, lr: float) -> StepResult:
         tensors = {"image": np.ascontiguousarray(images, dtype=np.float32),
