@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnxruntime import SessionOptions
 from onnx import numpy_helper
 from onnxruntime.training import artifacts
 from onnxruntime.training.api import CheckpointState, Module, Optimizer
@@ -37,7 +38,10 @@ def main(folder, batch_path, workdir):
                                  optimizer=artifacts.OptimType.SGD,
                                  artifact_directory=str(workdir))
     state = CheckpointState.load_checkpoint(str(workdir / "checkpoint"))
-    module = Module(str(workdir / "training_model.onnx"), state)
+    options = SessionOptions()  # as the runner: no thread spinning between steps, so the
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # others interleaved
+    options.intra_op_num_threads = 2                                      # here get the cores
+    module = Module(str(workdir / "training_model.onnx"), state, session_options=options)
     optimizer = Optimizer(str(workdir / "optimizer_model.onnx"), module)
     optimizer.set_learning_rate(0.001)
     module.train()
