@@ -7,7 +7,7 @@ Every job runs in a fresh process, one after the other, on ants/bees images from
 (the real tiny-training weights; exits with a message when ../shared is absent):
 (a) the device runner's CLI (`python -m device_runner.cli train ART ...`) on artifacts exported
     for vanilla, HOSVD eps, tracked HOSVD eps and Gradient Filter R2 (SGD momentum 0.9);
-(b) PyTorch eager vanilla (benchmarks/peak_rss.py's job: same layers, frozen BN, SGD momentum);
+(b) PyTorch eager vanilla (same layers, frozen BN, SGD momentum);
 (c) onnxruntime-training 1.19.2 vanilla in .venv-ort-training (benchmarks/scripts/
     ort_training_peak.py: generate_artifacts from the artifact's evaluate.onnx, Module +
     Optimizer (its SGD has no momentum)), as shipped (its Python package imports torch) and,
@@ -53,6 +53,23 @@ REAL = {"mcunet-in1": "tt_mcunet-5fps_int8dq", "mbv2-w0.35": "tt_mbv2-w0.35_int8
 MIB = 2 ** 20
 MMAP_THRESHOLD = 131072  # glibc's initial value; fixing it stops the dynamic raise
 
+
+TORCH_JOB = r"""
+import json, sys, numpy as np, torch, torch.nn.functional as F
+sys.path.insert(0, {repo!r})
+from benchmarks.step_time import load_model, load_images, plain_torch
+from device_runner import procmem
+torch.set_num_threads(2)
+model, _ = load_model({model!r})
+images, labels, _ = load_images({batch}, {size}, model.spec)
+step = plain_torch(model, {layers})
+x, y = torch.from_numpy(images), torch.from_numpy(labels)
+baseline = procmem.rss_bytes()
+procmem.reset_peak()
+for _ in range({steps}):
+    step(x, y)
+print(json.dumps({{"peak_rss_bytes": procmem.peak_rss_bytes(), "baseline_rss_bytes": baseline}}))
+"""
 
 def run(cmd, env=None, what="") -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO,
@@ -199,8 +216,7 @@ def main() -> None:
         jobs.append((key, "runner", {"method": method, "eps": eps, "env": {}},
                      lambda m=method, e=eps, k=key: runner_job(m, e, k)))
 
-    # (b) PyTorch eager vanilla: peak_rss.py's job
-    from benchmarks.peak_rss import TORCH_JOB
+    # (b) PyTorch eager vanilla
     torch_job = TORCH_JOB.format(repo=str(REPO), model=args.model, batch=args.batch_size,
                                  size=args.input_size, layers=args.layers, steps=args.steps)
     jobs.append(("torch eager vanilla", "torch", {},
