@@ -40,27 +40,11 @@ def reset_peak() -> None:
 
 
 def build(folder: str, workdir: str) -> None:
-    import numpy as np
-    import onnx
-    from onnx import numpy_helper
-    from onnxruntime.training import artifacts
-
-    folder, workdir = Path(folder), Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    weights = np.load(folder / "weights.npz", allow_pickle=False)
-    trainable = manifest["trainable_params"]
-    model = onnx.load(str(folder / manifest["graphs"]["evaluate"]))
-    kept_inputs = [i for i in model.graph.input if i.name not in trainable]
-    del model.graph.input[:]
-    model.graph.input.extend(kept_inputs)
-    model.graph.initializer.extend(numpy_helper.from_array(weights[n], n) for n in trainable)
-    frozen = [i.name for i in model.graph.initializer if i.name not in trainable]
-    artifacts.generate_artifacts(model, requires_grad=trainable, frozen_params=frozen,
-                                 loss=artifacts.LossType.CrossEntropyLoss,
-                                 optimizer=artifacts.OptimType.SGD,
-                                 artifact_directory=str(workdir))
-    print(json.dumps({"workdir": str(workdir), "files": sorted(p.name for p in workdir.iterdir())}))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from export.ort_training_baseline import build_artifacts
+    build_artifacts(folder, workdir)
+    print(json.dumps({"workdir": str(workdir),
+                      "files": sorted(p.name for p in Path(workdir).iterdir())}))
 
 
 def train(args) -> None:

@@ -8,35 +8,21 @@ a line "step" runs one training step (forward, backward, optimizer step, grad re
 batch and prints its wall time in seconds; "quit" ends. Lets benchmarks/step_time.py
 interleave these steps with its in-process ones.
 """
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 from onnxruntime import SessionOptions
-from onnx import numpy_helper
-from onnxruntime.training import artifacts
 from onnxruntime.training.api import CheckpointState, Module, Optimizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from export.ort_training_baseline import build_artifacts  # noqa: E402
 
 
 def main(folder, batch_path, workdir):
-    folder, workdir = Path(folder), Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    weights = np.load(folder / "weights.npz", allow_pickle=False)
-    model = onnx.load(str(folder / manifest["graphs"]["evaluate"]))
-    trainable = manifest["trainable_params"]
-    kept = [i for i in model.graph.input if i.name not in trainable]
-    del model.graph.input[:]
-    model.graph.input.extend(kept)
-    model.graph.initializer.extend(numpy_helper.from_array(weights[n], n) for n in trainable)
-    frozen = [i.name for i in model.graph.initializer if i.name not in trainable]
-    artifacts.generate_artifacts(model, requires_grad=trainable, frozen_params=frozen,
-                                 loss=artifacts.LossType.CrossEntropyLoss,
-                                 optimizer=artifacts.OptimType.SGD,
-                                 artifact_directory=str(workdir))
+    workdir = Path(workdir)
+    build_artifacts(folder, workdir)
     state = CheckpointState.load_checkpoint(str(workdir / "checkpoint"))
     options = SessionOptions()  # as the runner: no thread spinning between steps, so the
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # others interleaved

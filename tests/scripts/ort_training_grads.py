@@ -9,37 +9,21 @@ trainable params into initializers, lets onnxruntime.training.artifacts.generate
 build the training graph (cross-entropy loss, SGD), runs one forward/backward and writes the
 loss and the gradient of every trainable param. inputs.npz also holds `labels`.
 """
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
-import onnx
-from onnx import numpy_helper
-from onnx.utils import Extractor
-from onnxruntime.training import artifacts
 from onnxruntime.training.api import CheckpointState, Module
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from export.ort_training_baseline import build_artifacts  # noqa: E402
 
 
 def main(folder, inputs_path, out_path, workdir):
-    folder, workdir = Path(folder), Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    weights = np.load(folder / "weights.npz", allow_pickle=False)
+    workdir = Path(workdir)
     data = dict(np.load(inputs_path, allow_pickle=False))
     labels = data.pop("labels")
-    model = onnx.load(str(folder / manifest["graphs"]["evaluate"]))
-    trainable = manifest["trainable_params"]
-    model = Extractor(model).extract_model(sorted(data) + trainable, ["logits"])
-    kept_inputs = [i for i in model.graph.input if i.name not in trainable]
-    del model.graph.input[:]
-    model.graph.input.extend(kept_inputs)
-    model.graph.initializer.extend(numpy_helper.from_array(weights[n], n) for n in trainable)
-    frozen = [i.name for i in model.graph.initializer if i.name not in trainable]
-    artifacts.generate_artifacts(model, requires_grad=trainable, frozen_params=frozen,
-                                 loss=artifacts.LossType.CrossEntropyLoss,
-                                 optimizer=artifacts.OptimType.SGD,
-                                 artifact_directory=str(workdir))
+    trainable = build_artifacts(folder, workdir, inputs=data)
     state = CheckpointState.load_checkpoint(str(workdir / "checkpoint"))
     module = Module(str(workdir / "training_model.onnx"), state)
     module.train()
