@@ -95,38 +95,11 @@ def load_batches(path: Path, batch: int, count: int, seed: int):
 
 
 def forward_kept(trainer, images: np.ndarray, labels: np.ndarray, prefix_out=None):
-    """Trainer.step up to the backward: (kept bytes per layer, full bytes, ranks, full per layer).
-
-    Mirrors device_runner.runtime.Trainer.step (same schedule, compress, release, same
-    backward feeds); ``prefix_out`` (outputs of the frozen prefix for these images) skips
-    running forward_0 again."""
-    tensors = {"image": np.ascontiguousarray(images, dtype=np.float32),
-               "labels": np.ascontiguousarray(labels, dtype=np.int64)}
-    ranks, kept_bytes = {}, {}
-    for position, item in enumerate(trainer.schedule):
-        if "compress" in item:
-            layer = trainer.layers[item["compress"]]
-            kept = trainer.compress(layer, tensors[layer["input"]])
-            for piece, name in zip(kept.pieces, layer["kept"]):
-                tensors[name] = np.ascontiguousarray(kept.pieces[piece], dtype=np.float32)
-            ranks[layer["name"]] = kept.rank_per_mode
-            kept_bytes[layer["name"]] = kept.nbytes
-        elif item["run"] in trainer.sessions:
-            if item["run"] == trainer.prefix and prefix_out is not None:
-                tensors.update(prefix_out)
-            else:
-                sess = trainer.sessions[item["run"]]
-                feeds = {i.name: (tensors[i.name] if i.name in tensors else trainer.params[i.name])
-                         for i in sess.get_inputs()}
-                tensors.update(zip((o.name for o in sess.get_outputs()), sess.run(None, feeds)))
-        trainer._release(tensors, position)
-    full = sum(tensors[i.name].nbytes for i in trainer.backward.get_inputs()
-               if i.name not in ("lr", "step") and i.name not in trainer.params
-               and i.name not in trainer.state)
-    per_layer = {name: kept_bytes[name] + sum(tensors[m].nbytes for m in layer.get("masks", ()))
-                 for name, layer in trainer.layers.items()}
-    per_layer["classifier"] = tensors["features"].nbytes
-    return kept_bytes, int(full), ranks, per_layer
+    """Trainer.forward (the step up to the backward): (kept bytes per layer, full bytes,
+    ranks, full per layer); ``prefix_out`` (the frozen prefix's outputs for these images)
+    skips running forward_0 again."""
+    fwd = trainer.forward(images, labels, prefix_out)
+    return fwd.kept_bytes, fwd.kept_full_bytes, fwd.ranks, fwd.kept_full_per_layer
 
 
 def run_prefix(trainer, images: np.ndarray) -> dict:

@@ -37,6 +37,17 @@ class StepResult:
     kept_full_per_layer: dict = field(default_factory=dict)  # layer -> pieces + its masks
 
 
+@dataclass
+class Forward:
+    """The forward half of a step: what the backward will take, and what was kept."""
+    tensors: dict               # live tensors: kept pieces, masks, features, logits, loss, ...
+    ranks: dict                 # layer -> rank per mode (or None)
+    kept_bytes: dict            # layer -> bytes of the kept pieces (paper accounting)
+    kept_full_bytes: int        # everything the backward takes (full accounting)
+    kept_full_per_layer: dict   # layer -> kept pieces + the masks after it; "classifier"
+    seconds: dict               # prefix / forward / compress
+
+
 class MemoryBudgetError(RuntimeError):
     """onnxruntime could not allocate within its arena cap (the budget)."""
 
@@ -120,13 +131,19 @@ class Trainer:
             self.trackers = {name: TrackedHosvd(self.eps, self.ranks, self.rank_cap,
                                                 train.get("refresh_every", 50))
                              for name in self.layers}
-        self.backward_inputs = {i.name for i in self.backward.get_inputs()}
+        # input/output names of every session, read once (not on every step)
+        self.io = {name: ([i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()])
+                   for name, sess in list(self.sessions.items()) + [("backward", self.backward)]}
+        self.backward_inputs = set(self.io["backward"][0])
+        # the backward's inputs that are tensors of the forward (not params, state, lr, step)
+        self.kept_names = [n for n in self.io["backward"][0] if n not in ("lr", "step")
+                           and n not in self.params and n not in self.state]
         # position in the schedule of the last forward partition that reads each tensor
         self.last_use = {}
         for position, item in enumerate(self.schedule):
             if item.get("run") in self.sessions:
-                for i in self.sessions[item["run"]].get_inputs():
-                    self.last_use[i.name] = position
+                for name in self.io[item["run"]][0]:
+                    self.last_use[name] = position
 
     def _release(self, tensors: dict, partition: int) -> None:
         for name in list(tensors):
@@ -147,11 +164,14 @@ class Trainer:
         return compress(self.method, x, eps=self.eps, ranks=self.ranks, rank_cap=cap,
                         stride=layer["stride"])
 
-    def step(self, images: np.ndarray, labels: np.ndarray, lr: float) -> StepResult:
+    def forward(self, images: np.ndarray, labels: np.ndarray, prefix_out: dict | None = None
+                ) -> Forward:
+        """Run the schedule's forward partitions and decompositions. ``prefix_out``: the frozen
+        prefix's outputs for these images, when already computed (it is then not run)."""
         tensors = {"image": np.ascontiguousarray(images, dtype=np.float32),
                    "labels": np.ascontiguousarray(labels, dtype=np.int64)}
         ranks, kept_bytes = {}, {}
-        seconds = {"prefix": 0.0, "forward": 0.0, "compress": 0.0, "backward": 0.0}
+        seconds = {"prefix": 0.0, "forward": 0.0, "compress": 0.0}
         for position, item in enumerate(self.schedule):
             start = time.perf_counter()
             if "compress" in item:
@@ -162,34 +182,35 @@ class Trainer:
                 ranks[layer["name"]] = kept.rank_per_mode
                 kept_bytes[layer["name"]] = kept.nbytes
                 seconds["compress"] += time.perf_counter() - start
+            elif item["run"] == self.prefix and prefix_out is not None:
+                tensors.update(prefix_out)
             elif item["run"] in self.sessions:
-                sess = self.sessions[item["run"]]
-                feeds = {i.name: (tensors[i.name] if i.name in tensors else self.params[i.name])
-                         for i in sess.get_inputs()}
-                outputs = run(sess, feeds)
-                tensors.update(zip((o.name for o in sess.get_outputs()), outputs))
+                inputs, outputs = self.io[item["run"]]
+                feeds = {n: (tensors[n] if n in tensors else self.params[n]) for n in inputs}
+                tensors.update(zip(outputs, run(self.sessions[item["run"]], feeds)))
                 part = "prefix" if item["run"] == self.prefix else "forward"
                 seconds[part] += time.perf_counter() - start
             self._release(tensors, position)
+        per_layer = {name: kept_bytes[name] + sum(tensors[m].nbytes
+                                                  for m in layer.get("masks", ()))
+                     for name, layer in self.layers.items()}
+        per_layer["classifier"] = tensors["features"].nbytes
+        full = sum(tensors[n].nbytes for n in self.kept_names)
+        return Forward(tensors, ranks, kept_bytes, int(full), per_layer, seconds)
+
+    def step(self, images: np.ndarray, labels: np.ndarray, lr: float) -> StepResult:
+        fwd = self.forward(images, labels)
+        tensors = fwd.tensors
         self.step_count += 1
-        feeds, kept_full = {}, 0
-        for i in self.backward.get_inputs():
-            name = i.name
-            if name == "lr":
-                feeds[name] = np.array(lr, np.float32)
-            elif name == "step":
-                feeds[name] = np.array(self.step_count, np.float32)
-            elif name in self.params:
-                feeds[name] = self.params[name]
-            elif name in self.state:
-                feeds[name] = self.state[name]
-            else:
-                feeds[name] = tensors[name]
-                kept_full += tensors[name].nbytes
+        feeds = {n: tensors[n] for n in self.kept_names}
+        feeds["lr"] = np.array(lr, np.float32)
+        if "step" in self.backward_inputs:
+            feeds["step"] = np.array(self.step_count, np.float32)
+        feeds.update((n, self.params[n]) for n in self.backward_inputs if n in self.params)
+        feeds.update((n, self.state[n]) for n in self.backward_inputs if n in self.state)
         start = time.perf_counter()
-        outputs = dict(zip((o.name for o in self.backward.get_outputs()),
-                           run(self.backward, feeds)))
-        seconds["backward"] = time.perf_counter() - start
+        outputs = dict(zip(self.io["backward"][1], run(self.backward, feeds)))
+        seconds = dict(fwd.seconds, backward=time.perf_counter() - start)
         loss = float(tensors["loss"])
         updated = {name: value for name, value in outputs.items() if name.startswith("new/")}
         applied = np.isfinite(loss) and all(np.isfinite(v).all() for v in updated.values())
@@ -202,12 +223,8 @@ class Trainer:
         else:
             self.step_count -= 1
         grads = {name[5:]: value for name, value in outputs.items() if name.startswith("grad/")}
-        per_layer_full = {name: kept_bytes[name] + sum(tensors[m].nbytes
-                                                       for m in layer.get("masks", ()))
-                          for name, layer in self.layers.items()}
-        per_layer_full["classifier"] = tensors["features"].nbytes
-        return StepResult(loss, tensors["logits"], grads, ranks, kept_bytes, seconds, applied,
-                          kept_full, per_layer_full)
+        return StepResult(loss, tensors["logits"], grads, fwd.ranks, fwd.kept_bytes, seconds,
+                          applied, fwd.kept_full_bytes, fwd.kept_full_per_layer)
 
     def state_arrays(self) -> dict:
         """Everything training needs to continue exactly: params, optimizer state, trackers."""

@@ -213,15 +213,16 @@ def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset, out_dir, options
             next_batch += 1
             step_seconds.append(seconds)
             losses.append(result.loss)
-            working = procmem.peak_rss_bytes() - baseline
+            rss, peak = procmem.rss_bytes(), procmem.peak_rss_bytes()  # /proc read once a step
+            working = peak - baseline
             over = options.budget_bytes is not None and working > options.budget_bytes
             violations += int(over)
             kept = sum(result.kept_bytes.values())
             kept_peak["paper"] = max(kept_peak["paper"], kept)
             kept_peak["full"] = max(kept_peak["full"], result.kept_full_bytes)
             record = {"type": "step", "step": step, "epoch": epoch + 1, "loss": result.loss,
-                      "step_seconds": seconds, "rss_bytes": procmem.rss_bytes(),
-                      "peak_rss_bytes": procmem.peak_rss_bytes(), "baseline_rss_bytes": baseline,
+                      "step_seconds": seconds, "rss_bytes": rss,
+                      "peak_rss_bytes": peak, "baseline_rss_bytes": baseline,
                       "kept_bytes": result.kept_bytes, "kept_bytes_total": kept,
                       "kept_full_bytes": result.kept_full_bytes,
                       "kept_full_bytes_per_layer": result.kept_full_per_layer,
@@ -236,7 +237,7 @@ def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset, out_dir, options
             accuracy = float((result.logits.argmax(axis=1) == y).mean())
             progress.update(step, f"loss {result.loss:.4f} acc {accuracy:.2f} "
                                   f"{seconds * 1e3:.0f} ms/step "
-                                  f"rss {procmem.rss_bytes() / 2 ** 20:.0f} MiB")
+                                  f"rss {rss / 2 ** 20:.0f} MiB")
             if options.checkpoint_every and step % options.checkpoint_every == 0:
                 save_checkpoint()
         if next_batch >= steps_per_epoch:  # epoch finished

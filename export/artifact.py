@@ -1,11 +1,9 @@
 """Write a training artifact folder (see ``actcomp_edge.manifest``) from a spec and weights."""
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 from actcomp_edge import arch
@@ -99,14 +97,3 @@ def export_artifact(spec: dict, arrays: dict, out_dir, config: TrainConfig, batc
     }
     write_atomic(out / MANIFEST, manifest_bytes(manifest))
     return manifest
-
-
-def describe(manifest: dict) -> str:
-    """A few lines for the terminal."""
-    m = manifest["predicted_memory"]
-    return json.dumps({k: m[k] for k in ("paper_mib", "full_mib", "rank_basis")})
-
-
-def arrays_from_npz(path) -> dict:
-    from actcomp_edge.npz import load_npz
-    return {k: np.asarray(v) for k, v in load_npz(path).items()}
