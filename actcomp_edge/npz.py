@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .faults import crash_point
+
 FIXED_DATE = (1980, 1, 1, 0, 0, 0)  # zip entries carry no wall-clock time: same arrays -> same bytes
 
 
@@ -22,10 +24,16 @@ def write_atomic(path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            view, half = memoryview(data), len(data) // 2
+            f.write(view[:half])
+            f.flush()
+            crash_point("write_atomic")  # fault-injection tests: a kill mid-write
+            f.write(view[half:])
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # name the file meant, not the temp file
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -13,6 +14,7 @@ from actcomp_edge.npz import NpzError
 
 from . import data as data_module
 from . import procmem
+from .checkpoint import CheckpointError
 from .runtime import MemoryBudgetError
 from .train import BudgetError, Options, TrainingError, check_budget, evaluate, fit, write_summary
 
@@ -98,8 +100,13 @@ def cmd_eval(args) -> int:
 
 
 def cmd_info(args) -> int:
+    from importlib.metadata import PackageNotFoundError, version
     from actcomp_edge.manifest import load_manifest
-    m = load_manifest(args.artifact)
+    try:  # the installed onnxruntime, without importing it
+        runtime = version("onnxruntime")
+    except PackageNotFoundError:
+        runtime = None
+    m = load_manifest(args.artifact, runtime)
     mem = m["predicted_memory"]
     mib = 2 ** 20
     print(f"{m['model']} training artifact (format {m['format_version']}, opset {m['opset']}, "
@@ -199,6 +206,15 @@ def main(argv=None) -> int:
     except (ArtifactError, NpzError, data_module.DataError, TrainingError, ValueError) as e:
         print(f"actcomp-device: error: {e}", file=sys.stderr)
         return 2
+    except CheckpointError as e:
+        print(f"actcomp-device: error: {e}; free some space and --resume", file=sys.stderr)
+        return 5
+    except OSError as e:  # e.g. the disk filled up while writing the results
+        where = f"{e.filename}: " if e.filename else ""
+        hint = ("; the checkpoints are intact (free some space and --resume)"
+                if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG) else "")
+        print(f"actcomp-device: error: {where}{e.strerror or e}{hint}", file=sys.stderr)
+        return 5
     except KeyboardInterrupt:
         print("actcomp-device: interrupted (resume with --resume)", file=sys.stderr)
         return 130

@@ -9,6 +9,7 @@ uint8; ``Dataset.batch`` normalises a batch to float32 NCHW: (pixel / 255 - mean
 """
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,7 +75,7 @@ def _load_npz(path: Path, size: tuple) -> Dataset:
         with np.load(path, allow_pickle=False) as d:
             images, labels = d["images"], d["labels"]
             classes = [str(c) for c in d["classes"]] if "classes" in d.files else None
-    except (OSError, ValueError, KeyError, EOFError) as e:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise DataError(f"cannot read dataset {path}: {e}") from None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise DataError(f"{path}: images must be uint8 (N, H, W, 3), got {images.dtype} "

@@ -20,6 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from actcomp_edge.compress import TrackedHosvd, compress
+from actcomp_edge.faults import crash_point
 from actcomp_edge.manifest import ArtifactError, load_manifest
 from actcomp_edge.npz import load_npz
 
@@ -27,12 +28,12 @@ from actcomp_edge.npz import load_npz
 @dataclass
 class StepResult:
     loss: float
-    logits: np.ndarray
+    logits: np.ndarray | None   # None when the forward was cut short (non-finite input)
     grads: dict                 # param -> gradient
     ranks: dict                 # layer -> rank per mode (or None)
     kept_bytes: dict            # layer -> bytes of the kept pieces
     seconds: dict = field(default_factory=dict)  # prefix / forward / compress / backward
-    applied: bool = True        # False: non-finite loss or update, the step was rejected
+    applied: bool = True        # False: non-finite activation, loss or update: step rejected
     kept_full_bytes: int = 0    # everything the backward took: kept pieces, masks, features
     kept_full_per_layer: dict = field(default_factory=dict)  # layer -> pieces + its masks
 
@@ -46,6 +47,10 @@ class Forward:
     kept_full_bytes: int        # everything the backward takes (full accounting)
     kept_full_per_layer: dict   # layer -> kept pieces + the masks after it; "classifier"
     seconds: dict               # prefix / forward / compress
+
+
+class NonFiniteActivation(ArithmeticError):
+    """A fine-tuned conv's input holds NaN or Inf: the step cannot be taken."""
 
 
 class MemoryBudgetError(RuntimeError):
@@ -176,7 +181,10 @@ class Trainer:
             start = time.perf_counter()
             if "compress" in item:
                 layer = self.layers[item["compress"]]
-                kept = self.compress(layer, tensors[layer["input"]])
+                x = tensors[layer["input"]]
+                if not np.isfinite(x.sum()):  # one cheap pass; NaN/Inf cannot be decomposed
+                    raise NonFiniteActivation(f"the input of {layer['name']} is not finite")
+                kept = self.compress(layer, x)
                 for piece, name in zip(kept.pieces, layer["kept"]):
                     tensors[name] = np.ascontiguousarray(kept.pieces[piece], dtype=np.float32)
                 ranks[layer["name"]] = kept.rank_per_mode
@@ -199,7 +207,11 @@ class Trainer:
         return Forward(tensors, ranks, kept_bytes, int(full), per_layer, seconds)
 
     def step(self, images: np.ndarray, labels: np.ndarray, lr: float) -> StepResult:
-        fwd = self.forward(images, labels)
+        try:
+            fwd = self.forward(images, labels)
+        except NonFiniteActivation:  # rejected like a NaN loss: params, state, trackers kept
+            return StepResult(float("nan"), None, {}, {}, {}, applied=False)
+        crash_point("step")  # fault-injection tests: a kill mid-step
         tensors = fwd.tensors
         self.step_count += 1
         feeds = {n: tensors[n] for n in self.kept_names}

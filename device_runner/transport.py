@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from actcomp_edge.faults import crash_point
 from actcomp_edge.protocol import (ACK, DATA, FrameDecoder, ProtocolError, Receiver, encode_ack,
                                    encode_frame, encode_record)
 
@@ -145,9 +146,10 @@ class Spool:
             raise OSError("the spool is closed")
         if self._fd is None or self._frames >= self.SEGMENT_FRAMES:
             self._start_segment()
-        view = memoryview(frame)
-        while view:
-            view = view[os.write(self._fd, view):]
+        half = len(frame) // 2
+        _write_all(self._fd, memoryview(frame)[:half])
+        crash_point("spool")  # fault-injection tests: a kill with a torn frame on disk
+        _write_all(self._fd, memoryview(frame)[half:])
         self._frames += 1
         if seq is not None:
             self._dirty = True
@@ -193,7 +195,8 @@ class ProfileSender:
     """Streams records to the host; `send()` never waits for the link or the disk.
 
     send() numbers the record (0, 1, 2, ... continuing across restarts) and appends its
-    frame to the spool in `spool_dir` (one os.write: survives a kill of the process). A
+    frame to the spool in `spool_dir` (written at once: survives a kill of the process; a
+    frame torn by a kill mid-write is skipped on reload and its seq used again). A
     background thread fsyncs the spool, then writes the frames to the link (at most
     `window` unacknowledged), reads the host's cumulative ACKs and forgets what they
     cover. Unacknowledged records are resent after a reconnect or when no ACK came for
@@ -470,6 +473,11 @@ def _lock_folder(folder: Path):
         handle.close()
         raise ProtocolError(f"{folder} is in use by another ProfileSender") from None
     return handle
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _chunks(frames: list, size: int):

@@ -13,44 +13,20 @@ import pytest
 from actcomp_edge.npz import load_npz
 from device_runner import checkpoint
 from device_runner.data import DataError, load
-from export.training_graph import TrainConfig
-from export_helpers import export, random_model
+from device_helpers import ENV, SIZE, colour_images, device, hosvd_artifact, train_args, \
+    wait_for_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-SIZE = (64, 64)
-# one thread everywhere: bit-identical steps between runs
-ENV = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
-           PYTHONPATH=str(REPO))
 
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("art")
-    spec, model = random_model("mcunet-in1", 3, calibration_hw=SIZE)
-    return export(model, spec, tmp, TrainConfig(n_layers=4, method="hosvd", eps=0.9),
-                  8, SIZE).folder
+    return hosvd_artifact(tmp_path_factory.mktemp("art"))
 
 
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
-    """3 classes of generated PNG/JPEG images (a learnable colour rule), plus junk files."""
-    from PIL import Image
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for label, name in enumerate(["red", "green", "blue"]):
-        (root / name).mkdir()
-        for i in range(12):
-            pixels = rng.integers(0, 80, (40, 48, 3)).astype(np.uint8)
-            pixels[..., label] += 150
-            Image.fromarray(pixels).save(root / name / f"{i}.{'png' if i % 2 else 'jpg'}")
-    (root / "red" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-    (root / "green" / "notes.txt").write_text("not an image")
-    return root
-
-
-def device(*argv, timeout=600):
-    return subprocess.run([sys.executable, "-m", "device_runner.cli", *map(str, argv)],
-                          capture_output=True, text=True, env=ENV, timeout=timeout)
+    return colour_images(tmp_path_factory.mktemp("images"))
 
 
 def test_image_folder_loads_resizes_and_counts_junk(image_folder):
@@ -72,11 +48,6 @@ def test_npz_data_and_label_range(tmp_path):
         load(path, SIZE)
     with pytest.raises(DataError, match="does not exist"):
         load(tmp_path / "nope", SIZE)
-
-
-def train_args(artifact, data, out, *extra):
-    return ["train", artifact, "--data", data, "--epochs", "2", "--batch-size", "8", "--lr",
-            "0.002", "--threads", "1", "--checkpoint-every", "2", "--out", out, *extra]
 
 
 def test_train_writes_weights_inference_model_and_summary(artifact, image_folder, tmp_path):
@@ -101,21 +72,6 @@ def test_train_writes_weights_inference_model_and_summary(artifact, image_folder
     assert [i.name for i in session.get_inputs()] == ["image"]
     np.testing.assert_allclose(session.run(None, {"image": images})[0], trainer.evaluate(images),
                                rtol=1e-5, atol=1e-5)
-
-
-def wait_for_checkpoint(folder, min_step, proc, timeout=300):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            entries = json.loads((folder / "checkpoints.json").read_text())
-            if entries and entries[-1]["step"] >= min_step:
-                return entries[-1]["step"]
-        except (OSError, ValueError):
-            pass
-        if proc.poll() is not None:
-            raise AssertionError(f"runner ended early: {proc.stderr.read()}")
-        time.sleep(0.05)
-    raise AssertionError("no checkpoint appeared")
 
 
 def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(artifact, image_folder,
