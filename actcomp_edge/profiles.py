@@ -5,7 +5,7 @@ A profile is a TOML file with exactly these keys::
 
     name             = "Raspberry Pi Zero 2 W"   # string, for people
     ram              = "512MiB"                  # physical RAM: size string or int bytes
-    cores            = 4                         # CPU cores, int >= 1
+    cores            = 4                         # CPU cores, int 1 .. 65536
     budget           = "160MiB"                  # default training budget: size or int bytes
     runtime_baseline = "100MiB"                  # RSS of the idle runner (python, numpy,
                                                  # onnxruntime, the loaded artifact)
@@ -14,15 +14,16 @@ A profile is a TOML file with exactly these keys::
     notes            = "..."                     # optional free text
 
 Sizes are ints (bytes) or strings: "48MiB", "512MB" (10^6), "1.5GiB", "64KiB"; K/M/G alone
-are binary. The budget is what one training step may add on top of the runtime baseline
-(the meaning of `actcomp-device train --budget`: peak RSS growth over the baseline), so
-budget + runtime_baseline must fit in ram; ram must be at least 64 MiB. The shipped
-profiles take budget = (ram - OS reserve - runtime_baseline) / 1.5, rounded down: the runner
-caps onnxruntime's arena at 1.5 x the budget (each file says its numbers).
+are binary; from 1 byte to 2**63 - 1 (TOML's largest int). The budget is what one training
+step may add on top of the runtime baseline (the meaning of `actcomp-device train --budget`:
+peak RSS growth over the baseline), so budget + runtime_baseline must fit in ram; ram must
+be at least 64 MiB. The shipped profiles take budget = (ram - OS reserve - runtime_baseline)
+/ 1.5, rounded down: the runner caps onnxruntime's arena at 1.5 x the budget (each file says
+its numbers).
 
 `load_profile(path_or_name)` reads and validates one (a bare name resolves to
-``profiles/<name>.toml`` of the repository); every problem is a one-line `ProfileError`
-naming the key.
+``profiles/<name>.toml`` of the repository, or of the installed package's data files);
+every problem is a one-line `ProfileError` naming the key.
 
 The accounting (`Fit`): a training step needs the activations kept for backward (the
 memory model's full accounting), the trainable weights, their gradients (same size) and
@@ -32,13 +33,24 @@ set is within the budget; the margin is budget - working set.
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from .memory import FLOAT_BYTES, mib
 
-PROFILE_DIR = Path(__file__).resolve().parents[1] / "profiles"
+
+def _profile_dir() -> Path:
+    """profiles/ of the checkout, else the copy pip installed (pyproject's data-files)."""
+    checkout = Path(__file__).resolve().parents[1] / "profiles"
+    installed = Path(sys.prefix) / "share" / "actcomp-edge" / "profiles"
+    return checkout if checkout.is_dir() else installed
+
+
+PROFILE_DIR = _profile_dir()
 MIN_RAM = 64 * 2 ** 20
+MAX_SIZE = 2 ** 63 - 1
+MAX_CORES = 65536
 OPTIMIZER_STATE = {"sgd": 1, "adamw": 2}  # state arrays per trainable parameter
 UNITS = {"": 1, "B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "KIB": 2 ** 10,
          "MIB": 2 ** 20, "GIB": 2 ** 30, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}
@@ -50,18 +62,28 @@ class ProfileError(ValueError):
 
 
 def parse_size(value) -> int:
-    """48MiB, '512MB', '1.5GiB', 1000000 -> bytes (> 0); ValueError otherwise."""
+    """48MiB, '512MB', '1.5GiB', 1000000 -> bytes (1 .. MAX_SIZE); ValueError otherwise."""
+    size = 0
     if isinstance(value, int) and not isinstance(value, bool):
-        if value > 0:
-            return value
+        size = value
     elif isinstance(value, str):
         m = SIZE_RE.match(value)
         if m and m.group(2).upper() in UNITS:
-            size = int(float(m.group(1)) * UNITS[m.group(2).upper()])
-            if size > 0:
-                return size
-    raise ValueError(f"cannot read memory size {value!r} (examples: 48MiB, 512MB, 2GiB, "
-                     f"or a positive int of bytes)")
+            size = float(m.group(1)) * UNITS[m.group(2).upper()]  # inf for 400 digits
+            size = int(size) if size <= MAX_SIZE else MAX_SIZE + 1
+    if 0 < size <= MAX_SIZE:
+        return size
+    raise ValueError(f"cannot read memory size {_show(value)} (examples: 48MiB, 512MB, 2GiB, "
+                     f"or a positive int of bytes up to 2**63 - 1)")
+
+
+def _show(value) -> str:
+    """repr(value), shortened for an error message."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int of more than 4300 digits
+        return "an int of more than 4300 digits"
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 @dataclass(frozen=True)
@@ -95,10 +117,18 @@ def profile_names() -> list:
 
 def resolve(path_or_name) -> Path:
     path = Path(path_or_name)
-    if path.suffix == ".toml" or path.exists() or "/" in str(path_or_name):
-        return path
-    path = PROFILE_DIR / f"{path_or_name}.toml"
-    if not path.is_file():
+    name = str(path_or_name)
+    if "\0" in name:
+        raise ProfileError(f"device profile name {_show(name)} contains a NUL byte")
+    try:
+        if path.suffix == ".toml" or path.exists() or "/" in name:
+            return path
+        path = PROFILE_DIR / f"{path_or_name}.toml"
+        found = path.is_file()
+    except OSError as e:  # e.g. a name too long for the file system
+        raise ProfileError(f"cannot read device profile {_show(name)}: {e.strerror or e}") \
+            from None
+    if not found:
         raise ProfileError(f"unknown device profile {str(path_or_name)!r}: give a .toml file "
                            f"or one of {', '.join(profile_names()) or '(none shipped)'}")
     return path
@@ -117,17 +147,21 @@ def load_profile(path_or_name) -> Profile:
     path = resolve(path_or_name)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ProfileError(f"device profile {path} is not UTF-8 text: {e}") from None
     except OSError as e:
         raise ProfileError(f"cannot read device profile {path}: {e.strerror or e}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # TOMLDecodeError, > 4300 digits, deep nesting
         raise ProfileError(f"device profile {path} is not valid TOML: {e}") from None
     return validate(data, str(path))
 
 
 def validate(data: dict, where: str = "profile") -> Profile:
     def fail(key, message):
-        raise ProfileError(f"{where}: key {key!r}: {message}")
+        raise ProfileError(f"{where}: key {_show(key)}: {message}")
 
+    if not isinstance(data, dict):
+        raise ProfileError(f"{where}: expected a table of keys, got {type(data).__name__}")
     for key in data:
         if key not in KEYS:
             fail(key, f"unknown key (known: {', '.join(KEYS)})")
@@ -144,12 +178,12 @@ def validate(data: dict, where: str = "profile") -> Profile:
             except ValueError as e:
                 fail(key, str(e))
         elif kind == "int" and (not isinstance(value, int) or isinstance(value, bool)):
-            fail(key, f"expected an integer, got {value!r}")
+            fail(key, f"expected an integer, got {_show(value)}")
         elif kind == "str" and not (isinstance(value, str) and (value.strip() or key == "notes")):
-            fail(key, f"expected a non-empty string, got {value!r}")
+            fail(key, f"expected a non-empty string, got {_show(value)}")
         values[key] = value
-    if values["cores"] < 1:
-        fail("cores", f"must be >= 1, got {values['cores']}")
+    if not 1 <= values["cores"] <= MAX_CORES:
+        fail("cores", f"must be in 1 .. {MAX_CORES}, got {_show(values['cores'])}")
     if values["ram"] < MIN_RAM:
         fail("ram", f"{mib(values['ram'])} MiB is below the 64 MiB minimum")
     if values["budget"] > values["ram"]:

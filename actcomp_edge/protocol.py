@@ -95,27 +95,48 @@ def encode_ack(seq: int) -> bytes:
     return _frame(ACK, seq, 0)
 
 
+def with_base(frame: bytes, base: int) -> bytes:
+    """The DATA frame `frame` (bytes as encoded) now claiming `base`, when that is higher:
+    what the sender no longer holds has grown since the frame was first encoded."""
+    _, _, kind, seq, old, length = HEADER.unpack_from(frame)
+    if kind != DATA or base <= old:
+        return frame
+    return _frame(DATA, seq, min(base, seq), frame[HEADER_SIZE:HEADER_SIZE + length])
+
+
 class FrameDecoder:
     """Incremental decoder: `feed(bytes)` returns the complete, valid frames so far.
 
     Resynchronises after anything: bytes are scanned for the magic, a frame counts only
     if both CRCs and its content check out. Never raises for any bytes received.
 
+    A frame cut short (the link dropped mid-frame) is given up as soon as a complete frame
+    starts inside the bytes it claims, instead of holding that frame back until the claimed
+    length has arrived: a payload is JSON text, which never holds a raw frame.
+
     - `dropped`: frames (magic and version found) rejected: bad header CRC, length above
-      MAX_PAYLOAD, bad frame CRC, unknown type, or a payload that is not a JSON object;
+      MAX_PAYLOAD, bad frame CRC, cut short, unknown type, or a payload that is not a JSON
+      object;
     - `skipped`: bytes discarded while looking for the next frame.
     Buffered bytes are bounded by one maximal frame plus the last chunk fed.
     """
 
     def __init__(self):
         self._buffer = bytearray()
+        self._scanned = 0    # buffer[1:_scanned] was searched for frames inside the first...
+        self._waiting = []   # ...and these offsets in it hold a header whose frame is incomplete
         self.dropped = 0
         self.skipped = 0
 
     def feed(self, data: bytes) -> list:
         """Frames completed by `data` (bytes, bytearray or memoryview), in stream order.
         Raises ProtocolError only when `data` is not bytes-like."""
-        if not isinstance(data, (bytes, bytearray, memoryview)):
+        if isinstance(data, memoryview):
+            try:
+                data = data.tobytes()  # any shape or stride
+            except ValueError:
+                raise ProtocolError("feed() was given a released memoryview") from None
+        elif not isinstance(data, (bytes, bytearray)):
             raise ProtocolError(f"feed() takes bytes, not {type(data).__name__}")
         buffer = self._buffer
         buffer += data
@@ -127,36 +148,70 @@ class FrameDecoder:
                 self._discard(len(buffer) - keep)
                 return frames
             self._discard(start)
-            if len(buffer) < HEADER_SIZE:
-                if len(buffer) > 2 and buffer[2] != VERSION:
-                    self._discard(1)
-                    continue
-                return frames
-            _, version, kind, seq, base, length = HEADER.unpack_from(buffer)
-            if version != VERSION:
+            if len(buffer) > 2 and buffer[2] != VERSION:
                 self._discard(1)
                 continue
-            (header_crc,) = CRC.unpack_from(buffer, HEADER.size)
-            if header_crc != _crc(buffer, HEADER.size) or length > MAX_PAYLOAD:
-                self._reject(1)
-                continue
-            end = HEADER_SIZE + length + CRC.size
-            if len(buffer) < end:
+            if len(buffer) < HEADER_SIZE:
                 return frames
-            (frame_crc,) = CRC.unpack_from(buffer, end - CRC.size)
-            if frame_crc != _crc(buffer, end - CRC.size):
+            end = self._frame_end(0)
+            if end is None:  # bad header CRC or length
                 self._reject(1)
                 continue
+            if len(buffer) < end:
+                if not self._cut_short():
+                    return frames
+                self._reject(1)
+                continue
+            if not self._frame_crc_ok(0, end):
+                self._reject(1)
+                continue
+            _, _, kind, seq, base, _ = HEADER.unpack_from(buffer)
             frame = _parse(kind, seq, base, bytes(buffer[HEADER_SIZE:end - CRC.size]))
             if frame is None:  # intact, but not a frame this version knows
                 self._reject(end)
                 continue
-            del buffer[:end]
+            self._drop(end)
             frames.append(frame)
+
+    def _frame_end(self, at: int) -> Optional[int]:
+        """Where the frame whose header is at buffer[at:] ends, None if the header is bad."""
+        _, _, _, _, _, length = HEADER.unpack_from(self._buffer, at)
+        (header_crc,) = CRC.unpack_from(self._buffer, at + HEADER.size)
+        if header_crc != _crc(self._buffer, at, at + HEADER.size) or length > MAX_PAYLOAD:
+            return None
+        return at + HEADER_SIZE + length + CRC.size
+
+    def _frame_crc_ok(self, at: int, end: int) -> bool:
+        (frame_crc,) = CRC.unpack_from(self._buffer, end - CRC.size)
+        return frame_crc == _crc(self._buffer, at, end - CRC.size)
+
+    def _cut_short(self) -> bool:
+        """Whether a complete frame starts inside the incomplete one at the buffer's start.
+        Each byte is searched once; headers whose frames are incomplete are looked at again."""
+        buffer = self._buffer
+        at = max(1, self._scanned)
+        while (at := buffer.find(MAGIC + bytes([VERSION]), at)) >= 0:
+            self._waiting.append(at)
+            at += 1
+        self._scanned = max(1, len(buffer) - 2)  # the last two bytes may start a magic
+        found, waiting = False, []
+        for at in self._waiting:
+            end = self._frame_end(at) if len(buffer) - at >= HEADER_SIZE else len(buffer) + 1
+            if end is not None and (end > len(buffer) or self._frame_crc_ok(at, end)):
+                waiting.append(at)
+                found = found or end <= len(buffer)
+        self._waiting = waiting
+        return found
+
+    def _drop(self, n: int) -> None:
+        del self._buffer[:n]
+        self._scanned = max(0, self._scanned - n)
+        if self._waiting:
+            self._waiting = [at - n for at in self._waiting if at > n]
 
     def _discard(self, n: int) -> None:
         if n:
-            del self._buffer[:n]
+            self._drop(n)
             self.skipped += n
 
     def _reject(self, n: int) -> None:
@@ -164,11 +219,11 @@ class FrameDecoder:
         self._discard(n)
 
 
-def _crc(buffer: bytearray, end: int) -> int:
-    """zlib.crc32 of buffer[:end] without a copy (the views are released before the buffer
-    is resized)."""
-    with memoryview(buffer) as view, view[:end] as head:
-        return zlib.crc32(head)
+def _crc(buffer: bytearray, start: int, end: int) -> int:
+    """zlib.crc32 of buffer[start:end] without a copy (the views are released before the
+    buffer is resized)."""
+    with memoryview(buffer) as view, view[start:end] as part:
+        return zlib.crc32(part)
 
 
 def _parse(kind: int, seq: int, base: int, payload: bytes) -> Optional[Frame]:

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
-from math import ceil
 from pathlib import Path
 
 import numpy as np
@@ -111,10 +111,10 @@ def rank_caps_for_budget(trainer: Trainer, batch_size: int, allowance: int) -> d
         return {}
     shapes = {name: (batch_size,) + tuple(layer["input_shape"])
               for name, layer in trainer.layers.items()}
-    total = sum(int(np.prod(s)) for s in shapes.values())
+    total = sum(math.prod(s) for s in shapes.values())  # exact ints, no int64 overflow
     caps = {}
     for name, shape in shapes.items():
-        share = allowance * int(np.prod(shape)) / total
+        share = allowance * math.prod(shape) / total
 
         def kept(cap):
             if trainer.method == "svd":
@@ -159,7 +159,7 @@ def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset, out_dir, options
     ckpt_dir = out / "checkpoints"
     norm = trainer.manifest["input"]
     batch = min(options.batch_size, len(train_set))
-    steps_per_epoch = ceil(len(train_set) / batch)
+    steps_per_epoch = math.ceil(len(train_set) / batch)
     total = options.epochs * steps_per_epoch
     if options.max_steps:
         total = min(total, options.max_steps)
