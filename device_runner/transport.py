@@ -24,7 +24,7 @@ from typing import Optional
 
 from actcomp_edge.faults import crash_point
 from actcomp_edge.protocol import (ACK, DATA, FrameDecoder, ProtocolError, Receiver, encode_ack,
-                                   encode_frame, encode_record)
+                                   encode_frame, encode_record, with_base)
 
 FILE_SCHEME = "file://"
 WRITE_CHUNK = 4096  # bytes per link write: 0.36 s at 115200 baud, within the write timeout
@@ -423,7 +423,9 @@ class ProfileSender:
         with self._lock:
             start = max(self._send_from, self._head)
             stop = min(self._synced, self._head + self.window)
-            frames = [self._pending[seq] for seq in range(start, stop)]
+            # with today's base: a receiver that starts afresh must not wait for records
+            # acknowledged to an earlier host since these frames were spooled
+            frames = [with_base(self._pending[seq], self._head) for seq in range(start, stop)]
             in_flight = start > self._head
         if frames:
             for chunk in _chunks(frames, WRITE_CHUNK):  # write_timeout bounds each write

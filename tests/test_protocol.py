@@ -7,7 +7,6 @@ import os
 import random
 import select
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,15 +21,9 @@ import serial
 from actcomp_edge.protocol import (ACK, DATA, MAX_PAYLOAD, Frame, FrameDecoder, ProtocolError,
                                    Receiver, encode_ack, encode_frame)
 from device_runner.transport import ProfileSender, open_link
+from link_helpers import Host, LossyProxy, free_port, listen, make_records, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def make_records(n, start=0):
-    """Records like a runner's: numbers, text (some non-ASCII), nesting."""
-    return [{"type": "step", "step": i, "loss": 1.0 / (i + 1), "peak_bytes": 1000 * i,
-             "layer": ["conv", "dw-conv", "ré-lu", "AC\x01 ACK"][i % 4],
-             "ranks": [i % 7, 3, 3, 2], "note": "x" * (i % 37)} for i in range(start, start + n)]
 
 
 def data_frame(seq, record, base=0):
@@ -170,51 +163,6 @@ def test_intact_frames_with_bad_content_are_dropped():
     assert decoder.dropped == len(bad)
 
 
-def test_fuzz_random_bytes_never_raise_and_stay_bounded():
-    rng = random.Random(3)
-    alphabet = [b"A", b"C", b"\x01", b"\x02", b"\x00", b"\xff", b"{", b"}"]
-    for case in range(3000):
-        n = rng.randint(0, 400)
-        if case % 2:
-            data = bytes(rng.getrandbits(8) for _ in range(n))
-        else:  # bytes that look like the magic and header much more often
-            data = b"".join(rng.choice(alphabet) for _ in range(n))
-        decoder = FrameDecoder()
-        i = 0
-        while i < len(data):
-            step = rng.randint(1, 64)
-            for frame in decoder.feed(data[i:i + step]):
-                assert isinstance(frame, Frame)
-            i += step
-    decoder = FrameDecoder()
-    for _ in range(200):  # 10 MB of noise: the buffer never holds more than a header
-        decoder.feed(os.urandom(50000))
-        assert len(decoder._buffer) < 50000 + 20
-
-
-def test_fuzz_mutated_streams_lose_only_touched_frames():
-    rng = random.Random(4)
-    records = make_records(20)
-    wire = [encode_frame(i, r, max(0, i - 3)) for i, r in enumerate(records)]
-    offsets = [sum(map(len, wire[:i])) for i in range(len(wire) + 1)]
-    stream = b"".join(wire)
-    for _ in range(1000):
-        mutated = bytearray(stream)
-        touched = set()
-        for _ in range(rng.randint(1, 6)):
-            position = rng.randrange(len(stream))
-            mutated[position] ^= rng.randint(1, 255)
-            touched.add(max(i for i in range(len(wire)) if offsets[i] <= position))
-        decoder = FrameDecoder()
-        got, i = [], 0
-        while i < len(mutated):
-            step = rng.randint(1, 300)
-            got += decoder.feed(bytes(mutated[i:i + step]))
-            i += step
-        assert got == [data_frame(i, r, max(0, i - 3)) for i, r in enumerate(records)
-                       if i not in touched]
-
-
 # ---------------------------------------------------------------- receiver
 
 def test_receiver_delivers_once_in_order_and_acks_cumulatively():
@@ -271,162 +219,6 @@ def test_receiver_over_a_pyserial_link_and_failing_ack_writes():
 
 
 # ---------------------------------------------------------------- links
-
-class Host:
-    """A host on a TCP port, one connection at a time, a Receiver per connection whose
-    position survives host restarts (as a monitor that saves its records)."""
-
-    def __init__(self, port=0):
-        self.port, self.delivered, self.next_seq = port, [], 0
-        self.lock = threading.Lock()
-        self.start()
-
-    def start(self):
-        self.listener = listen(self.port)
-        self.port = self.listener.getsockname()[1]
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self):
-        while not self.stopping.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            conn.settimeout(0.05)
-            rx = Receiver(write=conn.sendall, next_seq=self.next_seq)
-            with conn:
-                while not self.stopping.is_set():
-                    try:
-                        data = conn.recv(65536)
-                    except socket.timeout:
-                        continue
-                    except OSError:
-                        break
-                    if not data:
-                        break
-                    frames = rx.feed(data)
-                    with self.lock:
-                        self.delivered += frames
-                        self.next_seq = rx.next_seq
-
-    def stop(self):
-        self.stopping.set()
-        self.listener.close()
-        self.thread.join(5)
-
-    def restart(self, down_seconds=0.5):
-        self.stop()
-        time.sleep(down_seconds)
-        self.start()
-
-    def wait_for(self, n, timeout):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self.lock:
-                if len(self.delivered) >= n:
-                    return list(self.delivered)
-            time.sleep(0.02)
-        with self.lock:
-            return list(self.delivered)
-
-
-def listen(port):
-    listener = socket.socket()
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("127.0.0.1", port))
-    listener.listen(4)
-    listener.settimeout(0.05)
-    return listener
-
-
-def wait_until(condition, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return condition()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LossyProxy:
-    """device -> proxy -> host over TCP; flips and drops bytes at random in both directions;
-    unplug() cuts every connection and refuses new ones until plug()."""
-
-    def __init__(self, target_port, rate, seed=0):
-        self.target_port, self.rate, self.seed = target_port, rate, seed
-        self.port, self.flipped, self.lost = 0, 0, 0
-        self.conns = []
-        self.plug()
-
-    def plug(self):
-        self.listener = listen(self.port)
-        self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
-
-    def unplug(self):
-        self.listener.close()
-        for conn in self.conns:
-            cut(conn)
-
-    def _accept(self, listener):
-        while True:
-            try:
-                device, _ = listener.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            try:
-                host = socket.create_connection(("127.0.0.1", self.target_port), timeout=1)
-            except OSError:
-                device.close()
-                continue
-            self.conns += [device, host]
-            self.seed += 1
-            for src, dst, seed in [(device, host, self.seed), (host, device, -self.seed)]:
-                threading.Thread(target=self._pump, args=(src, dst, random.Random(seed)),
-                                 daemon=True).start()
-
-    def _pump(self, src, dst, rng):
-        src.settimeout(None)
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                out = bytearray()
-                for byte in data:
-                    roll = rng.random()
-                    if roll < self.rate:
-                        self.lost += 1
-                        continue
-                    if roll < 2 * self.rate:
-                        self.flipped += 1
-                        byte ^= 1 << rng.randrange(8)
-                    out.append(byte)
-                dst.sendall(out)
-        except OSError:
-            pass
-        cut(src)
-        cut(dst)
-
-
-def cut(conn):
-    """Close a socket so that both ends and a thread blocked in recv() on it notice."""
-    try:
-        conn.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    conn.close()
-
 
 def test_send_never_waits_for_an_absent_host_which_comes_later(tmp_path):
     port = free_port()
@@ -560,6 +352,59 @@ def test_a_reconnect_resends_what_the_dead_connection_swallowed(tmp_path):
         host.stop()
 
 
+def accept_one(listener, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            conn, _ = listener.accept()
+            conn.settimeout(0.05)
+            return conn
+        except OSError:  # socket.timeout
+            continue
+    raise AssertionError("the sender did not connect")
+
+
+def recv(conn) -> bytes:
+    try:
+        return conn.recv(65536)
+    except OSError:  # socket.timeout: nothing yet
+        return b""
+
+
+def test_a_fresh_host_gets_a_backlog_that_an_earlier_host_half_acknowledged(tmp_path):
+    """Frames spooled while no host listened claim base 0; after a first host acknowledged
+    0..19 and left, a monitor without a saved position (next_seq=None) starts at the base of
+    the first frame it sees: it must be 20, not 0, or it waits forever for 0..19."""
+    port = free_port()
+    sender = ProfileSender(f"socket://127.0.0.1:{port}", tmp_path / "spool",
+                           backoff=(0.05, 0.2), resend_after=0.3)
+    records = make_records(50)
+    try:
+        for record in records:
+            sender.send(record)
+        first = listen(port)
+        conn = accept_one(first)
+        decoder, seen = FrameDecoder(), []
+        assert wait_until(lambda: seen.extend(decoder.feed(recv(conn))) or seen)
+        conn.sendall(encode_ack(19))
+        assert wait_until(lambda: sender.pending == 30)
+        conn.close()
+        first.close()
+        second = listen(port)
+        conn = accept_one(second)
+        rx = Receiver(write=conn.sendall)  # no saved position
+        delivered = []
+
+        assert wait_until(lambda: delivered.extend(rx.feed(recv(conn))) or len(delivered) >= 30,
+                          timeout=20), (rx.next_seq, len(delivered))
+        assert [(f.seq, f.record) for f in delivered] == list(enumerate(records))[20:]
+        assert sender.flush(timeout=10) and rx.lost == 0
+        conn.close()
+        second.close()
+    finally:
+        sender.close()
+
+
 def test_file_link_appends_fsynced_json_lines(tmp_path, monkeypatch):
     synced = []
     real_fsync = os.fsync
@@ -604,7 +449,7 @@ KILLED_SENDER = """
 import sys, time
 sys.path.insert(0, sys.argv[1])
 from device_runner.transport import ProfileSender
-from tests.test_protocol import make_records
+from tests.link_helpers import make_records
 sender = ProfileSender(sys.argv[2], sys.argv[3])
 for record in make_records(int(sys.argv[4])):
     sender.send(record)
