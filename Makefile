@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 OLDEST := .venv-ort-oldest
 TRAINING := .venv-ort-training
 
-.PHONY: demo test setup clean compat-envs
+.PHONY: demo test setup clean compat-envs aarch64-check
 
 setup: $(STAMP)
 
@@ -43,6 +43,11 @@ demo: $(STAMP)
 
 test: $(STAMP) compat-envs
 	$(PY) -m pytest -q
+
+# The device side on an emulated arm64 Debian userland with the stock PyPI wheels (root;
+# tools/aarch64_check.py). The userland is cached in ~/.cache/actcomp-edge (ACTCOMP_CACHE).
+aarch64-check: $(STAMP)
+	$(PY) tools/aarch64_check.py --install-prerequisites
 
 clean:
 	rm -rf $(VENV) $(OLDEST) $(TRAINING) out

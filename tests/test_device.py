@@ -13,20 +13,9 @@ import pytest
 from actcomp_edge.npz import load_npz
 from device_runner import checkpoint
 from device_runner.data import DataError, load
-from device_helpers import ENV, SIZE, colour_images, device, hosvd_artifact, train_args, \
-    wait_for_checkpoint
+from device_helpers import ENV, SIZE, device, train_args, wait_for_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-    return hosvd_artifact(tmp_path_factory.mktemp("art"))
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    return colour_images(tmp_path_factory.mktemp("images"))
 
 
 def test_image_folder_loads_resizes_and_counts_junk(image_folder):
