@@ -1,7 +1,8 @@
-"""The profile stream: frames on the wire, the decoder against splits, garbage, corruption
-and fuzz, the Receiver, delivery over a real pty and over TCP through a lossy, unpluggable
-proxy with a host restart, the spool across SIGKILL and its bound, file://, and a send()
-that never waits for the link."""
+"""The profile stream: frames on the wire, the decoder against splits, garbage and
+corruption (fuzzed in test_fuzz.py), the Receiver, delivery over a real pty and over TCP
+through a lossy, unpluggable proxy with a host restart, a fresh host after a half-acknowledged
+backlog, the spool across SIGKILL and its bound, file://, and a send() that never waits for
+the link (the link's faults at length: test_link_faults.py)."""
 import json
 import os
 import random
