@@ -115,7 +115,7 @@ def debian_mirror() -> str:
     """The host's own Debian mirror (from its apt sources), for debootstrap."""
     texts = [p.read_text() for p in [Path("/etc/apt/sources.list"),
                                      *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
-             if p.is_file() and not p.name.endswith(".disabled") and "disabled" not in p.name]
+             if p.is_file() and "disabled" not in p.name]
     for text in texts:
         for match in re.finditer(r"^URIs:\s*(\S+)", text, re.M):          # deb822 .sources
             if match.group(1).rstrip("/").endswith("/debian"):
