@@ -49,7 +49,8 @@ def save(folder, step: int, meta: dict, arrays: dict) -> Path:
             _write_index(folder, entries)  # never list a file while it is replaced
         write_atomic(path, data)
         crash_point("checkpoint")  # fault-injection tests: renamed, not yet in the index
-        _write_index(folder, entries + [{"file": path.name, "step": step, "sha256": digest}])
+        entries = _write_index(folder, entries + [{"file": path.name, "step": step,
+                                                   "sha256": digest}])
     except OSError as e:
         newest = _index(folder)
         if not any(entry["file"] == path.name for entry in newest):
@@ -57,17 +58,20 @@ def save(folder, step: int, meta: dict, arrays: dict) -> Path:
         kept = f"step {newest[-1]['step']} is the newest intact one" if newest else "none yet"
         raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e} "
                               f"(checkpoints: {kept})") from None
-    _remove_unlisted(folder)
+    _remove_unlisted(folder, entries)
     return path
 
 
-def _write_index(folder: Path, entries: list) -> None:
-    write_atomic(folder / INDEX, (json.dumps(entries[-KEEP:], indent=1) + "\n").encode())
+def _write_index(folder: Path, entries: list) -> list:
+    """Write the last KEEP entries as the index; returns them."""
+    entries = entries[-KEEP:]
+    write_atomic(folder / INDEX, (json.dumps(entries, indent=1) + "\n").encode())
+    return entries
 
 
-def _remove_unlisted(folder: Path) -> None:
-    """Delete checkpoints the index no longer lists and temp files left by a crash."""
-    listed = {e["file"] for e in _index(folder)} | {INDEX}
+def _remove_unlisted(folder: Path, entries: list) -> None:
+    """Delete checkpoints the index (entries) no longer lists and temp files a crash left."""
+    listed = {e["file"] for e in entries} | {INDEX}
     for file in folder.iterdir():
         stale = file.name.startswith(".") and ".tmp-" in file.name
         if stale or (file.name.startswith("ckpt-") and file.name not in listed):
