@@ -4,7 +4,7 @@ An artifact is a folder:
 
     manifest.json      what it is, how to run it, predicted memory, SHA-256 of every file
     forward_<p>.onnx   forward partitions (cut at every fine-tuned conv input)
-    backward.onnx      gradients + optimizer update
+    backward_<p>.onnx  the reverse of forward_<p> with its params' optimizer update (p = N..1)
     evaluate.onnx      image -> logits with the trainable weights as inputs
     inference.onnx     image -> logits, every weight baked in (deployable)
     overview.onnx      the whole step in one graph for people (Netron): ai.actcomp nodes mark
@@ -25,7 +25,7 @@ import re
 from pathlib import Path
 
 FORMAT = "actcomp-edge/training-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 MIN_ONNXRUNTIME = "1.16.3"
 
@@ -188,7 +188,8 @@ SCHEMA = {
     "trainable_params": TEXTS,
     "graphs": OBJECT,
     "graphs.forward": ("a list of plain file names", _list_of(_is_file_name)),
-    "graphs.backward": FILE,
+    "graphs.backward": ("a non-empty list of plain file names",
+                        lambda v: _list_of(_is_file_name)(v) and bool(v)),
     "graphs.evaluate": FILE,
     "schedule": ("a non-empty list", lambda v: isinstance(v, list) and bool(v)),
     "schedule[]": ('{"run": file name} or {"compress": layer name}', _is_step),
@@ -220,10 +221,10 @@ def check_schema(manifest: dict, where) -> None:
         if not (isinstance(digest, str) and re.fullmatch("[0-9a-f]{64}", digest)):
             fail(f"files.{name}", f"must be a SHA-256 (64 hex digits), got {_show(digest)}")
     graphs = manifest["graphs"]
-    runs = set(graphs["forward"]) | {graphs["backward"]}
+    runs = set(graphs["forward"]) | set(graphs["backward"])
     layers = {layer["name"] for layer in manifest["trainable_layers"]}
     for i, step in enumerate(manifest["schedule"]):
-        if step.get("run", graphs["backward"]) not in runs:
+        if "run" in step and step["run"] not in runs:
             fail(f"schedule[{i}].run", f"names no forward or backward graph: {_show(step['run'])}")
         if "compress" in step and step["compress"] not in layers:
             fail(f"schedule[{i}].compress", f"names no trainable layer: "

@@ -7,8 +7,9 @@
 The manifest's ``schedule`` alternates forward partitions ("run") and
 decompositions ("compress": the input of that fine-tuned conv is decomposed
 with numpy, ``actcomp_edge.compress``); a full tensor is dropped as soon as no
-later partition needs it. The backward graph, last, takes only the kept
-pieces, masks and classifier input.
+later item needs it. Then the backward partitions run in reverse, each taking only its
+conv's kept pieces, its masks (held bit-packed, ``PackedMask``) and the gradients of what
+its forward partition handed on, and freeing them when done.
 """
 from __future__ import annotations
 
@@ -47,6 +48,23 @@ class Forward:
     kept_full_bytes: int        # everything the backward takes (full accounting)
     kept_full_per_layer: dict   # layer -> kept pieces + the masks after it; "classifier"
     seconds: dict               # prefix / forward / compress
+
+
+class PackedMask:
+    """A bool mask (ReLU/clamp backward) held at 1 bit per element; unpacked (1 byte per
+    element) only for the backward partition that reads it."""
+
+    def __init__(self, mask: np.ndarray):
+        self.shape = mask.shape
+        self.bits = np.packbits(mask.reshape(-1))   # ceil(size / 8) bytes
+
+    @property
+    def nbytes(self) -> int:
+        return self.bits.nbytes
+
+    def unpack(self) -> np.ndarray:
+        return np.unpackbits(self.bits, count=int(np.prod(self.shape))).view(np.bool_).reshape(
+            self.shape)
 
 
 class NonFiniteActivation(ArithmeticError):
@@ -116,9 +134,13 @@ class Trainer:
             except Exception as e:  # onnxruntime raises its own exception types
                 raise ArtifactError(f"onnxruntime cannot load {name}: {e}".splitlines()[0]) from None
 
-        self.sessions = {name: session(name) for name in m["graphs"]["forward"]}
-        self.backward = session(m["graphs"]["backward"])
+        graphs = m["graphs"]
+        self.sessions = {name: session(name) for name in graphs["forward"] + graphs["backward"]}
         self.schedule = m["schedule"]
+        self.backward_runs = set(graphs["backward"])
+        # the forward half ends where the first backward partition runs
+        self.backward_from = next(i for i, item in enumerate(self.schedule)
+                                  if item.get("run") in self.backward_runs)
         first = self.schedule[0]  # the frozen prefix, unless every conv is fine-tuned
         self.prefix = first.get("run")
         self._evaluate = None
@@ -138,23 +160,21 @@ class Trainer:
                              for name in self.layers}
         # input/output names of every session, read once (not on every step)
         self.io = {name: ([i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()])
-                   for name, sess in list(self.sessions.items()) + [("backward", self.backward)]}
-        self.backward_inputs = set(self.io["backward"][0])
-        # the backward's inputs that are tensors of the forward (not params, state, lr, step)
-        self.kept_names = [n for n in self.io["backward"][0] if n not in ("lr", "step")
-                           and n not in self.params and n not in self.state]
-        # position in the schedule of the last forward partition that reads each tensor
+                   for name, sess in self.sessions.items()}
+        self.backward_inputs = {n for run in self.backward_runs for n in self.io[run][0]}
+        # position in the schedule of the last item that reads each tensor: freed after it
         self.last_use = {}
         for position, item in enumerate(self.schedule):
-            if item.get("run") in self.sessions:
+            if "compress" in item:
+                self.last_use[self.layers[item["compress"]]["input"]] = position
+            else:
                 for name in self.io[item["run"]][0]:
                     self.last_use[name] = position
 
-    def _release(self, tensors: dict, partition: int) -> None:
+    def _release(self, tensors: dict, position: int) -> None:
+        """Drop every tensor no later schedule item reads (loss and logits stay: the result)."""
         for name in list(tensors):
-            if name in ("image", "labels", "loss", "logits") or name in self.backward_inputs:
-                continue
-            if self.last_use.get(name, -1) <= partition:
+            if name not in ("loss", "logits") and self.last_use.get(name, -1) <= position:
                 del tensors[name]
 
     def compress(self, layer: dict, x: np.ndarray):
@@ -169,42 +189,72 @@ class Trainer:
         return compress(self.method, x, eps=self.eps, ranks=self.ranks, rank_cap=cap,
                         stride=layer["stride"])
 
+    def _feed(self, name: str, tensors: dict):
+        if name in tensors:
+            value = tensors[name]
+            return value.unpack() if isinstance(value, PackedMask) else value
+        return self.params[name] if name in self.params else self.state[name]
+
+    def _run(self, position: int, tensors: dict, out: dict) -> None:
+        """Schedule item ``position`` on the live tensors; updates, gradients go to out."""
+        item = self.schedule[position]
+        if "compress" in item:
+            layer = self.layers[item["compress"]]
+            x = tensors[layer["input"]]
+            if not np.isfinite(x.sum()):  # one cheap pass; NaN/Inf cannot be decomposed
+                raise NonFiniteActivation(f"the input of {layer['name']} is not finite")
+            kept = self.compress(layer, x)
+            del x
+            for piece, name in zip(kept.pieces, layer["kept"]):
+                tensors[name] = np.ascontiguousarray(kept.pieces[piece], dtype=np.float32)
+            out["ranks"][layer["name"]] = kept.rank_per_mode
+            out["kept_bytes"][layer["name"]] = kept.nbytes
+        else:
+            inputs, outputs = self.io[item["run"]]
+            feeds = {n: self._feed(n, tensors) for n in inputs}
+            self._release(tensors, position)  # inputs read for the last time: feeds hold them
+            results = run(self.sessions[item["run"]], feeds)
+            del feeds
+            for name, value in zip(outputs, results):
+                if name.endswith("/mask"):
+                    tensors[name] = PackedMask(value)
+                elif name.startswith("new/"):
+                    out["updates"][name[4:]] = value
+                elif name.startswith("grad/"):
+                    out["grads"][name[5:]] = value
+                elif name in tensors:  # d/<t> from another consumer of t: sum in place
+                    np.add(tensors[name], value, out=tensors[name])
+                else:
+                    tensors[name] = value
+            del results
+        self._release(tensors, position)
+
     def forward(self, images: np.ndarray, labels: np.ndarray, prefix_out: dict | None = None
                 ) -> Forward:
         """Run the schedule's forward partitions and decompositions. ``prefix_out``: the frozen
         prefix's outputs for these images, when already computed (it is then not run)."""
         tensors = {"image": np.ascontiguousarray(images, dtype=np.float32),
                    "labels": np.ascontiguousarray(labels, dtype=np.int64)}
-        ranks, kept_bytes = {}, {}
+        out = {"ranks": {}, "kept_bytes": {}, "updates": {}, "grads": {}}
         seconds = {"prefix": 0.0, "forward": 0.0, "compress": 0.0}
-        for position, item in enumerate(self.schedule):
+        for position in range(self.backward_from):
+            item = self.schedule[position]
             start = time.perf_counter()
-            if "compress" in item:
-                layer = self.layers[item["compress"]]
-                x = tensors[layer["input"]]
-                if not np.isfinite(x.sum()):  # one cheap pass; NaN/Inf cannot be decomposed
-                    raise NonFiniteActivation(f"the input of {layer['name']} is not finite")
-                kept = self.compress(layer, x)
-                for piece, name in zip(kept.pieces, layer["kept"]):
-                    tensors[name] = np.ascontiguousarray(kept.pieces[piece], dtype=np.float32)
-                ranks[layer["name"]] = kept.rank_per_mode
-                kept_bytes[layer["name"]] = kept.nbytes
-                seconds["compress"] += time.perf_counter() - start
-            elif item["run"] == self.prefix and prefix_out is not None:
+            if item.get("run") == self.prefix and prefix_out is not None:
                 tensors.update(prefix_out)
-            elif item["run"] in self.sessions:
-                inputs, outputs = self.io[item["run"]]
-                feeds = {n: (tensors[n] if n in tensors else self.params[n]) for n in inputs}
-                tensors.update(zip(outputs, run(self.sessions[item["run"]], feeds)))
-                part = "prefix" if item["run"] == self.prefix else "forward"
-                seconds[part] += time.perf_counter() - start
-            self._release(tensors, position)
+                self._release(tensors, position)
+                continue
+            self._run(position, tensors, out)
+            part = ("compress" if "compress" in item else
+                    "prefix" if item["run"] == self.prefix else "forward")
+            seconds[part] += time.perf_counter() - start
+        kept_bytes = out["kept_bytes"]
         per_layer = {name: kept_bytes[name] + sum(tensors[m].nbytes
                                                   for m in layer.get("masks", ()))
                      for name, layer in self.layers.items()}
         per_layer["classifier"] = tensors["features"].nbytes
-        full = sum(tensors[n].nbytes for n in self.kept_names)
-        return Forward(tensors, ranks, kept_bytes, int(full), per_layer, seconds)
+        full = sum(tensors[n].nbytes for n in tensors if n in self.backward_inputs)
+        return Forward(tensors, out["ranks"], kept_bytes, int(full), per_layer, seconds)
 
     def step(self, images: np.ndarray, labels: np.ndarray, lr: float) -> StepResult:
         try:
@@ -214,29 +264,26 @@ class Trainer:
         crash_point("step")  # fault-injection tests: a kill mid-step
         tensors = fwd.tensors
         self.step_count += 1
-        feeds = {n: tensors[n] for n in self.kept_names}
-        feeds["lr"] = np.array(lr, np.float32)
-        if "step" in self.backward_inputs:
-            feeds["step"] = np.array(self.step_count, np.float32)
-        feeds.update((n, self.params[n]) for n in self.backward_inputs if n in self.params)
-        feeds.update((n, self.state[n]) for n in self.backward_inputs if n in self.state)
+        tensors["lr"] = np.array(lr, np.float32)
+        tensors["step"] = np.array(self.step_count, np.float32)  # AdamW's bias correction
+        out = {"ranks": {}, "kept_bytes": {}, "updates": {}, "grads": {}}
         start = time.perf_counter()
-        outputs = dict(zip(self.io["backward"][1], run(self.backward, feeds)))
+        for position in range(self.backward_from, len(self.schedule)):
+            self._run(position, tensors, out)
         seconds = dict(fwd.seconds, backward=time.perf_counter() - start)
         loss = float(tensors["loss"])
-        updated = {name: value for name, value in outputs.items() if name.startswith("new/")}
+        updated = out["updates"]
         applied = np.isfinite(loss) and all(np.isfinite(v).all() for v in updated.values())
         if applied:  # a NaN/Inf step is rejected: params and state stay the last good ones
             for name, value in updated.items():
-                if name.startswith("new/state/"):
-                    self.state[name[4:]] = value
+                if name.startswith("state/"):
+                    self.state[name] = value
                 else:
-                    self.params[name[4:]] = value
+                    self.params[name] = value
         else:
             self.step_count -= 1
-        grads = {name[5:]: value for name, value in outputs.items() if name.startswith("grad/")}
-        return StepResult(loss, tensors["logits"], grads, fwd.ranks, fwd.kept_bytes, seconds,
-                          applied, fwd.kept_full_bytes, fwd.kept_full_per_layer)
+        return StepResult(loss, tensors["logits"], out["grads"], fwd.ranks, fwd.kept_bytes,
+                          seconds, applied, fwd.kept_full_bytes, fwd.kept_full_per_layer)
 
     def state_arrays(self) -> dict:
         """Everything training needs to continue exactly: params, optimizer state, trackers."""

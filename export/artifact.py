@@ -15,7 +15,7 @@ from actcomp_edge.npz import save_npz, write_atomic
 
 from .onnx_graph import IR_VERSION, OPSET
 from .program import build_program
-from .training_graph import (TrainConfig, backward_graph, eval_graph, forward_partitions,
+from .training_graph import (TrainConfig, backward_partitions, eval_graph, forward_partitions,
                              optimizer_state, overview_graph, split_program)
 
 
@@ -48,14 +48,17 @@ def export_artifact(spec: dict, arrays: dict, out_dir, config: TrainConfig, batc
         save_model(g.model(), out / name)
         forward.append(name)
         schedule.append({"run": name})
-    schedule.append({"run": "backward.onnx"})
-    graphs = {"forward": forward, "backward": "backward.onnx", "evaluate": "evaluate.onnx",
-              "inference": "inference.onnx"}
-    backward = backward_graph(split, config)
-    save_model(backward.model(), out / graphs["backward"])
-    graphs["overview"] = "overview.onnx"
-    save_model(overview_graph([g for g, _, _ in partitions], split, backward, config)
-               .model(check=False), out / graphs["overview"])
+    backward = []
+    for p, g in backward_partitions(split, config):
+        name = f"backward_{p}.onnx"
+        save_model(g.model(), out / name)
+        backward.append((name, g))
+        schedule.append({"run": name})
+    graphs = {"forward": forward, "backward": [name for name, _ in backward],
+              "evaluate": "evaluate.onnx", "inference": "inference.onnx",
+              "overview": "overview.onnx"}
+    save_model(overview_graph([g for g, _, _ in partitions], split, [g for _, g in backward],
+                              config).model(check=False), out / graphs["overview"])
     save_model(eval_graph(program, split.trainable_params).model(), out / graphs["evaluate"])
     save_model(eval_graph(program, split.trainable_params, frozen_all=True).model(),
                out / graphs["inference"])
@@ -65,7 +68,7 @@ def export_artifact(spec: dict, arrays: dict, out_dir, config: TrainConfig, batc
     net = arch.network(spec, hw)
     memory = plan(net, config.n_layers, config.method, batch_size, hw, eps=config.eps,
                   ranks=config.ranks, rank_cap=config.rank_cap).to_json()
-    for name in forward + [graphs["backward"], graphs["evaluate"], graphs["inference"],
+    for name in forward + graphs["backward"] + [graphs["evaluate"], graphs["inference"],
                            graphs["overview"], "weights.npz", "optimizer.npz"]:
         files[name] = sha256_file(out / name)
     norm = (spec.get("input") or {}).get("normalize") or arch.HALF_NORM

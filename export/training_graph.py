@@ -200,15 +200,7 @@ def forward_partitions(split: Split, config: TrainConfig) -> list:
     program = split.program
     trainable = set(split.trainable_params)
     region = split.region_start
-    produced_in = {}
-    for p, part in enumerate(split.partitions):
-        for i in part:
-            produced_in[program.ops[i].output] = p
-    used_in = {}
-    for p, part in enumerate(split.partitions):
-        for i in part:
-            for t in program.ops[i].inputs:
-                used_in.setdefault(t, set()).add(p)
+    produced_in, used_in = crossings(split)
     result = []
     for p, part in enumerate(split.partitions):
         g = Graph(f"forward_{p}")
@@ -423,33 +415,87 @@ def emit_update(g: Graph, config: TrainConfig, param: str, grad: str, shape) -> 
     return [m, v]
 
 
-def backward_graph(split: Split, config: TrainConfig) -> Graph:
-    """dlogits + kept pieces + masks + features + params -> gradients and updated params/state."""
+def crossings(split: Split) -> tuple:
+    """(produced_in, used_in): tensor -> the partition that makes it / the partitions that read it."""
     program = split.program
-    g = Graph("backward")
-    trainable = split.trainable_params
+    produced_in, used_in = {}, {}
+    for p, part in enumerate(split.partitions):
+        for i in part:
+            produced_in[program.ops[i].output] = p
+            for t in program.ops[i].inputs:
+                used_in.setdefault(t, set()).add(p)
+    return produced_in, used_in
+
+
+def grad_name(tensor: str) -> str:
+    """The gradient of the loss w.r.t. a tensor that crosses between backward partitions."""
+    return "dlogits" if tensor == "logits" else f"d/{tensor}"
+
+
+def backward_partitions(split: Split, config: TrainConfig) -> list:
+    """backward_p for p = N .. 1: the reverse of forward_p (fine-tuned conv p-1 and what
+    follows it up to the next fine-tuned conv), with its params' optimizer update.
+
+    backward_p takes d/<t> of the tensors forward_p hands to later partitions (summed over
+    their consumers by the device), the kept pieces of its conv, its masks, its params and
+    their state; it returns d/<t> of forward_p's inputs, grad/<param>, new/<param> and
+    new/state/... . Returns [(p, Graph)] in execution order (p = N first)."""
+    program = split.program
+    produced_in, used_in = crossings(split)
     region = split.region_start
-    region_ops = program.ops[region:]
-    produced = {op.output for op in region_ops}
-    first_input = split.trainable_convs[0].inputs[0]
+    trainable = set(split.trainable_params)
+    kept = dict(kept_inputs(split, config.method))
+    result = []
+    for p in range(len(split.partitions) - 1, 0, -1):
+        ops = [program.ops[i] for i in split.partitions[p]]
+        g = Graph(f"backward_{p}")
+        grads = {}
+        later = [op.output for op in ops
+                 if any(q > p for q in used_in.get(op.output, ())) or op.output == "logits"]
+        for t in later:
+            grads[t] = g.input(grad_name(t), np.float32, tensor_shape(program, t))
+        conv = ops[0]
+        for piece in PIECES[config.method]:
+            name = kept_name(conv.name, piece)
+            g.input(name, np.float32, kept[name])
+        for op in ops:
+            if op.kind == "clip":
+                g.input(op.output + "/mask", np.bool_, tensor_shape(program, op.output))
+            if op.kind == "linear":
+                g.input("features", np.float32, tensor_shape(program, "features"))
+        params = [n for op in ops if op.kind in ("conv", "linear")
+                  for n in (op.attrs["weight"], op.attrs.get("bias")) if n in trainable]
+        for name in params:
+            g.input(name, np.float32, list(program.params[name].shape))
+        g.input("lr", np.float32, [])
+        if config.optimizer == "adamw":
+            g.input("step", np.float32, [])
 
-    def needs_grad(t: str) -> bool:
-        return t in produced and t != first_input
+        def needs_grad(t: str) -> bool:  # made in the fine-tuned region (the prefix is partition 0)
+            return produced_in.get(t, 0) >= 1
 
-    g.input("dlogits", np.float32, tensor_shape(program, "logits"))
-    g.input("features", np.float32, tensor_shape(program, "features"))
-    for name, dims in kept_inputs(split, config.method):
-        g.input(name, np.float32, dims)
-    for op in region_ops:
-        if op.kind == "clip":
-            g.input(op.output + "/mask", np.bool_, tensor_shape(program, op.output))
-    for name in trainable:
-        g.input(name, np.float32, list(program.params[name].shape))
-    g.input("lr", np.float32, [])
-    if config.optimizer == "adamw":
-        g.input("step", np.float32, [])
+        param_grads = emit_partition_backward(g, program, ops, grads, needs_grad, config.method)
+        inputs = []
+        for op in ops:
+            for t in op.inputs:
+                if produced_in.get(t, -1) != p and t not in inputs and needs_grad(t):
+                    inputs.append(t)
+        for t in inputs:
+            g.output(g.op("Identity", [grads.pop(t)], t + "/grad_out", outputs=[grad_name(t)]),
+                     np.float32, tensor_shape(program, t))
+        for name in params:
+            shape = list(program.params[name].shape)
+            grad = g.op("Identity", [param_grads[name]], name + "/grad", outputs=[f"grad/{name}"])
+            g.output(grad, np.float32, shape)
+            emit_update(g, config, name, grad, shape)
+        result.append((p, g))
+    return result
 
-    grads = {"logits": "dlogits"}
+
+def emit_partition_backward(g: Graph, program: Program, ops: list, grads: dict, needs_grad,
+                            method: str) -> dict:
+    """Backward of ops (one partition, reversed); grads: tensor -> gradient so far (updated,
+    ends with the gradients of the partition's inputs). Returns param -> gradient."""
     param_grads = {}
 
     def accumulate(t: str, grad: str) -> None:
@@ -457,7 +503,7 @@ def backward_graph(split: Split, config: TrainConfig) -> Graph:
             return
         grads[t] = g.op("Add", [grads[t], grad], t + "/grad_sum") if t in grads else grad
 
-    for op in reversed(region_ops):
+    for op in reversed(ops):
         dy = grads.pop(op.output, None)
         if dy is None:
             continue
@@ -485,7 +531,7 @@ def backward_graph(split: Split, config: TrainConfig) -> Graph:
             accumulate(x, g.op("Mul", [dy, channel_const(g, program, op.attrs["scale"])],
                                op.name + "/dX"))
         elif op.kind == "conv":
-            dw, db, dx = emit_conv_backward(g, program, op, dy, config.method, needs_grad(x))
+            dw, db, dx = emit_conv_backward(g, program, op, dy, method, needs_grad(x))
             param_grads[op.attrs["weight"]] = dw
             if db:
                 param_grads[op.attrs["bias"]] = db
@@ -493,13 +539,7 @@ def backward_graph(split: Split, config: TrainConfig) -> Graph:
                 accumulate(x, dx)
         else:
             raise ValueError(f"no backward for {op.kind!r}")
-
-    for name in trainable:
-        shape = list(program.params[name].shape)
-        grad = g.op("Identity", [param_grads[name]], name + "/grad", outputs=[f"grad/{name}"])
-        g.output(grad, np.float32, shape)
-        emit_update(g, config, name, grad, shape)
-    return g
+    return param_grads
 
 
 def optimizer_state(split: Split, config: TrainConfig) -> dict:
@@ -509,11 +549,12 @@ def optimizer_state(split: Split, config: TrainConfig) -> dict:
             for p in split.trainable_params for kind in names[config.optimizer]}
 
 
-def overview_graph(forward_graphs: list, split: Split, backward: Graph,
+def overview_graph(forward_graphs: list, split: Split, backward: list,
                    config: TrainConfig) -> Graph:
     """One graph of the whole step for people (Netron), not for execution: the forward
     partitions, an ``ai.actcomp`` node where the device decomposes each fine-tuned conv's
-    input (its outputs are exactly what the backward keeps), then the backward. Initializers
+    input (its outputs are exactly what the backward keeps), then the backward partitions
+    (``backward``: their Graphs in execution order). Initializers
     are left out (they stay in the executable graphs); unproduced tensors become inputs."""
     import onnx
     g = Graph("training_step_overview")
@@ -536,11 +577,12 @@ def overview_graph(forward_graphs: list, split: Split, backward: Graph,
             copy.CopyFrom(node)
             copy.name = f"{name}/{node.name}"
             g.nodes.append(copy)
-    for node in backward.nodes:
-        copy = onnx.NodeProto()
-        copy.CopyFrom(node)
-        copy.name = f"backward/{node.name}"
-        g.nodes.append(copy)
+    for graph in backward:
+        for node in graph.nodes:
+            copy = onnx.NodeProto()
+            copy.CopyFrom(node)
+            copy.name = f"{graph.name}/{node.name}"
+            g.nodes.append(copy)
     produced = {o for n in g.nodes for o in n.output}
     consumed = []
     for n in g.nodes:
@@ -549,7 +591,7 @@ def overview_graph(forward_graphs: list, split: Split, backward: Graph,
                 consumed.append(i)
     for name in consumed:
         g.input(name, np.int64 if name == "labels" else np.float32, None)
-    for graph in [backward]:
-        g.outputs.extend(graph.outputs)
+    for graph in backward:
+        g.outputs.extend(o for o in graph.outputs if not o.name.startswith("d/"))
     g.outputs.extend(o for o in forward_graphs[-1].outputs if o.name in ("loss", "logits"))
     return g

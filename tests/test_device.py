@@ -113,7 +113,7 @@ def test_tampered_artifact_and_bad_data_are_refused(artifact, tmp_path):
     import shutil
     copy = tmp_path / "art"
     shutil.copytree(artifact, copy)
-    with open(copy / "backward.onnx", "ab") as f:
+    with open(copy / "backward_1.onnx", "ab") as f:
         f.write(b"\x00")
     proc = device("info", copy)
     assert proc.returncode == 2 and "fails its SHA-256 check" in proc.stderr

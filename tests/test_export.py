@@ -171,15 +171,24 @@ def test_evaluate_and_inference_graphs_give_the_model_logits(tmp_path):
 
 
 def test_kept_between_forward_and_backward_is_only_the_compressed_form(tmp_path):
-    """The backward graph takes no full activation of a fine-tuned conv: only kept pieces,
-    1-byte masks and the classifier input; what the device holds matches the ranks."""
+    """No backward partition takes a full activation of a fine-tuned conv: only kept pieces,
+    bool masks, gradients and the classifier input; each partition takes exactly one conv's
+    kept pieces; what the device holds matches the ranks."""
     import onnxruntime as ort
     spec, model = random_model("mcunet-in1", 10)
     trainer = export(model, spec, tmp_path, TrainConfig(n_layers=4, method="hosvd", eps=0.8),
                      8, (128, 128))
-    session = ort.InferenceSession(str(trainer.folder / "backward.onnx"),
-                                   providers=["CPUExecutionProvider"])
-    inputs = {i.name: i for i in session.get_inputs()}
+    backward = trainer.manifest["graphs"]["backward"]
+    assert backward == ["backward_4.onnx", "backward_3.onnx", "backward_2.onnx",
+                        "backward_1.onnx"]
+    inputs, kept_by = {}, []
+    for name in backward:
+        session = ort.InferenceSession(str(trainer.folder / name),
+                                       providers=["CPUExecutionProvider"])
+        names = [i.name for i in session.get_inputs()]
+        kept_by.append({n.split("/kept/")[0] for n in names if "/kept/" in n})
+        inputs.update((i.name, i) for i in session.get_inputs())
+    assert [len(k) for k in kept_by] == [1, 1, 1, 1]
     conv_inputs = {layer["input"] for layer in trainer.manifest["trainable_layers"]}
     assert not conv_inputs & set(inputs)
     for layer in trainer.manifest["trainable_layers"]:
@@ -223,7 +232,7 @@ def test_tampered_truncated_and_too_new_artifacts_are_refused(tmp_path):
     (folder / "weights.npz").write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match="weights.npz fails its SHA-256"):
         Trainer(folder)
-    (folder / "backward.onnx").unlink()
+    (folder / "backward_1.onnx").unlink()
     with pytest.raises(ArtifactError, match="missing"):
         load_manifest(folder)
     manifest = json.loads((folder / "manifest.json").read_text())

@@ -167,10 +167,10 @@ def truncate(folder, name):
 
 
 def corrupt_graph_with_a_valid_hash(folder):
-    """backward.onnx replaced by junk whose SHA-256 the manifest lists: onnxruntime refuses it."""
-    (folder / "backward.onnx").write_bytes(b"\x08\x07 not a model")
+    """backward_1.onnx replaced by junk whose SHA-256 the manifest lists: onnxruntime refuses it."""
+    (folder / "backward_1.onnx").write_bytes(b"\x08\x07 not a model")
     rewrite_manifest(folder, lambda m: m["files"].update(
-        {"backward.onnx": sha256_file(folder / "backward.onnx")}))
+        {"backward_1.onnx": sha256_file(folder / "backward_1.onnx")}))
 
 
 BAD_ARTIFACTS = {
@@ -185,7 +185,7 @@ BAD_ARTIFACTS = {
     "manifest not JSON": (lambda f: (f / "manifest.json").write_text('{"format": '),
                           "not valid JSON"),
     "graph onnxruntime cannot load": (corrupt_graph_with_a_valid_hash,
-                                      "onnxruntime cannot load backward.onnx"),
+                                      "onnxruntime cannot load backward_1.onnx"),
 }
 
 
