@@ -42,15 +42,33 @@ def mode_product(tensor: np.ndarray, matrix: np.ndarray, mode: int) -> np.ndarra
     return np.moveaxis(moved @ matrix.T, -1, mode)
 
 
+GRAM_BLOCK_BYTES = 1 << 20  # float64 working copy per block of mode_gram (1 MiB)
+
+
 def mode_gram(tensor: np.ndarray, mode: int) -> np.ndarray:
-    """A_(n) A_(n)^T, (d_n, d_n), accumulated in float64.
+    """A_(n) A_(n)^T, (d_n, d_n), accumulated in float64 block by block.
 
     float64 keeps the trailing eigenvalues of a rank-deficient float32 activation at
     ~1e-14 of the largest (a float32 Gram leaves ~1e-6 of noise there), so the
-    energy rule picks the true rank when eps is close to 1.
+    energy rule picks the true rank when eps is close to 1. The unfolding is a sum over
+    slices of the leading dim (columns, for mode 0): G = sum_s M_s M_s^T, each M_s cast
+    to float64 on its own, so the working copy is one block, never the whole tensor.
     """
-    m = unfold(tensor, mode).astype(np.float64)
-    return m @ m.T
+    d = tensor.shape[mode]
+    gram = np.zeros((d, d))
+    if mode == 0:
+        m = tensor.reshape(d, -1)
+        step = max(1, GRAM_BLOCK_BYTES // (8 * d))
+        for j in range(0, m.shape[1], step):
+            block = m[:, j:j + step].astype(np.float64)
+            gram += block @ block.T
+        return gram
+    per_slice = tensor[0].size if tensor.shape[0] else 1
+    step = max(1, GRAM_BLOCK_BYTES // (8 * per_slice))
+    for i in range(0, tensor.shape[0], step):
+        block = unfold(tensor[i:i + step], mode).astype(np.float64)
+        gram += block @ block.T
+    return gram
 
 
 def rank_for_energy(energies: np.ndarray, eps: float) -> int:

@@ -188,6 +188,7 @@ def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset, out_dir, options
     procmem.reset_peak()
     progress = Progress(total)
     step_seconds, losses, violations, rejected = [], [], 0, 0
+    train_peak = baseline  # peak RSS over the training steps (not evaluation or writing)
     kept_peak = {"paper": 0, "full": 0}
     val_accuracy = None
     while epoch < options.epochs and step < total:
@@ -215,6 +216,7 @@ def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset, out_dir, options
             losses.append(result.loss)
             rss, peak = procmem.rss_bytes(), procmem.peak_rss_bytes()  # /proc read once a step
             working = peak - baseline
+            train_peak = max(train_peak, peak)
             over = options.budget_bytes is not None and working > options.budget_bytes
             violations += int(over)
             kept = sum(result.kept_bytes.values())
@@ -261,6 +263,7 @@ def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset, out_dir, options
                "final_val_accuracy": val_accuracy,
                "median_step_seconds": float(np.median(step_seconds)) if step_seconds else None,
                "peak_rss_bytes": procmem.peak_rss_bytes(), "baseline_rss_bytes": baseline,
+               "working_set_bytes": train_peak - baseline,
                "budget_bytes": options.budget_bytes, "budget_violations": violations,
                "kept_bytes_peak": kept_peak,
                "predicted_kept_bytes": {
