@@ -3,7 +3,7 @@
 Two accountings:
 - paper: the inputs of the fine-tuned convs only, as the paper's tables count them;
 - full:  everything the backward of the fine-tuned part really keeps: the conv
-  inputs (compressed or not), one byte per element for every activation mask
+  inputs (compressed or not), one bit per element for every activation mask
   (ReLU/ReLU6/clamp, also after a residual add) downstream of the first
   fine-tuned conv, max-pool indices (int64) if the ResNet stem is fine-tuned,
   and the classifier input (float32).  Budgets use this one.
@@ -21,7 +21,7 @@ from .arch import MASKING_ACTS, ConvLayer, Network
 from .decomposition import check_eps, full_rank_bound
 
 FLOAT_BYTES = 4
-MASK_BYTES = 1
+MASK_BITS = 1      # masks are held bit-packed per sample: ceil(C*H*W / 8) bytes a sample
 INDEX_BYTES = 8
 METHODS = ("vanilla", "svd", "hosvd", "hosvd-tracked", "gf-r2")
 GF_RADIUS = 2
@@ -106,11 +106,11 @@ RANK_BASES = {
 def mask_bytes(layer: ConvLayer, batch: int) -> int:
     """Masks the backward needs after this conv: its activation, a post-add activation,
     and max-pool indices (ResNet stem)."""
-    out = prod(layer.output_shape(batch))
+    per_sample = prod(layer.output_shape(1))
     total = 0
     for act in (layer.act, layer.post_add_act):
         if act is not None and act.get("type") in MASKING_ACTS:
-            total += out * MASK_BYTES
+            total += batch * ceil(per_sample * MASK_BITS / 8)
     if layer.maxpool_after:
         p = layer.maxpool_after
         h, w = ((s + 2 * p["padding"] - p["kernel"]) // p["stride"] + 1 for s in layer.output_hw)

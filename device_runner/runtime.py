@@ -8,7 +8,7 @@ The manifest's ``schedule`` alternates forward partitions ("run") and
 decompositions ("compress": the input of that fine-tuned conv is decomposed
 with numpy, ``actcomp_edge.compress``); a full tensor is dropped as soon as no
 later item needs it. Then the backward partitions run in reverse, each taking only its
-conv's kept pieces, its masks (held bit-packed, ``PackedMask``) and the gradients of what
+conv's kept pieces, its masks (held bit-packed, ``pack_mask``) and the gradients of what
 its forward partition handed on, and freeing them when done.
 """
 from __future__ import annotations
@@ -50,21 +50,10 @@ class Forward:
     seconds: dict               # prefix / forward / compress
 
 
-class PackedMask:
-    """A bool mask (ReLU/clamp backward) held at 1 bit per element; unpacked (1 byte per
-    element) only for the backward partition that reads it."""
-
-    def __init__(self, mask: np.ndarray):
-        self.shape = mask.shape
-        self.bits = np.packbits(mask.reshape(-1))   # ceil(size / 8) bytes
-
-    @property
-    def nbytes(self) -> int:
-        return self.bits.nbytes
-
-    def unpack(self) -> np.ndarray:
-        return np.unpackbits(self.bits, count=int(np.prod(self.shape))).view(np.bool_).reshape(
-            self.shape)
+def pack_mask(mask: np.ndarray) -> np.ndarray:
+    """bool (B, C, H, W) -> uint8 (B, ceil(C*H*W / 8)): 1 bit an element, as the backward
+    partitions take it (``<t>/mask_bits``; they unpack it themselves)."""
+    return np.packbits(mask.reshape(mask.shape[0], -1), axis=1)
 
 
 class NonFiniteActivation(ArithmeticError):
@@ -191,8 +180,7 @@ class Trainer:
 
     def _feed(self, name: str, tensors: dict):
         if name in tensors:
-            value = tensors[name]
-            return value.unpack() if isinstance(value, PackedMask) else value
+            return tensors[name]
         return self.params[name] if name in self.params else self.state[name]
 
     def _run(self, position: int, tensors: dict, out: dict) -> None:
@@ -217,7 +205,7 @@ class Trainer:
             del feeds
             for name, value in zip(outputs, results):
                 if name.endswith("/mask"):
-                    tensors[name] = PackedMask(value)
+                    tensors[name + "_bits"] = pack_mask(value)
                 elif name.startswith("new/"):
                     out["updates"][name[4:]] = value
                 elif name.startswith("grad/"):

@@ -16,6 +16,7 @@ from actcomp_edge.npz import save_npz, write_atomic
 from .onnx_graph import IR_VERSION, OPSET
 from .program import build_program
 from .training_graph import (TrainConfig, backward_partitions, eval_graph, forward_partitions,
+                             mask_bits_name,
                              optimizer_state, overview_graph, split_program)
 
 
@@ -38,7 +39,8 @@ def export_artifact(spec: dict, arrays: dict, out_dir, config: TrainConfig, batc
     forward, schedule = [], []
     partitions = forward_partitions(split, config)
     # masks made between fine-tuned conv i and the next belong to conv i (full accounting)
-    masks = [[t for t in outputs if t.endswith("/mask")] for _, _, outputs in partitions[1:]]
+    masks = [[mask_bits_name(t[:-len("/mask")]) for t in outputs if t.endswith("/mask")]
+             for _, _, outputs in partitions[1:]]
     for p, (g, _, _) in enumerate(partitions):
         if p >= 1:  # the input of fine-tuned conv p is ready: the device decomposes it
             schedule.append({"compress": split.trainable_convs[p - 1].name})

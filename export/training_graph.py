@@ -26,6 +26,8 @@ import numpy as np
 
 from actcomp_edge.compress import GF_RADIUS, PIECES
 
+from onnx import TensorProto
+
 from .onnx_graph import ACTCOMP_DOMAIN, Graph
 from .program import RELU_HI, Op, Program
 
@@ -460,7 +462,8 @@ def backward_partitions(split: Split, config: TrainConfig) -> list:
             g.input(name, np.float32, kept[name])
         for op in ops:
             if op.kind == "clip":
-                g.input(op.output + "/mask", np.bool_, tensor_shape(program, op.output))
+                c, h, w = program.shapes[op.output]
+                g.input(mask_bits_name(op.output), np.uint8, [BATCH, ceil(c * h * w / 8)])
             if op.kind == "linear":
                 g.input("features", np.float32, tensor_shape(program, "features"))
         params = [n for op in ops if op.kind in ("conv", "linear")
@@ -490,6 +493,29 @@ def backward_partitions(split: Split, config: TrainConfig) -> list:
             emit_update(g, config, name, grad, shape)
         result.append((p, g))
     return result
+
+
+def mask_bits_name(tensor: str) -> str:
+    """The device holds each forward mask <t>/mask (bool (B, C, H, W)) as <t>/mask_bits:
+    np.packbits(mask.reshape(B, -1), axis=1), uint8 (B, ceil(C*H*W / 8)), 1 bit an element."""
+    return tensor + "/mask_bits"
+
+
+def unpack_mask(g: Graph, name: str, bits: str, chw) -> str:
+    """(B, P) uint8 of packed bits (most significant first) -> bool (B, C, H, W):
+    element 8j + i is bit 7 - i of byte j: (byte << i) >> 7."""
+    c, h, w = chw
+    n = c * h * w
+    column = g.op("Unsqueeze", [bits, g.ints([2])], name + "/mask_bytes")           # (B, P, 1)
+    shifts = g.const("const/u8/0_7", np.arange(8, dtype=np.uint8))
+    high = g.op("BitShift", [column, shifts], name + "/mask_shift_left", direction="LEFT")
+    bit = g.op("BitShift", [high, g.const("const/u8/7", np.array(7, np.uint8))],
+               name + "/mask_bit", direction="RIGHT")                               # (B, P, 8)
+    flat = g.op("Reshape", [bit, g.ints([0, -1])], name + "/mask_flat")
+    if n % 8:
+        flat = g.op("Slice", [flat, g.ints([0]), g.ints([n]), g.ints([1])], name + "/mask_trim")
+    shaped = g.op("Reshape", [flat, g.ints([-1, c, h, w])], name + "/mask_shape")
+    return g.op("Cast", [shaped], name + "/mask", to=TensorProto.BOOL)
 
 
 def emit_partition_backward(g: Graph, program: Program, ops: list, grads: dict, needs_grad,
@@ -525,8 +551,8 @@ def emit_partition_backward(g: Graph, program: Program, ops: list, grads: dict, 
             for t in op.inputs:
                 accumulate(t, dy)
         elif op.kind == "clip":
-            mask = g.op("Cast", [op.output + "/mask"], op.name + "/mask_f", to=1)
-            accumulate(x, g.op("Mul", [dy, mask], op.name + "/dX"))
+            mask = unpack_mask(g, op.name, mask_bits_name(op.output), program.shapes[op.output])
+            accumulate(x, g.op("Where", [mask, dy, g.scalar(0.0)], op.name + "/dX"))
         elif op.kind == "affine":
             accumulate(x, g.op("Mul", [dy, channel_const(g, program, op.attrs["scale"])],
                                op.name + "/dX"))

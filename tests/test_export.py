@@ -193,8 +193,9 @@ def test_kept_between_forward_and_backward_is_only_the_compressed_form(tmp_path)
     assert not conv_inputs & set(inputs)
     for layer in trainer.manifest["trainable_layers"]:
         assert [n for n in inputs if n.startswith(layer["name"] + "/kept/")] == layer["kept"]
-    masks = [i for n, i in inputs.items() if n.endswith("/mask")]
-    assert masks and all(i.type == "tensor(bool)" for i in masks)
+    masks = [i for n, i in inputs.items() if n.endswith("/mask_bits")]
+    assert masks and all(i.type == "tensor(uint8)" for i in masks)
+    assert not [n for n in inputs if n.endswith("/mask")]
     import onnx
     overview = onnx.load(str(trainer.folder / "overview.onnx"))
     decompositions = [n for n in overview.graph.node if n.domain == "ai.actcomp"]
@@ -291,3 +292,22 @@ def test_cli_export_unsupported_layer_and_bad_weights(tmp_path):
     proc = run_cli("export", "--model", "mcunet-in1", "--weights", str(bad), "--layers", "2",
                    "--method", "vanilla", "-o", str(tmp_path / "y"))
     assert proc.returncode == 2 and "stem.weight" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("chw", [(3, 5, 7), (8, 4, 4), (1, 1, 1)])
+def test_bit_packed_masks_unpack_in_the_graph_exactly(chw):
+    """The device packs each mask with np.packbits per sample; the backward's unpacking
+    gives the mask back bit for bit, also when C*H*W is not a multiple of 8."""
+    import onnxruntime as ort
+    from device_runner.runtime import pack_mask
+    from export.onnx_graph import Graph
+    from export.training_graph import unpack_mask
+    g = Graph("unpack")
+    g.input("bits", np.uint8, ["batch", -(-int(np.prod(chw)) // 8)])
+    g.output(unpack_mask(g, "m", "bits", chw), np.bool_, ["batch", *chw])
+    session = ort.InferenceSession(g.model().SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    mask = np.random.default_rng(0).random((3, *chw)) > 0.5
+    bits = pack_mask(mask)
+    assert bits.nbytes == 3 * -(-int(np.prod(chw)) // 8)
+    np.testing.assert_array_equal(session.run(None, {"bits": bits})[0], mask)

@@ -56,14 +56,15 @@ def test_full_accounting_masks_and_classifier():
     net = network(load_spec("mcunet-in1"), 224)
     p = plan(net, 2, "vanilla", 64, 224)
     dw, project, head = p.layers
-    # dw is followed by ReLU6 -> one byte per output element; project is linear.
-    assert dw.mask_bytes == 64 * 576 * 7 * 7
+    # dw is followed by ReLU6 -> one bit per output element, packed per sample
+    # (576 * 7 * 7 = 28224 bits = 3528 bytes a sample); project is linear.
+    assert dw.mask_bytes == 64 * 3528
     assert project.mask_bytes == 0
     assert head.full_bytes == 64 * 160 * 4 and head.paper_bytes == 0
-    assert p.full_bytes == p.paper_bytes + 64 * 576 * 49 + 64 * 160 * 4
+    assert p.full_bytes == p.paper_bytes + 64 * 3528 + 64 * 160 * 4
     # ResNet: conv2 is followed by the post-add ReLU, conv1 by its ReLU
     r = plan(network(load_spec("resnet18"), 224), 2, "vanilla", 8, 224)
-    assert r.layers[0].mask_bytes == r.layers[1].mask_bytes == 8 * 512 * 49
+    assert r.layers[0].mask_bytes == r.layers[1].mask_bytes == 8 * 512 * 49 // 8
 
 
 def test_resnet_stem_maxpool_indices_counted():
@@ -71,7 +72,7 @@ def test_resnet_stem_maxpool_indices_counted():
     p = plan(net, len(net.convs), "vanilla", 2, 224)
     stem = p.layers[0]
     assert stem.name == "conv1"
-    assert stem.mask_bytes == 2 * 64 * 112 * 112 + 2 * 64 * 56 * 56 * 8
+    assert stem.mask_bytes == 2 * 64 * 112 * 112 // 8 + 2 * 64 * 56 * 56 * 8
 
 
 def test_hosvd_fixed_ranks_match_core_kept_floats():
