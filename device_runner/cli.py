@@ -184,7 +184,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    procmem.return_freed_memory()
     if getattr(args, "profile", None) and args.budget is None:
         from actcomp_edge.profiles import ProfileError, load_profile
         try:

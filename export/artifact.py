@@ -13,6 +13,7 @@ from actcomp_edge.manifest import (FORMAT, FORMAT_VERSION, MANIFEST, MIN_ONNXRUN
 from actcomp_edge.memory import plan
 from actcomp_edge.npz import save_npz, write_atomic
 
+from .memory_plan import step_plan
 from .onnx_graph import IR_VERSION, OPSET
 from .program import build_program
 from .training_graph import (TrainConfig, backward_partitions, eval_graph, forward_partitions,
@@ -36,7 +37,7 @@ def export_artifact(spec: dict, arrays: dict, out_dir, config: TrainConfig, batc
     out.mkdir(parents=True, exist_ok=True)
 
     files = {}
-    forward, schedule = [], []
+    forward, schedule, models = [], [], {}
     partitions = forward_partitions(split, config)
     # masks made between fine-tuned conv i and the next belong to conv i (full accounting)
     masks = [[mask_bits_name(t[:-len("/mask")]) for t in outputs if t.endswith("/mask")]
@@ -47,13 +48,15 @@ def export_artifact(spec: dict, arrays: dict, out_dir, config: TrainConfig, batc
         if not g.nodes:  # every conv fine-tuned: no frozen prefix
             continue
         name = f"forward_{p}.onnx"
-        save_model(g.model(), out / name)
+        models[name] = g.model()
+        save_model(models[name], out / name)
         forward.append(name)
         schedule.append({"run": name})
     backward = []
     for p, g in backward_partitions(split, config):
         name = f"backward_{p}.onnx"
-        save_model(g.model(), out / name)
+        models[name] = g.model()
+        save_model(models[name], out / name)
         backward.append((name, g))
         schedule.append({"run": name})
     graphs = {"forward": forward, "backward": [name for name, _ in backward],
@@ -100,5 +103,7 @@ def export_artifact(spec: dict, arrays: dict, out_dir, config: TrainConfig, batc
         "predicted_memory": memory,
         "files": files,
     }
+    manifest["memory_plan"] = step_plan(models, schedule, manifest["trainable_layers"],
+                                        config.method, batch_size, config.ranks, config.rank_cap)
     write_atomic(out / MANIFEST, manifest_bytes(manifest))
     return manifest

@@ -303,6 +303,15 @@ def conv_weight_grad(g: Graph, name: str, x: str, dy: str, x_chw, dy_hw, kernel:
     return g.op("Transpose", [full], name + "/dW", perm=[1, 0, 2, 3])
 
 
+def batch_contract(g: Graph, name: str, u: str, dy: str, ohw) -> str:
+    """sum_b u[b, k] dY[b, o, h, w] -> (K, O, H', W') as one MatMul u^T (K, B) @ dY (B, O*H'*W')
+    (an Einsum here transposes dY into a full-size copy first)."""
+    u_t = g.op("Transpose", [u], name + "/u_T", perm=[1, 0])
+    flat = g.op("Reshape", [dy, g.ints([0, -1])], name + "/dY_flat")
+    z = g.op("MatMul", [u_t, flat], name)
+    return g.op("Reshape", [z, g.ints([-1, *ohw])], name + "/shape")
+
+
 def emit_conv_backward(g: Graph, program: Program, op: Op, dy: str, method: str,
                        needs_dx: bool) -> tuple:
     """(dW, db | None, dx | None) of a fine-tuned conv from what was kept."""
@@ -316,11 +325,11 @@ def emit_conv_backward(g: Graph, program: Program, op: Op, dy: str, method: str,
         dw = conv_weight_grad(g, name, kept["input"], dy, (c, h, w), (oh, ow), k, s, p, groups,
                               out_ch)
     elif method == "svd":
-        z = g.op("Einsum", [dy, kept["left"]], name + "/dY_x_left", equation="bohw,bk->kohw")
+        z = batch_contract(g, name + "/dY_x_left", kept["left"], dy, (out_ch, oh, ow))
         dw = conv_weight_grad(g, name, kept["right"], z, (c, h, w), (oh, ow), k, s, p, groups,
                               out_ch)
     elif method in ("hosvd", "hosvd-tracked"):
-        z = g.op("Einsum", [dy, kept["u_batch"]], name + "/dY_x_U1", equation="bohw,bk->kohw")
+        z = batch_contract(g, name + "/dY_x_U1", kept["u_batch"], dy, (out_ch, oh, ow))
         u3, u4 = kept["u_height"], kept["u_width"]
         if p:
             u3 = g.op("Pad", [u3, g.ints([p, 0, p, 0])], name + "/U3_padded")

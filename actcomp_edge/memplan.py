@@ -1,0 +1,103 @@
+"""The step's memory plan: lifetimes of the tensors the device holds between graph runs,
+their places in one preallocated pool, and the predicted working set (numpy-free, torch-free).
+
+A training step is the manifest's ``schedule``: graph runs and decompositions, in order.
+Every tensor a run outputs has a static shape at a given batch, so its lifetime is known
+before the step: from the item that makes it to the last item that reads it. Tensors whose
+lifetimes overlap get disjoint places in the pool; the rest share (first fit, largest first,
+as a compiler's storage planner). The device allocates the pool once and onnxruntime writes
+the runs' outputs straight into it (IOBinding), so no step allocates or page-faults them.
+
+Not pooled: ``new/*`` and ``grad/*`` (the step's results, kept after it), ``loss`` and
+``logits``, and what numpy makes (kept pieces, packed masks): ``Buffer``s of the plan all
+the same, with their own lifetimes, in ``working_set``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ALIGN = 64  # bytes: every place starts on a cache line
+
+
+@dataclass(frozen=True)
+class Buffer:
+    name: str
+    nbytes: int
+    start: int      # schedule position that makes it
+    end: int        # last schedule position that reads it (inclusive)
+
+    def overlaps(self, other: "Buffer") -> bool:
+        return self.start <= other.end and other.start <= self.end
+
+
+def pooled(name: str) -> bool:
+    """Whether a run's output goes to the pool (the step's results do not)."""
+    return not (name.startswith(("new/", "grad/")) or name in ("loss", "logits"))
+
+
+def last_use(schedule: list, io: dict, layers: dict, method: str) -> dict:
+    """tensor -> last schedule position that reads it. For vanilla the kept input *is* the
+    conv input, so the conv input lives until its backward partition."""
+    last = {}
+    for position, item in enumerate(schedule):
+        if "compress" in item:
+            last[layers[item["compress"]]["input"]] = position
+        else:
+            for name in io[item["run"]][0]:
+                last[name] = position
+    if method == "vanilla":
+        for layer in layers.values():
+            x = layer["input"]
+            last[x] = max(last.get(x, -1), last.get(layer["kept"][0], -1))
+    return last
+
+
+def pool_buffers(schedule: list, io: dict, layers: dict, method: str, nbytes) -> list:
+    """Buffer of every pooled run output. A mask lives only in its own run (the device packs
+    it at once); a second gradient of the same tensor (``d/<t>`` from another consumer) gets
+    a buffer of its own for that run only (then it is summed into the first)."""
+    last = last_use(schedule, io, layers, method)
+    made, buffers = set(), []
+    for position, item in enumerate(schedule):
+        if "run" not in item:
+            continue
+        for name in io[item["run"]][1]:
+            if not pooled(name):
+                continue
+            if name.endswith("/mask") or name in made:
+                buffers.append(Buffer(pool_key(name, position, made), nbytes(name), position,
+                                      position))
+            else:
+                made.add(name)
+                buffers.append(Buffer(name, nbytes(name), position, last.get(name, position)))
+    return buffers
+
+
+def pool_key(name: str, position: int, made) -> str:
+    """The pool place of output ``name`` of the run at ``position``."""
+    return f"{name}@{position}" if name in made and not name.endswith("/mask") else name
+
+
+def place(buffers: list) -> tuple:
+    """(offset per buffer name, pool bytes): largest first, each at the lowest aligned
+    offset that overlaps no placed buffer alive at the same time."""
+    offsets, placed = {}, []
+    for buf in sorted(buffers, key=lambda b: (-b.nbytes, b.start, b.name)):
+        offset = 0
+        for other, at in sorted(((o, offsets[o.name]) for o in placed if o.overlaps(buf)),
+                                key=lambda pair: pair[1]):
+            if at >= offset + buf.nbytes:
+                break  # fits in the gap below this one
+            offset = max(offset, _aligned(at + other.nbytes))
+        offsets[buf.name] = offset
+        placed.append(buf)
+    total = max((offsets[b.name] + b.nbytes for b in placed), default=0)
+    return offsets, _aligned(total)
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def live_bytes(buffers: list, position: int) -> int:
+    return sum(b.nbytes for b in buffers if b.start <= position <= b.end)

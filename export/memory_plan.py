@@ -1,0 +1,201 @@
+"""The memory plan of a training step, made at export (``actcomp_edge.memplan`` does the
+lifetimes and the pool; this adds what only the graphs know).
+
+Working set = what the runner allocates once and then reuses, plus what the step holds:
+
+    pool        every tensor held between graph runs, placed by lifetime (exact)
+    arena       onnxruntime's shared arena: the largest intermediate set of any one graph run
+                (tensors alive together in node order, from onnx shape inference)
+    numpy       at each schedule position: the kept pieces and packed masks alive, the
+                results (new params, state, gradients), the image batch, and the transient
+                of a decomposition (``compress_workspace``)
+
+Data-dependent ranks (eps) take their bound (full multilinear rank, capped by a rank cap):
+``rank_basis`` says which. Bytes; float32 4, bool/uint8 1.
+"""
+from __future__ import annotations
+
+from math import ceil, prod
+
+import onnx
+from onnx import shape_inference
+
+from actcomp_edge import memplan
+from actcomp_edge.compress import GF_RADIUS
+from actcomp_edge.decomposition import GRAM_BLOCK_BYTES
+from actcomp_edge.memory import layer_ranks
+
+ELEMENT_BYTES = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.BOOL: 1,
+                 onnx.TensorProto.UINT8: 1, onnx.TensorProto.INT64: 8}
+
+
+def concrete(model: onnx.ModelProto, dims: dict) -> onnx.ModelProto:
+    """A copy whose symbolic input dims are numbers (``dims``: symbol -> size), shapes inferred."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    for value in model.graph.input:
+        for d in value.type.tensor_type.shape.dim:
+            if d.dim_param:
+                size = dims[d.dim_param]
+                d.ClearField("dim_param")
+                d.dim_value = int(size)
+    return shape_inference.infer_shapes(model, data_prop=True)
+
+
+def tensor_bytes(model: onnx.ModelProto) -> dict:
+    """name -> bytes of every tensor whose shape inference could tell."""
+    out = {}
+    for value in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        t = value.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+        if None not in shape:
+            out[value.name] = prod(shape) * ELEMENT_BYTES.get(t.elem_type, 4)
+    return out
+
+
+def arena_peak(model: onnx.ModelProto, pooled: set) -> int:
+    """Largest sum of intermediates alive together when the nodes run in order: each made
+    by its node, freed after its last reader; graph outputs not in the pool stay to the end;
+    inputs, initializers and pooled outputs are not the arena's."""
+    sizes = tensor_bytes(model)
+    nodes = model.graph.node
+    outside = {i.name for i in model.graph.input} | {i.name for i in model.graph.initializer}
+    kept = {o.name for o in model.graph.output} - pooled
+    last = {}
+    for i, node in enumerate(nodes):
+        for name in node.input:
+            last[name] = i
+    live, peak = {}, 0
+    for i, node in enumerate(nodes):
+        for name in node.output:
+            if name and name not in outside and name not in pooled:
+                live[name] = sizes.get(name, 0)
+        peak = max(peak, sum(live.values()))
+        for name in list(live):
+            if name not in kept and last.get(name, -1) <= i:
+                del live[name]
+    return peak
+
+
+def compress_workspace(method: str, shape: tuple, ranks, stride: int) -> int:
+    """Bytes numpy allocates for a while to decompose one activation (B, C, H, W) float32,
+    beyond the activation and the kept pieces: HOSVD's mode Grams (float64, with eigh's
+    copy) and blockwise float64 slices, then the largest pair of successive partial cores
+    (each mode product copies its strided input); SVD's Gram and its two (k, C*H*W) passes;
+    GF's padded copy."""
+    size = prod(shape)
+    if method == "vanilla":
+        return 0
+    if method == "gf-r2":
+        window = GF_RADIUS * stride
+        b, c, h, w = shape
+        return 4 * b * c * ceil(h / window) * ceil(w / window) * window * window
+    if method == "svd":
+        b = shape[0]
+        k = ranks[0]
+        return 3 * 8 * b * b + 2 * 4 * k * (size // b)
+    # hosvd, hosvd-tracked (whose exact refresh is the hosvd)
+    grams = max(3 * 8 * min(d, size // d) ** 2 + (2 * 8 * size if d > size // d else 0)
+                for d in shape) + GRAM_BLOCK_BYTES
+    sizes, current = [size], list(shape)
+    for mode in sorted(range(4), key=lambda n: ranks[n] / shape[n]):
+        current[mode] = ranks[mode]
+        sizes.append(prod(current))
+    projection = max(4 * (a + b) for a, b in zip(sizes[:-1], sizes[1:]))
+    tracked = 2 * 4 * size if method == "hosvd-tracked" else 0  # subspace step's unfold copy
+    return max(grams, projection, tracked)
+
+
+def kept_bytes(method: str, shape: tuple, ranks, stride: int) -> int:
+    b, c, h, w = shape
+    if method == "vanilla":
+        return 0  # the conv input itself, in the pool
+    if method == "gf-r2":
+        window = GF_RADIUS * stride
+        return 4 * b * c * ceil(h / window) * ceil(w / window)
+    if method == "svd":
+        return 4 * ranks[0] * (b + c * h * w)
+    return 4 * (prod(ranks) + sum(d * k for d, k in zip(shape, ranks)))
+
+
+def rank_dims(layers: list, method: str, batch: int, ranks, rank_cap) -> dict:
+    """Symbol -> size for the kept pieces' data-dependent dims: their bound (or cap/fixed)."""
+    dims, per_layer = {"batch": batch}, {}
+    for layer in layers:
+        shape = (batch,) + tuple(layer["input_shape"])
+        chosen = layer_ranks(method, shape, ranks, rank_cap)
+        per_layer[layer["name"]] = chosen
+        if method == "svd":
+            dims[f"{layer['name']}/k"] = chosen[0]
+        elif chosen is not None:
+            for n, k in enumerate(chosen):
+                dims[f"{layer['name']}/k{n + 1}"] = k
+    return dims, per_layer
+
+
+def step_plan(models: dict, schedule: list, layers: list, method: str, batch: int, ranks,
+              rank_cap) -> dict:
+    """The plan of one step at ``batch`` (models: graph file -> ModelProto). Returns the
+    manifest's ``memory_plan``: working set, its parts, where the peak falls, per phase."""
+    dims, chosen = rank_dims(layers, method, batch, ranks, rank_cap)
+    graphs = {name: concrete(model, dims) for name, model in models.items()}
+    io = {name: ([i.name for i in g.graph.input if i.name not in
+                  {init.name for init in g.graph.initializer}],
+                 [o.name for o in g.graph.output]) for name, g in graphs.items()}
+    sizes = {}
+    for g in graphs.values():
+        sizes.update(tensor_bytes(g))
+    by_name = {layer["name"]: layer for layer in layers}
+    buffers = memplan.pool_buffers(schedule, io, by_name, method, lambda n: sizes[n])
+    _, pool = memplan.place(buffers)
+    arena = {name: arena_peak(graphs[name], {b.name for b in buffers}) for name in graphs}
+    last = memplan.last_use(schedule, io, by_name, method)
+    image = 4 * batch * prod(sizes_of_image(graphs)) + 8 * batch
+    numpy_live, numpy_at = {}, []
+    results = 0
+    for position, item in enumerate(schedule):
+        transient = 0
+        if "compress" in item:
+            layer = by_name[item["compress"]]
+            shape = (batch,) + tuple(layer["input_shape"])
+            numpy_live[layer["name"]] = kept_bytes(method, shape, chosen[layer["name"]],
+                                                   layer["stride"])
+            transient = compress_workspace(method, shape, chosen[layer["name"]], layer["stride"])
+        else:
+            for name in io[item["run"]][1]:
+                if name.endswith("/mask"):
+                    numpy_live[name] = sizes[name] // 8 + batch  # packbits: 1 bit, rounded up
+                elif name.startswith(("new/", "grad/")):
+                    results += sizes[name]
+        numpy_at.append(image + results + sum(numpy_live.values()) + transient)
+        for name in list(numpy_live):
+            key = name if name in by_name else None
+            reads = (last.get(by_name[name]["kept"][0], -1) if key else
+                     last.get(name + "_bits", -1))
+            if reads <= position:
+                del numpy_live[name]
+    peak_position = max(range(len(schedule)), key=lambda p: numpy_at[p] + memplan.live_bytes(
+        buffers, p))
+    arena_bytes = max(arena.values(), default=0)
+    working_set = pool + arena_bytes + max(numpy_at, default=0)
+    where = schedule[peak_position]
+    return {"batch_size": batch, "rank_basis": "bound" if ranks is None and chosen_any(chosen)
+            else "exact", "pool_bytes": pool, "arena_bytes": arena_bytes,
+            "arena_graph": max(arena, key=arena.get) if arena else None,
+            "numpy_peak_bytes": max(numpy_at, default=0),
+            "working_set_bytes": working_set,
+            "peak_at": where.get("run") or f"compress {where['compress']}",
+            "per_sample_bytes": ceil(working_set / batch),
+            "note": "working set = pool + arena + numpy peak; grows with the batch about "
+                    "linearly (per_sample_bytes)"}
+
+
+def chosen_any(chosen: dict) -> bool:
+    return any(v is not None for v in chosen.values())
+
+
+def sizes_of_image(graphs: dict) -> tuple:
+    for g in graphs.values():
+        for value in g.graph.input:
+            if value.name == "image":
+                return tuple(d.dim_value for d in value.type.tensor_type.shape.dim[1:])
+    return (0,)
