@@ -16,7 +16,8 @@ from . import data as data_module
 from . import procmem
 from .checkpoint import CheckpointError
 from .runtime import MemoryBudgetError
-from .train import BudgetError, Options, TrainingError, check_budget, evaluate, fit, write_summary
+from .train import (BudgetError, Options, TrainingError, check_budget, check_plan, evaluate, fit,
+                    write_summary)
 
 
 ARENA_HEADROOM = 1.5
@@ -39,6 +40,8 @@ def input_size(trainer) -> tuple:
 def cmd_train(args) -> int:
     trainer = load_trainer(args)
     m = trainer.manifest
+    if args.budget is not None:  # a budget the plan cannot meet: refused before the data loads
+        check_plan(m, args.batch_size or m["batch_size"], args.budget)
     data = data_module.load(args.data, input_size(trainer), m["num_classes"])
     if data.skipped:
         print(f"skipped {len(data.skipped)} unreadable or non-image files "
@@ -77,6 +80,11 @@ def cmd_train(args) -> int:
             sender.close()
     if args.summary:
         write_summary(args.summary, summary)
+    if summary["predicted_working_set_bytes"] is not None:
+        mib = 2 ** 20
+        print(f"working set: predicted {summary['predicted_working_set_bytes'] / mib:.1f} MiB "
+              f"(memory plan, {m['memory_plan']['rank_basis']} ranks), measured "
+              f"{summary['working_set_bytes'] / mib:.1f} MiB")
     print(f"done: {summary['steps']} steps, val accuracy {summary['final_val_accuracy']:.4f}; "
           f"weights {summary['outputs']['weights']}, inference model "
           f"{summary['outputs']['inference']}")

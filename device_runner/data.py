@@ -33,10 +33,19 @@ class Dataset:
         return len(self.labels)
 
     def batch(self, indices, mean, std) -> tuple:
-        """(float32 (B, 3, H, W) normalised, int64 (B,))."""
-        x = self.images[indices].astype(np.float32) / 255.0
-        x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-        return np.ascontiguousarray(x.transpose(0, 3, 1, 2)), self.labels[indices]
+        """(float32 (B, 3, H, W) normalised, int64 (B,)); a channel at a time, so the
+        temporaries are one channel's (not three full-batch float copies)."""
+        images = self.images[indices]
+        mean = np.broadcast_to(np.asarray(mean, np.float32), (3,))
+        std = np.broadcast_to(np.asarray(std, np.float32), (3,))
+        x = np.empty((len(images), 3) + images.shape[1:3], np.float32)
+        for c in range(3):
+            channel = images[..., c].astype(np.float32)
+            channel /= np.float32(255.0)
+            channel -= mean[c]
+            channel /= std[c]
+            x[:, c] = channel
+        return x, self.labels[indices]
 
     def split(self, fraction: float, seed: int) -> tuple:
         """(train, held-out) with a seeded shuffle; the held-out part has >= 1 sample."""

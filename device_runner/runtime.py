@@ -264,7 +264,7 @@ class Trainer:
                    "labels": np.ascontiguousarray(labels, dtype=np.int64)}
         self.batch = len(labels)
         if self.batch > self.pool_batch:
-            self.plan_pool(max(len(labels), self.manifest["batch_size"]))
+            self.plan_pool(self.batch)
         out = {"ranks": {}, "kept_bytes": {}, "updates": {}, "grads": {}}
         seconds = {"prefix": 0.0, "forward": 0.0, "compress": 0.0}
         for position in range(self.backward_from):

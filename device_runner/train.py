@@ -66,11 +66,45 @@ def dry_run(trainer: Trainer, data: Dataset, batch_size: int) -> tuple:
     return max(0, grown), result.kept_full_bytes
 
 
+def planned_working_set(manifest: dict, batch_size: int) -> int | None:
+    """The memory plan's working set (bytes) at batch_size: every term of the plan grows
+    with the batch (the pool is planned for the batch the step runs), so it scales."""
+    plan = manifest.get("memory_plan")
+    if not plan:
+        return None
+    return math.ceil(plan["working_set_bytes"] * batch_size / plan["batch_size"])
+
+
+def check_plan(manifest: dict, batch_size: int, budget: int) -> None:
+    """Refuse (BudgetError) before any work a budget the memory plan cannot meet, with the
+    numbers and the batch that would fit. Data-dependent (eps) ranks are planned at their
+    bound: a plan above the budget is then left to the dry run and rank caps."""
+    mib = 2 ** 20
+    predicted = planned_working_set(manifest, batch_size)
+    plan = manifest.get("memory_plan") or {}
+    if predicted is None or predicted <= budget or plan.get("rank_basis") == "bound":
+        return
+    per_sample = predicted / batch_size
+    fits = int(budget // per_sample)
+    hint = (f"--batch-size {fits} would need about {fits * per_sample / mib:.1f} MiB"
+            if fits >= 1 else "even batch 1 does not fit")
+    raise BudgetError(f"budget {budget / mib:.1f} MiB is too small: the memory plan needs "
+                      f"{predicted / mib:.1f} MiB at batch {batch_size} (pool, arena, numpy; "
+                      f"peak at {plan.get('peak_at')}); {hint}, or export with fewer --layers "
+                      f"or a compressing --method")
+
+
 def check_budget(trainer: Trainer, data: Dataset, batch_size: int, budget: int,
                  log=print) -> dict:
-    """Measure a dry-run step; refuse (BudgetError) with what would fit when it cannot fit;
+    """Check the budget against the plan (check_plan), then measure a dry-run step: the check
+    that the plan holds; refuse (BudgetError) with what would fit when it cannot fit;
     otherwise derive per-layer rank caps (set on the trainer) and return what was done."""
     mib = 2 ** 20
+    check_plan(trainer.manifest, batch_size, budget)
+    planned = planned_working_set(trainer.manifest, batch_size)
+    if planned is not None:
+        log(f"budget: the memory plan predicts a working set of {planned / mib:.1f} MiB at "
+            f"batch {batch_size} ({trainer.manifest['memory_plan']['rank_basis']} ranks)")
     predicted = trainer.manifest["predicted_memory"]
     scale = batch_size / predicted["batch_size"]  # every kept term grows with the batch
     log(f"budget: predicted kept for backward at batch {batch_size}: about "
@@ -97,7 +131,8 @@ def check_budget(trainer: Trainer, data: Dataset, batch_size: int, budget: int,
     log(f"budget: one step needs {need / mib:.1f} MiB of the {budget / mib:.1f} MiB budget"
         + (f"; rank caps {trainer.rank_caps} keep the worst-case activations within "
            f"{allowance / mib:.1f} MiB" if trainer.rank_caps else ""))
-    return {"dry_run_bytes": need, "activation_allowance_bytes": allowance,
+    return {"dry_run_bytes": need, "planned_bytes": planned,
+            "activation_allowance_bytes": allowance,
             "rank_caps": trainer.rank_caps}
 
 
@@ -189,6 +224,7 @@ def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset, out_dir, options
     progress = Progress(total)
     step_seconds, losses, violations, rejected = [], [], 0, 0
     train_peak = baseline  # peak RSS over the training steps (not evaluation or writing)
+    predicted = planned_working_set(trainer.manifest, batch)
     kept_peak = {"paper": 0, "full": 0}
     val_accuracy = None
     while epoch < options.epochs and step < total:
@@ -231,6 +267,7 @@ def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset, out_dir, options
                       "ranks": {k: list(v) if v else None for k, v in result.ranks.items()},
                       "eps": trainer.eps if trainer.method in ("hosvd", "hosvd-tracked", "svd")
                       else None, "method": trainer.method,
+                      "working_set_bytes": working, "predicted_working_set_bytes": predicted,
                       "budget_bytes": options.budget_bytes, "budget_exceeded": over,
                       "budget_action": budget_action,
                       "seconds_split": result.seconds}
@@ -264,6 +301,7 @@ def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset, out_dir, options
                "median_step_seconds": float(np.median(step_seconds)) if step_seconds else None,
                "peak_rss_bytes": procmem.peak_rss_bytes(), "baseline_rss_bytes": baseline,
                "working_set_bytes": train_peak - baseline,
+               "predicted_working_set_bytes": predicted,
                "budget_bytes": options.budget_bytes, "budget_violations": violations,
                "kept_bytes_peak": kept_peak,
                "predicted_kept_bytes": {

@@ -149,7 +149,8 @@ def step_plan(models: dict, schedule: list, layers: list, method: str, batch: in
     _, pool = memplan.place(buffers)
     arena = {name: arena_peak(graphs[name], {b.name for b in buffers}) for name in graphs}
     last = memplan.last_use(schedule, io, by_name, method)
-    image = 4 * batch * prod(sizes_of_image(graphs)) + 8 * batch
+    # the image batch, and the next one being prepared (one float32 channel at a time)
+    image = 4 * batch * prod(sizes_of_image(graphs)) * 4 // 3 + 8 * batch
     numpy_live, numpy_at = {}, []
     results = 0
     for position, item in enumerate(schedule):

@@ -1,0 +1,116 @@
+"""The step's memory plan: placement by lifetime, the runner's live set against it, and the
+budget refused from it before the first step."""
+import json
+
+import numpy as np
+import pytest
+
+from actcomp_edge import memplan
+from actcomp_edge.memplan import Buffer, place
+from device_helpers import SIZE, device
+from export.training_graph import TrainConfig
+from export_helpers import batch, export, random_model
+
+
+def test_place_shares_memory_between_disjoint_lifetimes():
+    """A [0,1] and C [2,3] never live together: same offset; B overlaps both: above them,
+    at the next 64-byte boundary."""
+    offsets, total = place([Buffer("A", 100, 0, 1), Buffer("B", 50, 1, 2),
+                            Buffer("C", 100, 2, 3)])
+    assert offsets == {"A": 0, "C": 0, "B": 128}
+    assert total == 192
+
+
+def test_place_never_overlaps_live_buffers_and_is_at_least_the_live_peak():
+    rng = np.random.default_rng(0)
+    buffers = []
+    for i in range(200):
+        start = int(rng.integers(0, 50))
+        buffers.append(Buffer(f"t{i}", int(rng.integers(1, 5000)), start,
+                              start + int(rng.integers(0, 10))))
+    offsets, total = place(buffers)
+    for a in buffers:
+        assert offsets[a.name] % memplan.ALIGN == 0 and offsets[a.name] + a.nbytes <= total
+        for b in buffers:
+            if a is not b and a.overlaps(b):
+                assert (offsets[a.name] + a.nbytes <= offsets[b.name]
+                        or offsets[b.name] + b.nbytes <= offsets[a.name]), (a, b)
+    assert total >= max(memplan.live_bytes(buffers, p) for p in range(60))
+
+
+@pytest.mark.parametrize("method,eps", [("vanilla", None), ("hosvd", 0.8), ("gf-r2", None)])
+def test_runner_live_set_stays_inside_the_plan(tmp_path, method, eps):
+    """At every schedule position each tensor the runner holds that the plan pools sits in
+    its planned place (shares memory with the pool) and is alive in the plan there; nothing
+    outlives its last reader; a residual (blocks with skip adds) and a stride-2 dw in range."""
+    spec, model = random_model("mcunet-in1", 3, calibration_hw=SIZE)
+    trainer = export(model, spec, tmp_path, TrainConfig(n_layers=12, method=method, eps=eps),
+                     4, SIZE)
+    images, labels = batch(4, SIZE, 3)
+    trainer.step(images, labels, lr=0.01)  # plans and allocates the pool
+    buffers = trainer.plan_pool(4)
+    alive = {}
+    for b in buffers:
+        alive.setdefault(b.name, []).append(b)
+    original, seen = trainer._run, []
+
+    def checked(position, tensors, out):
+        original(position, tensors, out)
+        for name, value in tensors.items():
+            if name in ("loss", "logits"):
+                continue
+            assert trainer.last_use.get(name, -1) > position, f"{name} outlives its last use"
+            if name in alive:
+                assert any(b.start <= position <= b.end for b in alive[name]), name
+                assert np.shares_memory(value, trainer.pool), f"{name} is not in the pool"
+                seen.append(name)
+    trainer._run = checked
+    result = trainer.step(images, labels, lr=0.01)
+    assert result.applied and seen
+    plan = trainer.manifest["memory_plan"]
+    assert plan["pool_bytes"] == trainer.pool.nbytes
+    assert plan["working_set_bytes"] == plan["pool_bytes"] + plan["arena_bytes"] + \
+        plan["numpy_peak_bytes"]
+
+
+def test_steps_with_the_pool_equal_steps_without_reuse(tmp_path):
+    """The pool is reused every step: three steps give the weights of three steps on a
+    fresh pool each (nothing of one step leaks into the next through shared memory)."""
+    spec, model = random_model("mcunet-in1", 3, calibration_hw=SIZE)
+    config = TrainConfig(n_layers=12, method="vanilla", eps=None)
+    a = export(model, spec, tmp_path / "a", config, 4, SIZE)
+    b = export(model, spec, tmp_path / "b", config, 4, SIZE)
+    rng = np.random.default_rng(1)
+    for step in range(3):
+        images = rng.standard_normal((4, 3) + SIZE).astype(np.float32)
+        labels = rng.integers(0, 3, 4)
+        a.step(images, labels, lr=0.05)
+        b.pool_batch = 0  # forces a new pool for this step
+        b.step(images, labels, lr=0.05)
+    for name in a.params:
+        np.testing.assert_array_equal(a.params[name], b.params[name])
+
+
+def test_budget_below_the_plan_is_refused_before_the_first_step(tmp_path):
+    """1 % below the plan: exit 3, one line with the numbers, no step taken; 10 % above:
+    trains, and the summary holds predicted and measured working sets."""
+    spec, model = random_model("mcunet-in1", 3, calibration_hw=SIZE)
+    art = export(model, spec, tmp_path / "art", TrainConfig(n_layers=4, method="vanilla",
+                                                            eps=None), 8, SIZE).folder
+    planned = json.loads((art / "manifest.json").read_text())["memory_plan"]["working_set_bytes"]
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", images=rng.integers(0, 256, (24,) + SIZE + (3,), np.uint8),
+             labels=rng.integers(0, 3, 24))
+    common = ["train", art, "--data", tmp_path / "d.npz", "--max-steps", "2", "--threads", "1"]
+    low = device(*common, "--budget", str(int(planned * 0.99)), "--out", tmp_path / "low")
+    assert low.returncode == 3, low.stderr
+    lines = low.stderr.strip().splitlines()
+    assert len(lines) == 1 and "memory plan needs" in lines[0] and "--batch-size" in lines[0]
+    assert "Traceback" not in low.stderr and not (tmp_path / "low" / "checkpoints").exists()
+    high = device(*common, "--budget", str(int(planned * 1.10)), "--out", tmp_path / "high",
+                  "--summary", tmp_path / "s.json")
+    assert high.returncode in (0, 4), high.stderr
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["steps"] == 2 and summary["predicted_working_set_bytes"] == planned
+    assert summary["working_set_bytes"] > 0
+    assert "working set: predicted" in high.stdout
