@@ -142,7 +142,8 @@ def _finish(fig, axes, path, xlabel="step", empty="no data") -> None:
 
 def plot_memory(runs, path) -> dict:
     """RSS and peak RSS (MiB): absolute with baseline + budget, and minus the baseline with
-    the budget (what `--budget` bounds: the peak RSS growth over the baseline)."""
+    the budget (what `--budget` bounds: the peak RSS growth over the baseline) and the memory
+    plan's predicted working set."""
     fig, (absolute, relative) = _figure(2, "process memory")
     drawn = {}
     for i, run in enumerate(runs):
@@ -154,6 +155,12 @@ def plot_memory(runs, path) -> dict:
             _line(relative, drawn, f"{run.name} {label} - baseline", x,
                   [(r[key] - r["baseline_rss_bytes"]) / MIB for r in run.steps], color=color,
                   linestyle=style)
+        planned = [r for r in run.steps if _is(r.get("predicted_working_set_bytes"), int)]
+        if planned:
+            _line(relative, drawn, f"{run.name} predicted working set (memory plan)",
+                  [r["step"] for r in planned],
+                  [r["predicted_working_set_bytes"] / MIB for r in planned], color=color,
+                  linestyle="-.", marker="")
         budgeted = [r for r in run.steps if _is(r.get("budget_bytes"), int)]
         if budgeted:
             bx = [r["step"] for r in budgeted]
