@@ -3,7 +3,8 @@
 predict for a Raspberry Pi Zero 2 W profile -> export (mcunet-in1, last 4 convs, HOSVD
 eps=0.8, batch 32, 128 px) -> `actcomp-device train` on the local runner, streaming profiles
 over a pty pair (the serial cable) to `actcomp monitor` -> memory report -> `actcomp check`
--> `actcomp report` (plots + summary page).  Uses the real
+-> `actcomp report` (plots + summary page); then all 42 convs fine-tuned, vanilla next to
+HOSVD, with their working sets.  Uses the real
 tiny-training weights and ants/bees images from ../shared when present, otherwise random
 weights and generated images (said on screen).  Output goes to out/demo/.
 """
@@ -23,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 OUT = REPO / "out" / "demo"
 STEPS, BATCH, SIZE, LAYERS, EPS = 8, 32, 128, 4, 0.8
+DEEP_STEPS = 3
 PROFILE = "pi-zero-2w"
 
 
@@ -107,7 +109,8 @@ def main() -> int:
     print(f"{summary['steps']} steps, median {summary['median_step_seconds'] * 1e3:.0f} ms/step, "
           f"final loss {summary['final_train_loss']:.4f}, "
           f"val accuracy {summary['final_val_accuracy']:.3f}")
-    print(f"\n== 5. Check the artifact against the board ({PROFILE}) and write the report")
+    deep_finetune(model, data_path)
+    print(f"\n== 6. Check the artifact against the board ({PROFILE}) and write the report")
     cli.main(["check", str(art), "--profile", PROFILE])
     report = OUT / "report"
     if cli.main(["report", str(stream), "-o", str(report)]) != 0:
@@ -115,6 +118,38 @@ def main() -> int:
     print(f"\nartifact: {art}  (open overview.onnx in Netron to see the decomposition nodes)")
     print(f"report:   {report / 'index.html'}")
     return 0
+
+
+def deep_finetune(model: list, data_path: Path) -> None:
+    """Every conv fine-tuned, vanilla next to HOSVD: the working set of each, measured against
+    its memory plan, each job a process of its own."""
+    import json
+    layers = 42
+    print(f"\n== 5. Why compression matters: all {layers} convs fine-tuned, batch {BATCH}, "
+          f"{SIZE} px, {DEEP_STEPS} steps each, vanilla next to HOSVD eps={EPS}")
+    rows = []
+    for method in ("vanilla", "hosvd"):
+        art = OUT / f"deep-{method}"
+        extra = ["--eps", str(EPS)] if method == "hosvd" else []
+        if cli.main(["export", *model, "--num-classes", "2", "--layers", str(layers),
+                     "--method", method, *extra, "--batch-size", str(BATCH), "--input-size",
+                     str(SIZE), "-o", str(art)]):
+            return
+        summary = OUT / f"deep-{method}.json"
+        if subprocess.call([sys.executable, "-m", "device_runner.cli", "train", str(art),
+                            "--data", str(data_path), "--max-steps", str(DEEP_STEPS),
+                            "--lr", "0.001", "--out", str(OUT / f"deep-{method}-run"),
+                            "--summary", str(summary)], stdout=subprocess.DEVNULL):
+            return
+        rows.append((method, json.loads(summary.read_text())))
+    print(f"{'method':<8} {'working set MiB':>16} {'predicted MiB':>14} {'ms/step':>8}")
+    for method, s in rows:
+        print(f"{method:<8} {mib(s['working_set_bytes']):>16} "
+              f"{mib(s['predicted_working_set_bytes'] or 0):>14} "
+              f"{s['median_step_seconds'] * 1e3:>8.0f}")
+    (_, v), (_, h) = rows
+    print(f"HOSVD's working set is {h['working_set_bytes'] / v['working_set_bytes']:.2f}x "
+          f"vanilla's (HOSVD's prediction uses the worst-case ranks)")
 
 
 if __name__ == "__main__":

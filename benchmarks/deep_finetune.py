@@ -267,11 +267,14 @@ def main() -> None:
                     else:
                         art = work / f"art-n{n}-b{b}-{s}-{method}"
                         if key not in arts:  # export once
-                            arts[key] = art
+                            arts[key] = None
                             shutil.rmtree(art, ignore_errors=True)
                             call([str(BIN / "actcomp"), "export", *MODEL, "--layers", str(n),
                                   "--method", method, *METHODS[method], "--batch-size", str(b),
                                   "--input-size", str(s), "-o", str(art)])
+                            arts[key] = art
+                        if arts[key] is None:
+                            raise JobFailed("its export failed in round 1")
                         m = runner_job(art, work / f"run-n{n}-b{b}-{s}-{method}-r{rep}", b,
                                        args.steps, args.threads)
                 except (JobFailed, OSError, KeyError, ValueError) as e:

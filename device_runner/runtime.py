@@ -66,14 +66,17 @@ class MemoryBudgetError(RuntimeError):
 
 
 _ARENA_BYTES = None
+ARENA_SLACK = 1.25  # the first arena region: the plan's arena and a quarter for fragmentation
 NO_ARENA_CAP = 1 << 46  # without a budget the arena grows as the graphs need (64 TiB: no cap)
 DTYPES = {"tensor(float)": np.float32, "tensor(bool)": np.bool_, "tensor(uint8)": np.uint8,
           "tensor(int64)": np.int64}
 
 
-def cap_arena(max_bytes: int) -> None:
-    """Register a process-wide onnxruntime CPU arena of at most max_bytes: an allocation past
-    it fails with an error instead of the OS killing the process. Once per process."""
+def cap_arena(max_bytes: int, initial_bytes: int = -1) -> None:
+    """Register a process-wide onnxruntime CPU arena of at most max_bytes, starting as one
+    region of initial_bytes (the plan's arena: the graphs' intermediates are carved from it
+    and do not grow it step after step; -1: onnxruntime's default). An allocation past
+    max_bytes fails with an error instead of the OS killing the process. Once per process."""
     global _ARENA_BYTES
     if _ARENA_BYTES is not None:
         if _ARENA_BYTES != max_bytes:
@@ -82,7 +85,8 @@ def cap_arena(max_bytes: int) -> None:
     info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0,
                              ort.OrtMemType.DEFAULT)
     # arena_extend_strategy 1 = kSameAsRequested: grow by what is asked, not by powers of two
-    ort.create_and_register_allocator(info, ort.OrtArenaCfg(int(max_bytes), 1, -1, -1))
+    ort.create_and_register_allocator(info, ort.OrtArenaCfg(int(max_bytes), 1,
+                                                            int(initial_bytes), -1))
     _ARENA_BYTES = max_bytes
 
 
@@ -112,7 +116,10 @@ class Trainer:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # one onnxruntime arena for every session: the graphs' intermediates reuse the same
         # memory each run, and the tensors held between runs live in the pool (plan_pool)
-        cap_arena(arena_bytes or NO_ARENA_CAP)
+        plan = m.get("memory_plan") or {}
+        cap_arena(arena_bytes or NO_ARENA_CAP,
+                  min(int(ARENA_SLACK * plan["arena_bytes"]), arena_bytes or NO_ARENA_CAP)
+                  if plan.get("arena_bytes") else -1)
         options.add_session_config_entry("session.use_env_allocators", "1")
         # no memory pattern: it reserves each graph's whole intermediate block per run, and the
         # shared arena then holds the blocks of several graphs (measured: +40-80 MiB)

@@ -328,6 +328,17 @@ def emit_conv_backward(g: Graph, program: Program, op: Op, dy: str, method: str,
         z = batch_contract(g, name + "/dY_x_left", kept["left"], dy, (out_ch, oh, ow))
         dw = conv_weight_grad(g, name, kept["right"], z, (c, h, w), (oh, ow), k, s, p, groups,
                               out_ch)
+    elif method in ("hosvd", "hosvd-tracked") and (k, s, p, groups) == (1, 1, 0, 1):
+        # pointwise: dW_low[o, k2] = sum dY[b,o,h,w] U1[b,k1] core[k1,k2,c,d] U3[h,c] U4[w,d];
+        # dY is projected on U4 then U3 first (it shrinks), never expanding the core
+        t = g.op("MatMul", [dy, kept["u_width"]], name + "/dY_x_U4")               # (B,O,H,K4)
+        t = g.op("Transpose", [t], name + "/dY_x_U4_T", perm=[0, 1, 3, 2])          # (B,O,K4,H)
+        t = g.op("MatMul", [t, kept["u_height"]], name + "/dY_x_U4_x_U3")          # (B,O,K4,K3)
+        low = g.op("Einsum", [t, kept["u_batch"], kept["core"]], name + "/dW_low",
+                   equation="bodc,ba,aecd->oe")                                     # (O, K2)
+        dw = g.op("MatMul", [low, g.op("Transpose", [kept["u_channel"]], name + "/U2_T",
+                                      perm=[1, 0])], name + "/project_U2")          # (O, C)
+        dw = g.op("Reshape", [dw, g.ints([out_ch, c, 1, 1])], name + "/dW")
     elif method in ("hosvd", "hosvd-tracked"):
         z = batch_contract(g, name + "/dY_x_U1", kept["u_batch"], dy, (out_ch, oh, ow))
         u3, u4 = kept["u_height"], kept["u_width"]
