@@ -73,10 +73,11 @@ class JobFailed(Exception):
     pass
 
 
-def call(cmd: list, timeout: float = 3600) -> str:
-    """Run cmd from the repo root; its stdout, or JobFailed with the stderr tail."""
+def call(cmd: list, timeout: float = 3600, cwd=None) -> str:
+    """Run cmd from the repo root (or cwd); its stdout, or JobFailed with the stderr tail."""
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd or REPO,
+                              timeout=timeout)
     except subprocess.TimeoutExpired:
         raise JobFailed(f"timed out after {timeout:.0f} s") from None
     if proc.returncode:
@@ -95,26 +96,57 @@ def predicted_ws(summary: dict, manifest: dict, batch: int) -> tuple:
     return math.ceil(plan["working_set_bytes"] * batch / plan.get("batch_size", batch)), "manifest"
 
 
-def runner_job(art: Path, run_dir: Path, batch: int, steps: int, threads: int) -> dict:
-    """One `actcomp-device train` process; figures from its --summary (bytes, seconds)."""
+def runner_job(art: Path, run_dir: Path, batch: int, steps: int, threads: int,
+               runner=None, cwd=None) -> dict:
+    """One `actcomp-device train` process; figures from its --summary (bytes, seconds).
+    runner: the command before the artifact (default this checkout's `actcomp-device train`)."""
+    runner = runner or [str(BIN / "actcomp-device"), "train"]
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     with np.load(REPO / TRAIN, allow_pickle=False) as d:
         n_train = len(d["labels"])
-    epochs = math.ceil(steps / math.ceil(n_train / batch))  # --max-steps stops within --epochs
+    steps = min(steps, math.ceil(n_train / batch))  # one epoch: no evaluation between steps
+    epochs = 1
     summary = run_dir / "summary.json"
-    call([str(BIN / "actcomp-device"), "train", str(art), "--data", TRAIN, "--val-data", VAL,
-          "--max-steps", str(steps), "--batch-size", str(batch), "--lr", "0.001",
-          "--threads", str(threads), *(["--epochs", str(epochs)] if epochs > 1 else []),
-          "--out", str(run_dir), "--summary", str(summary)])
+    call(runner + [str(art), "--data", TRAIN, "--val-data", VAL,
+                   "--max-steps", str(steps), "--batch-size", str(batch), "--lr", "0.001",
+                   "--threads", str(threads), "--out", str(run_dir), "--summary", str(summary)],
+         cwd=cwd)
     s = json.loads(summary.read_text())
     manifest = json.loads((art / "manifest.json").read_text())
     pred, source = predicted_ws(s, manifest, batch)
     return {"peak_rss_bytes": s["peak_rss_bytes"], "baseline_rss_bytes": s["baseline_rss_bytes"],
-            "working_set_bytes": s["working_set_bytes"],
+            # the baseline runner's summary has no working_set_bytes: its peak includes the
+            # final evaluation and writes
+            "working_set_bytes": s.get("working_set_bytes",
+                                       s["peak_rss_bytes"] - s["baseline_rss_bytes"]),
             "median_step_seconds": s["median_step_seconds"], "steps": s.get("steps"),
             "epochs": epochs, "predicted_working_set_bytes": pred, "predicted_from": source,
             "memory_plan": manifest.get("memory_plan")}
+
+
+BASELINE_COMMIT = "592406e"  # the runner before the memory plan (single backward, 1-byte masks)
+BASELINE = f"runner {BASELINE_COMMIT}, glibc default heap"
+# its CLI set glibc's 128 KiB mmap threshold at start-up; switched off here, so this is the
+# speed the issue compares against (the threshold alone doubled its step)
+BASELINE_TRAIN = ("import sys; sys.path.insert(0, {tree!r}); import device_runner.procmem as p; "
+                  "p.return_freed_memory = lambda: False; from device_runner.cli import main; "
+                  "sys.exit(main(['train'] + sys.argv[1:]))")
+
+
+def baseline_art(work: Path, n: int, batch: int, size: int, method: str) -> tuple:
+    """(artifact, runner command, tree) of the baseline commit (a git worktree in work)."""
+    tree = work / f"tree-{BASELINE_COMMIT}"
+    if not tree.exists():
+        call(["git", "worktree", "add", "--detach", "-f", str(tree), BASELINE_COMMIT])
+    art = work / f"art-{BASELINE_COMMIT}-n{n}-b{batch}-{size}-{method}"
+    if not (art / "manifest.json").exists():
+        shutil.rmtree(art, ignore_errors=True)
+        model = [str((REPO / a).resolve()) if a.startswith(SHARED) else a for a in MODEL]
+        call([str(BIN / "python"), "-m", "actcomp_edge.cli", "export", *model, "--layers",
+              str(n), "--method", method, *METHODS[method], "--batch-size", str(batch),
+              "--input-size", str(size), "-o", str(art)], cwd=tree)
+    return art, [str(BIN / "python"), "-c", BASELINE_TRAIN.format(tree=str(tree))]
 
 
 def torch_job(n: int, batch: int, size: int, steps: int, threads: int) -> dict:
@@ -171,7 +203,7 @@ def targets(rows: dict) -> list:
                                                   f"ratio {h / v:.2f}"))
     errs, missing = [], []
     for (n, b, s, method), r in rows.items():
-        if n in (4, 42) and method in ("vanilla", "hosvd"):
+        if n in (4, 42) and method in ("vanilla", "hosvd") and b == 32:
             p, w = r.get("predicted_working_set_bytes"), r.get("working_set_bytes")
             if p is None or not w:
                 missing.append(f"N={n} b{b}/{s} {method}")
@@ -180,10 +212,23 @@ def targets(rows: dict) -> list:
     detail = ", ".join(f"{k} {e:+.1f} %" for k, e in errs)
     detail += ("; " if detail and missing else "") + (
         f"no prediction or measurement: {', '.join(missing)}" if missing else "")
+    now, before = (get(42, 32, 128, m, "median_step_seconds")
+                   for m in ("vanilla", f"{BASELINE}: vanilla"))
+    out.append(("vanilla step, N=42 batch 32/128, no slower than the baseline runner without the "
+                "mmap threshold", None if not (now and before) else now <= before,
+                "not run" if not (now and before) else
+                f"{now * 1e3:.0f} vs {before * 1e3:.0f} ms, ratio {now / before:.2f}"))
     out.append(("predicted working set within +-5 % of measured (vanilla, HOSVD; N=4, N=42)",
                 None if not errs or missing else all(abs(e) <= 5 for _, e in errs),
                 detail or "not run"))
     return out
+
+
+def baselines(n: int, batch: int, size: int, methods: list) -> list:
+    """The baseline runner's jobs of a configuration: vanilla and HOSVD at N=4 and N=42, 32/128."""
+    if (batch, size) != (32, 128) or n not in (4, 42):
+        return []
+    return [f"{BASELINE}: {m}" for m in ("vanilla", "hosvd") if m in methods]
 
 
 def plot(rows: dict, layers: list, methods: list, path: Path) -> None:
@@ -257,13 +302,18 @@ def main() -> None:
 
     for rep in range(args.repeats):
         for (n, b, s), config_methods in configs.items():
-            for method in config_methods + [TORCH]:
+            for method in config_methods + [TORCH] + baselines(n, b, s, config_methods):
                 key, job = (n, b, s, method), f"N={n} b{b} {s}px {method}"
                 if args.repeats > 1:
                     job += f" (round {rep + 1}/{args.repeats})"
                 try:
                     if method == TORCH:
                         m = torch_job(n, b, s, args.steps, args.threads)
+                    elif method.startswith(BASELINE):
+                        base_method = method.split(": ")[1]
+                        art, runner = baseline_art(work, n, b, s, base_method)
+                        m = runner_job(art, work / f"run-base-n{n}-b{b}-{s}-{base_method}-r{rep}",
+                                       b, args.steps, args.threads, runner=runner)
                     else:
                         art = work / f"art-n{n}-b{b}-{s}-{method}"
                         if key not in arts:  # export once
@@ -288,12 +338,12 @@ def main() -> None:
 
     rows = {}
     for (n, b, s), config_methods in configs.items():
-        for method in config_methods + [TORCH]:
+        for method in config_methods + [TORCH] + baselines(n, b, s, config_methods):
             key = (n, b, s, method)
             rows[key] = dict(summarise(runs.get(key, [])), failures=failures.get(key, []))
         torch_step = rows[(n, b, s, TORCH)].get("median_step_seconds")
         vanilla_ws = rows.get((n, b, s, "vanilla"), {}).get("working_set_bytes")
-        for method in config_methods + [TORCH]:
+        for method in config_methods + [TORCH] + baselines(n, b, s, config_methods):
             r = rows[(n, b, s, method)]
             if r.get("median_step_seconds") and torch_step:
                 r["step_ratio_torch"] = r["median_step_seconds"] / torch_step

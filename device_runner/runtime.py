@@ -90,6 +90,15 @@ def cap_arena(max_bytes: int, initial_bytes: int = -1) -> None:
     _ARENA_BYTES = max_bytes
 
 
+def initial_arena_bytes(manifest: dict, cap: int | None) -> int:
+    """The arena's first region: the plan's arena (the largest intermediates of any one
+    graph run) with slack, within the cap; -1 (onnxruntime's default) without a plan."""
+    planned = (manifest.get("memory_plan") or {}).get("arena_bytes")
+    if not planned:
+        return -1
+    return min(int(ARENA_SLACK * planned), cap or NO_ARENA_CAP)
+
+
 def run_bound(session, binding) -> None:
     try:
         session.run_with_iobinding(binding)
@@ -116,10 +125,7 @@ class Trainer:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # one onnxruntime arena for every session: the graphs' intermediates reuse the same
         # memory each run, and the tensors held between runs live in the pool (plan_pool)
-        plan = m.get("memory_plan") or {}
-        cap_arena(arena_bytes or NO_ARENA_CAP,
-                  min(int(ARENA_SLACK * plan["arena_bytes"]), arena_bytes or NO_ARENA_CAP)
-                  if plan.get("arena_bytes") else -1)
+        cap_arena(arena_bytes or NO_ARENA_CAP, initial_arena_bytes(m, arena_bytes))
         options.add_session_config_entry("session.use_env_allocators", "1")
         # no memory pattern: it reserves each graph's whole intermediate block per run, and the
         # shared arena then holds the blocks of several graphs (measured: +40-80 MiB)

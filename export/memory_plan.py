@@ -182,6 +182,7 @@ def step_plan(models: dict, schedule: list, layers: list, method: str, batch: in
     return {"batch_size": batch, "rank_basis": "bound" if ranks is None and chosen_any(chosen)
             else "exact", "pool_bytes": pool, "arena_bytes": arena_bytes,
             "arena_graph": max(arena, key=arena.get) if arena else None,
+            "arena_bytes_per_graph": arena,
             "numpy_peak_bytes": max(numpy_at, default=0),
             "working_set_bytes": working_set,
             "peak_at": where.get("run") or f"compress {where['compress']}",
