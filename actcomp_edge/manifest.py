@@ -2,7 +2,8 @@
 
 An artifact is a folder:
 
-    manifest.json      what it is, how to run it, predicted memory, SHA-256 of every file
+    manifest.json      what it is, how to run it, predicted memory and the step's memory plan
+                       (export.memory_plan), SHA-256 of every file
     forward_<p>.onnx   forward partitions (cut at every fine-tuned conv input)
     backward_<p>.onnx  the reverse of forward_<p> with its params' optimizer update (p = N..1)
     evaluate.onnx      image -> logits with the trainable weights as inputs
@@ -199,6 +200,14 @@ SCHEMA = {
     "predicted_memory.rank_basis": TEXT,
     "predicted_memory.paper_bytes": BYTES,
     "predicted_memory.full_bytes": BYTES,
+    "memory_plan": OBJECT,
+    "memory_plan.batch_size": COUNT,
+    "memory_plan.rank_basis": TEXT,
+    "memory_plan.working_set_bytes": BYTES,
+    "memory_plan.pool_bytes": BYTES,
+    "memory_plan.arena_bytes": BYTES,
+    "memory_plan.numpy_peak_bytes": BYTES,
+    "memory_plan.peak_at": TEXT,
     "files": ("a non-empty object", lambda v: isinstance(v, dict) and bool(v)),
 }
 

@@ -9,8 +9,7 @@ as a compiler's storage planner). The device allocates the pool once and onnxrun
 the runs' outputs straight into it (IOBinding), so no step allocates or page-faults them.
 
 Not pooled: ``new/*`` and ``grad/*`` (the step's results, kept after it), ``loss`` and
-``logits``, and what numpy makes (kept pieces, packed masks): ``Buffer``s of the plan all
-the same, with their own lifetimes, in ``working_set``.
+``logits``, and what numpy makes (the kept pieces of a decomposition).
 """
 from __future__ import annotations
 
@@ -53,9 +52,9 @@ def last_use(schedule: list, io: dict, layers: dict, method: str) -> dict:
 
 
 def pool_buffers(schedule: list, io: dict, layers: dict, method: str, nbytes) -> list:
-    """Buffer of every pooled run output. A mask lives only in its own run (the device packs
-    it at once); a second gradient of the same tensor (``d/<t>`` from another consumer) gets
-    a buffer of its own for that run only (then it is summed into the first)."""
+    """Buffer of every pooled run output. A second gradient of the same tensor (``d/<t>`` from
+    another consumer) gets a buffer of its own for that run only (then it is summed into the
+    first)."""
     last = last_use(schedule, io, layers, method)
     made, buffers = set(), []
     for position, item in enumerate(schedule):
@@ -64,7 +63,7 @@ def pool_buffers(schedule: list, io: dict, layers: dict, method: str, nbytes) ->
         for name in io[item["run"]][1]:
             if not pooled(name):
                 continue
-            if name.endswith("/mask") or name in made:
+            if name in made:
                 buffers.append(Buffer(pool_key(name, position, made), nbytes(name), position,
                                       position))
             else:
@@ -75,7 +74,7 @@ def pool_buffers(schedule: list, io: dict, layers: dict, method: str, nbytes) ->
 
 def pool_key(name: str, position: int, made) -> str:
     """The pool place of output ``name`` of the run at ``position``."""
-    return f"{name}@{position}" if name in made and not name.endswith("/mask") else name
+    return f"{name}@{position}" if name in made else name
 
 
 def place(buffers: list) -> tuple:

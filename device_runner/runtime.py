@@ -8,7 +8,7 @@ The manifest's ``schedule`` alternates forward partitions ("run") and
 decompositions ("compress": the input of that fine-tuned conv is decomposed
 with numpy, ``actcomp_edge.compress``); a full tensor is dropped as soon as no
 later item needs it. Then the backward partitions run in reverse, each taking only its
-conv's kept pieces, its masks (held bit-packed, ``pack_mask``) and the gradients of what
+conv's kept pieces, its masks (bit-packed by the forward graphs) and the gradients of what
 its forward partition handed on, and freeing them when done.
 """
 from __future__ import annotations
@@ -49,12 +49,6 @@ class Forward:
     kept_full_bytes: int        # everything the backward takes (full accounting)
     kept_full_per_layer: dict   # layer -> kept pieces + the masks after it; "classifier"
     seconds: dict               # prefix / forward / compress
-
-
-def pack_mask(mask: np.ndarray) -> np.ndarray:
-    """bool (B, C, H, W) -> uint8 (B, ceil(C*H*W / 8)): 1 bit an element, as the backward
-    partitions take it (``<t>/mask_bits``; they unpack it themselves)."""
-    return np.packbits(mask.reshape(mask.shape[0], -1), axis=1)
 
 
 class NonFiniteActivation(ArithmeticError):
@@ -256,9 +250,7 @@ class Trainer:
                        for n, value in zip(outputs, binding.get_outputs())]
             del binding
             for name, value in zip(outputs, results):
-                if name.endswith("/mask"):
-                    tensors[name + "_bits"] = pack_mask(value)
-                elif name.startswith("new/"):
+                if name.startswith("new/"):
                     out["updates"][name[4:]] = value
                 elif name.startswith("grad/"):
                     out["grads"][name[5:]] = value

@@ -17,7 +17,6 @@ from .memory_plan import step_plan
 from .onnx_graph import IR_VERSION, OPSET
 from .program import build_program
 from .training_graph import (TrainConfig, backward_partitions, eval_graph, forward_partitions,
-                             mask_bits_name,
                              optimizer_state, overview_graph, split_program)
 
 
@@ -40,8 +39,7 @@ def export_artifact(spec: dict, arrays: dict, out_dir, config: TrainConfig, batc
     forward, schedule, models = [], [], {}
     partitions = forward_partitions(split, config)
     # masks made between fine-tuned conv i and the next belong to conv i (full accounting)
-    masks = [[mask_bits_name(t[:-len("/mask")]) for t in outputs if t.endswith("/mask")]
-             for _, _, outputs in partitions[1:]]
+    masks = [[t for t in outputs if t.endswith("/mask_bits")] for _, _, outputs in partitions[1:]]
     for p, (g, _, _) in enumerate(partitions):
         if p >= 1:  # the input of fine-tuned conv p is ready: the device decomposes it
             schedule.append({"compress": split.trainable_convs[p - 1].name})

@@ -6,7 +6,7 @@ Working set = what the runner allocates once and then reuses, plus what the step
     pool        every tensor held between graph runs, placed by lifetime (exact)
     arena       onnxruntime's shared arena: the largest intermediate set of any one graph run
                 (tensors alive together in node order, from onnx shape inference)
-    numpy       at each schedule position: the kept pieces and packed masks alive, the
+    numpy       at each schedule position: the kept pieces alive, the
                 results (new params, state, gradients), the image batch, and the transient
                 of a decomposition (``compress_workspace``)
 
@@ -52,11 +52,29 @@ def tensor_bytes(model: onnx.ModelProto) -> dict:
     return out
 
 
+def node_workspace(node, model_sizes: dict, shapes: dict) -> int:
+    """Bytes a kernel allocates for itself while it runs (onnxruntime CPU): Einsum permutes
+    every input into a copy first; a Conv that is not 1x1 unfolds one image at a time into
+    a (C/group * kh * kw, H' * W') column buffer, a ConvTranspose its (O/group * kh * kw,
+    H * W) one."""
+    if node.op_type == "Einsum":
+        return sum(model_sizes.get(name, 0) for name in node.input)
+    if node.op_type in ("Conv", "ConvTranspose"):
+        w = shapes.get(node.input[1])      # Conv (O, C/g, kh, kw); ConvTranspose (C, O/g, kh, kw)
+        image = shapes.get(node.output[0] if node.op_type == "Conv" else node.input[0])
+        if not w or not image or None in w or None in image or w[2] * w[3] == 1:
+            return 0
+        return 4 * w[1] * w[2] * w[3] * image[2] * image[3]
+    return 0
+
+
 def arena_peak(model: onnx.ModelProto, pooled: set) -> int:
-    """Largest sum of intermediates alive together when the nodes run in order: each made
-    by its node, freed after its last reader; graph outputs not in the pool stay to the end;
-    inputs, initializers and pooled outputs are not the arena's."""
+    """Largest sum of intermediates alive together when the nodes run in order, plus the
+    running kernel's own workspace (node_workspace): each tensor made by its node, freed
+    after its last reader; graph outputs not in the pool stay to the end; inputs,
+    initializers and pooled outputs are not the arena's."""
     sizes = tensor_bytes(model)
+    shapes = tensor_shapes(model)
     nodes = model.graph.node
     outside = {i.name for i in model.graph.input} | {i.name for i in model.graph.initializer}
     kept = {o.name for o in model.graph.output} - pooled
@@ -69,11 +87,20 @@ def arena_peak(model: onnx.ModelProto, pooled: set) -> int:
         for name in node.output:
             if name and name not in outside and name not in pooled:
                 live[name] = sizes.get(name, 0)
-        peak = max(peak, sum(live.values()))
+        peak = max(peak, sum(live.values()) + node_workspace(node, sizes, shapes))
         for name in list(live):
             if name not in kept and last.get(name, -1) <= i:
                 del live[name]
     return peak
+
+
+def tensor_shapes(model: onnx.ModelProto) -> dict:
+    """name -> shape (None for an unknown dim), initializers included."""
+    out = {init.name: tuple(init.dims) for init in model.graph.initializer}
+    for value in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        out[value.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
+    return out
 
 
 def compress_workspace(method: str, shape: tuple, ranks, stride: int) -> int:
@@ -163,16 +190,11 @@ def step_plan(models: dict, schedule: list, layers: list, method: str, batch: in
             transient = compress_workspace(method, shape, chosen[layer["name"]], layer["stride"])
         else:
             for name in io[item["run"]][1]:
-                if name.endswith("/mask"):
-                    numpy_live[name] = sizes[name] // 8 + batch  # packbits: 1 bit, rounded up
-                elif name.startswith(("new/", "grad/")):
+                if name.startswith(("new/", "grad/")):
                     results += sizes[name]
         numpy_at.append(image + results + sum(numpy_live.values()) + transient)
-        for name in list(numpy_live):
-            key = name if name in by_name else None
-            reads = (last.get(by_name[name]["kept"][0], -1) if key else
-                     last.get(name + "_bits", -1))
-            if reads <= position:
+        for name in list(numpy_live):  # kept pieces: until their backward partition
+            if last.get(by_name[name]["kept"][0], -1) <= position:
                 del numpy_live[name]
     peak_position = max(range(len(schedule)), key=lambda p: numpy_at[p] + memplan.live_bytes(
         buffers, p))

@@ -132,11 +132,11 @@ def emit_forward(g: Graph, program: Program, op: Op, trainable: set, with_mask: 
         else:
             g.op("Clip", [x, g.scalar(a["lo"]), g.scalar(a["hi"])], op.name, outputs=[op.output])
         if with_mask:  # the backward of min(max(x, lo), hi): pass where lo < x < hi (as torch)
-            mask = g.op("Greater", [x, g.scalar(a["lo"])], op.name + "/above_lo",
-                        outputs=[op.output + "/mask" if a["hi"] == RELU_HI else None])
+            mask = g.op("Greater", [x, g.scalar(a["lo"])], op.name + "/above_lo")
             if a["hi"] != RELU_HI:
                 below = g.op("Less", [x, g.scalar(a["hi"])], op.name + "/below_hi")
-                g.op("And", [mask, below], op.name + "/mask", outputs=[op.output + "/mask"])
+                mask = g.op("And", [mask, below], op.name + "/mask")
+            pack_mask(g, op.name, mask, program.shapes[op.output], mask_bits_name(op.output))
     elif op.kind == "add":
         g.op("Add", list(op.inputs), op.name, outputs=[op.output])
     elif op.kind == "maxpool":
@@ -220,7 +220,7 @@ def forward_partitions(split: Split, config: TrainConfig) -> list:
             if any(q > p for q in used_in.get(op.output, ())):
                 outputs.append(op.output)
             if op.kind == "clip" and i >= region:
-                outputs.append(op.output + "/mask")
+                outputs.append(mask_bits_name(op.output))
         last = p == len(split.partitions) - 1
         if last:
             emit_loss(g, program.num_classes, config.label_smoothing)
@@ -228,8 +228,9 @@ def forward_partitions(split: Split, config: TrainConfig) -> list:
         for t in outputs:
             if t == "loss":
                 g.output(t, np.float32, [])
-            elif t.endswith("/mask"):
-                g.output(t, np.bool_, tensor_shape(program, t[:-len("/mask")]))
+            elif t.endswith("/mask_bits"):
+                c, h, w = program.shapes[t[:-len("/mask_bits")]]
+                g.output(t, np.uint8, [BATCH, ceil(c * h * w / 8)])
             elif t == "dlogits":
                 g.output(t, np.float32, tensor_shape(program, "logits"))
             else:
@@ -516,9 +517,29 @@ def backward_partitions(split: Split, config: TrainConfig) -> list:
 
 
 def mask_bits_name(tensor: str) -> str:
-    """The device holds each forward mask <t>/mask (bool (B, C, H, W)) as <t>/mask_bits:
-    np.packbits(mask.reshape(B, -1), axis=1), uint8 (B, ceil(C*H*W / 8)), 1 bit an element."""
+    """The backward mask of clip output <t>, held between forward and backward as <t>/mask_bits:
+    uint8 (B, ceil(C*H*W / 8)), 1 bit an element, most significant first (np.packbits of
+    the mask reshaped (B, -1), axis 1)."""
     return tensor + "/mask_bits"
+
+
+BIT_WEIGHTS = np.array([[128], [64], [32], [16], [8], [4], [2], [1]], np.uint8)
+
+
+def pack_mask(g: Graph, name: str, mask: str, chw, output: str) -> str:
+    """bool (B, C, H, W) -> uint8 (B, P = ceil(C*H*W / 8)): byte j = sum_i bit(8j + i) 2^(7-i),
+    as one MatMulInteger of the (B, P, 8) bits with the bit weights."""
+    c, h, w = chw
+    n = c * h * w
+    bits = g.op("Reshape", [g.op("Cast", [mask], name + "/mask_u8", to=TensorProto.UINT8),
+                            g.ints([0, -1])], name + "/mask_flat")
+    if n % 8:
+        bits = g.op("Pad", [bits, g.ints([0, 0, 0, 8 * ceil(n / 8) - n])], name + "/mask_pad")
+    grouped = g.op("Reshape", [bits, g.ints([0, -1, 8])], name + "/mask_by_byte")
+    packed = g.op("MatMulInteger", [grouped, g.const("const/u8/bit_weights", BIT_WEIGHTS)],
+                  name + "/mask_pack")                                             # (B, P, 1)
+    flat = g.op("Reshape", [packed, g.ints([0, -1])], name + "/mask_packed")
+    return g.op("Cast", [flat], name + "/mask_bits", to=TensorProto.UINT8, outputs=[output])
 
 
 def unpack_mask(g: Graph, name: str, bits: str, chw) -> str:

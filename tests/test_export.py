@@ -295,19 +295,23 @@ def test_cli_export_unsupported_layer_and_bad_weights(tmp_path):
 
 
 @pytest.mark.parametrize("chw", [(3, 5, 7), (8, 4, 4), (1, 1, 1)])
-def test_bit_packed_masks_unpack_in_the_graph_exactly(chw):
-    """The device packs each mask with np.packbits per sample; the backward's unpacking
-    gives the mask back bit for bit, also when C*H*W is not a multiple of 8."""
+def test_bit_packed_masks_are_np_packbits_and_unpack_exactly(chw):
+    """The forward's packing gives np.packbits of each sample's mask (1 bit an element), and
+    the backward's unpacking gives the mask back bit for bit, also when C*H*W is not a
+    multiple of 8."""
     import onnxruntime as ort
-    from device_runner.runtime import pack_mask
     from export.onnx_graph import Graph
-    from export.training_graph import unpack_mask
-    g = Graph("unpack")
-    g.input("bits", np.uint8, ["batch", -(-int(np.prod(chw)) // 8)])
-    g.output(unpack_mask(g, "m", "bits", chw), np.bool_, ["batch", *chw])
+    from export.training_graph import pack_mask, unpack_mask
+    n = int(np.prod(chw))
+    g = Graph("pack_unpack")
+    g.input("mask", np.bool_, ["batch", *chw])
+    bits = pack_mask(g, "p", "mask", chw, "bits")
+    g.output(bits, np.uint8, ["batch", -(-n // 8)])
+    g.output(unpack_mask(g, "u", bits, chw), np.bool_, ["batch", *chw])
     session = ort.InferenceSession(g.model().SerializeToString(),
                                    providers=["CPUExecutionProvider"])
     mask = np.random.default_rng(0).random((3, *chw)) > 0.5
-    bits = pack_mask(mask)
-    assert bits.nbytes == 3 * -(-int(np.prod(chw)) // 8)
-    np.testing.assert_array_equal(session.run(None, {"bits": bits})[0], mask)
+    packed, unpacked = session.run(None, {"mask": mask})
+    np.testing.assert_array_equal(packed, np.packbits(mask.reshape(3, -1), axis=1))
+    assert packed.nbytes == 3 * -(-n // 8)
+    np.testing.assert_array_equal(unpacked, mask)
