@@ -190,10 +190,15 @@ def cmd_check(args) -> int:
     state = sum(a.nbytes for a in load_npz(folder / "optimizer.npz").values())
     fit = Fit(activations, weights, weights, state, optimizer, args.budget or profile.budget_bytes,
               profile.runtime_baseline_bytes, profile.ram_bytes)
+    plan = m["memory_plan"]
+    budget = args.budget or profile.budget_bytes
+    # the plan is the whole working set (transients included); at bound eps ranks an upper bound
+    fits = plan["working_set_bytes"] <= budget if plan["rank_basis"] != "bound" else fit.fits
     if args.json:
         print(json.dumps({"artifact": str(folder), "model": m.get("model"),
-                          "profile": profile.to_json(), "fit": fit.to_json()}))
-        return 0 if fit.fits else 1
+                          "profile": profile.to_json(), "fit": fit.to_json(),
+                          "memory_plan": plan, "fits": fits}))
+        return 0 if fits else 1
     size = memory.get("input_size") or ["?", "?"]
     print(f"artifact {folder}: {m.get('model')}, last {n_layers} convs + classifier, method "
           f"{train.get('method')}" + (f" eps {train['eps']}" if train.get("eps") is not None else "")
@@ -201,8 +206,15 @@ def cmd_check(args) -> int:
           + (" (activations: worst-case eps ranks)" if memory.get("rank_basis") == "bound" else ""))
     print(f"device {profile.name} ({profile.path}): {mib(profile.ram_bytes)} MiB RAM, "
           f"{profile.cores} cores")
-    print("\n".join(fit.lines() + [NOT_COUNTED]))
-    return 0 if fit.fits else 1
+    print("\n".join(fit.lines()))
+    verdict = "fits" if plan["working_set_bytes"] <= budget else "does NOT fit"
+    print(f"{'memory plan: working set':<40} {mib(plan['working_set_bytes']):>10} MiB of the "
+          f"{mib(budget)} MiB budget: {verdict} (pool {mib(plan['pool_bytes'])}, arena "
+          f"{mib(plan['arena_bytes'])}, numpy {mib(plan['numpy_peak_bytes'])} MiB; peak at "
+          f"{plan['peak_at']}; {plan['rank_basis']} ranks"
+          + (", an upper bound: the dry run of `actcomp-device train --budget` decides)"
+             if plan["rank_basis"] == "bound" else ")"))
+    return 0 if fits else 1
 
 
 def cmd_report(args) -> int:

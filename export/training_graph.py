@@ -335,8 +335,15 @@ def emit_conv_backward(g: Graph, program: Program, op: Op, dy: str, method: str,
         t = g.op("MatMul", [dy, kept["u_width"]], name + "/dY_x_U4")               # (B,O,H,K4)
         t = g.op("Transpose", [t], name + "/dY_x_U4_T", perm=[0, 1, 3, 2])          # (B,O,K4,H)
         t = g.op("MatMul", [t, kept["u_height"]], name + "/dY_x_U4_x_U3")          # (B,O,K4,K3)
-        low = g.op("Einsum", [t, kept["u_batch"], kept["core"]], name + "/dW_low",
-                   equation="bodc,ba,aecd->oe")                                     # (O, K2)
+        u1_t = g.op("Transpose", [kept["u_batch"]], name + "/U1_T", perm=[1, 0])
+        z = g.op("MatMul", [u1_t, g.op("Reshape", [t, g.ints([0, -1])], name + "/t_flat")],
+                 name + "/x_U1")                                                    # (K1, O*K4K3)
+        z = g.op("Reshape", [z, g.ints([0, out_ch, -1])], name + "/z")             # (K1,O,K4K3)
+        core = g.op("Transpose", [kept["core"]], name + "/core_T", perm=[0, 1, 3, 2])
+        core = g.op("Reshape", [core, g.ints([0, 0, -1])], name + "/core_flat")     # (K1,K2,K4K3)
+        per_k1 = g.op("MatMul", [z, g.op("Transpose", [core], name + "/core_flat_T",
+                                         perm=[0, 2, 1])], name + "/dW_low_per_k1")  # (K1,O,K2)
+        low = g.op("ReduceSum", [per_k1, g.ints([0])], name + "/dW_low", keepdims=0)  # (O, K2)
         dw = g.op("MatMul", [low, g.op("Transpose", [kept["u_channel"]], name + "/U2_T",
                                       perm=[1, 0])], name + "/project_U2")          # (O, C)
         dw = g.op("Reshape", [dw, g.ints([out_ch, c, 1, 1])], name + "/dW")
