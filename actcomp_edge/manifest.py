@@ -142,8 +142,10 @@ def _is_shape(v) -> bool:
 
 
 def _is_step(v) -> bool:
-    return isinstance(v, dict) and (v.keys() == {"run"} and _is_file_name(v["run"])
-                                    or v.keys() == {"compress"} and _is_text(v["compress"]))
+    return isinstance(v, dict) and (
+        v.keys() in ({"run"}, {"run", "micro_batch"}) and _is_file_name(v["run"])
+        and _is_count(v.get("micro_batch", 1))
+        or v.keys() == {"compress"} and _is_text(v["compress"]))
 
 
 OBJECT = ("an object", lambda v: isinstance(v, dict))
@@ -193,7 +195,8 @@ SCHEMA = {
                         lambda v: _list_of(_is_file_name)(v) and bool(v)),
     "graphs.evaluate": FILE,
     "schedule": ("a non-empty list", lambda v: isinstance(v, list) and bool(v)),
-    "schedule[]": ('{"run": file name} or {"compress": layer name}', _is_step),
+    "schedule[]": ('{"run": file name (, "micro_batch": samples a run)} or {"compress": layer '
+                   'name}', _is_step),
     "predicted_memory": OBJECT,
     "predicted_memory.batch_size": COUNT,
     "predicted_memory.input_size": ("a list of 2 integers >= 1", _list_of(_is_count, (2,))),

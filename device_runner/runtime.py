@@ -162,6 +162,10 @@ class Trainer:
                    for name, sess in self.sessions.items()}
         self.outputs = {o.name: (o.shape, DTYPES[o.type]) for sess in self.sessions.values()
                         for o in sess.get_outputs()}
+        # which inputs and outputs have the batch as their first dim (sliced by micro-batches)
+        self.batched = {v.name: bool(v.shape) and v.shape[0] == "batch"
+                        for sess in self.sessions.values()
+                        for v in list(sess.get_inputs()) + list(sess.get_outputs())}
         self.backward_inputs = {n for run in self.backward_runs for n in self.io[run][0]}
         # position in the schedule of the last item that reads each tensor: freed after it
         self.last_use = memplan.last_use(self.schedule, self.io, self.layers, self.method)
@@ -229,37 +233,61 @@ class Trainer:
             out["kept_bytes"][layer["name"]] = kept.nbytes
         else:
             inputs, outputs = self.io[item["run"]]
-            session = self.sessions[item["run"]]
-            binding = session.io_binding()
             feeds = {n: self._feed(n, tensors) for n in inputs}
-            for name, value in feeds.items():
-                binding.bind_cpu_input(name, value)
             placed = {}
             for name in outputs:
                 key = memplan.pool_key(name, position, tensors)
                 if key in self.slots:
-                    placed[name] = view = self._slot(key, name, self.batch)
-                    binding.bind_output(name, "cpu", 0, view.dtype, view.shape,
-                                        view.ctypes.data)
-                else:
-                    binding.bind_output(name, "cpu")
+                    placed[name] = self._slot(key, name, self.batch)
             self._release(tensors, position)  # inputs read for the last time: feeds hold them
-            run_bound(session, binding)
+            results = self._run_in_slices(item, feeds, placed)
             del feeds
-            results = [placed[n] if n in placed else value.numpy()
-                       for n, value in zip(outputs, binding.get_outputs())]
-            del binding
             for name, value in zip(outputs, results):
                 if name.startswith("new/"):
                     out["updates"][name[4:]] = value
-                elif name.startswith("grad/"):
-                    out["grads"][name[5:]] = value
                 elif name in tensors:  # d/<t> from another consumer of t: sum in place
                     np.add(tensors[name], value, out=tensors[name])
+                elif name.startswith("grad/"):  # held for the update (and the step's result)
+                    tensors[name] = out["grads"][name[5:]] = value
                 else:
                     tensors[name] = value
             del results
         self._release(tensors, position)
+
+    def _run_in_slices(self, item: dict, feeds: dict, placed: dict) -> list:
+        """Run a graph on the whole batch, or on slices of ``item["micro_batch"]`` samples
+        (the backward partitions: every term is a sum over samples, so outputs with a batch
+        dim are written slice by slice into their places and the others, grad/<param>,
+        summed). Outputs in ``placed`` go straight into the pool; the rest are returned."""
+        name = item["run"]
+        session, (inputs, outputs) = self.sessions[name], self.io[name]
+        step = min(item.get("micro_batch") or self.batch, self.batch)
+        results = {}
+        for start in range(0, self.batch, step):
+            rows = slice(start, min(start + step, self.batch))
+            binding = session.io_binding()
+            for n in inputs:
+                value = feeds[n]
+                binding.bind_cpu_input(n, value[rows] if self.batched[n] else value)
+            for n in outputs:
+                if n in placed:
+                    view = placed[n][rows] if self.batched[n] else placed[n]
+                    binding.bind_output(n, "cpu", 0, view.dtype, view.shape, view.ctypes.data)
+                else:
+                    binding.bind_output(n, "cpu")
+            run_bound(session, binding)
+            for n, value in zip(outputs, binding.get_outputs()):
+                if n in placed:
+                    continue
+                value = value.numpy()
+                if n not in results:
+                    results[n] = np.array(value) if step < self.batch else value
+                elif self.batched[n]:
+                    raise ValueError(f"{name}: output {n} has a batch dim but no pool place")
+                else:
+                    results[n] += value
+            del binding
+        return [placed[n] if n in placed else results[n] for n in outputs]
 
     def forward(self, images: np.ndarray, labels: np.ndarray, prefix_out: dict | None = None
                 ) -> Forward:

@@ -13,10 +13,11 @@ from actcomp_edge.manifest import (FORMAT, FORMAT_VERSION, MANIFEST, MIN_ONNXRUN
 from actcomp_edge.memory import plan
 from actcomp_edge.npz import save_npz, write_atomic
 
-from .memory_plan import step_plan
+from .memory_plan import choose_micro_batches, step_plan
 from .onnx_graph import IR_VERSION, OPSET
 from .program import build_program
 from .training_graph import (TrainConfig, backward_partitions, eval_graph, forward_partitions,
+                             update_graph,
                              optimizer_state, overview_graph, split_program)
 
 
@@ -57,6 +58,11 @@ def export_artifact(spec: dict, arrays: dict, out_dir, config: TrainConfig, batc
         save_model(models[name], out / name)
         backward.append((name, g))
         schedule.append({"run": name})
+    update = update_graph(split, config)
+    models["update.onnx"] = update.model()
+    save_model(models["update.onnx"], out / "update.onnx")
+    schedule.append({"run": "update.onnx"})
+    backward.append(("update.onnx", update))
     graphs = {"forward": forward, "backward": [name for name, _ in backward],
               "evaluate": "evaluate.onnx", "inference": "inference.onnx",
               "overview": "overview.onnx"}
@@ -101,7 +107,15 @@ def export_artifact(spec: dict, arrays: dict, out_dir, config: TrainConfig, batc
         "predicted_memory": memory,
         "files": files,
     }
-    manifest["memory_plan"] = step_plan(models, schedule, manifest["trainable_layers"],
-                                        config.method, batch_size, config.ranks, config.rank_cap)
+    args = (models, manifest["schedule"], manifest["trainable_layers"], config.method,
+            batch_size, config.ranks, config.rank_cap)
+    if config.micro_batch is None:
+        manifest["schedule"] = choose_micro_batches(*args)
+    else:
+        manifest["schedule"] = [dict(item, micro_batch=config.micro_batch)
+                                if item.get("run", "").startswith("backward_") else item
+                                for item in manifest["schedule"]]
+    args = (models, manifest["schedule"]) + args[2:]
+    manifest["memory_plan"] = step_plan(*args)
     write_atomic(out / MANIFEST, manifest_bytes(manifest))
     return manifest

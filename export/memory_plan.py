@@ -174,7 +174,10 @@ def step_plan(models: dict, schedule: list, layers: list, method: str, batch: in
     by_name = {layer["name"]: layer for layer in layers}
     buffers = memplan.pool_buffers(schedule, io, by_name, method, lambda n: sizes[n])
     _, pool = memplan.place(buffers)
-    arena = {name: arena_peak(graphs[name], {b.name for b in buffers}) for name in graphs}
+    pooled = {b.name for b in buffers}
+    micro = {item["run"]: item["micro_batch"] for item in schedule if item.get("micro_batch")}
+    arena = {name: arena_peak(concrete(models[name], dict(dims, batch=micro[name]))
+                              if name in micro else graphs[name], pooled) for name in graphs}
     last = memplan.last_use(schedule, io, by_name, method)
     # the image batch, and the next one being prepared (one float32 channel at a time)
     image = 4 * batch * prod(sizes_of_image(graphs)) * 4 // 3 + 8 * batch
@@ -211,6 +214,26 @@ def step_plan(models: dict, schedule: list, layers: list, method: str, batch: in
             "per_sample_bytes": ceil(working_set / batch),
             "note": "working set = pool + arena + numpy peak; grows with the batch about "
                     "linearly (per_sample_bytes)"}
+
+
+def choose_micro_batches(models: dict, schedule: list, layers: list, method: str, batch: int,
+                         ranks, rank_cap) -> list:
+    """The schedule with ``micro_batch`` (samples a run) on every backward partition whose
+    intermediates at the whole batch exceed the largest of the forward partitions' and the
+    update's: run on slices that small, its arena is no larger than theirs (the backward's
+    dX, masked dY and transposes are several times a forward's activation)."""
+    dims, _ = rank_dims(layers, method, batch, ranks, rank_cap)
+    graphs = {name: concrete(model, dims) for name, model in models.items()}
+    arena = {name: arena_peak(g, set()) for name, g in graphs.items()}
+    chunkable = {name for name in models if name.startswith("backward_")}
+    target = max([v for name, v in arena.items() if name not in chunkable] or [0])
+    out = []
+    for item in schedule:
+        name = item.get("run")
+        if name in chunkable and target and arena[name] > target:
+            item = dict(item, micro_batch=max(1, batch * target // arena[name]))
+        out.append(item)
+    return out
 
 
 def chosen_any(chosen: dict) -> bool:

@@ -49,6 +49,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     label_smoothing: float = 0.0
     refresh_every: int = 50          # hosvd-tracked: exact HOSVD every K steps
+    micro_batch: int | None = None   # samples a backward-partition run (None: from the plan)
 
 
 @dataclass
@@ -464,12 +465,13 @@ def grad_name(tensor: str) -> str:
 
 def backward_partitions(split: Split, config: TrainConfig) -> list:
     """backward_p for p = N .. 1: the reverse of forward_p (fine-tuned conv p-1 and what
-    follows it up to the next fine-tuned conv), with its params' optimizer update.
+    follows it up to the next fine-tuned conv).
 
     backward_p takes d/<t> of the tensors forward_p hands to later partitions (summed over
-    their consumers by the device), the kept pieces of its conv, its masks, its params and
-    their state; it returns d/<t> of forward_p's inputs, grad/<param>, new/<param> and
-    new/state/... . Returns [(p, Graph)] in execution order (p = N first)."""
+    their consumers by the device), the kept pieces of its conv, its masks and its params;
+    it returns d/<t> of forward_p's inputs and grad/<param>. Every term is a sum over the
+    samples, so the device may run it on slices of the batch and sum the grad/<param>.
+    Returns [(p, Graph)] in execution order (p = N first)."""
     program = split.program
     produced_in, used_in = crossings(split)
     region = split.region_start
@@ -498,9 +500,6 @@ def backward_partitions(split: Split, config: TrainConfig) -> list:
                   for n in (op.attrs["weight"], op.attrs.get("bias")) if n in trainable]
         for name in params:
             g.input(name, np.float32, list(program.params[name].shape))
-        g.input("lr", np.float32, [])
-        if config.optimizer == "adamw":
-            g.input("step", np.float32, [])
 
         def needs_grad(t: str) -> bool:  # made in the fine-tuned region (the prefix is partition 0)
             return produced_in.get(t, 0) >= 1
@@ -518,9 +517,22 @@ def backward_partitions(split: Split, config: TrainConfig) -> list:
             shape = list(program.params[name].shape)
             grad = g.op("Identity", [param_grads[name]], name + "/grad", outputs=[f"grad/{name}"])
             g.output(grad, np.float32, shape)
-            emit_update(g, config, name, grad, shape)
         result.append((p, g))
     return result
+
+
+def update_graph(split: Split, config: TrainConfig) -> Graph:
+    """grad/<param>, params, optimizer state, lr (, step) -> new/<param>, new/state/...:
+    the optimizer step of every trainable param, once the whole batch's gradients are in."""
+    g = Graph("update")
+    g.input("lr", np.float32, [])
+    if config.optimizer == "adamw":
+        g.input("step", np.float32, [])
+    for name in split.trainable_params:
+        shape = list(split.program.params[name].shape)
+        g.input(name, np.float32, shape)
+        emit_update(g, config, name, g.input(f"grad/{name}", np.float32, shape), shape)
+    return g
 
 
 def mask_bits_name(tensor: str) -> str:

@@ -180,9 +180,9 @@ def test_kept_between_forward_and_backward_is_only_the_compressed_form(tmp_path)
                      8, (128, 128))
     backward = trainer.manifest["graphs"]["backward"]
     assert backward == ["backward_4.onnx", "backward_3.onnx", "backward_2.onnx",
-                        "backward_1.onnx"]
+                        "backward_1.onnx", "update.onnx"]
     inputs, kept_by = {}, []
-    for name in backward:
+    for name in backward[:-1]:
         session = ort.InferenceSession(str(trainer.folder / name),
                                        providers=["CPUExecutionProvider"])
         names = [i.name for i in session.get_inputs()]

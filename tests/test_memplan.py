@@ -114,3 +114,28 @@ def test_budget_below_the_plan_is_refused_before_the_first_step(tmp_path):
     assert summary["steps"] == 2 and summary["predicted_working_set_bytes"] == planned
     assert summary["working_set_bytes"] > 0
     assert "working set: predicted" in high.stdout
+
+
+@pytest.mark.parametrize("method,eps", [("vanilla", None), ("svd", 0.8), ("hosvd", 0.8),
+                                        ("hosvd-tracked", 0.8), ("gf-r2", None)])
+def test_backward_in_micro_batches_equals_the_whole_batch(tmp_path, method, eps):
+    """Backward partitions run on slices of 3 of a batch of 8 (summing grad/<param>) give
+    the gradients and updated weights of whole-batch runs, over the last 12 convs of
+    mcunet-in1 (residual adds, a stride-2 depthwise conv): to float32 summation order
+    (a sum of 3 partial sums instead of one: rel < 1e-5 of the largest entry)."""
+    spec, model = random_model("mcunet-in1", 3, calibration_hw=SIZE)
+    whole = export(model, spec, tmp_path / "whole",
+                   TrainConfig(n_layers=12, method=method, eps=eps, micro_batch=8), 8, SIZE)
+    sliced = export(model, spec, tmp_path / "sliced",
+                    TrainConfig(n_layers=12, method=method, eps=eps, micro_batch=3), 8, SIZE)
+    assert {i.get("micro_batch") for i in sliced.schedule if "backward_" in i.get("run", "")} \
+        == {3}
+    for seed in range(2):
+        images, labels = batch(8, SIZE, 3, seed=seed)
+        a, b = whole.step(images, labels, lr=0.05), sliced.step(images, labels, lr=0.05)
+        assert a.ranks == b.ranks
+        for name, grad in a.grads.items():
+            assert np.abs(grad - b.grads[name]).max() <= 1e-5 * np.abs(grad).max() + 1e-12, name
+    for name in whole.params:
+        scale = np.abs(whole.params[name]).max()
+        assert np.abs(sliced.params[name] - whole.params[name]).max() <= 1e-5 * scale, name
