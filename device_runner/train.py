@@ -42,8 +42,12 @@ class Options:
 
 
 def evaluate(trainer: Trainer, data: Dataset, batch_size: int) -> float:
-    """Top-1 accuracy on data."""
+    """Top-1 accuracy on data, in batches no larger than the smallest micro-batch of the
+    forward (so evaluating the whole network does not outgrow the training step's arena)."""
     norm = trainer.manifest["input"]
+    slices = [item["micro_batch"] for item in trainer.schedule
+              if item.get("micro_batch") and item["run"].startswith("forward_")]
+    batch_size = min([batch_size] + slices)
     correct = 0
     for start in range(0, len(data), batch_size):
         idx = np.arange(start, min(start + batch_size, len(data)))

@@ -216,22 +216,31 @@ def step_plan(models: dict, schedule: list, layers: list, method: str, batch: in
                     "linearly (per_sample_bytes)"}
 
 
+SLICE_FLOOR_BYTES = 8 << 20  # below this an arena is not worth more graph runs a step
+
+
 def choose_micro_batches(models: dict, schedule: list, layers: list, method: str, batch: int,
                          ranks, rank_cap) -> list:
-    """The schedule with ``micro_batch`` (samples a run) on every backward partition whose
-    intermediates at the whole batch exceed the largest of the forward partitions' and the
-    update's: run on slices that small, its arena is no larger than theirs (the backward's
-    dX, masked dY and transposes are several times a forward's activation)."""
+    """The schedule with ``micro_batch`` (samples a run) on every graph run whose
+    intermediates at the whole batch exceed the largest tensor held between runs (which
+    the step needs whole anyway: a decomposition takes the full batch): run on slices that
+    small, its arena is no larger. Every forward partition but the last (the loss is a mean
+    over the batch) and every backward partition is a sum or map over samples."""
     dims, _ = rank_dims(layers, method, batch, ranks, rank_cap)
     graphs = {name: concrete(model, dims) for name, model in models.items()}
-    arena = {name: arena_peak(g, set()) for name, g in graphs.items()}
-    chunkable = {name for name in models if name.startswith("backward_")}
-    target = max([v for name, v in arena.items() if name not in chunkable] or [0])
+    runs = [item["run"] for item in schedule if "run" in item]
+    forward = [name for name in runs if name.startswith("forward_")]
+    chunkable = set(forward[:-1]) | {name for name in runs if name.startswith("backward_")}
+    held = max(size for g in graphs.values() for name, size in tensor_bytes(g).items()
+               if name in {o.name for o in g.graph.output})
+    held = max(held, SLICE_FLOOR_BYTES)
     out = []
     for item in schedule:
         name = item.get("run")
-        if name in chunkable and target and arena[name] > target:
-            item = dict(item, micro_batch=max(1, batch * target // arena[name]))
+        if name in chunkable:
+            arena = arena_peak(graphs[name], {o.name for o in graphs[name].graph.output})
+            if arena > held:
+                item = dict(item, micro_batch=max(1, batch * held // arena))
         out.append(item)
     return out
 
