@@ -10,6 +10,8 @@ weights and generated images (said on screen).  Output goes to out/demo/.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -131,9 +133,11 @@ def deep_finetune(model: list, data_path: Path) -> None:
     for method in ("vanilla", "hosvd"):
         art = OUT / f"deep-{method}"
         extra = ["--eps", str(EPS)] if method == "hosvd" else []
-        if cli.main(["export", *model, "--num-classes", "2", "--layers", str(layers),
-                     "--method", method, *extra, "--batch-size", str(BATCH), "--input-size",
-                     str(SIZE), "-o", str(art)]):
+        with contextlib.redirect_stdout(io.StringIO()):  # its 42-row table: shown in step 2
+            status = cli.main(["export", *model, "--num-classes", "2", "--layers", str(layers),
+                               "--method", method, *extra, "--batch-size", str(BATCH),
+                               "--input-size", str(SIZE), "-o", str(art)])
+        if status:
             return
         summary = OUT / f"deep-{method}.json"
         if subprocess.call([sys.executable, "-m", "device_runner.cli", "train", str(art),
