@@ -91,9 +91,10 @@ def check_eps(eps: float) -> None:
         raise ValueError(f"eps must be in (0, 1], got {eps!r}")
 
 
-def mode_spectrum(tensor: np.ndarray, mode: int) -> tuple[np.ndarray, np.ndarray]:
+def mode_spectrum(tensor: np.ndarray, mode: int, choose=None) -> tuple[np.ndarray, np.ndarray]:
     """Squared singular values (descending, clipped at 0, at most min(d_n, rest) of them)
-    and the matching left singular vectors (d_n, r) of the mode-n unfolding M = A_(n).
+    and the matching left singular vectors (d_n, r) of the mode-n unfolding M = A_(n);
+    ``choose(energies) -> k``: only the leading k vectors are formed (else all r).
 
     Eigendecomposes the smaller Gram matrix: M M^T (d_n x d_n), or, when d_n > rest
     (e.g. 576 channels but B*H*W = 512), M^T M (rest x rest) with U = M V / sigma (a
@@ -104,13 +105,18 @@ def mode_spectrum(tensor: np.ndarray, mode: int) -> tuple[np.ndarray, np.ndarray
     keep = min(d_n, rest)
     if d_n <= rest:
         energies, vectors = np.linalg.eigh(mode_gram(tensor, mode))
-        return np.clip(energies[::-1][:keep], 0.0, None), vectors[:, ::-1][:, :keep]
+        energies = np.clip(energies[::-1][:keep], 0.0, None)
+        k = keep if choose is None else choose(energies)
+        return energies, vectors[:, ::-1][:, :k]
     m = unfold(tensor, mode).astype(np.float64)
     energies, right = np.linalg.eigh(m.T @ m)
     energies = np.clip(energies[::-1][:keep], 0.0, None)
-    sigma = np.sqrt(energies)
+    k = keep if choose is None else choose(energies)
+    sigma = np.sqrt(energies[:k])
     scale = np.where(sigma > sigma[0] * 1e-12, 1.0 / np.where(sigma > 0, sigma, 1.0), 0.0)
-    return energies, (m @ right[:, ::-1][:, :keep]) * scale
+    vectors = m @ right[:, ::-1][:, :k]
+    vectors *= scale
+    return energies, vectors
 
 
 def _choose_rank(energies, max_rank, eps, fixed, cap) -> int:
@@ -184,9 +190,9 @@ def hosvd(activation: np.ndarray, eps: Optional[float] = None,
     caps = _per_mode(rank_cap, a.ndim, "rank_cap")
     factors = []
     for mode in range(a.ndim):
-        energies, vectors = mode_spectrum(a, mode)
-        k = _choose_rank(energies, vectors.shape[1], eps, fixed[mode], caps[mode])
-        factors.append(np.ascontiguousarray(vectors[:, :k], dtype=a.dtype))
+        _, vectors = mode_spectrum(a, mode, lambda energies: _choose_rank(
+            energies, len(energies), eps, fixed[mode], caps[mode]))
+        factors.append(np.ascontiguousarray(vectors, dtype=a.dtype))
     return Tucker(project_core(a, factors), tuple(factors))
 
 
