@@ -354,7 +354,7 @@ def main() -> None:
                                          / r["working_set_bytes"] - 1)
 
     ranges = args.repeats > 1
-    lines = [f"# Deep fine-tuning: mcunet-in1 (tt_mcunet-5fps_int8dq, pretrained), ants/bees", "",
+    lines = ["# Deep fine-tuning: mcunet-in1 (tt_mcunet-5fps_int8dq, pretrained), ants/bees", "",
              f"{date.today().isoformat()}, {platform.machine()}, {os.cpu_count()} cores; "
              f"{args.steps} steps, lr 0.001, {args.threads} threads, eps {EPS}; every job a "
              f"fresh process; {args.repeats} round(s), median"

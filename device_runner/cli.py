@@ -13,7 +13,6 @@ from actcomp_edge.manifest import ArtifactError
 from actcomp_edge.npz import NpzError
 
 from . import data as data_module
-from . import procmem
 from .checkpoint import CheckpointError
 from .runtime import MemoryBudgetError
 from .train import (BudgetError, Options, TrainingError, check_budget, check_plan, evaluate, fit,
@@ -80,11 +79,10 @@ def cmd_train(args) -> int:
             sender.close()
     if args.summary:
         write_summary(args.summary, summary)
-    if summary["predicted_working_set_bytes"] is not None:
-        mib = 2 ** 20
-        print(f"working set: predicted {summary['predicted_working_set_bytes'] / mib:.1f} MiB "
-              f"(memory plan, {m['memory_plan']['rank_basis']} ranks), measured "
-              f"{summary['working_set_bytes'] / mib:.1f} MiB")
+    mib = 2 ** 20
+    print(f"working set: predicted {summary['predicted_working_set_bytes'] / mib:.1f} MiB "
+          f"(memory plan, {m['memory_plan']['rank_basis']} ranks), measured "
+          f"{summary['working_set_bytes'] / mib:.1f} MiB")
     print(f"done: {summary['steps']} steps, val accuracy {summary['final_val_accuracy']:.4f}; "
           f"weights {summary['outputs']['weights']}, inference model "
           f"{summary['outputs']['inference']}")

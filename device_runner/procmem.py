@@ -39,16 +39,3 @@ def reset_peak() -> bool:
         return True
     except OSError:
         return False
-
-
-def return_freed_memory() -> bool:
-    """Make glibc serve large allocations (>= 128 KiB) with mmap, so a freed activation goes
-    back to the OS instead of staying in the heap (the same as MALLOC_MMAP_THRESHOLD_=131072;
-    measured: the runner's working set 73 -> 29 MiB, benchmarks/results/whole_process_memory.md).
-    No-op where glibc's mallopt is not there."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-3, 131072))  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False

@@ -86,11 +86,8 @@ def cap_arena(max_bytes: int, initial_bytes: int = -1) -> None:
 
 def initial_arena_bytes(manifest: dict, cap: int | None) -> int:
     """The arena's first region: the plan's arena (the largest intermediates of any one
-    graph run) with slack, within the cap; -1 (onnxruntime's default) without a plan."""
-    planned = (manifest.get("memory_plan") or {}).get("arena_bytes")
-    if not planned:
-        return -1
-    return min(int(ARENA_SLACK * planned), cap or NO_ARENA_CAP)
+    graph run) with slack, within the cap."""
+    return min(int(ARENA_SLACK * manifest["memory_plan"]["arena_bytes"]), cap or NO_ARENA_CAP)
 
 
 def run_bound(session, binding) -> None:
@@ -99,6 +96,9 @@ def run_bound(session, binding) -> None:
     except Exception as e:  # onnxruntime's own exception types
         text = str(e)
         if "bfc_arena" in text or "Available memory" in text:
+            if _ARENA_BYTES == NO_ARENA_CAP:
+                raise MemoryBudgetError("onnxruntime could not allocate: the board is out of "
+                                        "memory") from None
             raise MemoryBudgetError(f"onnxruntime could not allocate within the memory budget "
                                     f"({_ARENA_BYTES / 2 ** 20:.1f} MiB arena)") from None
         raise
@@ -184,12 +184,12 @@ class Trainer:
         buffers = memplan.pool_buffers(self.schedule, self.io, self.layers, self.method, nbytes)
         offsets, total = memplan.place(buffers)
         self.pool = np.zeros(total, np.uint8)  # zeroed: its pages are touched once, here
-        self.slots = {b.name: (offsets[b.name], b.nbytes) for b in buffers}
+        self.slots = {b.name: offsets[b.name] for b in buffers}
         self.pool_batch = batch
         return buffers
 
     def _slot(self, key: str, name: str, batch: int) -> np.ndarray:
-        offset, _ = self.slots[key]
+        offset = self.slots[key]
         shape, dtype = self.output_shape(name, batch), self.outputs[name][1]
         size = int(np.prod(shape)) * np.dtype(dtype).itemsize
         return self.pool[offset:offset + size].view(dtype).reshape(shape)
@@ -255,10 +255,10 @@ class Trainer:
         self._release(tensors, position)
 
     def _run_in_slices(self, item: dict, feeds: dict, placed: dict) -> list:
-        """Run a graph on the whole batch, or on slices of ``item["micro_batch"]`` samples
-        (the backward partitions: every term is a sum over samples, so outputs with a batch
-        dim are written slice by slice into their places and the others, grad/<param>,
-        summed). Outputs in ``placed`` go straight into the pool; the rest are returned."""
+        """Run a graph on the whole batch, or on slices of ``item["micro_batch"]`` samples (a
+        partition whose every term is a map or a sum over samples: outputs with a batch dim
+        are written slice by slice into their places, the others, grad/<param>, summed).
+        Outputs in ``placed`` go straight into the pool; the rest are returned."""
         name = item["run"]
         session, (inputs, outputs) = self.sessions[name], self.io[name]
         step = min(item.get("micro_batch") or self.batch, self.batch)

@@ -70,12 +70,10 @@ def dry_run(trainer: Trainer, data: Dataset, batch_size: int) -> tuple:
     return max(0, grown), result.kept_full_bytes
 
 
-def planned_working_set(manifest: dict, batch_size: int) -> int | None:
+def planned_working_set(manifest: dict, batch_size: int) -> int:
     """The memory plan's working set (bytes) at batch_size: every term of the plan grows
     with the batch (the pool is planned for the batch the step runs), so it scales."""
-    plan = manifest.get("memory_plan")
-    if not plan:
-        return None
+    plan = manifest["memory_plan"]
     return math.ceil(plan["working_set_bytes"] * batch_size / plan["batch_size"])
 
 
@@ -85,8 +83,8 @@ def check_plan(manifest: dict, batch_size: int, budget: int) -> None:
     bound: a plan above the budget is then left to the dry run and rank caps."""
     mib = 2 ** 20
     predicted = planned_working_set(manifest, batch_size)
-    plan = manifest.get("memory_plan") or {}
-    if predicted is None or predicted <= budget or plan.get("rank_basis") == "bound":
+    plan = manifest["memory_plan"]
+    if predicted <= budget or plan["rank_basis"] == "bound":
         return
     per_sample = predicted / batch_size
     fits = int(budget // per_sample)
@@ -94,21 +92,19 @@ def check_plan(manifest: dict, batch_size: int, budget: int) -> None:
             if fits >= 1 else "even batch 1 does not fit")
     raise BudgetError(f"budget {budget / mib:.1f} MiB is too small: the memory plan needs "
                       f"{predicted / mib:.1f} MiB at batch {batch_size} (pool, arena, numpy; "
-                      f"peak at {plan.get('peak_at')}); {hint}, or export with fewer --layers "
+                      f"peak at {plan['peak_at']}); {hint}, or export with fewer --layers "
                       f"or a compressing --method")
 
 
 def check_budget(trainer: Trainer, data: Dataset, batch_size: int, budget: int,
                  log=print) -> dict:
-    """Check the budget against the plan (check_plan), then measure a dry-run step: the check
-    that the plan holds; refuse (BudgetError) with what would fit when it cannot fit;
+    """Measure a dry-run step (after check_plan: the check that the plan holds); refuse
+    (BudgetError) with what would fit when it cannot fit;
     otherwise derive per-layer rank caps (set on the trainer) and return what was done."""
     mib = 2 ** 20
-    check_plan(trainer.manifest, batch_size, budget)
     planned = planned_working_set(trainer.manifest, batch_size)
-    if planned is not None:
-        log(f"budget: the memory plan predicts a working set of {planned / mib:.1f} MiB at "
-            f"batch {batch_size} ({trainer.manifest['memory_plan']['rank_basis']} ranks)")
+    log(f"budget: the memory plan predicts a working set of {planned / mib:.1f} MiB at "
+        f"batch {batch_size} ({trainer.manifest['memory_plan']['rank_basis']} ranks)")
     predicted = trainer.manifest["predicted_memory"]
     scale = batch_size / predicted["batch_size"]  # every kept term grows with the batch
     log(f"budget: predicted kept for backward at batch {batch_size}: about "

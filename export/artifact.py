@@ -13,7 +13,7 @@ from actcomp_edge.manifest import (FORMAT, FORMAT_VERSION, MANIFEST, MIN_ONNXRUN
 from actcomp_edge.memory import plan
 from actcomp_edge.npz import save_npz, write_atomic
 
-from .memory_plan import choose_micro_batches, step_plan
+from .memory_plan import choose_micro_batches, concrete, rank_dims, step_plan
 from .onnx_graph import IR_VERSION, OPSET
 from .program import build_program
 from .training_graph import (TrainConfig, backward_partitions, eval_graph, forward_partitions,
@@ -107,15 +107,16 @@ def export_artifact(spec: dict, arrays: dict, out_dir, config: TrainConfig, batc
         "predicted_memory": memory,
         "files": files,
     }
-    args = (models, manifest["schedule"], manifest["trainable_layers"], config.method,
-            batch_size, config.ranks, config.rank_cap)
+    layers = manifest["trainable_layers"]
+    dims, chosen = rank_dims(layers, config.method, batch_size, config.ranks, config.rank_cap)
+    graphs = {name: concrete(model, dims) for name, model in models.items()}
     if config.micro_batch is None:
-        manifest["schedule"] = choose_micro_batches(*args)
+        schedule = choose_micro_batches(graphs, schedule, batch_size)
     else:
-        manifest["schedule"] = [dict(item, micro_batch=config.micro_batch)
-                                if item.get("run", "").startswith("backward_") else item
-                                for item in manifest["schedule"]]
-    args = (models, manifest["schedule"]) + args[2:]
-    manifest["memory_plan"] = step_plan(*args)
+        schedule = [dict(item, micro_batch=config.micro_batch)
+                    if item.get("run", "").startswith("backward_") else item for item in schedule]
+    manifest["schedule"] = schedule
+    manifest["memory_plan"] = step_plan(models, graphs, dims, chosen, schedule, layers,
+                                        config.method, batch_size, hw, memory["rank_basis"])
     write_atomic(out / MANIFEST, manifest_bytes(manifest))
     return manifest

@@ -23,7 +23,8 @@ from onnx import shape_inference
 from actcomp_edge import memplan
 from actcomp_edge.compress import GF_RADIUS
 from actcomp_edge.decomposition import GRAM_BLOCK_BYTES
-from actcomp_edge.memory import layer_ranks
+from actcomp_edge.memory import (FLOAT_BYTES, gradient_filter_floats, hosvd_floats, layer_ranks,
+                                 svd_floats)
 
 ELEMENT_BYTES = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.BOOL: 1,
                  onnx.TensorProto.UINT8: 1, onnx.TensorProto.INT64: 8}
@@ -133,19 +134,20 @@ def compress_workspace(method: str, shape: tuple, ranks, stride: int) -> int:
 
 
 def kept_bytes(method: str, shape: tuple, ranks, stride: int) -> int:
-    b, c, h, w = shape
+    """What numpy holds of a decomposed activation (memory.py's formulas); vanilla keeps the
+    activation itself, which is in the pool."""
     if method == "vanilla":
-        return 0  # the conv input itself, in the pool
+        return 0
     if method == "gf-r2":
-        window = GF_RADIUS * stride
-        return 4 * b * c * ceil(h / window) * ceil(w / window)
+        return FLOAT_BYTES * gradient_filter_floats(shape, stride)
     if method == "svd":
-        return 4 * ranks[0] * (b + c * h * w)
-    return 4 * (prod(ranks) + sum(d * k for d, k in zip(shape, ranks)))
+        return FLOAT_BYTES * svd_floats(shape, ranks[0])
+    return FLOAT_BYTES * hosvd_floats(shape, ranks)
 
 
-def rank_dims(layers: list, method: str, batch: int, ranks, rank_cap) -> dict:
-    """Symbol -> size for the kept pieces' data-dependent dims: their bound (or cap/fixed)."""
+def rank_dims(layers: list, method: str, batch: int, ranks, rank_cap) -> tuple:
+    """(symbol -> size for the graphs' symbolic dims: the batch and the kept pieces' ranks at
+    their bound, cap or fixed value; layer -> those ranks)."""
     dims, per_layer = {"batch": batch}, {}
     for layer in layers:
         shape = (batch,) + tuple(layer["input_shape"])
@@ -159,12 +161,11 @@ def rank_dims(layers: list, method: str, batch: int, ranks, rank_cap) -> dict:
     return dims, per_layer
 
 
-def step_plan(models: dict, schedule: list, layers: list, method: str, batch: int, ranks,
-              rank_cap) -> dict:
-    """The plan of one step at ``batch`` (models: graph file -> ModelProto). Returns the
-    manifest's ``memory_plan``: working set, its parts, where the peak falls, per phase."""
-    dims, chosen = rank_dims(layers, method, batch, ranks, rank_cap)
-    graphs = {name: concrete(model, dims) for name, model in models.items()}
+def step_plan(models: dict, graphs: dict, dims: dict, chosen: dict, schedule: list,
+              layers: list, method: str, batch: int, input_hw: tuple, rank_basis: str) -> dict:
+    """The plan of one step at ``batch``. models: graph file -> ModelProto; graphs: the same
+    made concrete at ``dims`` (rank_dims), whose ranks per layer are ``chosen``. Returns the
+    manifest's ``memory_plan``: the working set, its parts and where it peaks."""
     io = {name: ([i.name for i in g.graph.input if i.name not in
                   {init.name for init in g.graph.initializer}],
                  [o.name for o in g.graph.output]) for name, g in graphs.items()}
@@ -180,7 +181,7 @@ def step_plan(models: dict, schedule: list, layers: list, method: str, batch: in
                               if name in micro else graphs[name], pooled) for name in graphs}
     last = memplan.last_use(schedule, io, by_name, method)
     # the image batch, and the next one being prepared (one float32 channel at a time)
-    image = 4 * batch * prod(sizes_of_image(graphs)) * 4 // 3 + 8 * batch
+    image = FLOAT_BYTES * batch * 3 * prod(input_hw) * 4 // 3 + 8 * batch
     numpy_live, numpy_at = {}, []
     results = 0
     for position, item in enumerate(schedule):
@@ -204,30 +205,25 @@ def step_plan(models: dict, schedule: list, layers: list, method: str, batch: in
     arena_bytes = max(arena.values(), default=0)
     working_set = pool + arena_bytes + max(numpy_at, default=0)
     where = schedule[peak_position]
-    return {"batch_size": batch, "rank_basis": "bound" if ranks is None and chosen_any(chosen)
-            else "exact", "pool_bytes": pool, "arena_bytes": arena_bytes,
+    return {"batch_size": batch, "rank_basis": rank_basis, "pool_bytes": pool,
+            "arena_bytes": arena_bytes,
             "arena_graph": max(arena, key=arena.get) if arena else None,
             "arena_bytes_per_graph": arena,
             "numpy_peak_bytes": max(numpy_at, default=0),
             "working_set_bytes": working_set,
-            "peak_at": where.get("run") or f"compress {where['compress']}",
-            "per_sample_bytes": ceil(working_set / batch),
-            "note": "working set = pool + arena + numpy peak; grows with the batch about "
-                    "linearly (per_sample_bytes)"}
+            "peak_at": where.get("run") or f"compress {where['compress']}"}
 
 
 SLICE_FLOOR_BYTES = 8 << 20  # below this an arena is not worth more graph runs a step
 
 
-def choose_micro_batches(models: dict, schedule: list, layers: list, method: str, batch: int,
-                         ranks, rank_cap) -> list:
+def choose_micro_batches(graphs: dict, schedule: list, batch: int) -> list:
     """The schedule with ``micro_batch`` (samples a run) on every graph run whose
     intermediates at the whole batch exceed the largest tensor held between runs (which
     the step needs whole anyway: a decomposition takes the full batch): run on slices that
     small, its arena is no larger. Every forward partition but the last (the loss is a mean
-    over the batch) and every backward partition is a sum or map over samples."""
-    dims, _ = rank_dims(layers, method, batch, ranks, rank_cap)
-    graphs = {name: concrete(model, dims) for name, model in models.items()}
+    over the batch) and every backward partition is a sum or map over samples. graphs: the
+    concrete graphs at ``batch``."""
     runs = [item["run"] for item in schedule if "run" in item]
     forward = [name for name in runs if name.startswith("forward_")]
     chunkable = set(forward[:-1]) | {name for name in runs if name.startswith("backward_")}
@@ -243,15 +239,3 @@ def choose_micro_batches(models: dict, schedule: list, layers: list, method: str
                 item = dict(item, micro_batch=max(1, batch * held // arena))
         out.append(item)
     return out
-
-
-def chosen_any(chosen: dict) -> bool:
-    return any(v is not None for v in chosen.values())
-
-
-def sizes_of_image(graphs: dict) -> tuple:
-    for g in graphs.values():
-        for value in g.graph.input:
-            if value.name == "image":
-                return tuple(d.dim_value for d in value.type.tensor_type.shape.dim[1:])
-    return (0,)

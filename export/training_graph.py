@@ -49,7 +49,8 @@ class TrainConfig:
     adam_eps: float = 1e-8
     label_smoothing: float = 0.0
     refresh_every: int = 50          # hosvd-tracked: exact HOSVD every K steps
-    micro_batch: int | None = None   # samples a backward-partition run (None: from the plan)
+    micro_batch: int | None = None   # samples a backward-partition run (None: the plan chooses,
+                                     # forward partitions included)
 
 
 @dataclass
@@ -230,8 +231,7 @@ def forward_partitions(split: Split, config: TrainConfig) -> list:
             if t == "loss":
                 g.output(t, np.float32, [])
             elif t.endswith("/mask_bits"):
-                c, h, w = program.shapes[t[:-len("/mask_bits")]]
-                g.output(t, np.uint8, [BATCH, ceil(c * h * w / 8)])
+                g.output(t, np.uint8, mask_bits_shape(program, t[:-len("/mask_bits")]))
             elif t == "dlogits":
                 g.output(t, np.float32, tensor_shape(program, "logits"))
             else:
@@ -474,9 +474,12 @@ def backward_partitions(split: Split, config: TrainConfig) -> list:
     Returns [(p, Graph)] in execution order (p = N first)."""
     program = split.program
     produced_in, used_in = crossings(split)
-    region = split.region_start
     trainable = set(split.trainable_params)
     kept = dict(kept_inputs(split, config.method))
+
+    def needs_grad(t: str) -> bool:  # made in the fine-tuned region (the prefix is partition 0)
+        return produced_in.get(t, 0) >= 1
+
     result = []
     for p in range(len(split.partitions) - 1, 0, -1):
         ops = [program.ops[i] for i in split.partitions[p]]
@@ -492,18 +495,13 @@ def backward_partitions(split: Split, config: TrainConfig) -> list:
             g.input(name, np.float32, kept[name])
         for op in ops:
             if op.kind == "clip":
-                c, h, w = program.shapes[op.output]
-                g.input(mask_bits_name(op.output), np.uint8, [BATCH, ceil(c * h * w / 8)])
+                g.input(mask_bits_name(op.output), np.uint8, mask_bits_shape(program, op.output))
             if op.kind == "linear":
                 g.input("features", np.float32, tensor_shape(program, "features"))
         params = [n for op in ops if op.kind in ("conv", "linear")
                   for n in (op.attrs["weight"], op.attrs.get("bias")) if n in trainable]
         for name in params:
             g.input(name, np.float32, list(program.params[name].shape))
-
-        def needs_grad(t: str) -> bool:  # made in the fine-tuned region (the prefix is partition 0)
-            return produced_in.get(t, 0) >= 1
-
         param_grads = emit_partition_backward(g, program, ops, grads, needs_grad, config.method)
         inputs = []
         for op in ops:
@@ -540,6 +538,11 @@ def mask_bits_name(tensor: str) -> str:
     uint8 (B, ceil(C*H*W / 8)), 1 bit an element, most significant first (np.packbits of
     the mask reshaped (B, -1), axis 1)."""
     return tensor + "/mask_bits"
+
+
+def mask_bits_shape(program: Program, tensor: str) -> list:
+    c, h, w = program.shapes[tensor]
+    return [BATCH, ceil(c * h * w / 8)]
 
 
 BIT_WEIGHTS = np.array([[128], [64], [32], [16], [8], [4], [2], [1]], np.uint8)
