@@ -32,19 +32,27 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def batch(self, indices, mean, std) -> tuple:
-        """(float32 (B, 3, H, W) normalised, int64 (B,)); a channel at a time, so the
-        temporaries are one channel's (not three full-batch float copies)."""
-        images = self.images[indices]
+    def batch(self, indices, mean, std, out: np.ndarray | None = None) -> tuple:
+        """(float32 (B, 3, H, W) normalised, int64 (B,)). ``out``: a float32 (>= B, 3, H, W)
+        buffer the batch is written into (its first B rows are returned), so a training loop
+        reuses one batch of memory instead of allocating one per step. Each channel is
+        converted in place: no full-batch temporaries."""
+        indices = np.asarray(indices)
         mean = np.broadcast_to(np.asarray(mean, np.float32), (3,))
         std = np.broadcast_to(np.asarray(std, np.float32), (3,))
-        x = np.empty((len(images), 3) + images.shape[1:3], np.float32)
+        shape = (len(indices), 3) + self.images.shape[1:3]
+        if out is None:
+            x = np.empty(shape, np.float32)
+        elif out.dtype != np.float32 or out.shape[1:] != shape[1:] or len(out) < shape[0]:
+            raise ValueError(f"batch buffer {out.dtype} {out.shape} cannot hold {shape} float32")
+        else:
+            x = out[:shape[0]]
         for c in range(3):
-            channel = images[..., c].astype(np.float32)
+            channel = x[:, c]
+            channel[...] = self.images[indices, :, :, c]
             channel /= np.float32(255.0)
             channel -= mean[c]
             channel /= std[c]
-            x[:, c] = channel
         return x, self.labels[indices]
 
     def split(self, fraction: float, seed: int) -> tuple:

@@ -27,6 +27,26 @@ def test_image_folder_loads_resizes_and_counts_junk(image_folder):
     assert x.shape == (4, 3, 64, 64) and x.dtype == np.float32 and -1 <= x.min() <= x.max() <= 1
 
 
+def test_batch_is_normalised_per_channel_and_reuses_a_buffer():
+    from device_runner.data import Dataset
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, 5, 7, 3), dtype=np.uint8)
+    data = Dataset(images, np.arange(6) % 2, ["a", "b"])
+    mean, std = [0.1, 0.5, 0.9], [0.2, 0.5, 1.0]
+    idx = np.array([4, 0, 3])
+    expected = ((images[idx].astype(np.float64) / 255 - mean) / std).transpose(0, 3, 1, 2)
+    x, y = data.batch(idx, mean, std)
+    np.testing.assert_allclose(x, expected, rtol=1e-6, atol=1e-6)
+    assert list(y) == [0, 0, 1]
+    buffer = np.full((4, 3, 5, 7), np.nan, np.float32)
+    xb, _ = data.batch(idx, mean, std, out=buffer)
+    assert np.shares_memory(xb, buffer) and xb.shape == (3, 3, 5, 7)
+    np.testing.assert_array_equal(xb, x)
+    assert np.isnan(buffer[3]).all()  # the rows past the batch are left alone
+    with pytest.raises(ValueError, match="cannot hold"):
+        data.batch(np.arange(5), mean, std, out=buffer)
+
+
 def test_npz_data_and_label_range(tmp_path):
     path = tmp_path / "d.npz"
     np.savez(path, images=np.zeros((5, 32, 32, 3), np.uint8), labels=np.array([0, 1, 2, 3, 4]))
