@@ -142,8 +142,6 @@ class Trainer:
                                   if item.get("run") in self.backward_runs)
         first = self.schedule[0]  # the frozen prefix, unless every conv is fine-tuned
         self.prefix = first.get("run")
-        self._evaluate = None
-        self._session = session
         self.params = load_npz(self.folder / "weights.npz")
         self.state = load_npz(self.folder / "optimizer.npz")
         self.step_count = 0
@@ -289,10 +287,11 @@ class Trainer:
             del binding
         return [placed[n] if n in placed else results[n] for n in outputs]
 
-    def forward(self, images: np.ndarray, labels: np.ndarray, prefix_out: dict | None = None
-                ) -> Forward:
+    def forward(self, images: np.ndarray, labels: np.ndarray, prefix_out: dict | None = None,
+                decompose: bool = True) -> Forward:
         """Run the schedule's forward partitions and decompositions. ``prefix_out``: the frozen
-        prefix's outputs for these images, when already computed (it is then not run)."""
+        prefix's outputs for these images, when already computed (it is then not run);
+        ``decompose=False``: the partitions only (evaluation: nothing is kept)."""
         tensors = {"image": np.ascontiguousarray(images, dtype=np.float32),
                    "labels": np.ascontiguousarray(labels, dtype=np.int64)}
         self.batch = len(labels)
@@ -303,14 +302,17 @@ class Trainer:
         for position in range(self.backward_from):
             item = self.schedule[position]
             start = time.perf_counter()
-            if item.get("run") == self.prefix and prefix_out is not None:
-                tensors.update(prefix_out)
+            if ("compress" in item and not decompose
+                    or item.get("run") == self.prefix and prefix_out is not None):
+                tensors.update(prefix_out if "run" in item else {})
                 self._release(tensors, position)
                 continue
             self._run(position, tensors, out)
             part = ("compress" if "compress" in item else
                     "prefix" if item["run"] == self.prefix else "forward")
             seconds[part] += time.perf_counter() - start
+        if not decompose:
+            return Forward(tensors, {}, {}, 0, {}, seconds)
         kept_bytes = out["kept_bytes"]
         per_layer = {name: kept_bytes[name] + sum(tensors[m].nbytes
                                                   for m in layer.get("masks", ()))
@@ -379,9 +381,15 @@ class Trainer:
         return with_initializers(model, self.params)
 
     def evaluate(self, images: np.ndarray) -> np.ndarray:
-        if self._evaluate is None:
-            self._evaluate = self._session(self.manifest["graphs"]["evaluate"])
-        feeds = {i.name: self.params[i.name] for i in self._evaluate.get_inputs()
-                 if i.name != "image"}
-        feeds["image"] = np.ascontiguousarray(images, dtype=np.float32)
-        return self._evaluate.run(None, feeds)[0]
+        """Logits (B, classes) of images (B, 3, H, W): the step's forward partitions without
+        decompositions, in chunks of the artifact's batch, so evaluation runs in the memory
+        the step already uses (its pool, micro-batches and arena)."""
+        chunk = max(self.pool_batch, self.manifest["batch_size"])
+        logits = []
+        for start in range(0, len(images), chunk):
+            x = images[start:start + chunk]
+            fwd = self.forward(x, np.zeros(len(x), np.int64), decompose=False)
+            logits.append(np.array(fwd.tensors["logits"]))
+            del fwd
+        return np.concatenate(logits) if logits else np.zeros((0, self.manifest["num_classes"]),
+                                                             np.float32)

@@ -41,17 +41,16 @@ class Options:
     report_every: int = 1
 
 
-def evaluate(trainer: Trainer, data: Dataset, batch_size: int) -> float:
-    """Top-1 accuracy on data, in batches no larger than the smallest micro-batch of the
-    forward (so evaluating the whole network does not outgrow the training step's arena)."""
+def evaluate(trainer: Trainer, data: Dataset, batch_size: int,
+             buffer: np.ndarray | None = None) -> float:
+    """Top-1 accuracy on data, in batches of the training step, written into ``buffer`` (the
+    training loop's batch memory) when given. Trainer.evaluate runs the step's forward
+    partitions, so evaluating does not outgrow the step's memory."""
     norm = trainer.manifest["input"]
-    slices = [item["micro_batch"] for item in trainer.schedule
-              if item.get("micro_batch") and item["run"].startswith("forward_")]
-    batch_size = min([batch_size] + slices)
     correct = 0
     for start in range(0, len(data), batch_size):
         idx = np.arange(start, min(start + batch_size, len(data)))
-        x, y = data.batch(idx, norm["mean"], norm["std"])
+        x, y = data.batch(idx, norm["mean"], norm["std"], out=buffer)
         correct += int((trainer.evaluate(x).argmax(axis=1) == y).sum())
     return correct / max(1, len(data))
 
@@ -284,7 +283,7 @@ def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset, out_dir, options
                 save_checkpoint()
         if next_batch >= steps_per_epoch:  # epoch finished
             progress.done()
-            val_accuracy = evaluate(trainer, val_set, batch)
+            val_accuracy = evaluate(trainer, val_set, batch, batch_buffer)
             log(f"epoch {epoch + 1}/{options.epochs}: train loss {np.mean(losses[-steps_per_epoch:]):.4f}"
                 f", val accuracy {val_accuracy:.4f}")
             if sender is not None:
@@ -294,7 +293,7 @@ def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset, out_dir, options
             save_checkpoint()
     progress.done()
     if val_accuracy is None:
-        val_accuracy = evaluate(trainer, val_set, batch)
+        val_accuracy = evaluate(trainer, val_set, batch, batch_buffer)
     save_checkpoint()
     out.mkdir(parents=True, exist_ok=True)
     save_npz(out / "weights.npz", trainer.params)
