@@ -106,7 +106,9 @@ def run_bound(session, binding) -> None:
 
 class Trainer:
     def __init__(self, folder, threads: int | None = None, verify: bool = True,
-                 arena_bytes: int | None = None):
+                 arena_bytes: int | None = None, profile_prefix: str | None = None):
+        """profile_prefix: onnxruntime's profiler on every session, its JSON written to
+        ``<profile_prefix><graph>_<time>.json`` (end_profiling() returns the paths)."""
         self.folder = Path(folder)
         self.manifest = load_manifest(self.folder, ort.__version__, verify=verify)
         m = self.manifest
@@ -127,6 +129,9 @@ class Trainer:
         ort.set_default_logger_severity(4)  # errors reach the user as exceptions, once
 
         def session(name):
+            if profile_prefix:
+                options.enable_profiling = True
+                options.profile_file_prefix = f"{profile_prefix}{Path(name).stem}"
             try:
                 return ort.InferenceSession(str(self.folder / name), options,
                                             providers=["CPUExecutionProvider"])
@@ -168,6 +173,10 @@ class Trainer:
         # position in the schedule of the last item that reads each tensor: freed after it
         self.last_use = memplan.last_use(self.schedule, self.io, self.layers, self.method)
         self.pool, self.pool_batch, self.slots = None, 0, {}
+
+    def end_profiling(self) -> list:
+        """Stop the profiler of every session; the paths of their JSON traces."""
+        return [sess.end_profiling() for sess in self.sessions.values()]
 
     def output_shape(self, name: str, batch: int) -> tuple:
         return tuple(batch if isinstance(d, str) or d is None else d

@@ -285,7 +285,7 @@ def conv_weight_grad(g: Graph, name: str, x: str, dy: str, x_chw, dy_hw, kernel:
     every channel c of x becomes an image, dY^T becomes the kernel (dilation = stride)."""
     c, h, w = x_chw  # c may be symbolic (a Tucker rank) when groups == 1
     if kernel == 1 and stride == 1 and padding == 0 and groups == 1:
-        dw = g.op("Einsum", [dy, x], name + "/pointwise", equation="nohw,nchw->oc")
+        dw = pointwise_weight_grad(g, name, x, dy, c, out_ch, dy_hw)
         return g.op("Reshape", [dw, g.ints([out_ch, -1, 1, 1])], name + "/dW")
     if groups == 1:
         xr = g.op("Transpose", [x], name + "/x_T", perm=[1, 0, 2, 3])           # (C, N, H, W)
@@ -303,6 +303,26 @@ def conv_weight_grad(g: Graph, name: str, x: str, dy: str, x_chw, dy_hw, kernel:
         full = g.op("Slice", [full, g.ints([0, 0]), g.ints([kernel, kernel]), g.ints([2, 3])],
                     name + "/crop")
     return g.op("Transpose", [full], name + "/dW", perm=[1, 0, 2, 3])
+
+
+def pointwise_weight_grad(g: Graph, name: str, x: str, dy: str, c, out_ch: int, hw) -> str:
+    """dW (O, C) = sum_n dY_n (O, HW) X_n^T (HW, C) of a 1x1 conv. Large maps (O*C below
+    (O + C)*HW): one MatMul per sample, summed; small maps: one Gemm over the whole batch
+    of the transposed copies (O, N*HW) (C, N*HW)^T. onnxruntime decides
+    (benchmarks/backward_ops.py: each is 1.4-5x the other's speed on its side; the Einsum
+    they replace was slower than both). c may be symbolic (a Tucker rank): then the Gemm."""
+    n_hw = hw[0] * hw[1]
+    if isinstance(c, int) and out_ch * c <= (out_ch + c) * n_hw:
+        x_t = g.op("Transpose", [g.op("Reshape", [x, g.ints([0, c, -1])], name + "/x_flat")],
+                   name + "/x_T", perm=[0, 2, 1])                                   # (N, HW, C)
+        per_sample = g.op("MatMul", [g.op("Reshape", [dy, g.ints([0, out_ch, -1])],
+                                          name + "/dY_flat"), x_t], name + "/per_sample")
+        return g.op("ReduceSum", [per_sample, g.ints([0])], name + "/pointwise", keepdims=0)
+    dy_t = g.op("Reshape", [g.op("Transpose", [dy], name + "/dY_T", perm=[1, 0, 2, 3]),
+                            g.ints([out_ch, -1])], name + "/dY_rows")              # (O, N*HW)
+    x_rows = g.op("Reshape", [g.op("Transpose", [x], name + "/x_T", perm=[1, 0, 2, 3]),
+                              g.ints([0, -1])], name + "/x_rows")                   # (C, N*HW)
+    return g.op("Gemm", [dy_t, x_rows], name + "/pointwise", transB=1)
 
 
 def batch_contract(g: Graph, name: str, u: str, dy: str, ohw) -> str:
@@ -390,12 +410,45 @@ def emit_conv_backward(g: Graph, program: Program, op: Op, dy: str, method: str,
         db = g.op("ReduceSum", [dy, g.ints([0, 2, 3])], name + "/db", keepdims=0)
     dx = None
     if needs_dx:
-        out_pad_h = h - ((oh - 1) * s - 2 * p + k)
-        out_pad_w = w - ((ow - 1) * s - 2 * p + k)
-        dx = g.op("ConvTranspose", [dy, a["weight"]], name + "/dX", kernel_shape=[k, k],
-                  strides=[s, s], pads=[p] * 4, group=groups,
-                  output_padding=[out_pad_h, out_pad_w])
+        dx = conv_input_grad(g, name, dy, a["weight"], (c, h, w), (out_ch, oh, ow), k, s, p,
+                             groups)
     return dw, db, dx
+
+
+def conv_input_grad(g: Graph, name: str, dy: str, weight: str, x_chw, y_chw, kernel: int,
+                    stride: int, padding: int, groups: int) -> str:
+    """dX (N, C, H, W) of a conv from dY (N, O, H', W') and W (O, C/groups, k, k).
+
+    Stride 1: a Conv of dY padded by k - 1 - p with the kernel flipped in space and
+    transposed within each group, W'[g*C/g + c, o, i, j] = W[g*O/g + o, c, k-1-i, k-1-j]:
+    dX[i] = sum_t dY[i + p - t] W[t] = sum_u dY[i - (k - 1 - p) + u] W[k - 1 - u].
+    Stride > 1: ConvTranspose (as a Conv, dY would need stride - 1 zeros after every
+    element). onnxruntime's CPU kernels decide (benchmarks/backward_ops.py: the Conv is
+    1.2-5.9x faster at stride 1, 2-3x slower at stride 2 with the zeros)."""
+    c, h, w = x_chw
+    out_ch, oh, ow = y_chw
+    k, s, p = kernel, stride, padding
+    if s > 1:
+        return g.op("ConvTranspose", [dy, weight], name + "/dX", kernel_shape=[k, k],
+                    strides=[s, s], pads=[p] * 4, group=groups,
+                    output_padding=[h - ((oh - 1) * s - 2 * p + k), w - ((ow - 1) * s - 2 * p + k)])
+    before = k - 1 - p
+    if before < 0:  # padding past the kernel's reach: a negative pad is a crop of dY
+        dy = g.op("Slice", [dy, g.ints([-before] * 2), g.ints([oh + before, ow + before]),
+                            g.ints([2, 3])], name + "/dY_cropped")
+        before = 0
+    og, cg = out_ch // groups, c // groups
+    kernel_t = weight
+    if groups == 1:
+        kernel_t = g.op("Transpose", [weight], name + "/W_T", perm=[1, 0, 2, 3])  # (C, O, k, k)
+    elif og > 1 or cg > 1:  # (g, O/g, C/g, k, k) -> (g, C/g, O/g, k, k) -> (C, O/g, k, k)
+        grouped = g.op("Reshape", [weight, g.ints([groups, og, cg, k, k])], name + "/W_groups")
+        grouped = g.op("Transpose", [grouped], name + "/W_groups_T", perm=[0, 2, 1, 3, 4])
+        kernel_t = g.op("Reshape", [grouped, g.ints([c, og, k, k])], name + "/W_T")
+    if k > 1:
+        kernel_t = g.op("Slice", [kernel_t, g.ints([-1, -1]), g.ints([-k - 1, -k - 1]),
+                                  g.ints([2, 3]), g.ints([-1, -1])], name + "/W_flipped")
+    return g.op("Conv", [dy, kernel_t], name + "/dX", pads=[before] * 4, group=groups)
 
 
 def emit_update(g: Graph, config: TrainConfig, param: str, grad: str, shape) -> list:
