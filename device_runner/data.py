@@ -99,7 +99,10 @@ def _load_npz(path: Path, size: tuple) -> Dataset:
                         f"{images.shape}")
     if labels.shape != (len(images),):
         raise DataError(f"{path}: labels must be ({len(images)},), got {labels.shape}")
-    resized = np.stack([resize(im, size) for im in images]) if len(images) else images
+    resized = np.empty((len(images),) + tuple(size) + (3,), np.uint8)
+    for i, image in enumerate(images):  # into one array: a list of images then np.stack left
+        resized[i] = resize(image, size)  # the list's pages on the heap (+35 MiB at 224 px)
+    del images
     labels = labels.astype(np.int64)
     if classes is None:
         classes = [str(i) for i in range(int(labels.max()) + 1)] if len(labels) else []
@@ -111,23 +114,24 @@ def _load_folder(path: Path, size: tuple) -> Dataset:
     classes = sorted(p.name for p in path.iterdir() if p.is_dir())
     if not classes:
         raise DataError(f"{path} has no class sub-folders (expected {path}/<class>/<image>)")
-    images, labels, skipped = [], [], []
+    files, skipped = [], []
     for label, name in enumerate(classes):
         for file in sorted((path / name).rglob("*")):
             if not file.is_file():
                 continue
             if file.suffix.lower() not in IMAGE_SUFFIXES:
                 skipped.append((str(file), "not an image file"))
-                continue
-            try:
-                with Image.open(file) as im:
-                    rgb = np.asarray(im.convert("RGB"))
-            except (OSError, UnidentifiedImageError, ValueError) as e:
-                skipped.append((str(file), f"unreadable: {e}".splitlines()[0]))
-                continue
-            images.append(resize(rgb, size))
-            labels.append(label)
-    if not images:
-        return Dataset(np.zeros((0,) + tuple(size) + (3,), np.uint8), np.zeros(0, np.int64),
-                       classes, skipped)
-    return Dataset(np.stack(images), np.asarray(labels, np.int64), classes, skipped)
+            else:
+                files.append((file, label))
+    images = np.empty((len(files),) + tuple(size) + (3,), np.uint8)  # one array, as in .npz
+    labels = []
+    for file, label in files:
+        try:
+            with Image.open(file) as im:
+                rgb = np.asarray(im.convert("RGB"))
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            skipped.append((str(file), f"unreadable: {e}".splitlines()[0]))
+            continue
+        images[len(labels)] = resize(rgb, size)
+        labels.append(label)
+    return Dataset(images[:len(labels)], np.asarray(labels, np.int64), classes, skipped)
