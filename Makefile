@@ -17,7 +17,7 @@ setup: $(STAMP)
 
 $(OLDEST)/.installed:
 	test -x $(OLDEST)/bin/python || $(PYTHON) -m venv $(OLDEST)
-	$(OLDEST)/bin/python -m pip install --quiet "onnxruntime==1.16.3" "numpy<2" "pyserial>=3.5,<4"
+	$(OLDEST)/bin/python -m pip install --quiet "onnxruntime==1.16.3" "numpy<2" "pyserial>=3.5,<4" "threadpoolctl>=3,<4"
 	touch $@
 
 $(TRAINING)/.installed:

@@ -154,12 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=positive_int, help="default: the artifact's")
     t.add_argument("--lr", type=float, default=0.01, help="learning rate (default 0.01)")
     t.add_argument("--seed", type=int, default=0, help="data order and split seed (default 0)")
-    t.add_argument("--threads", type=positive_int, help="onnxruntime threads (default: all cores)")
+    t.add_argument("--threads", type=positive_int,
+                   help="threads of onnxruntime and of numpy's BLAS, which take turns (default: "
+                        "the --profile's cores, else all cores)")
     t.add_argument("--budget", type=size_bytes,
                    help="memory budget for the training working set, e.g. 48MiB: checked by a "
                         "dry-run step before training, violations counted per step")
     t.add_argument("--profile", help="device profile (.toml, or a name in profiles/): its "
-                                     "budget is the default for --budget")
+                                     "budget and cores are the defaults of --budget, --threads")
     t.add_argument("--report", help="where to stream memory profiles: /dev/ttyUSB0, "
                                     "socket://host:port, loop://, file://path.jsonl")
     t.add_argument("--report-every", type=positive_int, default=1,
@@ -190,13 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "profile", None) and args.budget is None:
+    if getattr(args, "profile", None):
         from actcomp_edge.profiles import ProfileError, load_profile
         try:
-            args.budget = load_profile(args.profile).budget_bytes
+            profile = load_profile(args.profile)
         except ProfileError as e:
             print(f"actcomp-device: error: {e}", file=sys.stderr)
             return 2
+        if args.budget is None:
+            args.budget = profile.budget_bytes
+        if args.threads is None:
+            args.threads = profile.cores
     if getattr(args, "out", "unset") is None:
         args.out = str(Path(args.artifact) / "run")
     try:

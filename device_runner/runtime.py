@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from threadpoolctl import threadpool_limits
 
 from actcomp_edge import memplan
 from actcomp_edge.compress import TrackedHosvd, compress
@@ -113,8 +114,10 @@ class Trainer:
         self.manifest = load_manifest(self.folder, ort.__version__, verify=verify)
         m = self.manifest
         options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
+        self.threads = threads  # None: onnxruntime's and BLAS's own default, all cores
+        if threads:  # one thread budget: onnxruntime's runs and numpy's BLAS (decompositions)
+            options.intra_op_num_threads = threads  # take turns on the same cores
+            threadpool_limits(threads, user_api="blas")
         options.log_severity_level = 4  # failures reach the caller as exceptions
         # onnxruntime's worker threads spin after each run by default; numpy's decomposition
         # runs right after on the same cores, so spinning only steals its CPU

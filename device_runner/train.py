@@ -301,6 +301,7 @@ def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset, out_dir, options
     summary = {"steps": step, "epochs": epoch, "final_train_loss": losses[-1] if losses else None,
                "final_val_accuracy": val_accuracy,
                "median_step_seconds": float(np.median(step_seconds)) if step_seconds else None,
+               "threads": trainer.threads,
                "peak_rss_bytes": procmem.peak_rss_bytes(), "baseline_rss_bytes": baseline,
                "working_set_bytes": train_peak - baseline,
                "predicted_working_set_bytes": predicted,

@@ -263,3 +263,26 @@ def test_profile_budget_is_the_default_budget(artifact, image_folder, tmp_path):
     profile.write_text("\n".join(lines) + "\n")
     proc = device(*train_args(artifact, image_folder, tmp_path / "run", "--profile", profile))
     assert proc.returncode == 3 and "budget 0.0 MiB is too small" in proc.stderr, proc.stderr
+
+
+def test_threads_bound_onnxruntime_and_blas_and_default_to_the_profile_cores(artifact,
+                                                                             image_folder,
+                                                                             tmp_path):
+    env = dict(ENV, OPENBLAS_NUM_THREADS="3", OMP_NUM_THREADS="3")
+    code = ("import sys; from threadpoolctl import threadpool_info; "
+            "from device_runner.runtime import Trainer; Trainer(sys.argv[1], threads=1); "
+            "print(sorted({p['num_threads'] for p in threadpool_info() "
+            "if p['user_api'] == 'blas'}))")
+    proc = subprocess.run([sys.executable, "-c", code, str(artifact)], env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[1]", proc.stderr
+    profile = REPO / "profiles" / "pi-zero-2w.toml"
+    summary = tmp_path / "s.json"
+    args = train_args(artifact, image_folder, tmp_path / "run", "--profile", profile,
+                      "--budget", "1GiB", "--max-steps", "1", "--summary", summary)
+    at = args.index("--threads")
+    proc = device(*(args[:at] + args[at + 2:]))  # no --threads: the profile's cores
+    assert proc.returncode == 0, proc.stderr
+    cores = next(int(line.split("=")[1].split("#")[0]) for line in profile.read_text().splitlines()
+                 if line.split("=")[0].strip() == "cores")
+    assert json.loads(summary.read_text())["threads"] == cores
