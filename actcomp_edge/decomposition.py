@@ -91,32 +91,145 @@ def check_eps(eps: float) -> None:
         raise ValueError(f"eps must be in (0, 1], got {eps!r}")
 
 
+def smaller_gram(tensor: np.ndarray, mode: int) -> tuple:
+    """(G, M) for the mode-n unfolding M = A_(n) (d_n, rest): G = M M^T (d_n x d_n, M None)
+    or, when d_n > rest (e.g. 576 channels but B*H*W = 512), G = M^T M (rest x rest) with M
+    in float64; both have the squared singular values of M as their eigenvalues."""
+    d_n = tensor.shape[mode]
+    rest = tensor.size // d_n if d_n else 0
+    if d_n <= rest:
+        return mode_gram(tensor, mode), None
+    m = unfold(tensor, mode).astype(np.float64)
+    return m.T @ m, m
+
+
+def left_vectors(m, vectors: np.ndarray, energies: np.ndarray) -> np.ndarray:
+    """Left singular vectors U = M V / sigma of M from eigenvectors V of its Gram (M None:
+    V are already left vectors); a direction of zero energy gets a zero column."""
+    if m is None:
+        return vectors
+    sigma = np.sqrt(np.clip(energies, 0.0, None))
+    scale = np.where(sigma > sigma[0] * 1e-12, 1.0 / np.where(sigma > 0, sigma, 1.0), 0.0)
+    return (m @ vectors) * scale
+
+
 def mode_spectrum(tensor: np.ndarray, mode: int, choose=None) -> tuple[np.ndarray, np.ndarray]:
     """Squared singular values (descending, clipped at 0, at most min(d_n, rest) of them)
     and the matching left singular vectors (d_n, r) of the mode-n unfolding M = A_(n);
     ``choose(energies) -> k``: only the leading k vectors are formed (else all r).
+    Eigendecomposes the smaller Gram (smaller_gram)."""
+    gram, m = smaller_gram(tensor, mode)
+    energies, vectors = np.linalg.eigh(gram)
+    energies = np.clip(energies[::-1], 0.0, None)
+    k = len(energies) if choose is None else choose(energies)
+    return energies, left_vectors(m, vectors[:, ::-1][:, :k], energies[:k])
 
-    Eigendecomposes the smaller Gram matrix: M M^T (d_n x d_n), or, when d_n > rest
-    (e.g. 576 channels but B*H*W = 512), M^T M (rest x rest) with U = M V / sigma (a
-    direction of zero energy gets a zero column: it carries nothing either way).
-    """
-    d_n = tensor.shape[mode]
-    rest = tensor.size // d_n if d_n else 0
-    keep = min(d_n, rest)
-    if d_n <= rest:
-        energies, vectors = np.linalg.eigh(mode_gram(tensor, mode))
-        energies = np.clip(energies[::-1][:keep], 0.0, None)
-        k = keep if choose is None else choose(energies)
-        return energies, vectors[:, ::-1][:, :k]
-    m = unfold(tensor, mode).astype(np.float64)
-    energies, right = np.linalg.eigh(m.T @ m)
-    energies = np.clip(energies[::-1][:keep], 0.0, None)
-    k = keep if choose is None else choose(energies)
-    sigma = np.sqrt(energies[:k])
-    scale = np.where(sigma > sigma[0] * 1e-12, 1.0 / np.where(sigma > 0, sigma, 1.0), 0.0)
-    vectors = m @ right[:, ::-1][:, :k]
-    vectors *= scale
-    return energies, vectors
+
+KRYLOV_MIN = 192        # smaller Grams: eigh outright (it takes < 2 ms here)
+KRYLOV_BLOCK = 8        # vectors the Krylov basis grows by at a time
+KRYLOV_SHARE = 4        # at most 1/4 of the dimension: past that a full eigh is cheaper
+CERTIFY_MARGIN = 1e-10  # of the trace: a certificate must hold by this much (eigh's rounding ~1e-13)
+RESIDUAL_TOL = 1e-9     # of the largest eigenvalue: |G u - theta u| of every kept vector
+
+
+def certified_leading(gram: np.ndarray, eps: float) -> tuple | None:
+    """(k, theta (k,), vectors (n, k)): the eps rule's rank of the PSD Gram's exact spectrum
+    and its leading k eigenpairs, from a block Krylov space instead of a full eigh; None when
+    the space (up to half the dimension) cannot show the rank.
+
+    With Ritz pairs (theta, Y) of the space, T = tr G and R = G Y - Y diag(theta):
+    - rank <= k: sum_{i<=k} theta_i <= sum_{i<=k} lambda_i (Ky Fan), so theta reaching eps T
+      does;
+    - rank > k - 1: in the basis [Y, Y_perp], G <= [[diag(theta) + R^T R / eta, 0],
+      [0, C + eta I]] for any eta > 0, and every eigenvalue of the complement block C is at
+      most nu = ||C||_F = (||G||_F^2 - 2 ||G Y||_F^2 + ||theta||^2)^(1/2) and at most
+      tr C = T - sum(theta); so sum_{i<k} lambda_i is at most the k - 1 largest of
+      eig(diag(theta) + R^T R / eta) merged with k - 1 copies of min(nu, tr C) + eta.
+    Both must hold by CERTIFY_MARGIN T, and the kept vectors' residuals be below
+    RESIDUAL_TOL theta_1: then k is the rank an exact eigh gives. The space grows to at
+    most n / KRYLOV_SHARE; the certificate is tried at 16 vectors, then every 1.5x."""
+    n = len(gram)
+    total = float(np.trace(gram))
+    if total <= 0.0:
+        return None
+    check_eps(eps)
+    target = eps * total * (1.0 - EQUALITY_SLACK)  # rank_for_energy's threshold
+    margin = CERTIFY_MARGIN * total
+    fro2 = float(np.sum(gram * gram))
+    rng = np.random.default_rng(n)  # a fixed start: the same result every run and on resume
+    block, _ = np.linalg.qr(gram @ rng.standard_normal((n, KRYLOV_BLOCK)))
+    basis, images = [block], [gram @ block]
+    checked, largest = 0, n // KRYLOV_SHARE
+    while True:
+        size = sum(b.shape[1] for b in basis)
+        if size >= max(2 * KRYLOV_BLOCK, checked * 3 // 2) or size >= largest:
+            checked = size
+            found = _certify(np.hstack(basis), np.hstack(images), total, fro2, target, margin)
+            if found is not None:
+                return found
+        if size >= largest:
+            return None
+        v = np.hstack(basis)
+        w = images[-1] - v @ (v.T @ images[-1])
+        w -= v @ (v.T @ w)  # twice: full reorthogonalisation
+        block, r = np.linalg.qr(w)
+        keep = np.abs(np.diag(r)) > 1e-12 * np.sqrt(fro2)
+        if not keep.any():  # the space is invariant: its Ritz pairs are exact
+            return _certify(v, np.hstack(images), total, fro2, target, margin)
+        block = block[:, keep]
+        basis.append(block)
+        images.append(gram @ block)
+
+
+def _certify(v, gv, total, fro2, target, margin):
+    """certified_leading's test on the orthonormal basis v (n, m) with gv = G v."""
+    theta, s = np.linalg.eigh(v.T @ gv)
+    theta, s = theta[::-1], s[:, ::-1]
+    y, gy = v @ s, gv @ s
+    cumulative = np.cumsum(theta)
+    k = int(np.searchsorted(cumulative, target, side="left")) + 1
+    if k > len(theta) or cumulative[k - 1] < target + margin:
+        return None
+    r = gy - y * theta
+    if np.linalg.norm(r[:, :k], axis=0).max() > RESIDUAL_TOL * theta[0]:
+        return None
+    if k > 1 and ky_fan_bound(k - 1, theta, r, gy, total, fro2) >= target - margin:
+        return None
+    return k, theta[:k], y[:, :k]
+
+
+def ky_fan_bound(j: int, theta, r, gy, total: float, fro2: float) -> float:
+    """An upper bound on the sum of the j largest eigenvalues of G from its Ritz values
+    theta, residuals r and G y (certified_leading)."""
+    rest_trace = max(0.0, total - float(theta.sum()))
+    nu = np.sqrt(max(0.0, fro2 - 2.0 * float(np.sum(gy * gy)) + float(np.sum(theta ** 2))))
+    rtr = r.T @ r
+    rnorm = np.sqrt(max(0.0, float(np.trace(rtr))))
+    best = np.inf
+    for eta in (rnorm * 2.0 ** np.arange(-4, 5) if rnorm > 0 else [0.0]):
+        top = np.linalg.eigvalsh(np.diag(theta) + rtr / eta) if eta > 0 else theta
+        merged = np.concatenate([top, np.full(j, min(nu, rest_trace) + eta)])
+        best = min(best, float(np.sort(merged)[::-1][:j].sum()))
+    return best
+
+
+def leading_vectors(tensor: np.ndarray, mode: int, eps=None, fixed=None, cap=None) -> np.ndarray:
+    """The leading K_n left singular vectors (d_n, K_n) of A_(n), K_n by the paper's rule (eps)
+    or fixed, capped: the exact rank; the vectors from certified_leading when it can show
+    the rank, else from a full eigh."""
+    # numpy.random is imported on first use (~20 ms): certified_leading's start block needs it
+    gram, m = smaller_gram(tensor, mode)
+    found = None
+    if eps is not None and fixed is None and len(gram) >= KRYLOV_MIN:
+        found = certified_leading(gram, eps)
+    if found is None:
+        energies, vectors = np.linalg.eigh(gram)
+        energies = np.clip(energies[::-1], 0.0, None)
+        k = _choose_rank(energies, len(energies), eps, fixed, cap)
+        return left_vectors(m, vectors[:, ::-1][:, :k], energies[:k])
+    k, theta, vectors = found
+    k = _clip_rank(k, len(gram), cap)
+    return left_vectors(m, vectors[:, :k], theta[:k])
 
 
 def _choose_rank(energies, max_rank, eps, fixed, cap) -> int:
@@ -126,6 +239,10 @@ def _choose_rank(energies, max_rank, eps, fixed, cap) -> int:
             raise ValueError(f"ranks must be >= 1, got {fixed}")
     else:
         k = rank_for_energy(energies, eps)
+    return _clip_rank(k, max_rank, cap)
+
+
+def _clip_rank(k: int, max_rank: int, cap) -> int:
     if cap is not None:
         if int(cap) < 1:
             raise ValueError(f"rank caps must be >= 1, got {cap}")
@@ -188,11 +305,8 @@ def hosvd(activation: np.ndarray, eps: Optional[float] = None,
         a = a.astype(np.float32)
     fixed = _per_mode(ranks, a.ndim, "ranks")
     caps = _per_mode(rank_cap, a.ndim, "rank_cap")
-    factors = []
-    for mode in range(a.ndim):
-        _, vectors = mode_spectrum(a, mode, lambda energies: _choose_rank(
-            energies, len(energies), eps, fixed[mode], caps[mode]))
-        factors.append(np.ascontiguousarray(vectors, dtype=a.dtype))
+    factors = [np.ascontiguousarray(leading_vectors(a, mode, eps, fixed[mode], caps[mode]),
+                                    dtype=a.dtype) for mode in range(a.ndim)]
     return Tucker(project_core(a, factors), tuple(factors))
 
 

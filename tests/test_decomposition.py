@@ -165,3 +165,82 @@ def test_official_ranks_on_real_activations():
         assert t.rank_per_mode == tuple(oracle[f"{key}/eps{eps}/hosvd_ranks"]), (key, eps)
         assert t.kept_floats == case["hosvd_kept_floats"]
         assert svd_compress(a, eps=eps).rank == int(oracle[f"{key}/eps{eps}/svd_rank"]), (key, eps)
+
+
+def gram_with_spectrum(rng, energies):
+    q = orthonormal(rng, len(energies), len(energies))
+    return (q * np.asarray(energies, np.float64)) @ q.T
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("eps", [0.7, 0.8, 0.9])
+def test_certified_rank_and_vectors_equal_the_full_eigendecomposition(seed, eps):
+    """Decaying spectra (as activations have), n = 384: the Krylov path certifies the rank
+    and its vectors span eigh's (where the spectrum has a gap after k)."""
+    from actcomp_edge.decomposition import certified_leading
+    rng = np.random.default_rng(seed)
+    n = 384
+    energies = np.sort(rng.exponential(1.0, n) * np.exp(-np.arange(n) / rng.uniform(2, 12)))[::-1]
+    gram = gram_with_spectrum(rng, energies)
+    exact, vectors = np.linalg.eigh(gram)
+    exact, vectors = exact[::-1], vectors[:, ::-1]
+    k = rank_for_energy(exact, eps)
+    found = certified_leading(gram, eps)
+    assert found is not None and found[0] == k
+    u = found[2]
+    np.testing.assert_allclose(u.T @ u, np.eye(k), atol=1e-10)
+    if exact[k - 1] - exact[k] > 1e-3 * exact[0]:
+        projector_error = np.linalg.norm(u @ (u.T @ vectors[:, :k]) - vectors[:, :k])
+        assert projector_error < 1e-6
+
+
+TIE = -0.8e-9  # the rule counts a cumulative energy within EQUALITY_SLACK * eps of eps as eps
+
+
+@pytest.mark.parametrize("offset", [TIE, TIE + 5e-11, TIE - 5e-11, TIE + 1e-9, TIE - 1e-9, 0.0])
+def test_near_ties_at_eps_give_the_exact_rank(offset):
+    """Spectra whose cumulative energy at rank 5 is eps + offset (of the trace): within the
+    certificate's margin of the rule's threshold (eps (1 - 1e-9)) the Krylov path cannot
+    tell and leading_vectors falls back to eigh; either way the exact rule's rank."""
+    from actcomp_edge.decomposition import certified_leading, leading_vectors
+    rng = np.random.default_rng(7)
+    n, k, eps = 256, 5, 0.8
+    tail = np.geomspace(0.2, 1e-4, n - k)
+    ratio = eps + offset  # the 5th eigenvalue x: (4 + x) / (4 + x + sum(tail)) = ratio
+    x = (ratio * (k - 1 + tail.sum()) - (k - 1)) / (1 - ratio)
+    energies = np.concatenate([np.full(k - 1, 1.0), [x], tail])
+    gram = gram_with_spectrum(rng, energies)
+    exact = np.clip(np.linalg.eigh(gram)[0][::-1], 0, None)
+    want = rank_for_energy(exact, eps)
+    found = certified_leading(gram, eps)
+    assert found is None or found[0] == want
+    if abs(offset - TIE) < 1e-10:
+        assert found is None  # within the certificate's margin: left to eigh
+    if offset == 0.0:
+        assert found is not None and found[0] == k
+    # through a tensor: a (n, n) "activation" whose mode-0 Gram is this one
+    root = np.linalg.cholesky(gram + 1e-300 * np.eye(n))
+    a = root.reshape(n, n, 1, 1)
+    got = leading_vectors(a, 0, eps=eps).shape[1]
+    assert got == rank_for_energy(np.clip(np.linalg.eigh(root @ root.T)[0][::-1], 0, None), eps)
+
+
+def test_certified_path_and_eigh_give_the_same_tucker():
+    """HOSVD of a low-rank-ish (32, 576, 4, 4) activation (its dual Grams are 512 wide): the
+    certified path is taken and reconstructs as the eigh-only HOSVD does."""
+    from actcomp_edge import decomposition
+    rng = np.random.default_rng(3)
+    a = np.maximum(tensor_of_rank(rng, (32, 576, 4, 4), (6, 24, 4, 4)), 0).astype(np.float32)
+    gram, _ = decomposition.smaller_gram(a, 1)
+    assert len(gram) >= decomposition.KRYLOV_MIN
+    assert decomposition.certified_leading(gram, 0.8) is not None
+    fast = hosvd(a, eps=0.8)
+    saved = decomposition.KRYLOV_MIN
+    decomposition.KRYLOV_MIN = 10 ** 9
+    try:
+        exact = hosvd(a, eps=0.8)
+    finally:
+        decomposition.KRYLOV_MIN = saved
+    assert fast.rank_per_mode == exact.rank_per_mode
+    np.testing.assert_allclose(fast.reconstruct(), exact.reconstruct(), rtol=0,
+                               atol=1e-5 * np.abs(a).max())
