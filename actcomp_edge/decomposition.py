@@ -129,7 +129,8 @@ KRYLOV_MIN = 192        # smaller Grams: eigh outright (it takes < 2 ms here)
 KRYLOV_BLOCK = 8        # vectors the Krylov basis grows by at a time
 KRYLOV_SHARE = 4        # at most 1/4 of the dimension: past that a full eigh is cheaper
 CERTIFY_MARGIN = 1e-10  # of the trace: a certificate must hold by this much (eigh's rounding ~1e-13)
-RESIDUAL_TOL = 1e-9     # of the largest eigenvalue: |G u - theta u| of every kept vector
+RESIDUAL_TOL = 1e-9     # of the largest eigenvalue: |G U - U theta| of the kept vectors
+SUBSPACE_TOL = 1e-8     # their space's angle to the exact one (Davis-Kahan: residual / gap)
 
 
 def certified_leading(gram: np.ndarray, eps: float) -> tuple | None:
@@ -145,8 +146,9 @@ def certified_leading(gram: np.ndarray, eps: float) -> tuple | None:
       most nu = ||C||_F = (||G||_F^2 - 2 ||G Y||_F^2 + ||theta||^2)^(1/2) and at most
       tr C = T - sum(theta); so sum_{i<k} lambda_i is at most the k - 1 largest of
       eig(diag(theta) + R^T R / eta) merged with k - 1 copies of min(nu, tr C) + eta.
-    Both must hold by CERTIFY_MARGIN T, and the kept vectors' residuals be below
-    RESIDUAL_TOL theta_1: then k is the rank an exact eigh gives. The space grows to at
+    Both must hold by CERTIFY_MARGIN T: then k is the rank an exact eigh gives. The kept
+    vectors' residual must be below RESIDUAL_TOL theta_1 and their space within SUBSPACE_TOL
+    of the exact one (Davis-Kahan), so that they stand for eigh's vectors. The space grows to at
     most n / KRYLOV_SHARE; the certificate is tried at 16 vectors, then every 1.5x."""
     n = len(gram)
     total = float(np.trace(gram))
@@ -191,24 +193,36 @@ def _certify(v, gv, total, fro2, target, margin):
     if k > len(theta) or cumulative[k - 1] < target + margin:
         return None
     r = gy - y * theta
-    if np.linalg.norm(r[:, :k], axis=0).max() > RESIDUAL_TOL * theta[0]:
+    residual = np.linalg.norm(r[:, :k])
+    if residual > RESIDUAL_TOL * theta[0]:
+        return None
+    # Davis-Kahan: the kept space is within residual / gap of the exact one, the gap being
+    # theta_k over every other eigenvalue (each at most theta_{k+1}, or nu or tr C outside)
+    outside = max(theta[k] if k < len(theta) else 0.0, complement_bound(theta, gy, total, fro2))
+    if theta[k - 1] - outside <= residual / SUBSPACE_TOL:
         return None
     if k > 1 and ky_fan_bound(k - 1, theta, r, gy, total, fro2) >= target - margin:
         return None
     return k, theta[:k], y[:, :k]
 
 
+def complement_bound(theta, gy, total: float, fro2: float) -> float:
+    """Every eigenvalue of G outside the Ritz space's block is at most this: min(nu, tr C)."""
+    rest_trace = max(0.0, total - float(theta.sum()))
+    nu = np.sqrt(max(0.0, fro2 - 2.0 * float(np.sum(gy * gy)) + float(np.sum(theta ** 2))))
+    return min(nu, rest_trace)
+
+
 def ky_fan_bound(j: int, theta, r, gy, total: float, fro2: float) -> float:
     """An upper bound on the sum of the j largest eigenvalues of G from its Ritz values
     theta, residuals r and G y (certified_leading)."""
-    rest_trace = max(0.0, total - float(theta.sum()))
-    nu = np.sqrt(max(0.0, fro2 - 2.0 * float(np.sum(gy * gy)) + float(np.sum(theta ** 2))))
+    outside = complement_bound(theta, gy, total, fro2)
     rtr = r.T @ r
     rnorm = np.sqrt(max(0.0, float(np.trace(rtr))))
     best = np.inf
     for eta in (rnorm * 2.0 ** np.arange(-4, 5) if rnorm > 0 else [0.0]):
         top = np.linalg.eigvalsh(np.diag(theta) + rtr / eta) if eta > 0 else theta
-        merged = np.concatenate([top, np.full(j, min(nu, rest_trace) + eta)])
+        merged = np.concatenate([top, np.full(j, outside + eta)])
         best = min(best, float(np.sort(merged)[::-1][:j].sum()))
     return best
 

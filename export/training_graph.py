@@ -5,17 +5,20 @@ step. So the step is cut at the input of every fine-tuned conv:
 
     forward_0 (frozen prefix, BN folded)   image -> x_1 (+ skip tensors)
     [device: compress x_1 with numpy]      x_1 -> kept pieces of layer 1, x_1 freed
-    forward_1                              x_1 -> x_2, masks ...
+    forward_1                              x_1 -> x_2, bit-packed masks ...
     ...
     forward_N (last convs, head, loss)     x_N, labels -> loss, logits, dlogits, features, masks
-    backward                               dlogits, kept pieces, masks, features, params, optimizer
-                                           state, lr, step -> gradients, new params, new state
+    backward_N .. backward_1               the reverse of each forward_p: d/<t> of what it
+                                           handed on, its conv's kept pieces, its masks and
+                                           params -> d/<t> of its inputs, grad/<param>
+    update                                 grad/<param>, params, optimizer state, lr (, step)
+                                           -> new/<param>, new/state/...
 
 Between forward and backward the device holds only the kept pieces (core +
-factors for HOSVD), the 1-byte activation masks and the classifier input.
+factors for HOSVD), the masks at 1 bit an element and the classifier input.
 Every graph uses standard ONNX ops only (opset ``OPSET``), so the stock
 onnxruntime wheel runs it. Tensor names say what they hold:
-``<layer>/kept/<piece>``, ``<op>/mask``, ``grad/<param>``, ``new/<param>``.
+``<layer>/kept/<piece>``, ``<t>/mask_bits``, ``d/<t>``, ``grad/<param>``, ``new/<param>``.
 """
 from __future__ import annotations
 
