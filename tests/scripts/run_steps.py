@@ -17,7 +17,7 @@ from device_runner.runtime import Trainer
 def main(folder, batch_path, out_path, steps):
     data = np.load(batch_path, allow_pickle=False)
     trainer = Trainer(folder)
-    losses = [trainer.step(data["images"][s], data["labels"][s], lr=0.05).loss
+    losses = [trainer.step(data["images"][s], data["labels"][s], lr=0.0002).loss
               for s in range(int(steps))]
     np.savez(out_path, loss=np.array(losses), ort_version=np.array(onnxruntime.__version__),
              numpy_version=np.array(np.__version__),
