@@ -314,9 +314,11 @@ class Trainer:
         for position in range(self.backward_from):
             item = self.schedule[position]
             start = time.perf_counter()
-            if ("compress" in item and not decompose
-                    or item.get("run") == self.prefix and prefix_out is not None):
-                tensors.update(prefix_out if "run" in item else {})
+            if "compress" in item and not decompose:
+                self._release(tensors, position)
+                continue
+            if item.get("run") == self.prefix and prefix_out is not None:
+                tensors.update(prefix_out)
                 self._release(tensors, position)
                 continue
             self._run(position, tensors, out)
