@@ -8,11 +8,13 @@ import os
 import sys
 from pathlib import Path
 
-from actcomp_edge.cliutil import Parser, positive_int, size_bytes
+from actcomp_edge.cliutil import (Parser, non_negative_float, positive_float, positive_int,
+                                  size_bytes)
 from actcomp_edge.manifest import ArtifactError
 from actcomp_edge.npz import NpzError
 
 from . import data as data_module
+from . import recipe
 from .checkpoint import CheckpointError
 from .runtime import MemoryBudgetError
 from .train import (BudgetError, Options, TrainingError, check_budget, check_plan, evaluate, fit,
@@ -37,26 +39,39 @@ def input_size(trainer) -> tuple:
 
 
 def cmd_train(args) -> int:
+    if args.report:  # a link that cannot work is refused before any work
+        from .transport import check_url
+        check_url(args.report)
+    recipe.parse_schedule(args.schedule)
     trainer = load_trainer(args)
     m = trainer.manifest
     if args.budget is not None:  # a budget the plan cannot meet: refused before the data loads
         check_plan(m, args.batch_size or m["batch_size"], args.budget)
-    data = data_module.load(args.data, input_size(trainer), m["num_classes"])
+    classes = m.get("classes")
+    data = data_module.load(args.data, input_size(trainer), m["num_classes"], classes)
     if data.skipped:
         print(f"skipped {len(data.skipped)} unreadable or non-image files "
               f"(first: {data.skipped[0][0]}: {data.skipped[0][1]})", file=sys.stderr)
     if args.val_data:
         train_set = data
-        val_set = data_module.load(args.val_data, input_size(trainer), m["num_classes"])
+        val_set = data_module.load(args.val_data, input_size(trainer), m["num_classes"],
+                                   classes)
     else:
         if len(data) < 2:
             raise data_module.DataError("need at least 2 images to hold some out for validation")
         train_set, val_set = data.split(args.val_fraction, args.seed)
     batch = args.batch_size or m["batch_size"]
+    lr = args.lr or recipe.default_lr(m["train"])
+    clip = args.clip_grad_norm or None
     print(f"{m['model']}: {len(m['trainable_layers'])} fine-tuned convs, method "
           f"{m['train']['method']}; {len(train_set)} training / {len(val_set)} validation images, "
           f"batch {batch}")
-    options = Options(epochs=args.epochs, batch_size=batch, lr=args.lr, seed=args.seed,
+    print(f"recipe: {m['train']['optimizer']}"
+          + (f" momentum {m['train']['momentum']}" if m["train"]["optimizer"] == "sgd" else "")
+          + f", lr {lr:g} {args.schedule}, clip grad norm {clip or 'off'}, augment "
+          + ("off" if args.no_augment else "crop+flip"))
+    options = Options(epochs=args.epochs, batch_size=batch, lr=lr, seed=args.seed,
+                      schedule=args.schedule, clip_norm=clip, augment=not args.no_augment,
                       max_steps=args.max_steps, checkpoint_every=args.checkpoint_every,
                       budget_bytes=args.budget, resume=args.resume,
                       report_every=args.report_every)
@@ -86,6 +101,9 @@ def cmd_train(args) -> int:
     print(f"done: {summary['steps']} steps, val accuracy {summary['final_val_accuracy']:.4f}; "
           f"weights {summary['outputs']['weights']}, inference model "
           f"{summary['outputs']['inference']}")
+    print(f"best: val accuracy {summary['best_val_accuracy']:.4f} after epoch "
+          f"{summary['best_epoch']}; {summary['outputs']['best_weights']}, "
+          f"{summary['outputs']['best_inference']}")
     if args.budget is not None and summary["budget_violations"]:
         print(f"budget exceeded on {summary['budget_violations']} steps", file=sys.stderr)
         return 4
@@ -152,7 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=positive_int, default=1, help="epochs (default 1)")
     t.add_argument("--max-steps", type=positive_int, help="stop after K steps")
     t.add_argument("--batch-size", type=positive_int, help="default: the artifact's")
-    t.add_argument("--lr", type=float, default=0.01, help="learning rate (default 0.01)")
+    t.add_argument("--lr", type=positive_float,
+                   help=f"peak learning rate (default: SGD {recipe.BASE_LR} x (1 - the artifact's "
+                        f"momentum), AdamW {recipe.ADAMW_LR})")
+    t.add_argument("--schedule", default=recipe.DEFAULT_SCHEDULE,
+                   help=f"learning-rate schedule over the run's steps: "
+                        f"{', '.join(recipe.SCHEDULES)} (default {recipe.DEFAULT_SCHEDULE})")
+    t.add_argument("--clip-grad-norm", type=non_negative_float, default=recipe.DEFAULT_CLIP_NORM,
+                   help=f"clip the gradients' global L2 norm to this (default "
+                        f"{recipe.DEFAULT_CLIP_NORM}; 0: off)")
+    t.add_argument("--no-augment", action="store_true",
+                   help="no random resized crop + horizontal flip of the training images")
     t.add_argument("--seed", type=int, default=0, help="data order and split seed (default 0)")
     t.add_argument("--threads", type=positive_int,
                    help="threads of onnxruntime and of numpy's BLAS, which take turns (default: "

@@ -9,6 +9,7 @@ uint8; ``Dataset.batch`` normalises a batch to float32 NCHW: (pixel / 255 - mean
 """
 from __future__ import annotations
 
+import math
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,15 +29,18 @@ class Dataset:
     labels: np.ndarray           # int64 (N,)
     classes: list
     skipped: list = field(default_factory=list)   # (path, reason) of unreadable files
+    names_given: bool = True     # False: an .npz without ``classes`` (names are indices)
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def batch(self, indices, mean, std, out: np.ndarray | None = None) -> tuple:
+    def batch(self, indices, mean, std, out: np.ndarray | None = None,
+              augment: np.random.Generator | None = None) -> tuple:
         """(float32 (B, 3, H, W) normalised, int64 (B,)). ``out``: a float32 (>= B, 3, H, W)
         buffer the batch is written into (its first B rows are returned), so a training loop
         reuses one batch of memory instead of allocating one per step. Each channel is
-        converted in place: no full-batch temporaries."""
+        converted in place: no full-batch temporaries. ``augment``: each image is
+        random_resized_crop'ed and flipped with this generator."""
         indices = np.asarray(indices)
         mean = np.broadcast_to(np.asarray(mean, np.float32), (3,))
         std = np.broadcast_to(np.asarray(std, np.float32), (3,))
@@ -47,9 +51,12 @@ class Dataset:
             raise ValueError(f"batch buffer {out.dtype} {out.shape} cannot hold {shape} float32")
         else:
             x = out[:shape[0]]
+        images = self.images[indices]
+        if augment is not None:
+            images = np.stack([random_resized_crop(image, augment) for image in images])
         for c in range(3):
             channel = x[:, c]
-            channel[...] = self.images[indices, :, :, c]
+            channel[...] = images[:, :, :, c]
             channel /= np.float32(255.0)
             channel -= mean[c]
             channel /= std[c]
@@ -64,6 +71,23 @@ class Dataset:
                 Dataset(self.images[val], self.labels[val], self.classes))
 
 
+def random_resized_crop(image: np.ndarray, rng: np.random.Generator,
+                        scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3)) -> np.ndarray:
+    """uint8 (H, W, 3) -> uint8 (H, W, 3): a random box of scale * H * W pixels (area) and
+    aspect w/h in ratio (log-uniform), resized back to (H, W), then flipped left-right with
+    probability 1/2 (torchvision's RandomResizedCrop + RandomHorizontalFlip)."""
+    from PIL import Image
+    h, w = image.shape[:2]
+    area = rng.uniform(*scale) * h * w
+    aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+    box_w = min(w, max(1, round(math.sqrt(area * aspect))))
+    box_h = min(h, max(1, round(math.sqrt(area / aspect))))
+    left, top = rng.integers(0, w - box_w + 1), rng.integers(0, h - box_h + 1)
+    crop = np.asarray(Image.fromarray(image).resize(
+        (w, h), Image.BILINEAR, box=(left, top, left + box_w, top + box_h)))
+    return crop[:, ::-1] if rng.random() < 0.5 else crop
+
+
 def resize(image: np.ndarray, size: tuple) -> np.ndarray:
     """uint8 (h, w, 3) -> uint8 (H, W, 3), bilinear."""
     from PIL import Image
@@ -72,13 +96,22 @@ def resize(image: np.ndarray, size: tuple) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
 
 
-def load(path, size: tuple, num_classes: int | None = None) -> Dataset:
+def load(path, size: tuple, num_classes: int | None = None,
+         classes: list | None = None) -> Dataset:
+    """The dataset at path, resized to size (H, W). ``classes``: the artifact's class names;
+    a folder (or an .npz with ``classes``) must have as many, and the same names unless the
+    artifact's are the default indices "0", "1", ..."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"dataset {path} does not exist")
     data = _load_npz(path, size) if path.is_file() else _load_folder(path, size)
     if len(data) == 0:
         raise DataError(f"dataset {path} has no usable images")
+    named = classes is not None and list(classes) != [str(i) for i in range(len(classes))]
+    if classes is not None and data.names_given and (len(data.classes) != len(classes) or
+                                              (named and list(data.classes) != list(classes))):
+        raise DataError(f"dataset {path} has the classes {data.classes}, the artifact "
+                        f"{list(classes)}")
     if num_classes is not None:
         bad = data.labels[(data.labels < 0) | (data.labels >= num_classes)]
         if len(bad):
@@ -103,10 +136,16 @@ def _load_npz(path: Path, size: tuple) -> Dataset:
     for i, image in enumerate(images):  # into one array: a list of images then np.stack left
         resized[i] = resize(image, size)  # the list's pages on the heap (+35 MiB at 224 px)
     del images
+    if labels.dtype.kind not in "iuf":
+        raise DataError(f"{path}: labels must be integers, got {labels.dtype}")
+    if labels.dtype.kind == "f" and not np.array_equal(labels, np.round(labels)):
+        bad = labels[labels != np.round(labels)][0]
+        raise DataError(f"{path}: labels must be class indices, got {float(bad)!r}")
     labels = labels.astype(np.int64)
+    names_given = classes is not None
     if classes is None:
         classes = [str(i) for i in range(int(labels.max()) + 1)] if len(labels) else []
-    return Dataset(resized, labels, classes)
+    return Dataset(resized, labels, classes, names_given=names_given)
 
 
 def _load_folder(path: Path, size: tuple) -> Dataset:

@@ -13,6 +13,7 @@ its forward partition handed on, and freeing them when done.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,8 @@ from actcomp_edge.faults import crash_point
 from actcomp_edge.manifest import ArtifactError, load_manifest
 from actcomp_edge.npz import load_npz
 
+from .recipe import clip_grad_norm
+
 
 @dataclass
 class StepResult:
@@ -39,6 +42,7 @@ class StepResult:
     applied: bool = True        # False: non-finite activation, loss or update: step rejected
     kept_full_bytes: int = 0    # everything the backward took: kept pieces, masks, features
     kept_full_per_layer: dict = field(default_factory=dict)  # layer -> pieces + its masks
+    grad_norm: float | None = None  # global L2 norm of the gradients, before clipping
 
 
 @dataclass
@@ -146,6 +150,9 @@ class Trainer:
         self.schedule = m["schedule"]
         self.backward_runs = set(graphs["backward"])
         # the forward half ends where the first backward partition runs
+        # the optimizer's graph: the one whose outputs are the new parameters (new/<param>)
+        self.update_at = next(i for i, item in enumerate(self.schedule) if "run" in item and any(
+            o.name.startswith("new/") for o in self.sessions[item["run"]].get_outputs()))
         self.backward_from = next(i for i, item in enumerate(self.schedule)
                                   if item.get("run") in self.backward_runs)
         first = self.schedule[0]  # the frozen prefix, unless every conv is fine-tuned
@@ -335,7 +342,10 @@ class Trainer:
         full = sum(tensors[n].nbytes for n in tensors if n in self.backward_inputs)
         return Forward(tensors, out["ranks"], kept_bytes, int(full), per_layer, seconds)
 
-    def step(self, images: np.ndarray, labels: np.ndarray, lr: float) -> StepResult:
+    def step(self, images: np.ndarray, labels: np.ndarray, lr: float,
+             max_grad_norm: float | None = None) -> StepResult:
+        """One training step at learning rate lr; ``max_grad_norm``: the gradients are
+        clipped to this global L2 norm before the update (recipe.clip_grad_norm)."""
         try:
             fwd = self.forward(images, labels)
         except NonFiniteActivation:  # rejected like a NaN loss: params, state, trackers kept
@@ -347,7 +357,13 @@ class Trainer:
         tensors["step"] = np.array(self.step_count, np.float32)  # AdamW's bias correction
         out = {"ranks": {}, "kept_bytes": {}, "updates": {}, "grads": {}}
         start = time.perf_counter()
+        grad_norm = None
         for position in range(self.backward_from, len(self.schedule)):
+            if position == self.update_at:  # every gradient is complete here
+                grads = out["grads"]
+                grad_norm = (clip_grad_norm(grads, max_grad_norm) if max_grad_norm else
+                             math.sqrt(sum(float(np.vdot(g, g)) for g in grads.values())))
+                tensors.update({f"grad/{name}": g for name, g in grads.items()})
             self._run(position, tensors, out)
         seconds = dict(fwd.seconds, backward=time.perf_counter() - start)
         loss = float(tensors["loss"])
@@ -362,7 +378,8 @@ class Trainer:
         else:
             self.step_count -= 1
         return StepResult(loss, tensors["logits"], out["grads"], fwd.ranks, fwd.kept_bytes,
-                          seconds, applied, fwd.kept_full_bytes, fwd.kept_full_per_layer)
+                          seconds, applied, fwd.kept_full_bytes, fwd.kept_full_per_layer,
+                          grad_norm)
 
     def state_arrays(self) -> dict:
         """Everything training needs to continue exactly: params, optimizer state, trackers."""

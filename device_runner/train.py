@@ -13,11 +13,11 @@ import numpy as np
 from actcomp_edge.manifest import sha256_file
 from actcomp_edge.npz import save_npz, write_atomic
 
-from . import checkpoint, procmem
+from . import checkpoint, procmem, recipe
 from .data import Dataset
 from .runtime import MemoryBudgetError, Trainer
 
-MAX_REJECTED_IN_A_ROW = 5
+MAX_ROLLBACKS = 3  # divergences rolled back (lr halved each time) before training stops
 
 
 class BudgetError(ValueError):
@@ -32,7 +32,10 @@ class TrainingError(RuntimeError):
 class Options:
     epochs: int = 1
     batch_size: int = 32
-    lr: float = 0.01
+    lr: float = 0.05
+    schedule: str = recipe.DEFAULT_SCHEDULE
+    clip_norm: float | None = recipe.DEFAULT_CLIP_NORM   # None or 0: no clipping
+    augment: bool = True
     seed: int = 0
     max_steps: int | None = None
     checkpoint_every: int = 50
@@ -188,7 +191,8 @@ class Progress:
 
 def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset, out_dir, options: Options,
         sender=None, log=print, budget_action: dict | None = None) -> dict:
-    """Train; returns the summary. Checkpoints go to out_dir/checkpoints, results to out_dir."""
+    """Train; returns the summary. Checkpoints go to out_dir/checkpoints, results to out_dir:
+    weights.npz + inference.onnx (final), best_weights.npz + best_inference.onnx (best val)."""
     out = Path(out_dir)
     ckpt_dir = out / "checkpoints"
     norm = trainer.manifest["input"]
@@ -197,9 +201,15 @@ def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset, out_dir, options
     total = options.epochs * steps_per_epoch
     if options.max_steps:
         total = min(total, options.max_steps)
+    schedule = recipe.parse_schedule(options.schedule)
     identity = {"artifact": sha256_file(trainer.folder / "manifest.json"),
                 "data_size": len(train_set), "batch_size": batch, "seed": options.seed}
-    epoch, next_batch, step = 0, 0, 0
+    # where the run is: the data order (epoch, next_batch), the applied steps, the recipe's
+    # state; checkpointed with the arrays, and held in memory as the rollback point
+    run = {"epoch": 0, "next_batch": 0, "step": 0, "lr_scale": 1.0, "rollbacks": 0,
+           "best_val_accuracy": None, "best_epoch": None, "epoch_loss_sum": 0.0,
+           "epoch_steps": 0, "guard": None}
+    guard = recipe.DivergenceGuard(trainer.manifest["num_classes"])
     if options.resume:
         found = checkpoint.load_latest(ckpt_dir, log=checkpoint.warn)
         if found is None:
@@ -211,12 +221,25 @@ def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset, out_dir, options
                 raise TrainingError(f"checkpoint in {ckpt_dir} was made with a different "
                                     f"{', '.join(changed)}: cannot resume with the same data order")
             trainer.load_state_arrays(arrays)
-            epoch, next_batch, step = meta["epoch"], meta["next_batch"], meta["step"]
-            log(f"resumed from step {step} (epoch {epoch + 1}, batch {next_batch + 1})")
+            run.update({k: meta[k] for k in run if k in meta})
+            if run["guard"]:
+                guard.restore(run["guard"])
+            log(f"resumed from step {run['step']} (epoch {run['epoch'] + 1}, batch "
+                f"{run['next_batch'] + 1})")
 
     def save_checkpoint():
-        checkpoint.save(ckpt_dir, step, dict(identity, epoch=epoch, next_batch=next_batch,
-                                             step=step), trainer.state_arrays())
+        run["guard"] = guard.state()
+        checkpoint.save(ckpt_dir, run["step"], dict(identity, **run), trainer.state_arrays())
+
+    def take_snapshot():  # the rollback point: a copy of the arrays and of where the run is
+        run["guard"] = guard.state()
+        return ({k: np.array(v, copy=True) for k, v in trainer.state_arrays().items()},
+                json.loads(json.dumps(run)))
+
+    def save_results(prefix: str):
+        out.mkdir(parents=True, exist_ok=True)
+        save_npz(out / f"{prefix}weights.npz", trainer.params)
+        write_atomic(out / f"{prefix}inference.onnx", trainer.inference_model())
 
     # one batch of memory for every step: a new array per step fragments the heap (measured
     # +6-13 MiB at batch 32, 128 px); its pages are touched, and counted, in the first step
@@ -224,82 +247,131 @@ def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset, out_dir, options
     baseline = procmem.rss_bytes()
     procmem.reset_peak()
     progress = Progress(total)
-    step_seconds, losses, violations, rejected = [], [], 0, 0
+    step_seconds, violations = [], 0
     train_peak = baseline  # peak RSS over the training steps (not evaluation or writing)
     predicted = planned_working_set(trainer.manifest, batch)
     kept_peak = {"paper": 0, "full": 0}
-    val_accuracy = None
-    while epoch < options.epochs and step < total:
+    val_accuracy, last_epoch_loss, started = None, None, run["epoch"]
+    snapshot = take_snapshot()
+    while run["epoch"] < options.epochs and run["step"] < total:
+        epoch = run["epoch"]
+        started = max(started, epoch + 1)
         order = np.random.default_rng(options.seed + epoch).permutation(len(train_set))
-        while next_batch < steps_per_epoch and step < total:
-            idx = order[next_batch * batch:(next_batch + 1) * batch]
-            x, y = train_set.batch(idx, norm["mean"], norm["std"], out=batch_buffer)
+        diverged = False
+        while run["next_batch"] < steps_per_epoch and run["step"] < total:
+            b, step = run["next_batch"], run["step"]
+            idx = order[b * batch:(b + 1) * batch]
+            # the crops of batch b of epoch e are the same in every run (and after --resume)
+            rng = np.random.default_rng([options.seed, epoch, b]) if options.augment else None
+            x, y = train_set.batch(idx, norm["mean"], norm["std"], out=batch_buffer, augment=rng)
+            lr = run["lr_scale"] * recipe.learning_rate(schedule, options.lr, step, total,
+                                                        steps_per_epoch)
             start = time.perf_counter()
-            result = trainer.step(x, y, options.lr)
+            result = trainer.step(x, y, lr, options.clip_norm)
             seconds = time.perf_counter() - start
+            run["next_batch"] += 1
+            diverged = guard.observe(result.loss if result.applied else math.nan)
             if not result.applied:
-                rejected += 1
                 log(f"step {step + 1}: loss {result.loss} is not finite: step rejected, "
                     f"weights kept")
-                if rejected >= MAX_REJECTED_IN_A_ROW:
-                    save_checkpoint()
-                    raise TrainingError(f"{rejected} steps in a row gave a non-finite loss: "
-                                        f"stopping (lower --lr?); last good state checkpointed")
-                next_batch += 1
-                continue
-            rejected = 0
-            step += 1
-            next_batch += 1
-            step_seconds.append(seconds)
-            losses.append(result.loss)
-            rss, peak = procmem.rss_bytes(), procmem.peak_rss_bytes()  # /proc read once a step
-            working = peak - baseline
-            train_peak = max(train_peak, peak)
-            over = options.budget_bytes is not None and working > options.budget_bytes
-            violations += int(over)
-            kept = sum(result.kept_bytes.values())
-            kept_peak["paper"] = max(kept_peak["paper"], kept)
-            kept_peak["full"] = max(kept_peak["full"], result.kept_full_bytes)
-            record = {"type": "step", "step": step, "epoch": epoch + 1, "loss": result.loss,
-                      "step_seconds": seconds, "rss_bytes": rss,
-                      "peak_rss_bytes": peak, "baseline_rss_bytes": baseline,
-                      "kept_bytes": result.kept_bytes, "kept_bytes_total": kept,
-                      "kept_full_bytes": result.kept_full_bytes,
-                      "kept_full_bytes_per_layer": result.kept_full_per_layer,
-                      "ranks": {k: list(v) if v else None for k, v in result.ranks.items()},
-                      "eps": trainer.eps if trainer.method in ("hosvd", "hosvd-tracked", "svd")
-                      else None, "method": trainer.method,
-                      "working_set_bytes": working, "predicted_working_set_bytes": predicted,
-                      "budget_bytes": options.budget_bytes, "budget_exceeded": over,
-                      "budget_action": budget_action,
-                      "seconds_split": result.seconds}
-            if sender is not None and (step % options.report_every == 0 or over):
-                sender.send(record)
-            accuracy = float((result.logits.argmax(axis=1) == y).mean())
-            progress.update(step, f"loss {result.loss:.4f} acc {accuracy:.2f} "
-                                  f"{seconds * 1e3:.0f} ms/step "
-                                  f"rss {rss / 2 ** 20:.0f} MiB")
-            if options.checkpoint_every and step % options.checkpoint_every == 0:
+            else:
+                step = run["step"] = step + 1
+                step_seconds.append(seconds)
+                run["epoch_loss_sum"] += result.loss
+                run["epoch_steps"] += 1
+                rss, peak = procmem.rss_bytes(), procmem.peak_rss_bytes()  # /proc once a step
+                working = peak - baseline
+                train_peak = max(train_peak, peak)
+                over = options.budget_bytes is not None and working > options.budget_bytes
+                violations += int(over)
+                kept = sum(result.kept_bytes.values())
+                kept_peak["paper"] = max(kept_peak["paper"], kept)
+                kept_peak["full"] = max(kept_peak["full"], result.kept_full_bytes)
+                if sender is not None and (step % options.report_every == 0 or over):
+                    sender.send({
+                        "type": "step", "step": step, "epoch": epoch + 1, "loss": result.loss,
+                        "lr": lr, "grad_norm": result.grad_norm,
+                        "step_seconds": seconds, "rss_bytes": rss,
+                        "peak_rss_bytes": peak, "baseline_rss_bytes": baseline,
+                        "kept_bytes": result.kept_bytes, "kept_bytes_total": kept,
+                        "kept_full_bytes": result.kept_full_bytes,
+                        "kept_full_bytes_per_layer": result.kept_full_per_layer,
+                        "ranks": {k: list(v) if v else None for k, v in result.ranks.items()},
+                        "eps": trainer.eps if trainer.method in ("hosvd", "hosvd-tracked", "svd")
+                        else None, "method": trainer.method,
+                        "working_set_bytes": working, "predicted_working_set_bytes": predicted,
+                        "budget_bytes": options.budget_bytes, "budget_exceeded": over,
+                        "budget_action": budget_action,
+                        "seconds_split": result.seconds})
+                accuracy = float((result.logits.argmax(axis=1) == y).mean())
+                progress.update(step, f"loss {result.loss:.4f} acc {accuracy:.2f} lr {lr:.2g} "
+                                      f"{seconds * 1e3:.0f} ms/step "
+                                      f"rss {rss / 2 ** 20:.0f} MiB")
+            if diverged:
+                progress.done()
+                reason = ("non-finite loss" if not result.applied else
+                          f"loss {result.loss:.3g} above {guard.threshold():.3g}")
+                if run["rollbacks"] >= MAX_ROLLBACKS:
+                    raise TrainingError(
+                        f"training diverged ({reason} for {guard.patience} steps) after "
+                        f"{run['rollbacks']} rollbacks: stopping (lower --lr?); the last good "
+                        f"state is checkpointed" + (
+                            f", the best weights (epoch {run['best_epoch']}) are in "
+                            f"{out / 'best_weights.npz'}" if run["best_epoch"] else ""))
+                arrays, saved = snapshot
+                trainer.load_state_arrays({k: np.array(v, copy=True) for k, v in arrays.items()})
+                rollbacks, scale = run["rollbacks"] + 1, run["lr_scale"] / 2
+                best = {k: run[k] for k in ("best_val_accuracy", "best_epoch")}  # on disk: kept
+                run.clear()
+                run.update(json.loads(json.dumps(saved)), rollbacks=rollbacks, lr_scale=scale,
+                           **best)
+                guard.restore(run["guard"])
+                log(f"step {step}: diverged ({reason} for {guard.patience} steps): rolled back "
+                    f"to step {run['step']}, lr x{scale:g} (rollback {rollbacks} of "
+                    f"{MAX_ROLLBACKS})")
                 save_checkpoint()
-        if next_batch >= steps_per_epoch:  # epoch finished
+                snapshot = take_snapshot()
+                break
+            if options.checkpoint_every and step % options.checkpoint_every == 0 and \
+                    result.applied and guard.healthy:
+                save_checkpoint()
+                snapshot = take_snapshot()
+        if diverged:
+            continue
+        if run["next_batch"] >= steps_per_epoch:  # epoch finished
             progress.done()
             val_accuracy = evaluate(trainer, val_set, batch, batch_buffer)
-            log(f"epoch {epoch + 1}/{options.epochs}: train loss {np.mean(losses[-steps_per_epoch:]):.4f}"
-                f", val accuracy {val_accuracy:.4f}")
+            last_epoch_loss = run["epoch_loss_sum"] / max(1, run["epoch_steps"])
+            log(f"epoch {epoch + 1}/{options.epochs}: train loss {last_epoch_loss:.4f}, "
+                f"val accuracy {val_accuracy:.4f}")
             if sender is not None:
-                sender.send({"type": "epoch", "epoch": epoch + 1, "step": step,
+                sender.send({"type": "epoch", "epoch": epoch + 1, "step": run["step"],
                              "val_accuracy": val_accuracy})
-            epoch, next_batch = epoch + 1, 0
-            save_checkpoint()
+            if run["best_val_accuracy"] is None or val_accuracy > run["best_val_accuracy"]:
+                run["best_val_accuracy"], run["best_epoch"] = val_accuracy, epoch + 1
+                save_results("best_")
+            run.update(epoch=epoch + 1, next_batch=0, epoch_loss_sum=0.0, epoch_steps=0)
+            if guard.healthy:
+                save_checkpoint()
+                snapshot = take_snapshot()
     progress.done()
-    if val_accuracy is None:
+    if run["epoch_steps"]:  # stopped inside an epoch (--max-steps): its mean so far
+        last_epoch_loss = run["epoch_loss_sum"] / run["epoch_steps"]
+    if val_accuracy is None or run["next_batch"]:  # not evaluated since the last step
         val_accuracy = evaluate(trainer, val_set, batch, batch_buffer)
+        if run["best_val_accuracy"] is None or val_accuracy > run["best_val_accuracy"]:
+            run["best_val_accuracy"], run["best_epoch"] = val_accuracy, started
+            save_results("best_")
     save_checkpoint()
-    out.mkdir(parents=True, exist_ok=True)
-    save_npz(out / "weights.npz", trainer.params)
-    write_atomic(out / "inference.onnx", trainer.inference_model())
-    summary = {"steps": step, "epochs": epoch, "final_train_loss": losses[-1] if losses else None,
+    save_results("")
+    summary = {"steps": run["step"], "epochs": started, "final_train_loss": last_epoch_loss,
                "final_val_accuracy": val_accuracy,
+               "best_val_accuracy": run["best_val_accuracy"], "best_epoch": run["best_epoch"],
+               "recipe": {"lr": options.lr, "schedule": options.schedule,
+                          "clip_grad_norm": options.clip_norm, "augment": options.augment,
+                          "optimizer": trainer.manifest["train"]["optimizer"],
+                          "momentum": trainer.manifest["train"].get("momentum"),
+                          "lr_scale": run["lr_scale"], "rollbacks": run["rollbacks"]},
                "median_step_seconds": float(np.median(step_seconds)) if step_seconds else None,
                "threads": trainer.threads,
                "peak_rss_bytes": procmem.peak_rss_bytes(), "baseline_rss_bytes": baseline,
@@ -311,7 +383,9 @@ def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset, out_dir, options
                    "paper": trainer.manifest["predicted_memory"]["paper_bytes"],
                    "full": trainer.manifest["predicted_memory"]["full_bytes"]},
                "outputs": {"weights": str(out / "weights.npz"),
-                           "inference": str(out / "inference.onnx")}}
+                           "inference": str(out / "inference.onnx"),
+                           "best_weights": str(out / "best_weights.npz"),
+                           "best_inference": str(out / "best_inference.onnx")}}
     if sender is not None:
         sender.send(dict(summary, type="summary"))
     return summary

@@ -30,6 +30,33 @@ FILE_SCHEME = "file://"
 WRITE_CHUNK = 4096  # bytes per link write: 0.36 s at 115200 baud, within the write timeout
 
 
+PYSERIAL_SCHEMES = ("socket", "loop", "rfc2217", "spy", "alt", "hwgrep", "cp2110")
+
+
+def check_url(url: str) -> None:
+    """ValueError (one line) for a --report URL that cannot work, before any training:
+    an unknown scheme, a socket:// without HOST:PORT, a serial port that does not exist."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:  # a serial device path
+        if not Path(url).exists():
+            raise ValueError(f"--report {url}: no such serial port (or give socket://HOST:PORT, "
+                             f"loop://, file://PATH)")
+        return
+    if scheme == "file":
+        if not rest or Path(rest).is_dir():
+            raise ValueError(f"--report {url}: expected file://PATH of a .jsonl file")
+        return
+    if scheme == "tcp":
+        raise ValueError(f"--report {url}: tcp:// is not a pyserial URL, use socket://HOST:PORT")
+    if scheme not in PYSERIAL_SCHEMES:
+        raise ValueError(f"--report {url}: unknown scheme {scheme}:// (expected /dev/..., "
+                         f"socket://HOST:PORT, loop://, rfc2217://HOST:PORT or file://PATH)")
+    if scheme in ("socket", "rfc2217"):
+        host, _, port = rest.split("/")[0].split("?")[0].rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"--report {url}: expected {scheme}://HOST:PORT")
+
+
 def open_link(url: str, *, baudrate: int = 115200, write_timeout: float = 1.0):
     """An open link for `url` with write(bytes), read(timeout) -> bytes and close().
 
