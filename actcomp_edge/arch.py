@@ -234,11 +234,25 @@ def _hw(input_size) -> tuple:
 
 
 def conv_layers(spec: dict, input_size) -> list:
-    """Every Conv2d in definition order with its input/output spatial size."""
+    """Every Conv2d in definition order with its input/output spatial size. SpecError for an
+    input smaller than the network's total stride (its last convs would see less than 1 px)."""
     hw = _hw(input_size)
-    if spec["family"] == "resnet":
-        return _resnet_convs(spec, hw)
-    return _inverted_residual_convs(spec, hw)
+    stride = total_stride(spec)
+    if min(hw) < stride:
+        raise SpecError(f"input size {hw[0]}x{hw[1]} is smaller than the network's total stride "
+                        f"{stride}: use an --input-size of at least {stride}")
+    return _convs(spec, hw)
+
+
+def _convs(spec: dict, hw: tuple) -> list:
+    return _resnet_convs(spec, hw) if spec["family"] == "resnet" else \
+        _inverted_residual_convs(spec, hw)
+
+
+def total_stride(spec: dict, reference: int = 1024) -> int:
+    """Input pixels per pixel of the last feature map (32 for MobileNetV2, ResNet)."""
+    last = _convs(spec, (reference, reference))[-1]
+    return reference // last.output_hw[0]
 
 
 def network(spec: dict, input_size) -> Network:

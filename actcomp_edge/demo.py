@@ -25,7 +25,7 @@ from .nullmodem import NullModem
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 OUT = REPO / "out" / "demo"
-STEPS, BATCH, SIZE, LAYERS, EPS = 8, 32, 128, 4, 0.8
+BATCH, SIZE, LAYERS, EPS = 32, 128, 4, 0.8
 DEEP_STEPS = 3
 PROFILE = "pi-zero-2w"
 
@@ -70,7 +70,8 @@ def main() -> int:
     else:
         data_path = generated_data(OUT / "generated.npz")
         what = f"generated images in {data_path} (../shared is absent)"
-    print(f"\n== 3. Train on the local runner (actcomp-device train, {STEPS} steps, {what}),"
+    print(f"\n== 3. Train on the local runner (actcomp-device train, one epoch at the default "
+          f"recipe, {what}),"
           f" streaming memory profiles over a pseudo-terminal pair standing in for the serial "
           f"cable to `actcomp monitor`")
     summary_path = OUT / "summary.json"
@@ -82,8 +83,8 @@ def main() -> int:
                                     "120"])
         # a process of its own, as on the board: numpy + onnxruntime, no torch
         status = subprocess.call([sys.executable, "-m", "device_runner.cli", "train", str(art),
-                                  "--data", str(data_path), "--max-steps", str(STEPS),
-                                  "--batch-size", str(BATCH), "--lr", "0.005", "--out",
+                                  "--data", str(data_path), "--epochs", "1",
+                                  "--batch-size", str(BATCH), "--out",
                                   str(OUT / "run"), "--summary", str(summary_path),
                                   "--report", board_port, "--report-timeout", "30"])
         monitor_status = monitor.wait(timeout=180)
@@ -142,7 +143,7 @@ def deep_finetune(model: list, data_path: Path) -> None:
         summary = OUT / f"deep-{method}.json"
         if subprocess.call([sys.executable, "-m", "device_runner.cli", "train", str(art),
                             "--data", str(data_path), "--max-steps", str(DEEP_STEPS),
-                            "--lr", "0.001", "--out", str(OUT / f"deep-{method}-run"),
+                            "--out", str(OUT / f"deep-{method}-run"),
                             "--summary", str(summary)], stdout=subprocess.DEVNULL):
             return
         rows.append((method, json.loads(summary.read_text())))

@@ -133,8 +133,11 @@ def test_a_disk_full_during_a_checkpoint_is_one_error_and_keeps_the_last_one(
     probe = tmp_path / "probe"
     assert device(*train_args(artifact, image_folder, probe, "--max-steps", "2")).returncode == 0
     size = (probe / "checkpoints" / "ckpt-00000002.npz").stat().st_size
-    # room for two checkpoints and the temp file of a third, not for three and a temp file
-    disk = small_disk(int(3.5 * size) + 64 * 1024)
+    best = sum((probe / name).stat().st_size for name in ("best_weights.npz",
+                                                           "best_inference.onnx"))
+    # room for the best-epoch results, two checkpoints and the temp file of a third, not for
+    # three and a temp file
+    disk = small_disk(best + int(3.5 * size) + 64 * 1024)
     out = disk / "run"
     proc = device(*train_args(artifact, image_folder, out))
     assert proc.returncode == 5, proc.stderr
