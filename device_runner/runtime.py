@@ -151,8 +151,10 @@ class Trainer:
         self.backward_runs = set(graphs["backward"])
         # the forward half ends where the first backward partition runs
         # the optimizer's graph: the one whose outputs are the new parameters (new/<param>)
-        self.update_at = next(i for i, item in enumerate(self.schedule) if "run" in item and any(
-            o.name.startswith("new/") for o in self.sessions[item["run"]].get_outputs()))
+        # (the exporter's last item; a stubbed session has no outputs)
+        self.update_at = next((i for i, item in enumerate(self.schedule) if "run" in item and any(
+            o.name.startswith("new/") for o in self.sessions[item["run"]].get_outputs())),
+            len(self.schedule) - 1)
         self.backward_from = next(i for i, item in enumerate(self.schedule)
                                   if item.get("run") in self.backward_runs)
         first = self.schedule[0]  # the frozen prefix, unless every conv is fine-tuned
