@@ -341,7 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training resolution, 128 or HxW (default: the model's own)")
     e.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
                    help="update rule baked into the backward graph (default sgd)")
-    e.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    e.add_argument("--momentum", type=float, default=0.0,
+                   help="SGD momentum (default 0, the paper's recipe; the runner's default lr "
+                        "is 0.05 x (1 - momentum))")
     e.add_argument("--weight-decay", type=float, default=0.0,
                    help="weight decay (SGD: L2 added to the gradient; AdamW: decoupled)")
     e.add_argument("--label-smoothing", type=float, default=0.0,

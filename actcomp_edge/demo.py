@@ -57,7 +57,7 @@ def main() -> int:
               "--profile", PROFILE])
     status = cli.main(["export", *model, "--num-classes", "2", "--layers", str(LAYERS),
                        "--method", "hosvd", "--eps", str(EPS), "--batch-size", str(BATCH),
-                       "--input-size", str(SIZE), "--momentum", "0.9", "-o", str(art)])
+                       "--input-size", str(SIZE), "-o", str(art)])
     if status:
         return status
 
