@@ -1,35 +1,35 @@
-"""Study 2 (issue 6): compression must not cost accuracy.
+"""Accuracy study (issue 13): the runner's default recipe, and compression against vanilla.
 
-    .venv/bin/python benchmarks/accuracy.py            # full study (~15-25 min on 2 cores)
+    .venv/bin/python benchmarks/accuracy.py            # full study (~35 min on 2 cores)
     .venv/bin/python benchmarks/accuracy.py --quick    # CI-sized smoke run (~1 min)
 
-Fine-tunes the last N convs (+ classifier) of the real tiny-training MCUNet
+Fine-tunes the last N convs (+ a new classifier) of the real tiny-training MCUNet
 (``../shared/weights/tt_mcunet-5fps_int8dq``) through the real pipeline, one subprocess per
-stage, exactly as a user would:
+stage, exactly as a user would, at the exporter's and the runner's defaults (SGD momentum 0,
+lr 0.05 cosine, gradient norm clipped at 2, crop + flip augmentation):
 
     python -m actcomp_edge.cli export --model SPEC.json --weights W.npz --num-classes K
-        --layers N --method M [--eps E] --batch-size B --input-size 128 --seed 0 -o ART
+        --layers N --method M [--eps E] --batch-size B --input-size 128 --seed S -o ART
     python -m device_runner.cli train ART --data TRAIN.npz --val-data VAL.npz --epochs E
-        --batch-size B --lr LR --seed 0 --threads T --summary S.json --out RUN
+        --batch-size B --seed S --threads T --summary S.json --out RUN
 
-for N in {2, 4} and the methods vanilla, HOSVD eps 0.8 / 0.9, SVD eps 0.8, Gradient
-Filter R2 -- same seed, data order, optimizer, learning rate and epochs for all -- on
-(a) ants/bees (``hymenoptera_train/_val``, 128 px, 2 classes) and (b) a seeded, class-balanced
-subset of the CIFAR-10 training subset, evaluated on the full 2,000-image test subset (32 px,
-resized to 128 px bilinearly by the runner). Validation accuracy is reported next to the
-linear-probe figures of ``../shared/weights/verification_results.json``, with the difference
-to vanilla in points; the fine-tuned ``inference.onnx`` of every run is re-evaluated here on
-the validation set to get per-image predictions, so each method is also compared with vanilla
-image by image (exact McNemar test on the images where exactly one of the two is right).
+on (a) ants/bees (``hymenoptera_train/_val``, 128 px, 2 classes): N in {2, 4} for vanilla,
+HOSVD eps 0.8 / 0.9, SVD eps 0.8 and Gradient Filter R2, plus every conv for vanilla and
+HOSVD 0.8; (b) all 10,000 images of the CIFAR-10 training subset, evaluated on the 2,000-image
+test subset (32 px, resized to 128 px by the runner): N=4, vanilla and HOSVD 0.8. Every job
+runs for each seed (default 0 1 2: the classifier's initialisation, the data order and the
+augmentation); the tables give mean ± std over seeds of the final and the best-epoch
+validation accuracy next to the linear probe of ``../shared/weights/verification_results.json``,
+the difference to vanilla (per seed, then mean ± std) and how far the conv weights moved. The
+fine-tuned ``inference.onnx`` of every run is re-evaluated here to check the runner's figure
+and to compare each method with vanilla image by image (exact McNemar test, in the JSON).
 
 Writes ``benchmarks/results/accuracy.{json,md}`` (full mode; ``--quick`` writes to its work
 folder unless ``--out`` is given). Needs ``../shared`` (real weights and images): without it
 the study exits with a message (status 2) instead of measuring something else.
 
 Numpy's BLAS runs single-threaded in the runner subprocesses by default
-(``OPENBLAS_NUM_THREADS=1``, ``--blas-threads``): on this 2-core machine, when other jobs
-load it, multi-threaded OpenBLAS spin-waits and the per-step HOSVD (numpy eigendecompositions)
-became 10-30x slower; onnxruntime keeps ``--threads`` (default 2). Recorded in the results.
+(``OPENBLAS_NUM_THREADS=1``, ``--blas-threads``); onnxruntime keeps ``--threads`` (default 2).
 """
 from __future__ import annotations
 
@@ -63,10 +63,10 @@ METHODS = {  # label -> (export --method, --eps)
 DATASETS = {
     "hymenoptera": {"title": "ants/bees", "train": "hymenoptera_train.npz",
                     "val": "hymenoptera_val.npz", "classes": 2,
-                    "probe_key": "linear_probe_hymenoptera"},
+                    "probe_key": "linear_probe_hymenoptera", "batch": 16},
     "cifar10": {"title": "CIFAR-10 subset (32 px -> 128 px)", "train": "cifar10_subset_train.npz",
                 "val": "cifar10_subset_test.npz", "classes": 10,
-                "probe_key": "linear_probe_cifar10_subset"},
+                "probe_key": "linear_probe_cifar10_subset", "batch": 32},
 }
 
 
@@ -187,21 +187,17 @@ def probe_figures(verification: Path) -> dict:
             for name, info in DATASETS.items()}
 
 
-def run_study(args, paths: dict, work: Path) -> dict:
-    env = subprocess_env(args.blas_threads)
-    py = sys.executable
-    data_dir = work / "data"
-    data_dir.mkdir(parents=True, exist_ok=True)
+def dataset_files(args, paths: dict, data_dir: Path) -> dict:
     data = {}
     for name in args.datasets:
         info = DATASETS[name]
         train, val = paths[info["train"]], paths[info["val"]]
         note = f"all of {info['train']}"
-        if name == "cifar10":
+        if name == "cifar10" and args.cifar_per_class:
             train = data_dir / f"cifar10_train_{args.cifar_per_class}pc.npz"
-            n = cifar_subset(paths[info["train"]], train, args.cifar_per_class, args.seed)
+            n = cifar_subset(paths[info["train"]], train, args.cifar_per_class, 0)
             note = (f"{n} images of {info['train']} ({args.cifar_per_class} per class, "
-                    f"numpy default_rng({args.seed}))")
+                    f"numpy default_rng(0))")
         with np.load(train, allow_pickle=False) as d:
             n_train = len(d["labels"])
         with np.load(val, allow_pickle=False) as d:
@@ -209,14 +205,32 @@ def run_study(args, paths: dict, work: Path) -> dict:
         data[name] = {"train": train, "val": val, "train_images": n_train, "val_images": n_val,
                       "train_note": note, "val_note": f"all of {info['val']}",
                       "epochs": args.epochs[name]}
+    return data
 
-    jobs = [(d, n, m) for d in args.datasets for n in args.layers for m in args.methods]
+
+def job_list(args, all_convs: int) -> list:
+    """(dataset, N, method, seed) of every run, seeds innermost (a job's seeds side by side)."""
+    plan = {"hymenoptera": [(n, m) for n in args.layers for m in args.methods]
+                           + [(all_convs, m) for m in args.all_layers_methods],
+            "cifar10": [(n, m) for n in args.cifar_layers for m in args.cifar_methods]}
+    return [(d, n, m, seed) for d in args.datasets for n, m in plan[d] for seed in args.seeds]
+
+
+def run_study(args, paths: dict, work: Path) -> dict:
+    from actcomp_edge import arch
+    env = subprocess_env(args.blas_threads)
+    py = sys.executable
+    data_dir = work / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    data = dataset_files(args, paths, data_dir)
+    all_convs = len(arch.conv_layers(arch.load_spec(str(paths["spec"])), 128))
+    jobs = job_list(args, all_convs)
     runs = []
     study_start = time.perf_counter()
-    for i, (dname, layers, label) in enumerate(jobs, 1):
+    for i, (dname, layers, label, seed) in enumerate(jobs, 1):
         method, eps = METHODS[label]
         d = data[dname]
-        tag = f"{dname}_N{layers}_{label}"
+        tag = f"{dname}_N{layers}_{label}_seed{seed}"
         folder = work / tag
         if folder.exists():
             shutil.rmtree(folder)
@@ -224,28 +238,26 @@ def run_study(args, paths: dict, work: Path) -> dict:
         art, run_dir, summary_path = folder / "artifact", folder / "run", folder / "summary.json"
         elapsed = time.perf_counter() - study_start
         eta = "" if i == 1 else f", about {elapsed / (i - 1) * (len(jobs) - i + 1) / 60:.1f} min left"
-        log(f"[{i}/{len(jobs)}] {DATASETS[dname]['title']}, N={layers}, {label}: export + "
-            f"train {d['epochs']} epoch(s) on {d['train_images']} images{eta}")
+        log(f"[{i}/{len(jobs)}] {DATASETS[dname]['title']}, N={layers}, {label}, seed {seed}: "
+            f"export + train {d['epochs']} epoch(s) on {d['train_images']} images{eta}")
         export_cmd = [py, "-m", "actcomp_edge.cli", "export", "--model", str(paths["spec"]),
                       "--weights", str(paths["weights"]),
                       "--num-classes", str(DATASETS[dname]["classes"]),
                       "--layers", str(layers), "--method", method]
         if eps is not None:
             export_cmd += ["--eps", str(eps)]
-        export_cmd += ["--batch-size", str(args.batch_size), "--input-size", "128",
-                       "--optimizer", "sgd", "--momentum", str(args.momentum),
-                       "--weight-decay", str(args.weight_decay), "--seed", str(args.seed),
-                       "-o", str(art)]
+        batch = args.batch_size or DATASETS[dname]["batch"]
+        export_cmd += ["--batch-size", str(batch), "--input-size", "128",
+                       "--seed", str(seed), "-o", str(art)]
         export_seconds = run_logged(export_cmd, folder / "export.log", env)
         train_cmd = [py, "-m", "device_runner.cli", "train", str(art), "--data", str(d["train"]),
                      "--val-data", str(d["val"]), "--epochs", str(d["epochs"]),
-                     "--batch-size", str(args.batch_size), "--lr", str(args.lr),
-                     "--seed", str(args.seed), "--threads", str(args.threads),
+                     "--seed", str(seed), "--threads", str(args.threads),
                      "--summary", str(summary_path), "--out", str(run_dir)]
         if args.max_steps:
             train_cmd += ["--max-steps", str(args.max_steps)]
         train_seconds = run_logged(train_cmd, folder / "train.log", env,
-                                   echo=lambda line: line.startswith(("epoch ", "done:")))
+                                   echo=lambda line: line.startswith(("epoch ", "done:", "step ")))
         summary = json.loads(summary_path.read_text())
         preds, labels = predictions(run_dir, d["val"], args.threads)
         recomputed = float((preds == labels).mean())
@@ -259,23 +271,26 @@ def run_study(args, paths: dict, work: Path) -> dict:
         conv_change = max((v for k, v in change.items() if not k.startswith("classifier")),
                           default=0.0)
         runs.append({
-            "dataset": dname, "layers": layers, "method": label, "export_method": method,
-            "eps": eps, "val_accuracy": summary["final_val_accuracy"],
+            "dataset": dname, "layers": layers, "method": label, "seed": seed,
+            "export_method": method, "eps": eps,
+            "val_accuracy": summary["final_val_accuracy"],
+            "best_val_accuracy": summary["best_val_accuracy"], "best_epoch": summary["best_epoch"],
             "val_accuracy_recomputed": recomputed, "final_train_loss": summary["final_train_loss"],
+            "recipe": summary["recipe"],
             "epoch_curve": [{"epoch": e, "train_loss": lo, "val_accuracy": a}
                             for e, lo, a in epoch_curve(folder / "train.log")],
-            "steps": summary["steps"], "median_step_seconds": summary["median_step_seconds"],
+            "batch_size": batch, "steps": summary["steps"], "median_step_seconds": summary["median_step_seconds"],
             "kept_bytes_peak": summary["kept_bytes_peak"],
-            "predicted_kept_bytes_worst_case": summary["predicted_kept_bytes"],
             "peak_rss_bytes": summary["peak_rss_bytes"],
             "export_seconds": round(export_seconds, 2), "train_seconds": round(train_seconds, 2),
             "export_command": " ".join(shorten(c) for c in export_cmd),
             "train_command": " ".join(shorten(c) for c in train_cmd),
             "relative_weight_change": change, "max_conv_relative_weight_change": conv_change,
             "_pred": preds, "_labels": labels})
-        log(f"      -> val accuracy {100 * summary['final_val_accuracy']:.2f} %, median step "
-            f"{1e3 * summary['median_step_seconds']:.0f} ms, {summary['steps']} steps, "
-            f"{export_seconds:.0f} s export + {train_seconds:.0f} s train")
+        log(f"      -> val accuracy {100 * summary['final_val_accuracy']:.2f} % (best "
+            f"{100 * summary['best_val_accuracy']:.2f} % after epoch {summary['best_epoch']}), "
+            f"median step {1e3 * summary['median_step_seconds']:.0f} ms, {summary['steps']} "
+            f"steps, {export_seconds:.0f} s export + {train_seconds:.0f} s train")
     return {"data": data, "runs": runs, "seconds": time.perf_counter() - study_start}
 
 
@@ -293,56 +308,82 @@ def shorten(arg: str) -> str:
 
 
 def compare(runs: list, probes: dict) -> list:
-    """Rows: accuracy, difference to vanilla (same dataset and N), paired McNemar, probe."""
+    """Per run: accuracy, difference to vanilla (same dataset, N and seed), paired McNemar."""
     rows = []
     for r in runs:
-        base = next(v for v in runs if v["dataset"] == r["dataset"] and v["layers"] == r["layers"]
-                    and v["method"] == "vanilla") if any(
-            v["dataset"] == r["dataset"] and v["layers"] == r["layers"] and v["method"] == "vanilla"
-            for v in runs) else None
-        n = len(r["_labels"])
+        base = next((v for v in runs if (v["dataset"], v["layers"], v["seed"], v["method"]) ==
+                     (r["dataset"], r["layers"], r["seed"], "vanilla")), None)
         row = {k: v for k, v in r.items() if not k.startswith("_")}
         acc = r["val_accuracy"]
-        row["val_images"] = n
-        row["val_accuracy_stderr"] = math.sqrt(max(acc * (1 - acc), 1e-12) / n)
-        probe = probes[r["dataset"]]["acc"]
-        row["probe_accuracy"] = probe
-        row["minus_probe_points"] = 100 * (acc - probe)
-        row["beats_probe"] = bool(acc > probe)
+        row["val_images"] = len(r["_labels"])
+        row["minus_probe_points"] = 100 * (acc - probes[r["dataset"]]["acc"])
         if base is not None:
             right, base_right = r["_pred"] == r["_labels"], base["_pred"] == base["_labels"]
             b = int((right & ~base_right).sum())   # only this method right
             c = int((~right & base_right).sum())   # only vanilla right
             row["minus_vanilla_points"] = 100 * (acc - base["val_accuracy"])
             row["vs_vanilla"] = {"only_method_right": b, "only_vanilla_right": c,
-                                 "prediction_agreement": float((r["_pred"] == base["_pred"]).mean()),
                                  "mcnemar_p": mcnemar_exact(b, c)}
-        if r["median_step_seconds"] and base is not None and base["median_step_seconds"]:
-            row["step_time_vs_vanilla"] = r["median_step_seconds"] / base["median_step_seconds"]
+            if r["median_step_seconds"] and base["median_step_seconds"]:
+                row["step_time_vs_vanilla"] = r["median_step_seconds"] / base["median_step_seconds"]
         rows.append(row)
     return rows
 
 
-def fmt_pts(x):
-    return "-" if x is None else f"{x:+.1f}"
+def mean_std(values) -> tuple:
+    v = np.asarray([x for x in values if x is not None], np.float64)
+    if not len(v):
+        return None, None
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def aggregate(rows: list, probes: dict) -> list:
+    """One entry per (dataset, N, method): mean ± std over its seeds."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["dataset"], r["layers"], r["method"]), []).append(r)
+    out = []
+    for (dname, layers, method), rs in groups.items():
+        probe = probes[dname]["acc"]
+        entry = {"dataset": dname, "layers": layers, "method": method,
+                 "seeds": [r["seed"] for r in rs]}
+        for key in ("val_accuracy", "best_val_accuracy", "minus_vanilla_points",
+                    "max_conv_relative_weight_change", "median_step_seconds",
+                    "step_time_vs_vanilla"):
+            entry[key] = mean_std(r.get(key) for r in rs)
+        entry["beats_probe"] = sum(r["val_accuracy"] > probe for r in rs)
+        entry["kept_paper_bytes_peak"] = max(r["kept_bytes_peak"]["paper"] for r in rs)
+        entry["rollbacks"] = sum(r["recipe"]["rollbacks"] for r in rs)
+        entry["epochs"] = max(len(r["epoch_curve"]) for r in rs)
+        out.append(entry)
+    return out
+
+
+def fmt_ms(pair, scale=100.0, digits=1, signed=False):
+    mean, std = pair
+    if mean is None:
+        return "-"
+    sign = "+" if signed else ""
+    return f"{scale * mean:{sign}.{digits}f} ± {scale * std:.{digits}f}"
 
 
 def markdown(result: dict) -> str:
-    cfg, rows, probes = result["config"], result["rows"], result["probes"]
+    cfg, probes = result["config"], result["probes"]
     mib = 2 ** 20
-    lines = ["# Accuracy: fine-tuning through the pipeline (export -> device runner)", "",
+    recipe = result["rows"][0]["recipe"] if result["rows"] else {}
+    lines = ["# Accuracy: fine-tuning through the pipeline at the default recipe", "",
              f"Date {result['date']}; command `{result['command']}`; total runtime "
              f"{result['total_seconds'] / 60:.1f} min ({result['machine']}).", "",
              f"Model `{MODEL}` (real tiny-training weights, ImageNet-pretrained, 128 px). "
-             f"Fine-tuned: last N convs + a new classifier (seed {cfg['seed']}). "
-             f"Optimizer SGD, momentum {cfg['momentum']}, weight decay {cfg['weight_decay']}, "
-             f"constant lr {cfg['lr']}, batch {cfg['batch_size']}, no augmentation; the same "
-             f"seed, data order, schedule and epochs for every method. onnxruntime "
-             f"{cfg['threads']} threads, numpy BLAS {cfg['blas_threads'] or 'default'} thread(s)"
-             + (" (OPENBLAS_NUM_THREADS=1 in the runner: with its default two threads, while "
-                "other jobs loaded this 2-core machine, the numpy HOSVD of a step took 1-5 s "
-                "instead of 0.15 s: OpenBLAS threads spin-wait for a busy core)."
-                if cfg["blas_threads"] == 1 else ".")
+             f"Fine-tuned: last N convs + a new classifier. The exporter's and runner's "
+             f"defaults, no recipe flag: {recipe.get('optimizer')} momentum "
+             f"{recipe.get('momentum')}, lr {recipe.get('lr')} {recipe.get('schedule')} over the "
+             f"run, gradient norm clipped at {recipe.get('clip_grad_norm')}, augmentation "
+             f"{'crop + flip' if recipe.get('augment') else 'off'}, batch "
+             f"{cfg['batch_size'] or '16 (ants/bees), 32 (CIFAR-10)'}. "
+             f"Seeds {cfg['seeds']} (classifier init, data order, augmentation); mean ± std "
+             f"over them. onnxruntime {cfg['threads']} threads, numpy BLAS "
+             f"{cfg['blas_threads'] or 'default'} thread(s)."
              + (f" **Quick mode** (--max-steps {cfg['max_steps']}): a smoke run, not a result."
                 if cfg.get("max_steps") else ""), ""]
     for dname, d in result["data"].items():
@@ -356,121 +397,78 @@ def markdown(result: dict) -> str:
                   f"Linear probe (frozen features + logistic regression on "
                   f"{probe['train_images']} training images, `{probe['source']}`): "
                   f"**{100 * probe['acc']:.2f} %**.", "",
-                  "| N | method | val acc % (± s.e.) | − vanilla (points) | only-method / "
-                  "only-vanilla right (McNemar p) | − probe (points) | beats probe | "
-                  "final train loss | val acc per epoch % | median step ms (× vanilla) | "
-                  "kept for backward, peak (paper) | conv weights moved (max ‖Δw‖/‖w‖) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in (r for r in rows if r["dataset"] == dname):
-            vs = r.get("vs_vanilla")
-            paired = ("-" if vs is None or r["method"] == "vanilla" else
-                      f"{vs['only_method_right']} / {vs['only_vanilla_right']} "
-                      f"(p={vs['mcnemar_p']:.2f})")
-            curve = " → ".join(f"{100 * e['val_accuracy']:.1f}" for e in r["epoch_curve"]) or "-"
-            step = (f"{1e3 * r['median_step_seconds']:.0f}"
-                    + (f" ({r['step_time_vs_vanilla']:.2f}×)" if "step_time_vs_vanilla" in r
-                       else ""))
-            kept = r["kept_bytes_peak"]["paper"]
+                  "| N | method | val acc % (final) | val acc % (best epoch) | − vanilla "
+                  "(points) | beats probe (seeds) | conv weights moved (max ‖Δw‖/‖w‖, %) | "
+                  "median step ms | × vanilla | kept for backward, peak (paper) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for a in (a for a in result["aggregate"] if a["dataset"] == dname):
+            kept = a["kept_paper_bytes_peak"]
             kept_s = f"{kept / mib:.2f} MiB" if kept >= mib / 10 else f"{kept / 1024:.1f} KiB"
             lines.append(
-                f"| {r['layers']} | {r['method']} | {100 * r['val_accuracy']:.2f} "
-                f"(± {100 * r['val_accuracy_stderr']:.1f}) | "
-                f"{'-' if r['method'] == 'vanilla' else fmt_pts(r.get('minus_vanilla_points'))} | "
-                f"{paired} | {fmt_pts(r['minus_probe_points'])} | "
-                f"{'yes' if r['beats_probe'] else 'no'} | {r['final_train_loss']:.3f} | "
-                f"{curve} | {step} | {kept_s} | "
-                f"{100 * r['max_conv_relative_weight_change']:.2f} % |")
+                f"| {a['layers']} | {a['method']} | {fmt_ms(a['val_accuracy'])} | "
+                f"{fmt_ms(a['best_val_accuracy'])} | "
+                f"{'-' if a['method'] == 'vanilla' else fmt_ms(a['minus_vanilla_points'], 1.0, 1, True)} | "
+                f"{a['beats_probe']}/{len(a['seeds'])} | "
+                f"{fmt_ms(a['max_conv_relative_weight_change'], 100.0, 2)} | "
+                f"{fmt_ms(a['median_step_seconds'], 1e3, 0)} | "
+                f"{'-' if a['method'] == 'vanilla' else fmt_ms(a['step_time_vs_vanilla'], 1.0, 2)} | "
+                f"{kept_s} |")
         lines.append("")
     lines += ["## Reading", ""] + [f"- {s}" for s in result["findings"]] + [""]
-    lines += ["Columns: *− vanilla*: the method's accuracy minus vanilla's at the same N, in "
-              "points; *only-method / only-vanilla right*: validation images that exactly one of "
-              "the two classifies correctly (the paired comparison; the exact McNemar p-value "
-              "says whether the difference could be noise); *s.e.*: binomial standard error "
-              "sqrt(p(1-p)/n); *median step*: the runner's summary (`median_step_seconds`, "
-              "pure training step, this machine was shared with other jobs, so only the ratios "
-              "within one table mean much); *kept for backward*: peak bytes of the compressed "
-              "activations of the fine-tuned convs over the run (the runner's paper "
-              "accounting); *conv weights moved*: the largest relative change of a fine-tuned "
-              "conv's weight between the export and the end of training (the classifier is new, "
-              "so it is left out). Per-run export/train commands, epoch curves, logs' timings: "
-              "`accuracy.json`.", ""]
+    lines += ["Columns: *final*: after the last epoch; *best epoch*: the runner's "
+              "`best_weights.npz` (the epoch with the best validation accuracy); *− vanilla*: "
+              "the method's final accuracy minus vanilla's at the same N and seed, in points, "
+              "then mean ± std; *conv weights moved*: the largest relative change of a fine-tuned "
+              "conv's weight between the export and the end (the classifier is new, so it is "
+              "left out); *median step*: the runner's `median_step_seconds` (the ratios within "
+              "one table are the meaningful part); *kept for backward*: peak bytes of the "
+              "compressed activations of the fine-tuned convs (paper accounting). Per-run "
+              "commands, epoch curves, McNemar tests against vanilla: `accuracy.json`.", ""]
     return "\n".join(lines)
 
 
-def findings(rows: list, probes: dict, data: dict, lr_note: str | None, lr: float) -> list:
+def findings(aggregate: list, probes: dict, data: dict) -> list:
     out = []
     for dname in data:
-        rs = [r for r in rows if r["dataset"] == dname]
+        rs = [a for a in aggregate if a["dataset"] == dname]
         title = DATASETS[dname]["title"]
         probe = 100 * probes[dname]["acc"]
-        comp = [r for r in rs if r["method"] != "vanilla" and "minus_vanilla_points" in r]
-        hos = [r for r in comp if r["method"].startswith("hosvd")]
-        if hos:
-            worst = min(hos, key=lambda r: r["minus_vanilla_points"])
-            within = all(abs(r["minus_vanilla_points"]) <= 1.0 for r in hos)
-            sig = [r for r in hos if r["vs_vanilla"]["mcnemar_p"] < 0.05]
-            out.append(
-                f"{title}: HOSVD − vanilla ranges "
-                f"{min(r['minus_vanilla_points'] for r in hos):+.1f} to "
-                f"{max(r['minus_vanilla_points'] for r in hos):+.1f} points "
-                f"({'all within' if within else 'not all within'} one point; worst "
-                f"{worst['method']} N={worst['layers']}); "
-                + (f"{len(sig)} of {len(hos)} differences are significant in the paired test "
-                   f"(McNemar p < 0.05)." if sig else
-                   f"none of the {len(hos)} differences is significant in the paired test "
-                   f"(McNemar p ≥ 0.05)."))
-        others = [r for r in comp if not r["method"].startswith("hosvd")]
-        if others:
-            out.append(f"{title}: other methods − vanilla: " + ", ".join(
-                f"{r['method']} N={r['layers']} {r['minus_vanilla_points']:+.1f}"
-                for r in others) + " points.")
-        beat = [r for r in rs if r["beats_probe"]]
-        best = max(rs, key=lambda r: r["val_accuracy"])
-        text = (f"{title}: {len(beat)} of {len(rs)} fine-tuned runs beat the linear probe "
-                f"({probe:.2f} %); best {100 * best['val_accuracy']:.2f} % ({best['method']}, "
-                f"N={best['layers']}).")
-        if len(beat) < len(rs):
-            d = data[dname]
-            text += (f" The probe is a logistic regression fitted to convergence on the frozen "
-                     f"features of {probes[dname]['train_images']} training images; the "
-                     f"fine-tuning here sees {d['train_images']} images for {d['epochs']} "
-                     f"epoch(s) ({rs[0]['steps']} SGD steps) at a constant lr {lr}, without "
-                     f"augmentation, to stay within the CPU budget.")
-        out.append(text)
-    moved = {n: [r["max_conv_relative_weight_change"] for r in rows if r["layers"] == n]
-             for n in sorted({r["layers"] for r in rows})}
-    if moved:
-        out.append(
-            "The fine-tuned convs move little: the largest relative change of a conv weight is "
-            + ", ".join(f"{100 * min(v):.2f}-{100 * max(v):.2f} % at N={n}"
-                        for n, v in moved.items())
-            + " over the runs, while the new classifier is learned from scratch. At an lr the "
-            "classifier "
-            "tolerates, the accuracies here are mostly the classifier's, so this comparison can "
-            "show that compressed conv gradients do no harm at this budget, not that they "
-            "help as much as exact ones; a separate (larger) lr for the convs, or a "
-            "classifier warm-up, would test that harder (the runner has one --lr).")
-    if lr_note:
-        out.append(lr_note + f" The study uses lr {lr} for every method and dataset.")
+        hos = [a for a in rs if a["method"] == "hosvd-0.8" and a["minus_vanilla_points"][0]
+               is not None]
+        for a in hos:
+            mean, std = a["minus_vanilla_points"]
+            out.append(f"{title}, N={a['layers']}: HOSVD 0.8 − vanilla = {mean:+.1f} ± {std:.1f} "
+                       f"points ({'within' if abs(mean) <= 1.0 else 'not within'} one point).")
+        beat = [a for a in rs if a["beats_probe"] == len(a["seeds"])]
+        best = max(rs, key=lambda a: a["val_accuracy"][0])
+        out.append(f"{title}: {len(beat)} of {len(rs)} configurations beat the linear probe "
+                   f"({probe:.2f} %) on every seed; best {fmt_ms(best['val_accuracy'])} % "
+                   f"({best['method']}, N={best['layers']}).")
+        rolled = sum(a["rollbacks"] for a in rs)
+        out.append(f"{title}: {rolled} divergence rollback(s) over all runs at the defaults.")
     return out
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
-                   help="CI smoke run: ants/bees, N=2, vanilla and hosvd-0.8, a few steps")
+                   help="CI smoke run: ants/bees, N=2, vanilla and hosvd-0.8, one seed, 3 steps")
     p.add_argument("--datasets", nargs="+", choices=list(DATASETS), default=list(DATASETS))
-    p.add_argument("--layers", nargs="+", type=int, default=[2, 4])
-    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
-    p.add_argument("--epochs-hymenoptera", type=int, default=5)
-    p.add_argument("--epochs-cifar10", type=int, default=2)
-    p.add_argument("--cifar-per-class", type=int, default=200,
-                   help="CIFAR-10 training images per class (default 200: 2,000 images)")
-    p.add_argument("--lr", type=float, default=0.001)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layers", nargs="+", type=int, default=[2, 4], help="ants/bees N")
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
+                   help="ants/bees methods at each --layers")
+    p.add_argument("--all-layers-methods", nargs="*", choices=list(METHODS),
+                   default=["vanilla", "hosvd-0.8"], help="ants/bees methods with every conv")
+    p.add_argument("--cifar-layers", nargs="+", type=int, default=[4])
+    p.add_argument("--cifar-methods", nargs="+", choices=list(METHODS),
+                   default=["vanilla", "hosvd-0.8"])
+    p.add_argument("--epochs-hymenoptera", type=int, default=3)
+    p.add_argument("--epochs-cifar10", type=int, default=4)
+    p.add_argument("--cifar-per-class", type=int, default=0,
+                   help="CIFAR-10 training images per class (default 0: all 10,000)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="export batch, the runner's (default: 16 ants/bees, 32 CIFAR-10)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--threads", type=int, default=2, help="onnxruntime threads")
     p.add_argument("--blas-threads", type=int, default=1,
                    help="numpy BLAS threads in the runner (0: leave the environment alone)")
@@ -484,16 +482,15 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.render:
         result = json.loads(args.render.read_text())
-        pilot = result.get("lr_pilot")
-        result["findings"] = findings(result["rows"], result["probes"], result["data"],
-                                      pilot.get("conclusion") if pilot else None,
-                                      result["config"]["lr"])
+        result["aggregate"] = aggregate(result["rows"], result["probes"])
+        result["findings"] = findings(result["aggregate"], result["probes"], result["data"])
         args.render.write_text(json.dumps(result, indent=1) + "\n")
         args.render.with_suffix(".md").write_text(markdown(result))
         print(markdown(result))
         return 0
     if args.quick:
         args.datasets, args.layers, args.methods = ["hymenoptera"], [2], ["vanilla", "hosvd-0.8"]
+        args.all_layers_methods, args.seeds = [], [0]
         args.epochs_hymenoptera = 1
         args.max_steps = args.max_steps or 3
     args.epochs = {"hymenoptera": args.epochs_hymenoptera, "cifar10": args.epochs_cifar10}
@@ -506,8 +503,8 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     out = args.out or (work / "accuracy_quick" if args.quick
                        else REPO / "benchmarks" / "results" / "accuracy")
-    log(f"accuracy study ({'quick' if args.quick else 'full'}): {len(args.datasets)} dataset(s) "
-        f"x N in {args.layers} x {len(args.methods)} methods; work folder {work}")
+    log(f"accuracy study ({'quick' if args.quick else 'full'}): datasets {args.datasets}, "
+        f"seeds {args.seeds}; work folder {work}")
     t0 = time.perf_counter()
     try:
         study = run_study(args, paths, work)
@@ -515,30 +512,26 @@ def main(argv=None) -> int:
         if not args.keep and args.work is None and not args.quick:
             shutil.rmtree(work, ignore_errors=True)
     rows = compare(study["runs"], probes)
-    pilot_path = REPO / "benchmarks" / "scripts" / "accuracy_lr_pilot.json"
-    lr_note = None
-    if pilot_path.exists() and not args.quick:
-        pilot = json.loads(pilot_path.read_text())
-        lr_note = pilot.get("conclusion")
     import onnxruntime
     result = {
-        "study": "issue 6, study 2: accuracy", "date": date.today().isoformat(),
+        "study": "issue 13: accuracy at the default recipe", "date": date.today().isoformat(),
         "command": command, "total_seconds": time.perf_counter() - t0,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, load average at the end "
                    f"{os.getloadavg()[0]:.1f}; numpy {np.__version__}, onnxruntime "
                    f"{onnxruntime.__version__}",
         "model": MODEL,
-        "config": {"lr": args.lr, "momentum": args.momentum, "weight_decay": args.weight_decay,
-                   "optimizer": "sgd", "batch_size": args.batch_size, "seed": args.seed,
-                   "input_size": 128, "threads": args.threads, "blas_threads": args.blas_threads,
+        "config": {"batch_size": args.batch_size, "seeds": args.seeds, "input_size": 128,
+                   "threads": args.threads, "blas_threads": args.blas_threads,
                    "max_steps": args.max_steps, "layers": args.layers, "methods": args.methods,
+                   "all_layers_methods": args.all_layers_methods,
+                   "cifar_layers": args.cifar_layers, "cifar_methods": args.cifar_methods,
                    "method_flags": {m: {"method": METHODS[m][0], "eps": METHODS[m][1]}
-                                    for m in args.methods}},
+                                    for m in METHODS}},
         "data": {k: {kk: (shorten(str(vv)) if isinstance(vv, Path) else vv)
                      for kk, vv in v.items()} for k, v in study["data"].items()},
-        "probes": probes, "rows": rows,
-        "lr_pilot": json.loads(pilot_path.read_text()) if pilot_path.exists() else None}
-    result["findings"] = findings(rows, probes, study["data"], lr_note, args.lr)
+        "probes": probes, "rows": rows}
+    result["aggregate"] = aggregate(rows, probes)
+    result["findings"] = findings(result["aggregate"], probes, study["data"])
     out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{out}.json").write_text(json.dumps(result, indent=1) + "\n")
     md = markdown(result)
