@@ -70,6 +70,9 @@ def cmd_train(args) -> int:
           + (f" momentum {m['train']['momentum']}" if m["train"]["optimizer"] == "sgd" else "")
           + f", lr {lr:g} {args.schedule}, clip grad norm {clip or 'off'}, augment "
           + ("off" if args.no_augment else "crop+flip"))
+    if m.get("dropout_not_applied"):
+        print(f"note: the model's dropout (p={m['dropout_not_applied']} before the classifier) "
+              f"is not applied: the artifact's graphs have none")
     options = Options(epochs=args.epochs, batch_size=batch, lr=lr, seed=args.seed,
                       schedule=args.schedule, clip_norm=clip, augment=not args.no_augment,
                       max_steps=args.max_steps, checkpoint_every=args.checkpoint_every,

@@ -82,6 +82,7 @@ def export_artifact(spec: dict, arrays: dict, out_dir, config: TrainConfig, batc
         files[name] = sha256_file(out / name)
     norm = (spec.get("input") or {}).get("normalize") or arch.HALF_NORM
     num_classes = program.num_classes
+    dropout = float((spec.get("classifier") or {}).get("dropout") or 0.0)
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "model": program.name,
@@ -91,6 +92,8 @@ def export_artifact(spec: dict, arrays: dict, out_dir, config: TrainConfig, batc
         "num_classes": num_classes,
         "classes": list(classes) if classes else [str(i) for i in range(num_classes)],
         "batch_size": batch_size,
+        # the graphs have no dropout: recorded so that the runner says it trains without it
+        **({"dropout_not_applied": dropout} if dropout else {}),
         "train": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
         "trainable_layers": [
             {"name": op.name, "input": op.inputs[0], "input_shape": list(program.shapes[op.inputs[0]]),

@@ -55,6 +55,9 @@ def run_export(args) -> int:
                          momentum=args.momentum, weight_decay=args.weight_decay,
                          label_smoothing=args.label_smoothing, refresh_every=args.refresh_every)
     manifest = export_artifact(spec, arrays, args.out, config, args.batch_size, size, classes)
+    if manifest.get("dropout_not_applied"):
+        print(f"note: {manifest['model']}'s dropout (p={manifest['dropout_not_applied']} before "
+              f"the classifier) is not in the training graphs: it fine-tunes without it")
     print(f"wrote training artifact {args.out} ({len(manifest['files'])} files, "
           f"{len(manifest['graphs']['forward'])} forward partitions)")
     print_plan(plan_from_manifest(manifest), args.layers)

@@ -291,3 +291,14 @@ def test_export_refuses_an_input_smaller_than_the_total_stride(tmp_path):
                            "--input-size", "16", "-o", str(tmp_path / "a")],
                           capture_output=True, text=True, timeout=300)
     one_line_error(proc, 2, "smaller than the network's total stride 32")
+
+
+def test_dropout_the_graphs_lack_is_recorded_not_dropped_silently(tmp_path):
+    spec, model = random_model("mobilenet_v2", 3)
+    trainer = export(model, spec, tmp_path, TrainConfig(n_layers=2, method="vanilla", eps=None),
+                     2, (64, 64))
+    assert trainer.manifest["dropout_not_applied"] == 0.2
+    spec, model = random_model("mcunet-in1", 3)
+    trainer = export(model, spec, tmp_path, TrainConfig(n_layers=2, method="vanilla", eps=None),
+                     2, (64, 64))
+    assert "dropout_not_applied" not in trainer.manifest
