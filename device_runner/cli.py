@@ -43,6 +43,8 @@ def cmd_train(args) -> int:
         from .transport import check_url
         check_url(args.report)
     recipe.parse_schedule(args.schedule)
+    if not 0 < args.val_fraction < 1:
+        raise ValueError(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
     trainer = load_trainer(args)
     m = trainer.manifest
     if args.budget is not None:  # a budget the plan cannot meet: refused before the data loads
@@ -120,7 +122,8 @@ def cmd_eval(args) -> int:
         trainer.load_state_arrays({**{f"param/{k}": v for k, v in load_npz(args.weights).items()},
                                    **{f"opt/{k}": v for k, v in trainer.state.items()},
                                    "step_count": trainer.step_count})
-    data = data_module.load(args.data, input_size(trainer), trainer.manifest["num_classes"])
+    data = data_module.load(args.data, input_size(trainer), trainer.manifest["num_classes"],
+                            trainer.manifest.get("classes"))
     accuracy = evaluate(trainer, data, args.batch_size)
     print(json.dumps({"images": len(data), "accuracy": accuracy, "skipped": len(data.skipped)}))
     return 0

@@ -252,6 +252,7 @@ def one_line_error(proc, code, message):
     (["--report", "/dev/ttyNOPE0"], "no such serial port"),
     (["--report", "socket://nohost"], "expected socket://HOST:PORT"),
     (["--report", "udp://1.2.3.4:5"], "unknown scheme udp://"),
+    (["--val-fraction", "1.5"], "--val-fraction must be between 0 and 1"),
 ])
 def test_bad_arguments_are_one_line_before_any_work(artifact, image_folder, tmp_path, extra,
                                                     message):
