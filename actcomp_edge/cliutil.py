@@ -25,26 +25,24 @@ def positive_int(text: str) -> int:
     return value
 
 
-def positive_float(text: str) -> float:
-    """A finite float > 0 (a learning rate, a norm)."""
+def _finite_float(text: str, accept, what: str) -> float:
     try:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    if not (math.isfinite(value) and accept(value)):
+        raise argparse.ArgumentTypeError(f"expected a finite number {what}, got {text!r}")
     return value
+
+
+def positive_float(text: str) -> float:
+    """A finite float > 0 (a learning rate)."""
+    return _finite_float(text, lambda v: v > 0, "> 0")
 
 
 def non_negative_float(text: str) -> float:
     """A finite float >= 0 (0: off)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
+    return _finite_float(text, lambda v: v >= 0, ">= 0")
 
 
 def size_bytes(text: str) -> int:

@@ -63,10 +63,15 @@ def learning_rate(schedule: tuple, base: float, t: int, total: int, steps_per_ep
     return base * gamma ** ((t // steps_per_epoch) // every)
 
 
+def global_norm(grads: dict) -> float:
+    """‖g‖: the L2 norm of all the gradients together."""
+    return math.sqrt(sum(float(np.vdot(g, g)) for g in grads.values()))
+
+
 def clip_grad_norm(grads: dict, max_norm: float) -> float:
     """Scale every gradient in place by min(1, max_norm / (‖g‖ + 1e-6)), ‖g‖ the global L2
     norm over all of them (torch.nn.utils.clip_grad_norm_); returns ‖g‖ before clipping."""
-    norm = math.sqrt(sum(float(np.vdot(g, g)) for g in grads.values()))
+    norm = global_norm(grads)
     coefficient = max_norm / (norm + 1e-6)
     if coefficient < 1.0:
         for name, g in grads.items():

@@ -13,7 +13,6 @@ its forward partition handed on, and freeing them when done.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ from actcomp_edge.faults import crash_point
 from actcomp_edge.manifest import ArtifactError, load_manifest
 from actcomp_edge.npz import load_npz
 
-from .recipe import clip_grad_norm
+from .recipe import clip_grad_norm, global_norm
 
 
 @dataclass
@@ -149,12 +148,12 @@ class Trainer:
         self.sessions = {name: session(name) for name in graphs["forward"] + graphs["backward"]}
         self.schedule = m["schedule"]
         self.backward_runs = set(graphs["backward"])
-        # the forward half ends where the first backward partition runs
         # the optimizer's graph: the one whose outputs are the new parameters (new/<param>)
         # (the exporter's last item; a stubbed session has no outputs)
         self.update_at = next((i for i, item in enumerate(self.schedule) if "run" in item and any(
             o.name.startswith("new/") for o in self.sessions[item["run"]].get_outputs())),
             len(self.schedule) - 1)
+        # the forward half ends where the first backward partition runs
         self.backward_from = next(i for i, item in enumerate(self.schedule)
                                   if item.get("run") in self.backward_runs)
         first = self.schedule[0]  # the frozen prefix, unless every conv is fine-tuned
@@ -364,7 +363,7 @@ class Trainer:
             if position == self.update_at:  # every gradient is complete here
                 grads = out["grads"]
                 grad_norm = (clip_grad_norm(grads, max_grad_norm) if max_grad_norm else
-                             math.sqrt(sum(float(np.vdot(g, g)) for g in grads.values())))
+                             global_norm(grads))
                 tensors.update({f"grad/{name}": g for name, g in grads.items()})
             self._run(position, tensors, out)
         seconds = dict(fwd.seconds, backward=time.perf_counter() - start)

@@ -244,6 +244,9 @@ def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset, out_dir, options
     # one batch of memory for every step: a new array per step fragments the heap (measured
     # +6-13 MiB at batch 32, 128 px); its pages are touched, and counted, in the first step
     batch_buffer = np.empty((batch, 3, norm["height"], norm["width"]), np.float32)
+    # the rollback point, a copy of the trainable state: held for the whole run, like the
+    # weights, so it belongs to the baseline and not to the steps' working set
+    snapshot = take_snapshot()
     baseline = procmem.rss_bytes()
     procmem.reset_peak()
     progress = Progress(total)
@@ -252,7 +255,6 @@ def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset, out_dir, options
     predicted = planned_working_set(trainer.manifest, batch)
     kept_peak = {"paper": 0, "full": 0}
     val_accuracy, last_epoch_loss, started = None, None, run["epoch"]
-    snapshot = take_snapshot()
     while run["epoch"] < options.epochs and run["step"] < total:
         epoch = run["epoch"]
         started = max(started, epoch + 1)
@@ -318,8 +320,8 @@ def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset, out_dir, options
                         f"state is checkpointed" + (
                             f", the best weights (epoch {run['best_epoch']}) are in "
                             f"{out / 'best_weights.npz'}" if run["best_epoch"] else ""))
-                arrays, saved = snapshot
-                trainer.load_state_arrays({k: np.array(v, copy=True) for k, v in arrays.items()})
+                arrays, saved = snapshot  # replaced by a fresh snapshot below: no copy
+                trainer.load_state_arrays(arrays)
                 rollbacks, scale = run["rollbacks"] + 1, run["lr_scale"] / 2
                 best = {k: run[k] for k in ("best_val_accuracy", "best_epoch")}  # on disk: kept
                 run.clear()
