@@ -51,12 +51,13 @@ class Dataset:
             raise ValueError(f"batch buffer {out.dtype} {out.shape} cannot hold {shape} float32")
         else:
             x = out[:shape[0]]
-        images = self.images[indices]
-        if augment is not None:
-            images = np.stack([random_resized_crop(image, augment) for image in images])
+        images, rows = self.images, indices
+        if augment is not None:  # a uint8 batch of crops; otherwise no batch copy
+            images = np.stack([random_resized_crop(images[i], augment) for i in indices])
+            rows = np.arange(len(indices))
         for c in range(3):
             channel = x[:, c]
-            channel[...] = images[:, :, :, c]
+            channel[...] = images[rows, :, :, c]
             channel /= np.float32(255.0)
             channel -= mean[c]
             channel /= std[c]

@@ -212,6 +212,9 @@ def test_augmentation_is_seeded_and_a_full_crop_is_the_image_or_its_mirror():
     plain = data.batch(idx, **norm)[0]
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, plain)
+    order = np.array([4, 0, 5, 2])  # the labels stay those of the images asked for
+    _, labels = data.batch(order, **norm, augment=np.random.default_rng(3))
+    np.testing.assert_array_equal(labels, data.labels[order])
     image = data.images[0]
     out = data_module.random_resized_crop(image, np.random.default_rng(0), scale=(1, 1),
                                           ratio=(1, 1))
