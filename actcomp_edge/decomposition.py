@@ -42,31 +42,41 @@ def mode_product(tensor: np.ndarray, matrix: np.ndarray, mode: int) -> np.ndarra
     return np.moveaxis(moved @ matrix.T, -1, mode)
 
 
-GRAM_BLOCK_BYTES = 1 << 20  # float64 working copy per block of mode_gram (1 MiB)
+GRAM_BLOCK_BYTES = 1 << 20  # working copy per block of mode_gram (1 MiB)
+# A float32 Gram's rank decision is trusted only where every cumulative energy the eps rule
+# compares lies farther than this (of the trace) from its threshold; nearer, the float64 Gram
+# decides. Measured on 384 real mcunet activation modes: float32 moves a cumulative energy by
+# at most 6e-7 of the trace (test_float32_grams_move_cumulative_energies_far_less_than_...)
+GRAM_TOLERANCE = 1e-5
 
 
-def mode_gram(tensor: np.ndarray, mode: int) -> np.ndarray:
-    """A_(n) A_(n)^T, (d_n, d_n), accumulated in float64 block by block.
+def mode_gram(tensor: np.ndarray, mode: int, exact: bool = False) -> np.ndarray:
+    """A_(n) A_(n)^T, (d_n, d_n) float64: the products in the tensor's precision (float32 for
+    an activation; no unfold copy where the layout allows, block by block otherwise), summed
+    in float64; ``exact``: float64 products.
 
     float64 keeps the trailing eigenvalues of a rank-deficient float32 activation at
-    ~1e-14 of the largest (a float32 Gram leaves ~1e-6 of noise there), so the
-    energy rule picks the true rank when eps is close to 1. The unfolding is a sum over
-    slices of the leading dim (columns, for mode 0): G = sum_s M_s M_s^T, each M_s cast
-    to float64 on its own, so the working copy is one block, never the whole tensor.
+    ~1e-14 of the largest (a float32 Gram leaves ~1e-7 of noise there), so the rule's rank
+    is exact when eps is close to 1 (GRAM_TOLERANCE: when float64 is needed). Either way
+    the working copy is one block of GRAM_BLOCK_BYTES, never the whole tensor.
     """
     d = tensor.shape[mode]
+    dtype = np.float64 if exact else np.result_type(tensor.dtype, np.float32)
+    size = np.dtype(dtype).itemsize
     gram = np.zeros((d, d))
-    if mode == 0:
-        m = tensor.reshape(d, -1)
-        step = max(1, GRAM_BLOCK_BYTES // (8 * d))
+    if mode == 0 or mode == tensor.ndim - 1:  # a reshape is the unfolding (or its transpose)
+        m = tensor.reshape(d, -1) if mode == 0 else tensor.reshape(-1, d).T
+        step = max(1, GRAM_BLOCK_BYTES // (size * d))
+        if dtype == tensor.dtype:
+            step = m.shape[1]  # no cast: no working copy
         for j in range(0, m.shape[1], step):
-            block = m[:, j:j + step].astype(np.float64)
+            block = m[:, j:j + step].astype(dtype, copy=False)
             gram += block @ block.T
         return gram
     per_slice = tensor[0].size if tensor.shape[0] else 1
-    step = max(1, GRAM_BLOCK_BYTES // (8 * per_slice))
+    step = max(1, GRAM_BLOCK_BYTES // (size * per_slice))
     for i in range(0, tensor.shape[0], step):
-        block = unfold(tensor[i:i + step], mode).astype(np.float64)
+        block = unfold(tensor[i:i + step], mode).astype(dtype, copy=False)
         gram += block @ block.T
     return gram
 
@@ -86,21 +96,39 @@ def rank_for_energy(energies: np.ndarray, eps: float) -> int:
     return int(np.searchsorted(cumulative, eps * (1.0 - EQUALITY_SLACK), side="left")) + 1
 
 
+def rank_is_clear(energies: np.ndarray, eps: float, tolerance: float) -> bool:
+    """Whether rank_for_energy's rank stays the same when every cumulative energy moves by up
+    to ``tolerance`` of the total: no cumulative energy lies that near the threshold."""
+    total = float(np.sum(energies))
+    if tolerance <= 0.0 or eps >= 1.0:
+        return True
+    if total <= 0.0:  # all zero in float32 (squares may underflow): float64 decides
+        return False
+    distance = np.abs(np.cumsum(energies) / total - eps * (1.0 - EQUALITY_SLACK))
+    return bool(distance.min() > tolerance)
+
+
 def check_eps(eps: float) -> None:
     if isinstance(eps, bool) or not (isinstance(eps, Real) and 0.0 < float(eps) <= 1.0):
         raise ValueError(f"eps must be in (0, 1], got {eps!r}")
 
 
-def smaller_gram(tensor: np.ndarray, mode: int) -> tuple:
+def smaller_gram(tensor: np.ndarray, mode: int, exact: bool = False) -> tuple:
     """(G, M) for the mode-n unfolding M = A_(n) (d_n, rest): G = M M^T (d_n x d_n, M None)
     or, when d_n > rest (e.g. 576 channels but B*H*W = 512), G = M^T M (rest x rest) with M
-    in float64; both have the squared singular values of M as their eigenvalues."""
+    copied (float64 when ``exact``, else in the tensor's precision); both have the squared singular values of
+    M as their eigenvalues. G is float64 (and float64 throughout when float32 overflows)."""
     d_n = tensor.shape[mode]
     rest = tensor.size // d_n if d_n else 0
     if d_n <= rest:
-        return mode_gram(tensor, mode), None
-    m = unfold(tensor, mode).astype(np.float64)
-    return m.T @ m, m
+        gram, m = mode_gram(tensor, mode, exact), None
+    else:
+        m = unfold(tensor, mode).astype(np.float64 if exact else np.result_type(tensor.dtype,
+                                                                               np.float32))
+        gram = (m.T @ m).astype(np.float64)
+    if not exact and not np.isfinite(gram).all():  # float32 squares overflow past ~1e19
+        return smaller_gram(tensor, mode, exact=True)
+    return gram, m
 
 
 def left_vectors(m, vectors: np.ndarray, energies: np.ndarray) -> np.ndarray:
@@ -110,19 +138,20 @@ def left_vectors(m, vectors: np.ndarray, energies: np.ndarray) -> np.ndarray:
         return vectors
     sigma = np.sqrt(np.clip(energies, 0.0, None))
     scale = np.where(sigma > sigma[0] * 1e-12, 1.0 / np.where(sigma > 0, sigma, 1.0), 0.0)
-    return (m @ vectors) * scale
+    return (m @ vectors.astype(m.dtype)) * scale.astype(m.dtype)
 
 
-def mode_spectrum(tensor: np.ndarray, mode: int, choose=None) -> tuple[np.ndarray, np.ndarray]:
+def mode_spectrum(tensor: np.ndarray, mode: int, eps=None) -> tuple[np.ndarray, np.ndarray]:
     """Squared singular values (descending, clipped at 0, at most min(d_n, rest) of them)
-    and the matching left singular vectors (d_n, r) of the mode-n unfolding M = A_(n);
-    ``choose(energies) -> k``: only the leading k vectors are formed (else all r).
-    Eigendecomposes the smaller Gram (smaller_gram)."""
-    gram, m = smaller_gram(tensor, mode)
-    energies, vectors = np.linalg.eigh(gram)
-    energies = np.clip(energies[::-1], 0.0, None)
-    k = len(energies) if choose is None else choose(energies)
-    return energies, left_vectors(m, vectors[:, ::-1][:, :k], energies[:k])
+    and the matching left singular vectors (d_n, r) of the mode-n unfolding M = A_(n), from
+    the smaller Gram (smaller_gram); ``eps``: the Gram is recomputed in float64 when float32
+    rounding could change the eps rule's rank (rank_is_clear)."""
+    for exact in (False, True):
+        gram, m = smaller_gram(tensor, mode, exact)
+        energies, vectors = np.linalg.eigh(gram)
+        energies = np.clip(energies[::-1], 0.0, None)
+        if exact or eps is None or rank_is_clear(energies, eps, GRAM_TOLERANCE):
+            return energies, left_vectors(m, vectors[:, ::-1], energies)
 
 
 KRYLOV_MIN = 192        # smaller Grams: eigh outright (it takes < 2 ms here)
@@ -133,7 +162,7 @@ RESIDUAL_TOL = 1e-9     # of the largest eigenvalue: |G U - U theta| of the kept
 SUBSPACE_TOL = 1e-8     # their space's angle to the exact one (Davis-Kahan: residual / gap)
 
 
-def certified_leading(gram: np.ndarray, eps: float) -> tuple | None:
+def certified_leading(gram: np.ndarray, eps: float, tolerance: float = 0.0) -> tuple | None:
     """(k, theta (k,), vectors (n, k)): the eps rule's rank of the PSD Gram's exact spectrum
     and its leading k eigenpairs, from a block Krylov space instead of a full eigh; None when
     the space (up to half the dimension) cannot show the rank.
@@ -146,7 +175,8 @@ def certified_leading(gram: np.ndarray, eps: float) -> tuple | None:
       most nu = ||C||_F = (||G||_F^2 - 2 ||G Y||_F^2 + ||theta||^2)^(1/2) and at most
       tr C = T - sum(theta); so sum_{i<k} lambda_i is at most the k - 1 largest of
       eig(diag(theta) + R^T R / eta) merged with k - 1 copies of min(nu, tr C) + eta.
-    Both must hold by CERTIFY_MARGIN T: then k is the rank an exact eigh gives. The kept
+    Both must hold by (CERTIFY_MARGIN + tolerance) T: then k is the rank an exact eigh of this
+    Gram gives, and the rank of any Gram whose cumulative energies are within tolerance T. The kept
     vectors' residual must be below RESIDUAL_TOL theta_1 and their space within SUBSPACE_TOL
     of the exact one (Davis-Kahan), so that they stand for eigh's vectors. The space grows to at
     most n / KRYLOV_SHARE; the certificate is tried at 16 vectors, then every 1.5x."""
@@ -156,7 +186,7 @@ def certified_leading(gram: np.ndarray, eps: float) -> tuple | None:
         return None
     check_eps(eps)
     target = eps * total * (1.0 - EQUALITY_SLACK)  # rank_for_energy's threshold
-    margin = CERTIFY_MARGIN * total
+    margin = (CERTIFY_MARGIN + tolerance) * total
     fro2 = float(np.sum(gram * gram))
     rng = np.random.default_rng(n)  # a fixed start: the same result every run and on resume
     block, _ = np.linalg.qr(gram @ rng.standard_normal((n, KRYLOV_BLOCK)))
@@ -229,21 +259,25 @@ def ky_fan_bound(j: int, theta, r, gy, total: float, fro2: float) -> float:
 
 def leading_vectors(tensor: np.ndarray, mode: int, eps=None, fixed=None, cap=None) -> np.ndarray:
     """The leading K_n left singular vectors (d_n, K_n) of A_(n), K_n by the paper's rule (eps)
-    or fixed, capped: the exact rank; the vectors from certified_leading when it can show
-    the rank, else from a full eigh."""
+    or fixed, capped: the exact rank. From the float32 Gram where its rank is clear of
+    GRAM_TOLERANCE, else from the float64 one; the vectors from certified_leading when it
+    can show the rank, else from a full eigh."""
     # numpy.random is imported on first use (~20 ms): certified_leading's start block needs it
-    gram, m = smaller_gram(tensor, mode)
-    found = None
-    if eps is not None and fixed is None and len(gram) >= KRYLOV_MIN:
-        found = certified_leading(gram, eps)
-    if found is None:
+    by_rule = eps is not None and fixed is None
+    for exact in (False, True):
+        gram, m = smaller_gram(tensor, mode, exact)
+        tolerance = 0.0 if exact else GRAM_TOLERANCE
+        if by_rule and len(gram) >= KRYLOV_MIN:
+            found = certified_leading(gram, eps, tolerance)
+            if found is not None:
+                k, theta, vectors = found
+                k = _clip_rank(k, len(gram), cap)
+                return left_vectors(m, vectors[:, :k], theta[:k])
         energies, vectors = np.linalg.eigh(gram)
         energies = np.clip(energies[::-1], 0.0, None)
-        k = _choose_rank(energies, len(energies), eps, fixed, cap)
-        return left_vectors(m, vectors[:, ::-1][:, :k], energies[:k])
-    k, theta, vectors = found
-    k = _clip_rank(k, len(gram), cap)
-    return left_vectors(m, vectors[:, :k], theta[:k])
+        if not by_rule or rank_is_clear(energies, eps, tolerance):
+            k = _choose_rank(energies, len(energies), eps, fixed, cap)
+            return left_vectors(m, vectors[:, ::-1][:, :k], energies[:k])
 
 
 def _choose_rank(energies, max_rank, eps, fixed, cap) -> int:
@@ -365,7 +399,7 @@ def svd_compress(activation: np.ndarray, eps: Optional[float] = None,
     a = np.asarray(activation)
     if a.dtype not in (np.float32, np.float64):
         a = a.astype(np.float32)
-    energies, vectors = mode_spectrum(a, 0)
+    energies, vectors = mode_spectrum(a, 0, eps)
     k = _choose_rank(energies, vectors.shape[1], eps, rank, rank_cap)
     u = vectors[:, :k].astype(a.dtype)
     m = unfold(a, 0)

@@ -244,3 +244,63 @@ def test_certified_path_and_eigh_give_the_same_tucker():
     assert fast.rank_per_mode == exact.rank_per_mode
     np.testing.assert_allclose(fast.reconstruct(), exact.reconstruct(), rtol=0,
                                atol=1e-5 * np.abs(a).max())
+
+
+def cumulative_energy(gram):
+    energies = np.clip(np.linalg.eigvalsh(gram)[::-1], 0, None)
+    return np.cumsum(energies) / energies.sum()
+
+
+def test_float32_grams_move_cumulative_energies_far_less_than_the_tolerance():
+    """The float32 products of mode_gram change no cumulative energy ratio by more than a
+    tenth of GRAM_TOLERANCE, on the paper's real activations (../shared) and on seeded
+    non-negative low-rank tensors: ranks from a float32 Gram clear of the tolerance are exact."""
+    from actcomp_edge.decomposition import GRAM_TOLERANCE, smaller_gram
+    oracle = np.load(require_shared("vectors", "hosvd_oracle.npz"))
+    rng = np.random.default_rng(11)
+    tensors = [oracle[k] for k in oracle.files if k.endswith("/activation")]
+    tensors += [np.maximum(tensor_of_rank(rng, shape, ranks), 0) for shape, ranks in
+                [((32, 48, 16, 16), (8, 12, 6, 6)), ((16, 576, 4, 4), (6, 40, 3, 3)),
+                 ((8, 3, 64, 64), (4, 3, 20, 20))]]
+    worst = 0.0
+    for a in tensors:
+        assert a.dtype == np.float32
+        for mode in range(4):
+            fast = cumulative_energy(smaller_gram(a, mode)[0])
+            exact = cumulative_energy(smaller_gram(a, mode, exact=True)[0])
+            worst = max(worst, float(np.abs(fast - exact).max()))
+    assert 0 < worst < GRAM_TOLERANCE / 10
+
+
+@pytest.mark.parametrize("n", [64, 256])  # eigh path, certified Krylov path
+@pytest.mark.parametrize("offset", [3e-6, -3e-6, 3e-4, -3e-4])
+def test_ranks_near_eps_are_decided_by_the_float64_gram(n, offset, monkeypatch):
+    """A float32 activation whose cumulative energy at rank 5 is eps + offset: within
+    GRAM_TOLERANCE (1e-5) of eps the float64 Gram decides, past it the float32 one does;
+    either way the rank of the exact (float64) eigendecomposition of the same tensor."""
+    from actcomp_edge import decomposition
+    rng = np.random.default_rng(5)
+    k, eps = 5, 0.8
+    tail = np.geomspace(0.2, 1e-4, n - k)
+    x = ((eps + offset) * (k - 1 + tail.sum()) - (k - 1)) / (1 - eps - offset)
+    energies = np.concatenate([np.full(k - 1, 1.0), [x], tail])
+    a = ((orthonormal(rng, n, n) * np.sqrt(energies)) @ orthonormal(rng, n, n).T)
+    a = a.astype(np.float32).reshape(n, n, 1, 1)
+    want = rank_for_energy(np.clip(np.linalg.eigvalsh(
+        decomposition.mode_gram(a, 0, exact=True))[::-1], 0, None), eps)
+    exact_calls = []
+    real = decomposition.mode_gram
+    monkeypatch.setattr(decomposition, "mode_gram",
+                        lambda t, mode, exact=False: exact_calls.append(exact) or real(t, mode, exact))
+    got = decomposition.leading_vectors(a, 0, eps=eps).shape[1]
+    assert got == want
+    assert (True in exact_calls) == (abs(offset) < decomposition.GRAM_TOLERANCE)
+
+
+def test_activations_whose_squares_overflow_float32_get_the_ranks_of_their_scaled_copy():
+    """Values near 1e25 are finite in float32 but their squares are not: the float64 Gram
+    decides, and the ranks are the same tensor's at unit scale."""
+    rng = np.random.default_rng(2)
+    a = np.maximum(tensor_of_rank(rng, (8, 24, 6, 6), (3, 5, 2, 2)), 0)
+    assert hosvd(a * np.float32(1e25), eps=0.9).rank_per_mode == hosvd(a, eps=0.9).rank_per_mode
+    assert svd_compress(a * np.float32(1e25), eps=0.9).rank == svd_compress(a, eps=0.9).rank
