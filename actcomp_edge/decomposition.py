@@ -120,12 +120,13 @@ def smaller_gram(tensor: np.ndarray, mode: int, exact: bool = False) -> tuple:
     M as their eigenvalues. G is float64 (and float64 throughout when float32 overflows)."""
     d_n = tensor.shape[mode]
     rest = tensor.size // d_n if d_n else 0
-    if d_n <= rest:
-        gram, m = mode_gram(tensor, mode, exact), None
-    else:
-        m = unfold(tensor, mode).astype(np.float64 if exact else np.result_type(tensor.dtype,
-                                                                               np.float32))
-        gram = (m.T @ m).astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is handled below
+        if d_n <= rest:
+            gram, m = mode_gram(tensor, mode, exact), None
+        else:
+            m = unfold(tensor, mode).astype(np.float64 if exact else
+                                            np.result_type(tensor.dtype, np.float32))
+            gram = (m.T @ m).astype(np.float64)
     if not exact and not np.isfinite(gram).all():  # float32 squares overflow past ~1e19
         return smaller_gram(tensor, mode, exact=True)
     return gram, m
