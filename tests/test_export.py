@@ -315,3 +315,21 @@ def test_bit_packed_masks_are_np_packbits_and_unpack_exactly(chw):
     np.testing.assert_array_equal(packed, np.packbits(mask.reshape(3, -1), axis=1))
     assert packed.nbytes == 3 * -(-n // 8)
     np.testing.assert_array_equal(unpacked, mask.astype(np.float32))
+
+
+@pytest.mark.parametrize("method,packed", [("vanilla", 0), ("hosvd", 2)])
+def test_vanilla_reads_relu_masks_from_the_kept_inputs(method, packed, tmp_path):
+    """mcunet, last 4 convs: the two ReLU6 outputs in that region are fine-tuned convs'
+    inputs, so vanilla packs no mask (lo < x < hi is lo < y < hi of the kept y; its
+    gradients equal autograd's in test_vanilla_gradients_and_sgd_step_equal_autograd), and
+    a compressed method packs both, each read by a backward partition."""
+    spec, model = random_model("mcunet-in1", 10, 0)
+    config = TrainConfig(n_layers=4, method=method, eps=0.8 if method == "hosvd" else None)
+    trainer = export(model, spec, tmp_path, config, 2, (96, 96))
+    masks = [m for layer in trainer.manifest["trainable_layers"] for m in layer["masks"]]
+    backward_inputs = {n for name in trainer.manifest["graphs"]["backward"]
+                       for n in trainer.io[name][0]}
+    assert len(masks) == packed, masks
+    assert all(m in backward_inputs for m in masks)
+    kept_inputs = [layer["kept"][0] for layer in trainer.manifest["trainable_layers"]]
+    assert sum(k in backward_inputs for k in kept_inputs) == len(kept_inputs)
