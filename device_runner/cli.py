@@ -43,6 +43,8 @@ def cmd_train(args) -> int:
         from .transport import check_url
         check_url(args.report)
     recipe.parse_schedule(args.schedule)
+    if args.cache_prefix and not args.no_augment:
+        raise ValueError("--cache-prefix needs --no-augment: augmented crops differ every epoch")
     if not 0 < args.val_fraction < 1:
         raise ValueError(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
     trainer = load_trainer(args)
@@ -75,8 +77,11 @@ def cmd_train(args) -> int:
     if m.get("dropout_not_applied"):
         print(f"note: the model's dropout (p={m['dropout_not_applied']} before the classifier) "
               f"is not applied: the artifact's graphs have none")
+    if args.cache_prefix and trainer.prefix is None:
+        print("note: every conv is fine-tuned (no frozen prefix): --cache-prefix keeps nothing")
     options = Options(epochs=args.epochs, batch_size=batch, lr=lr, seed=args.seed,
                       schedule=args.schedule, clip_norm=clip, augment=not args.no_augment,
+                      cache_prefix=args.cache_prefix,
                       max_steps=args.max_steps, checkpoint_every=args.checkpoint_every,
                       budget_bytes=args.budget, resume=args.resume,
                       report_every=args.report_every)
@@ -187,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{recipe.DEFAULT_CLIP_NORM}; 0: off)")
     t.add_argument("--no-augment", action="store_true",
                    help="no random resized crop + horizontal flip of the training images")
+    t.add_argument("--cache-prefix", action="store_true",
+                   help="keep the frozen prefix's outputs of every training image after its "
+                        "first pass (needs --no-augment; costs RAM, printed): later epochs skip "
+                        "the prefix")
     t.add_argument("--seed", type=int, default=0, help="data order and split seed (default 0)")
     t.add_argument("--threads", type=positive_int,
                    help="threads of onnxruntime and of numpy's BLAS, which take turns (default: "

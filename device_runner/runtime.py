@@ -308,10 +308,11 @@ class Trainer:
         return [placed[n] if n in placed else results[n] for n in outputs]
 
     def forward(self, images: np.ndarray, labels: np.ndarray, prefix_out: dict | None = None,
-                decompose: bool = True) -> Forward:
+                decompose: bool = True, until: int | None = None) -> Forward:
         """Run the schedule's forward partitions and decompositions. ``prefix_out``: the frozen
         prefix's outputs for these images, when already computed (it is then not run);
-        ``decompose=False``: the partitions only (evaluation: nothing is kept)."""
+        ``decompose=False``: the partitions only (evaluation: nothing is kept); ``until``:
+        only the first ``until`` schedule items."""
         tensors = {"image": np.ascontiguousarray(images, dtype=np.float32),
                    "labels": np.ascontiguousarray(labels, dtype=np.int64)}
         self.batch = len(labels)
@@ -319,7 +320,7 @@ class Trainer:
             self.plan_pool(self.batch)
         out = {"ranks": {}, "kept_bytes": {}, "updates": {}, "grads": {}}
         seconds = {"prefix": 0.0, "forward": 0.0, "compress": 0.0}
-        for position in range(self.backward_from):
+        for position in range(self.backward_from if until is None else until):
             item = self.schedule[position]
             start = time.perf_counter()
             if "compress" in item and not decompose:
@@ -343,12 +344,23 @@ class Trainer:
         full = sum(tensors[n].nbytes for n in tensors if n in self.backward_inputs)
         return Forward(tensors, out["ranks"], kept_bytes, int(full), per_layer, seconds)
 
+    def prefix_outputs(self, images: np.ndarray) -> dict:
+        """The frozen prefix's outputs {name: (B, ...)} for these images (copies; the weights
+        do not change them), or {} when every conv is fine-tuned (no prefix)."""
+        if self.prefix is None:
+            return {}
+        fwd = self.forward(images, np.zeros(len(images), np.int64), decompose=False,
+                           until=1)
+        return {n: np.array(fwd.tensors[n]) for n in self.io[self.prefix][1]}
+
     def step(self, images: np.ndarray, labels: np.ndarray, lr: float,
-             max_grad_norm: float | None = None) -> StepResult:
+             max_grad_norm: float | None = None, prefix_out: dict | None = None) -> StepResult:
         """One training step at learning rate lr; ``max_grad_norm``: the gradients are
-        clipped to this global L2 norm before the update (recipe.clip_grad_norm)."""
+        clipped to this global L2 norm before the update (recipe.clip_grad_norm);
+        ``prefix_out``: the frozen prefix's outputs for these images (prefix_outputs), when
+        already known."""
         try:
-            fwd = self.forward(images, labels)
+            fwd = self.forward(images, labels, prefix_out or None)
         except NonFiniteActivation:  # rejected like a NaN loss: params, state, trackers kept
             return StepResult(float("nan"), None, {}, {}, {}, applied=False)
         crash_point("step")  # fault-injection tests: a kill mid-step

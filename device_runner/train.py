@@ -36,6 +36,7 @@ class Options:
     schedule: str = recipe.DEFAULT_SCHEDULE
     clip_norm: float | None = recipe.DEFAULT_CLIP_NORM   # None or 0: no clipping
     augment: bool = True
+    cache_prefix: bool = False  # keep the frozen prefix's outputs of every image (no augment)
     seed: int = 0
     max_steps: int | None = None
     checkpoint_every: int = 50
@@ -168,6 +169,37 @@ def rank_caps_for_budget(trainer: Trainer, batch_size: int, allowance: int) -> d
     return caps
 
 
+class PrefixCache:
+    """The frozen prefix's outputs of every training image, (images, ...) per output, filled
+    the first time each batch passes: exact later, as the prefix's weights never change and
+    the images do not without augmentation. Its pages are touched when made, so the cache
+    belongs to the baseline, not to the steps' working set."""
+
+    def __init__(self, trainer: Trainer, images: int, batch: int):
+        shapes = {n: (trainer.output_shape(n, 1)[1:], trainer.outputs[n][1])
+                  for n in trainer.io[trainer.prefix][1]}
+        self.arrays = {n: np.zeros((images, *shape), dtype) for n, (shape, dtype) in shapes.items()}
+        self.batch = {n: np.zeros((batch, *shape), dtype) for n, (shape, dtype) in shapes.items()}
+        for a in self.arrays.values():
+            a.fill(0)
+        self.filled = np.zeros(images, bool)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+    def outputs(self, trainer: Trainer, idx: np.ndarray, images: np.ndarray) -> dict:
+        """The prefix's outputs for images[i] = data[idx[i]]: from the cache, else run once."""
+        if self.filled[idx].all():
+            return {n: np.take(a, idx, axis=0, out=self.batch[n][:len(idx)])
+                    for n, a in self.arrays.items()}
+        out = trainer.prefix_outputs(images)
+        for n, value in out.items():
+            self.arrays[n][idx] = value
+        self.filled[idx] = True
+        return out
+
+
 class Progress:
     """One line per step on a terminal (overwritten), every 10th step otherwise."""
 
@@ -244,6 +276,11 @@ def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset, out_dir, options
     # one batch of memory for every step: a new array per step fragments the heap (measured
     # +6-13 MiB at batch 32, 128 px); its pages are touched, and counted, in the first step
     batch_buffer = np.empty((batch, 3, norm["height"], norm["width"]), np.float32)
+    cache = None
+    if options.cache_prefix and trainer.prefix is not None:
+        cache = PrefixCache(trainer, len(train_set), batch)
+        log(f"caching the frozen prefix's outputs of {len(train_set)} images: "
+            f"{cache.nbytes / 2 ** 20:.1f} MiB")
     # the rollback point, a copy of the trainable state: held for the whole run, like the
     # weights, so it belongs to the baseline and not to the steps' working set
     snapshot = take_snapshot()
@@ -269,7 +306,8 @@ def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset, out_dir, options
             lr = run["lr_scale"] * recipe.learning_rate(schedule, options.lr, step, total,
                                                         steps_per_epoch)
             start = time.perf_counter()
-            result = trainer.step(x, y, lr, options.clip_norm)
+            prefix = cache.outputs(trainer, idx, x) if cache is not None else None
+            result = trainer.step(x, y, lr, options.clip_norm, prefix_out=prefix)
             seconds = time.perf_counter() - start
             run["next_batch"] += 1
             diverged = guard.observe(result.loss if result.applied else math.nan)
@@ -371,6 +409,7 @@ def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset, out_dir, options
                "best_val_accuracy": run["best_val_accuracy"], "best_epoch": run["best_epoch"],
                "recipe": {"lr": options.lr, "schedule": options.schedule,
                           "clip_grad_norm": options.clip_norm, "augment": options.augment,
+                          "cache_prefix": cache is not None,
                           "optimizer": trainer.manifest["train"]["optimizer"],
                           "momentum": trainer.manifest["train"].get("momentum"),
                           "lr_scale": run["lr_scale"], "rollbacks": run["rollbacks"]},

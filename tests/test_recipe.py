@@ -131,9 +131,9 @@ def injecting(trainer, bad_calls):
     50 and corrupt the weights; every call records (params at its start, lr)."""
     calls, real = [], trainer.step
 
-    def step(x, y, lr, max_grad_norm=None):
+    def step(x, y, lr, max_grad_norm=None, prefix_out=None):
         calls.append(({k: v.copy() for k, v in trainer.params.items()}, lr))
-        result = real(x, y, lr, max_grad_norm)
+        result = real(x, y, lr, max_grad_norm, prefix_out)
         if len(calls) in bad_calls:
             result.loss = 50.0
             trainer.params = {k: v + 1.0 for k, v in trainer.params.items()}
@@ -256,6 +256,7 @@ def one_line_error(proc, code, message):
     (["--report", "socket://nohost"], "expected socket://HOST:PORT"),
     (["--report", "udp://1.2.3.4:5"], "unknown scheme udp://"),
     (["--val-fraction", "1.5"], "--val-fraction must be between 0 and 1"),
+    (["--cache-prefix"], "--cache-prefix needs --no-augment"),
 ])
 def test_bad_arguments_are_one_line_before_any_work(artifact, image_folder, tmp_path, extra,
                                                     message):
@@ -306,3 +307,21 @@ def test_dropout_the_graphs_lack_is_recorded_not_dropped_silently(tmp_path):
     trainer = export(model, spec, tmp_path, TrainConfig(n_layers=2, method="vanilla", eps=None),
                      2, (64, 64))
     assert "dropout_not_applied" not in trainer.manifest
+
+
+def test_a_cached_prefix_trains_as_the_prefix_run_every_step(artifact, tmp_path):
+    """Two epochs without augmentation: with --cache-prefix the frozen prefix runs once per
+    image (the first epoch's batches), and the weights end as without the cache."""
+    train, val = dataset(12), dataset(6, seed=1)
+    weights = {}
+    for cached in (False, True):
+        trainer = Trainer(artifact, threads=1)
+        runs, real = [], trainer.prefix_outputs
+        trainer.prefix_outputs = lambda images: runs.append(len(images)) or real(images)
+        options = Options(epochs=2, batch_size=4, lr=0.05, augment=False, cache_prefix=cached)
+        summary = fit(trainer, train, val, tmp_path / str(cached), options, log=lambda *a: None)
+        assert summary["recipe"]["cache_prefix"] is cached
+        assert runs == ([4, 4, 4] if cached else [])
+        weights[cached] = trainer.params
+    for name, value in weights[False].items():
+        assert rel(weights[True][name], value) < 1e-6, name
