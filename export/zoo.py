@@ -12,16 +12,17 @@ One builder per family:
 Either way the Conv2d modules, in ``named_modules()`` order, are exactly
 ``arch.conv_layers(spec, size)``.
 
-Weights are ``.npz`` files of float32 arrays (never pickles).  Inverted-residual
+Weights are ``.npz``, ``.pth``/``.pt`` (tensors only) or ``.safetensors`` files
+(``export.weight_files``), never untrusted pickles.  Inverted-residual
 naming follows ``../shared/weights``: ``<layer>.weight``, ``<layer>.bias``,
 ``<layer>.bn.{weight,bias,running_mean,running_var}``, ``classifier.{weight,bias}``;
 ``*.w_scale`` arrays (quantisation metadata) are ignored.  ResNet arrays are named
-as the state_dict.
+as the state_dict (torchvision's); a torchvision MobileNetV2 state_dict is renamed to the
+built-in's (``torchvision_mobilenet_v2_name``).
 """
 from __future__ import annotations
 
 import re
-import zipfile
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
@@ -32,11 +33,9 @@ from torch import nn
 
 from actcomp_edge import arch
 
-IGNORED_SUFFIXES = (".w_scale",)
+from .weight_files import WeightsError, read_weight_file
 
-
-class WeightsError(ValueError):
-    """A weights file that does not fit the model."""
+IGNORED_SUFFIXES = (".w_scale", ".num_batches_tracked")
 
 
 # ---------------------------------------------------------------- specs
@@ -252,15 +251,9 @@ def array_names(model: nn.Module, spec: dict) -> dict:
 
 
 def read_arrays(path_or_dict: Union[str, Path, Mapping]) -> dict:
-    """{name: float32 array} from an .npz path (no pickles) or a mapping of arrays."""
-    if isinstance(path_or_dict, Mapping):
-        items = dict(path_or_dict)
-    else:
-        try:
-            with np.load(path_or_dict, allow_pickle=False) as npz:
-                items = {k: npz[k] for k in npz.files}
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-            raise WeightsError(f"cannot read weights {path_or_dict}: {e}") from None
+    """{name: float32 array} from a weights file (weight_files.FORMATS) or a mapping."""
+    items = (dict(path_or_dict) if isinstance(path_or_dict, Mapping)
+             else read_weight_file(path_or_dict))
     arrays = {}
     for name, value in items.items():
         if name.endswith(IGNORED_SUFFIXES):
@@ -271,6 +264,37 @@ def read_arrays(path_or_dict: Union[str, Path, Mapping]) -> dict:
         except (TypeError, ValueError) as e:
             raise WeightsError(f"weights array {name} is not numeric: {e}") from None
     return arrays
+
+
+def torchvision_mobilenet_v2_name(name: str) -> str:
+    """torchvision's MobileNetV2 name -> the built-in's: features.0 = stem, features.N =
+    blocks.N-1 (its ConvBNReLUs conv.i.0 / conv.i.1, then the project conv and its BN),
+    features.18 = feature_mix, classifier.1 = classifier."""
+    if name.startswith("classifier.1."):
+        return "classifier." + name[len("classifier.1."):]
+    m = re.fullmatch(r"features\.(\d+)\.(.+)", name)
+    if m is None:
+        return name
+    n, rest = int(m[1]), m[2]
+    if n in (0, 18):
+        unit, tail = rest.split(".", 1)
+        return ("stem" if n == 0 else "feature_mix") + (".bn." if unit == "1" else ".") + tail
+    units = ("dw", "project") if n == 1 else ("expand", "dw", "project")
+    parts = rest.split(".")  # conv, i, [j,] param
+    i = int(parts[1])
+    if i < len(units) - 1:  # a ConvBNReLU: conv.i.0 (conv) / conv.i.1 (bn)
+        unit, bn, tail = units[i], parts[2] == "1", ".".join(parts[3:])
+    else:                   # the project conv (conv.i) and its BN (conv.i+1)
+        unit, bn, tail = units[-1], i == len(units), ".".join(parts[2:])
+    return f"blocks.{n - 1}.{unit}." + ("bn." if bn else "") + tail
+
+
+def known_layout(arrays: dict, spec: dict) -> tuple:
+    """(arrays, note): a torchvision MobileNetV2 state_dict renamed to the built-in names."""
+    if spec.get("name") == "mobilenet_v2" and "features.0.0.weight" in arrays:
+        return ({torchvision_mobilenet_v2_name(n): a for n, a in arrays.items()},
+                "torchvision MobileNetV2 names mapped to the built-in's")
+    return arrays, None
 
 
 def _listing(names: list, limit: int = 3) -> str:
@@ -284,8 +308,10 @@ def load_weights(model: nn.Module, spec: dict, path_or_dict, strict: bool = True
     ``strict`` so do missing and unexpected arrays.  With ``replace_classifier`` a
     classifier whose out_features differ from the model's is skipped (the model's
     classifier keeps its init) and a note saying so is returned; otherwise None."""
-    arrays = read_arrays(path_or_dict)
+    arrays, layout_note = known_layout(read_arrays(path_or_dict), spec)
     names = array_names(model, spec)
+    by_key = {key: n for n, key in names.items()}  # the torch model's own state_dict names too
+    arrays = {by_key.get(n, n): a for n, a in arrays.items()}
     state = model.state_dict()
     note = None
     head = spec["classifier"]["name"]
@@ -312,12 +338,12 @@ def load_weights(model: nn.Module, spec: dict, path_or_dict, strict: bool = True
     if problems:
         source = "" if isinstance(path_or_dict, Mapping) else f" {path_or_dict}"
         raise WeightsError(f"weights{source} do not fit {spec.get('name', '?')}: "
-                           + "; ".join(problems))
+                           + "; ".join(problems) + " (the README's 'Weights' lists the names)")
     with torch.no_grad():
         for n, key in names.items():
             if n in arrays:
                 state[key].copy_(torch.from_numpy(arrays[n]))
-    return note
+    return "; ".join(n for n in (layout_note, note) if n) or None
 
 
 def model_arrays(model: nn.Module, spec: dict) -> dict:
