@@ -1,10 +1,10 @@
 """Bake arrays into an ONNX model as initializers without the onnx package (not on the board).
 
-Protobuf merges a repeated message field that appears twice, so appending a second
-``ModelProto.graph`` (field 7) that holds only ``GraphProto.initializer`` entries (field 5)
-adds those initializers to the model. An initializer with the name of a graph input is that
-input's default value (ONNX IR >= 4), so ``evaluate.onnx`` with the trained weights appended
-runs on the image alone: a deployable inference model.
+The protobuf wire format is walked field by field (``fields``): in ``ModelProto.graph``
+(field 7) the inputs (``GraphProto.input``, field 11) named like an array are dropped and the
+arrays are added as ``GraphProto.initializer`` entries (field 5); every other field is kept
+byte for byte. So ``evaluate.onnx`` with the trained weights runs on the image alone, with
+its weights as initializers only: a deployable inference model.
 """
 from __future__ import annotations
 
@@ -40,6 +40,51 @@ def tensor_proto(name: str, array: np.ndarray) -> bytes:
     return out
 
 
+def _read_varint(buf: bytes, at: int) -> tuple:
+    value = shift = 0
+    while True:
+        byte = buf[at]
+        value |= (byte & 0x7F) << shift
+        at += 1
+        if not byte & 0x80:
+            return value, at
+        shift += 7
+
+
+def fields(buf: bytes) -> list:
+    """[(number, wire type, the field's bytes, its payload)] of one protobuf message."""
+    out, at = [], 0
+    while at < len(buf):
+        start = at
+        key, at = _read_varint(buf, at)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _, at = _read_varint(buf, at)
+            payload = b""
+        elif wire == 2:
+            size, at = _read_varint(buf, at)
+            payload, at = buf[at:at + size], at + size
+        elif wire in (1, 5):
+            at += 8 if wire == 1 else 4
+            payload = b""
+        else:
+            raise ValueError(f"protobuf wire type {wire} is not in an ONNX model")
+        out.append((number, wire, buf[start:at], payload))
+    return out
+
+
+def _name(value_info: bytes) -> str:
+    """ValueInfoProto.name (field 1)."""
+    return next((p.decode() for n, w, _, p in fields(value_info) if n == 1 and w == 2), "")
+
+
 def with_initializers(model_bytes: bytes, arrays: dict) -> bytes:
-    graph = b"".join(_field(5, 2, tensor_proto(name, arrays[name])) for name in sorted(arrays))
-    return model_bytes + _field(7, 2, graph)
+    out = []
+    for number, wire, raw, payload in fields(model_bytes):
+        if number == 7 and wire == 2:  # the graph: its inputs named like an array go
+            kept = [r for n, w, r, p in fields(payload)
+                    if not (n == 11 and w == 2 and _name(p) in arrays)]
+            added = [_field(5, 2, tensor_proto(name, arrays[name])) for name in sorted(arrays)]
+            raw = _field(7, 2, b"".join(kept + added))
+        out.append(raw)
+    return b"".join(out)

@@ -66,8 +66,11 @@ def export_artifact(spec: dict, arrays: dict, out_dir, config: TrainConfig, batc
     graphs = {"forward": forward, "backward": [name for name, _ in backward],
               "evaluate": "evaluate.onnx", "inference": "inference.onnx",
               "overview": "overview.onnx"}
-    save_model(overview_graph([g for g, _, _ in partitions], split, [g for _, g in backward],
-                              config).model(check=False), out / graphs["overview"])
+    overview = overview_graph([g for g, _, _ in partitions], split, [g for _, g in backward],
+                              config).model(check=False)
+    overview = onnx.shape_inference.infer_shapes(overview)  # a shape on every edge (Netron)
+    onnx.checker.check_model(overview, full_check=True)
+    save_model(overview, out / graphs["overview"])
     save_model(eval_graph(program, split.trainable_params).model(), out / graphs["evaluate"])
     save_model(eval_graph(program, split.trainable_params, frozen_all=True).model(),
                out / graphs["inference"])

@@ -23,6 +23,7 @@ class Graph:
     def __init__(self, name: str):
         self.name = name
         self.nodes, self.inputs, self.outputs, self.initializers = [], [], [], []
+        self.value_info = []  # shapes of intermediate tensors (where inference cannot see)
         self._initializer_names = set()
         self._counter = 0
 
@@ -65,12 +66,12 @@ class Graph:
 
     def model(self, doc: str = "", check: bool = True) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs,
-                                  self.initializers, doc_string=doc)
+                                  self.initializers, doc_string=doc, value_info=self.value_info)
         opsets = [helper.make_opsetid("", OPSET)]
         if any(n.domain == ACTCOMP_DOMAIN for n in self.nodes):
             opsets.append(helper.make_opsetid(ACTCOMP_DOMAIN, 1))
         model = helper.make_model(graph, opset_imports=opsets, producer_name="actcomp-edge",
                                   ir_version=IR_VERSION)
         if check:
-            onnx.checker.check_model(model)
+            onnx.checker.check_model(model, full_check=True)
         return model

@@ -730,8 +730,9 @@ def overview_graph(forward_graphs: list, split: Split, backward: list,
     """One graph of the whole step for people (Netron), not for execution: the forward
     partitions, an ``ai.actcomp`` node where the device decomposes each fine-tuned conv's
     input (its outputs are exactly what the backward keeps), then the backward partitions
-    (``backward``: their Graphs in execution order). Initializers
-    are left out (they stay in the executable graphs); unproduced tensors become inputs."""
+    (``backward``: their Graphs in execution order). Of the initializers only the constants
+    (shapes, axes) come along; the weights and the other unproduced tensors are inputs, each
+    with its type and shape, and every edge gets a shape (value_info)."""
     import onnx
     g = Graph("training_step_overview")
     op_type = {"vanilla": "KeepInput", "hosvd": "HOSVD", "hosvd-tracked": "TrackedHOSVD",
@@ -753,21 +754,50 @@ def overview_graph(forward_graphs: list, split: Split, backward: list,
             copy.CopyFrom(node)
             copy.name = f"{name}/{node.name}"
             g.nodes.append(copy)
+    # a d/<t> that two backward partitions make (t has consumers in both) is summed by the
+    # device; here the second is renamed <d/t>@<graph> and an Add makes what later reads d/t
+    renamed, made = {}, {o for n in g.nodes for o in n.output}
     for graph in backward:
+        sums = []
         for node in graph.nodes:
             copy = onnx.NodeProto()
             copy.CopyFrom(node)
             copy.name = f"{graph.name}/{node.name}"
+            copy.input[:] = [renamed.get(i, i) for i in copy.input]
+            for k, out in enumerate(copy.output):
+                if out in made:
+                    copy.output[k] = f"{out}@{graph.name}"
+                    sums.append(out)
+                made.add(copy.output[k])
             g.nodes.append(copy)
+        for out in sums:
+            renamed[out] = g.op("Add", [renamed.get(out, out), f"{out}@{graph.name}"],
+                                f"{graph.name}/{out}/sum", outputs=[f"{out}/sum@{graph.name}"])
+            made.add(renamed[out])
+    # every tensor's type and shape as the executable graphs declare it (inputs, outputs,
+    # initializers): the overview's inputs and the value_info past the ai.actcomp nodes
+    known = {}
+    for graph in list(forward_graphs) + list(backward):
+        for info in graph.inputs + graph.outputs:
+            known.setdefault(info.name, info)
+        for init in graph.initializers:
+            known.setdefault(init.name, onnx.helper.make_tensor_value_info(
+                init.name, init.data_type, list(init.dims)))
     produced = {o for n in g.nodes for o in n.output}
     consumed = []
     for n in g.nodes:
         for i in n.input:
             if i and i not in produced and i not in consumed:
                 consumed.append(i)
-    for name in consumed:
-        g.input(name, np.int64 if name == "labels" else np.float32, None)
+    # the constants (shapes, axes: small) come along, so shape inference can use their values
+    constants = {init.name: init for graph in list(forward_graphs) + list(backward)
+                 for init in graph.initializers if init.name.startswith("const/")}
+    g.initializers.extend(constants[name] for name in consumed if name in constants)
+    g.inputs.extend(known[name] for name in consumed if name not in constants)
     for graph in backward:
         g.outputs.extend(o for o in graph.outputs if not o.name.startswith("d/"))
     g.outputs.extend(o for o in forward_graphs[-1].outputs if o.name in ("loss", "logits"))
+    outputs = {o.name for o in g.outputs}
+    g.value_info.extend(info for name, info in known.items()
+                        if name in produced and name not in outputs)
     return g

@@ -1,0 +1,56 @@
+"""Every .onnx the project writes is valid ONNX for any tool: onnx.checker's full check,
+shapes on the overview's every edge, and a run's inference model with initializers only."""
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from device_helpers import device, train_args
+from device_runner.runtime import Trainer
+from export.training_graph import TrainConfig
+from export_helpers import export, random_model
+
+METHODS = {"vanilla": {}, "hosvd": {"eps": 0.8}, "hosvd-tracked": {"eps": 0.8},
+           "svd": {"eps": 0.8}, "gf-r2": {}}
+
+
+@pytest.mark.parametrize("name,method", [("mcunet-in1", m) for m in METHODS]
+                         + [("resnet18", "vanilla"), ("mobilenet_v2", "hosvd")])
+def test_every_artifact_graph_passes_the_full_check_and_the_overview_has_shapes(name, method,
+                                                                                tmp_path):
+    """(resnet18: a gradient made by two backward partitions, summed in the overview)"""
+    spec, model = random_model(name, 3)
+    config = TrainConfig(n_layers=4, method=method, **METHODS[method])
+    folder = export(model, spec, tmp_path, config, 2, (64, 64)).folder
+    files = sorted(folder.glob("*.onnx"))
+    assert len(files) >= 10
+    for path in files:
+        onnx.checker.check_model(onnx.load(path), full_check=True)
+    overview = onnx.load(folder / "overview.onnx")
+    edges = {o for node in overview.graph.node for o in node.output}
+    infos = list(overview.graph.value_info) + list(overview.graph.output)
+    shaped = {v.name for v in infos if v.type.tensor_type.HasField("shape")}
+    assert edges <= shaped, sorted(edges - shaped)[:5]
+    inputs = [v for v in overview.graph.input]
+    assert inputs and all(v.type.tensor_type.HasField("shape") for v in inputs)
+    types = {v.name: v.type.tensor_type.elem_type for v in inputs}
+    assert types["labels"] == onnx.TensorProto.INT64
+
+
+def test_a_runs_inference_model_keeps_its_weights_as_initializers_only(artifact, image_folder,
+                                                                        tmp_path):
+    out = tmp_path / "run"
+    proc = device(*train_args(artifact, image_folder, out, "--max-steps", "2"))
+    assert proc.returncode == 0, proc.stderr
+    trainer = Trainer(artifact)
+    trainer.params = dict(np.load(out / "weights.npz"))
+    for name in ("inference.onnx", "best_inference.onnx"):
+        model = onnx.load(out / name)
+        onnx.checker.check_model(model, full_check=True)
+        initializers = {i.name for i in model.graph.initializer}
+        assert [i.name for i in model.graph.input] == ["image"]
+        assert set(trainer.params) <= initializers
+    session = ort.InferenceSession(str(out / "inference.onnx"), providers=["CPUExecutionProvider"])
+    images = np.random.default_rng(0).standard_normal((3, 3, 64, 64)).astype(np.float32)
+    np.testing.assert_allclose(session.run(None, {"image": images})[0],
+                               trainer.evaluate(images), rtol=1e-4, atol=1e-5)
