@@ -26,7 +26,7 @@ import re
 from pathlib import Path
 
 FORMAT = "actcomp-edge/training-artifact"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: the manifest carries the digest of its own content
 MANIFEST = "manifest.json"
 MIN_ONNXRUNTIME = "1.16.3"
 
@@ -51,14 +51,23 @@ def version_tuple(text: str) -> tuple:
     return tuple(parts)
 
 
+def content_digest(manifest: dict) -> str:
+    """SHA-256 of the manifest's content: its canonical JSON without the "digest" field."""
+    content = {k: v for k, v in manifest.items() if k != "digest"}
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
 def manifest_bytes(manifest: dict) -> bytes:
-    return (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
+    """manifest.json: the manifest with its content digest."""
+    signed = dict(manifest, digest=content_digest(manifest))
+    return (json.dumps(signed, indent=1, sort_keys=True) + "\n").encode()
 
 
 def load_manifest(folder, onnxruntime_version: str | None = None, verify: bool = True) -> dict:
     """Read and check manifest.json: format and version, every field the runner reads (see
-    SCHEMA), files present with their SHA-256, and (when given) that this onnxruntime is
-    new enough."""
+    SCHEMA), (when given) that this onnxruntime is new enough, and with ``verify`` its own
+    content against its digest and every file against its SHA-256."""
     folder = Path(folder)
     path = folder / MANIFEST
     if not path.is_file():
@@ -73,12 +82,18 @@ def load_manifest(folder, onnxruntime_version: str | None = None, verify: bool =
     if _is_int(version) and version > FORMAT_VERSION:
         raise ArtifactError(f"artifact format version {version!r} is newer than this runner "
                             f"supports ({FORMAT_VERSION}): update actcomp-edge on the device")
+    if _is_int(version) and version < FORMAT_VERSION:
+        raise ArtifactError(f"artifact format version {version!r} predates the manifest's "
+                            f"digest: re-export it with this actcomp-edge")
     check_schema(manifest, path)
     needed = manifest["min_onnxruntime"]
     if onnxruntime_version and version_tuple(onnxruntime_version) < version_tuple(needed):
         raise ArtifactError(f"onnxruntime {onnxruntime_version} is too old for this artifact "
                             f"(needs >= {needed})")
     if verify:
+        if manifest["digest"] != content_digest(manifest):
+            raise ArtifactError(f"{path} was edited after export (its content does not match "
+                                f"its digest): re-export the artifact")
         for name, digest in sorted(manifest["files"].items()):
             file = folder / name
             try:
@@ -158,6 +173,8 @@ FILE = ("a plain file name", _is_file_name)
 # must be, test). "[]": every item of a list; "?": optional; a key's parent comes first.
 SCHEMA = {
     "format_version": ("an integer >= 1", lambda v: _is_int(v) and 1 <= v <= FORMAT_VERSION),
+    "digest": ("a SHA-256 (64 hex digits)",
+               lambda v: isinstance(v, str) and re.fullmatch("[0-9a-f]{64}", v) is not None),
     "model": TEXT,
     "opset": COUNT,
     "min_onnxruntime": ("a version like 1.16.3", _is_version),

@@ -47,7 +47,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from actcomp_edge import manifest as manifest_module
-from actcomp_edge.manifest import MANIFEST, ArtifactError, load_manifest
+from actcomp_edge.manifest import MANIFEST, ArtifactError, content_digest, load_manifest
 from actcomp_edge.profiles import (KEYS, MIN_RAM, Fit, Profile, ProfileError, load_profile,
                                    validate)
 from actcomp_edge.protocol import (ACK, CRC, DATA, HEADER, HEADER_SIZE, MAGIC, MAX_PAYLOAD,
@@ -316,6 +316,7 @@ def real(exported, tmp_path_factory):
         else:
             save_npz(folder / name, {k: np.zeros(1, np.float32) for k in load_npz(folder / name)})
         original["files"][name] = hashlib.sha256((folder / name).read_bytes()).hexdigest()
+    original["digest"] = content_digest(original)
     return folder, original
 
 

@@ -54,3 +54,20 @@ def test_a_runs_inference_model_keeps_its_weights_as_initializers_only(artifact,
     images = np.random.default_rng(0).standard_normal((3, 3, 64, 64)).astype(np.float32)
     np.testing.assert_allclose(session.run(None, {"image": images})[0],
                                trainer.evaluate(images), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("old,new", [('\n "batch_size": 8', '\n "batch_size": 9'),
+                                     ('"eps": 0.9', '"eps": 0.8')])
+def test_a_one_byte_edit_of_the_manifest_is_refused_in_one_line(artifact, image_folder, tmp_path,
+                                                                old, new):
+    import shutil
+    folder = tmp_path / "art"
+    shutil.copytree(artifact, folder)
+    text = (folder / "manifest.json").read_text()
+    assert old in text
+    (folder / "manifest.json").write_text(text.replace(old, new, 1))
+    proc = device(*train_args(folder, image_folder, tmp_path / "run"))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "edited after export" in lines[0], proc.stderr
+    assert not (tmp_path / "run").exists()
