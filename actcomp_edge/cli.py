@@ -8,7 +8,7 @@ import sys
 from . import __version__
 from .arch import ZOO, load_spec, network
 from .cliutil import Parser, positive_int, size_bytes
-from .memory import METHODS, RANK_BASES, mib, plan
+from .memory import METHODS, mib, plan, plan_table
 from .profiles import OPTIMIZER_STATE, Fit, load_profile, profile_names, \
     trainable_param_count
 
@@ -61,28 +61,8 @@ def cmd_plan(args) -> int:
     if args.json:
         print(json.dumps(result.to_json()))
         return 0
-    print_plan(result, args.layers)
+    print(plan_table(result, args.layers))
     return 0
-
-
-def print_plan(result, n_layers: int) -> None:
-    """The per-layer memory table of a Plan."""
-    size = result.input_size
-    print(f"{result.model}: last {n_layers} convs + classifier, method {result.method}"
-          + (f", eps {result.eps}" if result.eps is not None else "")
-          + f", batch {result.batch_size}, input {size[0]}x{size[1]}, float32")
-    print(f"ranks: {RANK_BASES[result.rank_basis]}")
-    header = f"{'layer':<24} {'input (B,C,H,W)':<22} {'ranks':<18} {'paper MiB':>10} {'full MiB':>10}"
-    print(header)
-    print("-" * len(header))
-    for layer in result.layers:
-        ranks = ",".join(map(str, layer.rank_per_mode)) if layer.rank_per_mode else "-"
-        print(f"{layer.name:<24} {str(tuple(layer.input_shape)):<22} {ranks:<18} "
-              f"{mib(layer.paper_bytes):>10} {mib(layer.full_bytes):>10}")
-    print("-" * len(header))
-    print(f"{'total':<66} {mib(result.paper_bytes):>10} {mib(result.full_bytes):>10}")
-    print("paper = conv inputs only (the paper's tables); full = also activation masks and the "
-          "classifier input (what a budget must hold)")
 
 
 BATCH_CANDIDATES = tuple(2 ** i for i in range(9))  # 1 .. 256
@@ -164,7 +144,7 @@ def cmd_plan_profile(args) -> int:
     print(head)
     if search:
         print(message)
-    print_plan(result, args.layers)
+    print(plan_table(result, args.layers))
     print()
     print("\n".join(fit.lines() + [NOT_COUNTED]))
     return 0

@@ -185,3 +185,22 @@ def plan(net: Network, n_layers: int, method: str, batch_size: int, input_size,
     result.layers.append(LayerPlan("classifier", (batch_size, net.classifier_in), "vanilla", None,
                                    0, 0, head))
     return result
+
+
+def plan_table(result: Plan, n_layers: int) -> str:
+    """The per-layer memory table of a Plan, as `actcomp plan` and `actcomp export` print it."""
+    size = result.input_size
+    header = f"{'layer':<24} {'input (B,C,H,W)':<22} {'ranks':<18} {'paper MiB':>10} {'full MiB':>10}"
+    lines = [f"{result.model}: last {n_layers} convs + classifier, method {result.method}"
+             + (f", eps {result.eps}" if result.eps is not None else "")
+             + f", batch {result.batch_size}, input {size[0]}x{size[1]}, float32",
+             f"ranks: {RANK_BASES[result.rank_basis]}", header, "-" * len(header)]
+    for layer in result.layers:
+        ranks = ",".join(map(str, layer.rank_per_mode)) if layer.rank_per_mode else "-"
+        lines.append(f"{layer.name:<24} {str(tuple(layer.input_shape)):<22} {ranks:<18} "
+                     f"{mib(layer.paper_bytes):>10} {mib(layer.full_bytes):>10}")
+    lines += ["-" * len(header),
+              f"{'total':<66} {mib(result.paper_bytes):>10} {mib(result.full_bytes):>10}",
+              "paper = conv inputs only (the paper's tables); full = also activation masks and "
+              "the classifier input (what a budget must hold)"]
+    return "\n".join(lines)

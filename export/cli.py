@@ -6,8 +6,7 @@ from pathlib import Path
 
 import torch
 
-from actcomp_edge.cli import print_plan
-from actcomp_edge.memory import LayerPlan, Plan
+from actcomp_edge.memory import LayerPlan, Plan, plan_table
 
 from . import zoo
 from .artifact import export_artifact
@@ -60,5 +59,5 @@ def run_export(args) -> int:
               f"the classifier) is not in the training graphs: it fine-tunes without it")
     print(f"wrote training artifact {args.out} ({len(manifest['files'])} files, "
           f"{len(manifest['graphs']['forward'])} forward partitions)")
-    print_plan(plan_from_manifest(manifest), args.layers)
+    print(plan_table(plan_from_manifest(manifest), args.layers))
     return 0
