@@ -295,10 +295,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "graphs whose fine-tuned convs keep only compressed "
                                    "activations, weights, optimizer state and manifest.json.")
     e.add_argument("--model", required=True,
-                   help=f"zoo name ({', '.join(sorted(ZOO))}) or an architecture spec .json "
-                        "(the format of ../shared/weights/*.json)")
-    e.add_argument("--weights", help=".npz whose array names match the model (no pickles); "
-                                     "without it the model is randomly initialised (--seed)")
+                   help=f"zoo name ({', '.join(sorted(ZOO))}), an architecture spec .json "
+                        "(the format of ../shared/weights/*.json), or FILE.py:FUNCTION where "
+                        "FUNCTION() returns your torch.nn.Module (README: supported ops)")
+    e.add_argument("--weights", help=".npz, .pth/.pt (tensors only) or .safetensors whose names "
+                                     "match the model; without it the model is randomly "
+                                     "initialised (--seed)")
+    e.add_argument("--input-norm", choices=("half", "imagenet"), default="half",
+                   help="FILE.py:FUNCTION models: the input normalisation the module expects "
+                        "(half: mean = std = 0.5; imagenet: torchvision's; default half)")
     e.add_argument("--num-classes", type=positive_int,
                    help="classifier outputs; when it differs from the weights' classifier, the "
                         "classifier is re-initialised (default: the weights' / 1000)")

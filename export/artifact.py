@@ -15,7 +15,7 @@ from actcomp_edge.npz import save_npz, write_atomic
 
 from .memory_plan import choose_micro_batches, concrete, rank_dims, step_plan
 from .onnx_graph import IR_VERSION, OPSET
-from .program import build_program
+from .program import build_program, network_of
 from .training_graph import (TrainConfig, backward_partitions, eval_graph, forward_partitions,
                              update_graph,
                              optimizer_state, overview_graph, split_program)
@@ -27,11 +27,23 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
 
 def export_artifact(spec: dict, arrays: dict, out_dir, config: TrainConfig, batch_size: int,
                     input_size, classes=None) -> dict:
-    """Build every graph, the weights and the manifest into out_dir; returns the manifest."""
+    """A built-in architecture (spec) and its weights -> artifact (export_program)."""
     hw = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
     if config.method not in PIECES:
         raise ValueError(f"unknown method {config.method!r}: choose one of {', '.join(PIECES)}")
-    program = build_program(spec, arrays, hw)
+    norm = (spec.get("input") or {}).get("normalize") or arch.HALF_NORM
+    dropout = float((spec.get("classifier") or {}).get("dropout") or 0.0)
+    return export_program(build_program(spec, arrays, hw), out_dir, config, batch_size, classes,
+                          norm, dropout)
+
+
+def export_program(program, out_dir, config: TrainConfig, batch_size: int, classes=None,
+                   norm=arch.HALF_NORM, dropout: float = 0.0) -> dict:
+    """Build every graph of the program, its weights and the manifest into out_dir; returns
+    the manifest. norm: the input's {"mean", "std"}; dropout: the p the graphs leave out."""
+    hw = tuple(program.shapes["image"][1:])
+    if config.method not in PIECES:
+        raise ValueError(f"unknown method {config.method!r}: choose one of {', '.join(PIECES)}")
     split = split_program(program, config.n_layers)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -77,15 +89,13 @@ def export_artifact(spec: dict, arrays: dict, out_dir, config: TrainConfig, batc
     save_npz(out / "weights.npz", {p: program.params[p] for p in split.trainable_params})
     save_npz(out / "optimizer.npz", optimizer_state(split, config))
 
-    net = arch.network(spec, hw)
+    net = network_of(program)  # the memory model of the program the graphs are made from
     memory = plan(net, config.n_layers, config.method, batch_size, hw, eps=config.eps,
                   ranks=config.ranks, rank_cap=config.rank_cap).to_json()
     for name in forward + graphs["backward"] + [graphs["evaluate"], graphs["inference"],
                            graphs["overview"], "weights.npz", "optimizer.npz"]:
         files[name] = sha256_file(out / name)
-    norm = (spec.get("input") or {}).get("normalize") or arch.HALF_NORM
     num_classes = program.num_classes
-    dropout = float((spec.get("classifier") or {}).get("dropout") or 0.0)
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "model": program.name,

@@ -35,6 +35,8 @@ def run_export(args) -> int:
             raise ValueError(f"--classes lists {len(classes)} names but --num-classes is "
                              f"{args.num_classes}")
         args.num_classes = args.num_classes or len(classes)
+    if ".py:" in args.model:
+        return export_model_file(args, classes)
     torch.manual_seed(args.seed)
     spec = zoo.load_spec(args.model, args.num_classes)
     if args.weights:
@@ -54,6 +56,30 @@ def run_export(args) -> int:
                          momentum=args.momentum, weight_decay=args.weight_decay,
                          label_smoothing=args.label_smoothing, refresh_every=args.refresh_every)
     manifest = export_artifact(spec, arrays, args.out, config, args.batch_size, size, classes)
+    return report(manifest, args)
+
+
+def export_model_file(args, classes) -> int:
+    """--model FILE.py:FUNCTION: the user's nn.Module through the torch frontend."""
+    from .module_export import export_module, load_model_file, load_state
+    torch.manual_seed(args.seed)
+    module = load_model_file(args.model)
+    if args.weights:
+        load_state(module, args.weights)
+    else:
+        print(f"warning: no --weights given: {args.model} keeps the weights FUNCTION() made",
+              file=sys.stderr)
+    manifest = export_module(
+        module, args.out, input_size=args.input_size or (224, 224), batch_size=args.batch_size,
+        layers=args.layers, method=args.method, eps=args.eps, ranks=args.ranks,
+        rank_cap=args.rank_cap, num_classes=args.num_classes, classes=classes,
+        optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay,
+        label_smoothing=args.label_smoothing, refresh_every=args.refresh_every,
+        norm=args.input_norm, seed=args.seed, name=args.model.rpartition(":")[2])
+    return report(manifest, args)
+
+
+def report(manifest: dict, args) -> int:
     if manifest.get("dropout_not_applied"):
         print(f"note: {manifest['model']}'s dropout (p={manifest['dropout_not_applied']} before "
               f"the classifier) is not in the training graphs: it fine-tunes without it")

@@ -164,3 +164,36 @@ def _resnet(b: _Builder, spec: dict, convs: dict) -> str:
             x = b.emit("add", name, [shortcut, y], f"{name}/add", b.shapes[y])
             x = b.act(f"{name}.relu2", x, relu)
     return x
+
+
+def network_of(program: Program) -> arch.Network:
+    """The convs of a program as the memory model sees them (arch.Network). A clip belongs to
+    the last conv before it: right after the conv (and its BN) it is the conv's act, after a
+    residual add its post-add act; a max-pool right after is the conv's maxpool_after."""
+    convs, current = [], None
+    masking = {"type": "clamp"}  # every clip packs a backward mask
+    for op in program.ops:
+        if op.kind == "conv":
+            (c, h, w), (o, oh, ow) = program.shapes[op.inputs[0]], program.shapes[op.output]
+            a = op.attrs
+            current = dict(name=op.name, in_ch=c, out_ch=o, kernel=a["kernel"], stride=a["stride"],
+                           padding=a["padding"], groups=a["groups"], input_hw=(h, w),
+                           output_hw=(oh, ow), act=None, post_add_act=None, maxpool_after=None,
+                           tail=op.output, added=False)
+            convs.append(current)
+        elif current is None:
+            continue
+        elif op.kind == "affine" and op.inputs[0] == current["tail"]:
+            current["tail"] = op.output
+        elif op.kind == "add":
+            current["added"] = True
+        elif op.kind == "clip":
+            current["post_add_act" if current["added"] else "act"] = masking
+            current["tail"] = op.output
+        elif op.kind == "maxpool" and op.inputs[0] == current["tail"]:
+            current["maxpool_after"] = {k: op.attrs[k] for k in ("kernel", "stride", "padding")}
+    layers = [arch.ConvLayer(**{k: v for k, v in c.items() if k not in ("tail", "added")})
+              for c in convs]
+    head = program.ops[-1]
+    return arch.Network(program.name, tuple(layers), program.shapes[head.inputs[0]][0],
+                        program.num_classes)

@@ -79,8 +79,9 @@ def split_program(program: Program, n_layers: int) -> Split:
     starts = [program.ops.index(c) for c in trainable]
     for op in program.ops[starts[0]:]:
         if op.kind == "maxpool":
-            raise ValueError(f"fine-tuning through the max-pool after the stem is not supported: "
-                             f"use --layers {len(convs) - 1} or fewer")
+            before = sum(1 for c in convs if program.ops.index(c) > program.ops.index(op))
+            raise ValueError(f"fine-tuning through a max-pool ({op.name}) is not supported: "
+                             f"use --layers {before} or fewer")
     params = []
     for op in program.ops[starts[0]:]:
         if op.kind in ("conv", "linear"):

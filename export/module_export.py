@@ -1,0 +1,94 @@
+"""``export_module``: a user's nn.Module (and ``FILE.py:FUNCTION``) -> training artifact."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from actcomp_edge import arch
+
+from .artifact import export_program
+from .torch_frontend import FrontendError, program_from_module
+from .training_graph import TrainConfig
+from .weight_files import WeightsError, read_weight_file
+
+NORMS = {"half": arch.HALF_NORM,
+         "imagenet": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}}
+
+
+def load_model_file(ref: str) -> nn.Module:
+    """``FILE.py:FUNCTION`` -> FUNCTION(), which must return an nn.Module."""
+    path, _, function = ref.rpartition(":")
+    file = Path(path)
+    if not file.is_file():
+        raise FrontendError(f"--model {ref}: no such file {file}")
+    spec = importlib.util.spec_from_file_location(f"actcomp_user_model_{file.stem}", file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # pickled references and dataclasses resolve
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # the user's code: any error, reported in one line
+        raise FrontendError(f"--model {ref}: importing {file} failed: "
+                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") \
+            from None
+    build = getattr(module, function, None)
+    if not callable(build):
+        raise FrontendError(f"--model {ref}: {file} has no function {function!r}")
+    model = build()
+    if not isinstance(model, nn.Module):
+        raise FrontendError(f"--model {ref}: {function}() returned a {type(model).__name__}, "
+                            f"not a torch.nn.Module")
+    return model
+
+
+def load_state(module: nn.Module, path) -> None:
+    """Weights file (weight_files.FORMATS) into the module, by its own state_dict names."""
+    arrays = read_weight_file(path)
+    state = module.state_dict()
+    wanted = [k for k in state if not k.endswith("num_batches_tracked")]
+    missing = [k for k in wanted if k not in arrays]
+    unexpected = [k for k in arrays if k not in state]
+    wrong = [f"{k}: expected {tuple(state[k].shape)}, got {arrays[k].shape}" for k in wanted
+             if k in arrays and tuple(arrays[k].shape) != tuple(state[k].shape)]
+    problems = ([f"missing {', '.join(missing[:3])}" + (f" (+{len(missing) - 3} more)"
+                                                        if len(missing) > 3 else "")] if missing else []) \
+        + ([f"unexpected {', '.join(unexpected[:3])}" + (f" (+{len(unexpected) - 3} more)"
+                                                         if len(unexpected) > 3 else "")]
+           if unexpected else []) + ([f"shape mismatch {'; '.join(wrong[:2])}"] if wrong else [])
+    if problems:
+        raise WeightsError(f"weights {path} do not fit the module's state_dict: "
+                           + "; ".join(problems))
+    with torch.no_grad():
+        for k in wanted:
+            state[k].copy_(torch.from_numpy(np.asarray(arrays[k])))
+
+
+def export_module(module: nn.Module, out_dir, *, input_size, batch_size: int, layers: int,
+                  method: str, eps=None, ranks=None, rank_cap=None, num_classes=None,
+                  classes=None, optimizer: str = "sgd", momentum: float = 0.0,
+                  weight_decay: float = 0.0, label_smoothing: float = 0.0,
+                  refresh_every: int = 50, norm: str = "half", seed: int = 0,
+                  name: str | None = None) -> dict:
+    """Trace the module (torch_frontend), then build its training artifact; ``num_classes``
+    re-initialises the final Linear when it differs (torch's init, seeded). Returns the
+    manifest."""
+    program, dropout = program_from_module(module, input_size, name)
+    head = program.ops[-1]
+    if num_classes and num_classes != program.num_classes:
+        torch.manual_seed(seed)
+        fresh = nn.Linear(program.shapes["features"][0], num_classes,
+                          bias=head.attrs["bias"] is not None)
+        program.params[head.attrs["weight"]] = fresh.weight.detach().numpy().copy()
+        if head.attrs["bias"]:
+            program.params[head.attrs["bias"]] = fresh.bias.detach().numpy().copy()
+        program.shapes["logits"] = (num_classes,)
+        program.num_classes = num_classes
+    config = TrainConfig(n_layers=layers, method=method, eps=eps,
+                         ranks=tuple(ranks) if ranks else None, rank_cap=rank_cap,
+                         optimizer=optimizer, momentum=momentum, weight_decay=weight_decay,
+                         label_smoothing=label_smoothing, refresh_every=refresh_every)
+    return export_program(program, out_dir, config, batch_size, classes, NORMS[norm], dropout)

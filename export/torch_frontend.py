@@ -1,0 +1,235 @@
+"""A user's torch ``nn.Module`` -> the exporter's Program, traced with torch.fx.
+
+| torch (module or function)                                        | program op |
+|-------------------------------------------------------------------|------------|
+| Conv2d: square kernel and stride, symmetric padding, dilation 1   | conv       |
+| BatchNorm2d (frozen: its running statistics)                      | affine     |
+| ReLU, ReLU6, Hardtanh; F.relu, F.relu6, F.hardtanh, torch.relu     | clip       |
+| ``a + b``, torch.add (two tensors)                                | add        |
+| MaxPool2d: square, dilation 1 (in the frozen prefix)              | maxpool    |
+| AdaptiveAvgPool2d(1), a global AvgPool2d, F.adaptive_avg_pool2d   | gap        |
+| Flatten, torch.flatten, .flatten/.view/.reshape after the pool    | (none)     |
+| Dropout (its p is recorded: the graphs leave it out)              | (none)     |
+| Linear, last, on the pooled features: the classifier              | linear     |
+
+Param names are the module's own state_dict names (``<module path>.weight``). Anything else
+stops the trace with one line naming the module path and the op.
+"""
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .program import RELU_HI, Op, Program
+
+RELUS = {F.relu: (0.0, RELU_HI), torch.relu: (0.0, RELU_HI), F.relu6: (0.0, 6.0)}
+ADDS = (operator.add, torch.add)
+DROPOUTS = (nn.Dropout, nn.Dropout2d)
+FLATTENS = ("flatten", "view", "reshape")
+
+
+class FrontendError(ValueError):
+    """A module the exporter cannot lower (one line: where and what)."""
+
+
+def _pair(value, what: str, where: str) -> int:
+    a, b = (value, value) if isinstance(value, int) else tuple(value)
+    if a != b:
+        raise FrontendError(f"{where}: {what} {(a, b)} is not supported (square only)")
+    return int(a)
+
+
+class _Lowering:
+    def __init__(self, module: nn.Module, name: str):
+        self.modules = dict(module.named_modules())
+        self.state = {k: v.detach().to(torch.float32).numpy()
+                      for k, v in module.state_dict().items()}
+        self.ops, self.params, self.shapes, self.tensor = [], {}, {}, {}
+        self.pooled = set()  # fx nodes holding the (B, C) features: flatten/view are no-ops
+        self.dropout, self.name = 0.0, name
+
+    def emit(self, kind, name, inputs, output, shape, **attrs) -> str:
+        self.ops.append(Op(kind, name, tuple(inputs), output, attrs))
+        self.shapes[output] = tuple(shape)
+        return output
+
+    def param(self, name: str) -> str:
+        self.params[name] = np.ascontiguousarray(self.state[name], dtype=np.float32)
+        return name
+
+    def tensor_of(self, arg, where: str) -> str:
+        if not isinstance(arg, fx.Node) or arg not in self.tensor:
+            raise FrontendError(f"{where}: an input that is not a traced tensor is not supported")
+        return self.tensor[arg]
+
+    def lower(self, node: fx.Node) -> None:
+        shape = tuple(node.meta["tensor_meta"].shape)[1:] if "tensor_meta" in node.meta else None
+        if node.op == "placeholder":
+            if self.tensor:
+                raise FrontendError(f"{node.name}: a second input is not supported")
+            self.tensor[node] = "image"
+            self.shapes["image"] = shape
+        elif node.op == "call_module":
+            self.module(node, self.modules[node.target], node.target, shape)
+        elif node.op in ("call_function", "call_method"):
+            self.function(node, shape)
+        elif node.op == "output":
+            if self.tensor.get(node.args[0]) != "logits":
+                raise FrontendError("forward must return the logits of a final nn.Linear")
+        else:
+            raise FrontendError(f"{node.name}: {node.op} {node.target} is not supported")
+
+    def module(self, node, mod, where: str, shape) -> None:
+        kind = type(mod).__name__
+        x = self.tensor_of(node.args[0], where) if node.args else None
+        if isinstance(mod, nn.Conv2d):
+            if _pair(mod.dilation, "dilation", where) != 1 or mod.padding_mode != "zeros":
+                raise FrontendError(f"{where}: dilated or non-zero-padded Conv2d is not supported")
+            if isinstance(mod.padding, str):
+                raise FrontendError(f"{where}: padding={mod.padding!r} is not supported (give ints)")
+            self.tensor[node] = self.emit(
+                "conv", where, [x], f"{where}/conv", shape, layer=where,
+                weight=self.param(f"{where}.weight"),
+                bias=self.param(f"{where}.bias") if mod.bias is not None else None,
+                kernel=_pair(mod.kernel_size, "kernel", where),
+                stride=_pair(mod.stride, "stride", where),
+                padding=_pair(mod.padding, "padding", where), groups=mod.groups)
+        elif isinstance(mod, nn.BatchNorm2d):
+            if mod.running_mean is None:
+                raise FrontendError(f"{where}: BatchNorm2d without running statistics is not "
+                                    f"supported (it is frozen: track_running_stats=True)")
+            gamma = self.state.get(f"{where}.weight", np.ones(mod.num_features, np.float32))
+            beta = self.state.get(f"{where}.bias", np.zeros(mod.num_features, np.float32))
+            mean, var = self.state[f"{where}.running_mean"], self.state[f"{where}.running_var"]
+            scale = (gamma / np.sqrt(var.astype(np.float64) + mod.eps)).astype(np.float32)
+            self.params[f"{where}.scale"] = scale
+            self.params[f"{where}.shift"] = (beta - mean * scale).astype(np.float32)
+            self.tensor[node] = self.emit("affine", where, [x], f"{where}/bn", shape,
+                                          scale=f"{where}.scale", shift=f"{where}.shift")
+        elif isinstance(mod, (nn.ReLU, nn.ReLU6, nn.Hardtanh)):
+            lo, hi = ((0.0, RELU_HI) if isinstance(mod, nn.ReLU) else
+                      (float(mod.min_val), float(mod.max_val)))
+            self.tensor[node] = self.emit("clip", where, [x], f"{where}/act", shape, lo=lo, hi=hi)
+        elif isinstance(mod, nn.MaxPool2d):
+            if _pair(mod.dilation, "dilation", where) != 1 or mod.ceil_mode:
+                raise FrontendError(f"{where}: MaxPool2d with dilation or ceil_mode is not "
+                                    f"supported")
+            self.tensor[node] = self.emit(
+                "maxpool", where, [x], f"{where}/pool", shape,
+                kernel=_pair(mod.kernel_size, "kernel", where),
+                stride=_pair(mod.stride, "stride", where),
+                padding=_pair(mod.padding, "padding", where))
+        elif isinstance(mod, nn.AdaptiveAvgPool2d) or (
+                isinstance(mod, nn.AvgPool2d) and self.is_global(mod, node)):
+            if isinstance(mod, nn.AdaptiveAvgPool2d) and mod.output_size not in (1, (1, 1)):
+                raise FrontendError(f"{where}: AdaptiveAvgPool2d({mod.output_size}) is not "
+                                    f"supported (only 1: a global pool)")
+            self.pool(node, x, where, shape)
+        elif isinstance(mod, nn.Flatten):
+            self.flatten(node, where)
+        elif isinstance(mod, DROPOUTS):
+            self.dropout = max(self.dropout, float(mod.p))
+            self.tensor[node] = x
+            if node.args[0] in self.pooled:
+                self.pooled.add(node)
+        elif isinstance(mod, nn.Identity):
+            self.tensor[node] = x
+            if node.args[0] in self.pooled:
+                self.pooled.add(node)
+        elif isinstance(mod, nn.Linear):
+            if x != "features":
+                raise FrontendError(f"{where}: Linear is supported only as the classifier, on "
+                                    f"the globally pooled features")
+            self.tensor[node] = self.emit(
+                "linear", where, [x], "logits", shape, weight=self.param(f"{where}.weight"),
+                bias=self.param(f"{where}.bias") if mod.bias is not None else None)
+        else:
+            raise FrontendError(f"{where}: {kind} is not supported")
+
+    def is_global(self, mod, node) -> bool:
+        h, w = self.shapes[self.tensor_of(node.args[0], node.name)][1:]
+        return (_pair(mod.kernel_size, "kernel", node.name), mod.padding in (0, (0, 0))) == (h, True) \
+            and h == w
+
+    def pool(self, node, x: str, where: str, shape) -> None:
+        if "features" in self.shapes:
+            raise FrontendError(f"{where}: a second global pool is not supported")
+        self.tensor[node] = self.emit("gap", where, [x], "features", (shape[0],))
+        self.pooled.add(node)
+
+    def flatten(self, node, where: str) -> None:
+        if node.args[0] not in self.pooled:
+            raise FrontendError(f"{where}: flattening a feature map is supported only after "
+                                f"the global pool")
+        self.tensor[node] = self.tensor[node.args[0]]
+        self.pooled.add(node)
+
+    def function(self, node, shape) -> None:
+        target, where = node.target, node.name
+        label = target if isinstance(target, str) else getattr(target, "__name__", str(target))
+        if node.op == "call_method" and target == "size":
+            return  # only feeds a view/reshape of the pooled features (checked there)
+        x = node.args[0] if node.args else None
+        if target in RELUS or (node.op == "call_method" and target == "relu"):
+            lo, hi = RELUS.get(target, (0.0, RELU_HI))
+            self.tensor[node] = self.emit("clip", where, [self.tensor_of(x, where)],
+                                          f"{where}/act", shape, lo=lo, hi=hi)
+        elif target is F.hardtanh:
+            lo = float(node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0))
+            hi = float(node.args[2] if len(node.args) > 2 else node.kwargs.get("max_val", 1.0))
+            self.tensor[node] = self.emit("clip", where, [self.tensor_of(x, where)],
+                                          f"{where}/act", shape, lo=lo, hi=hi)
+        elif target in ADDS and len(node.args) == 2 and not node.kwargs:
+            a, b = (self.tensor_of(arg, where) for arg in node.args)
+            self.tensor[node] = self.emit("add", where, [a, b], f"{where}/add", shape)
+        elif target is F.adaptive_avg_pool2d and node.args[1:] in ((1,), ((1, 1),)):
+            self.pool(node, self.tensor_of(x, where), where, shape)
+        elif (target is torch.flatten or (node.op == "call_method" and target in FLATTENS)):
+            self.flatten(node, where)
+        elif target is F.dropout:
+            self.tensor[node] = self.tensor_of(x, where)
+            if x in self.pooled:
+                self.pooled.add(node)
+        else:
+            raise FrontendError(f"{where}: {label} is not supported")
+
+
+def program_from_module(module: nn.Module, input_size, name: str | None = None) -> tuple:
+    """(Program, dropout p) of an nn.Module at a fixed input size (H, W), in eval mode."""
+    hw = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+    name = name or type(module).__name__
+    module = module.eval()
+    try:
+        traced = fx.symbolic_trace(module)
+    except Exception as e:  # torch.fx raises many types (data-dependent control flow, ...)
+        text = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise FrontendError(f"cannot trace {name} with torch.fx: {text}") from None
+    lowering = _Lowering(module, name)
+    # an unsupported op is named before shapes are propagated through it
+    for node in traced.graph.nodes:
+        if node.op == "call_module":
+            mod = lowering.modules[node.target]
+            supported = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.MaxPool2d,
+                         nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.Flatten, nn.Linear, nn.Identity,
+                         *DROPOUTS)
+            if not isinstance(mod, supported):
+                raise FrontendError(f"{node.target}: {type(mod).__name__} is not supported")
+    try:
+        with torch.no_grad():
+            ShapeProp(traced).propagate(torch.zeros(1, 3, *hw))
+    except Exception as e:
+        text = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise FrontendError(f"{name} does not run on a (1, 3, {hw[0]}, {hw[1]}) input: "
+                            f"{text}") from None
+    for node in traced.graph.nodes:
+        lowering.lower(node)
+    if lowering.ops[-1].kind != "linear":
+        raise FrontendError(f"{name}: the last op must be the classifier nn.Linear")
+    logits = lowering.shapes["logits"][0]
+    return (Program(name, lowering.ops, lowering.params, lowering.shapes, logits),
+            lowering.dropout)

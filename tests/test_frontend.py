@@ -1,0 +1,239 @@
+"""The torch frontend: a user's nn.Module traced with torch.fx trains on the runner with
+torch.autograd's gradients and torch.optim's step; unsupported ops are one line."""
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from device_runner.runtime import Trainer
+from export import export_module
+from export.torch_frontend import FrontendError, program_from_module
+
+TOL = 1e-4
+
+USER_MODEL = '''
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Block(nn.Module):
+    """Depthwise 3x3 + pointwise 1x1, residual, Hardtanh after the add."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False)
+        self.dw_bn = nn.BatchNorm2d(c)
+        self.act = nn.ReLU6()
+        self.pw = nn.Conv2d(c, c, 1, bias=False)
+        self.pw_bn = nn.BatchNorm2d(c)
+        self.out = nn.Hardtanh(-1.0, 3.0)
+
+    def forward(self, x):
+        return self.out(x + self.pw_bn(self.pw(self.act(self.dw_bn(self.dw(x))))))
+
+
+class UserNet(nn.Module):
+    def __init__(self, num_classes=5):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False),
+                                  nn.BatchNorm2d(8), nn.ReLU())
+        self.pool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.block = Block(8)
+        self.widen = nn.Conv2d(8, 16, 3, stride=2, padding=1)   # with a bias, no BN
+        self.head = nn.Conv2d(16, 16, 5, padding=2, groups=4, bias=False)
+        self.head_bn = nn.BatchNorm2d(16)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.drop = nn.Dropout(0.3)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = self.block(self.pool(self.stem(x)))
+        x = F.relu(self.widen(x))
+        x = torch.relu(self.head_bn(self.head(x)))
+        return self.fc(self.drop(torch.flatten(self.gap(x), 1)))
+
+
+def build():
+    torch.manual_seed(3)
+    net = UserNet()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return net
+'''
+
+
+@pytest.fixture(scope="module")
+def user_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("user") / "user_model.py"
+    path.write_text(USER_MODEL)
+    return path
+
+
+def user_net(user_file):
+    namespace = {}
+    exec(compile(user_file.read_text(), str(user_file), "exec"), namespace)
+    return namespace["build"]()
+
+
+def reference_step(net, n_convs, images, labels, lr):
+    """torch.autograd gradients and one torch.optim.SGD step of the last n convs + the fc,
+    BN frozen (eval), dropout off."""
+    convs = [name for name, m in net.named_modules() if isinstance(m, nn.Conv2d)][-n_convs:]
+    trainable = {f"{c}.{p}" for c in convs for p in ("weight", "bias")} | {"fc.weight", "fc.bias"}
+    params = {k: p for k, p in net.named_parameters() if k in trainable}
+    for k, p in net.named_parameters():
+        p.requires_grad_(k in trainable)
+    net.eval()
+    loss = F.cross_entropy(net(torch.from_numpy(images)), torch.from_numpy(labels))
+    loss.backward()
+    grads = {k: p.grad.detach().numpy().copy() for k, p in params.items()}
+    torch.optim.SGD(params.values(), lr=lr).step()
+    return float(loss.detach()), grads, {k: p.detach().numpy().copy() for k, p in params.items()}
+
+
+def rel(a, b):
+    return float(np.abs(np.asarray(a) - b).max() / max(np.abs(b).max(), 1e-12))
+
+
+@pytest.mark.parametrize("method,eps", [("vanilla", None), ("hosvd", 1.0), ("svd", 1.0)])
+@pytest.mark.parametrize("n_convs", [2, 4])  # 4: through the residual block
+def test_a_user_cnn_trains_with_autograds_gradients_and_sgds_step(user_file, tmp_path, method,
+                                                                   eps, n_convs):
+    net = user_net(user_file)
+    manifest = export_module(net, tmp_path / "art", input_size=(40, 48), batch_size=3,
+                             layers=n_convs, method=method, eps=eps)
+    assert manifest["dropout_not_applied"] == 0.3
+    trainer = Trainer(tmp_path / "art")
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((3, 3, 40, 48)).astype(np.float32)
+    labels = rng.integers(0, 5, 3).astype(np.int64)
+    loss, grads, after = reference_step(net, n_convs, images, labels, lr=0.1)
+    result = trainer.step(images, labels, lr=0.1)
+    assert sorted(result.grads) == sorted(grads) == sorted(manifest["trainable_params"])
+    assert abs(result.loss - loss) < TOL * abs(loss)
+    for name, grad in grads.items():
+        assert rel(result.grads[name], grad) < TOL, name
+        assert rel(trainer.params[name], after[name]) < TOL, name
+
+
+def test_file_py_function_with_pth_weights_gives_the_modules_logits(user_file, tmp_path):
+    net = user_net(user_file)
+    with torch.no_grad():  # weights unlike build()'s: they must come from the file
+        for p in net.parameters():
+            p.mul_(1.5)
+    torch.save(net.state_dict(), tmp_path / "w.pth")
+    proc = subprocess.run([sys.executable, "-m", "actcomp_edge.cli", "export", "--model",
+                           f"{user_file}:build", "--weights", str(tmp_path / "w.pth"),
+                           "--layers", "3", "--method", "hosvd", "--eps", "0.9",
+                           "--batch-size", "2", "--input-size", "64", "-o", str(tmp_path / "art")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    x = torch.randn(4, 3, 64, 64)
+    net.eval()
+    with torch.no_grad():
+        want = net(x).numpy()
+    assert rel(Trainer(tmp_path / "art").evaluate(x.numpy()), want) < TOL
+
+
+class WithSE(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sequential(nn.Conv2d(4, 4, 1),
+                                                                       nn.Sigmoid()))
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.blocks(x), 1), 1))
+
+
+class Rectangular(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, (1, 3))
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.conv(x), 1), 1))
+
+
+class Gelu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(F.gelu(self.conv(x)), 1), 1))
+
+
+@pytest.mark.parametrize("module,message", [
+    (WithSE(), "blocks.1.1: Sigmoid is not supported"),
+    (Rectangular(), "conv: kernel (1, 3) is not supported (square only)"),
+    (Gelu(), "gelu: gelu is not supported"),
+])
+def test_an_unsupported_op_is_one_line_naming_the_module_path(module, message):
+    with pytest.raises(FrontendError) as e:
+        program_from_module(module, 32)
+    assert str(e.value) == message
+
+
+def test_fine_tuning_through_a_max_pool_is_refused_naming_it(user_file, tmp_path):
+    with pytest.raises(ValueError, match=r"max-pool \(pool\) is not supported: use --layers 4"):
+        export_module(user_net(user_file), tmp_path / "art", input_size=32, batch_size=2,
+                      layers=5, method="vanilla")
+
+
+def test_the_cli_says_what_is_wrong_with_a_model_file_in_one_line(tmp_path):
+    (tmp_path / "m.py").write_text(textwrap.dedent('''
+        import torch
+        def build():
+            return 3
+        def broken():
+            raise RuntimeError("no GPU here")
+    '''))
+    for ref, message in [(f"{tmp_path}/m.py:build", "returned a int, not a torch.nn.Module"),
+                         (f"{tmp_path}/m.py:nope", "has no function 'nope'"),
+                         (f"{tmp_path}/absent.py:build", "no such file")]:
+        proc = subprocess.run([sys.executable, "-m", "actcomp_edge.cli", "export", "--model", ref,
+                               "--layers", "1", "--method", "vanilla", "-o", str(tmp_path / "o")],
+                              capture_output=True, text=True)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("name", ["mcunet-in1", "mobilenet_v2", "resnet18"])
+def test_the_memory_model_derived_from_the_program_matches_the_specs(name):
+    """network_of(program) is what the artifact's memory plan uses: the same convs, sizes and
+    kept bytes as arch.network(spec); ResNet's post-add ReLU mask belongs to the conv just
+    before it in the program (the downsample), as the artifact packs it, not to conv2 (the
+    same bytes: equal totals)."""
+    from actcomp_edge import arch
+    from actcomp_edge.memory import plan
+    from export import zoo
+    from export.program import build_program, network_of
+    spec = zoo.load_spec(name, 10)
+    arrays = zoo.model_arrays(zoo.build_model(spec), spec)
+    hw = (96, 128)
+    ours, theirs = network_of(build_program(spec, arrays, hw)), arch.network(spec, hw)
+    assert [c.name for c in ours.convs] == [c.name for c in theirs.convs]
+    for n in range(1, len(ours.convs) + 1, 3):
+        a, b = (plan(net, n, "hosvd", 4, hw, eps=0.8).to_json() for net in (ours, theirs))
+        assert a["paper_bytes"] == b["paper_bytes"]
+        assert [x["paper_bytes"] for x in a["layers"]] == [x["paper_bytes"] for x in b["layers"]]
+        if name != "resnet18":
+            assert a == b
+    full = [plan(net, len(net.convs), "vanilla", 4, hw).to_json()["full_bytes"]
+            for net in (ours, theirs)]
+    assert full[0] == full[1]
