@@ -18,13 +18,13 @@ from math import ceil, prod
 from typing import Optional, Sequence
 
 from .arch import MASKING_ACTS, ConvLayer, Network
+from .compress import GF_RADIUS, PIECES
 from .decomposition import check_eps, full_rank_bound
 
 FLOAT_BYTES = 4
 MASK_BITS = 1      # masks are held bit-packed per sample: ceil(C*H*W / 8) bytes a sample
 INDEX_BYTES = 8
-METHODS = ("vanilla", "svd", "hosvd", "hosvd-tracked", "gf-r2")
-GF_RADIUS = 2
+METHODS = tuple(PIECES)  # the methods and what each keeps: actcomp_edge.compress
 MIB = 2 ** 20
 
 
