@@ -743,28 +743,35 @@ def overview_graph(forward_graphs: list, split: Split, backward: list,
         attrs["eps"] = float(config.eps)
     if config.ranks:
         attrs["ranks"] = [int(r) for r in config.ranks]
-    parts = [(graph.name, graph) for graph in forward_graphs]
-    for p, (name, graph) in enumerate(parts):
+    def copy_nodes(graph, renamed: dict) -> list:
+        """graph's nodes, named <graph>/<node>; a tensor inside the graph (not one it takes
+        or hands on) becomes <graph>/<tensor>, as two graphs may use the same inner name."""
+        interface = {v.name for v in graph.inputs + graph.outputs}
+        inner = {o: f"{graph.name}/{o}" for n in graph.nodes for o in n.output
+                 if o not in interface}
+        copies = []
+        for node in graph.nodes:
+            copy = onnx.NodeProto()
+            copy.CopyFrom(node)
+            copy.name = f"{graph.name}/{node.name}"
+            copy.input[:] = [inner.get(i, renamed.get(i, i)) for i in copy.input]
+            copy.output[:] = [inner.get(o, o) for o in copy.output]
+            copies.append(copy)
+        return copies
+
+    for p, graph in enumerate(forward_graphs):
         if p >= 1:
             conv = split.trainable_convs[p - 1]
             kept = [kept_name(conv.name, piece) for piece in PIECES[config.method]]
             g.op(op_type, [conv.inputs[0]], f"{conv.name}/decompose", outputs=kept,
                  domain=ACTCOMP_DOMAIN, **attrs)
-        for node in graph.nodes:
-            copy = onnx.NodeProto()
-            copy.CopyFrom(node)
-            copy.name = f"{name}/{node.name}"
-            g.nodes.append(copy)
+        g.nodes.extend(copy_nodes(graph, {}))
     # a d/<t> that two backward partitions make (t has consumers in both) is summed by the
     # device; here the second is renamed <d/t>@<graph> and an Add makes what later reads d/t
     renamed, made = {}, {o for n in g.nodes for o in n.output}
     for graph in backward:
         sums = []
-        for node in graph.nodes:
-            copy = onnx.NodeProto()
-            copy.CopyFrom(node)
-            copy.name = f"{graph.name}/{node.name}"
-            copy.input[:] = [renamed.get(i, i) for i in copy.input]
+        for copy in copy_nodes(graph, renamed):
             for k, out in enumerate(copy.output):
                 if out in made:
                     copy.output[k] = f"{out}@{graph.name}"

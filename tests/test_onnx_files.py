@@ -37,6 +37,24 @@ def test_every_artifact_graph_passes_the_full_check_and_the_overview_has_shapes(
     assert types["labels"] == onnx.TensorProto.INT64
 
 
+@pytest.mark.parametrize("method", ["vanilla", "hosvd"])
+def test_the_real_mcunet_overview_is_valid(method, tmp_path):
+    """The pretrained mcunet-5fps of ../shared (its blocks end in a clipped residual: inner
+    tensor names of two partitions coincide; each is its graph's own in the overview)."""
+    import subprocess
+    import sys
+    from conftest import require_shared
+    spec = require_shared("weights", "tt_mcunet-5fps_int8dq.json")
+    out = tmp_path / "art"
+    proc = subprocess.run([sys.executable, "-m", "actcomp_edge.cli", "export", "--model", str(spec),
+                           "--weights", str(spec.with_suffix(".npz")), "--num-classes", "2",
+                           "--layers", "4", "--method", method, "--eps", "0.8", "--batch-size",
+                           "4", "--input-size", "64", "-o", str(out)], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    onnx.checker.check_model(onnx.load(out / "overview.onnx"), full_check=True)
+
+
 def test_a_runs_inference_model_keeps_its_weights_as_initializers_only(artifact, image_folder,
                                                                         tmp_path):
     out = tmp_path / "run"
