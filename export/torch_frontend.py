@@ -152,9 +152,10 @@ class _Lowering:
             raise FrontendError(f"{where}: {kind} is not supported")
 
     def is_global(self, mod, node) -> bool:
+        """An AvgPool2d whose one window is the whole (square) map, unpadded."""
         h, w = self.shapes[self.tensor_of(node.args[0], node.name)][1:]
-        return (_pair(mod.kernel_size, "kernel", node.name), mod.padding in (0, (0, 0))) == (h, True) \
-            and h == w
+        kernel = _pair(mod.kernel_size, "kernel", node.name)
+        return h == w == kernel and mod.padding in (0, (0, 0))
 
     def pool(self, node, x: str, where: str, shape) -> None:
         if "features" in self.shapes:

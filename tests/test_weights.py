@@ -155,3 +155,23 @@ def test_a_torchvision_mobilenet_v2_state_dict_loads_and_gives_its_logits(tmp_pa
         want = net(x).numpy()
     got = Trainer(out).evaluate(x.numpy())
     assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
+
+
+def test_a_torchvision_resnet18_state_dict_loads_as_it_is(tmp_path):
+    """The built-in ResNet is torchvision's module layout: its state_dict, saved as a .pth as
+    torchvision's would be, exports and gives the module's logits."""
+    torch.manual_seed(2)
+    spec = zoo.load_spec("resnet18", 10)
+    net = zoo.build_model(spec).eval()
+    state = net.state_dict()
+    assert "layer1.0.conv1.weight" in state and "fc.weight" in state  # torchvision's names
+    torch.save(state, tmp_path / "resnet18.pth")
+    out = tmp_path / "art"
+    proc = run_cli(*export_args(tmp_path / "resnet18.pth", out, model="resnet18", layers="3",
+                                size="64"))
+    assert proc.returncode == 0, proc.stderr
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = net(x).numpy()
+    got = Trainer(out).evaluate(x.numpy())
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
