@@ -54,11 +54,18 @@ class _Lowering:
         self.dropout, self.name = 0.0, name
 
     def emit(self, kind, name, inputs, output, shape, **attrs) -> str:
+        base, count = output, 1
+        while output in self.shapes:  # a parameter-free module called twice (e.g. one ReLU)
+            count += 1
+            output = f"{base}#{count}"
         self.ops.append(Op(kind, name, tuple(inputs), output, attrs))
         self.shapes[output] = tuple(shape)
         return output
 
     def param(self, name: str) -> str:
+        if name in self.params:
+            raise FrontendError(f"{name.rpartition('.')[0]}: a module called twice (shared "
+                                f"weights) is not supported")
         self.params[name] = np.ascontiguousarray(self.state[name], dtype=np.float32)
         return name
 

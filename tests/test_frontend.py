@@ -237,3 +237,36 @@ def test_the_memory_model_derived_from_the_program_matches_the_specs(name):
     full = [plan(net, len(net.convs), "vanilla", 4, hw).to_json()["full_bytes"]
             for net in (ours, theirs)]
     assert full[0] == full[1]
+
+
+class SharedRelu(nn.Module):
+    """One ReLU module called after two convs; a conv that a second call would share."""
+
+    def __init__(self, share_conv=False):
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 3, padding=1)
+        self.b = nn.Conv2d(6, 6, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.share_conv = share_conv
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = self.relu(self.b(self.relu(self.a(x))))
+        if self.share_conv:
+            x = self.b(x)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def test_a_module_called_twice_is_two_ops_or_refused_when_it_holds_weights(tmp_path):
+    torch.manual_seed(0)
+    net = SharedRelu()
+    export_module(net, tmp_path / "art", input_size=16, batch_size=2, layers=2, method="vanilla")
+    rng = np.random.default_rng(1)
+    images = rng.standard_normal((2, 3, 16, 16)).astype(np.float32)
+    labels = np.array([0, 2])
+    _, grads, _ = reference_step(net, 2, images, labels, lr=0.1)
+    result = Trainer(tmp_path / "art").step(images, labels, lr=0.1)
+    for name, grad in grads.items():
+        assert rel(result.grads[name], grad) < TOL, name
+    with pytest.raises(FrontendError, match="^b: a module called twice"):
+        program_from_module(SharedRelu(share_conv=True), 16)
