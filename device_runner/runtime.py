@@ -345,13 +345,13 @@ class Trainer:
         return Forward(tensors, out["ranks"], kept_bytes, int(full), per_layer, seconds)
 
     def prefix_outputs(self, images: np.ndarray) -> dict:
-        """The frozen prefix's outputs {name: (B, ...)} for these images (copies; the weights
-        do not change them), or {} when every conv is fine-tuned (no prefix)."""
+        """The frozen prefix's outputs {name: (B, ...)} for these images (views of the pool,
+        valid until the next run: copy what is kept), or {} when every conv is fine-tuned."""
         if self.prefix is None:
             return {}
         fwd = self.forward(images, np.zeros(len(images), np.int64), decompose=False,
                            until=1)
-        return {n: np.array(fwd.tensors[n]) for n in self.io[self.prefix][1]}
+        return {n: fwd.tensors[n] for n in self.io[self.prefix][1]}
 
     def step(self, images: np.ndarray, labels: np.ndarray, lr: float,
              max_grad_norm: float | None = None, prefix_out: dict | None = None) -> StepResult:

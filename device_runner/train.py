@@ -189,15 +189,14 @@ class PrefixCache:
         return sum(a.nbytes for a in self.arrays.values())
 
     def outputs(self, trainer: Trainer, idx: np.ndarray, images: np.ndarray) -> dict:
-        """The prefix's outputs for images[i] = data[idx[i]]: from the cache, else run once."""
-        if self.filled[idx].all():
-            return {n: np.take(a, idx, axis=0, out=self.batch[n][:len(idx)])
-                    for n, a in self.arrays.items()}
-        out = trainer.prefix_outputs(images)
-        for n, value in out.items():
-            self.arrays[n][idx] = value
-        self.filled[idx] = True
-        return out
+        """The prefix's outputs for images[i] = data[idx[i]], in the cache's batch buffers:
+        the prefix runs on a batch the first time one of its images is missing."""
+        if not self.filled[idx].all():
+            for n, value in trainer.prefix_outputs(images).items():
+                self.arrays[n][idx] = value
+            self.filled[idx] = True
+        return {n: np.take(a, idx, axis=0, out=self.batch[n][:len(idx)])
+                for n, a in self.arrays.items()}
 
 
 class Progress:

@@ -29,8 +29,6 @@ def export_artifact(spec: dict, arrays: dict, out_dir, config: TrainConfig, batc
                     input_size, classes=None) -> dict:
     """A built-in architecture (spec) and its weights -> artifact (export_program)."""
     hw = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
-    if config.method not in PIECES:
-        raise ValueError(f"unknown method {config.method!r}: choose one of {', '.join(PIECES)}")
     norm = (spec.get("input") or {}).get("normalize") or arch.HALF_NORM
     dropout = float((spec.get("classifier") or {}).get("dropout") or 0.0)
     return export_program(build_program(spec, arrays, hw), out_dir, config, batch_size, classes,

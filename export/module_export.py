@@ -14,7 +14,7 @@ from actcomp_edge import arch
 from .artifact import export_program
 from .torch_frontend import FrontendError, program_from_module
 from .training_graph import TrainConfig
-from .weight_files import WeightsError, read_weight_file
+from .weight_files import WeightsError, mismatches, read_weight_file
 
 NORMS = {"half": arch.HALF_NORM,
          "imagenet": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}}
@@ -50,15 +50,8 @@ def load_state(module: nn.Module, path) -> None:
     arrays = read_weight_file(path)
     state = module.state_dict()
     wanted = [k for k in state if not k.endswith("num_batches_tracked")]
-    missing = [k for k in wanted if k not in arrays]
-    unexpected = [k for k in arrays if k not in state]
-    wrong = [f"{k}: expected {tuple(state[k].shape)}, got {arrays[k].shape}" for k in wanted
-             if k in arrays and tuple(arrays[k].shape) != tuple(state[k].shape)]
-    problems = ([f"missing {', '.join(missing[:3])}" + (f" (+{len(missing) - 3} more)"
-                                                        if len(missing) > 3 else "")] if missing else []) \
-        + ([f"unexpected {', '.join(unexpected[:3])}" + (f" (+{len(unexpected) - 3} more)"
-                                                         if len(unexpected) > 3 else "")]
-           if unexpected else []) + ([f"shape mismatch {'; '.join(wrong[:2])}"] if wrong else [])
+    arrays = {k: a for k, a in arrays.items() if not k.endswith("num_batches_tracked")}
+    problems = mismatches({k: tuple(state[k].shape) for k in wanted}, arrays)
     if problems:
         raise WeightsError(f"weights {path} do not fit the module's state_dict: "
                            + "; ".join(problems))

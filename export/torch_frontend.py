@@ -31,6 +31,8 @@ RELUS = {F.relu: (0.0, RELU_HI), torch.relu: (0.0, RELU_HI), F.relu6: (0.0, 6.0)
 ADDS = (operator.add, torch.add)
 DROPOUTS = (nn.Dropout, nn.Dropout2d)
 FLATTENS = ("flatten", "view", "reshape")
+MODULES = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.MaxPool2d,
+           nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.Flatten, nn.Linear, nn.Identity, *DROPOUTS)
 
 
 class FrontendError(ValueError):
@@ -139,15 +141,10 @@ class _Lowering:
             self.pool(node, x, where, shape)
         elif isinstance(mod, nn.Flatten):
             self.flatten(node, where)
-        elif isinstance(mod, DROPOUTS):
-            self.dropout = max(self.dropout, float(mod.p))
-            self.tensor[node] = x
-            if node.args[0] in self.pooled:
-                self.pooled.add(node)
-        elif isinstance(mod, nn.Identity):
-            self.tensor[node] = x
-            if node.args[0] in self.pooled:
-                self.pooled.add(node)
+        elif isinstance(mod, (nn.Identity, *DROPOUTS)):
+            if isinstance(mod, DROPOUTS):
+                self.dropout = max(self.dropout, float(mod.p))
+            self.passthrough(node, where)
         elif isinstance(mod, nn.Linear):
             if x != "features":
                 raise FrontendError(f"{where}: Linear is supported only as the classifier, on "
@@ -170,12 +167,17 @@ class _Lowering:
         self.tensor[node] = self.emit("gap", where, [x], "features", (shape[0],))
         self.pooled.add(node)
 
+    def passthrough(self, node, where: str) -> None:
+        """An op that is the identity here (dropout, Identity, flatten of the features)."""
+        self.tensor[node] = self.tensor_of(node.args[0], where)
+        if node.args[0] in self.pooled:
+            self.pooled.add(node)
+
     def flatten(self, node, where: str) -> None:
         if node.args[0] not in self.pooled:
             raise FrontendError(f"{where}: flattening a feature map is supported only after "
                                 f"the global pool")
-        self.tensor[node] = self.tensor[node.args[0]]
-        self.pooled.add(node)
+        self.passthrough(node, where)
 
     def function(self, node, shape) -> None:
         target, where = node.target, node.name
@@ -200,9 +202,7 @@ class _Lowering:
         elif (target is torch.flatten or (node.op == "call_method" and target in FLATTENS)):
             self.flatten(node, where)
         elif target is F.dropout:
-            self.tensor[node] = self.tensor_of(x, where)
-            if x in self.pooled:
-                self.pooled.add(node)
+            self.passthrough(node, where)
         else:
             raise FrontendError(f"{where}: {label} is not supported")
 
@@ -222,10 +222,7 @@ def program_from_module(module: nn.Module, input_size, name: str | None = None) 
     for node in traced.graph.nodes:
         if node.op == "call_module":
             mod = lowering.modules[node.target]
-            supported = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.MaxPool2d,
-                         nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.Flatten, nn.Linear, nn.Identity,
-                         *DROPOUTS)
-            if not isinstance(mod, supported):
+            if not isinstance(mod, MODULES):
                 raise FrontendError(f"{node.target}: {type(mod).__name__} is not supported")
     try:
         with torch.no_grad():

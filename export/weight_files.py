@@ -87,6 +87,26 @@ def read_safetensors(path: Path) -> dict:
             for n, v in tensors.items()}
 
 
+def listing(names: list, limit: int = 3) -> str:
+    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def mismatches(expected: dict, arrays: dict, strict: bool = True) -> list:
+    """What keeps arrays {name: array} from filling expected {name: shape}, as short lists: a
+    shape mismatch always, missing and unexpected names when strict."""
+    wrong = [f"{n}: expected {tuple(shape)}, got {arrays[n].shape}" for n, shape in
+             expected.items() if n in arrays and tuple(arrays[n].shape) != tuple(shape)]
+    missing = [n for n in expected if n not in arrays]
+    unexpected = [n for n in arrays if n not in expected]
+    problems = ["shape mismatch " + listing(wrong, 2)] if wrong else []
+    if strict and missing:
+        problems.append("missing " + listing(missing))
+    if strict and unexpected:
+        problems.append("unexpected " + listing(unexpected))
+    return problems
+
+
 FORMATS = {".npz": read_npz, ".pth": read_torch, ".pt": read_torch,
            ".safetensors": read_safetensors}
 

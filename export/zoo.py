@@ -33,7 +33,7 @@ from torch import nn
 
 from actcomp_edge import arch
 
-from .weight_files import WeightsError, read_weight_file
+from .weight_files import WeightsError, mismatches, read_weight_file
 
 IGNORED_SUFFIXES = (".w_scale", ".num_batches_tracked")
 
@@ -297,11 +297,6 @@ def known_layout(arrays: dict, spec: dict) -> tuple:
     return arrays, None
 
 
-def _listing(names: list, limit: int = 3) -> str:
-    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
-
-
 def load_weights(model: nn.Module, spec: dict, path_or_dict, strict: bool = True,
                  replace_classifier: bool = False) -> Optional[str]:
     """Copy arrays into the model.  Shape mismatches always raise WeightsError; with
@@ -324,17 +319,8 @@ def load_weights(model: nn.Module, spec: dict, path_or_dict, strict: bool = True
                 names.pop(k, None)
             note = (f"classifier re-initialised: weights have {got[0]} classes, "
                     f"model has {want[0]}")
-    missing = [n for n in names if n not in arrays]
-    unexpected = [n for n in arrays if n not in names]
-    wrong = [f"{n}: expected {tuple(state[names[n]].shape)}, got {arrays[n].shape}"
-             for n in names if n in arrays and arrays[n].shape != tuple(state[names[n]].shape)]
-    problems = []
-    if wrong:
-        problems.append("shape mismatch " + _listing(wrong, 2))
-    if strict and missing:
-        problems.append("missing " + _listing(missing))
-    if strict and unexpected:
-        problems.append("unexpected " + _listing(unexpected))
+    problems = mismatches({n: tuple(state[key].shape) for n, key in names.items()}, arrays,
+                          strict)
     if problems:
         source = "" if isinstance(path_or_dict, Mapping) else f" {path_or_dict}"
         raise WeightsError(f"weights{source} do not fit {spec.get('name', '?')}: "
