@@ -7,7 +7,7 @@ import sys
 
 from . import __version__
 from .arch import ZOO, load_spec, network
-from .cliutil import Parser, positive_int, size_bytes
+from .cliutil import Parser, non_negative_float, positive_float, positive_int, size_bytes
 from .memory import METHODS, mib, plan, plan_table
 from .profiles import OPTIMIZER_STATE, Fit, load_profile, profile_names, \
     trainable_param_count
@@ -229,6 +229,47 @@ def cmd_export(args) -> int:
     return run_export(args)
 
 
+def cmd_fleet(args) -> int:
+    from . import fleet  # processes and files only: flwr runs in the processes it starts
+    try:
+        return fleet.run_local(args) if args.fleet_command == "local" else fleet.run_remote(args)
+    except RuntimeError as e:  # a Flower process failed
+        print(f"actcomp: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("actcomp: interrupted: every fleet process was stopped", file=sys.stderr)
+        return 130
+
+
+def add_fleet_arguments(parser) -> None:
+    parser.add_argument("artifact", help="training artifact folder (from `actcomp export`)")
+    parser.add_argument("--val-data", required=True,
+                        help="central evaluation images after each round (.npz or ImageFolder)")
+    parser.add_argument("--rounds", type=positive_int, default=3, help="rounds (default 3)")
+    parser.add_argument("--local-epochs", type=positive_int, default=1,
+                        help="epochs each node trains per round (default 1)")
+    parser.add_argument("--strategy", choices=("fedavg", "fedprox", "fedadam"), default="fedavg",
+                        help="Flower's strategy (default fedavg, weighted by examples)")
+    parser.add_argument("--proximal-mu", type=non_negative_float, default=0.0,
+                        help="FedProx's mu (with --strategy fedprox)")
+    parser.add_argument("--server-lr", type=positive_float, default=0.01,
+                        help="FedAdam's server learning rate eta (default 0.01)")
+    parser.add_argument("--lr", type=positive_float,
+                        help="the nodes' peak learning rate (default: the runner's recipe)")
+    parser.add_argument("--schedule", default="",
+                        help="the nodes' lr schedule over each round (default: the runner's)")
+    parser.add_argument("--seed", type=int, default=0, help="shards and data order (default 0)")
+    parser.add_argument("--threads", type=positive_int,
+                        help="threads of each node and of the central evaluation (default: "
+                             "this machine's cores / nodes)")
+    parser.add_argument("--round-timeout", type=positive_float, default=3600.0,
+                        help="seconds a round waits for the nodes' replies (default 3600)")
+    parser.add_argument("--out", help="the run's folder, new or empty (default "
+                                      "ARTIFACT/fleet/<time>)")
+    parser.add_argument("--summary", help="summary JSON (default OUT/summary.json)")
+    parser.set_defaults(func=cmd_fleet)
+
+
 def cmd_paper_table(args) -> int:
     """The paper's analytic memory columns, recomputed next to the printed figures."""
     print("batch 64, 224x224, float32, MiB; computed (paper)")
@@ -368,6 +409,31 @@ def build_parser() -> argparse.ArgumentParser:
     add_profile_arguments(c, required=True)
     c.add_argument("--json", action="store_true", help="print one JSON object")
     c.set_defaults(func=cmd_check)
+
+    f = sub.add_parser("fleet", help="federated fine-tuning of one artifact on Flower",
+                       description="Many boards fine-tune one artifact together on Flower's "
+                                   "deployment runtime; only the trainable weights travel.")
+    fleet_sub = f.add_subparsers(dest="fleet_command", required=True, parser_class=Parser)
+    fl = fleet_sub.add_parser("local", help="a whole fleet on this machine (127.0.0.1)",
+                              description="Shard --data over --nodes, start a SuperLink and a "
+                                          "SuperNode per node on 127.0.0.1, run the rounds, "
+                                          "stop every process, write the summary.")
+    fl.add_argument("--data", required=True, help="images to shard over the nodes")
+    fl.add_argument("--nodes", type=positive_int, default=2, help="nodes (default 2)")
+    fl.add_argument("--partition", default="iid",
+                    help="iid or dirichlet:ALPHA (non-IID labels; default iid)")
+    fl.add_argument("--profile", help="device profile of the nodes: a name or .toml, or a "
+                                      "comma list cycled over the nodes (default: no budget)")
+    fl.add_argument("--batch-size", type=positive_int, help="the nodes' batch (default: the "
+                                                            "artifact's)")
+    add_fleet_arguments(fl)
+    fr = fleet_sub.add_parser("run", help="run the rounds on a SuperLink real boards joined",
+                              description="Run the fleet app on a running `flower-superlink`; "
+                                          "each board runs `flower-supernode` (README: Fleet).")
+    fr.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
+    fr.add_argument("--min-nodes", type=positive_int, default=2,
+                    help="nodes that must be connected before each round (default 2)")
+    add_fleet_arguments(fr)
 
     r = sub.add_parser("report", help="plots and a summary page from profile streams",
                        description="Read profile streams (JSON lines, e.g. from `actcomp-device "

@@ -68,6 +68,17 @@ def global_norm(grads: dict) -> float:
     return math.sqrt(sum(float(np.vdot(g, g)) for g in grads.values()))
 
 
+def add_proximal(grads: dict, params: dict, anchor: dict, mu: float) -> None:
+    """FedProx (Li et al. 2020): the local loss gains mu/2 ‖w - w_round‖², so every gradient
+    gains mu (w - w_round); w_round (anchor): the weights the round started from. In place."""
+    for name, g in grads.items():
+        term = np.float32(mu) * (params[name] - anchor[name])
+        if g.flags.writeable:
+            np.add(g, term, out=g)
+        else:
+            grads[name] = g + term
+
+
 def clip_grad_norm(grads: dict, max_norm: float) -> float:
     """Scale every gradient in place by min(1, max_norm / (‖g‖ + 1e-6)), ‖g‖ the global L2
     norm over all of them (torch.nn.utils.clip_grad_norm_); returns ‖g‖ before clipping."""

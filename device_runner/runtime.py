@@ -27,7 +27,7 @@ from actcomp_edge.faults import crash_point
 from actcomp_edge.manifest import ArtifactError, load_manifest
 from actcomp_edge.npz import load_npz
 
-from .recipe import clip_grad_norm, global_norm
+from .recipe import add_proximal, clip_grad_norm, global_norm
 
 
 @dataclass
@@ -354,11 +354,13 @@ class Trainer:
         return {n: fwd.tensors[n] for n in self.io[self.prefix][1]}
 
     def step(self, images: np.ndarray, labels: np.ndarray, lr: float,
-             max_grad_norm: float | None = None, prefix_out: dict | None = None) -> StepResult:
+             max_grad_norm: float | None = None, prefix_out: dict | None = None,
+             proximal: tuple | None = None) -> StepResult:
         """One training step at learning rate lr; ``max_grad_norm``: the gradients are
         clipped to this global L2 norm before the update (recipe.clip_grad_norm);
         ``prefix_out``: the frozen prefix's outputs for these images (prefix_outputs), when
-        already known."""
+        already known; ``proximal``: (mu, anchor params), FedProx's term added to the
+        gradients before clipping (recipe.add_proximal)."""
         try:
             fwd = self.forward(images, labels, prefix_out or None)
         except NonFiniteActivation:  # rejected like a NaN loss: params, state, trackers kept
@@ -374,6 +376,8 @@ class Trainer:
         for position in range(self.backward_from, len(self.schedule)):
             if position == self.update_at:  # every gradient is complete here
                 grads = out["grads"]
+                if proximal is not None and proximal[0]:
+                    add_proximal(grads, self.params, proximal[1], proximal[0])
                 grad_norm = (clip_grad_norm(grads, max_grad_norm) if max_grad_norm else
                              global_norm(grads))
                 tensors.update({f"grad/{name}": g for name, g in grads.items()})

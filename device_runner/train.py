@@ -43,6 +43,7 @@ class Options:
     budget_bytes: int | None = None
     resume: bool = False
     report_every: int = 1
+    proximal_mu: float = 0.0   # FedProx: mu/2 ‖w - w_start‖² added to the loss (0: off)
 
 
 def evaluate(trainer: Trainer, data: Dataset, batch_size: int,
@@ -220,11 +221,16 @@ class Progress:
             self.stream.write("\n")
 
 
-def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset, out_dir, options: Options,
-        sender=None, log=print, budget_action: dict | None = None) -> dict:
+def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset | None, out_dir,
+        options: Options, sender=None, log=print, budget_action: dict | None = None) -> dict:
     """Train; returns the summary. Checkpoints go to out_dir/checkpoints, results to out_dir:
-    weights.npz + inference.onnx (final), best_weights.npz + best_inference.onnx (best val)."""
+    weights.npz + inference.onnx (final), best_weights.npz + best_inference.onnx (best val).
+    val_set None: no evaluation (and no best weights)."""
     out = Path(out_dir)
+    # FedProx's anchor: the weights this run starts from (before any resume)
+    proximal = ((options.proximal_mu, {k: np.array(v, copy=True)
+                                       for k, v in trainer.params.items()})
+                if options.proximal_mu else None)
     ckpt_dir = out / "checkpoints"
     norm = trainer.manifest["input"]
     batch = min(options.batch_size, len(train_set))
@@ -291,6 +297,7 @@ def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset, out_dir, options
     predicted = planned_working_set(trainer.manifest, batch)
     kept_peak = {"paper": 0, "full": 0}
     val_accuracy, last_epoch_loss, started = None, None, run["epoch"]
+    rank_sums, rank_steps = {}, {}  # per layer: the ranks per mode summed over applied steps
     while run["epoch"] < options.epochs and run["step"] < total:
         epoch = run["epoch"]
         started = max(started, epoch + 1)
@@ -306,7 +313,8 @@ def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset, out_dir, options
                                                         steps_per_epoch)
             start = time.perf_counter()
             prefix = cache.outputs(trainer, idx, x) if cache is not None else None
-            result = trainer.step(x, y, lr, options.clip_norm, prefix_out=prefix)
+            result = trainer.step(x, y, lr, options.clip_norm, prefix_out=prefix,
+                                  proximal=proximal)
             seconds = time.perf_counter() - start
             run["next_batch"] += 1
             diverged = guard.observe(result.loss if result.applied else math.nan)
@@ -324,6 +332,10 @@ def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset, out_dir, options
                 over = options.budget_bytes is not None and working > options.budget_bytes
                 violations += int(over)
                 kept = sum(result.kept_bytes.values())
+                for layer, ranks in result.ranks.items():
+                    if ranks:
+                        rank_sums[layer] = rank_sums.get(layer, 0) + np.asarray(ranks, float)
+                        rank_steps[layer] = rank_steps.get(layer, 0) + 1
                 kept_peak["paper"] = max(kept_peak["paper"], kept)
                 kept_peak["full"] = max(kept_peak["full"], result.kept_full_bytes)
                 if sender is not None and (step % options.report_every == 0 or over):
@@ -379,14 +391,16 @@ def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset, out_dir, options
             continue
         if run["next_batch"] >= steps_per_epoch:  # epoch finished
             progress.done()
-            val_accuracy = evaluate(trainer, val_set, batch, batch_buffer)
+            val_accuracy = (evaluate(trainer, val_set, batch, batch_buffer)
+                            if val_set is not None else None)
             last_epoch_loss = run["epoch_loss_sum"] / max(1, run["epoch_steps"])
-            log(f"epoch {epoch + 1}/{options.epochs}: train loss {last_epoch_loss:.4f}, "
-                f"val accuracy {val_accuracy:.4f}")
+            log(f"epoch {epoch + 1}/{options.epochs}: train loss {last_epoch_loss:.4f}"
+                + (f", val accuracy {val_accuracy:.4f}" if val_set is not None else ""))
             if sender is not None:
                 sender.send({"type": "epoch", "epoch": epoch + 1, "step": run["step"],
                              "val_accuracy": val_accuracy})
-            if run["best_val_accuracy"] is None or val_accuracy > run["best_val_accuracy"]:
+            if val_set is not None and (run["best_val_accuracy"] is None
+                                        or val_accuracy > run["best_val_accuracy"]):
                 run["best_val_accuracy"], run["best_epoch"] = val_accuracy, epoch + 1
                 save_results("best_")
             run.update(epoch=epoch + 1, next_batch=0, epoch_loss_sum=0.0, epoch_steps=0)
@@ -396,7 +410,8 @@ def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset, out_dir, options
     progress.done()
     if run["epoch_steps"]:  # stopped inside an epoch (--max-steps): its mean so far
         last_epoch_loss = run["epoch_loss_sum"] / run["epoch_steps"]
-    if val_accuracy is None or run["next_batch"]:  # not evaluated since the last step
+    # not evaluated since the last step
+    if val_set is not None and (val_accuracy is None or run["next_batch"]):
         val_accuracy = evaluate(trainer, val_set, batch, batch_buffer)
         if run["best_val_accuracy"] is None or val_accuracy > run["best_val_accuracy"]:
             run["best_val_accuracy"], run["best_epoch"] = val_accuracy, started
@@ -411,7 +426,8 @@ def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset, out_dir, options
                           "cache_prefix": cache is not None,
                           "optimizer": trainer.manifest["train"]["optimizer"],
                           "momentum": trainer.manifest["train"].get("momentum"),
-                          "lr_scale": run["lr_scale"], "rollbacks": run["rollbacks"]},
+                          "lr_scale": run["lr_scale"], "rollbacks": run["rollbacks"],
+                          "proximal_mu": options.proximal_mu},
                "median_step_seconds": float(np.median(step_seconds)) if step_seconds else None,
                "threads": trainer.threads,
                "peak_rss_bytes": procmem.peak_rss_bytes(), "baseline_rss_bytes": baseline,
@@ -419,13 +435,16 @@ def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset, out_dir, options
                "predicted_working_set_bytes": predicted,
                "budget_bytes": options.budget_bytes, "budget_violations": violations,
                "kept_bytes_peak": kept_peak,
+               "mean_ranks": {layer: [round(float(r), 2) for r in total_ / rank_steps[layer]]
+                              for layer, total_ in rank_sums.items()},
                "predicted_kept_bytes": {
                    "paper": trainer.manifest["predicted_memory"]["paper_bytes"],
                    "full": trainer.manifest["predicted_memory"]["full_bytes"]},
                "outputs": {"weights": str(out / "weights.npz"),
                            "inference": str(out / "inference.onnx"),
-                           "best_weights": str(out / "best_weights.npz"),
-                           "best_inference": str(out / "best_inference.onnx")}}
+                           **({"best_weights": str(out / "best_weights.npz"),
+                               "best_inference": str(out / "best_inference.onnx")}
+                              if val_set is not None else {})}}
     if sender is not None:
         sender.send(dict(summary, type="summary"))
     return summary

@@ -1,0 +1,246 @@
+"""The board's Flower ClientApp (numpy + onnxruntime + flwr; never torch).
+
+Each round: the global trainable weights in, ``local-epochs`` of the runner's fine-tuning
+(its recipe, checkpoints, the node's budget), the new weights and the node's metrics out.
+A SuperNode runs it with ``--node-config "artifact=DIR data=PATH [key=value ...]"``:
+
+| key              | meaning                                                   | default         |
+|------------------|-----------------------------------------------------------|-----------------|
+| artifact         | training artifact folder (`actcomp export`)               | required        |
+| data             | this node's images: ImageFolder directory or .npz         | required        |
+| out              | the node's folder: a sub-folder per round, checkpoints    | ARTIFACT/fleet  |
+| name             | the node's name in the fleet's summary                    | the host name   |
+| profile          | device profile (.toml or name): budget and cores          | none            |
+| budget           | memory budget of the training working set, e.g. 48MiB     | the profile's   |
+| threads          | onnxruntime and BLAS threads                              | the profile's   |
+| batch-size       | local batch                                               | the artifact's  |
+| val-data         | local held-out images, evaluated after each local epoch   | none            |
+| report           | stream memory profiles to `actcomp monitor` (a --report URL) | none         |
+| checkpoint-every | checkpoint every K local steps (and at every epoch end)   | 50              |
+
+The round's settings come from the ServerApp (ConfigRecord ``config``): server-round,
+local-epochs, lr (0: the recipe's default), schedule, seed, proximal-mu (FedProx).
+A node that cannot train (its budget cannot hold the artifact, bad data) raises: Flower
+turns that into an error reply naming the reason, and the strategy leaves the node out.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from actcomp_edge.cliutil import size_bytes
+from actcomp_edge.npz import write_atomic
+
+from . import checkpoint, procmem, recipe
+from . import data as data_module
+from .train import Options, check_budget, check_plan, fit, write_summary
+
+ARENA_HEADROOM = 1.5  # as `actcomp-device train` (cli.load_trainer)
+KEEP_ROUNDS = 2       # round folders kept on the node: this one and the one before
+
+
+class NodeConfigError(ValueError):
+    """A --node-config the ClientApp cannot use (one line)."""
+
+
+@dataclass
+class Node:
+    artifact: Path
+    data: str
+    out: Path
+    name: str
+    budget: int | None = None
+    threads: int | None = None
+    batch_size: int | None = None
+    val_data: str | None = None
+    report: str | None = None
+    checkpoint_every: int = 50
+
+
+def positive(key: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise NodeConfigError(f"node-config {key} must be a positive integer, got {value!r}")
+    return value
+
+
+def parse_node(config: dict) -> Node:
+    """A Node from a SuperNode's node_config (one-line NodeConfigError on bad input)."""
+    known = {"artifact", "data", "out", "name", "profile", "budget", "threads", "batch-size",
+             "val-data", "report", "checkpoint-every"}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise NodeConfigError(f"node-config: unknown key {unknown[0]!r} (known: "
+                              f"{', '.join(sorted(known))})")
+    for key in ("artifact", "data"):
+        if not config.get(key):
+            raise NodeConfigError(f"node-config needs {key}=PATH")
+    artifact = Path(str(config["artifact"]))
+    if not (artifact / "manifest.json").is_file():
+        raise NodeConfigError(f"node-config artifact={artifact}: no manifest.json there")
+    for key in ("data", "val-data"):
+        if key in config and not Path(str(config[key])).exists():
+            raise NodeConfigError(f"node-config {key}={config[key]}: no such file or directory")
+    budget = threads = None
+    if "profile" in config:
+        from actcomp_edge.profiles import ProfileError, load_profile
+        try:
+            profile = load_profile(str(config["profile"]))
+        except ProfileError as e:
+            raise NodeConfigError(f"node-config profile: {e}") from None
+        budget, threads = profile.budget_bytes, profile.cores
+    if "budget" in config:
+        try:
+            budget = size_bytes(str(config["budget"]))
+        except ValueError as e:
+            raise NodeConfigError(f"node-config budget: {e}") from None
+    if "threads" in config:
+        threads = positive("threads", config["threads"])
+    if "report" in config:
+        from .transport import check_url
+        check_url(str(config["report"]))
+    return Node(artifact=artifact, data=str(config["data"]),
+                out=Path(str(config.get("out") or artifact / "fleet")),
+                name=str(config.get("name") or socket.gethostname()), budget=budget,
+                threads=threads,
+                batch_size=positive("batch-size", config["batch-size"])
+                if "batch-size" in config else None,
+                val_data=str(config["val-data"]) if "val-data" in config else None,
+                report=str(config["report"]) if "report" in config else None,
+                checkpoint_every=positive("checkpoint-every", config.get("checkpoint-every", 50)))
+
+
+def arrays_digest(arrays: dict) -> str:
+    """SHA-256 over the names, shapes and bytes of arrays (sorted by name)."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def round_dir(out: Path, server_round: int) -> Path:
+    return out / f"round-{server_round:04d}"
+
+
+def earlier_state(out: Path, server_round: int) -> tuple:
+    """(folder, arrays) of the newest good checkpoint of an earlier round, or (None, None):
+    where the node's own state (optimizer, trackers, step count) continues from."""
+    for folder in sorted(out.glob("round-*"), reverse=True):
+        if folder.name < round_dir(out, server_round).name:
+            found = checkpoint.load_latest(folder / "checkpoints", log=checkpoint.warn)
+            if found is not None:
+                return folder, found[1]
+    return None, None
+
+
+def prune_rounds(out: Path, server_round: int) -> None:
+    """Remove round folders older than the KEEP_ROUNDS newest up to this round."""
+    current = round_dir(out, server_round).name
+    older = [f for f in sorted(out.glob("round-*")) if f.name <= current]
+    for folder in older[:-KEEP_ROUNDS]:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def train_round(node: Node, global_params: dict, config: dict, log=print) -> tuple:
+    """One round on this node: (new params, metrics, info). config: the server's round
+    settings (server-round, local-epochs, lr, schedule, seed, proximal-mu)."""
+    from .runtime import Trainer
+    entry_rss = procmem.rss_bytes()  # the Flower client process before the runner loads
+    started = time.perf_counter()
+    server_round = int(config["server-round"])
+    trainer = Trainer(node.artifact, threads=node.threads,
+                      arena_bytes=int(ARENA_HEADROOM * node.budget) if node.budget else None)
+    m = trainer.manifest
+    batch = node.batch_size or m["batch_size"]
+    if node.budget is not None:  # a budget the plan cannot meet: refused before the data loads
+        check_plan(m, batch, node.budget)
+    mismatch = sorted(set(global_params) ^ set(trainer.params)) or sorted(
+        k for k in global_params if global_params[k].shape != trainer.params[k].shape)
+    if mismatch:
+        raise ValueError(f"the global weights do not belong to this node's artifact "
+                         f"{node.artifact} (first difference: {mismatch[0]})")
+    size = (m["input"]["height"], m["input"]["width"])
+    train_set = data_module.load(node.data, size, m["num_classes"], m.get("classes"))
+    val_set = (data_module.load(node.val_data, size, m["num_classes"], m.get("classes"))
+               if node.val_data else None)
+
+    folder = round_dir(node.out, server_round)
+    digest = arrays_digest(global_params)
+    marker = folder / "global.json"
+    resume = marker.is_file() and json.loads(marker.read_text()).get("sha256") == digest
+    if not resume:  # a new round (or another global for it): its folder starts empty
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        write_atomic(marker, json.dumps({"round": server_round, "sha256": digest}).encode())
+    state_from, state = earlier_state(node.out, server_round)
+    arrays = dict(state) if state is not None else trainer.state_arrays()
+    arrays.update({f"param/{k}": np.asarray(v, np.float32) for k, v in global_params.items()})
+    trainer.load_state_arrays(arrays)
+    if state_from is not None:
+        log(f"{node.name}: round {server_round}: the node's own state (optimizer, step "
+            f"{int(arrays['step_count'])}) from {state_from}")
+    budget_action = None
+    if node.budget is not None:
+        budget_action = check_budget(trainer, train_set, min(batch, len(train_set)),
+                                     node.budget, log=log)
+    options = Options(epochs=int(config.get("local-epochs", 1)), batch_size=batch,
+                      lr=float(config.get("lr") or 0) or recipe.default_lr(m["train"]),
+                      schedule=str(config.get("schedule") or recipe.DEFAULT_SCHEDULE),
+                      seed=int(config.get("seed", 0)) + 1000 * server_round,
+                      checkpoint_every=node.checkpoint_every, budget_bytes=node.budget,
+                      resume=resume, proximal_mu=float(config.get("proximal-mu", 0.0)))
+    sender = None
+    if node.report:
+        from .transport import ProfileSender
+        sender = ProfileSender(node.report, node.out / "spool")
+    try:
+        summary = fit(trainer, train_set, val_set, folder, options, sender=sender, log=log,
+                      budget_action=budget_action)
+    finally:
+        if sender is not None:
+            sender.flush(timeout=10)
+            sender.close()
+    summary["node"] = node.name
+    write_summary(folder / "summary.json", summary)
+    prune_rounds(node.out, server_round)
+    metrics = {"num-examples": len(train_set), "loss": float(summary["final_train_loss"]),
+               "steps": summary["steps"], "seconds": time.perf_counter() - started,
+               "entry_rss_bytes": entry_rss, "baseline_rss_bytes": summary["baseline_rss_bytes"],
+               "peak_rss_bytes": summary["peak_rss_bytes"],
+               "working_set_bytes": summary["working_set_bytes"],
+               "budget_bytes": node.budget or 0,
+               "budget_violations": summary["budget_violations"]}
+    info = {"name": node.name, "resumed": resume,
+            "state_from": str(state_from) if state_from is not None else "",
+            "mean_ranks": json.dumps(summary["mean_ranks"])}
+    return dict(trainer.params), metrics, info
+
+
+def _client_app():
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context) -> Message:
+        node = parse_node(dict(context.node_config))
+        global_params = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+        params, metrics, info = train_round(node, global_params, dict(msg.content["config"]))
+        return Message(RecordDict({
+            "arrays": ArrayRecord({k: Array.from_numpy_ndarray(np.ascontiguousarray(v))
+                                   for k, v in params.items()}),
+            "metrics": MetricRecord(metrics), "node": ConfigRecord(info)}), reply_to=msg)
+
+    return app
+
+
+app = _client_app()
