@@ -35,8 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from actcomp_edge.cliutil import size_bytes
-from actcomp_edge.npz import write_atomic
+from actcomp_edge.profiles import parse_size
+from actcomp_edge.npz import load_npz, write_atomic
 
 from . import checkpoint, procmem, recipe
 from . import data as data_module
@@ -48,6 +48,10 @@ KEEP_ROUNDS = 2       # round folders kept on the node: this one and the one bef
 
 class NodeConfigError(ValueError):
     """A --node-config the ClientApp cannot use (one line)."""
+
+
+class NodeRefused(RuntimeError):
+    """This node cannot train this round; the message names the node and the reason."""
 
 
 @dataclass
@@ -97,7 +101,8 @@ def parse_node(config: dict) -> Node:
         budget, threads = profile.budget_bytes, profile.cores
     if "budget" in config:
         try:
-            budget = size_bytes(str(config["budget"]))
+            value = config["budget"]
+            budget = parse_size(int(value) if str(value).strip().isdigit() else str(value))
         except ValueError as e:
             raise NodeConfigError(f"node-config budget: {e}") from None
     if "threads" in config:
@@ -197,6 +202,11 @@ def train_round(node: Node, global_params: dict, config: dict, log=print) -> tup
                       seed=int(config.get("seed", 0)) + 1000 * server_round,
                       checkpoint_every=node.checkpoint_every, budget_bytes=node.budget,
                       resume=resume, proximal_mu=float(config.get("proximal-mu", 0.0)))
+    done = folder / "summary.json"
+    if resume and done.is_file():  # this round finished here before (the reply was lost)
+        log(f"{node.name}: round {server_round} was already trained here: its result again")
+        return reply(node, load_npz(folder / "weights.npz"), json.loads(done.read_text()),
+                     len(train_set), entry_rss, started, resume, state_from)
     sender = None
     if node.report:
         from .transport import ProfileSender
@@ -209,19 +219,27 @@ def train_round(node: Node, global_params: dict, config: dict, log=print) -> tup
             sender.flush(timeout=10)
             sender.close()
     summary["node"] = node.name
-    write_summary(folder / "summary.json", summary)
+    write_summary(done, summary)
     prune_rounds(node.out, server_round)
-    metrics = {"num-examples": len(train_set), "loss": float(summary["final_train_loss"]),
+    return reply(node, dict(trainer.params), summary, len(train_set), entry_rss, started,
+                 resume, state_from)
+
+
+def reply(node: Node, params: dict, summary: dict, examples: int, entry_rss: int,
+          started: float, resumed: bool, state_from) -> tuple:
+    """(params, metrics, info) of a round from the runner's summary."""
+    loss = summary["final_train_loss"]
+    metrics = {"num-examples": examples, "loss": float("nan") if loss is None else float(loss),
                "steps": summary["steps"], "seconds": time.perf_counter() - started,
                "entry_rss_bytes": entry_rss, "baseline_rss_bytes": summary["baseline_rss_bytes"],
                "peak_rss_bytes": summary["peak_rss_bytes"],
                "working_set_bytes": summary["working_set_bytes"],
                "budget_bytes": node.budget or 0,
                "budget_violations": summary["budget_violations"]}
-    info = {"name": node.name, "resumed": resume,
+    info = {"name": node.name, "resumed": resumed,
             "state_from": str(state_from) if state_from is not None else "",
             "mean_ranks": json.dumps(summary["mean_ranks"])}
-    return dict(trainer.params), metrics, info
+    return params, metrics, info
 
 
 def _client_app():
@@ -232,9 +250,15 @@ def _client_app():
 
     @app.train()
     def train(msg: Message, context) -> Message:
-        node = parse_node(dict(context.node_config))
-        global_params = {k: v.numpy() for k, v in msg.content["arrays"].items()}
-        params, metrics, info = train_round(node, global_params, dict(msg.content["config"]))
+        name = str(context.node_config.get("name") or socket.gethostname())
+        try:  # the reply's error says which node and why; the strategy leaves it out
+            node = parse_node(dict(context.node_config))
+            global_params = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+            params, metrics, info = train_round(node, global_params,
+                                                dict(msg.content["config"]))
+        except Exception as e:
+            raise NodeRefused(f"{name}: {str(e).splitlines()[0] if str(e) else repr(e)}") \
+                from None
         return Message(RecordDict({
             "arrays": ArrayRecord({k: Array.from_numpy_ndarray(np.ascontiguousarray(v))
                                    for k, v in params.items()}),

@@ -1,0 +1,289 @@
+"""The fleet on Flower: shards, FedProx's term, the ClientApp's round (no torch), and
+`actcomp fleet local` as users run it: real SuperLink and SuperNode processes on 127.0.0.1,
+FedAvg's arithmetic on the files the nodes wrote, a node SIGKILLed mid-round, a node over
+its budget, and no process left behind."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from actcomp_edge.fleet import parse_partition, partition
+from actcomp_edge.npz import load_npz
+from device_helpers import ENV
+
+REPO = Path(__file__).resolve().parents[1]
+pytest.importorskip("flwr", reason="the fleet tests need the `fleet` extra (flwr)")
+
+
+# ---- shards --------------------------------------------------------------------------
+
+def test_iid_shards_are_equal_disjoint_and_cover_the_data():
+    labels = np.repeat([0, 1, 2], 10)
+    shards = partition(labels, 3, parse_partition("iid"), seed=1)
+    assert [len(s) for s in shards] == [10, 10, 10]
+    assert sorted(np.concatenate(shards).tolist()) == list(range(30))
+
+
+def test_dirichlet_shards_skew_the_labels_and_are_seeded():
+    labels = np.repeat([0, 1], 500)
+    shards = partition(labels, 4, parse_partition("dirichlet:0.1"), seed=3)
+    assert sorted(np.concatenate(shards).tolist()) == list(range(1000))
+    assert min(len(s) for s in shards) >= 4
+    share = [labels[s].mean() for s in shards]  # the share of class 1 on each node
+    assert max(share) - min(share) > 0.5          # alpha 0.1: far from the global 0.5
+    again = partition(labels, 4, parse_partition("dirichlet:0.1"), seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip(shards, again))
+    wide = partition(labels, 4, parse_partition("dirichlet:1000"), seed=3)
+    assert all(abs(labels[s].mean() - 0.5) < 0.1 for s in wide)  # large alpha: near iid
+
+
+@pytest.mark.parametrize("text", ["dirichlet", "dirichlet:0", "dirichlet:-1", "dirichlet:nan",
+                                  "noniid", "iid:2"])
+def test_bad_partitions_are_refused(text):
+    with pytest.raises(ValueError, match="--partition must be iid or dirichlet:ALPHA"):
+        parse_partition(text)
+
+
+def test_too_few_images_for_the_nodes_is_refused():
+    with pytest.raises(ValueError, match="cannot give 5 nodes 4 each"):
+        partition(np.zeros(12, np.int64), 5, ("iid", None))
+
+
+# ---- FedProx's term in the runner's step ----------------------------------------------
+
+def test_fedprox_adds_mu_times_the_drift_to_the_gradient(artifact, image_folder):
+    """Two SGD steps: the second with FedProx's term moves the weights by exactly
+    -lr * mu * (w1 - w0) more than without it (momentum or not: the state after step 1 is
+    the same), with clipping off."""
+    from device_runner.data import load
+    from device_runner.runtime import Trainer
+    trainer = Trainer(artifact, threads=1)
+    m = trainer.manifest
+    data = load(image_folder, (m["input"]["height"], m["input"]["width"]), m["num_classes"])
+    x, y = data.batch(np.arange(8), m["input"]["mean"], m["input"]["std"])
+    w0 = {k: v.copy() for k, v in trainer.params.items()}
+    lr, mu = 0.05, 0.5
+    assert trainer.step(x, y, lr, None, proximal=(mu, w0)).applied  # w == w0: no term yet
+    after_one = {k: np.array(v, copy=True) for k, v in trainer.state_arrays().items()}
+    w1 = {k: v.copy() for k, v in trainer.params.items()}
+    trainer.step(x, y, lr)
+    plain = {k: v.copy() for k, v in trainer.params.items()}
+    trainer.load_state_arrays(after_one)
+    trainer.step(x, y, lr, None, proximal=(mu, w0))
+    for name in w0:
+        expected = plain[name] - lr * mu * (w1[name] - w0[name])
+        scale = np.abs(w1[name] - w0[name]).max() * lr * mu
+        assert scale > 0, name
+        assert np.abs(trainer.params[name] - expected).max() <= 1e-3 * scale + 1e-7, name
+
+
+# ---- the ClientApp's round, in a process where torch cannot be imported ---------------
+
+def test_a_round_on_a_node_resumes_its_state_and_never_imports_torch(artifact, image_folder,
+                                                                   tmp_path):
+    """Round 1 from the global weights; round 2 continues the node's own state (step count)
+    from its round-1 checkpoint; the same round again with the same global resumes; torch
+    is never imported (sys.modules['torch'] = None makes any import fail)."""
+    code = f"""
+import json, sys
+sys.modules["torch"] = None
+import numpy as np
+from device_runner import fleet
+from actcomp_edge.npz import load_npz
+node = fleet.parse_node({{"artifact": {str(artifact)!r}, "data": {str(image_folder)!r},
+                         "out": {str(tmp_path / 'node')!r}, "name": "n0", "threads": 1}})
+start = load_npz({str(artifact / 'weights.npz')!r})
+p1, m1, i1 = fleet.train_round(node, start, {{"server-round": 1, "local-epochs": 1}})
+p2, m2, i2 = fleet.train_round(node, p1, {{"server-round": 2, "local-epochs": 1}})
+p2b, m2b, i2b = fleet.train_round(node, p1, {{"server-round": 2, "local-epochs": 1}})
+print(json.dumps({{"m1": m1, "i1": i1, "m2": m2, "i2": i2, "i2b": i2b,
+                   "moved": float(sum(np.abs(p1[k] - start[k]).sum() for k in start)),
+                   "same": all(np.array_equal(p2[k], p2b[k]) for k in p2),
+                   "torch": any(n == "torch" or n.startswith("torch.") for n in sys.modules
+                                if sys.modules[n] is not None)}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not out["torch"]
+    assert out["m1"]["num-examples"] == 36 and out["m1"]["steps"] == 5  # 36 images, batch 8
+    assert out["moved"] > 0
+    assert out["i1"]["state_from"] == "" and not out["i1"]["resumed"]
+    assert out["i2"]["state_from"].endswith("round-0001") and not out["i2"]["resumed"]
+    assert out["i2b"]["resumed"] and out["same"]  # a re-sent round continues, bit for bit
+    kept = sorted(p.name for p in (tmp_path / "node").iterdir() if p.name.startswith("round"))
+    assert kept == ["round-0001", "round-0002"]
+    assert set(json.loads(out["i1"]["mean_ranks"])) == {
+        layer["name"] for layer in json.loads((artifact / "manifest.json").read_text())[
+            "trainable_layers"]}
+
+
+def test_bad_node_configs_are_one_line_errors(artifact, image_folder, tmp_path):
+    from device_runner.fleet import NodeConfigError, parse_node
+    cases = [({"data": str(image_folder)}, "node-config needs artifact=PATH"),
+             ({"artifact": str(tmp_path), "data": str(image_folder)}, "no manifest.json"),
+             ({"artifact": str(artifact), "data": str(tmp_path / "none")}, "no such file"),
+             ({"artifact": str(artifact), "data": str(image_folder), "colour": 1},
+              "unknown key 'colour'"),
+             ({"artifact": str(artifact), "data": str(image_folder), "budget": "lots"},
+              "node-config budget"),
+             ({"artifact": str(artifact), "data": str(image_folder), "threads": 0},
+              "threads must be a positive integer")]
+    for config, message in cases:
+        with pytest.raises(NodeConfigError, match=message):
+            parse_node(config)
+
+
+# ---- `actcomp fleet local`: real Flower processes ---------------------------------------
+
+def actcomp(*argv, timeout=900):
+    return subprocess.run([sys.executable, "-m", "actcomp_edge.cli", *map(str, argv)],
+                          capture_output=True, text=True, env=ENV, timeout=timeout)
+
+
+def fleet_args(artifact, data, out, *extra):
+    return ["fleet", "local", artifact, "--data", data, "--val-data", data, "--threads", "1",
+            "--out", out, *extra]
+
+
+def leftover(port: int) -> list:
+    """Processes whose command line names the run's SuperLink port (all Flower processes of
+    a run: the SuperNodes connect to it, the SuperExecs and apps are given it)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if f"127.0.0.1:{port}" in cmdline and "fleet local" not in cmdline:
+                found.append(cmdline)
+    return found
+
+
+def profile(path: Path, budget: str) -> Path:
+    path.write_text(f'name = "test board"\nram = "4GiB"\ncores = 1\nbudget = "{budget}"\n'
+                    f'runtime_baseline = "100MiB"\nserial_port = "/dev/null"\narch = "x86_64"\n')
+    return path
+
+
+def test_two_nodes_one_round_is_fedavg_of_what_the_nodes_wrote(artifact, image_folder,
+                                                               tmp_path):
+    out = tmp_path / "run"
+    proc = actcomp(*fleet_args(artifact, image_folder, out, "--nodes", "2", "--rounds", "1",
+                               "--profile", profile(tmp_path / "board.toml", "2GiB")))
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["flwr_version"] == version("flwr")
+    assert [r["round"] for r in summary["rounds"]] == [0, 1]
+    first = summary["rounds"][1]
+    assert first["nodes_replied"] == 2 and first["failures"] == []
+    params = load_npz(artifact / "weights.npz")
+    raw = sum(v.nbytes for v in params.values())
+    # each node gets every trainable array once (.npy framing: < 200 bytes an array)
+    assert 2 * raw < first["bytes_sent"] < 2 * (raw + 200 * len(params))
+    assert first["bytes_received"] == first["bytes_sent"]
+    # FedAvg: the new global is the example-weighted mean of the weights the nodes wrote
+    nodes = {n["node"]: n for n in summary["nodes"]}
+    assert set(nodes) == {"node-0", "node-1"}
+    trained = {name: load_npz(out / "nodes" / name / "round-0001" / "weights.npz")
+               for name in nodes}
+    total = sum(nodes[name]["examples"] for name in nodes)
+    glob = load_npz(out / "server" / "global_weights.npz")
+    assert set(glob) == set(params)
+    for key in params:
+        mean = sum(nodes[name]["examples"] * trained[name][key].astype(np.float64)
+                   for name in nodes) / total
+        assert np.allclose(glob[key], mean, rtol=1e-5, atol=1e-7), key
+    assert not np.allclose(glob["classifier.weight"], params["classifier.weight"])
+    for n in nodes.values():
+        assert n["peak_rss_bytes"] > n["working_set_bytes"] > 0
+        assert n["budget_bytes"] == 2 * 2 ** 30 and n["budget_violations"] == 0
+        assert n["flower_processes_peak_rss_bytes"] > 0
+        assert n["client_entry_rss_bytes"] > 0
+    assert sum(summary["shard_sizes"]) == 38  # 36 images + the 2 junk files, linked
+    journal = [json.loads(line) for line in (out / "server" / "fleet.jsonl").read_text()
+               .splitlines()]
+    assert [r["round"] for r in journal] == [0, 1]
+    assert leftover(json.loads((out / "fleet.json").read_text())["superlink_port"]) == []
+
+
+def test_a_node_killed_mid_round_is_left_out_and_rejoins_from_its_checkpoint(
+        artifact, image_folder, tmp_path):
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "actcomp_edge.cli",
+            *map(str, fleet_args(artifact, image_folder, out, "--nodes", "2", "--rounds", "2",
+                                 "--local-epochs", "12"))]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=ENV)
+    try:
+        index = out / "nodes" / "node-1" / "round-0001" / "checkpoints" / "checkpoints.json"
+        deadline = time.time() + 300
+        while not index.exists():
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
+            time.sleep(0.05)
+        pid = json.loads((out / "fleet.json").read_text())["pids"]["node-1"]
+        os.killpg(pid, signal.SIGKILL)  # the board loses power: SuperNode, SuperExec, runner
+        stdout, stderr = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "node-1 exited (signal SIGKILL): started again" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    first, second = summary["rounds"][1], summary["rounds"][2]
+    assert first["nodes_replied"] == 1 and len(first["failures"]) == 1
+    assert "heartbeat" in first["failures"][0]
+    assert second["nodes_replied"] == 2 and second["failures"] == []
+    node1 = next(n for n in summary["nodes"] if n["node"] == "node-1")
+    assert node1["rounds"] == [2]
+    assert node1["state_from"][0][0] == 2 and node1["state_from"][0][1].endswith("round-0001")
+    assert summary["restarts"] == {"node-1": 1}
+    assert leftover(json.loads((out / "fleet.json").read_text())["superlink_port"]) == []
+
+
+def test_a_node_over_its_budget_says_so_and_is_left_out(artifact, image_folder, tmp_path):
+    out = tmp_path / "run"
+    profiles = f"{profile(tmp_path / 'big.toml', '2GiB')},{profile(tmp_path / 'tiny.toml', '1MiB')}"
+    proc = actcomp(*fleet_args(artifact, image_folder, out, "--nodes", "2", "--rounds", "1",
+                               "--profile", profiles))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = json.loads((out / "summary.json").read_text())["rounds"][1]
+    assert first["nodes_replied"] == 1
+    assert len(first["failures"]) == 1
+    assert first["failures"][0].startswith("node-1: budget 1.0 MiB is too small")
+    assert "left out: node-1: budget 1.0 MiB is too small" in proc.stdout
+
+
+def test_bad_fleet_input_is_one_line_before_any_process(artifact, image_folder, tmp_path):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("results")
+    cases = [(["--data", tmp_path / "none"], "--data"),
+             (["--partition", "dirichlet:-1"], "--partition must be"),
+             (["--proximal-mu", "0.1"], "give --strategy fedprox"),
+             (["--out", tmp_path / "full"], "is not empty"),
+             (["--profile", "no-such-board"], "unknown device profile"),
+             (["--nodes", "0"], "expected a positive integer")]
+    for extra, message in cases:
+        argv = ["fleet", "local", artifact, "--data", image_folder, "--val-data", image_folder,
+                "--out", tmp_path / "new", *extra]
+        proc = actcomp(*argv, timeout=120)
+        assert proc.returncode == 2, (extra, proc.stderr)
+        assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, extra
+    assert not (tmp_path / "new").exists() or not any((tmp_path / "new").iterdir())
+
+
+def test_the_fleet_extra_is_bounded_and_the_device_extra_never_pulls_flwr():
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    assert extras["fleet"] == ["flwr>=1.42,<1.43"]
+    assert not any("flwr" in r or "fleet" in r for r in extras["device"])
