@@ -209,7 +209,9 @@ def cmd_report(args) -> int:
         raise ValueError(f"{e.filename or args.out}: {e.strerror or e}") from None
     for s in result["summaries"]:
         loss = "-" if s["final_loss"] is None else f"{s['final_loss']:.4f}"
-        print(f"{s['run']}: {s['steps'] or 0} steps, final loss {loss}"
+        print(f"{s['run']}: " + (f"{s['rounds']} fleet rounds, central val accuracy "
+                                 f"{s['val_accuracy']:.4f}" if s["rounds"] else
+                                 f"{s['steps'] or 0} steps, final loss {loss}")
               + (f", {s['skipped_lines']} malformed lines skipped" if s["skipped_lines"] else ""))
     print(f"report: {args.out}/index.md (and index.html, "
           + ", ".join(f"{n}.png" for n in result["plots"]) + ")")

@@ -9,6 +9,9 @@ receiver saves): one JSON object per line. Used here:
   "budget_exceeded"}``
 - ``{"type": "epoch", "epoch", "step", "val_accuracy"}``
 - ``{"type": "summary", ...}`` (the runner's --summary), ``{"type": "spool_overflow", ...}``
+- ``{"type": "round", "round", "val_accuracy", "loss", "bytes_sent", "nodes": [{"node",
+  "peak_rss_bytes", "working_set_bytes", ...}]}``: a fleet's journal (`actcomp fleet`,
+  OUT/server/fleet.jsonl), plotted in fleet.png
 
 Other types are ignored; lines that are not such JSON objects (a torn last line, garbage)
 are skipped and counted. A step seen twice (a resumed run re-sends it) keeps its last record.
@@ -41,6 +44,9 @@ STEP_FIELDS = {"step": int, "loss": (int, float), "step_seconds": (int, float),
                "kept_bytes": dict, "kept_bytes_total": int, "kept_full_bytes": int,
                "ranks": dict}
 
+# a fleet round's node fields the plots and the summary need (all ints)
+NODE_FIELDS = ("peak_rss_bytes", "working_set_bytes", "baseline_rss_bytes")
+
 
 @dataclass
 class Run:
@@ -49,6 +55,7 @@ class Run:
     steps: list = field(default_factory=list)      # step records, by step number
     epochs: list = field(default_factory=list)
     summary: dict = None
+    rounds: list = field(default_factory=list)      # a fleet journal's round records
     overflows: int = 0                              # spool_overflow records
     skipped: int = 0                                # malformed lines
     ignored: int = 0                                # records of other types
@@ -65,6 +72,14 @@ def valid_step(rec: dict) -> bool:
         return False
     return all(v is None or (isinstance(v, list) and all(_is(k, int) for k in v))
                for v in rec["ranks"].values())
+
+
+def valid_round(rec: dict) -> bool:
+    nodes = rec.get("nodes")
+    return (_is(rec.get("round"), int) and _is(rec.get("val_accuracy"), (int, float))
+            and isinstance(nodes, list) and all(
+                isinstance(n, dict) and isinstance(n.get("node"), str)
+                and all(_is(n.get(k), int) for k in NODE_FIELDS) for n in nodes))
 
 
 def read_run(path, name: str = None) -> Run:
@@ -92,6 +107,11 @@ def read_run(path, name: str = None) -> Run:
             elif kind == "epoch":
                 if _is(rec.get("step"), int) and _is(rec.get("val_accuracy"), (int, float)):
                     run.epochs.append(rec)
+                else:
+                    run.skipped += 1
+            elif kind == "round":
+                if valid_round(rec):
+                    run.rounds.append(rec)
                 else:
                     run.skipped += 1
             elif kind == "summary":
@@ -240,7 +260,36 @@ def plot_loss(runs, path) -> dict:
     return drawn
 
 
-PLOTS = {"memory": plot_memory, "kept": plot_kept, "ranks": plot_ranks, "loss": plot_loss}
+def plot_fleet(runs, path) -> dict:
+    """A fleet's rounds: the central validation accuracy, and each node's peak RSS and
+    training working set (MiB) in the rounds it trained."""
+    fig, (accuracy, memory) = _figure(2, "fleet")
+    drawn = {}
+    for i, run in enumerate(runs):
+        _line(accuracy, drawn, f"{run.name} central val accuracy",
+              [r["round"] for r in run.rounds], [r["val_accuracy"] for r in run.rounds],
+              color=f"C{i % 10}", marker="o")
+        names = sorted({n["node"] for r in run.rounds for n in r["nodes"]})
+        for j, name in enumerate(names):
+            pts = [(r["round"], n) for r in run.rounds for n in r["nodes"] if n["node"] == name]
+            for label, key, style in (("peak RSS", "peak_rss_bytes", "-"),
+                                      ("working set", "working_set_bytes", "--")):
+                _line(memory, drawn, f"{run.name}: {name} {label}", [x for x, _ in pts],
+                      [n[key] / MIB for _, n in pts], color=f"C{j % 10}", linestyle=style,
+                      marker="o")
+    accuracy.set(title="central validation accuracy", ylabel="accuracy")
+    memory.set(title="memory per node", ylabel="MiB")
+    rounds = [r["round"] for run in runs for r in run.rounds]
+    for ax in (accuracy, memory):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if rounds:
+            ax.set_xlim(min(rounds) - 0.3, max(rounds) + 0.3)
+    _finish(fig, (accuracy, memory), path, xlabel="round", empty="no rounds")
+    return drawn
+
+
+PLOTS = {"memory": plot_memory, "kept": plot_kept, "ranks": plot_ranks, "loss": plot_loss,
+         "fleet": plot_fleet}
 
 
 # ---------------------------------------------------------------- summary
@@ -252,20 +301,24 @@ def summarise(run: Run) -> dict:
     if summary.get("final_val_accuracy") is not None:
         accuracy = summary["final_val_accuracy"]
     budgets = [r["budget_bytes"] for r in steps if _is(r.get("budget_bytes"), int)]
+    nodes = [n for r in run.rounds for n in r["nodes"]]
+    if run.rounds:  # a fleet journal: the global model's accuracy, the nodes' largest peak
+        accuracy = run.rounds[-1]["val_accuracy"]
     return {
         "run": run.name, "path": run.path, "method": last.get("method"), "eps": last.get("eps"),
         "steps": last.get("step", summary.get("steps")), "step_records": len(steps),
         "final_loss": last.get("loss", summary.get("final_train_loss")),
         "val_accuracy": accuracy,
         "median_step_seconds": median(r["step_seconds"] for r in steps) if steps else None,
-        "peak_rss_bytes": max((r["peak_rss_bytes"] for r in steps), default=None),
-        "peak_working_bytes": max((r["peak_rss_bytes"] - r["baseline_rss_bytes"] for r in steps),
-                                  default=None),
+        "peak_rss_bytes": max((r["peak_rss_bytes"] for r in steps or nodes), default=None),
+        "peak_working_bytes": max((r["peak_rss_bytes"] - r["baseline_rss_bytes"]
+                                   for r in steps or nodes), default=None),
         "kept_bytes_peak": max((r["kept_bytes_total"] for r in steps), default=None),
         "kept_full_bytes_peak": max((r["kept_full_bytes"] for r in steps), default=None),
         "budget_bytes": budgets[-1] if budgets else None,
         "budget_violations": sum(bool(r.get("budget_exceeded")) for r in steps),
         "skipped_lines": run.skipped, "spool_overflows": run.overflows,
+        "rounds": max((r["round"] for r in run.rounds), default=0),  # rounds after round 0
     }
 
 
@@ -296,14 +349,14 @@ def table_row(s: dict) -> list:
             _bytes(s["budget_bytes"]), str(s["budget_violations"]), str(s["skipped_lines"])]
 
 
-def write_index(summaries: list, out: Path) -> None:
+def write_index(summaries: list, out: Path, figures=FIGURES) -> None:
     rows = [table_row(s) for s in summaries]
     md = ["# Training profile report", "",
           "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     md += ["| " + " | ".join(r) + " |" for r in rows]
     md += ["", "Peak RSS - baseline is what `--budget` bounds; kept = activations kept for "
                "backward (paper: conv inputs; full: with masks and the classifier input).", ""]
-    md += [f"![{name}]({name}.png)\n" for name in FIGURES]
+    md += [f"![{name}]({name}.png)\n" for name in figures]
     md += ["Sources: " + ", ".join(f"`{s['path']}`" for s in summaries), ""]
     (out / "index.md").write_text("\n".join(md))
     cells = lambda tag, row: "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in row)
@@ -312,17 +365,21 @@ def write_index(summaries: list, out: Path) -> None:
             "table{border-collapse:collapse}img{max-width:100%}</style>",
             "<h1>Training profile report</h1><table>", f"<tr>{cells('th', COLUMNS)}</tr>"]
     page += [f"<tr>{cells('td', r)}</tr>" for r in rows]
-    page += ["</table>"] + [f"<h2>{n}</h2><img src='{n}.png' alt='{n}'>" for n in FIGURES]
+    page += ["</table>"] + [f"<h2>{n}</h2><img src='{n}.png' alt='{n}'>" for n in figures]
     (out / "index.html").write_text("\n".join(page) + "\n")
 
 
 def build_report(paths, out) -> dict:
-    """Read the streams, write <out>/{memory,kept,ranks,loss}.png, index.md and index.html;
+    """Read the streams, write <out>/{memory,kept,ranks,loss}.png (fleet.png for a fleet's
+    journal; only it when no stream has steps), index.md and index.html;
     returns {"runs": [Run], "summaries": [dict], "plots": {figure: {label: (x, y)}}}."""
     runs = read_runs([Path(p) for p in paths])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    plots = {name: PLOTS[name](runs, out / f"{name}.png") for name in FIGURES}
+    fleet = any(run.rounds for run in runs)
+    figures = (FIGURES if not fleet or any(run.steps for run in runs) else ()) + \
+        (("fleet",) if fleet else ())
+    plots = {name: PLOTS[name](runs, out / f"{name}.png") for name in figures}
     summaries = [summarise(run) for run in runs]
-    write_index(summaries, out)
+    write_index(summaries, out, figures)
     return {"runs": runs, "summaries": summaries, "plots": plots}

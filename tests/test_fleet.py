@@ -214,6 +214,13 @@ def test_two_nodes_one_round_is_fedavg_of_what_the_nodes_wrote(artifact, image_f
     journal = [json.loads(line) for line in (out / "server" / "fleet.jsonl").read_text()
                .splitlines()]
     assert [r["round"] for r in journal] == [0, 1]
+    # `actcomp report` plots the journal: accuracy per round, memory per node
+    from actcomp_edge.report import build_report
+    report = build_report([out / "server" / "fleet.jsonl"], tmp_path / "report")
+    assert set(report["plots"]) == {"fleet"} and (tmp_path / "report" / "fleet.png").is_file()
+    drawn = report["plots"]["fleet"]
+    assert drawn["fleet central val accuracy"] == ([0, 1], [r["val_accuracy"] for r in journal])
+    assert drawn["fleet: node-0 peak RSS"] == ([1], [nodes["node-0"]["peak_rss_bytes"] / 2 ** 20])
     assert leftover(json.loads((out / "fleet.json").read_text())["superlink_port"]) == []
 
 

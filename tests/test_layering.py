@@ -7,7 +7,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("actcomp_edge", "device_runner", "export")
-HOST = {"actcomp_edge.cli", "actcomp_edge.demo", "actcomp_edge.monitor", "actcomp_edge.report"}
+HOST = {"actcomp_edge.cli", "actcomp_edge.demo", "actcomp_edge.monitor", "actcomp_edge.report",
+        "actcomp_edge.fleet", "actcomp_edge.fleet_server"}
 DEVICE_ROOTS = {"actcomp_edge.decomposition", "actcomp_edge.compress", "actcomp_edge.protocol",
                 "actcomp_edge.manifest", "actcomp_edge.memplan", "actcomp_edge.npz"}
 
@@ -55,6 +56,7 @@ def test_the_graph_is_read():
     assert "actcomp_edge.decomposition" in graph["actcomp_edge.compress"]
     assert "device_runner.runtime" in graph["device_runner.train"]   # relative import
     assert "export.cli" in graph["actcomp_edge.cli"]                 # import inside a function
+    assert "actcomp_edge.fleet" in graph["actcomp_edge.cli"]
 
 
 def test_the_device_side_reaches_neither_the_exporter_nor_the_host_tools():
