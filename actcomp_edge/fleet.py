@@ -179,10 +179,10 @@ class Processes:
         self.stopping = False
         self.lock = threading.Lock()
 
-    def start(self, name: str, argv: list) -> subprocess.Popen:
+    def start(self, name: str, argv: list, env: dict | None = None) -> subprocess.Popen:
         log = open(self.folder / f"{name}.log", "ab")
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                start_new_session=True)
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                env=env or self.env, start_new_session=True)
         log.close()
         with self.lock:
             self.procs[name] = (proc, argv)

@@ -17,6 +17,9 @@
    verifies them) and its `actcomp-device train` runs the same steps on the same data.
 4. Per-step losses (from the runner's file:// profile stream) and the trained weights must
    agree with the native run to --rtol (1e-4) relative, the HOSVD ranks exactly.
+5. The fleet: the "newest" venv also holds the `fleet` extra (flwr); its ClientApp module
+   imports, and a `flower-supernode` in the userland joins a native `flower-superlink`
+   for one round of `actcomp fleet run`; the global weights must come back as the node's.
 
 Exit 0 when every runtime agrees; 1 with the reason otherwise (a runner that fails on
 aarch64, e.g. by importing torch, which is not there, fails the check). Never time anything
@@ -126,19 +129,21 @@ def debian_mirror() -> str:
     raise CheckError("found no Debian mirror in /etc/apt/sources*: pass --mirror URL")
 
 
-def device_requirements() -> list:
-    """The `device` extra of pyproject.toml."""
+def extra(name: str) -> list:
+    """An extra of pyproject.toml."""
     import tomllib
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    return list(project["optional-dependencies"]["device"])
+    return list(project["optional-dependencies"][name])
 
 
 def runtime_requirements() -> dict:
     """venv name -> pip requirements: the device extra (and what builds the checkout),
-    pinned to the oldest supported onnxruntime (it needs numpy<2) or left to the newest."""
+    pinned to the oldest supported onnxruntime (it needs numpy<2) or left to the newest;
+    the newest also holds the fleet extra (Flower's SuperNode and the ClientApp)."""
     from actcomp_edge.manifest import MIN_ONNXRUNTIME
-    base = device_requirements() + BUILD_REQUIREMENTS
-    return {"oldest": base + [f"onnxruntime=={MIN_ONNXRUNTIME}", "numpy<2"], "newest": base}
+    base = extra("device") + BUILD_REQUIREMENTS
+    return {"oldest": base + [f"onnxruntime=={MIN_ONNXRUNTIME}", "numpy<2"],
+            "newest": base + extra("fleet")}
 
 
 def newest_on_pypi(names) -> dict:
@@ -162,9 +167,10 @@ def userland_key(requirements: dict) -> str:
 
 # ---------------------------------------------------------------- the arm64 userland
 
-def guest(root: Path, *cmd, check=True, binds=()) -> subprocess.CompletedProcess:
-    """Run cmd inside the userland: a private mount namespace with /proc (an aarch64
-    cpuinfo over it), /sys and /dev, then chroot, with a clean environment."""
+def guest_command(root: Path, *cmd, binds=(), env=()) -> tuple:
+    """(argv, environment) running cmd inside the userland: a private mount namespace with
+    /proc (an aarch64 cpuinfo over it), /sys and /dev, then chroot, with a clean
+    environment (GUEST_ENV, then env's pairs)."""
     cpuinfo = root / "tmp" / "aarch64-cpuinfo"
     cpuinfo.write_text(CPUINFO)
     mounts = ['mount -t proc proc "$ROOT/proc"',
@@ -174,10 +180,16 @@ def guest(root: Path, *cmd, check=True, binds=()) -> subprocess.CompletedProcess
         (root / target.lstrip("/")).mkdir(parents=True, exist_ok=True)
         mounts.append(f'mount --bind {shlex.quote(str(source))} "$ROOT"{shlex.quote(target)}')
     script = " && ".join(mounts) + ' && exec env -i ' + " ".join(
-        f"{k}={v}" for k, v in GUEST_ENV.items()) + ' chroot "$ROOT" "$@"'
+        f"{k}={shlex.quote(v)}" for k, v in dict(GUEST_ENV, **dict(env)).items()) + \
+        ' chroot "$ROOT" "$@"'
     command = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "guest",
                *map(str, cmd)]
-    env = dict(os.environ, ROOT=str(root))
+    return command, dict(os.environ, ROOT=str(root))
+
+
+def guest(root: Path, *cmd, check=True, binds=()) -> subprocess.CompletedProcess:
+    """Run cmd inside the userland (guest_command) and wait."""
+    command, env = guest_command(root, *cmd, binds=binds)
     return run(command, env=env) if check else subprocess.run(command, env=env,
                                                               capture_output=True, text=True)
 
@@ -321,6 +333,7 @@ def check(args) -> None:
                                 results(work / f"run-{name}"), want, args.rtol)
         if problems:
             raise CheckError("aarch64 and native disagree:\n" + "\n".join(problems))
+        fleet_round(root, work, artifact, data)
         log(f"passed: every runtime agrees with native to {args.rtol:g} relative; "
             f"{time.monotonic() - started:.0f} s in all ({ready - started:.0f} s for the "
             f"userland)")
@@ -329,6 +342,57 @@ def check(args) -> None:
             log(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def fleet_round(root: Path, work: Path, artifact: Path, data: Path) -> None:
+    """One Flower round with the ClientApp on aarch64: a native SuperLink and `actcomp fleet
+    run` on the host, a SuperNode in the emulated userland ("newest" venv, the fleet extra);
+    the global weights after the round must be the node's (FedAvg of one node)."""
+    import numpy as np
+    from actcomp_edge.fleet import Processes, free_port, wait_for_port
+    bin_dir = REPO / ".venv" / "bin"
+    venv = "/opt/ort-newest"
+    guest(root, f"{venv}/bin/python", "-c", "import device_runner.fleet")  # the ClientApp
+    port, started = free_port(), time.monotonic()
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    (work / "fleet-logs").mkdir()
+    procs = Processes(work / "fleet-logs", env)
+    try:
+        superlink = procs.start("superlink", [
+            bin_dir / "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port",
+            str(port), "--disable-runtime-dependency-installation"])
+        wait_for_port(port, superlink, "flower-superlink")
+        config = ('artifact="/data/art" data="/data/data.npz" out="/data/fleet-node" '
+                  'name="aarch64" threads=1 batch-size=4')
+        command, node_env = guest_command(
+            root, f"{venv}/bin/flower-supernode", "--insecure", "--superlink",
+            f"127.0.0.1:{port}", "--port", str(free_port()), "--node-config", config,
+            binds=[(work, "/data")], env={"PATH": f"{venv}/bin:{GUEST_ENV['PATH']}"})
+        procs.start("aarch64-supernode", command, env=node_env)
+        log(f"fleet: a SuperNode under emulation joins a native SuperLink on 127.0.0.1:{port}; "
+            f"one round of one local epoch (6 steps)")
+        run([bin_dir / "actcomp", "fleet", "run", artifact, "--superlink", f"127.0.0.1:{port}",
+             "--min-nodes", "1", "--rounds", "1", "--val-data", data, "--threads", "1",
+             "--round-timeout", "1800", "--out", work / "fleet-server"], env=env, timeout=2400)
+    except subprocess.TimeoutExpired:
+        raise CheckError("the fleet round under emulation did not finish in 40 minutes "
+                         f"(logs: {work / 'fleet-logs'}; --keep keeps them)") from None
+    finally:
+        procs.stop()
+    summary = json.loads((work / "fleet-server" / "summary.json").read_text())
+    round_one = summary["rounds"][1]
+    if round_one["nodes_replied"] != 1 or round_one["failures"]:
+        raise CheckError(f"the aarch64 node's round failed: {round_one['failures']}")
+    with np.load(work / "fleet-server" / "server" / "global_weights.npz") as g, \
+            np.load(work / "fleet-node" / "round-0001" / "weights.npz") as w:
+        worst = max(float(np.abs(g[k] - w[k]).max() / (np.abs(w[k]).max() + 1e-12))
+                    for k in w.files)
+    if worst > 1e-6:
+        raise CheckError(f"the global weights differ from the aarch64 node's by {worst:.2g}")
+    node = summary["nodes"][0]
+    log(f"fleet: the aarch64 node trained round 1 in {time.monotonic() - started:.0f} s "
+        f"(emulated), val accuracy {round_one['val_accuracy']:.4f}, peak RSS "
+        f"{node['peak_rss_bytes'] / 2 ** 20:.1f} MiB; the global weights are the node's")
 
 
 def main(argv=None) -> int:
