@@ -107,12 +107,15 @@ def main(grid, context) -> None:
     started = time.time()
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        entry = recording.rounds.get(server_round, {"bytes_sent": 0, "bytes_received": 0,
+                                                    "nodes": [], "failures": []})
+        if entry["failures"] and not entry["nodes"]:  # nothing can improve: stop, say why
+            raise RuntimeError(f"round {server_round}: every node failed: "
+                               f"{entry['failures'][0]['reason']}")
         weights = {k: arrays[k].numpy() for k in names}
         path = out / "global" / f"round-{server_round:04d}.npz"
         save_npz(path, weights)
         accuracy = central_accuracy(cfg["artifact"], path, cfg["val-data"], int(cfg["threads"]))
-        entry = recording.rounds.get(server_round, {"bytes_sent": 0, "bytes_received": 0,
-                                                    "nodes": [], "failures": []})
         examples = sum(n["num-examples"] for n in entry["nodes"])
         loss = (sum(n["loss"] * n["num-examples"] for n in entry["nodes"]) / examples
                 if examples else None)
@@ -132,6 +135,7 @@ def main(grid, context) -> None:
         {k: Array.from_numpy_ndarray(initial[k]) for k in names}),
         num_rounds=int(cfg["rounds"]), timeout=float(cfg["round-timeout"]),
         train_config=ConfigRecord({"local-epochs": int(cfg["local-epochs"]),
+                                   "rounds": int(cfg["rounds"]),
                                    "lr": float(cfg["lr"]), "schedule": str(cfg["schedule"]),
                                    "seed": int(cfg["seed"])}),
         evaluate_fn=evaluate)

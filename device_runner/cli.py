@@ -130,6 +130,9 @@ def cmd_eval(args) -> int:
     data = data_module.load(args.data, input_size(trainer), trainer.manifest["num_classes"],
                             trainer.manifest.get("classes"))
     accuracy = evaluate(trainer, data, args.batch_size)
+    if args.write_inference:  # the evaluated weights as a stand-alone inference model
+        from actcomp_edge.npz import write_atomic
+        write_atomic(Path(args.write_inference), trainer.inference_model())
     print(json.dumps({"images": len(data), "accuracy": accuracy, "skipped": len(data.skipped)}))
     return 0
 
@@ -225,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--weights", help="trained weights.npz (default: the artifact's)")
     e.add_argument("--batch-size", type=positive_int, default=32)
     e.add_argument("--threads", type=positive_int)
+    e.add_argument("--write-inference", metavar="MODEL.onnx",
+                   help="also write the inference ONNX model with these weights (e.g. a "
+                        "fleet's global_weights.npz)")
     e.set_defaults(func=cmd_eval)
 
     i = sub.add_parser("info", help="what an artifact is, its predicted memory, this board")

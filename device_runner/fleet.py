@@ -19,7 +19,9 @@ A SuperNode runs it with ``--node-config "artifact=DIR data=PATH [key=value ...]
 | checkpoint-every | checkpoint every K local steps (and at every epoch end)   | 50              |
 
 The round's settings come from the ServerApp (ConfigRecord ``config``): server-round,
-local-epochs, lr (0: the recipe's default), schedule, seed, proximal-mu (FedProx).
+rounds, local-epochs, lr (0: the recipe's default), schedule, seed, proximal-mu (FedProx).
+The lr schedule runs once over all the rounds, as it would over a centralised run's epochs:
+round r trains the r-th of ``rounds`` equal parts of it.
 A node that cannot train (its budget cannot hold the artifact, bad data) raises: Flower
 turns that into an error reply naming the reason, and the strategy leaves the node out.
 """
@@ -156,7 +158,7 @@ def prune_rounds(out: Path, server_round: int) -> None:
 
 def train_round(node: Node, global_params: dict, config: dict, log=print) -> tuple:
     """One round on this node: (new params, metrics, info). config: the server's round
-    settings (server-round, local-epochs, lr, schedule, seed, proximal-mu)."""
+    settings (server-round, rounds, local-epochs, lr, schedule, seed, proximal-mu)."""
     from .runtime import Trainer
     entry_rss = procmem.rss_bytes()  # the Flower client process before the runner loads
     started = time.perf_counter()
@@ -201,7 +203,9 @@ def train_round(node: Node, global_params: dict, config: dict, log=print) -> tup
                       schedule=str(config.get("schedule") or recipe.DEFAULT_SCHEDULE),
                       seed=int(config.get("seed", 0)) + 1000 * server_round,
                       checkpoint_every=node.checkpoint_every, budget_bytes=node.budget,
-                      resume=resume, proximal_mu=float(config.get("proximal-mu", 0.0)))
+                      resume=resume, proximal_mu=float(config.get("proximal-mu", 0.0)),
+                      schedule_part=(server_round - 1, max(server_round, int(
+                          config.get("rounds", server_round)))))
     done = folder / "summary.json"
     if resume and done.is_file():  # this round finished here before (the reply was lost)
         log(f"{node.name}: round {server_round} was already trained here: its result again")

@@ -44,6 +44,9 @@ class Options:
     resume: bool = False
     report_every: int = 1
     proximal_mu: float = 0.0   # FedProx: mu/2 ‖w - w_start‖² added to the loss (0: off)
+    # (i, n): this run is part i (0-based) of n equal runs along one lr schedule (a fleet's
+    # round i + 1 of n); (0, 1): the schedule spans this run
+    schedule_part: tuple = (0, 1)
 
 
 def evaluate(trainer: Trainer, data: Dataset, batch_size: int,
@@ -309,8 +312,9 @@ def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset | None, out_dir,
             # the crops of batch b of epoch e are the same in every run (and after --resume)
             rng = np.random.default_rng([options.seed, epoch, b]) if options.augment else None
             x, y = train_set.batch(idx, norm["mean"], norm["std"], out=batch_buffer, augment=rng)
-            lr = run["lr_scale"] * recipe.learning_rate(schedule, options.lr, step, total,
-                                                        steps_per_epoch)
+            part, parts = options.schedule_part
+            lr = run["lr_scale"] * recipe.learning_rate(schedule, options.lr, part * total + step,
+                                                        parts * total, steps_per_epoch)
             start = time.perf_counter()
             prefix = cache.outputs(trainer, idx, x) if cache is not None else None
             result = trainer.step(x, y, lr, options.clip_norm, prefix_out=prefix,

@@ -214,6 +214,23 @@ def test_two_nodes_one_round_is_fedavg_of_what_the_nodes_wrote(artifact, image_f
     journal = [json.loads(line) for line in (out / "server" / "fleet.jsonl").read_text()
                .splitlines()]
     assert [r["round"] for r in journal] == [0, 1]
+    # the global weights as a deployable model: `actcomp-device eval --write-inference`
+    done = subprocess.run([sys.executable, "-m", "device_runner.cli", "eval", artifact,
+                           "--weights", out / "server" / "global_weights.npz", "--data",
+                           image_folder, "--write-inference", tmp_path / "model.onnx"],
+                          capture_output=True, text=True, env=ENV, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["accuracy"] == journal[-1]["val_accuracy"]
+    import onnxruntime as ort
+    from device_runner.data import load
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    norm = manifest["input"]
+    data = load(image_folder, (norm["height"], norm["width"]), manifest["num_classes"])
+    x, y = data.batch(np.arange(len(data)), norm["mean"], norm["std"])
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    logits = session.run(None, {session.get_inputs()[0].name: x})[0]
+    assert float((logits.argmax(axis=1) == y).mean()) == pytest.approx(journal[-1]["val_accuracy"])
     # `actcomp report` plots the journal: accuracy per round, memory per node
     from actcomp_edge.report import build_report
     report = build_report([out / "server" / "fleet.jsonl"], tmp_path / "report")
