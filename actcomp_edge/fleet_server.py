@@ -112,7 +112,8 @@ def main(grid, context) -> None:
         if entry["failures"] and not entry["nodes"]:  # nothing can improve: stop, say why
             raise RuntimeError(f"round {server_round}: every node failed: "
                                f"{entry['failures'][0]['reason']}")
-        weights = {k: arrays[k].numpy() for k in names}
+        # the artifact's dtypes (FedAdam's update comes back as float64)
+        weights = {k: arrays[k].numpy().astype(initial[k].dtype, copy=False) for k in names}
         path = out / "global" / f"round-{server_round:04d}.npz"
         save_npz(path, weights)
         accuracy = central_accuracy(cfg["artifact"], path, cfg["val-data"], int(cfg["threads"]))

@@ -413,9 +413,10 @@ class Trainer:
         if set(params) != set(self.params) or set(state) != set(self.state):
             raise ArtifactError("checkpoint does not belong to this artifact (its arrays differ)")
         for name, value in params.items():
-            if value.shape != self.params[name].shape:
-                raise ArtifactError(f"checkpoint array {name} has shape {value.shape}, the "
-                                    f"artifact {self.params[name].shape}")
+            if value.shape != self.params[name].shape or value.dtype != self.params[name].dtype:
+                raise ArtifactError(f"array {name} is {value.dtype} {value.shape}, "
+                                    f"the artifact's {self.params[name].dtype} "
+                                    f"{self.params[name].shape}")
         self.params, self.state = params, state
         for layer, tracker in self.trackers.items():
             prefix = f"tracker/{layer}/"

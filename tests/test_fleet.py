@@ -241,6 +241,24 @@ def test_two_nodes_one_round_is_fedavg_of_what_the_nodes_wrote(artifact, image_f
     assert leftover(json.loads((out / "fleet.json").read_text())["superlink_port"]) == []
 
 
+def test_fedadam_ends_with_the_artifacts_dtypes(artifact, image_folder, tmp_path):
+    """FedAdam's server update is float64: the global weights are saved, evaluated and sent
+    as the artifact's float32."""
+    out = tmp_path / "run"
+    proc = actcomp(*fleet_args(artifact, image_folder, out, "--nodes", "2", "--rounds", "2",
+                               "--strategy", "fedadam", "--server-lr", "0.001"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rounds = json.loads((out / "summary.json").read_text())["rounds"]
+    assert [r["nodes_replied"] for r in rounds] == [0, 2, 2]
+    start, glob = load_npz(artifact / "weights.npz"), load_npz(out / "server" /
+                                                               "global_weights.npz")
+    assert all(glob[k].dtype == start[k].dtype for k in start)
+    # Flower's FedAdam moves a coordinate by < 0.75 eta in round 1 and < 0.86 eta in round 2
+    # (its bias-corrected step, |m| / sqrt(v) <= 1.35 after two rounds)
+    moved = max(float(np.abs(glob[k] - start[k]).max()) for k in start)
+    assert 0.0005 < moved < 1.61 * 0.001
+
+
 def test_a_node_killed_mid_round_is_left_out_and_rejoins_from_its_checkpoint(
         artifact, image_folder, tmp_path):
     out = tmp_path / "run"
