@@ -10,7 +10,7 @@ eps 0.8, batch 16, 128 px, 2 classes); then per seed, each a fresh process, side
   --epochs ROUNDS x LOCAL_EPOCHS --seed S` (the same total epochs over all the data).
 Reports the central val accuracy per round, the bytes per round, each node's memory, the
 Flower processes' own memory, and the centralised run's accuracy, as medians and
-mean +- std over seeds. Writes benchmarks/results/fleet.{json,md}.
+mean +- std over seeds. Writes benchmarks/results/NAME.{json,md} (--name, default fleet).
 """
 from __future__ import annotations
 
@@ -58,6 +58,7 @@ def main(argv=None) -> int:
     p.add_argument("--nodes", type=int, default=3)
     p.add_argument("--local-epochs", type=int, default=1)
     p.add_argument("--partition", default="dirichlet:0.5")
+    p.add_argument("--name", default="fleet", help="results file stem (default fleet)")
     args = p.parse_args(argv)
     data = SHARED / "data"
     if not (data / "hymenoptera_train.npz").exists() or not WEIGHTS.with_suffix(".npz").exists():
@@ -113,7 +114,7 @@ def main(argv=None) -> int:
         "runs": runs}
     client_median = statistics.median(n["client_entry_rss_bytes"] for n in nodes)
     flower_median = statistics.median(n["flower_processes_peak_rss_bytes"] for n in nodes)
-    out = REPO / "benchmarks" / "results" / "fleet"
+    out = REPO / "benchmarks" / "results" / args.name
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     md = [f"# Fleet vs centralised ({result['date']})", "", f"`{result['command']}`", "",
           f"{WEIGHTS.name}, last 4 convs, HOSVD eps 0.8, batch 16, 128 px; {args.nodes} nodes, "
