@@ -148,6 +148,19 @@ def earlier_state(out: Path, server_round: int) -> tuple:
     return None, None
 
 
+def open_round(out: Path, server_round: int, digest: str) -> tuple:
+    """(folder, resume): the round's folder, kept (resume) when it was started from the same
+    global weights (sha256 digest), else emptied and marked with this digest."""
+    folder = round_dir(out, server_round)
+    marker = folder / "global.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("sha256") == digest:
+        return folder, True
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    write_atomic(marker, json.dumps({"round": server_round, "sha256": digest}).encode())
+    return folder, False
+
+
 def prune_rounds(out: Path, server_round: int) -> None:
     """Remove round folders older than the KEEP_ROUNDS newest up to this round."""
     current = round_dir(out, server_round).name
@@ -179,17 +192,11 @@ def train_round(node: Node, global_params: dict, config: dict, log=print) -> tup
     val_set = (data_module.load(node.val_data, size, m["num_classes"], m.get("classes"))
                if node.val_data else None)
 
-    folder = round_dir(node.out, server_round)
-    digest = arrays_digest(global_params)
-    marker = folder / "global.json"
-    resume = marker.is_file() and json.loads(marker.read_text()).get("sha256") == digest
-    if not resume:  # a new round (or another global for it): its folder starts empty
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        write_atomic(marker, json.dumps({"round": server_round, "sha256": digest}).encode())
+    folder, resume = open_round(node.out, server_round, arrays_digest(global_params))
     state_from, state = earlier_state(node.out, server_round)
     arrays = dict(state) if state is not None else trainer.state_arrays()
-    arrays.update({f"param/{k}": np.asarray(v, np.float32) for k, v in global_params.items()})
+    arrays.update({f"param/{k}": np.asarray(v, trainer.params[k].dtype)
+                   for k, v in global_params.items()})
     trainer.load_state_arrays(arrays)
     if state_from is not None:
         log(f"{node.name}: round {server_round}: the node's own state (optimizer, step "

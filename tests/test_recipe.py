@@ -131,9 +131,9 @@ def injecting(trainer, bad_calls):
     50 and corrupt the weights; every call records (params at its start, lr)."""
     calls, real = [], trainer.step
 
-    def step(x, y, lr, max_grad_norm=None, prefix_out=None):
+    def step(x, y, lr, max_grad_norm=None, prefix_out=None, **options):
         calls.append(({k: v.copy() for k, v in trainer.params.items()}, lr))
-        result = real(x, y, lr, max_grad_norm, prefix_out)
+        result = real(x, y, lr, max_grad_norm, prefix_out, **options)
         if len(calls) in bad_calls:
             result.loss = 50.0
             trainer.params = {k: v + 1.0 for k, v in trainer.params.items()}
