@@ -11,6 +11,7 @@ from .cliutil import Parser, non_negative_float, positive_float, positive_int, s
 from .memory import METHODS, mib, plan, plan_table
 from .profiles import OPTIMIZER_STATE, Fit, load_profile, profile_names, \
     trainable_param_count
+from .schedules import DEFAULT_SCHEDULE, SCHEDULES
 
 # The paper's analytic columns (batch 64, 224x224, float32, MiB): vanilla and
 # Gradient Filter R2 for the last N = 2 and 4 convs.
@@ -259,7 +260,8 @@ def add_fleet_arguments(parser) -> None:
     parser.add_argument("--lr", type=positive_float,
                         help="the nodes' peak learning rate (default: the runner's recipe)")
     parser.add_argument("--schedule", default="",
-                        help="the nodes' lr schedule over each round (default: the runner's)")
+                        help=f"the nodes' lr schedule, once over all the rounds: "
+                             f"{', '.join(SCHEDULES)} (default {DEFAULT_SCHEDULE})")
     parser.add_argument("--seed", type=int, default=0, help="shards and data order (default 0)")
     parser.add_argument("--threads", type=positive_int,
                         help="threads of each node and of the central evaluation (default: "

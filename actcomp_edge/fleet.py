@@ -26,6 +26,7 @@ import numpy as np
 
 from .npz import write_atomic
 from .profiles import load_profile
+from .schedules import parse_schedule
 
 MIN_SHARD = 4            # images every node's shard must have
 STOP_SECONDS = 10        # SIGTERM, then SIGKILL after this long
@@ -330,7 +331,8 @@ def summarize(records: list, flower_rss: dict, extra: dict) -> dict:
             if n.get("state_from"):
                 seen.setdefault("state_from", []).append([r["round"], n["state_from"]])
     for name, rss in flower_rss.items():
-        nodes.setdefault(name, {"node": name, "rounds": []})["flower_processes_peak_rss_bytes"] = rss
+        entry = nodes.setdefault(name, {"node": name, "rounds": []})
+        entry["flower_processes_peak_rss_bytes"] = rss
     return dict(extra, rounds=rounds, nodes=[nodes[k] for k in sorted(nodes)])
 
 
@@ -379,6 +381,8 @@ def check_inputs(args) -> list:
             raise ValueError(f"{flag} {path}: no such file or directory")
     if args.strategy != "fedprox" and args.proximal_mu:
         raise ValueError("--proximal-mu is FedProx's: give --strategy fedprox")
+    if args.schedule:
+        parse_schedule(args.schedule)
     profiles = []
     for name in (args.profile.split(",") if getattr(args, "profile", None) else []):
         profiles.append(load_profile(name))  # ProfileError is a ValueError

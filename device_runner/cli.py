@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from actcomp_edge import schedules
 from actcomp_edge.cliutil import (Parser, non_negative_float, positive_float, positive_int,
                                   size_bytes)
 from actcomp_edge.manifest import ArtifactError
@@ -42,7 +43,7 @@ def cmd_train(args) -> int:
     if args.report:  # a link that cannot work is refused before any work
         from .transport import check_url
         check_url(args.report)
-    recipe.parse_schedule(args.schedule)
+    schedules.parse_schedule(args.schedule)
     if args.cache_prefix and not args.no_augment:
         raise ValueError("--cache-prefix needs --no-augment: augmented crops differ every epoch")
     if not 0 < args.val_fraction < 1:
@@ -187,9 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=positive_float,
                    help=f"peak learning rate (default: SGD {recipe.BASE_LR} x (1 - the artifact's "
                         f"momentum), AdamW {recipe.ADAMW_LR})")
-    t.add_argument("--schedule", default=recipe.DEFAULT_SCHEDULE,
+    t.add_argument("--schedule", default=schedules.DEFAULT_SCHEDULE,
                    help=f"learning-rate schedule over the run's steps: "
-                        f"{', '.join(recipe.SCHEDULES)} (default {recipe.DEFAULT_SCHEDULE})")
+                        f"{', '.join(schedules.SCHEDULES)} (default {schedules.DEFAULT_SCHEDULE})")
     t.add_argument("--clip-grad-norm", type=non_negative_float, default=recipe.DEFAULT_CLIP_NORM,
                    help=f"clip the gradients' global L2 norm to this (default "
                         f"{recipe.DEFAULT_CLIP_NORM}; 0: off)")

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from actcomp_edge.profiles import parse_size
+from actcomp_edge import schedules
 from actcomp_edge.npz import load_npz, write_atomic
 
 from . import checkpoint, procmem, recipe
@@ -207,7 +208,7 @@ def train_round(node: Node, global_params: dict, config: dict, log=print) -> tup
                                      node.budget, log=log)
     options = Options(epochs=int(config.get("local-epochs", 1)), batch_size=batch,
                       lr=float(config.get("lr") or 0) or recipe.default_lr(m["train"]),
-                      schedule=str(config.get("schedule") or recipe.DEFAULT_SCHEDULE),
+                      schedule=str(config.get("schedule") or schedules.DEFAULT_SCHEDULE),
                       seed=int(config.get("seed", 0)) + 1000 * server_round,
                       checkpoint_every=node.checkpoint_every, budget_bytes=node.budget,
                       resume=resume, proximal_mu=float(config.get("proximal-mu", 0.0)),

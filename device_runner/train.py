@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from actcomp_edge import schedules
 from actcomp_edge.manifest import sha256_file
 from actcomp_edge.npz import save_npz, write_atomic
 
@@ -33,7 +34,7 @@ class Options:
     epochs: int = 1
     batch_size: int = 32
     lr: float = 0.05
-    schedule: str = recipe.DEFAULT_SCHEDULE
+    schedule: str = schedules.DEFAULT_SCHEDULE
     clip_norm: float | None = recipe.DEFAULT_CLIP_NORM   # None or 0: no clipping
     augment: bool = True
     cache_prefix: bool = False  # keep the frozen prefix's outputs of every image (no augment)
@@ -241,7 +242,7 @@ def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset | None, out_dir,
     total = options.epochs * steps_per_epoch
     if options.max_steps:
         total = min(total, options.max_steps)
-    schedule = recipe.parse_schedule(options.schedule)
+    schedule = schedules.parse_schedule(options.schedule)
     identity = {"artifact": sha256_file(trainer.folder / "manifest.json"),
                 "data_size": len(train_set), "batch_size": batch, "seed": options.seed}
     # where the run is: the data order (epoch, next_batch), the applied steps, the recipe's
@@ -313,8 +314,8 @@ def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset | None, out_dir,
             rng = np.random.default_rng([options.seed, epoch, b]) if options.augment else None
             x, y = train_set.batch(idx, norm["mean"], norm["std"], out=batch_buffer, augment=rng)
             part, parts = options.schedule_part
-            lr = run["lr_scale"] * recipe.learning_rate(schedule, options.lr, part * total + step,
-                                                        parts * total, steps_per_epoch)
+            lr = run["lr_scale"] * schedules.learning_rate(
+                schedule, options.lr, part * total + step, parts * total, steps_per_epoch)
             start = time.perf_counter()
             prefix = cache.outputs(trainer, idx, x) if cache is not None else None
             result = trainer.step(x, y, lr, options.clip_norm, prefix_out=prefix,

@@ -314,7 +314,8 @@ def test_bad_fleet_input_is_one_line_before_any_process(artifact, image_folder, 
              (["--proximal-mu", "0.1"], "give --strategy fedprox"),
              (["--out", tmp_path / "full"], "is not empty"),
              (["--profile", "no-such-board"], "unknown device profile"),
-             (["--nodes", "0"], "expected a positive integer")]
+             (["--nodes", "0"], "expected a positive integer"),
+             (["--schedule", "sawtooth"], "unknown schedule 'sawtooth'")]
     for extra, message in cases:
         argv = ["fleet", "local", artifact, "--data", image_folder, "--val-data", image_folder,
                 "--out", tmp_path / "new", *extra]

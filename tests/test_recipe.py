@@ -11,6 +11,7 @@ import torch
 from actcomp_edge.npz import load_npz
 from device_helpers import device, train_args
 from device_runner import data as data_module
+from actcomp_edge import schedules
 from device_runner import recipe
 from device_runner.runtime import Trainer
 from device_runner.train import MAX_ROLLBACKS, Options, TrainingError, evaluate, fit
@@ -21,8 +22,9 @@ from export_helpers import batch, export, random_model, rel
 
 
 def lrs(spec, total, steps_per_epoch=1, base=0.1):
-    schedule = recipe.parse_schedule(spec)
-    return [recipe.learning_rate(schedule, base, t, total, steps_per_epoch) for t in range(total)]
+    schedule = schedules.parse_schedule(spec)
+    return [schedules.learning_rate(schedule, base, t, total, steps_per_epoch)
+            for t in range(total)]
 
 
 def test_schedules_against_hand_computed_values():
@@ -54,7 +56,7 @@ def test_cosine_is_torchs_cosine_annealing():
                                   "constant:3", "step:2"])
 def test_bad_schedules_are_refused(spec):
     with pytest.raises(ValueError, match="unknown schedule"):
-        recipe.parse_schedule(spec)
+        schedules.parse_schedule(spec)
 
 
 def test_default_lr_keeps_the_sgd_step_of_the_paper():
