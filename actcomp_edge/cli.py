@@ -233,14 +233,26 @@ def cmd_export(args) -> int:
 
 
 def cmd_fleet(args) -> int:
+    import signal
     from . import fleet  # processes and files only: flwr runs in the processes it starts
+
+    def stop(signum, frame):  # SIGTERM / SIGHUP unwind like Ctrl-C: the processes are stopped
+        raise KeyboardInterrupt
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop)
     try:
         return fleet.run_local(args) if args.fleet_command == "local" else fleet.run_remote(args)
     except RuntimeError as e:  # a Flower process failed
         print(f"actcomp: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # e.g. a full disk while writing the shards or the summary
+        print(f"actcomp: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print("actcomp: interrupted: every fleet process was stopped", file=sys.stderr)
+        print("actcomp: interrupted: " + (
+            "every fleet process was stopped" if args.fleet_command == "local" else
+            "the run goes on on the SuperLink (`flwr ls`, `flwr stop RUN_ID`)"),
+              file=sys.stderr)
         return 130
 
 

@@ -30,6 +30,7 @@ from .schedules import parse_schedule
 
 MIN_SHARD = 4            # images every node's shard must have
 STOP_SECONDS = 10        # SIGTERM, then SIGKILL after this long
+MAX_RESTARTS = 5         # a node that exits more often is left down and the run fails
 FLWR_RANGE = (1, 42)     # the tested flwr: 1.42.x
 
 
@@ -79,6 +80,8 @@ def dataset_labels(path: Path) -> tuple:
     if path.is_file():
         try:
             with np.load(path, allow_pickle=False) as d:
+                if "images" not in d.files:
+                    raise KeyError("images")
                 return np.asarray(d["labels"]).astype(np.int64), None
         except (OSError, ValueError, KeyError) as e:
             raise ValueError(f"cannot read dataset {path}: {e}") from None
@@ -171,22 +174,29 @@ def command_name(pid: int) -> str:
 
 class Processes:
     """The processes a fleet started, each in its own process group; every group any of
-    their descendants was seen in is remembered, so stop() leaves no orphan."""
+    their descendants was seen in is remembered, so stop() leaves no orphan. keep_alive()
+    starts again a process that exits, as a board's service manager would."""
 
     def __init__(self, folder: Path, env: dict):
         self.folder, self.env = folder, env
-        self.procs = {}   # name -> (Popen, argv)
+        self.procs = {}   # name -> (Popen, argv, env)
         self.groups = set()
         self.stopping = False
         self.lock = threading.Lock()
+        self.watcher = None
+        self.restarts = {}  # name -> times started again
+        self.failure = None  # why keep_alive gave up, if it did
+        self.app = None      # the `flwr run` process, ended when keep_alive gives up
 
-    def start(self, name: str, argv: list, env: dict | None = None) -> subprocess.Popen:
-        log = open(self.folder / f"{name}.log", "ab")
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                env=env or self.env, start_new_session=True)
-        log.close()
+    def start(self, name: str, argv: list, env: dict | None = None):
+        """Start argv as `name` (its output to FOLDER/name.log); None once stopping."""
         with self.lock:
-            self.procs[name] = (proc, argv)
+            if self.stopping:
+                return None
+            with open(self.folder / f"{name}.log", "ab") as log:
+                proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                        env=env or self.env, start_new_session=True)
+            self.procs[name] = (proc, argv, env)
             self.groups.add(proc.pid)
         return proc
 
@@ -194,21 +204,55 @@ class Processes:
         """Remember the groups of every descendant (call now and then)."""
         table = process_table()
         with self.lock:
-            for proc, _ in self.procs.values():
+            for proc, _, _ in self.procs.values():
                 if proc.poll() is None:
                     self.groups.update(table[p][1] for p in tree(proc.pid, table) if p in table)
 
+    def keep_alive(self, names: list, give_up, limit: int = MAX_RESTARTS) -> None:
+        """In a thread: start a process of names again when it exits, after 0, 1, 2, 4 ...
+        s; after `limit` restarts of one, call give_up(message) and stop restarting it."""
+        def loop():
+            due = {}
+            while not self.stopping:
+                self.watch()
+                for name in names:
+                    proc, argv, env = self.procs[name]
+                    if proc.poll() is None or self.restarts.get(name, 0) > limit:
+                        continue
+                    count = self.restarts.get(name, 0)
+                    if count == limit:
+                        self.restarts[name] = count + 1
+                        give_up(f"{name} exited {limit + 1} times ({describe_exit(proc.returncode)}"
+                                f"; log {self.folder / (name + '.log')})")
+                        continue
+                    due.setdefault(name, time.time() + (2 ** (count - 1) if count else 0))
+                    if time.time() >= due[name]:
+                        del due[name]
+                        self.restarts[name] = count + 1
+                        print(f"fleet: {name} exited ({describe_exit(proc.returncode)}): "
+                              f"started again (restart {count + 1})", flush=True)
+                        self.start(name, argv, env)
+                time.sleep(0.5)
+
+        self.watcher = threading.Thread(target=loop, daemon=True)
+        self.watcher.start()
+
     def flower_rss(self, name: str) -> int:
         """Peak RSS (VmHWM) of the Flower processes of a node, its ClientApp runs excluded."""
-        proc, _ = self.procs[name]
+        proc = self.procs[name][0]
         return sum(status_bytes(p, "VmHWM") for p in tree(proc.pid)
                    if command_name(p) != "flwr-clientapp")
 
     def stop(self) -> None:
-        self.stopping = True
+        """SIGTERM every remembered group, SIGKILL what is left after STOP_SECONDS."""
+        with self.lock:
+            self.stopping = True
+        if self.watcher is not None:
+            self.watcher.join()
         self.watch()
+        groups = set(self.groups)
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            for group in self.groups:
+            for group in groups:
                 try:
                     os.killpg(group, sig)
                 except (ProcessLookupError, PermissionError):
@@ -216,7 +260,7 @@ class Processes:
             deadline = time.time() + (STOP_SECONDS if sig == signal.SIGTERM else 5)
             while time.time() < deadline and self.alive_groups():
                 time.sleep(0.1)
-            for proc, _ in self.procs.values():
+            for proc, _, _ in self.procs.values():
                 try:
                     proc.wait(timeout=0.1)
                 except subprocess.TimeoutExpired:
@@ -264,7 +308,7 @@ def write_flwr_home(folder: Path, superlink: str) -> Path:
     """A FLWR_HOME whose only SuperLink connection is ours (the user's ~/.flwr untouched)."""
     folder.mkdir(parents=True, exist_ok=True)
     write_atomic(folder / "config.toml", (
-        f'[superlink]\ndefault = "fleet"\n\n[superlink.fleet]\naddress = "{superlink}"\n'
+        f'[superlink]\ndefault = "fleet"\n\n[superlink.fleet]\naddress = {toml_value(superlink)}\n'
         f'insecure = true\n').encode())
     return folder
 
@@ -319,7 +363,8 @@ def summarize(records: list, flower_rss: dict, extra: dict) -> dict:
         for n in r["nodes"]:
             seen = nodes.setdefault(n["node"], {
                 "node": n["node"], "rounds": [], "examples": n["num-examples"],
-                "peak_rss_bytes": 0, "working_set_bytes": 0, "budget_bytes": n["budget_bytes"],
+                "peak_rss_bytes": 0, "working_set_bytes": 0,
+                "budget_bytes": n["budget_bytes"] or None,  # 0 in the reply: no budget
                 "budget_violations": 0, "client_entry_rss_bytes": 0})
             seen["rounds"].append(r["round"])
             seen["peak_rss_bytes"] = max(seen["peak_rss_bytes"], n["peak_rss_bytes"])
@@ -349,13 +394,17 @@ def run_config(args, out: Path, nodes: int) -> dict:
             "threads": args.threads or max(1, (os.cpu_count() or 1) // max(1, nodes))}
 
 
-def run_app(app: Path, home: Path, env: dict, log_path: Path, done: Path) -> None:
+def run_app(app: Path, home: Path, env: dict, log_path: Path, done: Path,
+            procs: Processes | None = None) -> None:
     """`flwr run APP fleet --stream`; its log to log_path, the fleet's own lines echoed.
-    Raises RuntimeError with the ServerApp's last error when the run did not finish."""
+    Raises RuntimeError with the ServerApp's last error when the run did not finish (or
+    with procs.failure, when keep_alive gave up on a node and ended the run)."""
     argv = [str(Path(sys.executable).parent / "flwr"), "run", str(app), "fleet", "--stream"]
     with open(log_path, "w") as log, subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env=dict(env, FLWR_HOME=str(home))) as proc:
+        if procs is not None:
+            procs.app = proc
         errors = []
         for line in proc.stdout:
             log.write(line)
@@ -366,6 +415,8 @@ def run_app(app: Path, home: Path, env: dict, log_path: Path, done: Path) -> Non
             elif "ERROR" in text or "Error" in text or text.startswith("│"):
                 errors.append(text)
         proc.wait()
+    if procs is not None and procs.failure:
+        raise RuntimeError(f"the fleet run was stopped: {procs.failure}")
     if not done.is_file():
         detail = "; ".join(e.strip("│ ") for e in errors[-3:] if e.strip("│ ")) or \
             f"flwr run exited with code {proc.returncode}"
@@ -383,17 +434,44 @@ def check_inputs(args) -> list:
         raise ValueError("--proximal-mu is FedProx's: give --strategy fedprox")
     if args.schedule:
         parse_schedule(args.schedule)
-    profiles = []
-    for name in (args.profile.split(",") if getattr(args, "profile", None) else []):
-        profiles.append(load_profile(name))  # ProfileError is a ValueError
-    return profiles
+    if args.out and Path(args.out).exists() and (not Path(args.out).is_dir()
+                                                 or any(Path(args.out).iterdir())):
+        raise ValueError(f"--out {args.out} is not an empty folder: give a new one (what is "
+                         f"there is kept)")
+    if args.summary and not Path(args.summary).resolve().parent.is_dir():
+        raise ValueError(f"--summary {args.summary}: its folder does not exist")
+    return [load_profile(name)  # ProfileError is a ValueError
+            for name in (args.profile.split(",") if getattr(args, "profile", None) else [])]
 
 
-def new_folder(path: Path) -> Path:
-    if path.exists() and any(path.iterdir()):
-        raise ValueError(f"--out {path} is not empty: give a new folder (its results are kept)")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def run_folder(args) -> Path:
+    """The run's folder (new or empty), with logs/ in it."""
+    out = Path(args.out) if args.out else \
+        Path(args.artifact) / "fleet" / time.strftime("%Y%m%d-%H%M%S")
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def flower_env() -> dict:
+    """This environment with its Flower commands first on PATH (flwr starts them by name)."""
+    bin_dir = Path(sys.executable).parent
+    return dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+                PYTHONUNBUFFERED="1")
+
+
+def node_argv(args, i: int, port: int, shard: Path, out: Path, profiles: list,
+              threads: int) -> list:
+    """`flower-supernode` for local node i: its shard, folder, profile and threads."""
+    node = {"artifact": str(Path(args.artifact).resolve()), "data": str(shard.resolve()),
+            "out": str((out / "nodes" / f"node-{i}").resolve()), "name": f"node-{i}",
+            "threads": threads}
+    if profiles:
+        node["profile"] = str(Path(profiles[i % len(profiles)].path).resolve())
+    if args.batch_size:
+        node["batch-size"] = args.batch_size
+    return [str(Path(sys.executable).parent / "flower-supernode"), "--insecure", "--superlink",
+            f"127.0.0.1:{port}", "--port", str(free_port()), "--node-config",
+            " ".join(f"{k}={toml_value(v)}" for k, v in node.items())]
 
 
 def run_local(args) -> int:
@@ -403,74 +481,51 @@ def run_local(args) -> int:
     scheme = parse_partition(args.partition)
     labels, _ = dataset_labels(Path(args.data))
     shards = partition(labels, args.nodes, scheme, args.seed)
-    out = new_folder(Path(args.out) if args.out else
-                     Path(args.artifact) / "fleet" / time.strftime("%Y%m%d-%H%M%S"))
-    logs = out / "logs"
-    logs.mkdir()
+    out = run_folder(args)
     paths = write_shards(Path(args.data), shards, out / "shards")
     sizes = [len(s) for s in shards]
     print(f"fleet: {args.nodes} nodes, shards of {sizes} images ({args.partition}); "
           f"{args.rounds} rounds of {args.local_epochs} local epochs, {args.strategy}; "
           f"folder {out}")
-    bin_dir = Path(sys.executable).parent
-    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-               PYTHONUNBUFFERED="1")
-    port = free_port()
+    env, port = flower_env(), free_port()
     config = run_config(args, out / "server", args.nodes)
     app = write_app(out / "app", config)
     home = write_flwr_home(out / "flwr-home", f"127.0.0.1:{port}")
-    procs = Processes(logs, dict(env, FLWR_HOME=str(home)))
-    restarts = {}
-    started = time.time()
+    procs = Processes(out / "logs", dict(env, FLWR_HOME=str(home)))
+    names = [f"node-{i}" for i in range(args.nodes)]
+    started, flower_rss = time.time(), {}
 
-    def node_argv(i: int) -> list:
-        node = {"artifact": str(Path(args.artifact).resolve()), "data": str(paths[i].resolve()),
-                "out": str((out / "nodes" / f"node-{i}").resolve()), "name": f"node-{i}",
-                "threads": config["threads"]}
-        if profiles:
-            node["profile"] = str(Path(profiles[i % len(profiles)].path).resolve())
-        if args.batch_size:
-            node["batch-size"] = args.batch_size
-        return [str(bin_dir / "flower-supernode"), "--insecure", "--superlink",
-                f"127.0.0.1:{port}", "--port", str(free_port()), "--node-config",
-                " ".join(f"{k}={toml_value(v)}" for k, v in node.items())]
+    def give_up(message: str) -> None:  # a node that keeps dying: the run cannot finish
+        procs.failure = message
+        if procs.app is not None:
+            procs.app.terminate()
 
-    def supervise():  # a node that dies is started again, as a board's service would be
-        while not procs.stopping:
-            procs.watch()
-            for i in range(args.nodes):
-                name = f"node-{i}"
-                proc, argv = procs.procs[name]
-                if proc.poll() is not None and not procs.stopping:
-                    restarts[name] = restarts.get(name, 0) + 1
-                    print(f"fleet: {name} exited ({describe_exit(proc.returncode)}): "
-                          f"started again (restart {restarts[name]})", flush=True)
-                    procs.start(name, argv)
-            time.sleep(0.5)
-
-    flower_rss = {}
     try:
         superlink = procs.start("superlink", [
-            str(bin_dir / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
-            "--port", str(port), "--disable-runtime-dependency-installation"])
+            str(Path(sys.executable).parent / "flower-superlink"), "--insecure", "--host",
+            "127.0.0.1", "--port", str(port), "--disable-runtime-dependency-installation"])
         wait_for_port(port, superlink, "flower-superlink")
-        for i in range(args.nodes):
-            procs.start(f"node-{i}", node_argv(i))
+        for i, name in enumerate(names):
+            procs.start(name, node_argv(args, i, port, paths[i], out, profiles,
+                                        config["threads"]))
         write_atomic(out / "fleet.json", json.dumps({
-            "superlink_port": port, "pids": {k: p.pid for k, (p, _) in procs.procs.items()}},
-            indent=1).encode())
-        watcher = threading.Thread(target=supervise, daemon=True)
-        watcher.start()
-        run_app(app, home, env, logs / "flwr-run.log", out / "server" / "done.json")
-        flower_rss = {f"node-{i}": procs.flower_rss(f"node-{i}") for i in range(args.nodes)}
+            "superlink_port": port,
+            "pids": {k: p.pid for k, (p, _, _) in procs.procs.items()}}, indent=1).encode())
+        procs.keep_alive(names, give_up)
+        run_app(app, home, env, out / "logs" / "flwr-run.log", out / "server" / "done.json",
+                procs)
+        flower_rss = {name: procs.flower_rss(name) for name in names}
     finally:
         procs.stop()
+        write_atomic(out / "fleet.json", json.dumps({
+            "superlink_port": port, "pids": {k: p.pid for k, (p, _, _) in procs.procs.items()},
+            "groups": sorted(procs.groups)}, indent=1).encode())
     summary = summarize(read_rounds(out / "server" / "fleet.jsonl"), flower_rss, {
         "flwr_version": found, "strategy": args.strategy, "partition": args.partition,
         "nodes_started": args.nodes, "shard_sizes": sizes,
         "shard_label_counts": [np.bincount(labels[s], minlength=int(labels.max()) + 1).tolist()
                                for s in shards],
-        "local_epochs": args.local_epochs, "restarts": restarts,
+        "local_epochs": args.local_epochs, "restarts": dict(procs.restarts),
         "wall_seconds": round(time.time() - started, 1),
         "outputs": {"global_weights": str(out / "server" / "global_weights.npz"),
                     "journal": str(out / "server" / "fleet.jsonl"), "folder": str(out)}})
@@ -480,23 +535,18 @@ def run_local(args) -> int:
 
 
 def run_remote(args) -> int:
-    """`actcomp fleet run --superlink HOST:PORT`: the app on a SuperLink boards connect to."""
+    """`actcomp fleet run --superlink HOST:PORT`: the app on a SuperLink boards connect to.
+    Run it on the SuperLink's machine: the ServerApp writes the journal and weights there."""
     found = flwr_version()
     check_inputs(args)
-    if args.min_nodes < 1:
-        raise ValueError("--min-nodes must be >= 1")
-    out = new_folder(Path(args.out) if args.out else
-                     Path(args.artifact) / "fleet" / time.strftime("%Y%m%d-%H%M%S"))
-    (out / "logs").mkdir()
+    out = run_folder(args)
     config = run_config(args, out / "server", args.min_nodes)
     app = write_app(out / "app", config)
     home = write_flwr_home(out / "flwr-home", args.superlink)
     started = time.time()
-    bin_dir = Path(sys.executable).parent
-    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
     print(f"fleet: {args.rounds} rounds on the SuperLink {args.superlink}, waiting for "
           f"{args.min_nodes} nodes; folder {out}")
-    run_app(app, home, env, out / "logs" / "flwr-run.log", out / "server" / "done.json")
+    run_app(app, home, flower_env(), out / "logs" / "flwr-run.log", out / "server" / "done.json")
     summary = summarize(read_rounds(out / "server" / "fleet.jsonl"), {}, {
         "flwr_version": found, "strategy": args.strategy, "superlink": args.superlink,
         "local_epochs": args.local_epochs, "wall_seconds": round(time.time() - started, 1),
@@ -508,7 +558,12 @@ def run_remote(args) -> int:
 
 
 def describe_exit(code: int) -> str:
-    return f"signal {signal.Signals(-code).name}" if code < 0 else f"code {code}"
+    if code >= 0:
+        return f"code {code}"
+    try:
+        return f"signal {signal.Signals(-code).name}"
+    except ValueError:
+        return f"signal {-code}"
 
 
 def write_summary(path: Path, summary: dict) -> None:

@@ -19,12 +19,13 @@ JSONL. Flower runs it (`flwr run`); `actcomp fleet` writes its run config:
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType, MetricRecord
 from flwr.serverapp import ServerApp
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
@@ -47,7 +48,7 @@ class RecordingGrid:
 
     def send_and_receive(self, messages, *args, **kwargs):
         messages = list(messages)
-        train = [m for m in messages if "arrays" in m.content.array_records]
+        train = [m for m in messages if m.metadata.message_type == MessageType.TRAIN]
         replies = list(self.grid.send_and_receive(messages, *args, **kwargs))
         if not train:  # the (disabled) client-side evaluation
             return replies
@@ -64,10 +65,15 @@ class RecordingGrid:
             info = dict(reply.content["node"]) if "node" in reply.content else {}
             entry["nodes"].append(dict(
                 {"node": info.get("name", str(node_id)), "node_id": node_id},
-                **{k: v for k, v in dict(reply.content["metrics"]).items()},
+                **{k: finite(v) for k, v in dict(reply.content["metrics"]).items()},
                 resumed=bool(info.get("resumed")), state_from=info.get("state_from") or None,
                 mean_ranks=json.loads(info.get("mean_ranks") or "{}")))
         return replies
+
+
+def finite(value):
+    """A metric as JSON can hold it: NaN / inf become None."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def central_accuracy(artifact: str, weights: Path, val_data: str, threads: int) -> float:
@@ -77,7 +83,8 @@ def central_accuracy(artifact: str, weights: Path, val_data: str, threads: int) 
                            "--weights", str(weights), "--data", val_data,
                            "--threads", str(threads)], capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"central evaluation failed: {done.stderr.strip().splitlines()[-1]}")
+        last = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+        raise RuntimeError(f"central evaluation failed: {last}")
     return float(json.loads(done.stdout.strip().splitlines()[-1])["accuracy"])
 
 
@@ -117,8 +124,9 @@ def main(grid, context) -> None:
         path = out / "global" / f"round-{server_round:04d}.npz"
         save_npz(path, weights)
         accuracy = central_accuracy(cfg["artifact"], path, cfg["val-data"], int(cfg["threads"]))
-        examples = sum(n["num-examples"] for n in entry["nodes"])
-        loss = (sum(n["loss"] * n["num-examples"] for n in entry["nodes"]) / examples
+        counted = [n for n in entry["nodes"] if n["loss"] is not None]
+        examples = sum(n["num-examples"] for n in counted)
+        loss = (sum(n["loss"] * n["num-examples"] for n in counted) / examples
                 if examples else None)
         record = dict({"type": "round", "round": server_round, "val_accuracy": accuracy,
                        "loss": loss, "seconds": round(time.time() - started, 1),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -58,6 +59,9 @@ def main(argv=None) -> int:
     p.add_argument("--nodes", type=int, default=3)
     p.add_argument("--local-epochs", type=int, default=1)
     p.add_argument("--partition", default="dirichlet:0.5")
+    p.add_argument("--strategy", default="fedavg", choices=("fedavg", "fedprox", "fedadam"))
+    p.add_argument("--strategy-flags", default="",
+                   help="more `actcomp fleet local` flags, e.g. '--proximal-mu 0.1'")
     p.add_argument("--name", default="fleet", help="results file stem (default fleet)")
     args = p.parse_args(argv)
     data = SHARED / "data"
@@ -77,7 +81,8 @@ def main(argv=None) -> int:
                              train, "--val-data", val, "--nodes", str(args.nodes), "--rounds",
                              str(args.rounds), "--partition", args.partition,
                              "--local-epochs", str(args.local_epochs), "--seed", str(seed),
-                             "--threads", "1", "--out", str(fleet_dir)],
+                             "--threads", "1", "--strategy", args.strategy,
+                             *args.strategy_flags.split(), "--out", str(fleet_dir)],
                             work / f"fleet-{seed}.log")
         fleet = json.loads((fleet_dir / "summary.json").read_text())
         central_seconds = run([py, "-m", "device_runner.cli", "train", str(art), "--data", train,
@@ -100,12 +105,13 @@ def main(argv=None) -> int:
     gaps = [c - f for f, c in zip(final_fleet, final_central)]
     nodes = [n for r in runs for n in r["fleet"]["nodes"]]
     result = {
-        "date": str(date.today()), "command": ".venv/bin/python benchmarks/fleet.py " + " ".join(
+        "date": str(date.today()), "command": ".venv/bin/python benchmarks/fleet.py " + shlex.join(
             sys.argv[1:] if argv is None else argv),
         "setup": {"model": WEIGHTS.name, "method": "hosvd", "eps": 0.8, "layers": 4,
                   "batch_size": 16, "input_size": 128, "nodes": args.nodes,
                   "rounds": args.rounds, "local_epochs": args.local_epochs,
-                  "partition": args.partition, "strategy": "fedavg",
+                  "partition": args.partition, "strategy": args.strategy,
+                  "strategy_flags": args.strategy_flags,
                   "flwr_version": runs[0]["fleet"]["flwr_version"]},
         "fleet_final_val_accuracy": final_fleet, "central_final_val_accuracy": final_central,
         "gap_central_minus_fleet": gaps,
@@ -118,7 +124,8 @@ def main(argv=None) -> int:
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     md = [f"# Fleet vs centralised ({result['date']})", "", f"`{result['command']}`", "",
           f"{WEIGHTS.name}, last 4 convs, HOSVD eps 0.8, batch 16, 128 px; {args.nodes} nodes, "
-          f"{args.rounds} rounds of {args.local_epochs} local epoch(s), {args.partition}, FedAvg "
+          f"{args.rounds} rounds of {args.local_epochs} local epoch(s), {args.partition}, "
+          f"{args.strategy} {args.strategy_flags} "
           f"(flwr {result['setup']['flwr_version']}); centralised: "
           f"{args.rounds * args.local_epochs} epochs on all the data. Seeds {args.seeds}.", "",
           "| | " + " | ".join(f"round {r['round']}" for r in runs[0]["fleet"]["rounds"])

@@ -9,7 +9,7 @@ A SuperNode runs it with ``--node-config "artifact=DIR data=PATH [key=value ...]
 | artifact         | training artifact folder (`actcomp export`)               | required        |
 | data             | this node's images: ImageFolder directory or .npz         | required        |
 | out              | the node's folder: a sub-folder per round, checkpoints    | ARTIFACT/fleet  |
-| name             | the node's name in the fleet's summary                    | the host name   |
+| name             | the node's name in the fleet's summary                    | HOST-NODEID     |
 | profile          | device profile (.toml or name): budget and cores          | none            |
 | budget           | memory budget of the training working set, e.g. 48MiB     | the profile's   |
 | threads          | onnxruntime and BLAS threads                              | the profile's   |
@@ -138,41 +138,56 @@ def round_dir(out: Path, server_round: int) -> Path:
     return out / f"round-{server_round:04d}"
 
 
-def earlier_state(out: Path, server_round: int) -> tuple:
-    """(folder, arrays) of the newest good checkpoint of an earlier round, or (None, None):
-    where the node's own state (optimizer, trackers, step count) continues from."""
+def marker(folder: Path) -> dict:
+    """What a round folder was started for ({"run", "round", "sha256", "config"}), or {}."""
+    try:
+        return json.loads((folder / "global.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def earlier_state(out: Path, server_round: int, run_id: int) -> tuple:
+    """(folder, arrays) of the newest good checkpoint of an earlier round of this run, or
+    (None, None): where the node's own state (optimizer, trackers, step count) continues."""
     for folder in sorted(out.glob("round-*"), reverse=True):
-        if folder.name < round_dir(out, server_round).name:
+        if folder.name < round_dir(out, server_round).name and \
+                marker(folder).get("run") == run_id:
             found = checkpoint.load_latest(folder / "checkpoints", log=checkpoint.warn)
             if found is not None:
                 return folder, found[1]
     return None, None
 
 
-def open_round(out: Path, server_round: int, digest: str) -> tuple:
-    """(folder, resume): the round's folder, kept (resume) when it was started from the same
-    global weights (sha256 digest), else emptied and marked with this digest."""
-    folder = round_dir(out, server_round)
-    marker = folder / "global.json"
-    if marker.is_file() and json.loads(marker.read_text()).get("sha256") == digest:
+def open_round(out: Path, identity: dict) -> tuple:
+    """(folder, resume): the round's folder, kept (resume) when it was started for the same
+    identity (run id, round, the global weights' digest, the round's settings), else emptied
+    and marked with this identity."""
+    folder = round_dir(out, identity["round"])
+    if marker(folder) == identity:
         return folder, True
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    write_atomic(marker, json.dumps({"round": server_round, "sha256": digest}).encode())
+    write_atomic(folder / "global.json", json.dumps(identity, sort_keys=True).encode())
     return folder, False
 
 
-def prune_rounds(out: Path, server_round: int) -> None:
-    """Remove round folders older than the KEEP_ROUNDS newest up to this round."""
+def prune_rounds(out: Path, server_round: int, run_id: int) -> None:
+    """Keep this run's KEEP_ROUNDS newest round folders up to this round; remove the older
+    ones and those of other runs (a finished federation's intermediate state)."""
     current = round_dir(out, server_round).name
-    older = [f for f in sorted(out.glob("round-*")) if f.name <= current]
-    for folder in older[:-KEEP_ROUNDS]:
-        shutil.rmtree(folder, ignore_errors=True)
+    folders = sorted(out.glob("round-*"))
+    ours = [f for f in folders if marker(f).get("run") == run_id and f.name <= current]
+    for folder in folders:
+        if folder not in ours[-KEEP_ROUNDS:] and (folder.name <= current or
+                                                  marker(folder).get("run") != run_id):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
-def train_round(node: Node, global_params: dict, config: dict, log=print) -> tuple:
+def train_round(node: Node, global_params: dict, config: dict, run_id: int = 0,
+                log=print) -> tuple:
     """One round on this node: (new params, metrics, info). config: the server's round
-    settings (server-round, rounds, local-epochs, lr, schedule, seed, proximal-mu)."""
+    settings (server-round, rounds, local-epochs, lr, schedule, seed, proximal-mu); run_id:
+    Flower's run (a round resumes only within its run, with the same settings)."""
     from .runtime import Trainer
     entry_rss = procmem.rss_bytes()  # the Flower client process before the runner loads
     started = time.perf_counter()
@@ -193,8 +208,10 @@ def train_round(node: Node, global_params: dict, config: dict, log=print) -> tup
     val_set = (data_module.load(node.val_data, size, m["num_classes"], m.get("classes"))
                if node.val_data else None)
 
-    folder, resume = open_round(node.out, server_round, arrays_digest(global_params))
-    state_from, state = earlier_state(node.out, server_round)
+    folder, resume = open_round(node.out, {
+        "run": run_id, "round": server_round, "sha256": arrays_digest(global_params),
+        "config": {k: config[k] for k in sorted(config)}})
+    state_from, state = earlier_state(node.out, server_round, run_id)
     arrays = dict(state) if state is not None else trainer.state_arrays()
     arrays.update({f"param/{k}": np.asarray(v, trainer.params[k].dtype)
                    for k, v in global_params.items()})
@@ -232,7 +249,7 @@ def train_round(node: Node, global_params: dict, config: dict, log=print) -> tup
             sender.close()
     summary["node"] = node.name
     write_summary(done, summary)
-    prune_rounds(node.out, server_round)
+    prune_rounds(node.out, server_round, run_id)
     return reply(node, dict(trainer.params), summary, len(train_set), entry_rss, started,
                  resume, state_from)
 
@@ -240,6 +257,7 @@ def train_round(node: Node, global_params: dict, config: dict, log=print) -> tup
 def reply(node: Node, params: dict, summary: dict, examples: int, entry_rss: int,
           started: float, resumed: bool, state_from) -> tuple:
     """(params, metrics, info) of a round from the runner's summary."""
+    # None when no step ran here (resumed at the round's very end): NaN, null in the journal
     loss = summary["final_train_loss"]
     metrics = {"num-examples": examples, "loss": float("nan") if loss is None else float(loss),
                "steps": summary["steps"], "seconds": time.perf_counter() - started,
@@ -262,15 +280,16 @@ def _client_app():
 
     @app.train()
     def train(msg: Message, context) -> Message:
-        name = str(context.node_config.get("name") or socket.gethostname())
+        config = dict(context.node_config)
+        config.setdefault("name", f"{socket.gethostname()}-{context.node_id}")
         try:  # the reply's error says which node and why; the strategy leaves it out
-            node = parse_node(dict(context.node_config))
+            node = parse_node(config)
             global_params = {k: v.numpy() for k, v in msg.content["arrays"].items()}
             params, metrics, info = train_round(node, global_params,
-                                                dict(msg.content["config"]))
+                                                dict(msg.content["config"]), context.run_id)
         except Exception as e:
-            raise NodeRefused(f"{name}: {str(e).splitlines()[0] if str(e) else repr(e)}") \
-                from None
+            raise NodeRefused(f"{config['name']}: "
+                              f"{str(e).splitlines()[0] if str(e) else repr(e)}") from None
         return Message(RecordDict({
             "arrays": ArrayRecord({k: Array.from_numpy_ndarray(np.ascontiguousarray(v))
                                    for k, v in params.items()}),

@@ -87,44 +87,75 @@ def test_fedprox_adds_mu_times_the_drift_to_the_gradient(artifact, image_folder)
 
 # ---- the ClientApp's round, in a process where torch cannot be imported ---------------
 
-def test_a_round_on_a_node_resumes_its_state_and_never_imports_torch(artifact, image_folder,
-                                                                   tmp_path):
-    """Round 1 from the global weights; round 2 continues the node's own state (step count)
-    from its round-1 checkpoint; the same round again with the same global resumes; torch
-    is never imported (sys.modules['torch'] = None makes any import fail)."""
-    code = f"""
+NODE_SCRIPT = """
 import json, sys
-sys.modules["torch"] = None
+sys.modules["torch"] = None  # any import of torch now fails
+from pathlib import Path
 import numpy as np
 from device_runner import fleet
-from actcomp_edge.npz import load_npz
-node = fleet.parse_node({{"artifact": {str(artifact)!r}, "data": {str(image_folder)!r},
-                         "out": {str(tmp_path / 'node')!r}, "name": "n0", "threads": 1}})
-start = load_npz({str(artifact / 'weights.npz')!r})
-p1, m1, i1 = fleet.train_round(node, start, {{"server-round": 1, "local-epochs": 1}})
-p2, m2, i2 = fleet.train_round(node, p1, {{"server-round": 2, "local-epochs": 1}})
-p2b, m2b, i2b = fleet.train_round(node, p1, {{"server-round": 2, "local-epochs": 1}})
-print(json.dumps({{"m1": m1, "i1": i1, "m2": m2, "i2": i2, "i2b": i2b,
-                   "moved": float(sum(np.abs(p1[k] - start[k]).sum() for k in start)),
-                   "same": all(np.array_equal(p2[k], p2b[k]) for k in p2),
-                   "torch": any(n == "torch" or n.startswith("torch.") for n in sys.modules
-                                if sys.modules[n] is not None)}}))
+from actcomp_edge.npz import load_npz, save_npz
+artifact, data, out, run_id, rounds = sys.argv[1:4] + [int(sys.argv[4]), json.loads(sys.argv[5])]
+node = fleet.parse_node({"artifact": artifact, "data": data, "out": out, "name": "n0",
+                         "threads": 1, "checkpoint-every": 1})
+infos = {}
+for r, epochs in rounds:  # each round starts from the previous one's weights (one node)
+    start = (load_npz(Path(artifact) / "weights.npz") if r == 1 else
+             load_npz(Path(out) / f"round-{r - 1:04d}" / "weights.npz"))
+    params, metrics, info = fleet.train_round(
+        node, start, {"server-round": r, "rounds": 3, "local-epochs": epochs}, run_id)
+    infos[r] = dict(info, steps=metrics["steps"])
+print(json.dumps({"infos": infos, "torch": any(
+    n == "torch" or n.startswith("torch.") for n in sys.modules if sys.modules[n] is not None)}))
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=ENV, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert not out["torch"]
-    assert out["m1"]["num-examples"] == 36 and out["m1"]["steps"] == 5  # 36 images, batch 8
-    assert out["moved"] > 0
-    assert out["i1"]["state_from"] == "" and not out["i1"]["resumed"]
-    assert out["i2"]["state_from"].endswith("round-0001") and not out["i2"]["resumed"]
-    assert out["i2b"]["resumed"] and out["same"]  # a re-sent round continues, bit for bit
-    kept = sorted(p.name for p in (tmp_path / "node").iterdir() if p.name.startswith("round"))
-    assert kept == ["round-0001", "round-0002"]
-    assert set(json.loads(out["i1"]["mean_ranks"])) == {
-        layer["name"] for layer in json.loads((artifact / "manifest.json").read_text())[
-            "trainable_layers"]}
+
+
+def node_rounds(artifact, data, out, run_id, rounds, crash_at=None):
+    env = dict(ENV, ACTCOMP_CRASH_AT=f"step:{crash_at}") if crash_at else ENV
+    return subprocess.run([sys.executable, "-c", NODE_SCRIPT, str(artifact), str(data),
+                           str(out), str(run_id), json.dumps(rounds)],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def rounds_kept(out: Path) -> list:
+    return sorted(p.name for p in out.iterdir() if p.name.startswith("round-"))
+
+
+def test_a_node_killed_mid_round_resumes_it_exactly_and_never_imports_torch(
+        artifact, image_folder, tmp_path):
+    """A node SIGKILLed at step 3 of round 2 (a checkpoint every step), started again for the
+    same run and round, ends round 2 with the weights of a node never killed; round 3 takes
+    its state from round 2; only two rounds stay on disk; torch is never imported."""
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    done = node_rounds(artifact, image_folder, clean, 7, [[1, 1], [2, 1], [3, 1]])
+    assert done.returncode == 0, done.stderr[-2000:]
+    ran = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not ran["torch"] and ran["infos"]["1"]["steps"] == 5  # 36 images, batch 8
+    assert ran["infos"]["3"]["state_from"].endswith("round-0002")
+    crash = node_rounds(artifact, image_folder, killed, 7, [[1, 1], [2, 1]], crash_at=8)
+    assert crash.returncode == -signal.SIGKILL
+    again = node_rounds(artifact, image_folder, killed, 7, [[2, 1], [3, 1]])
+    assert again.returncode == 0, again.stderr[-2000:]
+    infos = json.loads(again.stdout.strip().splitlines()[-1])["infos"]
+    assert infos["2"]["resumed"] and not infos["3"]["resumed"]
+    for r in ("round-0002", "round-0003"):
+        want, got = load_npz(clean / r / "weights.npz"), load_npz(killed / r / "weights.npz")
+        assert all(np.array_equal(want[k], got[k]) for k in want), r
+    assert rounds_kept(killed) == ["round-0002", "round-0003"]
+
+
+def test_a_round_resumes_only_for_the_same_run_and_settings(artifact, image_folder,
+                                                            tmp_path):
+    out = tmp_path / "node"
+    assert node_rounds(artifact, image_folder, out, 7, [[1, 1]]).returncode == 0
+    other = node_rounds(artifact, image_folder, out, 7, [[1, 2]])  # 2 local epochs now
+    assert other.returncode == 0, other.stderr[-2000:]
+    info = json.loads(other.stdout.strip().splitlines()[-1])["infos"]["1"]
+    assert not info["resumed"] and info["steps"] == 10
+    assert node_rounds(artifact, image_folder, out, 7, [[2, 1]]).returncode == 0
+    new_run = node_rounds(artifact, image_folder, out, 8, [[1, 1]])  # another federation
+    info = json.loads(new_run.stdout.strip().splitlines()[-1])["infos"]["1"]
+    assert not info["resumed"] and info["state_from"] == ""
+    assert rounds_kept(out) == ["round-0001"]  # run 7's rounds are gone
 
 
 def test_bad_node_configs_are_one_line_errors(artifact, image_folder, tmp_path):
@@ -155,17 +186,22 @@ def fleet_args(artifact, data, out, *extra):
             "--out", out, *extra]
 
 
-def leftover(port: int) -> list:
-    """Processes whose command line names the run's SuperLink port (all Flower processes of
-    a run: the SuperNodes connect to it, the SuperExecs and apps are given it)."""
+def leftover(run: Path) -> list:
+    """Live processes of a finished run: in a process group the run started or saw (its
+    fleet.json), or naming its SuperLink's port."""
+    recorded = json.loads((run / "fleet.json").read_text())
+    groups, port = set(recorded["groups"]), recorded["superlink_port"]
+    assert set(recorded["pids"].values()) <= groups
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
                 cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
             except OSError:
                 continue
-            if f"127.0.0.1:{port}" in cmdline and "fleet local" not in cmdline:
+            if stat[0] != "Z" and (int(stat[2]) in groups or f":{port}" in cmdline
+                                   or f"--port {port}" in cmdline):
                 found.append(cmdline)
     return found
 
@@ -238,7 +274,7 @@ def test_two_nodes_one_round_is_fedavg_of_what_the_nodes_wrote(artifact, image_f
     drawn = report["plots"]["fleet"]
     assert drawn["fleet central val accuracy"] == ([0, 1], [r["val_accuracy"] for r in journal])
     assert drawn["fleet: node-0 peak RSS"] == ([1], [nodes["node-0"]["peak_rss_bytes"] / 2 ** 20])
-    assert leftover(json.loads((out / "fleet.json").read_text())["superlink_port"]) == []
+    assert leftover(out) == []
 
 
 def test_fedadam_ends_with_the_artifacts_dtypes(artifact, image_folder, tmp_path):
@@ -290,7 +326,7 @@ def test_a_node_killed_mid_round_is_left_out_and_rejoins_from_its_checkpoint(
     assert node1["rounds"] == [2]
     assert node1["state_from"][0][0] == 2 and node1["state_from"][0][1].endswith("round-0001")
     assert summary["restarts"] == {"node-1": 1}
-    assert leftover(json.loads((out / "fleet.json").read_text())["superlink_port"]) == []
+    assert leftover(out) == []
 
 
 def test_a_node_over_its_budget_says_so_and_is_left_out(artifact, image_folder, tmp_path):
@@ -309,10 +345,15 @@ def test_a_node_over_its_budget_says_so_and_is_left_out(artifact, image_folder, 
 def test_bad_fleet_input_is_one_line_before_any_process(artifact, image_folder, tmp_path):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("results")
+    no_images = tmp_path / "labels.npz"
+    np.savez(no_images, labels=np.zeros(10, np.int64))
     cases = [(["--data", tmp_path / "none"], "--data"),
              (["--partition", "dirichlet:-1"], "--partition must be"),
              (["--proximal-mu", "0.1"], "give --strategy fedprox"),
-             (["--out", tmp_path / "full"], "is not empty"),
+             (["--out", tmp_path / "full"], "is not an empty folder"),
+             (["--out", tmp_path / "full" / "x"], "is not an empty folder"),
+             (["--summary", tmp_path / "none" / "s.json"], "its folder does not exist"),
+             (["--data", no_images], "cannot read dataset"),
              (["--profile", "no-such-board"], "unknown device profile"),
              (["--nodes", "0"], "expected a positive integer"),
              (["--schedule", "sawtooth"], "unknown schedule 'sawtooth'")]
