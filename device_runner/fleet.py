@@ -77,7 +77,12 @@ def positive(key: str, value) -> int:
     return value
 
 
-def parse_node(config: dict) -> Node:
+def node_name(config: dict, node_id: int) -> str:
+    """The node's name: its node-config's, else HOST-NODEID (Flower's node id)."""
+    return str(config.get("name") or f"{socket.gethostname()}-{node_id}")
+
+
+def parse_node(config: dict, node_id: int = 0) -> Node:
     """A Node from a SuperNode's node_config (one-line NodeConfigError on bad input)."""
     known = {"artifact", "data", "out", "name", "profile", "budget", "threads", "batch-size",
              "val-data", "report", "checkpoint-every"}
@@ -115,7 +120,7 @@ def parse_node(config: dict) -> Node:
         check_url(str(config["report"]))
     return Node(artifact=artifact, data=str(config["data"]),
                 out=Path(str(config.get("out") or artifact / "fleet")),
-                name=str(config.get("name") or socket.gethostname()), budget=budget,
+                name=node_name(config, node_id), budget=budget,
                 threads=threads,
                 batch_size=positive("batch-size", config["batch-size"])
                 if "batch-size" in config else None,
@@ -281,14 +286,13 @@ def _client_app():
     @app.train()
     def train(msg: Message, context) -> Message:
         config = dict(context.node_config)
-        config.setdefault("name", f"{socket.gethostname()}-{context.node_id}")
         try:  # the reply's error says which node and why; the strategy leaves it out
-            node = parse_node(config)
+            node = parse_node(config, context.node_id)
             global_params = {k: v.numpy() for k, v in msg.content["arrays"].items()}
             params, metrics, info = train_round(node, global_params,
                                                 dict(msg.content["config"]), context.run_id)
         except Exception as e:
-            raise NodeRefused(f"{config['name']}: "
+            raise NodeRefused(f"{node_name(config, context.node_id)}: "
                               f"{str(e).splitlines()[0] if str(e) else repr(e)}") from None
         return Message(RecordDict({
             "arrays": ArrayRecord({k: Array.from_numpy_ndarray(np.ascontiguousarray(v))

@@ -440,8 +440,8 @@ def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset | None, out_dir,
                "predicted_working_set_bytes": predicted,
                "budget_bytes": options.budget_bytes, "budget_violations": violations,
                "kept_bytes_peak": kept_peak,
-               "mean_ranks": {layer: [round(float(r), 2) for r in total_ / rank_steps[layer]]
-                              for layer, total_ in rank_sums.items()},
+               "mean_ranks": {layer: [round(float(r), 2) for r in summed / rank_steps[layer]]
+                              for layer, summed in rank_sums.items()},
                "predicted_kept_bytes": {
                    "paper": trainer.manifest["predicted_memory"]["paper_bytes"],
                    "full": trainer.manifest["predicted_memory"]["full_bytes"]},
