@@ -250,9 +250,8 @@ class Processes:
         if self.watcher is not None:
             self.watcher.join()
         self.watch()
-        groups = set(self.groups)
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            for group in groups:
+            for group in self.alive_groups():
                 try:
                     os.killpg(group, sig)
                 except (ProcessLookupError, PermissionError):
@@ -269,7 +268,20 @@ class Processes:
                 return
 
     def alive_groups(self) -> set:
-        return {g for pid, (_, g) in process_table().items() if g in self.groups and _alive(pid)}
+        """The remembered groups that still hold a live fleet process (a group whose
+        processes all ended is not signalled: its id may have been reused)."""
+        return {g for pid, (_, g) in process_table().items()
+                if g in self.groups and _alive(pid) and is_fleet_process(pid)}
+
+
+def is_fleet_process(pid: int) -> bool:
+    """Whether pid's command line runs one of Flower's commands (flower-*, flwr*) or the
+    runner (the ServerApp's central evaluation)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return any(word in cmdline for word in (b"flower-", b"flwr", b"device_runner"))
 
 
 def _alive(pid: int) -> bool:
