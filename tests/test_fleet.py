@@ -158,6 +158,23 @@ def test_a_round_resumes_only_for_the_same_run_and_settings(artifact, image_fold
     assert rounds_kept(out) == ["round-0001"]  # run 7's rounds are gone
 
 
+def test_a_node_started_with_report_streams_its_profiles(artifact, image_folder, tmp_path):
+    """report=URL: every local step's memory record reaches the stream, as from
+    `actcomp-device train --report`, and the spool is kept in the node's folder."""
+    from device_runner import fleet
+    stream = tmp_path / "profiles.jsonl"
+    node = fleet.parse_node({"artifact": str(artifact), "data": str(image_folder),
+                             "out": str(tmp_path / "node"), "threads": 1,
+                             "report": f"file://{stream}"})
+    _, metrics, _ = fleet.train_round(node, load_npz(artifact / "weights.npz"),
+                                      {"server-round": 1, "local-epochs": 1}, log=lambda m: None)
+    records = [json.loads(line) for line in stream.read_text().splitlines()]
+    steps = [r for r in records if r["type"] == "step"]
+    assert [r["step"] for r in steps] == list(range(1, metrics["steps"] + 1))
+    assert all(r["working_set_bytes"] > 0 and r["ranks"] for r in steps)
+    assert (tmp_path / "node" / "spool").is_dir()
+
+
 def test_bad_node_configs_are_one_line_errors(artifact, image_folder, tmp_path):
     from device_runner.fleet import NodeConfigError, parse_node
     cases = [({"data": str(image_folder)}, "node-config needs artifact=PATH"),
