@@ -93,21 +93,18 @@ def dataset_labels(path: Path) -> tuple:
     return np.asarray([c for _, c in files], np.int64), (classes, [f for f, _ in files])
 
 
-def write_shards(path: Path, shards: list, folder: Path) -> list:
+def write_shards(path: Path, labels: np.ndarray, listing, shards: list, folder: Path) -> list:
     """Write each shard as the node's own dataset: an .npz of its rows, or an ImageFolder of
-    symlinks (every class folder present, possibly empty). Returns their paths."""
-    labels, listing = dataset_labels(path)
+    symlinks (every class folder present, possibly empty). labels, listing: dataset_labels'
+    of path. Returns their paths."""
     folder.mkdir(parents=True, exist_ok=True)
     out = []
     if listing is None:
         with np.load(path, allow_pickle=False) as d:
-            arrays = {k: d[k] for k in d.files}
+            arrays = {k: d[k] for k in ("images", "labels", "classes") if k in d.files}
         for i, rows in enumerate(shards):
             target = folder / f"node-{i}.npz"
-            subset = {"images": arrays["images"][rows], "labels": arrays["labels"][rows]}
-            if "classes" in arrays:
-                subset["classes"] = arrays["classes"]
-            np.savez(target, **subset)
+            np.savez(target, **{k: v if k == "classes" else v[rows] for k, v in arrays.items()})
             out.append(target)
         return out
     classes, files = listing
@@ -491,10 +488,10 @@ def run_local(args) -> int:
     found = flwr_version()
     profiles = check_inputs(args)
     scheme = parse_partition(args.partition)
-    labels, _ = dataset_labels(Path(args.data))
+    labels, listing = dataset_labels(Path(args.data))
     shards = partition(labels, args.nodes, scheme, args.seed)
     out = run_folder(args)
-    paths = write_shards(Path(args.data), shards, out / "shards")
+    paths = write_shards(Path(args.data), labels, listing, shards, out / "shards")
     sizes = [len(s) for s in shards]
     print(f"fleet: {args.nodes} nodes, shards of {sizes} images ({args.partition}); "
           f"{args.rounds} rounds of {args.local_epochs} local epochs, {args.strategy}; "

@@ -36,6 +36,11 @@ def record_bytes(record: ArrayRecord) -> int:
     return sum(len(array.data) for array in record.values())
 
 
+def empty_round() -> dict:
+    """What a round went through the grid with: bytes each way, replies, failures."""
+    return {"bytes_sent": 0, "bytes_received": 0, "nodes": [], "failures": []}
+
+
 class RecordingGrid:
     """Flower's Grid, and what went through it per round: bytes each way, every reply."""
 
@@ -53,8 +58,7 @@ class RecordingGrid:
         if not train:  # the (disabled) client-side evaluation
             return replies
         server_round = int(train[0].content["config"]["server-round"])
-        entry = self.rounds.setdefault(server_round, {"bytes_sent": 0, "bytes_received": 0,
-                                                      "nodes": [], "failures": []})
+        entry = self.rounds.setdefault(server_round, empty_round())
         entry["bytes_sent"] += sum(record_bytes(m.content["arrays"]) for m in train)
         for reply in replies:
             node_id = reply.metadata.src_node_id
@@ -114,8 +118,7 @@ def main(grid, context) -> None:
     started = time.time()
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        entry = recording.rounds.get(server_round, {"bytes_sent": 0, "bytes_received": 0,
-                                                    "nodes": [], "failures": []})
+        entry = recording.rounds.get(server_round, empty_round())
         if entry["failures"] and not entry["nodes"]:  # nothing can improve: stop, say why
             raise RuntimeError(f"round {server_round}: every node failed: "
                                f"{entry['failures'][0]['reason']}")

@@ -37,15 +37,15 @@ from pathlib import Path
 
 import numpy as np
 
-from actcomp_edge.profiles import parse_size
 from actcomp_edge import schedules
 from actcomp_edge.npz import load_npz, write_atomic
+from actcomp_edge.profiles import parse_size
 
 from . import checkpoint, procmem, recipe
 from . import data as data_module
+from .cli import ARENA_HEADROOM
 from .train import Options, check_budget, check_plan, fit, write_summary
 
-ARENA_HEADROOM = 1.5  # as `actcomp-device train` (cli.load_trainer)
 KEEP_ROUNDS = 2       # round folders kept on the node: this one and the one before
 
 
@@ -217,6 +217,11 @@ def train_round(node: Node, global_params: dict, config: dict, run_id: int = 0,
         "run": run_id, "round": server_round, "sha256": arrays_digest(global_params),
         "config": {k: config[k] for k in sorted(config)}})
     state_from, state = earlier_state(node.out, server_round, run_id)
+    done = folder / "summary.json"
+    if resume and done.is_file():  # this round finished here before (the reply was lost)
+        log(f"{node.name}: round {server_round} was already trained here: its result again")
+        return reply(node, load_npz(folder / "weights.npz"), json.loads(done.read_text()),
+                     len(train_set), entry_rss, started, resume, state_from)
     arrays = dict(state) if state is not None else trainer.state_arrays()
     arrays.update({f"param/{k}": np.asarray(v, trainer.params[k].dtype)
                    for k, v in global_params.items()})
@@ -236,11 +241,6 @@ def train_round(node: Node, global_params: dict, config: dict, run_id: int = 0,
                       resume=resume, proximal_mu=float(config.get("proximal-mu", 0.0)),
                       schedule_part=(server_round - 1, max(server_round, int(
                           config.get("rounds", server_round)))))
-    done = folder / "summary.json"
-    if resume and done.is_file():  # this round finished here before (the reply was lost)
-        log(f"{node.name}: round {server_round} was already trained here: its result again")
-        return reply(node, load_npz(folder / "weights.npz"), json.loads(done.read_text()),
-                     len(train_set), entry_rss, started, resume, state_from)
     sender = None
     if node.report:
         from .transport import ProfileSender

@@ -147,6 +147,12 @@ def test_a_round_resumes_only_for_the_same_run_and_settings(artifact, image_fold
                                                             tmp_path):
     out = tmp_path / "node"
     assert node_rounds(artifact, image_folder, out, 7, [[1, 1]]).returncode == 0
+    trained = load_npz(out / "round-0001" / "weights.npz")
+    same = node_rounds(artifact, image_folder, out, 7, [[1, 1]])  # the same round again
+    info = json.loads(same.stdout.strip().splitlines()[-1])["infos"]["1"]
+    assert info["resumed"] and info["steps"] == 5  # its result again, nothing retrained
+    again = load_npz(out / "round-0001" / "weights.npz")
+    assert all(np.array_equal(trained[k], again[k]) for k in trained)
     other = node_rounds(artifact, image_folder, out, 7, [[1, 2]])  # 2 local epochs now
     assert other.returncode == 0, other.stderr[-2000:]
     info = json.loads(other.stdout.strip().splitlines()[-1])["infos"]["1"]
