@@ -177,7 +177,11 @@ def test_a_node_started_with_report_streams_its_profiles(artifact, image_folder,
     records = [json.loads(line) for line in stream.read_text().splitlines()]
     steps = [r for r in records if r["type"] == "step"]
     assert [r["step"] for r in steps] == list(range(1, metrics["steps"] + 1))
-    assert all(r["working_set_bytes"] > 0 and r["ranks"] for r in steps)
+    # in this (pytest) process the heap may already hold the step's memory: the working set
+    # can be 0 here, but it is always the record's own peak over its baseline
+    assert all(r["working_set_bytes"] == r["peak_rss_bytes"] - r["baseline_rss_bytes"] >= 0
+               for r in steps)
+    assert all(r["ranks"] and all(r["ranks"].values()) for r in steps)
     assert (tmp_path / "node" / "spool").is_dir()
 
 
