@@ -8,7 +8,8 @@ import sys
 from . import __version__
 from .arch import ZOO, load_spec, network
 from .cliutil import Parser, non_negative_float, positive_float, positive_int, size_bytes
-from .memory import METHODS, mib, plan, plan_table
+from .memory import mib, plan, plan_table
+from .methods import METHODS
 from .profiles import OPTIMIZER_STATE, Fit, load_profile, profile_names, \
     trainable_param_count
 from .schedules import DEFAULT_SCHEDULE, SCHEDULES
@@ -328,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=positive_int,
                    help="fine-tune the last N Conv2d modules (definition order); required "
                         "unless --profile is given, which then searches the largest N that fits")
-    p.add_argument("--method", choices=METHODS, required=True,
+    p.add_argument("--method", choices=list(METHODS), required=True,
                    help="how the conv inputs are kept: vanilla, svd (mode-1), hosvd, gf-r2 "
                         "(Gradient Filter, r=2)")
     add_rank_arguments(p, "; plan sizes are a worst-case bound since eps ranks depend on the "
@@ -367,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--classes", help="text file with one class name per line (optional)")
     e.add_argument("--layers", type=positive_int, required=True,
                    help="fine-tune the last N Conv2d modules and the classifier")
-    e.add_argument("--method", choices=METHODS, default="hosvd",
+    e.add_argument("--method", choices=list(METHODS), default="hosvd",
                    help="what the backward keeps of each fine-tuned conv input (default hosvd): "
                         "vanilla (all of it), hosvd (the paper: eps ranks recomputed every "
                         "step), hosvd-tracked (ranks fixed between refreshes, factors followed "

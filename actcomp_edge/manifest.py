@@ -25,6 +25,8 @@ import math
 import re
 from pathlib import Path
 
+from .methods import METHODS
+
 FORMAT = "actcomp-edge/training-artifact"
 FORMAT_VERSION = 3  # 3: the manifest carries the digest of its own content
 MANIFEST = "manifest.json"
@@ -187,7 +189,7 @@ SCHEMA = {
     "num_classes": COUNT,
     "batch_size": COUNT,
     "train": OBJECT,
-    "train.method": TEXT,
+    "train.method": (f"one of {', '.join(METHODS)}", lambda v: _is_text(v) and v in METHODS),
     "train.eps": ("null or a number", lambda v: v is None or _is_number(v)),
     "train.ranks": ("null or a list of integers >= 1", lambda v: v is None
                     or _list_of(_is_count)(v)),

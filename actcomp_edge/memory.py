@@ -1,4 +1,4 @@
-"""Bytes kept for the backward pass, per fine-tuned layer and method (numpy-free, torch-free).
+"""Bytes kept for the backward pass, per fine-tuned layer and method (torch-free).
 
 Two accountings:
 - paper: the inputs of the fine-tuned convs only, as the paper's tables count them;
@@ -18,35 +18,13 @@ from math import ceil, prod
 from typing import Optional, Sequence
 
 from .arch import MASKING_ACTS, ConvLayer, Network
-from .compress import GF_RADIUS, PIECES
-from .decomposition import check_eps, full_rank_bound
+from .decomposition import check_eps
+from .methods import method as method_row
 
 FLOAT_BYTES = 4
 MASK_BITS = 1      # masks are held bit-packed per sample: ceil(C*H*W / 8) bytes a sample
 INDEX_BYTES = 8
-METHODS = tuple(PIECES)  # the methods and what each keeps: actcomp_edge.compress
 MIB = 2 ** 20
-
-
-def vanilla_floats(shape: Sequence[int]) -> int:
-    """B*C*H*W."""
-    return prod(shape)
-
-
-def svd_floats(shape: Sequence[int], rank: int) -> int:
-    """k (B + C*H*W)."""
-    return rank * (shape[0] + prod(shape[1:]))
-
-
-def hosvd_floats(shape: Sequence[int], rank_per_mode: Sequence[int]) -> int:
-    """prod(K_n) + sum(d_n K_n)."""
-    return prod(rank_per_mode) + sum(d * k for d, k in zip(shape, rank_per_mode))
-
-
-def gradient_filter_floats(shape: Sequence[int], stride: int, radius: int = GF_RADIUS) -> int:
-    """B*C*ceil(H/(r*s))*ceil(W/(r*s))."""
-    b, c, h, w = shape
-    return b * c * ceil(h / (radius * stride)) * ceil(w / (radius * stride))
 
 
 def mib(nbytes: int) -> str:
@@ -119,34 +97,10 @@ def mask_bytes(layer: ConvLayer, batch: int) -> int:
 
 
 def layer_ranks(method: str, shape: tuple, ranks, rank_cap) -> Optional[tuple]:
-    """Ranks used for sizing: fixed ones if given, else the worst case, capped."""
-    if method in ("hosvd", "hosvd-tracked"):
-        bound = full_rank_bound(shape)
-        chosen = tuple(ranks) if ranks is not None else bound
-        if len(chosen) != 4:
-            raise ValueError(f"hosvd needs 4 ranks (B, C, H, W), got {len(chosen)}")
-        caps = rank_cap if rank_cap is not None else (None,) * 4
-        if isinstance(caps, int):
-            caps = (caps,) * 4
-        return tuple(max(1, min(k, b, c if c else b)) for k, b, c in zip(chosen, bound, caps))
-    if method == "svd":
-        bound = min(shape[0], prod(shape[1:]))
-        k = int(ranks[0]) if ranks is not None else bound
-        cap = rank_cap if isinstance(rank_cap, int) else (rank_cap[0] if rank_cap else None)
-        return (max(1, min(k, bound, cap if cap else bound)),)
-    return None
-
-
-def kept_floats(method: str, layer: ConvLayer, shape: tuple, rank_per_mode) -> int:
-    if method == "vanilla":
-        return vanilla_floats(shape)
-    if method == "svd":
-        return svd_floats(shape, rank_per_mode[0])
-    if method in ("hosvd", "hosvd-tracked"):
-        return hosvd_floats(shape, rank_per_mode)
-    if method == "gf-r2":
-        return gradient_filter_floats(shape, layer.stride)
-    raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    """Ranks used for sizing: fixed ones if given, else the worst case, capped (None for a
+    method without ranks)."""
+    sizing = method_row(method).ranks
+    return sizing(shape, ranks, rank_cap) if sizing else None
 
 
 def plan(net: Network, n_layers: int, method: str, batch_size: int, input_size,
@@ -156,8 +110,7 @@ def plan(net: Network, n_layers: int, method: str, batch_size: int, input_size,
 
     hosvd/svd: give ranks (fixed: exact sizes) or eps (data-dependent: worst-case bound).
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+    row = method_row(method)
     count = len(net.convs)
     if not 1 <= n_layers <= count:
         raise ValueError(f"--layers must be between 1 and {count} ({net.name} has {count} convs), "
@@ -166,7 +119,7 @@ def plan(net: Network, n_layers: int, method: str, batch_size: int, input_size,
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     if eps is not None:
         check_eps(eps)
-    if method in ("hosvd", "hosvd-tracked", "svd"):
+    if row.ranks:
         if ranks is None and eps is None:
             raise ValueError(f"{method} needs --eps or --ranks")
         basis = "fixed" if ranks is not None else "bound"
@@ -177,7 +130,7 @@ def plan(net: Network, n_layers: int, method: str, batch_size: int, input_size,
     for layer in net.convs[-n_layers:]:
         shape = layer.input_shape(batch_size)
         rank_per_mode = layer_ranks(method, shape, ranks, rank_cap)
-        paper = kept_floats(method, layer, shape, rank_per_mode) * FLOAT_BYTES
+        paper = row.kept_floats(shape, rank_per_mode, layer.stride) * FLOAT_BYTES
         masks = mask_bytes(layer, batch_size)
         result.layers.append(LayerPlan(layer.name, shape, method, rank_per_mode, paper, masks,
                                        paper + masks))

@@ -34,9 +34,9 @@ def pooled(name: str) -> bool:
     return not (name.startswith(("new/", "grad/")) or name in ("loss", "logits"))
 
 
-def last_use(schedule: list, io: dict, layers: dict, method: str) -> dict:
-    """tensor -> last schedule position that reads it. For vanilla the kept input *is* the
-    conv input, so the conv input lives until its backward partition."""
+def last_use(schedule: list, io: dict, layers: dict, keeps_input: bool) -> dict:
+    """tensor -> last schedule position that reads it. keeps_input (vanilla): the kept piece
+    *is* the conv input, so the conv input lives until its backward partition."""
     last = {}
     for position, item in enumerate(schedule):
         if "compress" in item:
@@ -44,18 +44,18 @@ def last_use(schedule: list, io: dict, layers: dict, method: str) -> dict:
         else:
             for name in io[item["run"]][0]:
                 last[name] = position
-    if method == "vanilla":
+    if keeps_input:
         for layer in layers.values():
             x = layer["input"]
             last[x] = max(last.get(x, -1), last.get(layer["kept"][0], -1))
     return last
 
 
-def pool_buffers(schedule: list, io: dict, layers: dict, method: str, nbytes) -> list:
+def pool_buffers(schedule: list, io: dict, layers: dict, keeps_input: bool, nbytes) -> list:
     """Buffer of every pooled run output. A second gradient of the same tensor (``d/<t>`` from
     another consumer) gets a buffer of its own for that run only (then it is summed into the
     first)."""
-    last = last_use(schedule, io, layers, method)
+    last = last_use(schedule, io, layers, keeps_input)
     made, buffers = set(), []
     for position, item in enumerate(schedule):
         if "run" not in item:

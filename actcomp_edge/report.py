@@ -32,12 +32,13 @@ from statistics import median
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from .methods import METHODS
+
 MIB = 2 ** 20
 KIB = 2 ** 10
 MODES = ("mode 1 (batch)", "mode 2 (channel)", "mode 3 (height)", "mode 4 (width)")
 STYLES = ("-", "--", ":", "-.")
 FIGURES = ("memory", "kept", "ranks", "loss")
-EPS_METHODS = ("hosvd", "hosvd-tracked", "svd")
 # step fields the plots and the summary need, and their types
 STEP_FIELDS = {"step": int, "loss": (int, float), "step_seconds": (int, float),
                "rss_bytes": int, "peak_rss_bytes": int, "baseline_rss_bytes": int,
@@ -339,7 +340,7 @@ COLUMNS = ("run", "method", "steps", "final loss", "val accuracy", "median step"
 
 
 def table_row(s: dict) -> list:
-    uses_eps = s["eps"] is not None and s["method"] in EPS_METHODS
+    uses_eps = s["eps"] is not None and s["method"] in METHODS and METHODS[s["method"]].ranks is not None
     method = (s["method"] or "-") + (f" eps {s['eps']}" if uses_eps else "")
     return [s["run"], method, _num(s["steps"], "d"), _num(s["final_loss"], ".4f"),
             _num(s["val_accuracy"], ".4f"),

@@ -6,7 +6,7 @@
 
 The manifest's ``schedule`` alternates forward partitions ("run") and
 decompositions ("compress": the input of that fine-tuned conv is decomposed
-with numpy, ``actcomp_edge.compress``); a full tensor is dropped as soon as no
+with numpy, ``actcomp_edge.methods``); a full tensor is dropped as soon as no
 later item needs it. Then the backward partitions run in reverse, each taking only its
 conv's kept pieces, its masks (bit-packed by the forward graphs) and the gradients of what
 its forward partition handed on, and freeing them when done.
@@ -22,7 +22,7 @@ import onnxruntime as ort
 from threadpoolctl import threadpool_limits
 
 from actcomp_edge import memplan
-from actcomp_edge.compress import TrackedHosvd, compress
+from actcomp_edge.methods import METHODS
 from actcomp_edge.faults import crash_point
 from actcomp_edge.manifest import ArtifactError, load_manifest
 from actcomp_edge.npz import load_npz
@@ -167,9 +167,10 @@ class Trainer:
         self.layers = {layer["name"]: layer for layer in m["trainable_layers"]}
         self.rank_caps = {}  # layer -> rank cap derived from a memory budget
         self.trackers = {}
-        if self.method == "hosvd-tracked":
-            self.trackers = {name: TrackedHosvd(self.eps, self.ranks, self.rank_cap,
-                                                train.get("refresh_every", 50))
+        self.row = METHODS[self.method]
+        if self.row.tracker:
+            self.trackers = {name: self.row.tracker(self.eps, self.ranks, self.rank_cap,
+                                                    train.get("refresh_every", 50))
                              for name in self.layers}
         # input/output names of every session, read once (not on every step)
         self.io = {name: ([i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()])
@@ -182,7 +183,8 @@ class Trainer:
                         for v in list(sess.get_inputs()) + list(sess.get_outputs())}
         self.backward_inputs = {n for run in self.backward_runs for n in self.io[run][0]}
         # position in the schedule of the last item that reads each tensor: freed after it
-        self.last_use = memplan.last_use(self.schedule, self.io, self.layers, self.method)
+        self.last_use = memplan.last_use(self.schedule, self.io, self.layers,
+                                         self.row.keeps_input)
         self.pool, self.pool_batch, self.slots = None, 0, {}
 
     def end_profiling(self) -> list:
@@ -199,7 +201,8 @@ class Trainer:
         def nbytes(name):
             return int(np.prod(self.output_shape(name, batch))) * np.dtype(
                 self.outputs[name][1]).itemsize
-        buffers = memplan.pool_buffers(self.schedule, self.io, self.layers, self.method, nbytes)
+        buffers = memplan.pool_buffers(self.schedule, self.io, self.layers, self.row.keeps_input,
+                                       nbytes)
         offsets, total = memplan.place(buffers)
         self.pool = np.zeros(total, np.uint8)  # zeroed: its pages are touched once, here
         self.slots = {b.name: offsets[b.name] for b in buffers}
@@ -227,8 +230,7 @@ class Trainer:
         if self.trackers:
             self.trackers[layer["name"]].rank_cap = cap
             return self.trackers[layer["name"]](x)
-        return compress(self.method, x, eps=self.eps, ranks=self.ranks, rank_cap=cap,
-                        stride=layer["stride"])
+        return self.row.compress(x, self.eps, self.ranks, cap, layer["stride"])
 
     def _feed(self, name: str, tensors: dict):
         if name in tensors:

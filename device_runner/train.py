@@ -12,6 +12,7 @@ import numpy as np
 
 from actcomp_edge import schedules
 from actcomp_edge.manifest import sha256_file
+from actcomp_edge.methods import METHODS
 from actcomp_edge.npz import save_npz, write_atomic
 
 from . import checkpoint, procmem, recipe
@@ -149,8 +150,8 @@ def rank_caps_for_budget(trainer: Trainer, batch_size: int, allowance: int) -> d
     come out high keeps at most ``allowance`` bytes of activations in all: each layer gets a
     share proportional to its uncompressed input, and the largest cap whose worst case fits."""
     from actcomp_edge.decomposition import full_rank_bound
-    from actcomp_edge.memory import hosvd_floats, svd_floats
-    if trainer.method not in ("hosvd", "hosvd-tracked", "svd") or allowance <= 0:
+    row = METHODS[trainer.method]
+    if row.ranks is None or allowance <= 0:
         return {}
     shapes = {name: (batch_size,) + tuple(layer["input_shape"])
               for name, layer in trainer.layers.items()}
@@ -160,9 +161,7 @@ def rank_caps_for_budget(trainer: Trainer, batch_size: int, allowance: int) -> d
         share = allowance * math.prod(shape) / total
 
         def kept(cap):
-            if trainer.method == "svd":
-                return 4 * svd_floats(shape, min(cap, shape[0]))
-            return 4 * hosvd_floats(shape, [min(b, cap) for b in full_rank_bound(shape)])
+            return 4 * row.kept_floats(shape, row.ranks(shape, None, cap), 1)
         top = max(full_rank_bound(shape))
         if kept(top) <= share:
             continue  # even full rank fits: no cap needed
@@ -353,8 +352,7 @@ def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset | None, out_dir,
                         "kept_full_bytes": result.kept_full_bytes,
                         "kept_full_bytes_per_layer": result.kept_full_per_layer,
                         "ranks": {k: list(v) if v else None for k, v in result.ranks.items()},
-                        "eps": trainer.eps if trainer.method in ("hosvd", "hosvd-tracked", "svd")
-                        else None, "method": trainer.method,
+                        "eps": trainer.eps if METHODS[trainer.method].ranks else None, "method": trainer.method,
                         "working_set_bytes": working, "predicted_working_set_bytes": predicted,
                         "budget_bytes": options.budget_bytes, "budget_exceeded": over,
                         "budget_action": budget_action,

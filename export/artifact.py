@@ -7,10 +7,10 @@ from pathlib import Path
 import onnx
 
 from actcomp_edge import arch
-from actcomp_edge.compress import PIECES
 from actcomp_edge.manifest import (FORMAT, FORMAT_VERSION, MANIFEST, MIN_ONNXRUNTIME,
                                    manifest_bytes, sha256_file)
 from actcomp_edge.memory import plan
+from actcomp_edge.methods import method as method_row
 from actcomp_edge.npz import save_npz, write_atomic
 
 from .memory_plan import choose_micro_batches, concrete, rank_dims, step_plan
@@ -40,8 +40,7 @@ def export_program(program, out_dir, config: TrainConfig, batch_size: int, class
     """Build every graph of the program, its weights and the manifest into out_dir; returns
     the manifest. norm: the input's {"mean", "std"}; dropout: the p the graphs leave out."""
     hw = tuple(program.shapes["image"][1:])
-    if config.method not in PIECES:
-        raise ValueError(f"unknown method {config.method!r}: choose one of {', '.join(PIECES)}")
+    row = method_row(config.method)
     split = split_program(program, config.n_layers)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -111,7 +110,7 @@ def export_program(program, out_dir, config: TrainConfig, batch_size: int, class
              "output_shape": list(program.shapes[op.output]), "kernel": op.attrs["kernel"],
              "stride": op.attrs["stride"], "padding": op.attrs["padding"],
              "groups": op.attrs["groups"],
-             "kept": [f"{op.name}/kept/{piece}" for piece in PIECES[config.method]],
+             "kept": [f"{op.name}/kept/{piece}" for piece in row.pieces],
              "masks": layer_masks}
             for op, layer_masks in zip(split.trainable_convs, masks)],
         "trainable_params": split.trainable_params,

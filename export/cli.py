@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from actcomp_edge.memory import LayerPlan, Plan, plan_table
+from actcomp_edge.methods import METHODS
 
 from . import zoo
 from .artifact import export_artifact
@@ -23,7 +24,7 @@ def plan_from_manifest(manifest: dict) -> Plan:
 
 
 def run_export(args) -> int:
-    if args.method in ("hosvd", "hosvd-tracked", "svd") and args.eps is None and args.ranks is None:
+    if METHODS[args.method].ranks and args.eps is None and args.ranks is None:
         raise ValueError(f"--method {args.method} needs --eps (e.g. 0.8) or --ranks")
     if not 0.0 <= args.label_smoothing < 1.0:
         raise ValueError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")

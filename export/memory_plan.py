@@ -8,23 +8,21 @@ Working set = what the runner allocates once and then reuses, plus what the step
                 (tensors alive together in node order, from onnx shape inference)
     numpy       at each schedule position: the kept pieces alive, the
                 results (new params, state, gradients), the image batch, and the transient
-                of a decomposition (``compress_workspace``)
+                of a decomposition (the method's ``workspace``)
 
 Data-dependent ranks (eps) take their bound (full multilinear rank, capped by a rank cap):
 ``rank_basis`` says which. Bytes; float32 4, bool/uint8 1.
 """
 from __future__ import annotations
 
-from math import ceil, prod
+from math import prod
 
 import onnx
 from onnx import shape_inference
 
 from actcomp_edge import memplan
-from actcomp_edge.compress import GF_RADIUS
-from actcomp_edge.decomposition import GRAM_BLOCK_BYTES
-from actcomp_edge.memory import (FLOAT_BYTES, gradient_filter_floats, hosvd_floats, layer_ranks,
-                                 svd_floats)
+from actcomp_edge.memory import FLOAT_BYTES, layer_ranks
+from actcomp_edge.methods import METHODS, Method
 
 ELEMENT_BYTES = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.BOOL: 1,
                  onnx.TensorProto.UINT8: 1, onnx.TensorProto.INT64: 8}
@@ -104,45 +102,10 @@ def tensor_shapes(model: onnx.ModelProto) -> dict:
     return out
 
 
-def compress_workspace(method: str, shape: tuple, ranks, stride: int) -> int:
-    """Bytes numpy allocates for a while to decompose one activation (B, C, H, W) float32,
-    beyond the activation and the kept pieces: HOSVD's mode Grams (float64, with eigh's
-    copy) and blockwise float64 slices, then the largest pair of successive partial cores
-    (each mode product copies its strided input); SVD's Gram and its two (k, C*H*W) passes;
-    GF's padded copy."""
-    size = prod(shape)
-    if method == "vanilla":
-        return 0
-    if method == "gf-r2":
-        window = GF_RADIUS * stride
-        b, c, h, w = shape
-        return 4 * b * c * ceil(h / window) * ceil(w / window) * window * window
-    if method == "svd":
-        b = shape[0]
-        k = ranks[0]
-        return 3 * 8 * b * b + 2 * 4 * k * (size // b)
-    # hosvd, hosvd-tracked (whose exact refresh is the hosvd)
-    grams = max(3 * 8 * min(d, size // d) ** 2 + (2 * 8 * size if d > size // d else 0)
-                for d in shape) + GRAM_BLOCK_BYTES
-    sizes, current = [size], list(shape)
-    for mode in sorted(range(4), key=lambda n: ranks[n] / shape[n]):
-        current[mode] = ranks[mode]
-        sizes.append(prod(current))
-    projection = max(4 * (a + b) for a, b in zip(sizes[:-1], sizes[1:]))
-    tracked = 2 * 4 * size if method == "hosvd-tracked" else 0  # subspace step's unfold copy
-    return max(grams, projection, tracked)
-
-
-def kept_bytes(method: str, shape: tuple, ranks, stride: int) -> int:
-    """What numpy holds of a decomposed activation (memory.py's formulas); vanilla keeps the
-    activation itself, which is in the pool."""
-    if method == "vanilla":
-        return 0
-    if method == "gf-r2":
-        return FLOAT_BYTES * gradient_filter_floats(shape, stride)
-    if method == "svd":
-        return FLOAT_BYTES * svd_floats(shape, ranks[0])
-    return FLOAT_BYTES * hosvd_floats(shape, ranks)
+def numpy_kept_bytes(row: Method, shape: tuple, ranks, stride: int) -> int:
+    """What numpy holds of a decomposed activation; a method that keeps x itself holds it
+    in the pool."""
+    return 0 if row.keeps_input else FLOAT_BYTES * row.kept_floats(shape, ranks, stride)
 
 
 def rank_dims(layers: list, method: str, batch: int, ranks, rank_cap) -> tuple:
@@ -153,11 +116,8 @@ def rank_dims(layers: list, method: str, batch: int, ranks, rank_cap) -> tuple:
         shape = (batch,) + tuple(layer["input_shape"])
         chosen = layer_ranks(method, shape, ranks, rank_cap)
         per_layer[layer["name"]] = chosen
-        if method == "svd":
-            dims[f"{layer['name']}/k"] = chosen[0]
-        elif chosen is not None:
-            for n, k in enumerate(chosen):
-                dims[f"{layer['name']}/k{n + 1}"] = k
+        for symbol, k in zip(METHODS[method].rank_symbols, chosen or ()):
+            dims[f"{layer['name']}/{symbol}"] = k
     return dims, per_layer
 
 
@@ -173,13 +133,14 @@ def step_plan(models: dict, graphs: dict, dims: dict, chosen: dict, schedule: li
     for g in graphs.values():
         sizes.update(tensor_bytes(g))
     by_name = {layer["name"]: layer for layer in layers}
-    buffers = memplan.pool_buffers(schedule, io, by_name, method, lambda n: sizes[n])
+    row = METHODS[method]
+    buffers = memplan.pool_buffers(schedule, io, by_name, row.keeps_input, lambda n: sizes[n])
     _, pool = memplan.place(buffers)
     pooled = {b.name for b in buffers}
     micro = {item["run"]: item["micro_batch"] for item in schedule if item.get("micro_batch")}
     arena = {name: arena_peak(concrete(models[name], dict(dims, batch=micro[name]))
                               if name in micro else graphs[name], pooled) for name in graphs}
-    last = memplan.last_use(schedule, io, by_name, method)
+    last = memplan.last_use(schedule, io, by_name, row.keeps_input)
     # the image batch, and the next one being prepared (one float32 channel at a time)
     image = FLOAT_BYTES * batch * 3 * prod(input_hw) * 4 // 3 + 8 * batch
     numpy_live, numpy_at = {}, []
@@ -189,9 +150,9 @@ def step_plan(models: dict, graphs: dict, dims: dict, chosen: dict, schedule: li
         if "compress" in item:
             layer = by_name[item["compress"]]
             shape = (batch,) + tuple(layer["input_shape"])
-            numpy_live[layer["name"]] = kept_bytes(method, shape, chosen[layer["name"]],
-                                                   layer["stride"])
-            transient = compress_workspace(method, shape, chosen[layer["name"]], layer["stride"])
+            ranks, stride = chosen[layer["name"]], layer["stride"]
+            numpy_live[layer["name"]] = numpy_kept_bytes(row, shape, ranks, stride)
+            transient = row.workspace(shape, ranks, stride)
         else:
             for name in io[item["run"]][1]:
                 if name.startswith(("new/", "grad/")):

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.grad import conv2d_input, conv2d_weight
 
-from actcomp_edge.compress import GF_RADIUS
+from actcomp_edge.methods import GF_RADIUS
 from actcomp_edge.decomposition import check_eps, hosvd, svd_compress
 
 METHODS = ("vanilla", "svd", "hosvd", "gf-r2")  # the ones this torch reference implements

@@ -27,14 +27,14 @@ from math import ceil
 
 import numpy as np
 
-from actcomp_edge.compress import GF_RADIUS, PIECES
+from actcomp_edge.arch import ConvLayer
+from actcomp_edge.methods import BATCH, METHODS
 
 from onnx import TensorProto
 
 from .onnx_graph import ACTCOMP_DOMAIN, Graph
 from .program import RELU_HI, Op, Program
 
-BATCH = "batch"
 OPTIMIZERS = ("sgd", "adamw")
 
 
@@ -207,7 +207,7 @@ def masks_from_kept(split: Split, method: str) -> dict:
     """clip output y -> the kept tensor its backward mask is read from. Vanilla keeps every
     fine-tuned conv's whole input, and where that input is y = min(max(x, lo), hi), the mask
     lo < x < hi is exactly lo < y < hi: no mask is packed for it."""
-    if method != "vanilla":
+    if not METHODS[method].keeps_input:
         return {}
     return {conv.inputs[0]: kept_name(conv.name, "input") for conv in split.trainable_convs}
 
@@ -278,165 +278,40 @@ def kept_name(layer: str, piece: str) -> str:
 
 
 def kept_inputs(split: Split, method: str) -> list:
-    """(name, shape) of every kept piece the backward takes, per trainable conv."""
-    program, out = split.program, []
+    """(name, dims) of every kept piece the backward takes, per trainable conv; a rank dim is
+    named <layer>/<symbol>."""
+    row, out = METHODS[method], []
     for op in split.trainable_convs:
-        c, h, w = program.shapes[op.inputs[0]]
-        shapes = {
-            "input": [BATCH, c, h, w],
-            "core": ["k1", "k2", "k3", "k4"],
-            "u_batch": [BATCH, "k1"], "u_channel": [c, "k2"], "u_height": [h, "k3"],
-            "u_width": [w, "k4"],
-            "left": [BATCH, "k"], "right": ["k", c, h, w],
-            "x_sum": [BATCH, c, ceil(h / (GF_RADIUS * op.attrs["stride"])),
-                      ceil(w / (GF_RADIUS * op.attrs["stride"]))],
-        }
-        for piece in PIECES[method]:
-            dims = [f"{op.name}/{d}" if isinstance(d, str) and d != BATCH else d
-                    for d in shapes[piece]]
-            out.append((kept_name(op.name, piece), dims))
+        dims = row.piece_dims(conv_layer(split.program, op))
+        for piece, shape in zip(row.pieces, dims):
+            out.append((kept_name(op.name, piece), [f"{op.name}/{d}" if isinstance(d, str)
+                                                   and d != BATCH else d for d in shape]))
     return out
 
 
-def conv_weight_grad(g: Graph, name: str, x: str, dy: str, x_chw, dy_hw, kernel: int,
-                     stride: int, padding: int, groups: int, out_ch: int) -> str:
-    """dW (O, C/groups, k, k) of a conv from its input x (N, C, H, W) and dY (N, O, H', W'),
-    N any "batch" (images, or the K1 rows of a Tucker core), as a single Conv:
-    every channel c of x becomes an image, dY^T becomes the kernel (dilation = stride)."""
-    c, h, w = x_chw  # c may be symbolic (a Tucker rank) when groups == 1
-    if kernel == 1 and stride == 1 and padding == 0 and groups == 1:
-        dw = pointwise_weight_grad(g, name, x, dy, c, out_ch, dy_hw)
-        return g.op("Reshape", [dw, g.ints([out_ch, -1, 1, 1])], name + "/dW")
-    if groups == 1:
-        xr = g.op("Transpose", [x], name + "/x_T", perm=[1, 0, 2, 3])           # (C, N, H, W)
-    else:
-        cg = c // groups
-        xg = g.op("Reshape", [x, g.ints([0, groups, cg, h, w])], name + "/x_groups")
-        xg = g.op("Transpose", [xg], name + "/x_groups_T", perm=[2, 1, 0, 3, 4])
-        xr = g.op("Reshape", [xg, g.ints([cg, -1, h, w])], name + "/x_T")     # (Cg, groups*N, H, W)
-    kernel_from_dy = g.op("Transpose", [dy], name + "/dy_T", perm=[1, 0, 2, 3])  # (O, N, H', W')
-    full = g.op("Conv", [xr, kernel_from_dy], name + "/grad_conv", dilations=[stride, stride],
-                pads=[padding] * 4, strides=[1, 1], group=groups)           # (Cg, O, kh', kw')
-    reach_h = h + 2 * padding - (dy_hw[0] - 1) * stride
-    reach_w = w + 2 * padding - (dy_hw[1] - 1) * stride
-    if (reach_h, reach_w) != (kernel, kernel):  # rows past the last stride step are unused
-        full = g.op("Slice", [full, g.ints([0, 0]), g.ints([kernel, kernel]), g.ints([2, 3])],
-                    name + "/crop")
-    return g.op("Transpose", [full], name + "/dW", perm=[1, 0, 2, 3])
-
-
-def pointwise_weight_grad(g: Graph, name: str, x: str, dy: str, c, out_ch: int, hw) -> str:
-    """dW (O, C) = sum_n dY_n (O, HW) X_n^T (HW, C) of a 1x1 conv. Large maps (O*C below
-    (O + C)*HW): one MatMul per sample, summed; small maps: one Gemm over the whole batch
-    of the transposed copies (O, N*HW) (C, N*HW)^T. onnxruntime decides
-    (benchmarks/backward_ops.py: each is 1.4-5x the other's speed on its side; the Einsum
-    they replace was slower than both). c may be symbolic (a Tucker rank): then the Gemm."""
-    n_hw = hw[0] * hw[1]
-    if isinstance(c, int) and out_ch * c <= (out_ch + c) * n_hw:
-        x_t = g.op("Transpose", [g.op("Reshape", [x, g.ints([0, c, -1])], name + "/x_flat")],
-                   name + "/x_T", perm=[0, 2, 1])                                   # (N, HW, C)
-        per_sample = g.op("MatMul", [g.op("Reshape", [dy, g.ints([0, out_ch, -1])],
-                                          name + "/dY_flat"), x_t], name + "/per_sample")
-        return g.op("ReduceSum", [per_sample, g.ints([0])], name + "/pointwise", keepdims=0)
-    dy_t = g.op("Reshape", [g.op("Transpose", [dy], name + "/dY_T", perm=[1, 0, 2, 3]),
-                            g.ints([out_ch, -1])], name + "/dY_rows")              # (O, N*HW)
-    x_rows = g.op("Reshape", [g.op("Transpose", [x], name + "/x_T", perm=[1, 0, 2, 3]),
-                              g.ints([0, -1])], name + "/x_rows")                   # (C, N*HW)
-    return g.op("Gemm", [dy_t, x_rows], name + "/pointwise", transB=1)
-
-
-def batch_contract(g: Graph, name: str, u: str, dy: str, ohw) -> str:
-    """sum_b u[b, k] dY[b, o, h, w] -> (K, O, H', W') as one MatMul u^T (K, B) @ dY (B, O*H'*W')
-    (an Einsum here transposes dY into a full-size copy first)."""
-    u_t = g.op("Transpose", [u], name + "/u_T", perm=[1, 0])
-    flat = g.op("Reshape", [dy, g.ints([0, -1])], name + "/dY_flat")
-    z = g.op("MatMul", [u_t, flat], name)
-    return g.op("Reshape", [z, g.ints([-1, *ohw])], name + "/shape")
+def conv_layer(program: Program, op: Op) -> ConvLayer:
+    """A conv op as its backward sees it: channels and per-sample sizes."""
+    a = op.attrs
+    c, h, w = program.shapes[op.inputs[0]]
+    out_ch, oh, ow = program.shapes[op.output]
+    return ConvLayer(op.name, c, out_ch, a["kernel"], a["stride"], a["padding"], a["groups"],
+                     (h, w), (oh, ow))
 
 
 def emit_conv_backward(g: Graph, program: Program, op: Op, dy: str, method: str,
                        needs_dx: bool) -> tuple:
     """(dW, db | None, dx | None) of a fine-tuned conv from what was kept."""
-    a = op.attrs
-    k, s, p, groups = a["kernel"], a["stride"], a["padding"], a["groups"]
-    c, h, w = program.shapes[op.inputs[0]]
-    out_ch, oh, ow = program.shapes[op.output]
-    name = op.name + "/backward"
-    kept = {piece: kept_name(op.name, piece) for piece in PIECES[method]}
-    if method == "vanilla":
-        dw = conv_weight_grad(g, name, kept["input"], dy, (c, h, w), (oh, ow), k, s, p, groups,
-                              out_ch)
-    elif method == "svd":
-        z = batch_contract(g, name + "/dY_x_left", kept["left"], dy, (out_ch, oh, ow))
-        dw = conv_weight_grad(g, name, kept["right"], z, (c, h, w), (oh, ow), k, s, p, groups,
-                              out_ch)
-    elif method in ("hosvd", "hosvd-tracked") and (k, s, p, groups) == (1, 1, 0, 1):
-        # pointwise: dW_low[o, k2] = sum dY[b,o,h,w] U1[b,k1] core[k1,k2,c,d] U3[h,c] U4[w,d];
-        # dY is projected on U4 then U3 first (it shrinks), never expanding the core
-        t = g.op("MatMul", [dy, kept["u_width"]], name + "/dY_x_U4")               # (B,O,H,K4)
-        t = g.op("Transpose", [t], name + "/dY_x_U4_T", perm=[0, 1, 3, 2])          # (B,O,K4,H)
-        t = g.op("MatMul", [t, kept["u_height"]], name + "/dY_x_U4_x_U3")          # (B,O,K4,K3)
-        u1_t = g.op("Transpose", [kept["u_batch"]], name + "/U1_T", perm=[1, 0])
-        z = g.op("MatMul", [u1_t, g.op("Reshape", [t, g.ints([0, -1])], name + "/t_flat")],
-                 name + "/x_U1")                                                    # (K1, O*K4K3)
-        z = g.op("Reshape", [z, g.ints([0, out_ch, -1])], name + "/z")             # (K1,O,K4K3)
-        core = g.op("Transpose", [kept["core"]], name + "/core_T", perm=[0, 1, 3, 2])
-        core = g.op("Reshape", [core, g.ints([0, 0, -1])], name + "/core_flat")     # (K1,K2,K4K3)
-        per_k1 = g.op("MatMul", [z, g.op("Transpose", [core], name + "/core_flat_T",
-                                         perm=[0, 2, 1])], name + "/dW_low_per_k1")  # (K1,O,K2)
-        low = g.op("ReduceSum", [per_k1, g.ints([0])], name + "/dW_low", keepdims=0)  # (O, K2)
-        dw = g.op("MatMul", [low, g.op("Transpose", [kept["u_channel"]], name + "/U2_T",
-                                      perm=[1, 0])], name + "/project_U2")          # (O, C)
-        dw = g.op("Reshape", [dw, g.ints([out_ch, c, 1, 1])], name + "/dW")
-    elif method in ("hosvd", "hosvd-tracked"):
-        z = batch_contract(g, name + "/dY_x_U1", kept["u_batch"], dy, (out_ch, oh, ow))
-        u3, u4 = kept["u_height"], kept["u_width"]
-        if p:
-            u3 = g.op("Pad", [u3, g.ints([p, 0, p, 0])], name + "/U3_padded")
-            u4 = g.op("Pad", [u4, g.ints([p, 0, p, 0])], name + "/U4_padded")
-        core_hw = g.op("Einsum", [kept["core"], u3, u4], name + "/core_x_U3p_x_U4p",
-                       equation="abcd,hc,wd->abhw")                           # (K1, K2, Hp, Wp)
-        dw_low = conv_weight_grad(g, name + "/lowrank", core_hw, z, ("k2", h + 2 * p, w + 2 * p),
-                                  (oh, ow), k, s, 0, 1, out_ch)                # (O, K2, k, k)
-        if groups == 1:
-            dw = g.op("Einsum", [dw_low, kept["u_channel"]], name + "/project_U2",
-                      equation="okij,ck->ocij")
-        else:
-            low = g.op("Reshape", [dw_low, g.ints([groups, out_ch // groups, -1, k, k])],
-                       name + "/dW_low_groups")
-            u2 = g.op("Reshape", [kept["u_channel"], g.ints([groups, c // groups, -1])],
-                      name + "/U2_groups")
-            dw = g.op("Einsum", [low, u2], name + "/project_U2", equation="gokij,gck->gocij")
-            dw = g.op("Reshape", [dw, g.ints([out_ch, c // groups, k, k])], name + "/dW")
-    elif method == "gf-r2":
-        r = GF_RADIUS
-        ph, pw = ceil(h / (r * s)), ceil(w / (r * s))
-        gh, gw = ceil(oh / r), ceil(ow / r)
-        avg = g.op("AveragePool", [dy], name + "/dY_patch_mean", kernel_shape=[r, r],
-                   strides=[r, r], pads=[0, 0, gh * r - oh, gw * r - ow], count_include_pad=0)
-        if (gh, gw) != (ph, pw):
-            avg = g.op("Slice", [avg, g.ints([0, 0]), g.ints([min(gh, ph), min(gw, pw)]),
-                                 g.ints([2, 3])], name + "/dY_patch_crop")
-            if gh < ph or gw < pw:
-                avg = g.op("Pad", [avg, g.ints([0, 0, 0, 0, 0, 0, max(0, ph - gh),
-                                                max(0, pw - gw)])], name + "/dY_patch_pad")
-        dw1 = conv_weight_grad(g, name, kept["x_sum"], avg, (c, ph, pw), (ph, pw), 1, 1, 0,
-                               groups, out_ch)                               # (O, Cg, 1, 1)
-        dw = g.op("Expand", [dw1, g.ints([1, 1, k, k])], name + "/dW_every_tap")
-    else:
-        raise ValueError(f"unknown method {method!r}")
+    conv, name, row = conv_layer(program, op), op.name + "/backward", METHODS[method]
+    dw = row.weight_grad(g, name, {piece: kept_name(op.name, piece) for piece in row.pieces},
+                         dy, conv)
     db = None
-    if a.get("bias"):
+    if op.attrs.get("bias"):
         db = g.op("ReduceSum", [dy, g.ints([0, 2, 3])], name + "/db", keepdims=0)
-    dx = None
-    if needs_dx:
-        dx = conv_input_grad(g, name, dy, a["weight"], (c, h, w), (out_ch, oh, ow), k, s, p,
-                             groups)
+    dx = conv_input_grad(g, name, dy, op.attrs["weight"], conv) if needs_dx else None
     return dw, db, dx
 
 
-def conv_input_grad(g: Graph, name: str, dy: str, weight: str, x_chw, y_chw, kernel: int,
-                    stride: int, padding: int, groups: int) -> str:
+def conv_input_grad(g: Graph, name: str, dy: str, weight: str, conv: ConvLayer) -> str:
     """dX (N, C, H, W) of a conv from dY (N, O, H', W') and W (O, C/groups, k, k).
 
     Stride 1: a Conv of dY padded by k - 1 - p with the kernel flipped in space and
@@ -445,9 +320,8 @@ def conv_input_grad(g: Graph, name: str, dy: str, weight: str, x_chw, y_chw, ker
     Stride > 1: ConvTranspose (as a Conv, dY would need stride - 1 zeros after every
     element). onnxruntime's CPU kernels decide (benchmarks/backward_ops.py: the Conv is
     1.2-5.9x faster at stride 1, 2-3x slower at stride 2 with the zeros)."""
-    c, h, w = x_chw
-    out_ch, oh, ow = y_chw
-    k, s, p = kernel, stride, padding
+    c, (h, w), out_ch, (oh, ow) = conv.in_ch, conv.input_hw, conv.out_ch, conv.output_hw
+    k, s, p, groups = conv.kernel, conv.stride, conv.padding, conv.groups
     if s > 1:
         return g.op("ConvTranspose", [dy, weight], name + "/dX", kernel_shape=[k, k],
                     strides=[s, s], pads=[p] * 4, group=groups,
@@ -564,7 +438,7 @@ def backward_partitions(split: Split, config: TrainConfig) -> list:
         for t in later:
             grads[t] = g.input(grad_name(t), np.float32, tensor_shape(program, t))
         conv = ops[0]
-        for piece in PIECES[config.method]:
+        for piece in METHODS[config.method].pieces:
             name = kept_name(conv.name, piece)
             g.input(name, np.float32, kept[name])
         for op in ops:
@@ -736,8 +610,7 @@ def overview_graph(forward_graphs: list, split: Split, backward: list,
     with its type and shape, and every edge gets a shape (value_info)."""
     import onnx
     g = Graph("training_step_overview")
-    op_type = {"vanilla": "KeepInput", "hosvd": "HOSVD", "hosvd-tracked": "TrackedHOSVD",
-               "svd": "SVD", "gf-r2": "GradientFilterSumPool"}[config.method]
+    op_type = METHODS[config.method].overview_op
     attrs = {}
     if config.eps is not None:
         attrs["eps"] = float(config.eps)
@@ -762,7 +635,7 @@ def overview_graph(forward_graphs: list, split: Split, backward: list,
     for p, graph in enumerate(forward_graphs):
         if p >= 1:
             conv = split.trainable_convs[p - 1]
-            kept = [kept_name(conv.name, piece) for piece in PIECES[config.method]]
+            kept = [kept_name(conv.name, piece) for piece in METHODS[config.method].pieces]
             g.op(op_type, [conv.inputs[0]], f"{conv.name}/decompose", outputs=kept,
                  domain=ACTCOMP_DOMAIN, **attrs)
         g.nodes.extend(copy_nodes(graph, {}))

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from export.onnx_graph import Graph
-from export.training_graph import conv_input_grad, conv_weight_grad
+from actcomp_edge.arch import ConvLayer, conv_out
+from actcomp_edge.methods import conv_weight_grad
+from export.training_graph import conv_input_grad
 
 CASES = [  # (C, O, groups, kernel, stride, padding, H, W)
     (8, 16, 1, 1, 1, 0, 5, 7),      # pointwise
@@ -37,6 +39,12 @@ def case_tensors(c, o, groups, k, s, p, h, w):
     return x, weight, dy
 
 
+def layer(case) -> ConvLayer:
+    c, o, groups, k, s, p, h, w = case
+    return ConvLayer("conv", c, o, k, s, p, groups, (h, w),
+                     (conv_out(h, k, s, p), conv_out(w, k, s, p)))
+
+
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_input_gradient_as_a_conv_equals_autograd(case):
     c, o, groups, k, s, p, h, w = case
@@ -44,7 +52,7 @@ def test_input_gradient_as_a_conv_equals_autograd(case):
     g = Graph("dx")
     g.input("dy", np.float32, list(dy.shape))
     g.input("w", np.float32, list(weight.shape))
-    dx = conv_input_grad(g, "conv", "dy", "w", (c, h, w), tuple(dy.shape[1:]), k, s, p, groups)
+    dx = conv_input_grad(g, "conv", "dy", "w", layer(case))
     g.output(dx, np.float32, [2, c, h, w])
     got = run(g, {"dy": dy.numpy(), "w": weight.detach().numpy()})
     np.testing.assert_allclose(got, x.grad.numpy(), rtol=1e-5, atol=1e-5)
@@ -57,8 +65,7 @@ def test_weight_gradient_equals_autograd(case):
     g = Graph("dw")
     g.input("x", np.float32, list(x.shape))
     g.input("dy", np.float32, list(dy.shape))
-    dw = conv_weight_grad(g, "conv", "x", "dy", (c, h, w), tuple(dy.shape[2:]), k, s, p,
-                          groups, o)
+    dw = conv_weight_grad(g, "conv", "x", "dy", layer(case))
     g.output(dw, np.float32, list(weight.shape))
     got = run(g, {"x": x.detach().numpy(), "dy": dy.numpy()})
     np.testing.assert_allclose(got, weight.grad.numpy(), rtol=1e-5, atol=1e-5)

@@ -1,9 +1,11 @@
-"""What the device keeps per method: sum pooling, the stateful tracked HOSVD."""
+"""The methods' table (what the device keeps, its size and dims), sum pooling, the stateful
+tracked HOSVD."""
 import numpy as np
 import pytest
 
-from actcomp_edge.compress import PIECES, TrackedHosvd, compress, sum_pool
+from actcomp_edge.arch import ConvLayer, conv_out
 from actcomp_edge.decomposition import hosvd, unfold
+from actcomp_edge.methods import BATCH, METHODS, TrackedHosvd, compress, method, sum_pool
 
 
 def test_sum_pool_hand_computed():
@@ -17,12 +19,31 @@ def test_sum_pool_hand_computed():
     assert kept.pieces["x_sum"][0, 0, 0, 0] == 16 and kept.pieces["x_sum"][0, 0, 1, 1] == 9
 
 
-@pytest.mark.parametrize("method", sorted(set(PIECES) - {"hosvd-tracked"}))
-def test_pieces_are_named_as_the_backward_expects(method):
-    x = np.random.default_rng(0).standard_normal((4, 6, 5, 5)).astype(np.float32)
-    kept = compress(method, x, eps=0.9)
-    assert tuple(kept.pieces) == PIECES[method]
+@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("stride", [1, 2])
+def test_each_method_keeps_what_its_row_says(name, stride):
+    """The pieces compress makes have the row's names and dims (ranks as the Kept's), and
+    their floats are the row's kept_floats at those ranks."""
+    row = method(name)
+    x = np.random.default_rng(0).standard_normal((4, 6, 5, 7)).astype(np.float32)
+    compressor = row.tracker(eps=0.9) if row.tracker else (
+        lambda a: row.compress(a, 0.9, None, None, stride))
+    kept = compressor(x)
+    assert tuple(kept.pieces) == row.pieces
     assert kept.nbytes == sum(a.nbytes for a in kept.pieces.values())
+    conv = ConvLayer("c", 6, 8, 3, stride, 1, 1, (5, 7), (conv_out(5, 3, stride, 1),
+                                                           conv_out(7, 3, stride, 1)))
+    ranks = dict(zip(row.rank_symbols, kept.rank_per_mode or ()))
+    for piece, dims in zip(row.pieces, row.piece_dims(conv)):
+        want = tuple(4 if d == BATCH else ranks[d] if isinstance(d, str) else d for d in dims)
+        assert kept.pieces[piece].shape == want, piece
+    assert kept.nbytes == 4 * row.kept_floats(x.shape, kept.rank_per_mode, stride)
+    assert (row.ranks is None) == (kept.rank_per_mode is None)
+
+
+def test_an_unknown_method_names_the_choices():
+    with pytest.raises(ValueError, match="unknown method 'tucker': choose one of vanilla, "):
+        method("tucker")
 
 
 def drifting(rng, steps, shape, ranks, drift=0.02):

@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("actcomp_edge", "device_runner", "export")
 HOST = {"actcomp_edge.cli", "actcomp_edge.demo", "actcomp_edge.monitor", "actcomp_edge.report",
         "actcomp_edge.fleet", "actcomp_edge.fleet_server"}
-DEVICE_ROOTS = {"actcomp_edge.decomposition", "actcomp_edge.compress", "actcomp_edge.protocol",
+DEVICE_ROOTS = {"actcomp_edge.decomposition", "actcomp_edge.methods", "actcomp_edge.protocol",
                 "actcomp_edge.manifest", "actcomp_edge.memplan", "actcomp_edge.npz"}
 
 
@@ -53,7 +53,7 @@ def reachable(graph: dict, starts) -> set:
 
 def test_the_graph_is_read():
     graph = import_graph()
-    assert "actcomp_edge.decomposition" in graph["actcomp_edge.compress"]
+    assert "actcomp_edge.decomposition" in graph["actcomp_edge.methods"]
     assert "device_runner.runtime" in graph["device_runner.train"]   # relative import
     assert "export.cli" in graph["actcomp_edge.cli"]                 # import inside a function
     assert "actcomp_edge.fleet" in graph["actcomp_edge.cli"]

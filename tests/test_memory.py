@@ -9,8 +9,8 @@ import pytest
 from actcomp_edge import cli
 from actcomp_edge.arch import load_spec, network
 from actcomp_edge.decomposition import hosvd
-from actcomp_edge.memory import (gradient_filter_floats, hosvd_floats, mib, plan, svd_floats,
-                                 vanilla_floats)
+from actcomp_edge.memory import mib, plan
+from actcomp_edge.methods import gf_floats, hosvd_floats, svd_floats, vanilla_floats
 
 # The paper's printed analytic columns: (vanilla N=2, N=4, GF-R2 N=2, N=4), MiB.
 PAPER = {
@@ -37,10 +37,10 @@ def test_mib_rounds_half_up():
 def test_formulas_hand_computed():
     shape = (64, 576, 7, 7)
     assert vanilla_floats(shape) == 64 * 576 * 49
-    assert svd_floats(shape, 3) == 3 * (64 + 576 * 49)
+    assert svd_floats(shape, (3,)) == 3 * (64 + 576 * 49)
     assert hosvd_floats(shape, (2, 3, 4, 5)) == 120 + 64 * 2 + 576 * 3 + 7 * 4 + 7 * 5
-    assert gradient_filter_floats(shape, 1) == 64 * 576 * 4 * 4
-    assert gradient_filter_floats((64, 256, 14, 14), 2) == 64 * 256 * 4 * 4
+    assert gf_floats(shape, None, 1) == 64 * 576 * 4 * 4
+    assert gf_floats((64, 256, 14, 14), None, 2) == 64 * 256 * 4 * 4
 
 
 def test_last_n_layers_are_the_last_convs_in_definition_order():

@@ -482,10 +482,10 @@ def test_spool_survives_sigkill_and_a_torn_last_record(tmp_path):
         assert sender.pending == n - 1 and sender.next_seq == n - 1
         extra = make_records(5, start=1000)
         assert [sender.send(r) for r in extra] == list(range(n - 1, n + 4))
+        assert sender.pending == n + 4  # unreachable: nothing drains
 
     out = tmp_path / "out.jsonl"
-    with ProfileSender(f"file://{out}", spool) as sender:
-        assert sender.pending == n + 4
+    with ProfileSender(f"file://{out}", spool) as sender:  # drains from its start
         assert sender.flush(timeout=10)
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert lines == records[:-1] + extra

@@ -1,0 +1,440 @@
+"""The methods: what the backward keeps of a fine-tuned conv's input, one row each.
+
+For a fine-tuned conv with input x (B, C, H, W) a method (a row of ``METHODS``) says
+
+    pieces       what it keeps, named, with their dims (a rank is a symbol: k, k1..k4)
+    kept_floats  how many floats that is (the paper's formulas)
+    workspace    the bytes numpy needs for a while to make them, beyond x and the pieces
+    compress     how the board makes them (numpy: this module runs on the device)
+    weight_grad  how the backward graph turns them and dY into dW (ONNX nodes on ``g``,
+                 the exporter's ``export.onnx_graph.Graph``: ``g.op``, ``g.ints``)
+
+Adding a method is adding its functions and one row here. No torch, no onnx import.
+
+    vanilla:       input (B, C, H, W)
+    hosvd:         core (K1, K2, K3, K4), u_batch (B, K1), u_channel (C, K2), u_height (H, K3),
+                   u_width (W, K4); eps ranks recomputed every step (the paper)
+    hosvd-tracked: the hosvd pieces from ``TrackedHosvd`` (ranks fixed between refreshes,
+                   factors followed across steps by one subspace iteration)
+    svd:           left = U_k diag(s_k) (B, k), right = V_k^T reshaped (k, C, H, W)
+    gf-r2:         x_sum (B, C, ceil(H / (r s)), ceil(W / (r s))): sums over (r s) x (r s)
+                   patches, zero-padded bottom/right (Gradient Filter, r = 2, Yang et al. 2023)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import ceil, prod
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from .arch import ConvLayer
+from .decomposition import (GRAM_BLOCK_BYTES, Tucker, full_rank_bound, hosvd, mode_spectrum,
+                            project_core, svd_compress, unfold)
+
+GF_RADIUS = 2
+BATCH = "batch"   # the symbolic batch dim of the graphs
+
+
+@dataclass
+class Kept:
+    pieces: dict                      # piece name -> array (float32)
+    rank_per_mode: Optional[tuple]    # hosvd (K1..K4), svd (k,), else None
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(a.nbytes for a in self.pieces.values()))
+
+
+# ---------------------------------------------------------------- vanilla: x itself
+
+def vanilla_floats(shape: Sequence[int], ranks=None, stride: int = 1) -> int:
+    """B*C*H*W."""
+    return prod(shape)
+
+
+def vanilla_compress(x, eps=None, ranks=None, rank_cap=None, stride=1) -> Kept:
+    return Kept({"input": x}, None)
+
+
+def vanilla_weight_grad(g, name: str, kept: dict, dy: str, conv: ConvLayer) -> str:
+    return conv_weight_grad(g, name, kept["input"], dy, conv)
+
+
+# ---------------------------------------------------------------- svd: mode-1 truncated SVD
+
+def svd_floats(shape: Sequence[int], ranks: Sequence[int], stride: int = 1) -> int:
+    """k (B + C*H*W)."""
+    return ranks[0] * (shape[0] + prod(shape[1:]))
+
+
+def svd_rank(shape: tuple, ranks, rank_cap) -> tuple:
+    """(k,) for sizing: the fixed rank, else the bound min(B, C*H*W); capped."""
+    bound = min(shape[0], prod(shape[1:]))
+    k = int(ranks[0]) if ranks is not None else bound
+    cap = rank_cap if isinstance(rank_cap, int) else (rank_cap[0] if rank_cap else None)
+    return (max(1, min(k, bound, cap if cap else bound)),)
+
+
+def svd_workspace(shape: tuple, ranks, stride: int) -> int:
+    """The (B, B) Gram in float64 with eigh's copy and vectors, and two (k, C*H*W) passes."""
+    b = shape[0]
+    return 3 * 8 * b * b + 2 * 4 * ranks[0] * (prod(shape) // b)
+
+
+def svd_kept(x, eps=None, ranks=None, rank_cap=None, stride=1) -> Kept:
+    rank = None if eps is not None else (ranks[0] if ranks is not None else None)
+    s = svd_compress(x, eps=eps, rank=rank, rank_cap=rank_cap)
+    return Kept({"left": s.left, "right": s.right.reshape((s.rank,) + x.shape[1:])}, (s.rank,))
+
+
+def svd_weight_grad(g, name: str, kept: dict, dy: str, conv: ConvLayer) -> str:
+    """dW = sum_b left[b, k] (right_k * dY_b): dY contracted with left over the batch, then
+    the conv's weight gradient of the k rows of right."""
+    z = batch_contract(g, name + "/dY_x_left", kept["left"], dy,
+                       (conv.out_ch,) + tuple(conv.output_hw))
+    return conv_weight_grad(g, name, kept["right"], z, conv)
+
+
+# ---------------------------------------------------------------- hosvd: truncated Tucker
+
+def hosvd_floats(shape: Sequence[int], ranks: Sequence[int], stride: int = 1) -> int:
+    """prod(K_n) + sum(d_n K_n)."""
+    return prod(ranks) + sum(d * k for d, k in zip(shape, ranks))
+
+
+def tucker_ranks(shape: tuple, ranks, rank_cap) -> tuple:
+    """(K1..K4) for sizing: fixed ones if given, else the full multilinear rank; capped."""
+    bound = full_rank_bound(shape)
+    chosen = tuple(ranks) if ranks is not None else bound
+    if len(chosen) != 4:
+        raise ValueError(f"hosvd needs 4 ranks (B, C, H, W), got {len(chosen)}")
+    caps = rank_cap if rank_cap is not None else (None,) * 4
+    if isinstance(caps, int):
+        caps = (caps,) * 4
+    return tuple(max(1, min(k, b, c if c else b)) for k, b, c in zip(chosen, bound, caps))
+
+
+def hosvd_workspace(shape: tuple, ranks, stride: int) -> int:
+    """The mode Grams (float64, with eigh's copy) and blockwise float64 slices, then the
+    largest pair of successive partial cores (each mode product copies its strided input)."""
+    size = prod(shape)
+    grams = max(3 * 8 * min(d, size // d) ** 2 + (2 * 8 * size if d > size // d else 0)
+                for d in shape) + GRAM_BLOCK_BYTES
+    sizes, current = [size], list(shape)
+    for mode in sorted(range(4), key=lambda n: ranks[n] / shape[n]):
+        current[mode] = ranks[mode]
+        sizes.append(prod(current))
+    return max(grams, max(4 * (a + b) for a, b in zip(sizes[:-1], sizes[1:])))
+
+
+def tracked_workspace(shape: tuple, ranks, stride: int) -> int:
+    """The exact refresh's (hosvd), or the subspace step's unfold copy and its product."""
+    return max(hosvd_workspace(shape, ranks, stride), 2 * 4 * prod(shape))
+
+
+TUCKER_PIECES = ("core", "u_batch", "u_channel", "u_height", "u_width")
+
+
+def tucker_kept(t: Tucker) -> Kept:
+    return Kept(dict(zip(TUCKER_PIECES, (t.core,) + tuple(t.factors))), t.rank_per_mode)
+
+
+def hosvd_kept(x, eps=None, ranks=None, rank_cap=None, stride=1) -> Kept:
+    return tucker_kept(hosvd(x, eps=eps, ranks=ranks if eps is None else None, rank_cap=rank_cap))
+
+
+def tracked_kept(x, eps=None, ranks=None, rank_cap=None, stride=1) -> Kept:
+    raise ValueError("hosvd-tracked keeps state across steps: use TrackedHosvd")
+
+
+class TrackedHosvd:
+    """HOSVD whose ranks are fixed between refreshes and whose factors follow the activation.
+
+    Every ``refresh_every`` steps (and at the first, or when the shape changes) the exact
+    HOSVD runs (eps rule or fixed ranks, capped); in between, the batch factor comes from the
+    small B x B Gram matrix (samples differ every step) and each other factor U_n is updated
+    by one subspace iteration warm-started from the previous step:
+        U_n <- orth(A_(n) (A_(n)^T U_n))        cost d_n * rest * K_n instead of d_n^2 * rest + d_n^3
+    The result is an orthonormal Tucker tensor, so the backward is the HOSVD one.
+    """
+
+    def __init__(self, eps=None, ranks=None, rank_cap=None, refresh_every: int = 50):
+        if refresh_every < 1:
+            raise ValueError(f"refresh_every must be >= 1, got {refresh_every}")
+        self.eps, self.ranks, self.rank_cap, self.refresh_every = eps, ranks, rank_cap, refresh_every
+        self.factors = None
+        self.shape = None
+        self.steps = 0
+
+    def state(self) -> dict:
+        """Arrays to checkpoint: the factors and the step count."""
+        if self.factors is None:
+            return {"steps": np.array(self.steps)}
+        return {"steps": np.array(self.steps), "shape": np.array(self.shape),
+                **{f"u{n}": u for n, u in enumerate(self.factors)}}
+
+    def restore(self, state: dict) -> None:
+        self.steps = int(state["steps"])
+        if "shape" in state:
+            self.shape = tuple(int(d) for d in state["shape"])
+            self.factors = [state[f"u{n}"] for n in range(len(self.shape))]
+
+    def __call__(self, x: np.ndarray) -> Kept:
+        due = self.steps % self.refresh_every == 0
+        if self.factors is None or due or x.shape[1:] != self.shape[1:]:
+            t = hosvd(x, eps=self.eps, ranks=None if self.eps is not None else self.ranks,
+                      rank_cap=self.rank_cap)
+            factors = list(t.factors)
+        else:
+            k1 = min(self.factors[0].shape[1], x.shape[0])
+            factors = [np.ascontiguousarray(mode_spectrum(x, 0)[1][:, :k1], dtype=x.dtype)]
+            for mode in range(1, x.ndim):
+                m = unfold(x, mode)
+                q, _ = np.linalg.qr(m @ (m.T @ self.factors[mode]))
+                factors.append(q.astype(x.dtype))
+            t = Tucker(project_core(x, factors), tuple(factors))
+        self.factors, self.shape = factors, x.shape
+        self.steps += 1
+        return tucker_kept(t)
+
+
+def hosvd_weight_grad(g, name: str, kept: dict, dy: str, conv: ConvLayer) -> str:
+    """dW in the low-rank space, never rebuilding x: dY contracted with U1 over the batch, the
+    core expanded along H and W with the zero-padded U3, U4, the conv's weight gradient of
+    its K2 channels, then a projection with U2 (per group)."""
+    c, (h, w), out_ch = conv.in_ch, conv.input_hw, conv.out_ch
+    (oh, ow), k, p, groups = conv.output_hw, conv.kernel, conv.padding, conv.groups
+    if (k, conv.stride, p, groups) == (1, 1, 0, 1):
+        return hosvd_pointwise_weight_grad(g, name, kept, dy, conv)
+    z = batch_contract(g, name + "/dY_x_U1", kept["u_batch"], dy, (out_ch, oh, ow))
+    u3, u4 = kept["u_height"], kept["u_width"]
+    if p:
+        u3 = g.op("Pad", [u3, g.ints([p, 0, p, 0])], name + "/U3_padded")
+        u4 = g.op("Pad", [u4, g.ints([p, 0, p, 0])], name + "/U4_padded")
+    core_hw = g.op("Einsum", [kept["core"], u3, u4], name + "/core_x_U3p_x_U4p",
+                   equation="abcd,hc,wd->abhw")                           # (K1, K2, Hp, Wp)
+    low_conv = ConvLayer(name, "k2", out_ch, k, conv.stride, 0, 1, (h + 2 * p, w + 2 * p),
+                         (oh, ow))
+    dw_low = conv_weight_grad(g, name + "/lowrank", core_hw, z, low_conv)  # (O, K2, k, k)
+    if groups == 1:
+        return g.op("Einsum", [dw_low, kept["u_channel"]], name + "/project_U2",
+                    equation="okij,ck->ocij")
+    low = g.op("Reshape", [dw_low, g.ints([groups, out_ch // groups, -1, k, k])],
+               name + "/dW_low_groups")
+    u2 = g.op("Reshape", [kept["u_channel"], g.ints([groups, c // groups, -1])],
+              name + "/U2_groups")
+    dw = g.op("Einsum", [low, u2], name + "/project_U2", equation="gokij,gck->gocij")
+    return g.op("Reshape", [dw, g.ints([out_ch, c // groups, k, k])], name + "/dW")
+
+
+def hosvd_pointwise_weight_grad(g, name: str, kept: dict, dy: str, conv: ConvLayer) -> str:
+    """1x1: dW_low[o, k2] = sum dY[b,o,h,w] U1[b,k1] core[k1,k2,c,d] U3[h,c] U4[w,d], dY
+    projected on U4 then U3 first (it shrinks), never expanding the core; then dW = dW_low U2^T."""
+    c, out_ch = conv.in_ch, conv.out_ch
+    t = g.op("MatMul", [dy, kept["u_width"]], name + "/dY_x_U4")               # (B,O,H,K4)
+    t = g.op("Transpose", [t], name + "/dY_x_U4_T", perm=[0, 1, 3, 2])          # (B,O,K4,H)
+    t = g.op("MatMul", [t, kept["u_height"]], name + "/dY_x_U4_x_U3")          # (B,O,K4,K3)
+    u1_t = g.op("Transpose", [kept["u_batch"]], name + "/U1_T", perm=[1, 0])
+    z = g.op("MatMul", [u1_t, g.op("Reshape", [t, g.ints([0, -1])], name + "/t_flat")],
+             name + "/x_U1")                                                    # (K1, O*K4K3)
+    z = g.op("Reshape", [z, g.ints([0, out_ch, -1])], name + "/z")             # (K1,O,K4K3)
+    core = g.op("Transpose", [kept["core"]], name + "/core_T", perm=[0, 1, 3, 2])
+    core = g.op("Reshape", [core, g.ints([0, 0, -1])], name + "/core_flat")     # (K1,K2,K4K3)
+    per_k1 = g.op("MatMul", [z, g.op("Transpose", [core], name + "/core_flat_T",
+                                     perm=[0, 2, 1])], name + "/dW_low_per_k1")  # (K1,O,K2)
+    low = g.op("ReduceSum", [per_k1, g.ints([0])], name + "/dW_low", keepdims=0)  # (O, K2)
+    dw = g.op("MatMul", [low, g.op("Transpose", [kept["u_channel"]], name + "/U2_T",
+                                   perm=[1, 0])], name + "/project_U2")          # (O, C)
+    return g.op("Reshape", [dw, g.ints([out_ch, c, 1, 1])], name + "/dW")
+
+
+# ---------------------------------------------------------------- gf-r2: Gradient Filter
+
+def gf_patches(h: int, w: int, stride: int) -> tuple:
+    """Patch rows and columns of a Gradient Filter input: ceil(H / (r s)), ceil(W / (r s))."""
+    return ceil(h / (GF_RADIUS * stride)), ceil(w / (GF_RADIUS * stride))
+
+
+def gf_floats(shape: Sequence[int], ranks=None, stride: int = 1) -> int:
+    """B*C*ceil(H/(r*s))*ceil(W/(r*s))."""
+    b, c, h, w = shape
+    return b * c * prod(gf_patches(h, w, stride))
+
+
+def gf_workspace(shape: tuple, ranks, stride: int) -> int:
+    """The zero-padded copy of x."""
+    b, c, h, w = shape
+    window = GF_RADIUS * stride
+    return 4 * b * c * ceil(h / window) * ceil(w / window) * window * window
+
+
+def sum_pool(x: np.ndarray, window: int) -> np.ndarray:
+    """(B, C, H, W) -> (B, C, ceil(H/window), ceil(W/window)), zero-padded bottom/right.
+
+    Sum of window**2 strided views (a 6-D reshape + sum is ~10x slower in numpy)."""
+    b, c, h, w = x.shape
+    ph, pw = ceil(h / window), ceil(w / window)
+    if (ph * window, pw * window) != (h, w):
+        padded = np.zeros((b, c, ph * window, pw * window), dtype=x.dtype)
+        padded[:, :, :h, :w] = x
+        x = padded
+    total = x[:, :, 0::window, 0::window].copy()
+    for i in range(window):
+        for j in range(window):
+            if i or j:
+                total += x[:, :, i::window, j::window]
+    return total
+
+
+def gf_kept(x, eps=None, ranks=None, rank_cap=None, stride=1) -> Kept:
+    return Kept({"x_sum": sum_pool(x, GF_RADIUS * stride)}, None)
+
+
+def gf_weight_grad(g, name: str, kept: dict, dy: str, conv: ConvLayer) -> str:
+    """Every tap of the kernel gets the same gradient: the patch sums of x against the patch
+    means of dY (r x r patches of the output), as a 1x1 conv's weight gradient."""
+    r, s, k = GF_RADIUS, conv.stride, conv.kernel
+    (h, w), (oh, ow) = conv.input_hw, conv.output_hw
+    ph, pw = gf_patches(h, w, s)
+    gh, gw = ceil(oh / r), ceil(ow / r)
+    avg = g.op("AveragePool", [dy], name + "/dY_patch_mean", kernel_shape=[r, r],
+               strides=[r, r], pads=[0, 0, gh * r - oh, gw * r - ow], count_include_pad=0)
+    if (gh, gw) != (ph, pw):
+        avg = g.op("Slice", [avg, g.ints([0, 0]), g.ints([min(gh, ph), min(gw, pw)]),
+                             g.ints([2, 3])], name + "/dY_patch_crop")
+        if gh < ph or gw < pw:
+            avg = g.op("Pad", [avg, g.ints([0, 0, 0, 0, 0, 0, max(0, ph - gh),
+                                            max(0, pw - gw)])], name + "/dY_patch_pad")
+    patches = ConvLayer(name, conv.in_ch, conv.out_ch, 1, 1, 0, conv.groups, (ph, pw), (ph, pw))
+    dw1 = conv_weight_grad(g, name, kept["x_sum"], avg, patches)           # (O, Cg, 1, 1)
+    return g.op("Expand", [dw1, g.ints([1, 1, k, k])], name + "/dW_every_tap")
+
+
+# ---------------------------------------------------------------- weight gradients as ONNX
+
+def conv_weight_grad(g, name: str, x: str, dy: str, conv: ConvLayer) -> str:
+    """dW (O, C/groups, k, k) of ``conv`` from its input x (N, C, H, W) and dY (N, O, H', W'),
+    N any "batch" (images, or the K1 rows of a Tucker core), as a single Conv:
+    every channel c of x becomes an image, dY^T becomes the kernel (dilation = stride).
+    conv.in_ch may be symbolic (a Tucker rank) when groups == 1."""
+    c, (h, w), out_ch = conv.in_ch, conv.input_hw, conv.out_ch
+    kernel, stride, padding, groups = conv.kernel, conv.stride, conv.padding, conv.groups
+    if kernel == 1 and stride == 1 and padding == 0 and groups == 1:
+        dw = pointwise_weight_grad(g, name, x, dy, c, out_ch, conv.output_hw)
+        return g.op("Reshape", [dw, g.ints([out_ch, -1, 1, 1])], name + "/dW")
+    if groups == 1:
+        xr = g.op("Transpose", [x], name + "/x_T", perm=[1, 0, 2, 3])           # (C, N, H, W)
+    else:
+        cg = c // groups
+        xg = g.op("Reshape", [x, g.ints([0, groups, cg, h, w])], name + "/x_groups")
+        xg = g.op("Transpose", [xg], name + "/x_groups_T", perm=[2, 1, 0, 3, 4])
+        xr = g.op("Reshape", [xg, g.ints([cg, -1, h, w])], name + "/x_T")     # (Cg, groups*N, H, W)
+    kernel_from_dy = g.op("Transpose", [dy], name + "/dy_T", perm=[1, 0, 2, 3])  # (O, N, H', W')
+    full = g.op("Conv", [xr, kernel_from_dy], name + "/grad_conv", dilations=[stride, stride],
+                pads=[padding] * 4, strides=[1, 1], group=groups)           # (Cg, O, kh', kw')
+    reach_h = h + 2 * padding - (conv.output_hw[0] - 1) * stride
+    reach_w = w + 2 * padding - (conv.output_hw[1] - 1) * stride
+    if (reach_h, reach_w) != (kernel, kernel):  # rows past the last stride step are unused
+        full = g.op("Slice", [full, g.ints([0, 0]), g.ints([kernel, kernel]), g.ints([2, 3])],
+                    name + "/crop")
+    return g.op("Transpose", [full], name + "/dW", perm=[1, 0, 2, 3])
+
+
+def pointwise_weight_grad(g, name: str, x: str, dy: str, c, out_ch: int, hw) -> str:
+    """dW (O, C) = sum_n dY_n (O, HW) X_n^T (HW, C) of a 1x1 conv. Large maps (O*C below
+    (O + C)*HW): one MatMul per sample, summed; small maps: one Gemm over the whole batch
+    of the transposed copies (O, N*HW) (C, N*HW)^T. onnxruntime decides
+    (benchmarks/backward_ops.py: each is 1.4-5x the other's speed on its side; the Einsum
+    they replace was slower than both). c may be symbolic (a Tucker rank): then the Gemm."""
+    n_hw = hw[0] * hw[1]
+    if isinstance(c, int) and out_ch * c <= (out_ch + c) * n_hw:
+        x_t = g.op("Transpose", [g.op("Reshape", [x, g.ints([0, c, -1])], name + "/x_flat")],
+                   name + "/x_T", perm=[0, 2, 1])                                   # (N, HW, C)
+        per_sample = g.op("MatMul", [g.op("Reshape", [dy, g.ints([0, out_ch, -1])],
+                                          name + "/dY_flat"), x_t], name + "/per_sample")
+        return g.op("ReduceSum", [per_sample, g.ints([0])], name + "/pointwise", keepdims=0)
+    dy_t = g.op("Reshape", [g.op("Transpose", [dy], name + "/dY_T", perm=[1, 0, 2, 3]),
+                            g.ints([out_ch, -1])], name + "/dY_rows")              # (O, N*HW)
+    x_rows = g.op("Reshape", [g.op("Transpose", [x], name + "/x_T", perm=[1, 0, 2, 3]),
+                              g.ints([0, -1])], name + "/x_rows")                   # (C, N*HW)
+    return g.op("Gemm", [dy_t, x_rows], name + "/pointwise", transB=1)
+
+
+def batch_contract(g, name: str, u: str, dy: str, ohw) -> str:
+    """sum_b u[b, k] dY[b, o, h, w] -> (K, O, H', W') as one MatMul u^T (K, B) @ dY (B, O*H'*W')
+    (an Einsum here transposes dY into a full-size copy first)."""
+    u_t = g.op("Transpose", [u], name + "/u_T", perm=[1, 0])
+    flat = g.op("Reshape", [dy, g.ints([0, -1])], name + "/dY_flat")
+    z = g.op("MatMul", [u_t, flat], name)
+    return g.op("Reshape", [z, g.ints([-1, *ohw])], name + "/shape")
+
+
+# ---------------------------------------------------------------- the table
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    pieces: tuple            # what it keeps, in the backward graph's order
+    piece_dims: Callable     # ConvLayer -> dims of each piece (BATCH and rank symbols as str)
+    rank_symbols: tuple      # the pieces' symbolic ranks (k1..k4; k); () for none
+    ranks: Optional[Callable]  # (shape, ranks, rank_cap) -> sizing ranks; None: no eps or ranks
+    kept_floats: Callable    # (shape, ranks, stride) -> floats kept
+    workspace: Callable      # (shape, ranks, stride) -> transient numpy bytes of compress
+    compress: Callable       # (x, eps, ranks, rank_cap, stride) -> Kept
+    weight_grad: Callable    # (g, name, kept {piece: tensor}, dY, ConvLayer) -> dW tensor
+    overview_op: str         # the ai.actcomp node that stands for compress in overview.onnx
+    keeps_input: bool = False  # the kept piece is x itself (held in the runner's pool)
+    tracker: Optional[type] = None  # stateful compress: one per layer (TrackedHosvd)
+
+
+def input_dims(conv: ConvLayer) -> tuple:
+    return (BATCH, conv.in_ch) + tuple(conv.input_hw)
+
+
+def tucker_dims(conv: ConvLayer) -> tuple:
+    c, (h, w) = conv.in_ch, conv.input_hw
+    return ("k1", "k2", "k3", "k4"), (BATCH, "k1"), (c, "k2"), (h, "k3"), (w, "k4")
+
+
+def svd_dims(conv: ConvLayer) -> tuple:
+    return (BATCH, "k"), ("k", conv.in_ch) + tuple(conv.input_hw)
+
+
+def gf_dims(conv: ConvLayer) -> tuple:
+    return ((BATCH, conv.in_ch) + gf_patches(*conv.input_hw, conv.stride),)
+
+
+def no_workspace(shape: tuple, ranks, stride: int) -> int:
+    return 0
+
+
+TUCKER_RANKS = ("k1", "k2", "k3", "k4")
+
+METHODS = {m.name: m for m in (
+    Method("vanilla", ("input",), lambda conv: (input_dims(conv),), (), None,
+           vanilla_floats, no_workspace, vanilla_compress, vanilla_weight_grad, "KeepInput",
+           keeps_input=True),
+    Method("hosvd", TUCKER_PIECES, tucker_dims, TUCKER_RANKS, tucker_ranks, hosvd_floats,
+           hosvd_workspace, hosvd_kept, hosvd_weight_grad, "HOSVD"),
+    Method("hosvd-tracked", TUCKER_PIECES, tucker_dims, TUCKER_RANKS, tucker_ranks,
+           hosvd_floats, tracked_workspace, tracked_kept, hosvd_weight_grad, "TrackedHOSVD",
+           tracker=TrackedHosvd),
+    Method("svd", ("left", "right"), svd_dims, ("k",), svd_rank, svd_floats, svd_workspace,
+           svd_kept, svd_weight_grad, "SVD"),
+    Method("gf-r2", ("x_sum",), gf_dims, (), None, gf_floats, gf_workspace, gf_kept,
+           gf_weight_grad, "GradientFilterSumPool"),
+)}
+
+
+def method(name: str) -> Method:
+    """The row of a method name; ValueError naming the choices."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}: choose one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def compress(name: str, x: np.ndarray, eps: Optional[float] = None, ranks=None,
+             rank_cap=None, stride: int = 1) -> Kept:
+    """What method ``name`` keeps of x (B, C, H, W)."""
+    return method(name).compress(x, eps, ranks, rank_cap, stride)
