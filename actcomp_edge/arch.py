@@ -12,10 +12,11 @@ A *spec* is a JSON-serialisable dict.  Two families:
 - ``resnet`` (torchvision's BasicBlock layout): ``{"family": "resnet",
   "block_counts": [2, 2, 2, 2], ...}``.
 
-``conv_layers(spec, input_size)`` lists every Conv2d in definition order
-(torchvision's module order), with its input and output sizes: "the last N
-convs" of the paper are ``conv_layers(...)[-N:]``.  The torch modules in
-``export.zoo`` are built from the same specs.
+A spec is an input to ``actcomp_edge.program``: its program is the network (ops, shapes),
+and ``program.network(spec, input_size)`` lists every Conv2d in definition order
+(torchvision's module order) as the memory model sees it (``ConvLayer``): "the last N
+convs" of the paper are ``network(...).convs[-N:]``.  The torch modules in ``export.zoo``
+are built from the same specs.
 """
 from __future__ import annotations
 
@@ -224,87 +225,3 @@ def iter_layer_specs(spec: dict):
 
 def conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
-
-
-def _hw(input_size) -> tuple:
-    if isinstance(input_size, int):
-        return (input_size, input_size)
-    h, w = input_size
-    return (int(h), int(w))
-
-
-def conv_layers(spec: dict, input_size) -> list:
-    """Every Conv2d in definition order with its input/output spatial size. SpecError for an
-    input smaller than the network's total stride (its last convs would see less than 1 px)."""
-    hw = _hw(input_size)
-    stride = total_stride(spec)
-    if min(hw) < stride:
-        raise SpecError(f"input size {hw[0]}x{hw[1]} is smaller than the network's total stride "
-                        f"{stride}: use an --input-size of at least {stride}")
-    return _convs(spec, hw)
-
-
-def _convs(spec: dict, hw: tuple) -> list:
-    return _resnet_convs(spec, hw) if spec["family"] == "resnet" else \
-        _inverted_residual_convs(spec, hw)
-
-
-def total_stride(spec: dict, reference: int = 1024) -> int:
-    """Input pixels per pixel of the last feature map (32 for MobileNetV2, ResNet)."""
-    last = _convs(spec, (reference, reference))[-1]
-    return reference // last.output_hw[0]
-
-
-def network(spec: dict, input_size) -> Network:
-    convs = conv_layers(spec, input_size)
-    head = spec["classifier"]
-    return Network(spec.get("name", "?"), tuple(convs), int(head["in_features"]),
-                   int(head["out_features"]))
-
-
-def _layer(d: dict, hw: tuple, post_add_act=None) -> ConvLayer:
-    k, s = int(d["kernel"]), int(d["stride"])
-    p = k // 2
-    out = (conv_out(hw[0], k, s, p), conv_out(hw[1], k, s, p))
-    if min(out) < 1:
-        raise SpecError(f"input too small: layer {d['name']} would get an empty output")
-    return ConvLayer(d["name"], int(d["in_ch"]), int(d["out_ch"]), k, s, p, int(d.get("groups", 1)),
-                     hw, out, d.get("act"), post_add_act)
-
-
-def _inverted_residual_convs(spec: dict, hw: tuple) -> list:
-    convs = [_layer(spec["stem"], hw)]
-    hw = convs[-1].output_hw
-    for block in spec["blocks"]:
-        layers = block["layers"]
-        for i, d in enumerate(layers):
-            last = i == len(layers) - 1
-            post = block.get("residual_out_act") if (last and block.get("residual")) else None
-            convs.append(_layer(d, hw, post))
-            hw = convs[-1].output_hw
-    if spec.get("feature_mix"):
-        convs.append(_layer(spec["feature_mix"], hw))
-    return convs
-
-
-def _resnet_convs(spec: dict, hw: tuple) -> list:
-    stem = ConvLayer("conv1", 3, 64, 7, 2, 3, 1, hw,
-                     (conv_out(hw[0], 7, 2, 3), conv_out(hw[1], 7, 2, 3)), RELU, None,
-                     {"kernel": 3, "stride": 2, "padding": 1})
-    convs = [stem]
-    hw = (conv_out(stem.output_hw[0], 3, 2, 1), conv_out(stem.output_hw[1], 3, 2, 1))
-    cin = 64
-    for stage, count in enumerate(spec["block_counts"]):
-        cout = 64 * 2 ** stage
-        for b in range(count):
-            stride = 2 if (b == 0 and stage > 0) else 1
-            name = f"layer{stage + 1}.{b}"
-            c1 = _layer(conv_spec(f"{name}.conv1", cin, cout, 3, stride, act=RELU), hw)
-            c2 = _layer(conv_spec(f"{name}.conv2", cout, cout, 3, 1, act=None), c1.output_hw, RELU)
-            convs += [c1, c2]
-            if stride != 1 or cin != cout:
-                ds = conv_spec(f"{name}.downsample.0", cin, cout, 1, stride, act=None)
-                convs.append(ConvLayer(ds["name"], cin, cout, 1, stride, 0, 1, hw,
-                                       c1.output_hw, None))
-            hw, cin = c1.output_hw, cout
-    return convs

@@ -6,7 +6,8 @@ import json
 import sys
 
 from . import __version__
-from .arch import ZOO, load_spec, network
+from .arch import ZOO, load_spec
+from .program import network
 from .cliutil import Parser, non_negative_float, positive_float, positive_int, size_bytes
 from .memory import mib, plan, plan_table
 from .methods import METHODS
@@ -97,9 +98,7 @@ def cmd_plan_profile(args) -> int:
         fitting = [t for t in tried if t[3].fits]
         return fitting[-1] + (True,) if fitting else tried[0] + (False,)
 
-    # the exporter cannot fine-tune through a max-pool (the ResNet stem's): never propose it
-    max_layers = len(net.convs) - max((i + 1 for i, c in enumerate(net.convs) if c.maxpool_after),
-                                      default=0)
+    max_layers = len(net.convs)
 
     def proposal(n, b, fit):
         return {"layers": n, "batch_size": b, "working_bytes": fit.working_bytes,

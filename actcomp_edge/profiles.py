@@ -201,7 +201,7 @@ def validate(data: dict, where: str = "profile") -> Profile:
 # ---------------------------------------------------------------- accounting
 
 def trainable_param_count(spec: dict, convs, n_layers: int) -> int:
-    """Parameters of the last n_layers convs (arch.conv_layers order) and the classifier:
+    """Parameters of the last n_layers convs (program.network order) and the classifier:
     conv out*in/groups*k*k (+ out when the spec has conv_bias), linear in*out (+ out)."""
     bias = bool(spec.get("conv_bias"))
     total = sum(c.out_ch * (c.in_ch // c.groups) * c.kernel ** 2 + (c.out_ch if bias else 0)

@@ -217,13 +217,13 @@ def job_list(args, all_convs: int) -> list:
 
 
 def run_study(args, paths: dict, work: Path) -> dict:
-    from actcomp_edge import arch
+    from actcomp_edge import arch, program
     env = subprocess_env(args.blas_threads)
     py = sys.executable
     data_dir = work / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     data = dataset_files(args, paths, data_dir)
-    all_convs = len(arch.conv_layers(arch.load_spec(str(paths["spec"])), 128))
+    all_convs = len(program.conv_layers(arch.load_spec(str(paths["spec"])), 128))
     jobs = job_list(args, all_convs)
     runs = []
     study_start = time.perf_counter()

@@ -149,7 +149,7 @@ def main() -> None:
     import onnxruntime
     import torch
 
-    from actcomp_edge.arch import network
+    from actcomp_edge.program import network
     from actcomp_edge.memory import plan
     from device_runner.runtime import Trainer
     from export import zoo

@@ -94,7 +94,7 @@ def prefix_live_bytes(spec: dict, arrays: dict, hw: tuple, n_layers: int, batch:
     freed after its last use in the prefix unless a later partition reads it; elementwise ops
     (BN affine, clip, add) write in place into their first input when it dies there (onnxruntime
     fuses Conv + clip and reuses buffers of may-in-place kernels)."""
-    from export.program import build_program
+    from actcomp_edge.program import build_program
     from export.training_graph import split_program
     program = build_program(spec, arrays, hw)
     split = split_program(program, n_layers)

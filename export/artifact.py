@@ -15,7 +15,7 @@ from actcomp_edge.npz import save_npz, write_atomic
 
 from .memory_plan import choose_micro_batches, concrete, rank_dims, step_plan
 from .onnx_graph import IR_VERSION, OPSET
-from .program import build_program, network_of
+from actcomp_edge.program import build_program, check_input_size, network_of
 from .training_graph import (TrainConfig, backward_partitions, eval_graph, forward_partitions,
                              update_graph,
                              optimizer_state, overview_graph, split_program)
@@ -28,7 +28,7 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
 def export_artifact(spec: dict, arrays: dict, out_dir, config: TrainConfig, batch_size: int,
                     input_size, classes=None) -> dict:
     """A built-in architecture (spec) and its weights -> artifact (export_program)."""
-    hw = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+    hw = check_input_size(spec, input_size)
     norm = (spec.get("input") or {}).get("normalize") or arch.HALF_NORM
     dropout = float((spec.get("classifier") or {}).get("dropout") or 0.0)
     return export_program(build_program(spec, arrays, hw), out_dir, config, batch_size, classes,
@@ -48,8 +48,10 @@ def export_program(program, out_dir, config: TrainConfig, batch_size: int, class
     files = {}
     forward, schedule, models = [], [], {}
     partitions = forward_partitions(split, config)
-    # masks made between fine-tuned conv i and the next belong to conv i (full accounting)
-    masks = [[t for t in outputs if t.endswith("/mask_bits")] for _, _, outputs in partitions[1:]]
+    # masks (and max-pool argmaxes) made between fine-tuned conv i and the next belong to conv
+    # i (full accounting)
+    masks = [[t for t in outputs if t.endswith(("/mask_bits", "/argmax"))]
+             for _, _, outputs in partitions[1:]]
     for p, (g, _, _) in enumerate(partitions):
         if p >= 1:  # the input of fine-tuned conv p is ready: the device decomposes it
             schedule.append({"compress": split.trainable_convs[p - 1].name})

@@ -6,7 +6,7 @@
 | BatchNorm2d (frozen: its running statistics)                      | affine     |
 | ReLU, ReLU6, Hardtanh; F.relu, F.relu6, F.hardtanh, torch.relu     | clip       |
 | ``a + b``, torch.add (two tensors)                                | add        |
-| MaxPool2d: square, dilation 1 (in the frozen prefix)              | maxpool    |
+| MaxPool2d: square, dilation 1 (its backward keeps the argmax)     | maxpool    |
 | AdaptiveAvgPool2d(1), a global AvgPool2d, F.adaptive_avg_pool2d   | gap        |
 | Flatten, torch.flatten, .flatten/.view/.reshape after the pool    | (none)     |
 | Dropout (its p is recorded: the graphs leave it out)              | (none)     |
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .program import RELU_HI, Op, Program
+from actcomp_edge.program import RELU_HI, Op, Program
 
 RELUS = {F.relu: (0.0, RELU_HI), torch.relu: (0.0, RELU_HI), F.relu6: (0.0, 6.0)}
 ADDS = (operator.add, torch.add)

@@ -30,10 +30,11 @@ import numpy as np
 from actcomp_edge.arch import ConvLayer
 from actcomp_edge.methods import BATCH, METHODS
 
+import onnx
 from onnx import TensorProto
 
 from .onnx_graph import ACTCOMP_DOMAIN, Graph
-from .program import RELU_HI, Op, Program
+from actcomp_edge.program import RELU_HI, Op, Program
 
 OPTIMIZERS = ("sgd", "adamw")
 
@@ -77,11 +78,6 @@ def split_program(program: Program, n_layers: int) -> Split:
                          f"{len(convs)} convs), got {n_layers}")
     trainable = convs[-n_layers:]
     starts = [program.ops.index(c) for c in trainable]
-    for op in program.ops[starts[0]:]:
-        if op.kind == "maxpool":
-            before = sum(1 for c in convs if program.ops.index(c) > program.ops.index(op))
-            raise ValueError(f"fine-tuning through a max-pool ({op.name}) is not supported: "
-                             f"use --layers {before} or fewer")
     params = []
     for op in program.ops[starts[0]:]:
         if op.kind in ("conv", "linear"):
@@ -147,8 +143,13 @@ def emit_forward(g: Graph, program: Program, op: Op, trainable: set, with_mask: 
         g.op("Add", list(op.inputs), op.name, outputs=[op.output])
     elif op.kind == "maxpool":
         k, s, p = a["kernel"], a["stride"], a["padding"]
-        g.op("MaxPool", [op.inputs[0]], op.name, outputs=[op.output], kernel_shape=[k, k],
+        outputs = [op.output] + ([op.output + "/argmax_flat"] if with_mask else [])
+        g.op("MaxPool", [op.inputs[0]], op.name, outputs=outputs, kernel_shape=[k, k],
              strides=[s, s], pads=[p] * 4)
+        if with_mask:  # the backward's: where in its sample (C*H*W) each output's max is
+            c, h, w = program.shapes[op.inputs[0]]
+            g.op("Mod", [outputs[1], g.const(f"const/i64/{c * h * w}", np.array(c * h * w))],
+                 op.name + "/argmax", outputs=[argmax_name(op.output)])
     elif op.kind == "gap":
         pooled = g.op("GlobalAveragePool", [op.inputs[0]], op.name)
         g.op("Flatten", [pooled], op.name + "/flatten", outputs=[op.output], axis=1)
@@ -219,11 +220,24 @@ def packed_masks(split: Split, method: str) -> set:
             and i >= split.region_start and op.output not in derived}
 
 
+def argmax_pools(split: Split) -> set:
+    """Outputs of the fine-tuned region's max-pools: each hands its argmax to the backward."""
+    return {op.output for i, op in enumerate(split.program.ops) if op.kind == "maxpool"
+            and i >= split.region_start}
+
+
+def argmax_name(tensor: str) -> str:
+    """Max-pool output <t>'s argmax, held between forward and backward as <t>/argmax: int64,
+    the shape of <t>, each the flat index within its sample (C*H*W) of the input's max."""
+    return tensor + "/argmax"
+
+
 def forward_partitions(split: Split, config: TrainConfig) -> list:
     """forward_0 .. forward_N as (Graph, inputs, outputs); liveness decides what crosses."""
     program = split.program
     trainable = set(split.trainable_params)
     masked = packed_masks(split, config.method)
+    pools = argmax_pools(split)
     produced_in, used_in = crossings(split)
     result = []
     for p, part in enumerate(split.partitions):
@@ -235,7 +249,7 @@ def forward_partitions(split: Split, config: TrainConfig) -> list:
                     inputs.append(t)
         for t in inputs:
             g.input(t, np.float32, tensor_shape(program, t))
-        emit_ops(g, program, part, trainable, masked)
+        emit_ops(g, program, part, trainable, masked | pools)
         outputs = []
         for i in part:
             op = program.ops[i]
@@ -243,6 +257,8 @@ def forward_partitions(split: Split, config: TrainConfig) -> list:
                 outputs.append(op.output)
             if op.output in masked:
                 outputs.append(mask_bits_name(op.output))
+            if op.output in pools:
+                outputs.append(argmax_name(op.output))
         last = p == len(split.partitions) - 1
         if last:
             emit_loss(g, program.num_classes, config.label_smoothing)
@@ -252,6 +268,8 @@ def forward_partitions(split: Split, config: TrainConfig) -> list:
                 g.output(t, np.float32, [])
             elif t.endswith("/mask_bits"):
                 g.output(t, np.uint8, mask_bits_shape(program, t[:-len("/mask_bits")]))
+            elif t.endswith("/argmax"):
+                g.output(t, np.int64, tensor_shape(program, t[:-len("/argmax")]))
             elif t == "dlogits":
                 g.output(t, np.float32, tensor_shape(program, "logits"))
             else:
@@ -446,6 +464,8 @@ def backward_partitions(split: Split, config: TrainConfig) -> list:
                 g.input(derived[op.output], np.float32, kept[derived[op.output]])
             elif op.kind == "clip":
                 g.input(mask_bits_name(op.output), np.uint8, mask_bits_shape(program, op.output))
+            elif op.kind == "maxpool":
+                g.input(argmax_name(op.output), np.int64, tensor_shape(program, op.output))
             if op.kind == "linear":
                 g.input("features", np.float32, tensor_shape(program, "features"))
         params = [n for op in ops if op.kind in ("conv", "linear")
@@ -581,6 +601,19 @@ def emit_partition_backward(g: Graph, program: Program, ops: list, grads: dict, 
         elif op.kind == "affine":
             accumulate(x, g.op("Mul", [dy, channel_const(g, program, op.attrs["scale"])],
                                op.name + "/dX"))
+        elif op.kind == "maxpool":  # dY goes to each window's max (summed where windows share it)
+            c, h, w = program.shapes[x]
+            flat = g.ints([0, -1])
+            zeros = g.op("ConstantOfShape", [g.op("Concat", [
+                g.op("Slice", [g.op("Shape", [dy], op.name + "/dY_shape"), g.ints([0]),
+                               g.ints([1])], op.name + "/batch"), g.ints([c * h * w])],
+                op.name + "/dX_flat_shape", axis=0)], op.name + "/zeros",
+                value=onnx.helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
+            index = g.op("Reshape", [argmax_name(op.output), flat], op.name + "/argmax_rows")
+            updates = g.op("Reshape", [dy, flat], op.name + "/dY_rows")
+            dx = g.op("ScatterElements", [zeros, index, updates], op.name + "/dX_flat", axis=1,
+                      reduction="add")
+            accumulate(x, g.op("Reshape", [dx, g.ints([-1, c, h, w])], op.name + "/dX"))
         elif op.kind == "conv":
             dw, db, dx = emit_conv_backward(g, program, op, dy, method, needs_grad(x))
             param_grads[op.attrs["weight"]] = dw
@@ -608,7 +641,6 @@ def overview_graph(forward_graphs: list, split: Split, backward: list,
     (``backward``: their Graphs in execution order). Of the initializers only the constants
     (shapes, axes) come along; the weights and the other unproduced tensors are inputs, each
     with its type and shape, and every edge gets a shape (value_info)."""
-    import onnx
     g = Graph("training_step_overview")
     op_type = METHODS[config.method].overview_op
     attrs = {}

@@ -10,7 +10,7 @@ One builder per family:
   ``layer1.0.conv1``, ``layer4.0.downsample.0``, ``fc``).
 
 Either way the Conv2d modules, in ``named_modules()`` order, are exactly
-``arch.conv_layers(spec, size)``.
+``actcomp_edge.program.conv_layers(spec, size)``.
 
 Weights are ``.npz``, ``.pth``/``.pt`` (tensors only) or ``.safetensors`` files
 (``export.weight_files``), never untrusted pickles.  Inverted-residual

@@ -107,7 +107,8 @@ def rel(a, b):
 
 
 @pytest.mark.parametrize("method,eps", [("vanilla", None), ("hosvd", 1.0), ("svd", 1.0)])
-@pytest.mark.parametrize("n_convs", [2, 4])  # 4: through the residual block
+# 4: through the residual block; 5: every conv, through the max-pool (3x3/2: windows overlap)
+@pytest.mark.parametrize("n_convs", [2, 4, 5])
 def test_a_user_cnn_trains_with_autograds_gradients_and_sgds_step(user_file, tmp_path, method,
                                                                    eps, n_convs):
     net = user_net(user_file)
@@ -188,10 +189,20 @@ def test_an_unsupported_op_is_one_line_naming_the_module_path(module, message):
     assert str(e.value) == message
 
 
-def test_fine_tuning_through_a_max_pool_is_refused_naming_it(user_file, tmp_path):
-    with pytest.raises(ValueError, match=r"max-pool \(pool\) is not supported: use --layers 4"):
-        export_module(user_net(user_file), tmp_path / "art", input_size=32, batch_size=2,
-                      layers=5, method="vanilla")
+def test_a_max_pool_in_the_fine_tuned_part_keeps_its_argmax_and_counts_it(user_file, tmp_path):
+    """The forward hands each max's place to the backward: int64, one per pooled element,
+    in the full accounting of the conv before it (the stem's)."""
+    manifest = export_module(user_net(user_file), tmp_path / "art", input_size=32, batch_size=2,
+                             layers=5, method="vanilla")
+    stem = manifest["trainable_layers"][0]
+    assert "pool/pool/argmax" in stem["masks"]
+    trainer = Trainer(tmp_path / "art")
+    x = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    fwd = trainer.forward(x, np.zeros(2, np.int64))
+    argmax = fwd.tensors["pool/pool/argmax"]
+    assert argmax.dtype == np.int64 and argmax.shape == (2, 8, 8, 8)
+    assert 0 <= argmax.min() and argmax.max() < 8 * 16 * 16  # within its sample
+    assert fwd.kept_full_per_layer[stem["name"]] >= argmax.nbytes
 
 
 def test_the_cli_says_what_is_wrong_with_a_model_file_in_one_line(tmp_path):
@@ -214,29 +225,36 @@ def test_the_cli_says_what_is_wrong_with_a_model_file_in_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["mcunet-in1", "mobilenet_v2", "resnet18"])
-def test_the_memory_model_derived_from_the_program_matches_the_specs(name):
-    """network_of(program) is what the artifact's memory plan uses: the same convs, sizes and
-    kept bytes as arch.network(spec); ResNet's post-add ReLU mask belongs to the conv just
-    before it in the program (the downsample), as the artifact packs it, not to conv2 (the
-    same bytes: equal totals)."""
-    from actcomp_edge import arch
+def test_actcomp_plan_sizes_the_program_the_artifact_is_built_from(name):
+    """`actcomp plan` has no weights: program.network builds the program without them. Its
+    ops, shapes and plan equal those of the program built with weights (the artifact's)."""
+    from actcomp_edge import program
     from actcomp_edge.memory import plan
     from export import zoo
-    from export.program import build_program, network_of
     spec = zoo.load_spec(name, 10)
     arrays = zoo.model_arrays(zoo.build_model(spec), spec)
     hw = (96, 128)
-    ours, theirs = network_of(build_program(spec, arrays, hw)), arch.network(spec, hw)
-    assert [c.name for c in ours.convs] == [c.name for c in theirs.convs]
-    for n in range(1, len(ours.convs) + 1, 3):
-        a, b = (plan(net, n, "hosvd", 4, hw, eps=0.8).to_json() for net in (ours, theirs))
-        assert a["paper_bytes"] == b["paper_bytes"]
-        assert [x["paper_bytes"] for x in a["layers"]] == [x["paper_bytes"] for x in b["layers"]]
-        if name != "resnet18":
-            assert a == b
-    full = [plan(net, len(net.convs), "vanilla", 4, hw).to_json()["full_bytes"]
-            for net in (ours, theirs)]
-    assert full[0] == full[1]
+    weighted, bare = program.build_program(spec, arrays, hw), program.build_program(spec, None, hw)
+    assert [(op.kind, op.name, op.inputs, op.output) for op in weighted.ops] == \
+           [(op.kind, op.name, op.inputs, op.output) for op in bare.ops]
+    assert weighted.shapes == bare.shapes
+    assert {k: v.shape for k, v in weighted.params.items()} == \
+           {k: v.shape for k, v in bare.params.items()}
+    ours, theirs = program.network_of(weighted), program.network(spec, hw)
+    assert ours == theirs
+    assert plan(ours, len(ours.convs), "vanilla", 4, hw).to_json() == \
+           plan(theirs, len(theirs.convs), "vanilla", 4, hw).to_json()
+
+
+def test_weights_of_the_wrong_shape_are_named():
+    from actcomp_edge import program
+    from export import zoo
+    spec = zoo.load_spec("mcunet-in1", 10)
+    arrays = zoo.model_arrays(zoo.build_model(spec), spec)
+    arrays["blocks.3.dw.weight"] = arrays["blocks.3.dw.weight"][:, :, :3, :3]
+    with pytest.raises(ValueError, match=r"weights array 'blocks.3.dw.weight' has shape "
+                                         r"\(48, 1, 3, 3\), the model needs \(48, 1, 7, 7\)"):
+        program.build_program(spec, arrays, 128)
 
 
 class SharedRelu(nn.Module):

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from actcomp_edge import cli
-from actcomp_edge.arch import load_spec, network
+from actcomp_edge.arch import load_spec
+from actcomp_edge.program import network
 from actcomp_edge.decomposition import hosvd
 from actcomp_edge.memory import mib, plan
 from actcomp_edge.methods import gf_floats, hosvd_floats, svd_floats, vanilla_floats

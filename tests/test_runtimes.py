@@ -47,10 +47,13 @@ def steps_data(tmp_path, steps, size, hw, num_classes):
 
 # Every conv fine-tuned: no frozen prefix, so the runtimes' float32 rounding differences
 # (1e-7) cannot flip a ReLU mask downstream of 40 frozen layers (see test_export).
-@pytest.mark.parametrize("method,n_layers", [("vanilla", 42), ("gf-r2", 42), ("hosvd", 42)])
-def test_oldest_onnxruntime_trains_like_the_newest(method, n_layers, tmp_path):
+# ResNet18's 20: through the stem's max-pool (its backward: ScatterElements with add)
+@pytest.mark.parametrize("name,method,n_layers", [
+    ("mcunet-in1", "vanilla", 42), ("mcunet-in1", "gf-r2", 42), ("mcunet-in1", "hosvd", 42),
+    ("resnet18", "vanilla", 20)])
+def test_oldest_onnxruntime_trains_like_the_newest(name, method, n_layers, tmp_path):
     old = interpreter("ACTCOMP_ORT_OLDEST_PYTHON", ".venv-ort-oldest")
-    spec, model = random_model("mcunet-in1", 10)
+    spec, model = random_model(name, 10)
     config = TrainConfig(n_layers=n_layers, method=method, eps=0.9 if method == "hosvd" else None)
     folder = export(model, spec, tmp_path, config, 4, (96, 96)).folder
     data = steps_data(tmp_path, 2, 4, (96, 96), 10)

@@ -1,4 +1,4 @@
-"""export.zoo: torch models match arch.conv_layers, weights round-trip, real weights work."""
+"""export.zoo: torch models match the program's convs, weights round-trip, real weights work."""
 import json
 from pathlib import Path
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from actcomp_edge import arch
+from actcomp_edge import arch, program
 from export import zoo
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -50,12 +50,12 @@ def module_name(spec, layer):
 
 
 @pytest.mark.parametrize("make_spec", all_specs())
-def test_convs_match_arch(make_spec):
+def test_convs_match_the_program(make_spec):
     spec = make_spec()
     model = zoo.build_model(spec).eval()
     convs = conv_modules(model)
     for size in SIZES:
-        layers = arch.conv_layers(spec, size)
+        layers = program.conv_layers(spec, size)
         assert [n for n, _ in convs] == [module_name(spec, c) for c in layers]
         for (name, m), c in zip(convs, layers):
             assert (m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.groups) == \

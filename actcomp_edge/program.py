@@ -6,12 +6,17 @@ This is what the exporter turns into ONNX graphs. Ops, in execution order:
     affine  (x) -> y   frozen BatchNorm as y = x * scale + shift (per channel)
     clip    (x) -> y   ReLU / ReLU6 / clamp: y = min(max(x, lo), hi); backward mask lo < x < hi
     add     (a, b) -> y   residual add
-    maxpool (x) -> y   ResNet stem (frozen prefix only)
+    maxpool (x) -> y   square window; backward: dY to each window's argmax
     gap     (x) -> y   global average pool + flatten: (B, C, H, W) -> (B, C)
     linear  (x) -> y   classifier: y = x W^T + b
 
 Param names follow the ``.npz`` naming of ``export.zoo`` (``<layer>.weight``,
 ``<layer>.bn.running_mean``, torchvision names for ResNets).
+
+The program is the one description of a network: the exporter's graphs, the memory plan of
+an artifact and ``actcomp plan`` (``network``: the convs as the memory model sees them) all
+derive from it. A built-in architecture's spec (``actcomp_edge.arch``) and a user's
+``nn.Module`` (``export.torch_frontend``) are two ways in.
 """
 from __future__ import annotations
 
@@ -52,14 +57,24 @@ class Program:
 
 
 class _Builder:
-    def __init__(self, arrays: dict, bn_eps: float):
+    """Emits ops and computes every tensor's per-sample shape. ``arrays`` None: shapes only
+    (each param a zero-stride view of its shape, for planning without weights)."""
+
+    def __init__(self, arrays: Optional[dict], bn_eps: float):
         self.ops, self.params, self.arrays, self.bn_eps = [], {}, arrays, bn_eps
         self.shapes = {}
 
-    def param(self, name: str) -> str:
+    def param(self, name: str, shape: tuple) -> str:
+        if self.arrays is None:
+            self.params[name] = np.broadcast_to(np.float32(0), shape)
+            return name
         if name not in self.arrays:
             raise KeyError(name)
-        self.params[name] = np.ascontiguousarray(self.arrays[name], dtype=np.float32)
+        array = np.ascontiguousarray(self.arrays[name], dtype=np.float32)
+        if array.shape != tuple(shape):
+            raise ValueError(f"weights array {name!r} has shape {array.shape}, the model needs "
+                             f"{tuple(shape)}")
+        self.params[name] = array
         return name
 
     def emit(self, kind, name, inputs, output, shape, **attrs) -> str:
@@ -67,17 +82,26 @@ class _Builder:
         self.shapes[output] = tuple(shape)
         return output
 
-    def conv(self, layer: arch.ConvLayer, x: str, weight: str, bias: Optional[str]) -> str:
-        return self.emit("conv", layer.name, [x], f"{layer.name}/conv",
-                         (layer.out_ch,) + tuple(layer.output_hw), layer=layer.name,
-                         weight=self.param(weight), bias=self.param(bias) if bias else None,
-                         kernel=layer.kernel, stride=layer.stride, padding=layer.padding,
-                         groups=layer.groups)
+    def conv(self, name: str, x: str, out_ch: int, kernel: int, stride: int = 1,
+             groups: int = 1, padding: Optional[int] = None, bias: bool = False) -> str:
+        """Conv2d ``name`` (weight ``<name>.weight``, bias ``<name>.bias``); padding k // 2
+        unless given."""
+        c, h, w = self.shapes[x]
+        p = kernel // 2 if padding is None else padding
+        out_hw = (arch.conv_out(h, kernel, stride, p), arch.conv_out(w, kernel, stride, p))
+        if min(out_hw) < 1:
+            raise arch.SpecError(f"input too small: layer {name} would get an empty output")
+        weight = self.param(f"{name}.weight", (out_ch, c // groups, kernel, kernel))
+        return self.emit("conv", name, [x], f"{name}/conv", (out_ch,) + out_hw, layer=name,
+                         weight=weight,
+                         bias=self.param(f"{name}.bias", (out_ch,)) if bias else None,
+                         kernel=kernel, stride=stride, padding=p, groups=groups)
 
     def batchnorm(self, name: str, x: str, prefix: str) -> str:
         """Frozen BN from running stats -> per-channel affine."""
-        gamma, beta = self.arrays[f"{prefix}.weight"], self.arrays[f"{prefix}.bias"]
-        mean, var = self.arrays[f"{prefix}.running_mean"], self.arrays[f"{prefix}.running_var"]
+        channels = (self.shapes[x][0],)
+        gamma, beta, mean, var = (self.params.pop(self.param(f"{prefix}.{k}", channels))
+                                  for k in ("weight", "bias", "running_mean", "running_var"))
         scale = (gamma / np.sqrt(var.astype(np.float64) + self.bn_eps)).astype(np.float32)
         shift = (beta - mean * scale).astype(np.float32)
         self.params[f"{prefix}.scale"], self.params[f"{prefix}.shift"] = scale, shift
@@ -92,77 +116,83 @@ class _Builder:
             kind, (float(act.get("min", 0.0)), float(act.get("max", RELU_HI))))
         return self.emit("clip", name, [x], f"{name}/act", self.shapes[x], lo=lo, hi=hi)
 
+    def maxpool(self, name: str, x: str, kernel: int, stride: int, padding: int) -> str:
+        c, h, w = self.shapes[x]
+        out_hw = tuple(arch.conv_out(s, kernel, stride, padding) for s in (h, w))
+        return self.emit("maxpool", name, [x], name, (c,) + out_hw, kernel=kernel,
+                         stride=stride, padding=padding)
 
-def build_program(spec: dict, arrays: dict, input_size) -> Program:
-    """spec + weights (npz naming) -> Program at a fixed input size (H, W)."""
-    convs = {c.name: c for c in arch.conv_layers(spec, input_size)}
+
+def build_program(spec: dict, arrays: Optional[dict], input_size) -> Program:
+    """spec + weights (npz naming) -> Program at a fixed input size (H, W). arrays None: the
+    ops and shapes alone (``network``)."""
     bn_eps = float((spec.get("bn") or {}).get("eps", 1e-5))
     b = _Builder(arrays, bn_eps)
     hw = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
     b.shapes["image"] = (3,) + hw
     try:
         if spec["family"] == "resnet":
-            x = _resnet(b, spec, convs)
+            x = _resnet(b, spec)
         else:
-            x = _inverted_residual(b, spec, convs)
+            x = _inverted_residual(b, spec)
         head = spec["classifier"]
-        x = b.emit("gap", "pool", [x], "features", (int(head["in_features"]),))
-        bias = f"{head['name']}.bias" if head.get("bias", True) else None
-        b.emit("linear", head["name"], [x], "logits", (int(head["out_features"]),),
-               weight=b.param(f"{head['name']}.weight"), bias=b.param(bias) if bias else None)
+        features, classes = b.shapes[x][0], int(head["out_features"])
+        x = b.emit("gap", "pool", [x], "features", (features,))
+        weight = b.param(f"{head['name']}.weight", (classes, features))
+        bias = b.param(f"{head['name']}.bias", (classes,)) if head.get("bias", True) else None
+        b.emit("linear", head["name"], [x], "logits", (classes,), weight=weight, bias=bias)
     except KeyError as e:
         raise ValueError(f"weights have no array {e.args[0]!r} needed by {spec.get('name')}") from None
     return Program(spec.get("name", "model"), b.ops, b.params, b.shapes,
                    int(spec["classifier"]["out_features"]))
 
 
-def _unit(b: _Builder, spec: dict, layer: dict, conv: arch.ConvLayer, x: str) -> str:
+def _unit(b: _Builder, spec: dict, layer: dict, x: str) -> str:
     name = layer["name"]
-    bias = f"{name}.bias" if spec.get("conv_bias") else None
-    x = b.conv(conv, x, f"{name}.weight", bias)
+    x = b.conv(name, x, int(layer["out_ch"]), int(layer["kernel"]), int(layer["stride"]),
+               int(layer.get("groups", 1)), bias=bool(spec.get("conv_bias")))
     if layer.get("bn") and not spec.get("bn_folded"):
         x = b.batchnorm(name, x, f"{name}.bn")
     return b.act(name, x, layer.get("act"))
 
 
-def _inverted_residual(b: _Builder, spec: dict, convs: dict) -> str:
-    x = _unit(b, spec, spec["stem"], convs["stem"], "image")
+def _inverted_residual(b: _Builder, spec: dict) -> str:
+    x = _unit(b, spec, spec["stem"], "image")
     for block in spec["blocks"]:
         block_in = x
         for layer in block["layers"]:
-            x = _unit(b, spec, layer, convs[layer["name"]], x)
+            x = _unit(b, spec, layer, x)
         if block.get("residual"):
             x = b.emit("add", block["name"], [block_in, x], f"{block['name']}/add", b.shapes[x])
             x = b.act(f"{block['name']}.out", x, block.get("residual_out_act"))
     if spec.get("feature_mix"):
-        x = _unit(b, spec, spec["feature_mix"], convs[spec["feature_mix"]["name"]], x)
+        x = _unit(b, spec, spec["feature_mix"], x)
     return x
 
 
-def _resnet(b: _Builder, spec: dict, convs: dict) -> str:
+def _resnet(b: _Builder, spec: dict) -> str:
+    """torchvision's ResNet with BasicBlocks: conv1 7x7/2, max-pool 3x3/2, four stages."""
     relu = {"type": "relu"}
-    x = b.conv(convs["conv1"], "image", "conv1.weight", None)
+    x = b.conv("conv1", "image", 64, 7, 2)
     x = b.act("relu", b.batchnorm("bn1", x, "bn1"), relu)
-    stem = convs["conv1"]
-    pool = stem.maxpool_after
-    out_hw = tuple(arch.conv_out(s, pool["kernel"], pool["stride"], pool["padding"])
-                   for s in stem.output_hw)
-    x = b.emit("maxpool", "maxpool", [x], "maxpool", (stem.out_ch,) + out_hw, **pool)
+    x = b.maxpool("maxpool", x, 3, 2, 1)
+    cin = 64
     for stage, count in enumerate(spec["block_counts"]):
+        cout = 64 * 2 ** stage
         for i in range(count):
-            name = f"layer{stage + 1}.{i}"
+            name, stride = f"layer{stage + 1}.{i}", 2 if (i == 0 and stage > 0) else 1
             block_in = x
-            y = b.conv(convs[f"{name}.conv1"], x, f"{name}.conv1.weight", None)
+            y = b.conv(f"{name}.conv1", x, cout, 3, stride)
             y = b.act(f"{name}.relu1", b.batchnorm(f"{name}.bn1", y, f"{name}.bn1"), relu)
-            y = b.conv(convs[f"{name}.conv2"], y, f"{name}.conv2.weight", None)
+            y = b.conv(f"{name}.conv2", y, cout, 3)
             y = b.batchnorm(f"{name}.bn2", y, f"{name}.bn2")
             shortcut = block_in
-            if f"{name}.downsample.0" in convs:
-                shortcut = b.conv(convs[f"{name}.downsample.0"], block_in,
-                                  f"{name}.downsample.0.weight", None)
+            if stride != 1 or cin != cout:
+                shortcut = b.conv(f"{name}.downsample.0", block_in, cout, 1, stride)
                 shortcut = b.batchnorm(f"{name}.downsample", shortcut, f"{name}.downsample.1")
             x = b.emit("add", name, [shortcut, y], f"{name}/add", b.shapes[y])
             x = b.act(f"{name}.relu2", x, relu)
+            cin = cout
     return x
 
 
@@ -197,3 +227,31 @@ def network_of(program: Program) -> arch.Network:
     head = program.ops[-1]
     return arch.Network(program.name, tuple(layers), program.shapes[head.inputs[0]][0],
                         program.num_classes)
+
+
+def total_stride(spec: dict, reference: int = 1024) -> int:
+    """Input pixels per pixel of the last feature map (32 for MobileNetV2, ResNet)."""
+    last = network_of(build_program(spec, None, reference)).convs[-1]
+    return reference // last.output_hw[0]
+
+
+def check_input_size(spec: dict, input_size) -> tuple:
+    """(H, W), or SpecError for an input smaller than the network's total stride (its last
+    convs would see less than 1 px)."""
+    hw = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+    stride = total_stride(spec)
+    if min(hw) < stride:
+        raise arch.SpecError(f"input size {hw[0]}x{hw[1]} is smaller than the network's total "
+                             f"stride {stride}: use an --input-size of at least {stride}")
+    return hw
+
+
+def network(spec: dict, input_size) -> arch.Network:
+    """The convs of a built-in architecture at an input size, in definition order (torchvision's
+    module order: "the last N convs" are ``network(...).convs[-N:]``), from its program."""
+    return network_of(build_program(spec, None, check_input_size(spec, input_size)))
+
+
+def conv_layers(spec: dict, input_size) -> list:
+    """Every Conv2d of a built-in architecture in definition order (``network``)."""
+    return list(network(spec, input_size).convs)
