@@ -3,6 +3,7 @@
 This is what the exporter turns into ONNX graphs. Ops, in execution order:
 
     conv    (x) -> y   attrs: layer, weight, bias|None, kernel, stride, padding, groups
+                       [, dilation]; sizes an int (square) or (height, width)
     affine  (x) -> y   frozen BatchNorm as y = x * scale + shift (per channel)
     clip    (x) -> y   ReLU / ReLU6 / clamp: y = min(max(x, lo), hi); backward mask lo < x < hi
     add     (a, b) -> y   residual add
@@ -209,7 +210,7 @@ def network_of(program: Program) -> arch.Network:
             current = dict(name=op.name, in_ch=c, out_ch=o, kernel=a["kernel"], stride=a["stride"],
                            padding=a["padding"], groups=a["groups"], input_hw=(h, w),
                            output_hw=(oh, ow), act=None, post_add_act=None, maxpool_after=None,
-                           tail=op.output, added=False)
+                           dilation=a.get("dilation", 1), tail=op.output, added=False)
             convs.append(current)
         elif current is None:
             continue
