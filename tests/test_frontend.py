@@ -215,8 +215,8 @@ class Rectangular(nn.Module):
 def test_rectangular_and_dilated_convs_train_with_autograds_gradients(tmp_path, method, eps):
     torch.manual_seed(5)
     net = Rectangular()
-    manifest = export_module(net, tmp_path / "art", input_size=(24, 30), batch_size=3,
-                             layers=4, method=method, eps=eps)
+    export_module(net, tmp_path / "art", input_size=(24, 30), batch_size=3, layers=4,
+                  method=method, eps=eps)
     layers = json.loads((tmp_path / "art" / "manifest.json").read_text())["trainable_layers"]
     assert [(layer["kernel"], layer["stride"], layer.get("dilation", 1)) for layer in layers] == \
            [([1, 3], 1, 1), ([3, 1], [2, 1], 1), (3, 1, 2), ([3, 5], 1, [1, 2])]
