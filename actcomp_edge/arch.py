@@ -60,7 +60,7 @@ class ConvLayer:
     output_hw: tuple
     act: Optional[dict] = None           # after (frozen) BN
     post_add_act: Optional[dict] = None  # after the residual add that ends this conv's block
-    maxpool_after: Optional[dict] = None  # ResNet stem max-pool
+    maxpool_after: Optional[dict] = None  # a max-pool after it, before the next conv
     dilation: object = 1
 
     @property

@@ -46,10 +46,10 @@ def export_program(program, out_dir, config: TrainConfig, batch_size: int, class
         for op in split.trainable_convs:
             conv = conv_layer(program, op)
             if not conv.square:
-                raise ValueError(f"{row.name} needs square kernels and strides and dilation 1: "
-                                 f"{op.name} has kernel {conv.kernel}, stride {conv.stride}, "
-                                 f"dilation {conv.dilation} (use another --method or fewer "
-                                 f"--layers)")
+                raise ValueError(f"{row.name} needs square kernels, strides and paddings and "
+                                 f"dilation 1: {op.name} has kernel {conv.kernel}, stride "
+                                 f"{conv.stride}, padding {conv.padding}, dilation "
+                                 f"{conv.dilation} (use another --method or fewer --layers)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 

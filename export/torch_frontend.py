@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from actcomp_edge.arch import pair
 from actcomp_edge.program import RELU_HI, Op, Program
 
 RELUS = {F.relu: (0.0, RELU_HI), torch.relu: (0.0, RELU_HI), F.relu6: (0.0, 6.0)}
@@ -165,10 +166,9 @@ class _Lowering:
             raise FrontendError(f"{where}: {kind} is not supported")
 
     def is_global(self, mod, node) -> bool:
-        """An AvgPool2d whose one window is the whole (square) map, unpadded."""
+        """An AvgPool2d whose one window is the whole map, unpadded."""
         h, w = self.shapes[self.tensor_of(node.args[0], node.name)][1:]
-        kernel = _pair(mod.kernel_size, "kernel", node.name)
-        return h == w == kernel and mod.padding in (0, (0, 0))
+        return (h, w) == pair(mod.kernel_size) and mod.padding in (0, (0, 0))
 
     def pool(self, node, x: str, where: str, shape) -> None:
         if "features" in self.shapes:

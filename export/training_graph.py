@@ -15,10 +15,12 @@ step. So the step is cut at the input of every fine-tuned conv:
                                            -> new/<param>, new/state/...
 
 Between forward and backward the device holds only the kept pieces (core +
-factors for HOSVD), the masks at 1 bit an element and the classifier input.
+factors for HOSVD), the masks at 1 bit an element, the argmax of each max-pool in the
+fine-tuned part (int32) and the classifier input.
 Every graph uses standard ONNX ops only (opset ``OPSET``), so the stock
 onnxruntime wheel runs it. Tensor names say what they hold:
-``<layer>/kept/<piece>``, ``<t>/mask_bits``, ``d/<t>``, ``grad/<param>``, ``new/<param>``.
+``<layer>/kept/<piece>``, ``<t>/mask_bits``, ``<t>/argmax``, ``d/<t>``, ``grad/<param>``,
+``new/<param>``.
 """
 from __future__ import annotations
 
@@ -148,8 +150,10 @@ def emit_forward(g: Graph, program: Program, op: Op, trainable: set, with_mask: 
              strides=[s, s], pads=[p] * 4)
         if with_mask:  # the backward's: where in its sample (C*H*W) each output's max is
             c, h, w = program.shapes[op.inputs[0]]
-            g.op("Mod", [outputs[1], g.const(f"const/i64/{c * h * w}", np.array(c * h * w))],
-                 op.name + "/argmax", outputs=[argmax_name(op.output)])
+            within = g.op("Mod", [outputs[1], g.const(f"const/i64/{c * h * w}",
+                                                      np.array(c * h * w))], op.name + "/within")
+            g.op("Cast", [within], op.name + "/argmax", to=TensorProto.INT32,
+                 outputs=[argmax_name(op.output)])
     elif op.kind == "gap":
         pooled = g.op("GlobalAveragePool", [op.inputs[0]], op.name)
         g.op("Flatten", [pooled], op.name + "/flatten", outputs=[op.output], axis=1)
@@ -227,7 +231,7 @@ def argmax_pools(split: Split) -> set:
 
 
 def argmax_name(tensor: str) -> str:
-    """Max-pool output <t>'s argmax, held between forward and backward as <t>/argmax: int64,
+    """Max-pool output <t>'s argmax, held between forward and backward as <t>/argmax: int32,
     the shape of <t>, each the flat index within its sample (C*H*W) of the input's max."""
     return tensor + "/argmax"
 
@@ -269,7 +273,7 @@ def forward_partitions(split: Split, config: TrainConfig) -> list:
             elif t.endswith("/mask_bits"):
                 g.output(t, np.uint8, mask_bits_shape(program, t[:-len("/mask_bits")]))
             elif t.endswith("/argmax"):
-                g.output(t, np.int64, tensor_shape(program, t[:-len("/argmax")]))
+                g.output(t, np.int32, tensor_shape(program, t[:-len("/argmax")]))
             elif t == "dlogits":
                 g.output(t, np.float32, tensor_shape(program, "logits"))
             else:
@@ -479,7 +483,7 @@ def backward_partitions(split: Split, config: TrainConfig) -> list:
             elif op.kind == "clip":
                 g.input(mask_bits_name(op.output), np.uint8, mask_bits_shape(program, op.output))
             elif op.kind == "maxpool":
-                g.input(argmax_name(op.output), np.int64, tensor_shape(program, op.output))
+                g.input(argmax_name(op.output), np.int32, tensor_shape(program, op.output))
             if op.kind == "linear":
                 g.input("features", np.float32, tensor_shape(program, "features"))
         params = [n for op in ops if op.kind in ("conv", "linear")

@@ -237,15 +237,15 @@ def test_rectangular_and_dilated_convs_train_with_autograds_gradients(tmp_path, 
 
 
 def test_gradient_filter_refuses_a_rectangular_conv_in_one_line(tmp_path):
-    with pytest.raises(ValueError, match=r"^gf-r2 needs square kernels and strides and "
-                                         r"dilation 1: col has kernel \(3, 1\)"):
+    with pytest.raises(ValueError, match=r"^gf-r2 needs square kernels, strides and paddings "
+                                         r"and dilation 1: col has kernel \(3, 1\)"):
         export_module(Rectangular(), tmp_path / "art", input_size=24, batch_size=2, layers=3,
                       method="gf-r2")
     assert not (tmp_path / "art").exists()
 
 
 def test_a_max_pool_in_the_fine_tuned_part_keeps_its_argmax_and_counts_it(user_file, tmp_path):
-    """The forward hands each max's place to the backward: int64, one per pooled element,
+    """The forward hands each max's place to the backward: int32, one per pooled element,
     in the full accounting of the conv before it (the stem's)."""
     manifest = export_module(user_net(user_file), tmp_path / "art", input_size=32, batch_size=2,
                              layers=5, method="vanilla")
@@ -255,7 +255,7 @@ def test_a_max_pool_in_the_fine_tuned_part_keeps_its_argmax_and_counts_it(user_f
     x = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
     fwd = trainer.forward(x, np.zeros(2, np.int64))
     argmax = fwd.tensors["pool/pool/argmax"]
-    assert argmax.dtype == np.int64 and argmax.shape == (2, 8, 8, 8)
+    assert argmax.dtype == np.int32 and argmax.shape == (2, 8, 8, 8)
     assert 0 <= argmax.min() and argmax.max() < 8 * 16 * 16  # within its sample
     assert fwd.kept_full_per_layer[stem["name"]] >= argmax.nbytes
 
