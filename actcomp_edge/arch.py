@@ -39,22 +39,35 @@ class SpecError(ValueError):
     """A model name or architecture spec that cannot be used."""
 
 
+def pair(value) -> tuple:
+    """A conv size as (height, width): an int is square."""
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
 @dataclass(frozen=True)
 class ConvLayer:
-    """One Conv2d as the network runs it. Sizes in elements (per sample)."""
+    """One Conv2d as the network runs it. Sizes in elements (per sample); kernel, stride,
+    padding and dilation an int (square) or (height, width)."""
 
     name: str
     in_ch: int
     out_ch: int
-    kernel: int
-    stride: int
-    padding: int
+    kernel: object
+    stride: object
+    padding: object
     groups: int
     input_hw: tuple
     output_hw: tuple
     act: Optional[dict] = None           # after (frozen) BN
     post_add_act: Optional[dict] = None  # after the residual add that ends this conv's block
-    maxpool_after: Optional[dict] = None  # ResNet stem max-pool
+    maxpool_after: Optional[dict] = None  # a max-pool after it, before the next conv
+    dilation: object = 1
+
+    @property
+    def square(self) -> bool:
+        """Square kernel and stride, one padding, dilation 1 (what Gradient Filter needs)."""
+        return all(isinstance(v, int) for v in (self.kernel, self.stride, self.padding)) \
+            and self.dilation == 1
 
     def input_shape(self, batch: int) -> tuple:
         return (batch, self.in_ch) + tuple(self.input_hw)

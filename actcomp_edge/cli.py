@@ -92,13 +92,11 @@ def cmd_plan_profile(args) -> int:
     def largest(n_layers=None, batch=None):
         """(layers, batch, plan, fit, found): the largest value of the omitted axis that fits,
         else its smallest (to show by how much it does not)."""
-        tried = [(n, batch) for n in range(1, max_layers + 1)] if n_layers is None else \
+        tried = [(n, batch) for n in range(1, len(net.convs) + 1)] if n_layers is None else \
                 [(n_layers, b) for b in BATCH_CANDIDATES]
         tried = [(n, b) + evaluate(n, b) for n, b in tried]
         fitting = [t for t in tried if t[3].fits]
         return fitting[-1] + (True,) if fitting else tried[0] + (False,)
-
-    max_layers = len(net.convs)
 
     def proposal(n, b, fit):
         return {"layers": n, "batch_size": b, "working_bytes": fit.working_bytes,

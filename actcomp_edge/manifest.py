@@ -204,7 +204,8 @@ SCHEMA = {
     "trainable_layers[].input": TEXT,
     "trainable_layers[].input_shape": ("a list of 3 integers >= 1 (C, H, W) of at most "
                                        "2**40 elements", _is_shape),
-    "trainable_layers[].stride": COUNT,
+    "trainable_layers[].stride": ("an integer >= 1 or a list of 2 (height, width)",
+                                  lambda v: _is_count(v) or _list_of(_is_count, (2,))(v)),
     "trainable_layers[].kept": TEXTS,
     "trainable_layers[].masks?": TEXTS,
     "trainable_params": TEXTS,

@@ -5,7 +5,7 @@ Two accountings:
 - full:  everything the backward of the fine-tuned part really keeps: the conv
   inputs (compressed or not), one bit per element for every activation mask
   (ReLU/ReLU6/clamp, also after a residual add) downstream of the first
-  fine-tuned conv, max-pool indices (int64) if the ResNet stem is fine-tuned,
+  fine-tuned conv, the argmax (int32) of every max-pool in the fine-tuned part,
   and the classifier input (float32).  Budgets use this one.
 
 Floats are float32 (4 bytes). MiB = 2**20 bytes.
@@ -23,7 +23,7 @@ from .methods import method as method_row
 
 FLOAT_BYTES = 4
 MASK_BITS = 1      # masks are held bit-packed per sample: ceil(C*H*W / 8) bytes a sample
-INDEX_BYTES = 8
+INDEX_BYTES = 4    # a max-pool's argmax: int32, one per pooled element
 MIB = 2 ** 20
 
 
@@ -83,7 +83,7 @@ RANK_BASES = {
 
 def mask_bytes(layer: ConvLayer, batch: int) -> int:
     """Masks the backward needs after this conv: its activation, a post-add activation,
-    and max-pool indices (ResNet stem)."""
+    and the argmax of a max-pool after it."""
     per_sample = prod(layer.output_shape(1))
     total = 0
     for act in (layer.act, layer.post_add_act):

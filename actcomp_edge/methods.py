@@ -28,7 +28,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from .arch import ConvLayer
+from .arch import ConvLayer, pair
 from .decomposition import (GRAM_BLOCK_BYTES, Tucker, full_rank_bound, hosvd, mode_spectrum,
                             project_core, svd_compress, unfold)
 
@@ -204,28 +204,31 @@ def hosvd_weight_grad(g, name: str, kept: dict, dy: str, conv: ConvLayer) -> str
     core expanded along H and W with the zero-padded U3, U4, the conv's weight gradient of
     its K2 channels, then a projection with U2 (per group)."""
     c, (h, w), out_ch = conv.in_ch, conv.input_hw, conv.out_ch
-    (oh, ow), k, p, groups = conv.output_hw, conv.kernel, conv.padding, conv.groups
-    if (k, conv.stride, p, groups) == (1, 1, 0, 1):
+    (oh, ow), (kh, kw), (ph, pw) = conv.output_hw, pair(conv.kernel), pair(conv.padding)
+    groups = conv.groups
+    if (kh, kw, *pair(conv.stride), ph, pw, *pair(conv.dilation), groups) == \
+            (1, 1, 1, 1, 0, 0, 1, 1, 1):
         return hosvd_pointwise_weight_grad(g, name, kept, dy, conv)
     z = batch_contract(g, name + "/dY_x_U1", kept["u_batch"], dy, (out_ch, oh, ow))
     u3, u4 = kept["u_height"], kept["u_width"]
-    if p:
-        u3 = g.op("Pad", [u3, g.ints([p, 0, p, 0])], name + "/U3_padded")
-        u4 = g.op("Pad", [u4, g.ints([p, 0, p, 0])], name + "/U4_padded")
+    if ph:
+        u3 = g.op("Pad", [u3, g.ints([ph, 0, ph, 0])], name + "/U3_padded")
+    if pw:
+        u4 = g.op("Pad", [u4, g.ints([pw, 0, pw, 0])], name + "/U4_padded")
     core_hw = g.op("Einsum", [kept["core"], u3, u4], name + "/core_x_U3p_x_U4p",
                    equation="abcd,hc,wd->abhw")                           # (K1, K2, Hp, Wp)
-    low_conv = ConvLayer(name, "k2", out_ch, k, conv.stride, 0, 1, (h + 2 * p, w + 2 * p),
-                         (oh, ow))
-    dw_low = conv_weight_grad(g, name + "/lowrank", core_hw, z, low_conv)  # (O, K2, k, k)
+    low_conv = ConvLayer(name, "k2", out_ch, conv.kernel, conv.stride, 0, 1,
+                         (h + 2 * ph, w + 2 * pw), (oh, ow), dilation=conv.dilation)
+    dw_low = conv_weight_grad(g, name + "/lowrank", core_hw, z, low_conv)  # (O, K2, kh, kw)
     if groups == 1:
         return g.op("Einsum", [dw_low, kept["u_channel"]], name + "/project_U2",
                     equation="okij,ck->ocij")
-    low = g.op("Reshape", [dw_low, g.ints([groups, out_ch // groups, -1, k, k])],
+    low = g.op("Reshape", [dw_low, g.ints([groups, out_ch // groups, -1, kh, kw])],
                name + "/dW_low_groups")
     u2 = g.op("Reshape", [kept["u_channel"], g.ints([groups, c // groups, -1])],
               name + "/U2_groups")
     dw = g.op("Einsum", [low, u2], name + "/project_U2", equation="gokij,gck->gocij")
-    return g.op("Reshape", [dw, g.ints([out_ch, c // groups, k, k])], name + "/dW")
+    return g.op("Reshape", [dw, g.ints([out_ch, c // groups, kh, kw])], name + "/dW")
 
 
 def hosvd_pointwise_weight_grad(g, name: str, kept: dict, dy: str, conv: ConvLayer) -> str:
@@ -314,13 +317,15 @@ def gf_weight_grad(g, name: str, kept: dict, dy: str, conv: ConvLayer) -> str:
 # ---------------------------------------------------------------- weight gradients as ONNX
 
 def conv_weight_grad(g, name: str, x: str, dy: str, conv: ConvLayer) -> str:
-    """dW (O, C/groups, k, k) of ``conv`` from its input x (N, C, H, W) and dY (N, O, H', W'),
+    """dW (O, C/groups, kh, kw) of ``conv`` from its input x (N, C, H, W) and dY (N, O, H', W'),
     N any "batch" (images, or the K1 rows of a Tucker core), as a single Conv:
-    every channel c of x becomes an image, dY^T becomes the kernel (dilation = stride).
+    every channel c of x becomes an image, dY^T becomes the kernel (dilation = the conv's
+    stride; stride = its dilation: dW[i] = sum_u x[i d + u s - p] dY[u]).
     conv.in_ch may be symbolic (a Tucker rank) when groups == 1."""
     c, (h, w), out_ch = conv.in_ch, conv.input_hw, conv.out_ch
-    kernel, stride, padding, groups = conv.kernel, conv.stride, conv.padding, conv.groups
-    if kernel == 1 and stride == 1 and padding == 0 and groups == 1:
+    (kh, kw), (sh, sw), (ph, pw) = pair(conv.kernel), pair(conv.stride), pair(conv.padding)
+    dilation, groups = pair(conv.dilation), conv.groups
+    if (kh, kw, sh, sw, ph, pw, *dilation, groups) == (1, 1, 1, 1, 0, 0, 1, 1, 1):
         dw = pointwise_weight_grad(g, name, x, dy, c, out_ch, conv.output_hw)
         return g.op("Reshape", [dw, g.ints([out_ch, -1, 1, 1])], name + "/dW")
     if groups == 1:
@@ -331,12 +336,12 @@ def conv_weight_grad(g, name: str, x: str, dy: str, conv: ConvLayer) -> str:
         xg = g.op("Transpose", [xg], name + "/x_groups_T", perm=[2, 1, 0, 3, 4])
         xr = g.op("Reshape", [xg, g.ints([cg, -1, h, w])], name + "/x_T")     # (Cg, groups*N, H, W)
     kernel_from_dy = g.op("Transpose", [dy], name + "/dy_T", perm=[1, 0, 2, 3])  # (O, N, H', W')
-    full = g.op("Conv", [xr, kernel_from_dy], name + "/grad_conv", dilations=[stride, stride],
-                pads=[padding] * 4, strides=[1, 1], group=groups)           # (Cg, O, kh', kw')
-    reach_h = h + 2 * padding - (conv.output_hw[0] - 1) * stride
-    reach_w = w + 2 * padding - (conv.output_hw[1] - 1) * stride
-    if (reach_h, reach_w) != (kernel, kernel):  # rows past the last stride step are unused
-        full = g.op("Slice", [full, g.ints([0, 0]), g.ints([kernel, kernel]), g.ints([2, 3])],
+    full = g.op("Conv", [xr, kernel_from_dy], name + "/grad_conv", dilations=[sh, sw],
+                pads=[ph, pw, ph, pw], strides=list(dilation), group=groups)  # (Cg, O, kh', kw')
+    reach_h = (h + 2 * ph - (conv.output_hw[0] - 1) * sh - 1) // dilation[0] + 1
+    reach_w = (w + 2 * pw - (conv.output_hw[1] - 1) * sw - 1) // dilation[1] + 1
+    if (reach_h, reach_w) != (kh, kw):  # rows past the last stride step are unused
+        full = g.op("Slice", [full, g.ints([0, 0]), g.ints([kh, kw]), g.ints([2, 3])],
                     name + "/crop")
     return g.op("Transpose", [full], name + "/dW", perm=[1, 0, 2, 3])
 
@@ -386,6 +391,7 @@ class Method:
     overview_op: str         # the ai.actcomp node that stands for compress in overview.onnx
     keeps_input: bool = False  # the kept piece is x itself (held in the runner's pool)
     tracker: Optional[type] = None  # stateful compress: one per layer (TrackedHosvd)
+    square_only: bool = False  # only square kernels and strides, dilation 1 (ConvLayer.square)
 
 
 def input_dims(conv: ConvLayer) -> tuple:
@@ -423,7 +429,7 @@ METHODS = {m.name: m for m in (
     Method("svd", ("left", "right"), svd_dims, ("k",), svd_rank, svd_floats, svd_workspace,
            svd_kept, svd_weight_grad, "SVD"),
     Method("gf-r2", ("x_sum",), gf_dims, (), None, gf_floats, gf_workspace, gf_kept,
-           gf_weight_grad, "GradientFilterSumPool"),
+           gf_weight_grad, "GradientFilterSumPool", square_only=True),
 )}
 
 

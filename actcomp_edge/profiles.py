@@ -35,8 +35,10 @@ from __future__ import annotations
 import re
 import sys
 from dataclasses import dataclass
+from math import prod
 from pathlib import Path
 
+from .arch import pair
 from .memory import FLOAT_BYTES, mib
 
 
@@ -204,7 +206,7 @@ def trainable_param_count(spec: dict, convs, n_layers: int) -> int:
     """Parameters of the last n_layers convs (program.network order) and the classifier:
     conv out*in/groups*k*k (+ out when the spec has conv_bias), linear in*out (+ out)."""
     bias = bool(spec.get("conv_bias"))
-    total = sum(c.out_ch * (c.in_ch // c.groups) * c.kernel ** 2 + (c.out_ch if bias else 0)
+    total = sum(c.out_ch * (c.in_ch // c.groups) * prod(pair(c.kernel)) + (c.out_ch if bias else 0)
                 for c in convs[-n_layers:])
     head = spec["classifier"]
     n_in, n_out = int(head["in_features"]), int(head["out_features"])

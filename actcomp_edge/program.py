@@ -3,6 +3,7 @@
 This is what the exporter turns into ONNX graphs. Ops, in execution order:
 
     conv    (x) -> y   attrs: layer, weight, bias|None, kernel, stride, padding, groups
+                       [, dilation]; sizes an int (square) or (height, width)
     affine  (x) -> y   frozen BatchNorm as y = x * scale + shift (per channel)
     clip    (x) -> y   ReLU / ReLU6 / clamp: y = min(max(x, lo), hi); backward mask lo < x < hi
     add     (a, b) -> y   residual add
@@ -199,7 +200,7 @@ def _resnet(b: _Builder, spec: dict) -> str:
 def network_of(program: Program) -> arch.Network:
     """The convs of a program as the memory model sees them (arch.Network). A clip belongs to
     the last conv before it: right after the conv (and its BN) it is the conv's act, after a
-    residual add its post-add act; a max-pool right after is the conv's maxpool_after."""
+    residual add its post-add act; the first max-pool after it is its maxpool_after."""
     convs, current = [], None
     masking = {"type": "clamp"}  # every clip packs a backward mask
     for op in program.ops:
@@ -209,7 +210,7 @@ def network_of(program: Program) -> arch.Network:
             current = dict(name=op.name, in_ch=c, out_ch=o, kernel=a["kernel"], stride=a["stride"],
                            padding=a["padding"], groups=a["groups"], input_hw=(h, w),
                            output_hw=(oh, ow), act=None, post_add_act=None, maxpool_after=None,
-                           tail=op.output, added=False)
+                           dilation=a.get("dilation", 1), tail=op.output, added=False)
             convs.append(current)
         elif current is None:
             continue
@@ -220,8 +221,9 @@ def network_of(program: Program) -> arch.Network:
         elif op.kind == "clip":
             current["post_add_act" if current["added"] else "act"] = masking
             current["tail"] = op.output
-        elif op.kind == "maxpool" and op.inputs[0] == current["tail"]:
+        elif op.kind == "maxpool" and current["maxpool_after"] is None:  # after an add too
             current["maxpool_after"] = {k: op.attrs[k] for k in ("kernel", "stride", "padding")}
+            current["tail"] = op.output
     layers = [arch.ConvLayer(**{k: v for k, v in c.items() if k not in ("tail", "added")})
               for c in convs]
     head = program.ops[-1]

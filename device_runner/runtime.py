@@ -67,7 +67,7 @@ _ARENA_BYTES = None
 ARENA_SLACK = 1.25  # the first arena region: the plan's arena and a quarter for fragmentation
 NO_ARENA_CAP = 1 << 46  # without a budget the arena grows as the graphs need (64 TiB: no cap)
 DTYPES = {"tensor(float)": np.float32, "tensor(bool)": np.bool_, "tensor(uint8)": np.uint8,
-          "tensor(int64)": np.int64}
+          "tensor(int64)": np.int64, "tensor(int32)": np.int32}
 
 
 def cap_arena(max_bytes: int, initial_bytes: int = -1) -> None:

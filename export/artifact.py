@@ -16,7 +16,7 @@ from actcomp_edge.npz import save_npz, write_atomic
 from .memory_plan import choose_micro_batches, concrete, rank_dims, step_plan
 from .onnx_graph import IR_VERSION, OPSET
 from actcomp_edge.program import build_program, check_input_size, network_of
-from .training_graph import (TrainConfig, backward_partitions, eval_graph, forward_partitions,
+from .training_graph import (TrainConfig, backward_partitions, conv_layer, eval_graph, forward_partitions,
                              update_graph,
                              optimizer_state, overview_graph, split_program)
 
@@ -42,6 +42,14 @@ def export_program(program, out_dir, config: TrainConfig, batch_size: int, class
     hw = tuple(program.shapes["image"][1:])
     row = method_row(config.method)
     split = split_program(program, config.n_layers)
+    if row.square_only:
+        for op in split.trainable_convs:
+            conv = conv_layer(program, op)
+            if not conv.square:
+                raise ValueError(f"{row.name} needs square kernels, strides and paddings and "
+                                 f"dilation 1: {op.name} has kernel {conv.kernel}, stride "
+                                 f"{conv.stride}, padding {conv.padding}, dilation "
+                                 f"{conv.dilation} (use another --method or fewer --layers)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -112,6 +120,7 @@ def export_program(program, out_dir, config: TrainConfig, batch_size: int, class
              "output_shape": list(program.shapes[op.output]), "kernel": op.attrs["kernel"],
              "stride": op.attrs["stride"], "padding": op.attrs["padding"],
              "groups": op.attrs["groups"],
+             **({"dilation": op.attrs["dilation"]} if op.attrs.get("dilation", 1) != 1 else {}),
              "kept": [f"{op.name}/kept/{piece}" for piece in row.pieces],
              "masks": layer_masks}
             for op, layer_masks in zip(split.trainable_convs, masks)],

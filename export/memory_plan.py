@@ -25,7 +25,8 @@ from actcomp_edge.memory import FLOAT_BYTES, layer_ranks
 from actcomp_edge.methods import METHODS, Method
 
 ELEMENT_BYTES = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.BOOL: 1,
-                 onnx.TensorProto.UINT8: 1, onnx.TensorProto.INT64: 8}
+                 onnx.TensorProto.UINT8: 1, onnx.TensorProto.INT64: 8,
+                 onnx.TensorProto.INT32: 4}
 
 
 def concrete(model: onnx.ModelProto, dims: dict) -> onnx.ModelProto:

@@ -14,7 +14,8 @@ OPSET = 17
 IR_VERSION = 8
 ACTCOMP_DOMAIN = "ai.actcomp"  # decomposition nodes in the overview graph (not executed)
 DTYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.int64): TensorProto.INT64,
-          np.dtype(np.bool_): TensorProto.BOOL, np.dtype(np.uint8): TensorProto.UINT8}
+          np.dtype(np.int32): TensorProto.INT32, np.dtype(np.bool_): TensorProto.BOOL,
+          np.dtype(np.uint8): TensorProto.UINT8}
 
 
 class Graph:

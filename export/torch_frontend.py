@@ -2,7 +2,7 @@
 
 | torch (module or function)                                        | program op |
 |-------------------------------------------------------------------|------------|
-| Conv2d: square kernel and stride, symmetric padding, dilation 1   | conv       |
+| Conv2d: any kernel, stride, padding (ints), dilation and groups   | conv       |
 | BatchNorm2d (frozen: its running statistics)                      | affine     |
 | ReLU, ReLU6, Hardtanh; F.relu, F.relu6, F.hardtanh, torch.relu     | clip       |
 | ``a + b``, torch.add (two tensors)                                | add        |
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from actcomp_edge.arch import pair
 from actcomp_edge.program import RELU_HI, Op, Program
 
 RELUS = {F.relu: (0.0, RELU_HI), torch.relu: (0.0, RELU_HI), F.relu6: (0.0, 6.0)}
@@ -39,11 +40,17 @@ class FrontendError(ValueError):
     """A module the exporter cannot lower (one line: where and what)."""
 
 
-def _pair(value, what: str, where: str) -> int:
+def _pair(value, what: str, where: str):
+    """A size as the program holds it: an int when square, else (height, width)."""
     a, b = (value, value) if isinstance(value, int) else tuple(value)
-    if a != b:
-        raise FrontendError(f"{where}: {what} {(a, b)} is not supported (square only)")
-    return int(a)
+    return int(a) if a == b else (int(a), int(b))
+
+
+def _square(value, what: str, where: str) -> int:
+    size = _pair(value, what, where)
+    if not isinstance(size, int):
+        raise FrontendError(f"{where}: {what} {size} is not supported (square only)")
+    return size
 
 
 class _Lowering:
@@ -97,17 +104,20 @@ class _Lowering:
         kind = type(mod).__name__
         x = self.tensor_of(node.args[0], where) if node.args else None
         if isinstance(mod, nn.Conv2d):
-            if _pair(mod.dilation, "dilation", where) != 1 or mod.padding_mode != "zeros":
-                raise FrontendError(f"{where}: dilated or non-zero-padded Conv2d is not supported")
+            if mod.padding_mode != "zeros":
+                raise FrontendError(f"{where}: padding_mode={mod.padding_mode!r} is not "
+                                    f"supported (zeros only)")
             if isinstance(mod.padding, str):
                 raise FrontendError(f"{where}: padding={mod.padding!r} is not supported (give ints)")
+            dilation = _pair(mod.dilation, "dilation", where)
             self.tensor[node] = self.emit(
                 "conv", where, [x], f"{where}/conv", shape, layer=where,
                 weight=self.param(f"{where}.weight"),
                 bias=self.param(f"{where}.bias") if mod.bias is not None else None,
                 kernel=_pair(mod.kernel_size, "kernel", where),
                 stride=_pair(mod.stride, "stride", where),
-                padding=_pair(mod.padding, "padding", where), groups=mod.groups)
+                padding=_pair(mod.padding, "padding", where), groups=mod.groups,
+                **({"dilation": dilation} if dilation != 1 else {}))
         elif isinstance(mod, nn.BatchNorm2d):
             if mod.running_mean is None:
                 raise FrontendError(f"{where}: BatchNorm2d without running statistics is not "
@@ -130,9 +140,9 @@ class _Lowering:
                                     f"supported")
             self.tensor[node] = self.emit(
                 "maxpool", where, [x], f"{where}/pool", shape,
-                kernel=_pair(mod.kernel_size, "kernel", where),
-                stride=_pair(mod.stride, "stride", where),
-                padding=_pair(mod.padding, "padding", where))
+                kernel=_square(mod.kernel_size, "kernel", where),
+                stride=_square(mod.stride, "stride", where),
+                padding=_square(mod.padding, "padding", where))
         elif isinstance(mod, nn.AdaptiveAvgPool2d) or (
                 isinstance(mod, nn.AvgPool2d) and self.is_global(mod, node)):
             if isinstance(mod, nn.AdaptiveAvgPool2d) and mod.output_size not in (1, (1, 1)):
@@ -156,10 +166,9 @@ class _Lowering:
             raise FrontendError(f"{where}: {kind} is not supported")
 
     def is_global(self, mod, node) -> bool:
-        """An AvgPool2d whose one window is the whole (square) map, unpadded."""
+        """An AvgPool2d whose one window is the whole map, unpadded."""
         h, w = self.shapes[self.tensor_of(node.args[0], node.name)][1:]
-        kernel = _pair(mod.kernel_size, "kernel", node.name)
-        return h == w == kernel and mod.padding in (0, (0, 0))
+        return (h, w) == pair(mod.kernel_size) and mod.padding in (0, (0, 0))
 
     def pool(self, node, x: str, where: str, shape) -> None:
         if "features" in self.shapes:

@@ -15,10 +15,12 @@ step. So the step is cut at the input of every fine-tuned conv:
                                            -> new/<param>, new/state/...
 
 Between forward and backward the device holds only the kept pieces (core +
-factors for HOSVD), the masks at 1 bit an element and the classifier input.
+factors for HOSVD), the masks at 1 bit an element, the argmax of each max-pool in the
+fine-tuned part (int32) and the classifier input.
 Every graph uses standard ONNX ops only (opset ``OPSET``), so the stock
 onnxruntime wheel runs it. Tensor names say what they hold:
-``<layer>/kept/<piece>``, ``<t>/mask_bits``, ``d/<t>``, ``grad/<param>``, ``new/<param>``.
+``<layer>/kept/<piece>``, ``<t>/mask_bits``, ``<t>/argmax``, ``d/<t>``, ``grad/<param>``,
+``new/<param>``.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from math import ceil
 
 import numpy as np
 
-from actcomp_edge.arch import ConvLayer
+from actcomp_edge.arch import ConvLayer, pair
 from actcomp_edge.methods import BATCH, METHODS
 
 import onnx
@@ -120,9 +122,9 @@ def emit_forward(g: Graph, program: Program, op: Op, trainable: set, with_mask: 
         else:
             w = param_ref(g, program, w, trainable)
             b = param_ref(g, program, b, trainable) if b else None
-        p, k = a["padding"], a["kernel"]
+        conv = conv_layer(program, op)
         g.op("Conv", [op.inputs[0], w] + ([b] if b else []), op.name, outputs=[out],
-             kernel_shape=[k, k], strides=[a["stride"]] * 2, pads=[p] * 4, group=a["groups"])
+             **conv_attrs(conv))
     elif op.kind == "affine":
         y = g.op("Mul", [op.inputs[0], channel_const(g, program, a["scale"])], op.name + "/bn_scale")
         g.op("Add", [y, channel_const(g, program, a["shift"])], op.name + "/bn_shift",
@@ -148,8 +150,10 @@ def emit_forward(g: Graph, program: Program, op: Op, trainable: set, with_mask: 
              strides=[s, s], pads=[p] * 4)
         if with_mask:  # the backward's: where in its sample (C*H*W) each output's max is
             c, h, w = program.shapes[op.inputs[0]]
-            g.op("Mod", [outputs[1], g.const(f"const/i64/{c * h * w}", np.array(c * h * w))],
-                 op.name + "/argmax", outputs=[argmax_name(op.output)])
+            within = g.op("Mod", [outputs[1], g.const(f"const/i64/{c * h * w}",
+                                                      np.array(c * h * w))], op.name + "/within")
+            g.op("Cast", [within], op.name + "/argmax", to=TensorProto.INT32,
+                 outputs=[argmax_name(op.output)])
     elif op.kind == "gap":
         pooled = g.op("GlobalAveragePool", [op.inputs[0]], op.name)
         g.op("Flatten", [pooled], op.name + "/flatten", outputs=[op.output], axis=1)
@@ -227,7 +231,7 @@ def argmax_pools(split: Split) -> set:
 
 
 def argmax_name(tensor: str) -> str:
-    """Max-pool output <t>'s argmax, held between forward and backward as <t>/argmax: int64,
+    """Max-pool output <t>'s argmax, held between forward and backward as <t>/argmax: int32,
     the shape of <t>, each the flat index within its sample (C*H*W) of the input's max."""
     return tensor + "/argmax"
 
@@ -269,7 +273,7 @@ def forward_partitions(split: Split, config: TrainConfig) -> list:
             elif t.endswith("/mask_bits"):
                 g.output(t, np.uint8, mask_bits_shape(program, t[:-len("/mask_bits")]))
             elif t.endswith("/argmax"):
-                g.output(t, np.int64, tensor_shape(program, t[:-len("/argmax")]))
+                g.output(t, np.int32, tensor_shape(program, t[:-len("/argmax")]))
             elif t == "dlogits":
                 g.output(t, np.float32, tensor_shape(program, "logits"))
             else:
@@ -313,7 +317,16 @@ def conv_layer(program: Program, op: Op) -> ConvLayer:
     c, h, w = program.shapes[op.inputs[0]]
     out_ch, oh, ow = program.shapes[op.output]
     return ConvLayer(op.name, c, out_ch, a["kernel"], a["stride"], a["padding"], a["groups"],
-                     (h, w), (oh, ow))
+                     (h, w), (oh, ow), dilation=a.get("dilation", 1))
+
+
+def conv_attrs(conv: ConvLayer) -> dict:
+    """The ONNX Conv attributes of a conv (dilations only where not 1)."""
+    attrs = dict(kernel_shape=list(pair(conv.kernel)), strides=list(pair(conv.stride)),
+                 pads=list(pair(conv.padding)) * 2, group=conv.groups)
+    if conv.dilation != 1:
+        attrs["dilations"] = list(pair(conv.dilation))
+    return attrs
 
 
 def emit_conv_backward(g: Graph, program: Program, op: Op, dy: str, method: str,
@@ -330,37 +343,42 @@ def emit_conv_backward(g: Graph, program: Program, op: Op, dy: str, method: str,
 
 
 def conv_input_grad(g: Graph, name: str, dy: str, weight: str, conv: ConvLayer) -> str:
-    """dX (N, C, H, W) of a conv from dY (N, O, H', W') and W (O, C/groups, k, k).
+    """dX (N, C, H, W) of a conv from dY (N, O, H', W') and W (O, C/groups, kh, kw).
 
-    Stride 1: a Conv of dY padded by k - 1 - p with the kernel flipped in space and
+    Stride 1: a Conv of dY padded by (k - 1) d - p with the kernel flipped in space and
     transposed within each group, W'[g*C/g + c, o, i, j] = W[g*O/g + o, c, k-1-i, k-1-j]:
-    dX[i] = sum_t dY[i + p - t] W[t] = sum_u dY[i - (k - 1 - p) + u] W[k - 1 - u].
-    Stride > 1: ConvTranspose (as a Conv, dY would need stride - 1 zeros after every
-    element). onnxruntime's CPU kernels decide (benchmarks/backward_ops.py: the Conv is
-    1.2-5.9x faster at stride 1, 2-3x slower at stride 2 with the zeros)."""
+    dX[i] = sum_t dY[i + p - t d] W[t] = sum_u dY[i - ((k - 1) d - p) + u d] W[k - 1 - u]
+    (per dim; d the dilation). Stride > 1: ConvTranspose (as a Conv, dY would need stride - 1
+    zeros after every element). onnxruntime's CPU kernels decide (benchmarks/backward_ops.py:
+    the Conv is 1.2-5.9x faster at stride 1, 2-3x slower at stride 2 with the zeros)."""
     c, (h, w), out_ch, (oh, ow) = conv.in_ch, conv.input_hw, conv.out_ch, conv.output_hw
-    k, s, p, groups = conv.kernel, conv.stride, conv.padding, conv.groups
-    if s > 1:
-        return g.op("ConvTranspose", [dy, weight], name + "/dX", kernel_shape=[k, k],
-                    strides=[s, s], pads=[p] * 4, group=groups,
-                    output_padding=[h - ((oh - 1) * s - 2 * p + k), w - ((ow - 1) * s - 2 * p + k)])
-    before = k - 1 - p
-    if before < 0:  # padding past the kernel's reach: a negative pad is a crop of dY
-        dy = g.op("Slice", [dy, g.ints([-before] * 2), g.ints([oh + before, ow + before]),
+    (kh, kw), (sh, sw), (ph, pw) = pair(conv.kernel), pair(conv.stride), pair(conv.padding)
+    (dh, dw), groups = pair(conv.dilation), conv.groups
+    dilated = {"dilations": [dh, dw]} if (dh, dw) != (1, 1) else {}
+    if (sh, sw) != (1, 1):
+        return g.op("ConvTranspose", [dy, weight], name + "/dX", kernel_shape=[kh, kw],
+                    strides=[sh, sw], pads=[ph, pw, ph, pw], group=groups,
+                    output_padding=[h - ((oh - 1) * sh - 2 * ph + (kh - 1) * dh + 1),
+                                    w - ((ow - 1) * sw - 2 * pw + (kw - 1) * dw + 1)],
+                    **dilated)
+    before = [(kh - 1) * dh - ph, (kw - 1) * dw - pw]
+    if min(before) < 0:  # padding past the kernel's reach: a negative pad is a crop of dY
+        crop = [max(0, -b) for b in before]
+        dy = g.op("Slice", [dy, g.ints(crop), g.ints([oh - crop[0], ow - crop[1]]),
                             g.ints([2, 3])], name + "/dY_cropped")
-        before = 0
+        before = [max(0, b) for b in before]
     og, cg = out_ch // groups, c // groups
     kernel_t = weight
     if groups == 1:
         kernel_t = g.op("Transpose", [weight], name + "/W_T", perm=[1, 0, 2, 3])  # (C, O, k, k)
     elif og > 1 or cg > 1:  # (g, O/g, C/g, k, k) -> (g, C/g, O/g, k, k) -> (C, O/g, k, k)
-        grouped = g.op("Reshape", [weight, g.ints([groups, og, cg, k, k])], name + "/W_groups")
+        grouped = g.op("Reshape", [weight, g.ints([groups, og, cg, kh, kw])], name + "/W_groups")
         grouped = g.op("Transpose", [grouped], name + "/W_groups_T", perm=[0, 2, 1, 3, 4])
-        kernel_t = g.op("Reshape", [grouped, g.ints([c, og, k, k])], name + "/W_T")
-    if k > 1:
-        kernel_t = g.op("Slice", [kernel_t, g.ints([-1, -1]), g.ints([-k - 1, -k - 1]),
+        kernel_t = g.op("Reshape", [grouped, g.ints([c, og, kh, kw])], name + "/W_T")
+    if kh > 1 or kw > 1:
+        kernel_t = g.op("Slice", [kernel_t, g.ints([-1, -1]), g.ints([-kh - 1, -kw - 1]),
                                   g.ints([2, 3]), g.ints([-1, -1])], name + "/W_flipped")
-    return g.op("Conv", [dy, kernel_t], name + "/dX", pads=[before] * 4, group=groups)
+    return g.op("Conv", [dy, kernel_t], name + "/dX", pads=before * 2, group=groups, **dilated)
 
 
 def emit_update(g: Graph, config: TrainConfig, param: str, grad: str, shape) -> list:
@@ -465,7 +483,7 @@ def backward_partitions(split: Split, config: TrainConfig) -> list:
             elif op.kind == "clip":
                 g.input(mask_bits_name(op.output), np.uint8, mask_bits_shape(program, op.output))
             elif op.kind == "maxpool":
-                g.input(argmax_name(op.output), np.int64, tensor_shape(program, op.output))
+                g.input(argmax_name(op.output), np.int32, tensor_shape(program, op.output))
             if op.kind == "linear":
                 g.input("features", np.float32, tensor_shape(program, "features"))
         params = [n for op in ops if op.kind in ("conv", "linear")

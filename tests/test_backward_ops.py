@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from export.onnx_graph import Graph
-from actcomp_edge.arch import ConvLayer, conv_out
+from actcomp_edge.arch import ConvLayer, pair
 from actcomp_edge.methods import conv_weight_grad
 from export.training_graph import conv_input_grad
 
-CASES = [  # (C, O, groups, kernel, stride, padding, H, W)
+CASES = [  # (C, O, groups, kernel, stride, padding, H, W[, dilation]); a size int or (h, w)
     (8, 16, 1, 1, 1, 0, 5, 7),      # pointwise
     (8, 6, 1, 1, 2, 0, 7, 6),       # pointwise stride 2, odd height
     (64, 96, 1, 1, 1, 0, 2, 3),     # pointwise on a small map (dW as one Gemm)
@@ -20,6 +20,13 @@ CASES = [  # (C, O, groups, kernel, stride, padding, H, W)
     (3, 5, 1, 3, 2, 1, 10, 9),      # full 3x3 stride 2
     (6, 4, 2, 3, 1, 0, 7, 7),       # grouped, no padding
     (4, 8, 4, 3, 1, 3, 6, 6),       # depthwise multiplier 2, padding beyond k - 1 (dY cropped)
+    (3, 5, 1, (1, 3), 1, (0, 1), 7, 8),          # rectangular kernel
+    (4, 6, 2, (3, 1), (2, 1), (1, 0), 9, 7),     # rectangular kernel and stride, grouped
+    (5, 4, 1, (1, 7), (1, 2), (0, 3), 6, 15),    # 1x7, stride (1, 2)
+    (4, 4, 4, 3, 1, 2, 9, 9, 2),                 # depthwise dilated 2
+    (3, 5, 1, 3, 2, 2, 11, 10, 2),               # dilated 2, stride 2
+    (3, 4, 1, (3, 5), 1, (1, 4), 8, 12, (1, 2)),  # rectangular, dilation (1, 2)
+    (4, 4, 1, 3, 1, 0, 9, 9, 3),                 # dilated 3, no padding
 ]
 
 
@@ -29,25 +36,27 @@ def run(g: Graph, feeds: dict) -> np.ndarray:
     return session.run(None, feeds)[0]
 
 
-def case_tensors(c, o, groups, k, s, p, h, w):
+def case_tensors(c, o, groups, k, s, p, h, w, d=1):
     torch.manual_seed(0)
     x = torch.randn(2, c, h, w, requires_grad=True)
-    weight = torch.randn(o, c // groups, k, k, requires_grad=True)
-    y = torch.nn.functional.conv2d(x, weight, stride=s, padding=p, groups=groups)
+    weight = torch.randn(o, c // groups, *pair(k), requires_grad=True)
+    y = torch.nn.functional.conv2d(x, weight, stride=s, padding=p, dilation=d, groups=groups)
     dy = torch.randn_like(y)
     y.backward(dy)
     return x, weight, dy
 
 
 def layer(case) -> ConvLayer:
-    c, o, groups, k, s, p, h, w = case
-    return ConvLayer("conv", c, o, k, s, p, groups, (h, w),
-                     (conv_out(h, k, s, p), conv_out(w, k, s, p)))
+    c, o, groups, k, s, p, h, w, *d = case
+    d = d[0] if d else 1
+    out = tuple((size + 2 * pp - dd * (kk - 1) - 1) // ss + 1 for size, kk, ss, pp, dd
+                in zip((h, w), pair(k), pair(s), pair(p), pair(d)))
+    return ConvLayer("conv", c, o, k, s, p, groups, (h, w), out, dilation=d)
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_input_gradient_as_a_conv_equals_autograd(case):
-    c, o, groups, k, s, p, h, w = case
+    c, o, groups, k, s, p, h, w, *_ = case
     x, weight, dy = case_tensors(*case)
     g = Graph("dx")
     g.input("dy", np.float32, list(dy.shape))
@@ -60,7 +69,7 @@ def test_input_gradient_as_a_conv_equals_autograd(case):
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_weight_gradient_equals_autograd(case):
-    c, o, groups, k, s, p, h, w = case
+    c, o, groups, k, s, p, h, w, *_ = case
     x, weight, dy = case_tensors(*case)
     g = Graph("dw")
     g.input("x", np.float32, list(x.shape))

@@ -1,5 +1,6 @@
 """The torch frontend: a user's nn.Module traced with torch.fx trains on the runner with
 torch.autograd's gradients and torch.optim's step; unsupported ops are one line."""
+import json
 import subprocess
 import sys
 import textwrap
@@ -158,10 +159,10 @@ class WithSE(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.blocks(x), 1), 1))
 
 
-class Rectangular(nn.Module):
+class Reflect(nn.Module):
     def __init__(self):
         super().__init__()
-        self.conv = nn.Conv2d(3, 4, (1, 3))
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")
         self.fc = nn.Linear(4, 2)
 
     def forward(self, x):
@@ -180,7 +181,7 @@ class Gelu(nn.Module):
 
 @pytest.mark.parametrize("module,message", [
     (WithSE(), "blocks.1.1: Sigmoid is not supported"),
-    (Rectangular(), "conv: kernel (1, 3) is not supported (square only)"),
+    (Reflect(), "conv: padding_mode='reflect' is not supported (zeros only)"),
     (Gelu(), "gelu: gelu is not supported"),
 ])
 def test_an_unsupported_op_is_one_line_naming_the_module_path(module, message):
@@ -189,8 +190,62 @@ def test_an_unsupported_op_is_one_line_naming_the_module_path(module, message):
     assert str(e.value) == message
 
 
+class Rectangular(nn.Module):
+    """Rectangular kernels, strides and paddings and dilated convs, all fine-tuned."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False)
+        self.row = nn.Conv2d(8, 8, (1, 3), padding=(0, 1), bias=False)
+        self.col = nn.Conv2d(8, 12, (3, 1), stride=(2, 1), padding=(1, 0), groups=4)
+        self.dilated = nn.Conv2d(12, 12, 3, padding=2, dilation=2, groups=12, bias=False)
+        self.wide = nn.Conv2d(12, 16, (3, 5), padding=(1, 4), dilation=(1, 2), bias=False)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = F.relu6(self.row(x))
+        x = F.relu(self.col(x))
+        x = F.relu(self.dilated(x))
+        x = F.relu(self.wide(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+@pytest.mark.parametrize("method,eps", [("vanilla", None), ("hosvd", 1.0), ("svd", 1.0)])
+def test_rectangular_and_dilated_convs_train_with_autograds_gradients(tmp_path, method, eps):
+    torch.manual_seed(5)
+    net = Rectangular()
+    export_module(net, tmp_path / "art", input_size=(24, 30), batch_size=3, layers=4,
+                  method=method, eps=eps)
+    layers = json.loads((tmp_path / "art" / "manifest.json").read_text())["trainable_layers"]
+    assert [(layer["kernel"], layer["stride"], layer.get("dilation", 1)) for layer in layers] == \
+           [([1, 3], 1, 1), ([3, 1], [2, 1], 1), (3, 1, 2), ([3, 5], 1, [1, 2])]
+    trainer = Trainer(tmp_path / "art")
+    rng = np.random.default_rng(2)
+    images = rng.standard_normal((3, 3, 24, 30)).astype(np.float32)
+    labels = rng.integers(0, 5, 3).astype(np.int64)
+    loss, grads, after = reference_step(net, 4, images, labels, lr=0.1)
+    result = trainer.step(images, labels, lr=0.1)
+    assert abs(result.loss - loss) < TOL * abs(loss)
+    for name, grad in grads.items():
+        assert rel(result.grads[name], grad) < TOL, name
+        assert rel(trainer.params[name], after[name]) < TOL, name
+    x = rng.standard_normal((2, 3, 24, 30)).astype(np.float32)
+    net.eval()
+    with torch.no_grad():
+        assert rel(trainer.evaluate(x), net(torch.from_numpy(x)).numpy()) < TOL
+
+
+def test_gradient_filter_refuses_a_rectangular_conv_in_one_line(tmp_path):
+    with pytest.raises(ValueError, match=r"^gf-r2 needs square kernels, strides and paddings "
+                                         r"and dilation 1: col has kernel \(3, 1\)"):
+        export_module(Rectangular(), tmp_path / "art", input_size=24, batch_size=2, layers=3,
+                      method="gf-r2")
+    assert not (tmp_path / "art").exists()
+
+
 def test_a_max_pool_in_the_fine_tuned_part_keeps_its_argmax_and_counts_it(user_file, tmp_path):
-    """The forward hands each max's place to the backward: int64, one per pooled element,
+    """The forward hands each max's place to the backward: int32, one per pooled element,
     in the full accounting of the conv before it (the stem's)."""
     manifest = export_module(user_net(user_file), tmp_path / "art", input_size=32, batch_size=2,
                              layers=5, method="vanilla")
@@ -200,7 +255,7 @@ def test_a_max_pool_in_the_fine_tuned_part_keeps_its_argmax_and_counts_it(user_f
     x = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
     fwd = trainer.forward(x, np.zeros(2, np.int64))
     argmax = fwd.tensors["pool/pool/argmax"]
-    assert argmax.dtype == np.int64 and argmax.shape == (2, 8, 8, 8)
+    assert argmax.dtype == np.int32 and argmax.shape == (2, 8, 8, 8)
     assert 0 <= argmax.min() and argmax.max() < 8 * 16 * 16  # within its sample
     assert fwd.kept_full_per_layer[stem["name"]] >= argmax.nbytes
 

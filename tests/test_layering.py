@@ -9,7 +9,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("actcomp_edge", "device_runner", "export")
 HOST = {"actcomp_edge.cli", "actcomp_edge.demo", "actcomp_edge.monitor", "actcomp_edge.report",
         "actcomp_edge.fleet", "actcomp_edge.fleet_server"}
-DEVICE_ROOTS = {"actcomp_edge.decomposition", "actcomp_edge.methods", "actcomp_edge.protocol",
+DEVICE_ROOTS = {"actcomp_edge.decomposition", "actcomp_edge.methods", "actcomp_edge.program",
+                "actcomp_edge.arch", "actcomp_edge.protocol",
                 "actcomp_edge.manifest", "actcomp_edge.memplan", "actcomp_edge.npz"}
 
 
@@ -64,6 +65,25 @@ def test_the_device_side_reaches_neither_the_exporter_nor_the_host_tools():
     device = reachable(graph, DEVICE_ROOTS | {m for m in graph if m.startswith("device_runner")})
     assert not {m for m in device if m.startswith("export")}
     assert not device & HOST
+
+
+def third_party(path: Path) -> set:
+    """Top-level names of the packages a module imports (also inside functions)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+    return names
+
+
+def test_the_device_side_imports_neither_torch_nor_onnx():
+    graph, paths = import_graph(), modules()
+    device = reachable(graph, DEVICE_ROOTS | {m for m in graph if m.startswith("device_runner")})
+    assert {"actcomp_edge.methods", "actcomp_edge.program"} <= device
+    for module in device:
+        assert not third_party(paths[module]) & {"torch", "onnx"}, module
 
 
 def test_the_exporter_reaches_neither_the_host_tools_nor_the_runner():

@@ -73,7 +73,7 @@ def test_resnet_stem_maxpool_indices_counted():
     p = plan(net, len(net.convs), "vanilla", 2, 224)
     stem = p.layers[0]
     assert stem.name == "conv1"
-    assert stem.mask_bytes == 2 * 64 * 112 * 112 // 8 + 2 * 64 * 56 * 56 * 8
+    assert stem.mask_bytes == 2 * 64 * 112 * 112 // 8 + 2 * 64 * 56 * 56 * 4  # int32 argmax
 
 
 def test_hosvd_fixed_ranks_match_core_kept_floats():
