@@ -239,7 +239,8 @@ def check_schema(manifest: dict, where) -> None:
     """A one-line ArtifactError naming the key unless every SCHEMA key is there with the
     right type, every name in "files" is a plain file name with a SHA-256, and the names the
     runner follows lead somewhere: "run" to a forward graph or the backward, "compress" to a
-    trainable layer (each one's), every file it opens to an entry of "files"."""
+    trainable layer (each one's), every file it opens to an entry of "files"; a method for
+    square convs only (gf-r2) has one stride per layer."""
     def fail(key, problem):
         raise ArtifactError(f"{where}: key {key!r} {problem}")
 
@@ -261,6 +262,11 @@ def check_schema(manifest: dict, where) -> None:
         if "compress" in step and step["compress"] not in layers:
             fail(f"schedule[{i}].compress", f"names no trainable layer: "
                                             f"{_show(step['compress'])}")
+    if METHODS[manifest["train"]["method"]].square_only:
+        for i, layer in enumerate(manifest["trainable_layers"]):
+            if not isinstance(layer["stride"], int):
+                fail(f"trainable_layers[{i}].stride", f"must be one integer for "
+                     f"{manifest['train']['method']}, got {_show(layer['stride'])}")
     missing = layers - {step.get("compress") for step in manifest["schedule"]}
     if missing:
         fail("schedule", f"never compresses the input of {_show(sorted(missing)[0])}")

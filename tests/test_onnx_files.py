@@ -89,3 +89,21 @@ def test_a_one_byte_edit_of_the_manifest_is_refused_in_one_line(artifact, image_
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "edited after export" in lines[0], proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_gradient_filter_manifest_with_a_pair_stride_is_refused_in_one_line(tmp_path):
+    """Even with its digest recomputed: gf-r2 sums square patches, so its layers' strides
+    are single integers (the exporter never writes a pair for it)."""
+    import json
+
+    from actcomp_edge.manifest import ArtifactError, content_digest, load_manifest
+    spec, model = random_model("mcunet-in1", 3)
+    folder = export(model, spec, tmp_path, TrainConfig(n_layers=2, method="gf-r2", eps=None),
+                    2, (64, 64)).folder
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["trainable_layers"][1]["stride"] = [1, 2]
+    manifest["digest"] = content_digest(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=r"key 'trainable_layers\[1\].stride' must be one "
+                                            r"integer for gf-r2, got \[1, 2\]"):
+        load_manifest(folder)
