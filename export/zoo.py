@@ -1,13 +1,13 @@
-"""Torch models built from the plain specs of ``actcomp_edge.arch``, and their weights.
+"""Torch models of the built-in architectures, and their weights.
 
-One builder per family:
+A spec (``actcomp_edge.arch``) becomes its program (``actcomp_edge.program``, the one
+description of the network), and ``ProgramNet`` runs that program in torch: the same ops,
+with torch modules for the weights at the familiar state_dict names:
 
 - inverted residual (MobileNetV2, MCUNet, ProxylessNAS and the ``../shared/weights``
-  specs): every spec conv layer ``X`` becomes a ``ConvUnit`` at module path ``X``
-  with children ``conv`` (nn.Conv2d), ``bn`` (when the layer has BN and the spec is
-  not BN-folded) and ``act``; so Conv2d module names are ``<layer name>.conv``.
-- resnet: torchvision's BasicBlock layout and module names (``conv1``, ``bn1``,
-  ``layer1.0.conv1``, ``layer4.0.downsample.0``, ``fc``).
+  specs): the conv of layer ``X`` at ``X.conv``, its BatchNorm at ``X.bn``;
+- resnet: torchvision's names (``conv1``, ``bn1``, ``layer1.0.conv1``,
+  ``layer4.0.downsample.0``, ``fc``).
 
 Either way the Conv2d modules, in ``named_modules()`` order, are exactly
 ``actcomp_edge.program.conv_layers(spec, size)``.
@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from actcomp_edge import arch
+from actcomp_edge.program import RELU_HI, build_program
 
 from .weight_files import WeightsError, mismatches, read_weight_file
 
@@ -45,148 +46,76 @@ def load_spec(model: str, num_classes: Optional[int] = None) -> dict:
     return arch.load_spec(model, num_classes)
 
 
-# ---------------------------------------------------------------- inverted residual
+# ---------------------------------------------------------------- the program in torch
 
-def activation(act: Optional[dict]) -> nn.Module:
-    """Module for a spec activation: None (linear), relu, relu6 or clamp(min, max)."""
-    if act is None:
-        return nn.Identity()
-    kind = act["type"]
-    if kind == "relu":
-        return nn.ReLU()
-    if kind == "relu6":
-        return nn.ReLU6()
-    if kind == "clamp":
-        return nn.Hardtanh(float(act["min"]), float(act["max"]))
-    raise arch.SpecError(f"unsupported activation {kind!r}")
+class ProgramNet(nn.Module):
+    """A program (``actcomp_edge.program``) run by torch: (B, 3, H, W) -> (B, num_classes).
 
+    The network is the program's op list; this adds torch modules for its weights, placed
+    where the familiar state_dicts have them: inverted-residual convs at ``<layer>.conv``
+    (npz ``<layer>.weight``), ResNet convs at torchvision's names; BatchNorm2d at the prefix
+    of its running statistics (``<layer>.bn``, ``bn1``, ``layer1.0.downsample.1``); the
+    classifier at its own name, after a Dropout of the spec's p. Modules are made in op
+    order, so the Conv2d of ``named_modules()`` are the program's convs in order."""
 
-class ConvUnit(nn.Module):
-    """conv -> bn? -> act: (B, in_ch, H, W) -> (B, out_ch, H', W')."""
-
-    def __init__(self, layer: dict, conv_bias: bool, with_bn: bool, bn_eps: float):
+    def __init__(self, program, spec: dict):
         super().__init__()
-        k = int(layer["kernel"])
-        self.conv = nn.Conv2d(int(layer["in_ch"]), int(layer["out_ch"]), k, int(layer["stride"]),
-                              k // 2, groups=int(layer.get("groups", 1)), bias=conv_bias)
-        self.bn = nn.BatchNorm2d(int(layer["out_ch"]), eps=bn_eps) if with_bn else None
-        self.act = activation(layer.get("act"))
-
-    def forward(self, x):
-        x = self.conv(x)
-        if self.bn is not None:
-            x = self.bn(x)
-        return self.act(x)
-
-
-class InvertedResidual(nn.Module):
-    """expand? -> dw -> project, then ``out_act(y + x)`` when the block is residual."""
-
-    def __init__(self, block: dict, make_unit):
-        super().__init__()
-        prefix = block["name"] + "."
-        self.layer_names = []
-        for layer in block["layers"]:
-            if not layer["name"].startswith(prefix):
-                raise arch.SpecError(f"layer {layer['name']!r} is not named {prefix}<part>")
-            child = layer["name"][len(prefix):]
-            self.add_module(child, make_unit(layer))
-            self.layer_names.append(child)
-        self.residual = bool(block.get("residual"))
-        self.out_act = activation(block.get("residual_out_act")) if self.residual else nn.Identity()
-
-    def forward(self, x):
-        y = x
-        for name in self.layer_names:
-            y = getattr(self, name)(y)
-        return self.out_act(y + x) if self.residual else y
-
-
-class InvertedResidualNet(nn.Module):
-    """stem -> blocks -> feature_mix? -> global avg pool -> dropout -> classifier.
-    (B, 3, H, W) -> (B, num_classes)."""
-
-    def __init__(self, spec: dict):
-        super().__init__()
-        folded = bool(spec.get("bn_folded", False))
-        conv_bias = bool(spec.get("conv_bias", False))
+        self.program = program
+        self.paths = {}  # op output -> the path of the module that makes it
+        unit_convs = spec.get("family") == "inverted_residual"
         bn_eps = float((spec.get("bn") or {}).get("eps", 1e-5))
+        shapes = program.shapes
+        for op in program.ops:
+            a = op.attrs
+            if op.kind == "conv":
+                c, o = shapes[op.inputs[0]][0], shapes[op.output][0]
+                module = nn.Conv2d(c, o, a["kernel"], a["stride"], a["padding"],
+                                   dilation=a.get("dilation", 1), groups=a["groups"],
+                                   bias=a.get("bias") is not None)
+                path = a["weight"][:-len(".weight")] + (".conv" if unit_convs else "")
+            elif op.kind == "affine":
+                module = nn.BatchNorm2d(shapes[op.output][0], eps=bn_eps)
+                path = a["scale"][:-len(".scale")]
+            elif op.kind == "linear":
+                self.dropout = nn.Dropout(float(spec["classifier"].get("dropout") or 0.0))
+                c, o = shapes[op.inputs[0]][0], shapes[op.output][0]
+                module = nn.Linear(c, o, bias=a.get("bias") is not None)
+                path = a["weight"][:-len(".weight")]
+            else:
+                continue
+            self._place(path, module)
+            self.paths[op.output] = path
 
-        def make_unit(layer):
-            return ConvUnit(layer, conv_bias, bool(layer.get("bn")) and not folded, bn_eps)
+    def _place(self, path: str, module: nn.Module) -> None:
+        parent = self
+        *parents, leaf = path.split(".")
+        for part in parents:
+            if not hasattr(parent, part):
+                parent.add_module(part, nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module(leaf, module)
 
-        self.stem = make_unit(spec["stem"])
-        self.blocks = nn.Sequential(*[InvertedResidual(b, make_unit) for b in spec["blocks"]])
-        self.feature_mix = make_unit(spec["feature_mix"]) if spec.get("feature_mix") else None
-        head = spec["classifier"]
-        self.dropout = nn.Dropout(float(head.get("dropout") or 0.0))
-        self.classifier = nn.Linear(int(head["in_features"]), int(head["out_features"]),
-                                    bias=bool(head.get("bias", True)))
-
-    def features(self, x):
-        """(B, 3, H, W) -> pooled features (B, classifier.in_features)."""
-        x = self.blocks(self.stem(x))
-        if self.feature_mix is not None:
-            x = self.feature_mix(x)
-        return x.mean((2, 3))
-
-    def forward(self, x):
-        return self.classifier(self.dropout(self.features(x)))
-
-
-# ---------------------------------------------------------------- resnet (torchvision layout)
-
-class BasicBlock(nn.Module):
-    """torchvision's BasicBlock: relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))."""
-
-    def __init__(self, in_ch: int, out_ch: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_ch)
-        self.relu = nn.ReLU()
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_ch)
-        self.downsample = None
-        if stride != 1 or in_ch != out_ch:
-            self.downsample = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False),
-                                            nn.BatchNorm2d(out_ch))
-
-    def forward(self, x):
-        y = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
-        return self.relu(y + (x if self.downsample is None else self.downsample(x)))
-
-
-class ResNet(nn.Module):
-    """torchvision ResNet with BasicBlocks: (B, 3, H, W) -> (B, num_classes)."""
-
-    def __init__(self, spec: dict):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.relu = nn.ReLU()
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
-        in_ch = 64
-        for stage, count in enumerate(spec["block_counts"]):
-            out_ch = 64 * 2 ** stage
-            blocks = []
-            for b in range(count):
-                blocks.append(BasicBlock(in_ch, out_ch, 2 if (b == 0 and stage > 0) else 1))
-                in_ch = out_ch
-            self.add_module(f"layer{stage + 1}", nn.Sequential(*blocks))
-        self.num_stages = len(spec["block_counts"])
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        head = spec["classifier"]
-        self.fc = nn.Linear(in_ch, int(head["out_features"]), bias=bool(head.get("bias", True)))
-
-    def features(self, x):
-        """(B, 3, H, W) -> pooled features (B, 512)."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        for stage in range(self.num_stages):
-            x = getattr(self, f"layer{stage + 1}")(x)
-        return torch.flatten(self.avgpool(x), 1)
-
-    def forward(self, x):
-        return self.fc(self.features(x))
+    def forward(self, image):
+        tensors = {"image": image}
+        for op in self.program.ops:
+            x, a = tensors[op.inputs[0]], op.attrs
+            if op.kind in ("conv", "affine"):
+                y = self.get_submodule(self.paths[op.output])(x)
+            elif op.kind == "clip":
+                y = F.relu(x) if (a["lo"], a["hi"]) == (0.0, RELU_HI) else \
+                    F.hardtanh(x, a["lo"], a["hi"])
+            elif op.kind == "add":
+                y = x + tensors[op.inputs[1]]
+            elif op.kind == "maxpool":
+                y = F.max_pool2d(x, a["kernel"], a["stride"], a["padding"])
+            elif op.kind == "gap":
+                y = x.mean((2, 3))
+            elif op.kind == "linear":
+                y = self.get_submodule(self.paths[op.output])(self.dropout(x))
+            else:
+                raise ValueError(f"no torch for op kind {op.kind!r}")
+            tensors[op.output] = y
+        return tensors["logits"]
 
 
 # ---------------------------------------------------------------- building
@@ -208,15 +137,13 @@ def init_weights(model: nn.Module) -> None:
 
 
 def build_model(spec: dict) -> nn.Module:
-    """The torch model of a spec, freshly initialised (call torch.manual_seed first).
-    The spec is kept as ``model.spec``."""
-    family = spec.get("family")
-    if family == "resnet":
-        model = ResNet(spec)
-    elif family == "inverted_residual":
-        model = InvertedResidualNet(spec)
-    else:
-        raise arch.SpecError(f"spec {spec.get('name')!r}: unsupported family {family!r}")
+    """The torch model of a spec's program, freshly initialised (call torch.manual_seed
+    first). The spec is kept as ``model.spec``."""
+    if spec.get("family") not in arch.FAMILIES:
+        raise arch.SpecError(f"spec {spec.get('name')!r}: unsupported family "
+                             f"{spec.get('family')!r}")
+    size = int((spec.get("input") or {}).get("resolution", 224))
+    model = ProgramNet(build_program(spec, None, size), spec)
     init_weights(model)
     model.spec = spec
     return model

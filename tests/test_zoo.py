@@ -77,24 +77,54 @@ def test_convs_match_the_program(make_spec):
                 (c.name, size)
 
 
-def test_resnet_module_layout_is_torchvision():
+def test_resnet_state_dict_is_torchvisions():
+    """The names and shapes of torchvision's resnet18().state_dict(), written out here."""
+    want = [("conv1.weight", (64, 3, 7, 7))] + bn("bn1", 64)
+    cin = 64
+    for stage, cout in enumerate((64, 128, 256, 512), start=1):
+        for block in range(2):
+            p = f"layer{stage}.{block}"
+            stride_in = cin if block == 0 else cout
+            want += [(f"{p}.conv1.weight", (cout, stride_in, 3, 3))] + bn(f"{p}.bn1", cout)
+            want += [(f"{p}.conv2.weight", (cout, cout, 3, 3))] + bn(f"{p}.bn2", cout)
+            if block == 0 and stage > 1:
+                want += [(f"{p}.downsample.0.weight", (cout, cin, 1, 1))]
+                want += bn(f"{p}.downsample.1", cout)
+        cin = cout
+    want += [("fc.weight", (1000, 512)), ("fc.bias", (1000,))]
     model = zoo.build_model(arch.load_spec("resnet18"))
-    assert [n for n, _ in model.named_children()] == [
-        "conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool", "fc"]
-    assert [n for n, _ in model.layer2[0].named_children()] == [
-        "conv1", "bn1", "relu", "conv2", "bn2", "downsample"]
+    got = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
+    assert sorted(got) == sorted(want)
+
+
+def bn(prefix, c):
+    return [(f"{prefix}.{k}", (c,)) for k in ("weight", "bias", "running_mean", "running_var")] \
+        + [(f"{prefix}.num_batches_tracked", ())]
 
 
 def test_activations_from_spec():
+    """A spec's clamps act where it puts them: after a layer's conv (and BN), and after a
+    residual add."""
     spec = arch.load_spec("mcunet-in1")
     spec["blocks"][2]["residual_out_act"] = {"type": "clamp", "min": -1.5, "max": 2.0}
     spec["blocks"][2]["layers"][0]["act"] = {"type": "clamp", "min": 0.0, "max": 3.0}
-    model = zoo.build_model(spec)
-    block = model.blocks[2]
-    assert isinstance(model.stem.act, nn.ReLU6) and isinstance(block.project.act, nn.Identity)
-    assert (block.expand.act.min_val, block.expand.act.max_val) == (0.0, 3.0)
-    assert (block.out_act.min_val, block.out_act.max_val) == (-1.5, 2.0)
-    assert isinstance(model.blocks[0].out_act, nn.Identity)  # not residual
+    torch.manual_seed(0)
+    model = zoo.build_model(spec).eval()
+    randomise(model)
+    with torch.no_grad():  # wide ranges before the clamps: both bounds are reached
+        for name in ("blocks.2.expand.bn", "blocks.2.project.bn"):
+            model.get_submodule(name).weight.mul_(100)
+    seen = {}
+    for name in ("blocks.2.dw.conv", "blocks.3.expand.conv"):
+        model.get_submodule(name).register_forward_hook(
+            lambda mod, inp, out, n=name: seen.__setitem__(n, inp[0]))
+    with torch.no_grad():
+        model(torch.randn(4, 3, 64, 64) * 10)
+    dw_in, next_in = seen["blocks.2.dw.conv"], seen["blocks.3.expand.conv"]
+    assert dw_in.min() >= 0.0 and dw_in.max() <= 3.0
+    assert (dw_in == 0.0).any() and (dw_in == 3.0).any()
+    assert next_in.min() >= -1.5 and next_in.max() <= 2.0
+    assert (next_in == -1.5).any() and (next_in == 2.0).any()
 
 
 def randomise(model, seed=1):
