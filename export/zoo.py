@@ -62,6 +62,12 @@ class ProgramNet(nn.Module):
         super().__init__()
         self.program = program
         self.paths = {}  # op output -> the path of the module that makes it
+        # tensor -> the ops after which nothing reads it: forward drops it there, as a
+        # written-out torch model's locals go (holding every activation doubled the step)
+        self.dead_after = {}
+        last = {t: i for i, op in enumerate(program.ops) for t in op.inputs}
+        for t, i in last.items():
+            self.dead_after.setdefault(i, []).append(t)
         unit_convs = spec.get("family") == "inverted_residual"
         bn_eps = float((spec.get("bn") or {}).get("eps", 1e-5))
         shapes = program.shapes
@@ -97,7 +103,7 @@ class ProgramNet(nn.Module):
 
     def forward(self, image):
         tensors = {"image": image}
-        for op in self.program.ops:
+        for i, op in enumerate(self.program.ops):
             x, a = tensors[op.inputs[0]], op.attrs
             if op.kind in ("conv", "affine"):
                 y = self.get_submodule(self.paths[op.output])(x)
@@ -115,6 +121,8 @@ class ProgramNet(nn.Module):
             else:
                 raise ValueError(f"no torch for op kind {op.kind!r}")
             tensors[op.output] = y
+            for t in self.dead_after.get(i, ()):
+                del tensors[t]
         return tensors["logits"]
 
 
