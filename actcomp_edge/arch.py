@@ -15,8 +15,8 @@ A *spec* is a JSON-serialisable dict.  Two families:
 A spec is an input to ``actcomp_edge.program``: its program is the network (ops, shapes),
 and ``program.network(spec, input_size)`` lists every Conv2d in definition order
 (torchvision's module order) as the memory model sees it (``ConvLayer``): "the last N
-convs" of the paper are ``network(...).convs[-N:]``.  The torch modules in ``export.zoo``
-are built from the same specs.
+convs" of the paper are ``network(...).convs[-N:]``.  The torch models in ``export.zoo``
+run the same programs.
 """
 from __future__ import annotations
 

@@ -7,12 +7,12 @@ import sys
 
 from . import __version__
 from .arch import ZOO, load_spec
-from .program import network
 from .cliutil import Parser, non_negative_float, positive_float, positive_int, size_bytes
 from .memory import mib, plan, plan_table
 from .methods import METHODS
 from .profiles import OPTIMIZER_STATE, Fit, load_profile, profile_names, \
     trainable_param_count
+from .program import network
 from .schedules import DEFAULT_SCHEDULE, SCHEDULES
 
 # The paper's analytic columns (batch 64, 224x224, float32, MiB): vanilla and

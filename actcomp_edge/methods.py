@@ -391,11 +391,12 @@ class Method:
     overview_op: str         # the ai.actcomp node that stands for compress in overview.onnx
     keeps_input: bool = False  # the kept piece is x itself (held in the runner's pool)
     tracker: Optional[type] = None  # stateful compress: one per layer (TrackedHosvd)
-    square_only: bool = False  # only square kernels and strides, dilation 1 (ConvLayer.square)
+    square_only: bool = False  # square kernels, strides and paddings, dilation 1 only
+    #                            (ConvLayer.square)
 
 
-def input_dims(conv: ConvLayer) -> tuple:
-    return (BATCH, conv.in_ch) + tuple(conv.input_hw)
+def vanilla_dims(conv: ConvLayer) -> tuple:
+    return ((BATCH, conv.in_ch) + tuple(conv.input_hw),)
 
 
 def tucker_dims(conv: ConvLayer) -> tuple:
@@ -418,7 +419,7 @@ def no_workspace(shape: tuple, ranks, stride: int) -> int:
 TUCKER_RANKS = ("k1", "k2", "k3", "k4")
 
 METHODS = {m.name: m for m in (
-    Method("vanilla", ("input",), lambda conv: (input_dims(conv),), (), None,
+    Method("vanilla", ("input",), vanilla_dims, (), None,
            vanilla_floats, no_workspace, vanilla_compress, vanilla_weight_grad, "KeepInput",
            keeps_input=True),
     Method("hosvd", TUCKER_PIECES, tucker_dims, TUCKER_RANKS, tucker_ranks, hosvd_floats,

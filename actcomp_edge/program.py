@@ -4,7 +4,8 @@ This is what the exporter turns into ONNX graphs. Ops, in execution order:
 
     conv    (x) -> y   attrs: layer, weight, bias|None, kernel, stride, padding, groups
                        [, dilation]; sizes an int (square) or (height, width)
-    affine  (x) -> y   frozen BatchNorm as y = x * scale + shift (per channel)
+    affine  (x) -> y   frozen BatchNorm as y = x * scale + shift (per channel); eps: its
+                       BatchNorm's (for a torch model of the program)
     clip    (x) -> y   ReLU / ReLU6 / clamp: y = min(max(x, lo), hi); backward mask lo < x < hi
     add     (a, b) -> y   residual add
     maxpool (x) -> y   square window; backward: dY to each window's argmax
@@ -107,7 +108,7 @@ class _Builder:
         shift = (beta - mean * scale).astype(np.float32)
         self.params[f"{prefix}.scale"], self.params[f"{prefix}.shift"] = scale, shift
         return self.emit("affine", name, [x], f"{name}/bn", self.shapes[x],
-                         scale=f"{prefix}.scale", shift=f"{prefix}.shift")
+                         scale=f"{prefix}.scale", shift=f"{prefix}.shift", eps=self.bn_eps)
 
     def act(self, name: str, x: str, act: Optional[dict]) -> str:
         if act is None:

@@ -340,7 +340,8 @@ COLUMNS = ("run", "method", "steps", "final loss", "val accuracy", "median step"
 
 
 def table_row(s: dict) -> list:
-    uses_eps = s["eps"] is not None and s["method"] in METHODS and METHODS[s["method"]].ranks is not None
+    row = METHODS.get(s["method"])
+    uses_eps = s["eps"] is not None and row is not None and row.ranks is not None
     method = (s["method"] or "-") + (f" eps {s['eps']}" if uses_eps else "")
     return [s["run"], method, _num(s["steps"], "d"), _num(s["final_loss"], ".4f"),
             _num(s["val_accuracy"], ".4f"),

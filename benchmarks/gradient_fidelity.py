@@ -1,6 +1,6 @@
 """How close the compressed weight gradient is to the exact one, per dataset (issue 13's gap).
 
-    .venv/bin/python benchmarks/gradient_fidelity.py            # ~1 min on 2 cores
+    .venv/bin/python benchmarks/gradient_fidelity.py            # ~10 s on 2 cores
 
 The real tiny-training MCUNet-5fps (``../shared``), its last N convs fine-tuned as the
 accuracy study does (a new classifier, seeded), on real batches of ants/bees and of the
@@ -34,21 +34,27 @@ DATASETS = {"ants/bees": ("hymenoptera_train.npz", 2, 16),
 METHODS = {"hosvd-0.8": ("hosvd", 0.8), "hosvd-0.9": ("hosvd", 0.9), "svd-0.8": ("svd", 0.8)}
 
 
-def conv_grads(spec_path: Path, weights: Path, classes: int, n: int, method: str, eps,
-               x: np.ndarray, y: np.ndarray, seed: int) -> dict:
-    """{conv name: weight gradient} of one batch through the PyTorch reference."""
+def reference_model(spec_path: Path, weights: Path, classes: int, n: int, method: str, eps,
+                    seed: int) -> tuple:
+    """(model, names of its fine-tuned convs): the PyTorch reference, the classifier new
+    (seeded: every method's starts the same)."""
     import torch
-    import torch.nn.functional as F
     from export import zoo
     from export.reference import compress_last_n
     torch.manual_seed(seed)
     model = zoo.build_from_name(str(spec_path), classes, weights)
     names = compress_last_n(model, n, method, eps=eps)
-    model.eval()
-    loss = F.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y))
-    loss.backward()
-    modules = dict(model.named_modules())
-    return {name: modules[name].weight.grad.detach().numpy().astype(np.float64) for name in names}
+    return model.eval(), names
+
+
+def conv_grads(model, names: list, x: np.ndarray, y: np.ndarray) -> dict:
+    """{conv name: weight gradient} of one batch."""
+    import torch
+    import torch.nn.functional as F
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y)).backward()
+    return {name: model.get_submodule(name).weight.grad.detach().numpy().astype(np.float64)
+            for name in names}
 
 
 def main(argv=None) -> int:
@@ -72,17 +78,17 @@ def main(argv=None) -> int:
     for title, (file, classes, batch) in DATASETS.items():
         data = load(SHARED / "data" / file, (128, 128))
         order = np.random.default_rng(args.seed).permutation(len(data))
+        models = {label: reference_model(spec, weights, classes, args.layers, method, eps,
+                                         args.seed)
+                  for label, (method, eps) in {"vanilla": ("vanilla", None), **METHODS}.items()}
         for b in range(args.batches):
             idx = order[b * batch:(b + 1) * batch]
             if len(idx) < batch:
                 break
             x, y = data.batch(idx, HALF_NORM["mean"], HALF_NORM["std"])
-            exact = conv_grads(spec, weights, classes, args.layers, "vanilla", None, x, y,
-                               args.seed)
-            for label, (method, eps) in METHODS.items():
-                got = conv_grads(spec, weights, classes, args.layers, method, eps, x, y,
-                                 args.seed)
-                for name, g in got.items():
+            exact = conv_grads(*models["vanilla"], x, y)
+            for label in METHODS:
+                for name, g in conv_grads(*models[label], x, y).items():
                     e = exact[name]
                     rows.append({"dataset": title, "method": label, "layer": name, "batch": b,
                                  "cosine": float((g * e).sum() / np.linalg.norm(g)

@@ -12,7 +12,6 @@ import numpy as np
 
 from actcomp_edge import schedules
 from actcomp_edge.manifest import sha256_file
-from actcomp_edge.methods import METHODS
 from actcomp_edge.npz import save_npz, write_atomic
 
 from . import checkpoint, procmem, recipe
@@ -150,7 +149,7 @@ def rank_caps_for_budget(trainer: Trainer, batch_size: int, allowance: int) -> d
     come out high keeps at most ``allowance`` bytes of activations in all: each layer gets a
     share proportional to its uncompressed input, and the largest cap whose worst case fits."""
     from actcomp_edge.decomposition import full_rank_bound
-    row = METHODS[trainer.method]
+    row = trainer.row
     if row.ranks is None or allowance <= 0:
         return {}
     shapes = {name: (batch_size,) + tuple(layer["input_shape"])
@@ -352,7 +351,8 @@ def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset | None, out_dir,
                         "kept_full_bytes": result.kept_full_bytes,
                         "kept_full_bytes_per_layer": result.kept_full_per_layer,
                         "ranks": {k: list(v) if v else None for k, v in result.ranks.items()},
-                        "eps": trainer.eps if METHODS[trainer.method].ranks else None, "method": trainer.method,
+                        "eps": trainer.eps if trainer.row.ranks else None,
+                        "method": trainer.method,
                         "working_set_bytes": working, "predicted_working_set_bytes": predicted,
                         "budget_bytes": options.budget_bytes, "budget_exceeded": over,
                         "budget_action": budget_action,

@@ -12,13 +12,13 @@ from actcomp_edge.manifest import (FORMAT, FORMAT_VERSION, MANIFEST, MIN_ONNXRUN
 from actcomp_edge.memory import plan
 from actcomp_edge.methods import method as method_row
 from actcomp_edge.npz import save_npz, write_atomic
+from actcomp_edge.program import build_program, check_input_size, network_of
 
 from .memory_plan import choose_micro_batches, concrete, rank_dims, step_plan
 from .onnx_graph import IR_VERSION, OPSET
-from actcomp_edge.program import build_program, check_input_size, network_of
-from .training_graph import (TrainConfig, backward_partitions, conv_layer, eval_graph, forward_partitions,
-                             update_graph,
-                             optimizer_state, overview_graph, split_program)
+from .training_graph import (TrainConfig, backward_partitions, conv_layer, eval_graph,
+                             forward_partitions, optimizer_state, overview_graph, split_program,
+                             update_graph)
 
 
 def save_model(model: onnx.ModelProto, path: Path) -> None:

@@ -40,14 +40,14 @@ class FrontendError(ValueError):
     """A module the exporter cannot lower (one line: where and what)."""
 
 
-def _pair(value, what: str, where: str):
+def _size(value):
     """A size as the program holds it: an int when square, else (height, width)."""
     a, b = (value, value) if isinstance(value, int) else tuple(value)
     return int(a) if a == b else (int(a), int(b))
 
 
 def _square(value, what: str, where: str) -> int:
-    size = _pair(value, what, where)
+    size = _size(value)
     if not isinstance(size, int):
         raise FrontendError(f"{where}: {what} {size} is not supported (square only)")
     return size
@@ -109,14 +109,13 @@ class _Lowering:
                                     f"supported (zeros only)")
             if isinstance(mod.padding, str):
                 raise FrontendError(f"{where}: padding={mod.padding!r} is not supported (give ints)")
-            dilation = _pair(mod.dilation, "dilation", where)
+            dilation = _size(mod.dilation)
             self.tensor[node] = self.emit(
                 "conv", where, [x], f"{where}/conv", shape, layer=where,
                 weight=self.param(f"{where}.weight"),
                 bias=self.param(f"{where}.bias") if mod.bias is not None else None,
-                kernel=_pair(mod.kernel_size, "kernel", where),
-                stride=_pair(mod.stride, "stride", where),
-                padding=_pair(mod.padding, "padding", where), groups=mod.groups,
+                kernel=_size(mod.kernel_size), stride=_size(mod.stride),
+                padding=_size(mod.padding), groups=mod.groups,
                 **({"dilation": dilation} if dilation != 1 else {}))
         elif isinstance(mod, nn.BatchNorm2d):
             if mod.running_mean is None:
@@ -129,13 +128,14 @@ class _Lowering:
             self.params[f"{where}.scale"] = scale
             self.params[f"{where}.shift"] = (beta - mean * scale).astype(np.float32)
             self.tensor[node] = self.emit("affine", where, [x], f"{where}/bn", shape,
-                                          scale=f"{where}.scale", shift=f"{where}.shift")
+                                          scale=f"{where}.scale", shift=f"{where}.shift",
+                                          eps=float(mod.eps))
         elif isinstance(mod, (nn.ReLU, nn.ReLU6, nn.Hardtanh)):
             lo, hi = ((0.0, RELU_HI) if isinstance(mod, nn.ReLU) else
                       (float(mod.min_val), float(mod.max_val)))
             self.tensor[node] = self.emit("clip", where, [x], f"{where}/act", shape, lo=lo, hi=hi)
         elif isinstance(mod, nn.MaxPool2d):
-            if _pair(mod.dilation, "dilation", where) != 1 or mod.ceil_mode:
+            if _size(mod.dilation) != 1 or mod.ceil_mode:
                 raise FrontendError(f"{where}: MaxPool2d with dilation or ceil_mode is not "
                                     f"supported")
             self.tensor[node] = self.emit(

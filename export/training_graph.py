@@ -622,11 +622,12 @@ def emit_partition_backward(g: Graph, program: Program, ops: list, grads: dict, 
         elif op.kind == "maxpool":  # dY goes to each window's max (summed where windows share it)
             c, h, w = program.shapes[x]
             flat = g.ints([0, -1])
-            zeros = g.op("ConstantOfShape", [g.op("Concat", [
-                g.op("Slice", [g.op("Shape", [dy], op.name + "/dY_shape"), g.ints([0]),
-                               g.ints([1])], op.name + "/batch"), g.ints([c * h * w])],
-                op.name + "/dX_flat_shape", axis=0)], op.name + "/zeros",
-                value=onnx.helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
+            batch = g.op("Slice", [g.op("Shape", [dy], op.name + "/dY_shape"), g.ints([0]),
+                                   g.ints([1])], op.name + "/batch")
+            rows = g.op("Concat", [batch, g.ints([c * h * w])], op.name + "/dX_flat_shape",
+                        axis=0)                                                   # (B, C*H*W)
+            zeros = g.op("ConstantOfShape", [rows], op.name + "/zeros",
+                         value=onnx.helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
             index = g.op("Reshape", [argmax_name(op.output), flat], op.name + "/argmax_rows")
             updates = g.op("Reshape", [dy, flat], op.name + "/dY_rows")
             dx = g.op("ScatterElements", [zeros, index, updates], op.name + "/dX_flat", axis=1,

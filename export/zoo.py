@@ -62,14 +62,13 @@ class ProgramNet(nn.Module):
         super().__init__()
         self.program = program
         self.paths = {}  # op output -> the path of the module that makes it
-        # tensor -> the ops after which nothing reads it: forward drops it there, as a
+        # op index -> the tensors nothing reads after it: forward drops them there, as a
         # written-out torch model's locals go (holding every activation doubled the step)
         self.dead_after = {}
         last = {t: i for i, op in enumerate(program.ops) for t in op.inputs}
         for t, i in last.items():
             self.dead_after.setdefault(i, []).append(t)
         unit_convs = spec.get("family") == "inverted_residual"
-        bn_eps = float((spec.get("bn") or {}).get("eps", 1e-5))
         shapes = program.shapes
         for op in program.ops:
             a = op.attrs
@@ -80,7 +79,7 @@ class ProgramNet(nn.Module):
                                    bias=a.get("bias") is not None)
                 path = a["weight"][:-len(".weight")] + (".conv" if unit_convs else "")
             elif op.kind == "affine":
-                module = nn.BatchNorm2d(shapes[op.output][0], eps=bn_eps)
+                module = nn.BatchNorm2d(shapes[op.output][0], eps=a["eps"])
                 path = a["scale"][:-len(".scale")]
             elif op.kind == "linear":
                 self.dropout = nn.Dropout(float(spec["classifier"].get("dropout") or 0.0))
