@@ -227,7 +227,15 @@ def cmd_monitor(args) -> int:
 
 def cmd_export(args) -> int:
     from export.cli import run_export  # torch + onnx: only needed here
-    return run_export(args)
+    try:
+        return run_export(args)
+    except OSError as e:  # -o under /proc, a full disk, an unreadable --classes file
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"actcomp: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # the half-written export is removed; -o is as it was
+        print(f"actcomp: interrupted: nothing was written to {args.out}", file=sys.stderr)
+        return 130
 
 
 def cmd_fleet(args) -> int:
@@ -389,7 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--label-smoothing", type=float, default=0.0,
                    help="cross-entropy label smoothing in [0, 1) (default 0)")
     e.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
-    e.add_argument("-o", "--out", required=True, help="artifact folder to create")
+    e.add_argument("-o", "--out", required=True,
+                   help="artifact folder to create (an existing one is refused unless --force)")
+    e.add_argument("--force", action="store_true",
+                   help="replace the artifact in -o; anything else in the folder (its run/) is "
+                        "kept")
     e.set_defaults(func=cmd_export)
 
     mo = sub.add_parser("monitor", help="receive a runner's profile stream live",

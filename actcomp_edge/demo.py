@@ -55,7 +55,7 @@ def main() -> int:
     cli.main(["plan", "--model", "mcunet-in1", "--method", "hosvd", "--eps", str(EPS),
               "--layers", str(LAYERS), "--batch-size", str(BATCH), "--input-size", str(SIZE),
               "--profile", PROFILE])
-    status = cli.main(["export", *model, "--num-classes", "2", "--layers", str(LAYERS),
+    status = cli.main(["export", "--force", *model, "--num-classes", "2", "--layers", str(LAYERS),
                        "--method", "hosvd", "--eps", str(EPS), "--batch-size", str(BATCH),
                        "--input-size", str(SIZE), "-o", str(art)])
     if status:
@@ -135,7 +135,8 @@ def deep_finetune(model: list, data_path: Path) -> None:
         art = OUT / f"deep-{method}"
         extra = ["--eps", str(EPS)] if method == "hosvd" else []
         with contextlib.redirect_stdout(io.StringIO()):  # its 42-row table: shown in step 2
-            status = cli.main(["export", *model, "--num-classes", "2", "--layers", str(layers),
+            status = cli.main(["export",
+                               "--force", *model, "--num-classes", "2", "--layers", str(layers),
                                "--method", method, *extra, "--batch-size", str(BATCH),
                                "--input-size", str(SIZE), "-o", str(art)])
         if status:

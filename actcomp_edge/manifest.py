@@ -197,6 +197,7 @@ SCHEMA = {
                        lambda v: v is None or _is_count(v)
                        or _list_of(lambda x: x is None or _is_count(x))(v)),
     "train.optimizer": TEXT,
+    "train.momentum?": ("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1),
     "train.refresh_every?": COUNT,
     "trainable_layers": ("a list", lambda v: isinstance(v, list)),
     "trainable_layers[]": OBJECT,

@@ -240,7 +240,8 @@ def run_study(args, paths: dict, work: Path) -> dict:
         eta = "" if i == 1 else f", about {elapsed / (i - 1) * (len(jobs) - i + 1) / 60:.1f} min left"
         log(f"[{i}/{len(jobs)}] {DATASETS[dname]['title']}, N={layers}, {label}, seed {seed}: "
             f"export + train {d['epochs']} epoch(s) on {d['train_images']} images{eta}")
-        export_cmd = [py, "-m", "actcomp_edge.cli", "export", "--model", str(paths["spec"]),
+        export_cmd = [py, "-m", "actcomp_edge.cli", "export",
+                      "--force", "--model", str(paths["spec"]),
                       "--weights", str(paths["weights"]),
                       "--num-classes", str(DATASETS[dname]["classes"]),
                       "--layers", str(layers), "--method", method]

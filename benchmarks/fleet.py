@@ -69,7 +69,8 @@ def main(argv=None) -> int:
         sys.exit(f"needs {data}/hymenoptera_*.npz and {WEIGHTS}.npz (../shared)")
     py, work = sys.executable, Path(tempfile.mkdtemp(prefix="actcomp-fleet-bench-"))
     art = work / "art"
-    run([py, "-m", "actcomp_edge.cli", "export", "--model", f"{WEIGHTS}.json", "--weights",
+    run([py, "-m", "actcomp_edge.cli", "export",
+         "--force", "--model", f"{WEIGHTS}.json", "--weights",
          f"{WEIGHTS}.npz", "--method", "hosvd", "--eps", "0.8", "--layers", "4",
          "--batch-size", "16", "--input-size", "128", "--num-classes", "2", "-o", str(art)],
         work / "export.log")

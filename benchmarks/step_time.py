@@ -160,7 +160,8 @@ def main() -> None:
         for method in METHODS:
             art = work / f"art-n{n}-{method}"
             shutil.rmtree(art, ignore_errors=True)
-            call([str(BIN / "actcomp"), "export", *MODEL, "--layers", str(n), "--method", method,
+            call([str(BIN / "actcomp"), "export",
+                  "--force", *MODEL, "--layers", str(n), "--method", method,
                   *METHODS_ARGS[method], "--batch-size", str(BATCH), "--input-size", str(SIZE),
                   "-o", str(art)])
             arts[n, method] = art

@@ -179,7 +179,7 @@ def main() -> None:
 
     for method, eps in methods:
         art = tmp / method
-        run([py, "-m", "actcomp_edge.cli", "export", *model_args, "--num-classes", "2",
+        run([py, "-m", "actcomp_edge.cli", "export", "--force", *model_args, "--num-classes", "2",
              "--layers", str(args.layers), "--method", method,
              *(["--eps", str(eps)] if eps is not None else []),
              "--batch-size", str(args.batch_size), "--input-size", str(args.input_size),

@@ -1,6 +1,9 @@
 """Write a training artifact folder (see ``actcomp_edge.manifest``) from a spec and weights."""
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -25,20 +28,71 @@ def save_model(model: onnx.ModelProto, path: Path) -> None:
     write_atomic(path, model.SerializeToString(deterministic=True))
 
 
+def check_out_dir(out_dir, force: bool = False) -> Path:
+    """The artifact folder -o names, refused (ValueError, one line) before any work when it
+    is a file, or a folder with something in it and no --force."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"-o {out} is an existing file, not a folder: choose another -o")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        what = "an artifact" if (out / MANIFEST).exists() else "a folder that is not empty"
+        kept = " and its run/" if (out / "run").exists() else ""
+        raise ValueError(f"-o {out} is {what}: choose a new -o, or pass --force to replace "
+                         f"the artifact's files (anything else in it{kept} is kept)")
+    return out
+
+
+def staging_dir(out: Path) -> Path:
+    """A fresh empty folder beside out that the export writes into, then publishes."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    return stage
+
+
+def publish(stage: Path, out: Path) -> None:
+    """Move a finished export from stage into out. A new out: one rename. An existing one
+    (--force): its old manifest goes first (a crash in between leaves a folder the runner
+    refuses, never a mix it would train), then the files the old manifest listed, then each
+    new file by rename, the manifest last; nothing else in out (run/) is touched."""
+    if not out.exists():
+        os.replace(stage, out)
+        return
+    old = out / MANIFEST
+    listed = []
+    if old.is_file():
+        try:
+            listed = list(json.loads(old.read_text()).get("files", {}))
+        except (ValueError, OSError, AttributeError):
+            listed = []
+        old.unlink()
+    for name in listed:
+        if "/" not in name and (out / name).is_file():
+            (out / name).unlink()
+    for path in sorted(stage.iterdir(), key=lambda p: p.name == MANIFEST):
+        os.replace(path, out / path.name)
+    stage.rmdir()
+
+
 def export_artifact(spec: dict, arrays: dict, out_dir, config: TrainConfig, batch_size: int,
-                    input_size, classes=None) -> dict:
+                    input_size, classes=None, force: bool = False) -> dict:
     """A built-in architecture (spec) and its weights -> artifact (export_program)."""
     hw = check_input_size(spec, input_size)
     norm = (spec.get("input") or {}).get("normalize") or arch.HALF_NORM
     dropout = float((spec.get("classifier") or {}).get("dropout") or 0.0)
     return export_program(build_program(spec, arrays, hw), out_dir, config, batch_size, classes,
-                          norm, dropout)
+                          norm, dropout, force)
 
 
 def export_program(program, out_dir, config: TrainConfig, batch_size: int, classes=None,
-                   norm=arch.HALF_NORM, dropout: float = 0.0) -> dict:
-    """Build every graph of the program, its weights and the manifest into out_dir; returns
-    the manifest. norm: the input's {"mean", "std"}; dropout: the p the graphs leave out."""
+                   norm=arch.HALF_NORM, dropout: float = 0.0, force: bool = False) -> dict:
+    """Build every graph of the program, its weights and the manifest, then publish them into
+    out_dir (check_out_dir, publish); returns the manifest. norm: the input's {"mean", "std"};
+    dropout: the p the graphs leave out. Nothing is written when the config or the folder is
+    refused; an interrupted export leaves out_dir as it was."""
+    out = check_out_dir(out_dir, force)
+    config.check()
     hw = tuple(program.shapes["image"][1:])
     row = method_row(config.method)
     split = split_program(program, config.n_layers)
@@ -50,9 +104,21 @@ def export_program(program, out_dir, config: TrainConfig, batch_size: int, class
                                  f"dilation 1: {op.name} has kernel {conv.kernel}, stride "
                                  f"{conv.stride}, padding {conv.padding}, dilation "
                                  f"{conv.dilation} (use another --method or fewer --layers)")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    stage = staging_dir(out)
+    try:
+        manifest = write_artifact(program, stage, config, batch_size, classes, norm, dropout,
+                                  split)
+        publish(stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return manifest
 
+
+def write_artifact(program, out: Path, config: TrainConfig, batch_size: int, classes, norm,
+                   dropout: float, split) -> dict:
+    """Every file of the artifact into the (empty) folder out; returns the manifest."""
+    hw = tuple(program.shapes["image"][1:])
+    row = method_row(config.method)
     files = {}
     forward, schedule, models = [], [], {}
     partitions = forward_partitions(split, config)

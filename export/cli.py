@@ -10,7 +10,7 @@ from actcomp_edge.memory import LayerPlan, Plan, plan_table
 from actcomp_edge.methods import METHODS
 
 from . import zoo
-from .artifact import export_artifact
+from .artifact import check_out_dir, export_artifact
 from .training_graph import TrainConfig
 
 
@@ -23,13 +23,27 @@ def plan_from_manifest(manifest: dict) -> Plan:
     return result
 
 
+def train_config(args) -> TrainConfig:
+    """The recipe the flags give, checked (TrainConfig.check)."""
+    config = TrainConfig(n_layers=args.layers, method=args.method, eps=args.eps,
+                         ranks=tuple(args.ranks) if args.ranks else None,
+                         rank_cap=args.rank_cap, optimizer=args.optimizer,
+                         momentum=args.momentum, weight_decay=args.weight_decay,
+                         label_smoothing=args.label_smoothing, refresh_every=args.refresh_every)
+    config.check()
+    return config
+
+
 def run_export(args) -> int:
+    # before any work: a refused folder, a recipe that would train wrongly, a missing file
+    check_out_dir(args.out, args.force)
     if METHODS[args.method].ranks and args.eps is None and args.ranks is None:
         raise ValueError(f"--method {args.method} needs --eps (e.g. 0.8) or --ranks")
-    if not 0.0 <= args.label_smoothing < 1.0:
-        raise ValueError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
+    config = train_config(args)
     classes = None
     if args.classes:
+        if not Path(args.classes).is_file():
+            raise ValueError(f"--classes {args.classes}: no such file (one class name a line)")
         classes = [line.strip() for line in Path(args.classes).read_text().splitlines()
                    if line.strip()]
         if args.num_classes and len(classes) != args.num_classes:
@@ -51,12 +65,8 @@ def run_export(args) -> int:
     spec = model.spec
     size = args.input_size or (int(spec.get("input", {}).get("resolution", 224)),) * 2
     arrays = zoo.model_arrays(model, spec)
-    config = TrainConfig(n_layers=args.layers, method=args.method, eps=args.eps,
-                         ranks=tuple(args.ranks) if args.ranks else None,
-                         rank_cap=args.rank_cap, optimizer=args.optimizer,
-                         momentum=args.momentum, weight_decay=args.weight_decay,
-                         label_smoothing=args.label_smoothing, refresh_every=args.refresh_every)
-    manifest = export_artifact(spec, arrays, args.out, config, args.batch_size, size, classes)
+    manifest = export_artifact(spec, arrays, args.out, config, args.batch_size, size, classes,
+                               args.force)
     return report(manifest, args)
 
 
@@ -76,7 +86,8 @@ def export_model_file(args, classes) -> int:
         rank_cap=args.rank_cap, num_classes=args.num_classes, classes=classes,
         optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay,
         label_smoothing=args.label_smoothing, refresh_every=args.refresh_every,
-        norm=args.input_norm, seed=args.seed, name=args.model.rpartition(":")[2])
+        norm=args.input_norm, seed=args.seed, name=args.model.rpartition(":")[2],
+        force=args.force)
     return report(manifest, args)
 
 

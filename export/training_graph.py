@@ -58,6 +58,32 @@ class TrainConfig:
     micro_batch: int | None = None   # samples a backward-partition run (None: the plan chooses,
                                      # forward partitions included)
 
+    def check(self) -> None:
+        """ValueError, one line naming the flag, for a recipe that would train wrongly or fail
+        after files are written: momentum outside [0, 1) (the runner's default lr is
+        0.05 (1 - momentum)), ranks or rank caps of the wrong count for the method."""
+        row = METHODS[self.method]
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"--momentum must be in [0, 1), got {self.momentum} (SGD's step "
+                             f"grows as lr / (1 - momentum))")
+        if self.weight_decay < 0:
+            raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        symbols = ", ".join(row.rank_symbols)
+        for flag, given, counts in (("--ranks", self.ranks, (len(row.rank_symbols),)),
+                                    ("--rank-cap", self.rank_cap, (1, len(row.rank_symbols)))):
+            if given is None:
+                continue
+            if not row.rank_symbols:
+                raise ValueError(f"{flag} applies to the methods with ranks "
+                                 f"({', '.join(m.name for m in METHODS.values() if m.ranks)}), "
+                                 f"not {self.method}")
+            n = 1 if isinstance(given, int) else len(given)
+            if n not in counts:
+                raise ValueError(f"{self.method} takes {' or '.join(map(str, counts))} "
+                                 f"{flag} value(s) ({symbols}), got {n}")
+
 
 @dataclass
 class Split:

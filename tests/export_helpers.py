@@ -45,7 +45,7 @@ def batch(size, hw, num_classes, seed=0):
 
 def export(model, spec, tmp_path, config, batch_size, hw):
     out = tmp_path / f"art-{config.method}-{config.n_layers}"
-    export_artifact(spec, zoo.model_arrays(model, spec), out, config, batch_size, hw)
+    export_artifact(spec, zoo.model_arrays(model, spec), out, config, batch_size, hw, force=True)
     return Trainer(out)
 
 

@@ -278,6 +278,77 @@ def test_cli_export_errors(argv, message, tmp_path):
     assert len(proc.stderr.strip().splitlines()) <= 2  # maybe the random-init warning
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--method", "vanilla", "--momentum", "1.5"], "--momentum must be in [0, 1)"),
+    (["--method", "vanilla", "--momentum", "1.0"], "--momentum must be in [0, 1)"),
+    (["--method", "hosvd", "--ranks", "4", "4"], "hosvd takes 4 --ranks value(s)"),
+    (["--method", "svd", "--ranks", "4", "4"], "svd takes 1 --ranks value(s)"),
+    (["--method", "vanilla", "--ranks", "4"], "--ranks applies to the methods with ranks"),
+    (["--method", "hosvd", "--eps", "0.8", "--rank-cap", "2", "3"], "1 or 4 --rank-cap"),
+    (["--method", "vanilla", "--classes", "no-such-file.txt"], "--classes no-such-file.txt"),
+])
+def test_cli_export_refuses_a_bad_recipe_before_writing(argv, message, tmp_path):
+    """A recipe that would train uphill (the default lr is 0.05 (1 - momentum)) or fail after
+    files are written is refused in one line, and -o is never created."""
+    out = tmp_path / "x"
+    proc = run_cli("export", "--model", "mcunet-in1", "--layers", "2", "--input-size", "32",
+                   *argv, "-o", str(out))
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_cli_export_never_overwrites_a_run(tmp_path):
+    """-o onto an artifact is refused (its files unchanged); --force replaces the artifact's
+    files, keeps its run/ and anything else, and drops graphs the new export has no more."""
+    out = tmp_path / "art"
+    argv = ["--model", "mcunet-in1", "--input-size", "32", "--method", "vanilla", "-o", str(out)]
+    assert run_cli("export", "--layers", "4", *argv[:4], "--method", "hosvd", "--eps", "0.8",
+                   "-o", str(out)).returncode == 0
+    (out / "run").mkdir()
+    (out / "run" / "checkpoint.npz").write_bytes(b"the user's run")
+    (out / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    old_files = set(load_manifest(out)["files"])
+
+    proc = run_cli("export", "--layers", "2", *argv)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--force" in proc.stderr and "run/" in proc.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+    proc = run_cli("export", "--layers", "2", "--force", *argv)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "run" / "checkpoint.npz").read_bytes() == b"the user's run"
+    assert (out / "notes.txt").read_text() == "mine"
+    manifest = load_manifest(out)  # every listed file is there with its digest
+    assert len(manifest["trainable_layers"]) == 2
+    stale = old_files - set(manifest["files"])
+    assert stale and not any((out / name).exists() for name in stale)
+    assert [p.name for p in tmp_path.iterdir()] == ["art"]  # no staging folder left
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    proc = run_cli("export", "--layers", "2", *argv[:-1], str(afile))
+    assert proc.returncode == 2 and "existing file" in proc.stderr
+    assert afile.read_text() == "x"
+    proc = run_cli("export", "--layers", "2", *argv[:-1], "/proc/actcomp-art")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) <= 2  # maybe the random-init warning
+
+
+def test_runner_refuses_a_manifest_whose_momentum_trains_uphill(tmp_path):
+    out = tmp_path / "art"
+    assert run_cli("export", "--model", "mcunet-in1", "--layers", "2", "--input-size", "32",
+                   "--method", "vanilla", "--momentum", "0.9", "-o", str(out)).returncode == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["train"]["momentum"] = 1.5
+    manifest.pop("digest", None)
+    (out / "manifest.json").write_bytes(manifest_bytes(manifest))
+    with pytest.raises(ArtifactError, match="train.momentum"):
+        load_manifest(out)
+
+
 def test_cli_export_unsupported_layer_and_bad_weights(tmp_path):
     spec = json.loads(json.dumps(__import__("actcomp_edge.arch", fromlist=["x"]).load_spec(
         "mcunet-in1", 10)))

@@ -241,7 +241,7 @@ def tiny_artifact(work: Path) -> tuple:
     spec = inverted_residual_spec("tiny-ir", 8, table, 3, 32, HALF_NORM)
     (work / "tiny.json").write_text(json.dumps(spec))
     artifact = work / "art"
-    run([REPO / ".venv" / "bin" / "actcomp", "export", "--model", work / "tiny.json",
+    run([REPO / ".venv" / "bin" / "actcomp", "export", "--force", "--model", work / "tiny.json",
          "--num-classes", "3", "--layers", "4", "--method", "hosvd", "--eps", "0.9",
          "--batch-size", "4", "--input-size", "32", "--seed", "1", "-o", artifact])
     rng = np.random.default_rng(0)
