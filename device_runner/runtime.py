@@ -37,11 +37,16 @@ class StepResult:
     grads: dict                 # param -> gradient
     ranks: dict                 # layer -> rank per mode (or None)
     kept_bytes: dict            # layer -> bytes of the kept pieces
-    seconds: dict = field(default_factory=dict)  # prefix / forward / compress / backward
+    seconds: dict = field(default_factory=dict)  # SPLIT_PARTS -> seconds of this step
     applied: bool = True        # False: non-finite activation, loss or update: step rejected
     kept_full_bytes: int = 0    # everything the backward took: kept pieces, masks, features
     kept_full_per_layer: dict = field(default_factory=dict)  # layer -> pieces + its masks
     grad_norm: float | None = None  # global L2 norm of the gradients, before clipping
+
+
+# a step's parts: the frozen prefix, the fine-tuned forward, the decompositions (numpy), the
+# backward partitions, the optimizer's update (with the gradient clipping before it)
+SPLIT_PARTS = ("prefix", "forward", "compress", "backward", "update")
 
 
 @dataclass
@@ -243,7 +248,10 @@ class Trainer:
         if "compress" in item:
             layer = self.layers[item["compress"]]
             x = tensors[layer["input"]]
-            if not np.isfinite(x.sum()):  # one cheap pass; NaN/Inf cannot be decomposed
+            # NaN/Inf cannot be decomposed: one pass to refuse them first. A method that keeps
+            # x itself does no numpy work on it: a NaN reaches the loss and the step is
+            # rejected there (the check cost 8 ms a step at 42 convs)
+            if not self.row.keeps_input and not np.isfinite(x.sum()):
                 raise NonFiniteActivation(f"the input of {layer['name']} is not finite")
             kept = self.compress(layer, x)
             del x
@@ -373,9 +381,10 @@ class Trainer:
         tensors["lr"] = np.array(lr, np.float32)
         tensors["step"] = np.array(self.step_count, np.float32)  # AdamW's bias correction
         out = {"ranks": {}, "kept_bytes": {}, "updates": {}, "grads": {}}
-        start = time.perf_counter()
+        seconds = dict(fwd.seconds, backward=0.0, update=0.0)
         grad_norm = None
         for position in range(self.backward_from, len(self.schedule)):
+            start = time.perf_counter()
             if position == self.update_at:  # every gradient is complete here
                 grads = out["grads"]
                 if proximal is not None and proximal[0]:
@@ -384,7 +393,8 @@ class Trainer:
                              global_norm(grads))
                 tensors.update({f"grad/{name}": g for name, g in grads.items()})
             self._run(position, tensors, out)
-        seconds = dict(fwd.seconds, backward=time.perf_counter() - start)
+            seconds["update" if position == self.update_at else "backward"] += \
+                time.perf_counter() - start
         loss = float(tensors["loss"])
         updated = out["updates"]
         applied = np.isfinite(loss) and all(np.isfinite(v).all() for v in updated.values())

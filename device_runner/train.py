@@ -16,7 +16,7 @@ from actcomp_edge.npz import save_npz, write_atomic
 
 from . import checkpoint, procmem, recipe
 from .data import Dataset
-from .runtime import MemoryBudgetError, Trainer
+from .runtime import SPLIT_PARTS, MemoryBudgetError, Trainer
 
 MAX_ROLLBACKS = 3  # divergences rolled back (lr halved each time) before training stops
 
@@ -294,7 +294,7 @@ def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset | None, out_dir,
     baseline = procmem.rss_bytes()
     procmem.reset_peak()
     progress = Progress(total)
-    step_seconds, violations = [], 0
+    step_seconds, step_splits, violations = [], [], 0
     train_peak = baseline  # peak RSS over the training steps (not evaluation or writing)
     predicted = planned_working_set(trainer.manifest, batch)
     kept_peak = {"paper": 0, "full": 0}
@@ -327,6 +327,7 @@ def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset | None, out_dir,
             else:
                 step = run["step"] = step + 1
                 step_seconds.append(seconds)
+                step_splits.append(result.seconds)
                 run["epoch_loss_sum"] += result.loss
                 run["epoch_steps"] += 1
                 rss, peak = procmem.rss_bytes(), procmem.peak_rss_bytes()  # /proc once a step
@@ -432,6 +433,10 @@ def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset | None, out_dir,
                           "lr_scale": run["lr_scale"], "rollbacks": run["rollbacks"],
                           "proximal_mu": options.proximal_mu},
                "median_step_seconds": float(np.median(step_seconds)) if step_seconds else None,
+               # where a step's time goes: the median of each part over the steps
+               "step_split_seconds": {part: float(np.median([s.get(part, 0.0)
+                                                             for s in step_splits]))
+                                      for part in SPLIT_PARTS} if step_splits else None,
                "threads": trainer.threads,
                "peak_rss_bytes": procmem.peak_rss_bytes(), "baseline_rss_bytes": baseline,
                "working_set_bytes": train_peak - baseline,

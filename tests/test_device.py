@@ -72,6 +72,10 @@ def test_train_writes_weights_inference_model_and_summary(artifact, image_folder
     assert 0 < summary["kept_bytes_peak"]["paper"] < summary["predicted_kept_bytes"]["paper"]
     assert {"final_train_loss", "final_val_accuracy", "median_step_seconds",
             "budget_violations"} <= set(summary)
+    split = summary["step_split_seconds"]  # where the time goes: each part's median
+    assert set(split) == {"prefix", "forward", "compress", "backward", "update"}
+    assert all(v >= 0 for v in split.values()) and split["backward"] > 0 < split["update"]
+    assert sum(split.values()) <= 1.5 * summary["median_step_seconds"]
     trainer = Trainer(artifact)
     trained = load_npz(out / "weights.npz")
     assert any(not np.array_equal(trained[k], trainer.params[k]) for k in trained)

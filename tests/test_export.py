@@ -404,3 +404,19 @@ def test_vanilla_reads_relu_masks_from_the_kept_inputs(method, packed, tmp_path)
     assert all(m in backward_inputs for m in masks)
     kept_inputs = [layer["kept"][0] for layer in trainer.manifest["trainable_layers"]]
     assert sum(k in backward_inputs for k in kept_inputs) == len(kept_inputs)
+
+
+@pytest.mark.parametrize("method,eps", [("vanilla", None), ("hosvd", 0.8)])
+def test_a_non_finite_batch_is_rejected_and_the_weights_kept(method, eps, tmp_path):
+    """vanilla keeps x itself (no finite check before a decomposition): the NaN reaches the
+    loss and the step is rejected there, as hosvd's is before its decomposition."""
+    spec, model = random_model("mcunet-in1", 3)
+    trainer = export(model, spec, tmp_path, TrainConfig(n_layers=4, method=method, eps=eps),
+                     2, (64, 64))
+    before = {k: v.copy() for k, v in trainer.params.items()}
+    images, labels = batch(2, (64, 64), 3)
+    images[1, 0, 5, 5] = np.nan
+    result = trainer.step(images, labels, lr=0.05)
+    assert not result.applied and trainer.step_count == 0
+    assert all(np.array_equal(before[k], trainer.params[k]) for k in before)
+    assert trainer.step(*batch(2, (64, 64), 3), lr=0.05).applied
