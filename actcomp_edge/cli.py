@@ -311,7 +311,7 @@ def cmd_paper_table(args) -> int:
 
 
 def add_rank_arguments(parser, eps_note: str) -> None:
-    """--eps | --ranks, and --rank-cap (hosvd, hosvd-tracked, svd)."""
+    """--eps | --ranks, and --rank-cap (hosvd, asi, svd)."""
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--eps", type=eps_value,
                        help="explained-variance threshold in (0,1] for hosvd/svd ranks" + eps_note)
@@ -376,12 +376,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--method", choices=list(METHODS), default="hosvd",
                    help="what the backward keeps of each fine-tuned conv input (default hosvd): "
                         "vanilla (all of it), hosvd (the paper: eps ranks recomputed every "
-                        "step), hosvd-tracked (ranks fixed between refreshes, factors followed "
-                        "by a cheap subspace iteration), svd (mode-1), gf-r2 (Gradient Filter)")
-    e.add_argument("--refresh-every", type=positive_int, default=50,
-                   help="hosvd-tracked: run the exact HOSVD (and re-pick eps ranks) every K "
-                        "steps (default 50)")
-    add_rank_arguments(e, "; ranks are recomputed every step (the paper's rule)")
+                        "step), asi (ranks fixed at the first step, factors followed by one "
+                        "subspace iteration a step: the fast one), svd (mode-1), gf-r2 "
+                        "(Gradient Filter)")
+    add_rank_arguments(e, "; hosvd and svd recompute eps ranks every step (the paper's rule), "
+                          "asi fixes them at the first step")
     e.add_argument("--batch-size", type=positive_int, default=32,
                    help="training batch size the memory prediction is made for (default 32; the "
                         "graphs accept any batch)")

@@ -359,6 +359,31 @@ def hosvd(activation: np.ndarray, eps: Optional[float] = None,
     return Tucker(project_core(a, factors), tuple(factors))
 
 
+def subspace_step(activation: np.ndarray, factors: Sequence[np.ndarray], k1: int) -> Tucker:
+    """One step of ASI's compression at fixed ranks (Nguyen et al., ICML 2025), A (B, C, H, W):
+
+        U_n <- orth(A_(n) (A_(n)^T U_n))     n = 2..4, warm-started from the last step's U_n
+        P    = A x_2 U_2^T x_3 U_3^T x_4 U_4^T          the partial core (B, K2, K3, K4)
+        U_1  = the K1 leading left singular vectors of P_(1) (the samples differ every step)
+        core = U_1^T P_(1)
+
+    factors: the last step's U_2, U_3, U_4. orth is a thin QR. No Gram wider than d_n x K_n
+    and no eigendecomposition but P's B x B one. K1 is at most B."""
+    a = np.asarray(activation)
+    us = {}
+    for n in range(1, a.ndim):
+        m = unfold(a, n)                                                 # (d_n, rest)
+        us[n] = np.linalg.qr(m @ (m.T @ factors[n - 1]))[0].astype(a.dtype)  # (d_n, K_n)
+    partial = a
+    for n in sorted(us, key=lambda n: us[n].shape[1] / a.shape[n]):    # most shrinking first
+        partial = mode_product(partial, us[n].T, n)
+    rows = np.ascontiguousarray(partial).reshape(a.shape[0], -1)        # P_(1) (B, K2 K3 K4)
+    _, vectors = np.linalg.eigh(rows.astype(np.float64) @ rows.T.astype(np.float64))
+    u1 = np.ascontiguousarray(vectors[:, ::-1][:, :min(k1, a.shape[0])], dtype=a.dtype)
+    core = (u1.T @ rows).reshape((u1.shape[1],) + partial.shape[1:])
+    return Tucker(np.ascontiguousarray(core), (u1, *(us[n] for n in sorted(us))))
+
+
 def project_core(activation: np.ndarray, factors: Sequence[np.ndarray]) -> np.ndarray:
     """core = A x_1 U_1^T x_2 U_2^T ...; the modes that shrink most go first (fewest flops)."""
     core = activation

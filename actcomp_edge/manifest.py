@@ -25,7 +25,7 @@ import math
 import re
 from pathlib import Path
 
-from .methods import METHODS
+from .methods import METHODS, RETIRED
 
 FORMAT = "actcomp-edge/training-artifact"
 FORMAT_VERSION = 3  # 3: the manifest carries the digest of its own content
@@ -198,7 +198,6 @@ SCHEMA = {
                        or _list_of(lambda x: x is None or _is_count(x))(v)),
     "train.optimizer": TEXT,
     "train.momentum?": ("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1),
-    "train.refresh_every?": COUNT,
     "trainable_layers": ("a list", lambda v: isinstance(v, list)),
     "trainable_layers[]": OBJECT,
     "trainable_layers[].name": TEXT,
@@ -245,6 +244,11 @@ def check_schema(manifest: dict, where) -> None:
     def fail(key, problem):
         raise ArtifactError(f"{where}: key {key!r} {problem}")
 
+    train = manifest.get("train")
+    method = train.get("method") if isinstance(train, dict) else None
+    if isinstance(method, str) and method in RETIRED:
+        fail("train.method", f"is {method!r}, which {RETIRED[method]} replaced: export the "
+                             f"model again with --method {RETIRED[method]}")
     for pattern, (what, test) in SCHEMA.items():
         for key, value in _lookup(manifest, pattern, fail):
             if not test(value):

@@ -14,8 +14,8 @@ Adding a method is adding its functions and one row here. No torch, no onnx impo
     vanilla:       input (B, C, H, W)
     hosvd:         core (K1, K2, K3, K4), u_batch (B, K1), u_channel (C, K2), u_height (H, K3),
                    u_width (W, K4); eps ranks recomputed every step (the paper)
-    hosvd-tracked: the hosvd pieces from ``TrackedHosvd`` (ranks fixed between refreshes,
-                   factors followed across steps by one subspace iteration)
+    asi:           the hosvd pieces from ``Asi``: ranks fixed at the first step, then one
+                   warm-started subspace iteration a step (Nguyen et al., ICML 2025)
     svd:           left = U_k diag(s_k) (B, k), right = V_k^T reshaped (k, C, H, W)
     gf-r2:         x_sum (B, C, ceil(H / (r s)), ceil(W / (r s))): sums over (r s) x (r s)
                    patches, zero-padded bottom/right (Gradient Filter, r = 2, Yang et al. 2023)
@@ -29,8 +29,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from .arch import ConvLayer, pair
-from .decomposition import (GRAM_BLOCK_BYTES, Tucker, full_rank_bound, hosvd, mode_spectrum,
-                            project_core, svd_compress, unfold)
+from .decomposition import (GRAM_BLOCK_BYTES, Tucker, full_rank_bound, hosvd, subspace_step,
+                            svd_compress)
 
 GF_RADIUS = 2
 BATCH = "batch"   # the symbolic batch dim of the graphs
@@ -128,8 +128,9 @@ def hosvd_workspace(shape: tuple, ranks, stride: int) -> int:
     return max(grams, max(4 * (a + b) for a, b in zip(sizes[:-1], sizes[1:])))
 
 
-def tracked_workspace(shape: tuple, ranks, stride: int) -> int:
-    """The exact refresh's (hosvd), or the subspace step's unfold copy and its product."""
+def asi_workspace(shape: tuple, ranks, stride: int) -> int:
+    """The first step's exact HOSVD (hosvd), or a subspace step's unfold copy and its
+    partial core."""
     return max(hosvd_workspace(shape, ranks, stride), 2 * 4 * prod(shape))
 
 
@@ -144,58 +145,39 @@ def hosvd_kept(x, eps=None, ranks=None, rank_cap=None, stride=1) -> Kept:
     return tucker_kept(hosvd(x, eps=eps, ranks=ranks if eps is None else None, rank_cap=rank_cap))
 
 
-def tracked_kept(x, eps=None, ranks=None, rank_cap=None, stride=1) -> Kept:
-    raise ValueError("hosvd-tracked keeps state across steps: use TrackedHosvd")
+def asi_kept(x, eps=None, ranks=None, rank_cap=None, stride=1) -> Kept:
+    raise ValueError("asi keeps its factors across steps: use Asi")
 
 
-class TrackedHosvd:
-    """HOSVD whose ranks are fixed between refreshes and whose factors follow the activation.
+class Asi:
+    """ASI's compression of one layer's input (Nguyen et al., ICML 2025): the first step is
+    the exact HOSVD (eps rule or fixed ranks, capped), which fixes the ranks for the rest of
+    training; every later step is one ``subspace_step`` warm-started from the last factors.
+    Fixed ranks give static shapes, so the memory plan is exact from the first step on."""
 
-    Every ``refresh_every`` steps (and at the first, or when the shape changes) the exact
-    HOSVD runs (eps rule or fixed ranks, capped); in between, the batch factor comes from the
-    small B x B Gram matrix (samples differ every step) and each other factor U_n is updated
-    by one subspace iteration warm-started from the previous step:
-        U_n <- orth(A_(n) (A_(n)^T U_n))        cost d_n * rest * K_n instead of d_n^2 * rest + d_n^3
-    The result is an orthonormal Tucker tensor, so the backward is the HOSVD one.
-    """
-
-    def __init__(self, eps=None, ranks=None, rank_cap=None, refresh_every: int = 50):
-        if refresh_every < 1:
-            raise ValueError(f"refresh_every must be >= 1, got {refresh_every}")
-        self.eps, self.ranks, self.rank_cap, self.refresh_every = eps, ranks, rank_cap, refresh_every
-        self.factors = None
-        self.shape = None
-        self.steps = 0
+    def __init__(self, eps=None, ranks=None, rank_cap=None):
+        self.eps, self.ranks, self.rank_cap = eps, ranks, rank_cap
+        self.k1 = None        # the batch rank, fixed at the first step
+        self.factors = None   # U_2, U_3, U_4, followed from step to step
 
     def state(self) -> dict:
-        """Arrays to checkpoint: the factors and the step count."""
+        """Arrays to checkpoint: K1 and the factors, once the first step fixed them."""
         if self.factors is None:
-            return {"steps": np.array(self.steps)}
-        return {"steps": np.array(self.steps), "shape": np.array(self.shape),
-                **{f"u{n}": u for n, u in enumerate(self.factors)}}
+            return {}
+        return {"k1": np.array(self.k1), **{f"u{n}": u for n, u in enumerate(self.factors, 2)}}
 
     def restore(self, state: dict) -> None:
-        self.steps = int(state["steps"])
-        if "shape" in state:
-            self.shape = tuple(int(d) for d in state["shape"])
-            self.factors = [state[f"u{n}"] for n in range(len(self.shape))]
+        if "k1" in state:
+            self.k1, self.factors = int(state["k1"]), [state[f"u{n}"] for n in (2, 3, 4)]
 
     def __call__(self, x: np.ndarray) -> Kept:
-        due = self.steps % self.refresh_every == 0
-        if self.factors is None or due or x.shape[1:] != self.shape[1:]:
+        if self.factors is None:
             t = hosvd(x, eps=self.eps, ranks=None if self.eps is not None else self.ranks,
                       rank_cap=self.rank_cap)
-            factors = list(t.factors)
+            self.k1 = t.factors[0].shape[1]
         else:
-            k1 = min(self.factors[0].shape[1], x.shape[0])
-            factors = [np.ascontiguousarray(mode_spectrum(x, 0)[1][:, :k1], dtype=x.dtype)]
-            for mode in range(1, x.ndim):
-                m = unfold(x, mode)
-                q, _ = np.linalg.qr(m @ (m.T @ self.factors[mode]))
-                factors.append(q.astype(x.dtype))
-            t = Tucker(project_core(x, factors), tuple(factors))
-        self.factors, self.shape = factors, x.shape
-        self.steps += 1
+            t = subspace_step(x, self.factors, self.k1)
+        self.factors = list(t.factors[1:])
         return tucker_kept(t)
 
 
@@ -390,7 +372,7 @@ class Method:
     weight_grad: Callable    # (g, name, kept {piece: tensor}, dY, ConvLayer) -> dW tensor
     overview_op: str         # the ai.actcomp node that stands for compress in overview.onnx
     keeps_input: bool = False  # the kept piece is x itself (held in the runner's pool)
-    tracker: Optional[type] = None  # stateful compress: one per layer (TrackedHosvd)
+    tracker: Optional[type] = None  # stateful compress: one per layer (Asi)
     square_only: bool = False  # square kernels, strides and paddings, dilation 1 only
     #                            (ConvLayer.square)
 
@@ -424,14 +406,17 @@ METHODS = {m.name: m for m in (
            keeps_input=True),
     Method("hosvd", TUCKER_PIECES, tucker_dims, TUCKER_RANKS, tucker_ranks, hosvd_floats,
            hosvd_workspace, hosvd_kept, hosvd_weight_grad, "HOSVD"),
-    Method("hosvd-tracked", TUCKER_PIECES, tucker_dims, TUCKER_RANKS, tucker_ranks,
-           hosvd_floats, tracked_workspace, tracked_kept, hosvd_weight_grad, "TrackedHOSVD",
-           tracker=TrackedHosvd),
+    Method("asi", TUCKER_PIECES, tucker_dims, TUCKER_RANKS, tucker_ranks, hosvd_floats,
+           asi_workspace, asi_kept, hosvd_weight_grad, "SubspaceIteration", tracker=Asi),
     Method("svd", ("left", "right"), svd_dims, ("k",), svd_rank, svd_floats, svd_workspace,
            svd_kept, svd_weight_grad, "SVD"),
     Method("gf-r2", ("x_sum",), gf_dims, (), None, gf_floats, gf_workspace, gf_kept,
            gf_weight_grad, "GradientFilterSumPool", square_only=True),
 )}
+
+
+# methods that were replaced: name -> its successor (an artifact naming one is re-exported)
+RETIRED = {"hosvd-tracked": "asi"}
 
 
 def method(name: str) -> Method:

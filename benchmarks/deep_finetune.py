@@ -5,7 +5,7 @@
         [--results benchmarks/results]
 
 mcunet-in1 with its real weights (../shared), ants/bees images. Grid: N (--layers) x
-{vanilla, gf-r2, svd, hosvd, hosvd-tracked} (eps 0.8) at batch 32, 128 px, plus N=42 at
+{vanilla, gf-r2, svd, hosvd, asi} (eps 0.8) at batch 32, 128 px, plus N=42 at
 batch 64, 224 px for vanilla and hosvd. Each artifact is exported once (`actcomp export`);
 every job is a fresh process: `actcomp-device train` (its --summary), and per configuration a
 PyTorch eager vanilla job (benchmarks.step_time.plain_torch: frozen BN, SGD momentum 0.9).
@@ -41,7 +41,7 @@ MODEL = ["--model", f"{SHARED}/weights/tt_mcunet-5fps_int8dq.json",
 TRAIN, VAL = f"{SHARED}/data/hymenoptera_train.npz", f"{SHARED}/data/hymenoptera_val.npz"
 EPS = 0.8
 METHODS = {"vanilla": [], "gf-r2": [], "svd": ["--eps", str(EPS)],
-           "hosvd": ["--eps", str(EPS)], "hosvd-tracked": ["--eps", str(EPS)]}
+           "hosvd": ["--eps", str(EPS)], "asi": ["--eps", str(EPS)]}
 BIG = (42, 64, 224)  # (N, batch, px) of the large configuration
 BIG_METHODS = ("vanilla", "hosvd")
 TORCH = "torch eager vanilla"

@@ -1,5 +1,5 @@
 """Training-step time as users run it: `actcomp-device train` (a fresh process a job) for
-vanilla, HOSVD eps, tracked HOSVD and GF-R2 against PyTorch eager vanilla, N=4 and N=42.
+vanilla, HOSVD eps, ASI and GF-R2 against PyTorch eager vanilla, N=4 and N=42.
 
     .venv/bin/python benchmarks/step_time.py [--layers 4,42] [--repeats 3] [--steps 8]
         [--threads 2] [--work out/step_time] [--results benchmarks/results]
@@ -93,7 +93,7 @@ def plain_torch(model, n_layers):
 
 
 
-METHODS = ("vanilla", "hosvd", "hosvd-tracked", "gf-r2")
+METHODS = ("vanilla", "hosvd", "asi", "gf-r2")
 TORCH = "torch eager vanilla"
 BATCH, SIZE = 32, 128
 

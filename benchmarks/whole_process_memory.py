@@ -6,7 +6,7 @@
 Every job runs in a fresh process, one after the other, on ants/bees images from ../shared
 (the real tiny-training weights; exits with a message when ../shared is absent):
 (a) the device runner's CLI (`python -m device_runner.cli train ART ...`) on artifacts exported
-    for vanilla, HOSVD eps, tracked HOSVD eps and Gradient Filter R2 (SGD momentum 0.9);
+    for vanilla, HOSVD eps, ASI eps and Gradient Filter R2 (SGD momentum 0.9);
 (b) PyTorch eager vanilla (same layers, frozen BN, SGD momentum);
 (c) onnxruntime-training 1.19.2 vanilla in .venv-ort-training (benchmarks/scripts/
     ort_training_peak.py: generate_artifacts from the artifact's evaluate.onnx, Module +
@@ -170,7 +170,7 @@ def main() -> None:
                          f"{args.batch_size} in one epoch")
     model_args = ["--model", str(weights.with_suffix(".json")),
                   "--weights", str(weights.with_suffix(".npz"))]
-    methods = [("vanilla", None), ("hosvd", args.eps), ("hosvd-tracked", args.eps),
+    methods = [("vanilla", None), ("hosvd", args.eps), ("asi", args.eps),
                ("gf-r2", None)]
     arts = {}
 

@@ -174,8 +174,7 @@ class Trainer:
         self.trackers = {}
         self.row = METHODS[self.method]
         if self.row.tracker:
-            self.trackers = {name: self.row.tracker(self.eps, self.ranks, self.rank_cap,
-                                                    train.get("refresh_every", 50))
+            self.trackers = {name: self.row.tracker(self.eps, self.ranks, self.rank_cap)
                              for name in self.layers}
         # input/output names of every session, read once (not on every step)
         self.io = {name: ([i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()])

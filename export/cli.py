@@ -29,7 +29,7 @@ def train_config(args) -> TrainConfig:
                          ranks=tuple(args.ranks) if args.ranks else None,
                          rank_cap=args.rank_cap, optimizer=args.optimizer,
                          momentum=args.momentum, weight_decay=args.weight_decay,
-                         label_smoothing=args.label_smoothing, refresh_every=args.refresh_every)
+                         label_smoothing=args.label_smoothing)
     config.check()
     return config
 
@@ -85,7 +85,7 @@ def export_model_file(args, classes) -> int:
         layers=args.layers, method=args.method, eps=args.eps, ranks=args.ranks,
         rank_cap=args.rank_cap, num_classes=args.num_classes, classes=classes,
         optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay,
-        label_smoothing=args.label_smoothing, refresh_every=args.refresh_every,
+        label_smoothing=args.label_smoothing,
         norm=args.input_norm, seed=args.seed, name=args.model.rpartition(":")[2],
         force=args.force)
     return report(manifest, args)

@@ -54,7 +54,6 @@ class TrainConfig:
     betas: tuple = (0.9, 0.999)
     adam_eps: float = 1e-8
     label_smoothing: float = 0.0
-    refresh_every: int = 50          # hosvd-tracked: exact HOSVD every K steps
     micro_batch: int | None = None   # samples a backward-partition run (None: the plan chooses,
                                      # forward partitions included)
 

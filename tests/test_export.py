@@ -35,7 +35,7 @@ def check_step(name, n_layers, method, tmp_path, eps=None, batch_size=3, hw=(96,
         return own_compress(layer, x)
     trainer.compress = recording
     result = trainer.step(images, labels, lr=0.05)
-    ref_method = "hosvd" if method == "hosvd-tracked" else method  # first step: exact HOSVD
+    ref_method = "hosvd" if method == "asi" else method  # asi's first step: the exact HOSVD
     loss, logits, replaced = torch_step(ref, n_layers, images, labels, ref_method, eps=eps,
                                         label_smoothing=config.label_smoothing,
                                         conv_inputs=conv_inputs)
@@ -46,7 +46,7 @@ def check_step(name, n_layers, method, tmp_path, eps=None, batch_size=3, hw=(96,
     np.testing.assert_allclose(result.logits, logits, rtol=1e-4, atol=1e-4)
     for key in grads:
         assert rel(result.grads[key], grads[key]) < TOL, key
-    if method in ("hosvd", "hosvd-tracked", "svd"):
+    if method in ("hosvd", "asi", "svd"):
         modules = dict(ref.named_modules())
         for layer, conv_name in zip(trainer.manifest["trainable_layers"], replaced):
             assert result.ranks[layer["name"]] == tuple(modules[conv_name].last_ranks)
@@ -129,18 +129,34 @@ def test_optimizer_updates_equal_torch(optimizer, kwargs, tmp_path):
             assert rel(trainer.params[key], p.numpy()) < TOL, (step, key)
 
 
-def test_tracked_hosvd_first_step_is_the_exact_hosvd_and_training_converges(tmp_path):
-    trainer, _, first = check_step("mcunet-in1", 4, "hosvd-tracked", tmp_path, eps=0.9,
-                                   hw=(128, 128), batch_size=8,
-                                   config_kwargs=dict(refresh_every=5))
+def test_asi_first_step_is_the_exact_hosvd_then_ranks_stay_and_training_converges(tmp_path):
+    trainer, _, first = check_step("mcunet-in1", 4, "asi", tmp_path, eps=0.9,
+                                   hw=(128, 128), batch_size=8)
     images, labels = batch(8, (128, 128), 10, seed=0)
     losses, ranks = [], []
-    for _ in range(12):  # overfit one batch: tracked steps in between refreshes
+    for _ in range(12):  # overfit one batch: subspace steps from the first step's ranks
         result = trainer.step(images, labels, lr=0.002)
         losses.append(result.loss)
         ranks.append(result.ranks)
     assert losses[-1] < 0.2 * losses[0]
-    assert ranks[0] == ranks[1] == ranks[2]  # fixed between refreshes (steps 2..5)
+    assert all(r == first.ranks for r in ranks)
+
+
+@pytest.mark.parametrize("name", ["mcunet-in1", "resnet18"])
+def test_asi_at_full_rank_equals_vanilla_after_the_first_step(name, tmp_path):
+    """Full ranks keep A exactly, so every subspace step's gradients are vanilla's (which
+    equal torch.autograd: test_vanilla_gradients_and_sgd_step_equal_autograd)."""
+    spec, model = random_model(name, 10)
+    vanilla = export(model, spec, tmp_path, TrainConfig(n_layers=4, method="vanilla",
+                                                        eps=None), 6, (64, 64))
+    asi = export(model, spec, tmp_path, TrainConfig(n_layers=4, method="asi", eps=None,
+                                                    ranks=(10 ** 6,) * 4), 6, (64, 64))
+    for seed in range(3):  # the first step is the HOSVD, the others subspace steps
+        images, labels = batch(6, (64, 64), 10, seed)
+        want, got = vanilla.step(images, labels, lr=0.0), asi.step(images, labels, lr=0.0)
+        assert got.ranks != {} and all(k[0] == 6 for k in got.ranks.values())
+        for key in want.grads:
+            assert rel(got.grads[key], want.grads[key]) < TOL, (seed, key)
 
 
 def test_label_smoothing(tmp_path):
@@ -346,6 +362,18 @@ def test_runner_refuses_a_manifest_whose_momentum_trains_uphill(tmp_path):
     manifest.pop("digest", None)
     (out / "manifest.json").write_bytes(manifest_bytes(manifest))
     with pytest.raises(ArtifactError, match="train.momentum"):
+        load_manifest(out)
+
+
+def test_an_artifact_of_the_retired_hosvd_tracked_names_its_successor(tmp_path):
+    out = tmp_path / "art"
+    assert run_cli("export", "--model", "mcunet-in1", "--layers", "2", "--input-size", "32",
+                   "--method", "asi", "--eps", "0.8", "-o", str(out)).returncode == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["train"]["method"] = "hosvd-tracked"
+    manifest.pop("digest", None)
+    (out / "manifest.json").write_bytes(manifest_bytes(manifest))
+    with pytest.raises(ArtifactError, match="asi replaced: export the model again"):
         load_manifest(out)
 
 

@@ -117,7 +117,7 @@ def test_budget_below_the_plan_is_refused_before_the_first_step(tmp_path):
 
 
 @pytest.mark.parametrize("method,eps", [("vanilla", None), ("svd", 0.8), ("hosvd", 0.8),
-                                        ("hosvd-tracked", 0.8), ("gf-r2", None)])
+                                        ("asi", 0.8), ("gf-r2", None)])
 def test_backward_in_micro_batches_equals_the_whole_batch(tmp_path, method, eps):
     """Backward partitions run on slices of 3 of a batch of 8 (summing grad/<param>) give
     the gradients and updated weights of whole-batch runs, over the last 12 convs of

@@ -1,11 +1,11 @@
-"""The methods' table (what the device keeps, its size and dims), sum pooling, the stateful
-tracked HOSVD."""
+"""The methods' table (what the device keeps, its size and dims), sum pooling, ASI's stateful
+subspace iteration."""
 import numpy as np
 import pytest
 
 from actcomp_edge.arch import ConvLayer, conv_out
-from actcomp_edge.decomposition import hosvd, unfold
-from actcomp_edge.methods import BATCH, METHODS, TrackedHosvd, compress, method, sum_pool
+from actcomp_edge.decomposition import hosvd, subspace_step, unfold
+from actcomp_edge.methods import BATCH, METHODS, Asi, compress, method, sum_pool
 
 
 def test_sum_pool_hand_computed():
@@ -63,48 +63,73 @@ def captured(x, kept):
     return float(np.sum(core.astype(np.float64) ** 2) / np.sum(x.astype(np.float64) ** 2))
 
 
-def test_tracked_hosvd_follows_a_drifting_subspace():
+def test_asi_follows_a_drifting_subspace():
+    """Ranks fixed by the eps rule at the first step; later steps capture within 1 % of the
+    exact HOSVD's energy at the same ranks, with orthonormal factors."""
     rng = np.random.default_rng(1)
-    tracker = TrackedHosvd(eps=0.95, refresh_every=100)
+    asi = Asi(eps=0.95)
     ranks, energies = [], []
     for x in drifting(rng, 20, (16, 64, 6, 6), (16, 5, 3, 3)):
-        kept = tracker(x)
+        kept = asi(x)
         ranks.append(kept.rank_per_mode)
         exact = hosvd(x, ranks=kept.rank_per_mode)
         energies.append((captured(x, kept), float(np.sum(exact.core.astype(np.float64) ** 2)
                                                    / np.sum(x.astype(np.float64) ** 2))))
-        for name in ("u_channel", "u_height", "u_width"):
+        for name in ("u_batch", "u_channel", "u_height", "u_width"):
             u = kept.pieces[name]
             np.testing.assert_allclose(u.T @ u, np.eye(u.shape[1]), atol=1e-4)
-    assert len(set(r[1:] for r in ranks)) == 1          # fixed between refreshes
-    assert ranks[0][1] == 5
-    for tracked, exact in energies:                     # within 1 % of the exact HOSVD
-        assert tracked >= exact - 0.01
+    assert len(set(ranks)) == 1 and ranks[0][1] == 5    # fixed from the first step on
+    for followed, exact in energies:
+        assert followed >= exact - 0.01
 
 
-def test_tracked_hosvd_refreshes_and_handles_a_short_batch():
+def test_asi_subspace_step_against_numpy_subspace_iteration():
+    """Each non-batch factor spans G_n U (G_n = A_(n) A_(n)^T, from an einsum, not unfold);
+    the batch factor spans the leading left singular vectors of the partial core (numpy's
+    SVD); the core is A projected on the four factors."""
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((7, 9, 5, 6))
+    previous = [np.linalg.qr(rng.standard_normal((d, k)))[0] for d, k in ((9, 4), (5, 3), (6, 2))]
+    t = subspace_step(a, previous, k1=3)
+    grams = [np.einsum("bchw,bdhw->cd", a, a), np.einsum("bchw,bcgw->hg", a, a),
+             np.einsum("bchw,bchv->wv", a, a)]
+
+    def projector(u):
+        q = np.linalg.qr(u)[0]
+        return q @ q.T
+    for u, gram, prev in zip(t.factors[1:], grams, previous):
+        np.testing.assert_allclose(projector(u), projector(gram @ prev), atol=1e-8)
+    u2, u3, u4 = (np.linalg.qr(gram @ prev)[0] for gram, prev in zip(grams, previous))
+    partial = np.einsum("bchw,ci,hj,wk->bijk", a, u2, u3, u4).reshape(7, -1)
+    left = np.linalg.svd(partial)[0][:, :3]
+    np.testing.assert_allclose(projector(t.factors[0]), projector(left), atol=1e-8)
+    np.testing.assert_allclose(
+        t.core, np.einsum("bchw,bl,ci,hj,wk->lijk", a, *t.factors), atol=1e-8)
+
+
+def test_asi_fixed_ranks_a_short_batch_and_a_checkpoint():
     rng = np.random.default_rng(2)
-    tracker = TrackedHosvd(ranks=(4, 3, 2, 2), refresh_every=3)
+    asi = Asi(ranks=(4, 3, 2, 2))
     x = rng.standard_normal((8, 10, 4, 4)).astype(np.float32)
-    assert tracker(x).rank_per_mode == (4, 3, 2, 2)
-    assert tracker(x[:2]).rank_per_mode == (2, 3, 2, 2)   # last batch smaller than K1
-    assert tracker.steps == 2
-    other = rng.standard_normal((8, 12, 4, 4)).astype(np.float32)
-    assert tracker(other).rank_per_mode == (4, 3, 2, 2)    # new shape: exact again
-    with pytest.raises(ValueError):
-        TrackedHosvd(eps=0.9, refresh_every=0)
+    assert asi(x).rank_per_mode == (4, 3, 2, 2)
+    assert asi(x[:2]).rank_per_mode == (2, 3, 2, 2)   # last batch smaller than K1
+    assert asi(x).rank_per_mode == (4, 3, 2, 2)       # K1 stays what the first step fixed
+    resumed = Asi(ranks=(4, 3, 2, 2))
+    resumed.restore(asi.state())
+    a, b = asi(x), resumed(x)
+    for piece in a.pieces:
+        np.testing.assert_array_equal(a.pieces[piece], b.pieces[piece])
+    assert Asi(eps=0.9).state() == {}
 
 
-def test_tracked_reconstruction_is_the_projection():
-    """The backward is exact w.r.t. core x U's: the core must be A projected on the factors."""
+def test_asi_at_full_rank_reconstructs_exactly():
+    """The backward is exact w.r.t. core x U's; at full ranks that is A itself."""
     rng = np.random.default_rng(3)
-    tracker = TrackedHosvd(ranks=(3, 4, 2, 2))
-    xs = list(drifting(rng, 3, (6, 12, 5, 5), (6, 4, 2, 2)))
-    for x in xs:
-        kept = tracker(x)
+    asi = Asi(ranks=(6, 12, 5, 5))
+    for x in drifting(rng, 3, (6, 12, 5, 5), (6, 4, 2, 2)):
+        kept = asi(x)
     p = kept.pieces
-    proj = x.astype(np.float64)
+    rebuilt = p["core"].astype(np.float64)
     for mode, u in enumerate((p["u_batch"], p["u_channel"], p["u_height"], p["u_width"])):
-        proj = np.moveaxis(np.moveaxis(proj, mode, -1) @ u, -1, mode)
-    np.testing.assert_allclose(p["core"], proj, rtol=1e-4, atol=1e-4)
-    assert unfold(p["core"], 0).shape[0] == 3
+        rebuilt = np.moveaxis(np.moveaxis(rebuilt, mode, -1) @ u.T, -1, mode)
+    np.testing.assert_allclose(rebuilt, x, atol=1e-4)

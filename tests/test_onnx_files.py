@@ -10,7 +10,7 @@ from device_runner.runtime import Trainer
 from export.training_graph import TrainConfig
 from export_helpers import export, random_model
 
-METHODS = {"vanilla": {}, "hosvd": {"eps": 0.8}, "hosvd-tracked": {"eps": 0.8},
+METHODS = {"vanilla": {}, "hosvd": {"eps": 0.8}, "asi": {"eps": 0.8},
            "svd": {"eps": 0.8}, "gf-r2": {}}
 
 
