@@ -167,8 +167,9 @@ class Asi:
         return {"k1": np.array(self.k1), **{f"u{n}": u for n, u in enumerate(self.factors, 2)}}
 
     def restore(self, state: dict) -> None:
-        if "k1" in state:
-            self.k1, self.factors = int(state["k1"]), [state[f"u{n}"] for n in (2, 3, 4)]
+        """The state of ``state()``; {} is the state before the first step."""
+        self.k1, self.factors = ((int(state["k1"]), [state[f"u{n}"] for n in (2, 3, 4)])
+                                 if "k1" in state else (None, None))
 
     def __call__(self, x: np.ndarray) -> Kept:
         if self.factors is None:

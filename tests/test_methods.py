@@ -120,6 +120,8 @@ def test_asi_fixed_ranks_a_short_batch_and_a_checkpoint():
     for piece in a.pieces:
         np.testing.assert_array_equal(a.pieces[piece], b.pieces[piece])
     assert Asi(eps=0.9).state() == {}
+    asi.restore({})  # the state before the first step (a dry run is undone so)
+    assert asi.factors is None and asi.k1 is None
 
 
 def test_asi_at_full_rank_reconstructs_exactly():

@@ -50,15 +50,20 @@ def steps_data(tmp_path, steps, size, hw, num_classes):
 # ResNet18's 20: through the stem's max-pool (its backward: ScatterElements with add)
 @pytest.mark.parametrize("name,method,n_layers", [
     ("mcunet-in1", "vanilla", 42), ("mcunet-in1", "gf-r2", 42), ("mcunet-in1", "hosvd", 42),
-    ("resnet18", "vanilla", 20)])
+    ("mcunet-in1", "asi", 42), ("resnet18", "vanilla", 20)])
 def test_oldest_onnxruntime_trains_like_the_newest(name, method, n_layers, tmp_path):
     old = interpreter("ACTCOMP_ORT_OLDEST_PYTHON", ".venv-ort-oldest")
     spec, model = random_model(name, 10)
-    config = TrainConfig(n_layers=n_layers, method=method, eps=0.9 if method == "hosvd" else None)
+    # asi at fixed ranks: an eps rank on a Gram at a boundary could differ by rounding
+    config = TrainConfig(n_layers=n_layers, method=method, eps=0.9 if method == "hosvd" else None,
+                         ranks=(3, 8, 4, 4) if method == "asi" else None)
     folder = export(model, spec, tmp_path, config, 4, (96, 96)).folder
-    data = steps_data(tmp_path, 2, 4, (96, 96), 10)
-    run(old, "run_steps.py", folder, data, tmp_path / "old.npz", 2)
-    run(sys.executable, "run_steps.py", folder, data, tmp_path / "new.npz", 2)
+    # one step through a max-pool: in a second one, the first update's 1e-7 rounding
+    # difference can move a window's argmax, and the stem's gradient with it (seen: 1.7e-3)
+    steps = 1 if name == "resnet18" else 2
+    data = steps_data(tmp_path, steps, 4, (96, 96), 10)
+    run(old, "run_steps.py", folder, data, tmp_path / "old.npz", steps)
+    run(sys.executable, "run_steps.py", folder, data, tmp_path / "new.npz", steps)
     old_out, new_out = np.load(tmp_path / "old.npz"), np.load(tmp_path / "new.npz")
     assert str(old_out["ort_version"]) == "1.16.3" and str(old_out["numpy_version"]) < "2"
     np.testing.assert_allclose(old_out["loss"], new_out["loss"], rtol=1e-4)
