@@ -58,6 +58,7 @@ class View:
     def __init__(self, budget: int | None, stream=sys.stdout):
         self.budget, self.stream, self.tty = budget, stream, stream.isatty()
         self.violations = []
+        self.received = 0  # records shown
 
     def step(self, r: dict) -> None:
         working = r.get("peak_rss_bytes", 0) - r.get("baseline_rss_bytes", 0)
@@ -156,11 +157,41 @@ def follow_file(path: Path, view: View, store: Store | None, idle_timeout: float
 
 def handle(record: dict, view: View) -> bool:
     """Show one record; True when it is the runner's summary (the end of the run)."""
+    view.received += 1
     if record.get("type") == "step":
         view.step(record)
     else:
         view.other(record)
     return record.get("type") == "summary"
+
+
+NOTHING_RECEIVED = 3  # exit code: the link opened, but no record came before --idle-timeout
+
+
+def open_monitor_link(url: str) -> tuple:
+    """(read, write, close) of the link the monitor listens on; ValueError, one line naming
+    the fix, for a URL that cannot be opened (a port missing, in use or out of range, a serial
+    port that does not exist, a socket:// nobody listens on)."""
+    if url.startswith("tcp://"):
+        host, _, port = url[len("tcp://"):].rpartition(":")
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"monitor {url}: expected tcp://HOST:PORT with a port in 1..65535 "
+                             f"(e.g. tcp://0.0.0.0:7777)")
+        try:
+            link = TcpServer(host or "0.0.0.0", int(port))
+        except OSError as e:
+            raise ValueError(f"monitor {url}: cannot listen on port {port}: "
+                             f"{e.strerror or e} (choose another port)") from None
+        return link.read, link.write, link.close
+    import serial
+    try:
+        port = serial.serial_for_url(url, timeout=0.1)
+    except serial.SerialException as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"monitor {url}: cannot open it: {reason} (a serial port that "
+                         f"exists, socket://HOST:PORT where a runner listens, or "
+                         f"tcp://HOST:PORT to listen)") from None
+    return (lambda: port.read(max(1, port.in_waiting))), port.write, port.close
 
 
 def monitor(url: str, output: str | None, budget: int | None, idle_timeout: float) -> int:
@@ -170,15 +201,7 @@ def monitor(url: str, output: str | None, budget: int | None, idle_timeout: floa
         if url.startswith("file://"):
             follow_file(Path(url[len("file://"):]), view, store, idle_timeout)
         else:
-            if url.startswith("tcp://"):
-                host, _, port = url[len("tcp://"):].rpartition(":")
-                link = TcpServer(host or "0.0.0.0", int(port))
-                read, write, close = link.read, link.write, link.close
-            else:
-                import serial
-                port = serial.serial_for_url(url, timeout=0.1)
-                read = lambda: port.read(max(1, port.in_waiting))  # noqa: E731
-                write, close = port.write, port.close
+            read, write, close = open_monitor_link(url)
             receiver = Receiver(read=read, write=write, auto_ack=False,
                                 next_seq=store.next_seq if store else None)
             last_data, done = time.time(), False
@@ -196,6 +219,7 @@ def monitor(url: str, output: str | None, budget: int | None, idle_timeout: floa
                 close()
             if receiver.lost:
                 view.write(f"{receiver.lost} records never arrived (dropped by the runner)", True)
+
     except KeyboardInterrupt:
         view.write("interrupted", True)
     finally:
@@ -204,4 +228,8 @@ def monitor(url: str, output: str | None, budget: int | None, idle_timeout: floa
     if view.violations:
         view.write(f"{len(view.violations)} budget violations (steps {view.violations[:10]})", True)
         return 1
+    if not view.received:
+        view.write(f"no record arrived from {url} in {idle_timeout:g} s: is the runner started "
+                   f"with --report pointing here?", True)
+        return NOTHING_RECEIVED
     return 0

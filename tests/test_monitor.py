@@ -124,3 +124,36 @@ def test_monitor_without_violations_exits_zero_and_bad_budget_is_one_line(tmp_pa
                          env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
     assert "Traceback" not in bad.stderr
+
+
+def monitor_cli(*argv):
+    return subprocess.run([sys.executable, "-m", "actcomp_edge.cli", "monitor", *argv],
+                          capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+
+
+def test_a_link_that_cannot_open_is_one_line_and_exit_two(tmp_path):
+    """No port, a port out of range or in use, a serial port that does not exist, a
+    socket:// nobody listens on: refused in one line naming the fix, before any wait."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    cases = {"tcp://localhost": "expected tcp://HOST:PORT",
+             "tcp://127.0.0.1:99999": "port in 1..65535",
+             f"tcp://127.0.0.1:{taken.getsockname()[1]}": "cannot listen on port",
+             str(tmp_path / "ttyNOPE"): "cannot open it",
+             f"socket://127.0.0.1:{free_port()}": "cannot open it"}
+    try:
+        for url, message in cases.items():
+            proc = monitor_cli(url, "--idle-timeout", "5")
+            assert proc.returncode == 2, (url, proc.stderr)
+            assert message in proc.stderr and "Traceback" not in proc.stderr, url
+            assert len(proc.stderr.strip().splitlines()) == 1, url
+    finally:
+        taken.close()
+
+
+def test_a_monitor_that_receives_nothing_says_so(tmp_path):
+    proc = monitor_cli(f"tcp://127.0.0.1:{free_port()}", "--idle-timeout", "1")
+    assert proc.returncode == 3
+    assert "no record arrived" in proc.stdout + proc.stderr
