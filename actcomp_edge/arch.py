@@ -189,9 +189,13 @@ def load_spec(model: str, num_classes: Optional[int] = None) -> dict:
     if name in ZOO:
         return ZOO[name](1000 if num_classes is None else num_classes)
     path = Path(model)
+    if path.suffix == ".py" or ".py:" in model:
+        raise SpecError(f"--model {model}: a model file is FILE.py:FUNCTION, where FUNCTION() "
+                        f"returns your torch.nn.Module, and `actcomp export` takes it (this "
+                        f"command takes a zoo name or a spec .json)")
     if path.suffix != ".json":
-        raise SpecError(f"unknown model {model!r}: choose one of {', '.join(sorted(ZOO))} "
-                        f"or give an architecture spec .json")
+        raise SpecError(f"unknown model {model!r}: choose one of {', '.join(sorted(ZOO))}, "
+                        f"give an architecture spec .json, or (actcomp export) FILE.py:FUNCTION")
     try:
         spec = json.loads(path.read_text())
     except (OSError, ValueError) as e:

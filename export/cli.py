@@ -86,9 +86,17 @@ def export_model_file(args, classes) -> int:
         rank_cap=args.rank_cap, num_classes=args.num_classes, classes=classes,
         optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay,
         label_smoothing=args.label_smoothing,
-        norm=args.input_norm, seed=args.seed, name=args.model.rpartition(":")[2],
+        norm=args.input_norm, seed=args.seed, name=model_file_name(args.model),
         force=args.force)
     return report(manifest, args)
+
+
+def model_file_name(ref: str) -> str:
+    """The artifact's model name for FILE.py:FUNCTION: the file's stem, and the function's
+    name unless it is the usual build (my_net.py:build -> my_net; nets.py:small -> nets.small)."""
+    path, _, function = ref.rpartition(":")
+    stem = Path(path).stem
+    return stem if function == "build" else f"{stem}.{function}"
 
 
 def report(manifest: dict, args) -> int:

@@ -38,7 +38,15 @@ def load_model_file(ref: str) -> nn.Module:
     build = getattr(module, function, None)
     if not callable(build):
         raise FrontendError(f"--model {ref}: {file} has no function {function!r}")
-    model = build()
+    try:
+        model = build()
+    except TypeError as e:  # FUNCTION(...) with parameters it needs
+        raise FrontendError(f"--model {ref}: {function}() must build the model with no "
+                            f"arguments: {str(e).splitlines()[0]} (wrap it in one that does)") \
+            from None
+    except Exception as e:  # the user's code: any error, reported in one line
+        raise FrontendError(f"--model {ref}: {function}() failed: {type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}") from None
     if not isinstance(model, nn.Module):
         raise FrontendError(f"--model {ref}: {function}() returned a {type(model).__name__}, "
                             f"not a torch.nn.Module")

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -145,7 +146,9 @@ def test_file_py_function_with_pth_weights_gives_the_modules_logits(user_file, t
     net.eval()
     with torch.no_grad():
         want = net(x).numpy()
-    assert rel(Trainer(tmp_path / "art").evaluate(x.numpy()), want) < TOL
+    trainer = Trainer(tmp_path / "art")
+    assert rel(trainer.evaluate(x.numpy()), want) < TOL
+    assert trainer.manifest["model"] == Path(user_file).stem  # FILE.py:build -> FILE's stem
 
 
 class WithSE(nn.Module):
@@ -267,9 +270,15 @@ def test_the_cli_says_what_is_wrong_with_a_model_file_in_one_line(tmp_path):
             return 3
         def broken():
             raise RuntimeError("no GPU here")
+        def needs(width):
+            return torch.nn.Conv2d(3, width, 3)
     '''))
     for ref, message in [(f"{tmp_path}/m.py:build", "returned a int, not a torch.nn.Module"),
                          (f"{tmp_path}/m.py:nope", "has no function 'nope'"),
+                         (f"{tmp_path}/m.py:broken", "broken() failed: RuntimeError: no GPU here"),
+                         (f"{tmp_path}/m.py:needs", "needs() must build the model with no "
+                                                    "arguments"),
+                         (f"{tmp_path}/m.py", "a model file is FILE.py:FUNCTION"),
                          (f"{tmp_path}/absent.py:build", "no such file")]:
         proc = subprocess.run([sys.executable, "-m", "actcomp_edge.cli", "export", "--model", ref,
                                "--layers", "1", "--method", "vanilla", "-o", str(tmp_path / "o")],
