@@ -55,8 +55,10 @@ def cmd_train(args) -> int:
     classes = m.get("classes")
     data = data_module.load(args.data, input_size(trainer), m["num_classes"], classes)
     if data.skipped:
-        print(f"skipped {len(data.skipped)} unreadable or non-image files "
-              f"(first: {data.skipped[0][0]}: {data.skipped[0][1]})", file=sys.stderr)
+        shown = "; ".join(f"{path}: {why}" for path, why in data.skipped[:SKIPPED_SHOWN])
+        more = len(data.skipped) - SKIPPED_SHOWN
+        print(f"skipped {len(data.skipped)} unreadable or non-image files ({shown}"
+              + (f"; and {more} more" if more > 0 else "") + ")", file=sys.stderr)
     if args.val_data:
         train_set = data
         val_set = data_module.load(args.val_data, input_size(trainer), m["num_classes"],
@@ -240,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SKIPPED_SHOWN = 5  # unreadable files named on the console (the rest counted)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "profile", None):
@@ -253,6 +258,10 @@ def main(argv=None) -> int:
             args.budget = profile.budget_bytes
         if args.threads is None:
             args.threads = profile.cores
+            here = os.cpu_count() or profile.cores
+            print(f"note: --threads {profile.cores} from profile {profile.name}"
+                  + (f" (this machine has {here} cores: give --threads {here} to match it)"
+                     if here < profile.cores else ""), file=sys.stderr)
     if getattr(args, "out", "unset") is None:
         args.out = str(Path(args.artifact) / "run")
     try:

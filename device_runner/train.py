@@ -137,8 +137,10 @@ def check_budget(trainer: Trainer, data: Dataset, batch_size: int, budget: int,
     allowance = budget - (need - kept)
     trainer.rank_caps = rank_caps_for_budget(trainer, batch_size, allowance)
     log(f"budget: one step needs {need / mib:.1f} MiB of the {budget / mib:.1f} MiB budget"
-        + (f"; rank caps {trainer.rank_caps} keep the worst-case activations within "
-           f"{allowance / mib:.1f} MiB" if trainer.rank_caps else ""))
+        + (f"; rank caps of {min(trainer.rank_caps.values())}.."
+           f"{max(trainer.rank_caps.values())} on {len(trainer.rank_caps)} of "
+           f"{len(trainer.layers)} layers (the summary lists them) keep the worst-case "
+           f"activations within {allowance / mib:.1f} MiB" if trainer.rank_caps else ""))
     return {"dry_run_bytes": need, "planned_bytes": planned,
             "activation_allowance_bytes": allowance,
             "rank_caps": trainer.rank_caps}

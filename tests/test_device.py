@@ -66,6 +66,7 @@ def test_train_writes_weights_inference_model_and_summary(artifact, image_folder
     proc = device(*train_args(artifact, image_folder, out, "--summary", tmp_path / "s.json"))
     assert proc.returncode == 0, proc.stderr
     assert "skipped 2 unreadable or non-image files" in proc.stderr
+    assert "broken.jpg" in proc.stderr and "notes.txt" in proc.stderr  # each one named
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["steps"] == 2 * 4 and summary["epochs"] == 2   # 36 - 4 held out = 32 / 8
     assert summary["peak_rss_bytes"] >= summary["baseline_rss_bytes"] > 0
@@ -290,3 +291,5 @@ def test_threads_bound_onnxruntime_and_blas_and_default_to_the_profile_cores(art
     cores = next(int(line.split("=")[1].split("#")[0]) for line in profile.read_text().splitlines()
                  if line.split("=")[0].strip() == "cores")
     assert json.loads(summary.read_text())["threads"] == cores
+    assert f"--threads {cores} from profile" in proc.stderr  # said, with this machine's cores
+    assert (f"this machine has {os.cpu_count()} cores" in proc.stderr) == (os.cpu_count() < cores)
