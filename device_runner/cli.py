@@ -140,6 +140,72 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def prediction_model(path: Path) -> Path:
+    """RUN/ (its inference.onnx) or a .onnx file; DataError (one line) otherwise."""
+    model = path / "inference.onnx" if path.is_dir() else path
+    if not model.is_file():
+        raise data_module.DataError(f"{path}: no inference model (give a run folder with "
+                                    f"inference.onnx, or the .onnx file)")
+    return model
+
+
+def image_files(specs: list) -> list:
+    """Image paths from files, folders (every image below) and glob patterns, in order."""
+    import glob
+    files = []
+    for spec in specs:
+        path = Path(spec)
+        if path.is_dir():
+            found = sorted(f for f in path.rglob("*") if f.suffix.lower()
+                           in data_module.IMAGE_SUFFIXES)
+        elif path.exists():
+            found = [path]
+        else:
+            found = [Path(f) for f in sorted(glob.glob(spec))]
+        if not found:
+            raise data_module.DataError(f"{spec}: no such image, folder or pattern")
+        files += found
+    return files
+
+
+def cmd_predict(args) -> int:
+    """Each image's class name and softmax score, from a trained inference model alone (its
+    metadata_props say the classes, the input size and the normalisation)."""
+    import numpy as np
+    import onnxruntime as ort
+    from PIL import Image, UnidentifiedImageError
+    model = prediction_model(Path(args.run))
+    files = image_files(args.images)
+    options = ort.SessionOptions()
+    if args.threads:
+        options.intra_op_num_threads = args.threads
+    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    if "classes" not in meta:
+        raise data_module.DataError(f"{model} has no class names in its metadata (made before "
+                                    f"they were written: train again or use actcomp-device eval)")
+    classes = json.loads(meta["classes"])
+    size = tuple(json.loads(meta["input_size"]))
+    norm = json.loads(meta["normalization"])
+    failed = 0
+    for file in files:
+        try:
+            with Image.open(file) as im:
+                rgb = np.asarray(im.convert("RGB"))
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            print(f"{file}: unreadable: {str(e).splitlines()[0]}", file=sys.stderr)
+            failed += 1
+            continue
+        x = data_module.Dataset(data_module.resize(rgb, size)[None], np.zeros(1, np.int64),
+                                classes).batch([0], norm["mean"], norm["std"])[0]
+        logits = session.run(None, {meta["input_name"]: x})[0][0]
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        best = int(np.argmax(p))
+        print(f"{file}: {classes[best]} {p[best]:.3f}")
+    return 2 if failed else 0
+
+
 def cmd_info(args) -> int:
     from importlib.metadata import PackageNotFoundError, version
     from actcomp_edge.manifest import load_manifest
@@ -235,6 +301,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the inference ONNX model with these weights (e.g. a "
                         "fleet's global_weights.npz)")
     e.set_defaults(func=cmd_eval)
+
+    r = sub.add_parser("predict", help="classify images with a trained run's inference model",
+                       description="Print each image's class name and score (softmax) from "
+                                   "RUN/inference.onnx alone: its metadata say the classes, "
+                                   "the input size and the normalisation (README: Deploy).")
+    r.add_argument("run", metavar="RUN", help="a run folder (its inference.onnx) or a .onnx")
+    r.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="image files, folders (every image below them) or glob patterns")
+    r.add_argument("--threads", type=positive_int)
+    r.set_defaults(func=cmd_predict)
 
     i = sub.add_parser("info", help="what an artifact is, its predicted memory, this board")
     i.add_argument("artifact")

@@ -4,7 +4,9 @@ The protobuf wire format is walked field by field (``fields``): in ``ModelProto.
 (field 7) the inputs (``GraphProto.input``, field 11) named like an array are dropped and the
 arrays are added as ``GraphProto.initializer`` entries (field 5); every other field is kept
 byte for byte. So ``evaluate.onnx`` with the trained weights runs on the image alone, with
-its weights as initializers only: a deployable inference model.
+its weights as initializers only: a deployable inference model. ``with_metadata`` adds
+``ModelProto.metadata_props`` (field 14: key 1, value 2), which onnxruntime shows as
+``session.get_modelmeta().custom_metadata_map``.
 """
 from __future__ import annotations
 
@@ -88,3 +90,10 @@ def with_initializers(model_bytes: bytes, arrays: dict) -> bytes:
             raw = _field(7, 2, b"".join(kept + added))
         out.append(raw)
     return b"".join(out)
+
+
+def with_metadata(model_bytes: bytes, props: dict) -> bytes:
+    """The model with these string key -> value pairs added to its metadata_props."""
+    entries = [_field(14, 2, _field(1, 2, str(k).encode()) + _field(2, 2, str(v).encode()))
+               for k, v in props.items()]
+    return model_bytes + b"".join(entries)

@@ -13,6 +13,7 @@ its forward partition handed on, and freeing them when done.
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,6 +112,20 @@ def run_bound(session, binding) -> None:
             raise MemoryBudgetError(f"onnxruntime could not allocate within the memory budget "
                                     f"({_ARENA_BYTES / 2 ** 20:.1f} MiB arena)") from None
         raise
+
+
+def deploy_metadata(manifest: dict, classes: list | None = None) -> dict:
+    """What an inference model needs to be used without the artifact (its metadata_props):
+    class names (JSON, output order), the input's name, size, layout and dtype, its
+    normalisation and the resize rule the runner's data loader applies."""
+    m = manifest["input"]
+    default = [str(i) for i in range(manifest["num_classes"])]
+    return {"classes": json.dumps(list(classes or manifest.get("classes") or default)),
+            "input_name": "image", "input_size": json.dumps([m["height"], m["width"]]),
+            "layout": "NCHW float32, RGB", "normalization": json.dumps(
+                {"scale": "pixel / 255", "mean": m["mean"], "std": m["std"]}),
+            "resize": f"bilinear to {m['height']}x{m['width']} (width x height "
+                      f"{m['width']}x{m['height']}), whole image, no crop"}
 
 
 class Trainer:
@@ -434,11 +449,14 @@ class Trainer:
             tracker.restore({k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
         self.step_count = int(arrays["step_count"])
 
-    def inference_model(self) -> bytes:
-        """evaluate.onnx with the current weights baked in: runs on the image alone."""
-        from .onnx_write import with_initializers
+    def inference_model(self, classes: list | None = None) -> bytes:
+        """evaluate.onnx with the current weights baked in: runs on the image alone. Its
+        metadata_props say how to use it (``deploy_metadata``); ``classes``: the names of
+        its outputs (default: the artifact's)."""
+        from .onnx_write import with_initializers, with_metadata
         model = (self.folder / self.manifest["graphs"]["evaluate"]).read_bytes()
-        return with_initializers(model, self.params)
+        return with_metadata(with_initializers(model, self.params),
+                             deploy_metadata(self.manifest, classes))
 
     def evaluate(self, images: np.ndarray) -> np.ndarray:
         """Logits (B, classes) of images (B, 3, H, W): the step's forward partitions without

@@ -280,7 +280,14 @@ def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset | None, out_dir,
     def save_results(prefix: str):
         out.mkdir(parents=True, exist_ok=True)
         save_npz(out / f"{prefix}weights.npz", trainer.params)
-        write_atomic(out / f"{prefix}inference.onnx", trainer.inference_model())
+        write_atomic(out / f"{prefix}inference.onnx", trainer.inference_model(classes))
+
+    # the names the inference model reports: the data's (an ImageFolder's folders) where the
+    # artifact has only the default "0", "1", ... (data.load checked that they agree)
+    default = [str(i) for i in range(trainer.manifest["num_classes"])]
+    classes = (list(train_set.classes) if trainer.manifest.get("classes", default) == default
+               and train_set.names_given and len(train_set.classes) == len(default)
+               else trainer.manifest.get("classes", default))
 
     # one batch of memory for every step: a new array per step fragments the heap (measured
     # +6-13 MiB at batch 32, 128 px); its pages are touched, and counted, in the first step

@@ -293,3 +293,44 @@ def test_threads_bound_onnxruntime_and_blas_and_default_to_the_profile_cores(art
     assert json.loads(summary.read_text())["threads"] == cores
     assert f"--threads {cores} from profile" in proc.stderr  # said, with this machine's cores
     assert (f"this machine has {os.cpu_count()} cores" in proc.stderr) == (os.cpu_count() < cores)
+
+
+def readme_example() -> str:
+    """The README's onnxruntime example (section "Deploy what you trained")."""
+    text = (REPO / "README.md").read_text()
+    after = text.split("The same with onnxruntime, numpy and Pillow only:", 1)[1]
+    return after.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_predict_names_each_images_class_as_the_readme_example_does(artifact, image_folder,
+                                                                     tmp_path):
+    """A run's inference.onnx carries the ImageFolder's class names and its preprocessing in
+    its metadata; `actcomp-device predict` and the README's 10 lines give the same answer."""
+    import onnxruntime as ort
+    out = tmp_path / "run"
+    assert device(*train_args(artifact, image_folder, out)).returncode == 0
+    meta = ort.InferenceSession(str(out / "inference.onnx"), providers=[
+        "CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
+    assert json.loads(meta["classes"]) == ["blue", "green", "red"]  # the folders, sorted
+    assert json.loads(meta["input_size"]) == list(SIZE) and meta["input_name"] == "image"
+    images = [image_folder / "red" / "1.png", image_folder / "green" / "2.jpg"]
+    proc = device("predict", out, *images)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert [line.split(": ")[0] for line in lines] == [str(p) for p in images]
+    assert all(line.split(": ")[1].split()[0] in ("blue", "green", "red") for line in lines)
+    script = tmp_path / "example.py"
+    script.write_text(readme_example())
+    assert len(readme_example().strip().splitlines()) <= 10
+    for image, line in zip(images, lines):
+        example = subprocess.run([sys.executable, str(script), str(out / "inference.onnx"),
+                                  str(image)], capture_output=True, text=True, env=ENV)
+        assert example.returncode == 0, example.stderr
+        assert example.stdout.strip() == line
+    folder = device("predict", out, image_folder / "red", str(image_folder / "green" / "*.png"))
+    assert folder.returncode == 2  # red/broken.jpg is unreadable: said, the rest printed
+    assert "broken.jpg: unreadable" in folder.stderr
+    assert len(folder.stdout.strip().splitlines()) == 12 + 6
+    missing = device("predict", out, tmp_path / "nope.jpg")
+    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
+    assert "no such image, folder or pattern" in missing.stderr
