@@ -59,6 +59,11 @@ def cmd_train(args) -> int:
         more = len(data.skipped) - SKIPPED_SHOWN
         print(f"skipped {len(data.skipped)} unreadable or non-image files ({shown}"
               + (f"; and {more} more" if more > 0 else "") + ")", file=sys.stderr)
+    if data.stretched:
+        h, w = input_size(trainer)
+        print(f"note: {len(data.stretched)} images were resized to {w}x{h} with their aspect "
+              f"ratio changed more than {data_module.STRETCH_NOTED:g}x (the whole image, no "
+              f"crop), e.g. {data.stretched[0]}", file=sys.stderr)
     if args.val_data:
         train_set = data
         val_set = data_module.load(args.val_data, input_size(trainer), m["num_classes"],

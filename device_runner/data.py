@@ -29,6 +29,8 @@ class Dataset:
     labels: np.ndarray           # int64 (N,)
     classes: list
     skipped: list = field(default_factory=list)   # (path, reason) of unreadable files
+    stretched: list = field(default_factory=list)  # paths whose aspect ratio the resize changed
+    #                                                more than STRETCH_NOTED times
     names_given: bool = True     # False: an .npz without ``classes`` (names are indices)
 
     def __len__(self) -> int:
@@ -154,7 +156,7 @@ def _load_folder(path: Path, size: tuple) -> Dataset:
     classes = sorted(p.name for p in path.iterdir() if p.is_dir())
     if not classes:
         raise DataError(f"{path} has no class sub-folders (expected {path}/<class>/<image>)")
-    files, skipped = [], []
+    files, skipped, stretched = [], [], []
     for label, name in enumerate(classes):
         for file in sorted((path / name).rglob("*")):
             if not file.is_file():
@@ -174,4 +176,17 @@ def _load_folder(path: Path, size: tuple) -> Dataset:
             continue
         images[len(labels)] = resize(rgb, size)
         labels.append(label)
-    return Dataset(images[:len(labels)], np.asarray(labels, np.int64), classes, skipped)
+        if stretch(rgb.shape[:2], size) > STRETCH_NOTED:
+            stretched.append(str(file))
+    return Dataset(images[:len(labels)], np.asarray(labels, np.int64), classes, skipped,
+                   stretched=stretched)
+
+
+STRETCH_NOTED = 2.0  # an aspect ratio changed more than this by the resize is said
+
+
+def stretch(hw: tuple, size: tuple) -> float:
+    """How many times the bilinear resize of an (h, w) image to size (H, W) changes its
+    aspect ratio (1: not at all; the whole image is kept, no crop)."""
+    ratio = (hw[1] / hw[0]) / (size[1] / size[0])
+    return max(ratio, 1 / ratio)

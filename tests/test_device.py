@@ -334,3 +334,20 @@ def test_predict_names_each_images_class_as_the_readme_example_does(artifact, im
     missing = device("predict", out, tmp_path / "nope.jpg")
     assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
     assert "no such image, folder or pattern" in missing.stderr
+
+
+def test_an_image_stretched_by_the_resize_is_noted(artifact, tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(1)
+    for name in ("blue", "green", "red"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (40, 48, 3)).astype(np.uint8)).save(
+                tmp_path / "data" / name / f"{i}.png")
+    Image.fromarray(rng.integers(0, 255, (20, 400, 3)).astype(np.uint8)).save(
+        tmp_path / "data" / "red" / "wide.png")  # 20:1 against the artifact's 1:1
+    proc = device("train", artifact, "--data", tmp_path / "data", "--max-steps", "1",
+                  "--batch-size", "4", "--threads", "1", "--out", tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr
+    note = [line for line in proc.stderr.splitlines() if "aspect ratio" in line]
+    assert len(note) == 1 and "1 images were resized" in note[0] and "wide.png" in note[0]
