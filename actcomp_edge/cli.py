@@ -48,6 +48,24 @@ def eps_value(text: str) -> float:
     return value
 
 
+def model_network(args) -> tuple:
+    """(network, input size, layers -> trainable parameter count) of --model: a zoo name, a
+    spec .json, or FILE.py:FUNCTION (traced by the exporter's torch frontend, at
+    --input-size or 224)."""
+    if ".py:" in args.model:
+        from export.module_export import load_model_file  # torch: only for a model file
+        from export.torch_frontend import program_from_module
+        from .profiles import program_param_count
+        from .program import network_of
+        size = args.input_size or (224, 224)
+        program, _ = program_from_module(load_model_file(args.model), size)
+        return network_of(program), size, lambda n: program_param_count(program, n)
+    spec = load_spec(args.model, args.num_classes)
+    size = args.input_size or input_size(str(spec.get("input", {}).get("resolution", 224)))
+    net = network(spec, size)
+    return net, size, lambda n: trainable_param_count(spec, net.convs, n)
+
+
 def cmd_plan(args) -> int:
     if args.profile is not None:
         return cmd_plan_profile(args)
@@ -56,9 +74,7 @@ def cmd_plan(args) -> int:
                           "to search for the largest that fits)")
     if args.batch_size is None:
         args.batch_size = 64
-    spec = load_spec(args.model, args.num_classes)
-    size = args.input_size or input_size(str(spec.get("input", {}).get("resolution", 224)))
-    net = network(spec, size)
+    net, size, _ = model_network(args)
     result = plan(net, args.layers, args.method, args.batch_size, size, eps=args.eps,
                   ranks=args.ranks, rank_cap=args.rank_cap)
     if args.json:
@@ -78,14 +94,12 @@ def cmd_plan_profile(args) -> int:
     """plan against a device profile; searches --layers and/or --batch-size when omitted:
     the largest value that fits (full accounting; eps: worst-case ranks, --ranks: exact)."""
     profile = load_profile(args.profile)
-    spec = load_spec(args.model, args.num_classes)
-    size = args.input_size or input_size(str(spec.get("input", {}).get("resolution", 224)))
-    net = network(spec, size)
+    net, size, param_count = model_network(args)
 
     def evaluate(n_layers, batch):
         result = plan(net, n_layers, args.method, batch, size, eps=args.eps, ranks=args.ranks,
                       rank_cap=args.rank_cap)
-        params = trainable_param_count(spec, net.convs, n_layers)
+        params = param_count(n_layers)
         return result, Fit.from_params(result.full_bytes, params, args.optimizer, profile,
                                        args.budget)
 
@@ -330,7 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Predict the bytes kept for the backward pass when the last N "
                                    "convs (and the classifier) of a model are fine-tuned.")
     p.add_argument("--model", required=True,
-                   help=f"zoo name ({', '.join(sorted(ZOO))}) or an architecture spec .json")
+                   help=f"zoo name ({', '.join(sorted(ZOO))}), an architecture spec .json, or "
+                        f"FILE.py:FUNCTION where FUNCTION() returns your torch.nn.Module")
     p.add_argument("--layers", type=positive_int,
                    help="fine-tune the last N Conv2d modules (definition order); required "
                         "unless --profile is given, which then searches the largest N that fits")

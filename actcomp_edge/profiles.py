@@ -213,6 +213,15 @@ def trainable_param_count(spec: dict, convs, n_layers: int) -> int:
     return total + n_in * n_out + (n_out if head.get("bias", True) else 0)
 
 
+def program_param_count(program, n_layers: int) -> int:
+    """Parameters of the last n_layers convs of a program and of every conv and linear
+    after the first of them (what trains)."""
+    first = program.ops.index(program.conv_ops()[-n_layers])
+    return sum(program.params[name].size for op in program.ops[first:]
+               if op.kind in ("conv", "linear")
+               for name in (op.attrs["weight"], op.attrs.get("bias")) if name)
+
+
 @dataclass
 class Fit:
     """A training step's working set against a budget (bytes)."""

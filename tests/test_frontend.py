@@ -352,3 +352,33 @@ def test_a_module_called_twice_is_two_ops_or_refused_when_it_holds_weights(tmp_p
         assert rel(result.grads[name], grad) < TOL, name
     with pytest.raises(FrontendError, match="^b: a module called twice"):
         program_from_module(SharedRelu(share_conv=True), 16)
+
+
+def test_actcomp_plan_takes_a_model_file_and_sizes_what_its_export_keeps(user_file, tmp_path):
+    """`actcomp plan --model FILE.py:FUNCTION` traces the module as the export does: its
+    table's totals are those the artifact's manifest predicts; --profile counts its
+    trainable parameters."""
+    argv = ["--model", f"{user_file}:build", "--layers", "3", "--method", "hosvd", "--eps",
+            "0.9", "--batch-size", "2", "--input-size", "64"]
+    proc = subprocess.run([sys.executable, "-m", "actcomp_edge.cli", "plan", *argv, "--json"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    planned = json.loads(proc.stdout)
+    export = subprocess.run([sys.executable, "-m", "actcomp_edge.cli", "export", *argv, "-o",
+                             str(tmp_path / "art")], capture_output=True, text=True)
+    assert export.returncode == 0, export.stderr
+    predicted = json.loads((tmp_path / "art" / "manifest.json").read_text())["predicted_memory"]
+    assert (planned["paper_bytes"], planned["full_bytes"]) == (predicted["paper_bytes"],
+                                                               predicted["full_bytes"])
+    fits = subprocess.run([sys.executable, "-m", "actcomp_edge.cli", "plan", *argv,
+                           "--profile", "pi-zero-2w"], capture_output=True, text=True)
+    assert fits.returncode == 0 and "fits" in fits.stdout, fits.stderr
+    from actcomp_edge.profiles import program_param_count
+    from export.torch_frontend import program_from_module
+    net = user_net(user_file)
+    program, _ = program_from_module(net, (64, 64))
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    first = [m for m in net.modules()].index(convs[-3])
+    trainable = sum(p.numel() for m in list(net.modules())[first:]
+                    if isinstance(m, (nn.Conv2d, nn.Linear)) for p in m.parameters())
+    assert program_param_count(program, 3) == trainable
