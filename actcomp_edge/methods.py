@@ -153,7 +153,8 @@ class Asi:
     """ASI's compression of one layer's input (Nguyen et al., ICML 2025): the first step is
     the exact HOSVD (eps rule or fixed ranks, capped), which fixes the ranks for the rest of
     training; every later step is one ``subspace_step`` warm-started from the last factors.
-    Fixed ranks give static shapes, so the memory plan is exact from the first step on."""
+    (The shapes are static from then on; the memory plan still takes eps ranks at their
+    bound, as it does for hosvd.)"""
 
     def __init__(self, eps=None, ranks=None, rank_cap=None):
         self.eps, self.ranks, self.rank_cap = eps, ranks, rank_cap

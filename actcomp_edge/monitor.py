@@ -219,7 +219,6 @@ def monitor(url: str, output: str | None, budget: int | None, idle_timeout: floa
                 close()
             if receiver.lost:
                 view.write(f"{receiver.lost} records never arrived (dropped by the runner)", True)
-
     except KeyboardInterrupt:
         view.write("interrupted", True)
     finally:

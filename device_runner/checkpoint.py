@@ -4,8 +4,8 @@ A checkpoint is ``ckpt-<step>.npz`` (trainable params ``param/*``, optimizer sta
 ``state/*``, the factors of a stateful method (asi) ``tracker/*`` and a ``meta`` JSON
 string), written atomically (temp file, fsync, rename); then ``checkpoints.json`` (the
 index: file, step, SHA-256, newest last, the last KEEP) is rewritten atomically, and only
-then are the files it no longer lists (and temp files a crash left) deleted. At every instant the index lists only
-complete files with their right SHA-256. A failed write (disk full) raises CheckpointError
+then are the files it no longer lists (and temp files a crash left) deleted. At every
+instant the index lists only complete files with their right SHA-256. A failed write (disk full) raises CheckpointError
 and leaves the older checkpoints intact. Loading walks the index from the newest entry and
 takes the first file whose SHA-256 matches, saying why it skipped any other.
 """

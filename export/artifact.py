@@ -93,7 +93,6 @@ def export_program(program, out_dir, config: TrainConfig, batch_size: int, class
     refused; an interrupted export leaves out_dir as it was."""
     out = check_out_dir(out_dir, force)
     config.check()
-    hw = tuple(program.shapes["image"][1:])
     row = method_row(config.method)
     split = split_program(program, config.n_layers)
     if row.square_only:
