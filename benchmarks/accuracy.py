@@ -14,9 +14,10 @@ lr 0.05 cosine, gradient norm clipped at 2, crop + flip augmentation):
         --batch-size B --seed S --threads T --summary S.json --out RUN
 
 on (a) ants/bees (``hymenoptera_train/_val``, 128 px, 2 classes): N in {2, 4} for vanilla,
-HOSVD eps 0.8 / 0.9, SVD eps 0.8 and Gradient Filter R2, plus every conv for vanilla and
-HOSVD 0.8; (b) all 10,000 images of the CIFAR-10 training subset, evaluated on the 2,000-image
-test subset (32 px, resized to 128 px by the runner): N=4, vanilla and HOSVD 0.8. Every job
+HOSVD eps 0.8 / 0.9, SVD eps 0.8, Gradient Filter R2 and ASI (ranks fixed by eps 0.8 at the
+first step), plus every conv for vanilla, HOSVD 0.8 and ASI 0.8; (b) all 10,000 images of the
+CIFAR-10 training subset, evaluated on the 2,000-image test subset (32 px, resized to 128 px by
+the runner): N=4, vanilla, HOSVD 0.8 and ASI 0.8. Every job
 runs for each seed (default 0 1 2: the classifier's initialisation, the data order and the
 augmentation); the tables give mean ± std over seeds of the final and the best-epoch
 validation accuracy next to the linear probe of ``../shared/weights/verification_results.json``,
@@ -59,6 +60,7 @@ METHODS = {  # label -> (export --method, --eps)
     "hosvd-0.9": ("hosvd", 0.9),
     "svd-0.8": ("svd", 0.8),
     "gf-r2": ("gf-r2", None),
+    "asi-0.8": ("asi", 0.8),
 }
 DATASETS = {
     "hymenoptera": {"title": "ants/bees", "train": "hymenoptera_train.npz",
@@ -459,10 +461,11 @@ def main(argv=None) -> int:
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
                    help="ants/bees methods at each --layers")
     p.add_argument("--all-layers-methods", nargs="*", choices=list(METHODS),
-                   default=["vanilla", "hosvd-0.8"], help="ants/bees methods with every conv")
+                   default=["vanilla", "hosvd-0.8", "asi-0.8"],
+                   help="ants/bees methods with every conv")
     p.add_argument("--cifar-layers", nargs="+", type=int, default=[4])
     p.add_argument("--cifar-methods", nargs="+", choices=list(METHODS),
-                   default=["vanilla", "hosvd-0.8"])
+                   default=["vanilla", "hosvd-0.8", "asi-0.8"])
     p.add_argument("--epochs-hymenoptera", type=int, default=3)
     p.add_argument("--epochs-cifar10", type=int, default=4)
     p.add_argument("--cifar-per-class", type=int, default=0,
