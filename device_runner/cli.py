@@ -53,7 +53,9 @@ def cmd_train(args) -> int:
     if args.budget is not None:  # a budget the plan cannot meet: refused before the data loads
         check_plan(m, args.batch_size or m["batch_size"], args.budget)
     classes = m.get("classes")
-    data = data_module.load(args.data, input_size(trainer), m["num_classes"], classes)
+    # images decoded at load time are spooled to disk beside the artifact, not held in memory
+    data = data_module.load(args.data, input_size(trainer), m["num_classes"], classes,
+                            spool_dir=args.artifact)
     if data.skipped:
         shown = "; ".join(f"{path}: {why}" for path, why in data.skipped[:SKIPPED_SHOWN])
         more = len(data.skipped) - SKIPPED_SHOWN
@@ -67,7 +69,7 @@ def cmd_train(args) -> int:
     if args.val_data:
         train_set = data
         val_set = data_module.load(args.val_data, input_size(trainer), m["num_classes"],
-                                   classes)
+                                   classes, spool_dir=args.artifact)
     else:
         if len(data) < 2:
             raise data_module.DataError("need at least 2 images to hold some out for validation")

@@ -4,12 +4,19 @@
   files that are not readable images are skipped and counted (``Dataset.skipped``), never fatal;
 - .npz: ``images`` uint8 (N, H, W, 3), ``labels`` int (N,), optional ``classes``.
 
-Images are resized (bilinear) to the artifact's input size once, at load time, and kept as
-uint8; ``Dataset.batch`` normalises a batch to float32 NCHW: (pixel / 255 - mean) / std.
+Images are not held in memory: they are read from disk per batch (``ImageFile``). An
+uncompressed .npz (``np.savez``) whose images have the artifact's size is read in place;
+a compressed one (``np.savez_compressed``), one of another size, or a folder is decoded and
+resized (bilinear) once, at load time, into an unlinked spool file (``spool_dir``, default
+the system's temp folder), and read from there. The OS's page cache keeps what was read
+recently; it is not the process's memory. ``Dataset.batch`` normalises a batch to float32
+NCHW: (pixel / 255 - mean) / std.
 """
 from __future__ import annotations
 
 import math
+import struct
+import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +30,41 @@ class DataError(ValueError):
     """A dataset that cannot be used (one-line message)."""
 
 
+class ImageFile:
+    """uint8 images (N, H, W, 3) stored row after row in a file from byte ``offset`` on, read
+    when indexed: ``images[i]`` (H, W, 3), ``images[rows]`` (len(rows), H, W, 3). ``take``
+    gives the images of some rows without reading them (numpy's ``take(rows, axis=0)``)."""
+
+    def __init__(self, file, offset: int, shape: tuple, rows: np.ndarray | None = None):
+        self.file, self.offset, self.image_shape = file, int(offset), tuple(shape[1:])
+        self.rows = np.arange(shape[0]) if rows is None else np.asarray(rows, np.int64)
+
+    @property
+    def shape(self) -> tuple:
+        return (len(self.rows),) + self.image_shape
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index) -> np.ndarray:
+        rows = self.rows[index]
+        out = np.empty((np.size(rows),) + self.image_shape, np.uint8)
+        size = out[0].nbytes if len(out) else 0
+        for image, row in zip(out, np.atleast_1d(rows)):
+            self.file.seek(self.offset + int(row) * size)
+            if self.file.readinto(memoryview(image).cast("B")) != size:
+                raise DataError(f"{getattr(self.file, 'name', 'the image file')}: image {row} "
+                                f"is cut short (the file changed while training?)")
+        return out.reshape(np.shape(rows) + self.image_shape)
+
+    def take(self, rows, axis: int = 0) -> ImageFile:
+        assert axis == 0
+        return ImageFile(self.file, self.offset, (0,) + self.image_shape, self.rows[rows])
+
+
 @dataclass
 class Dataset:
-    images: np.ndarray           # uint8 (N, H, W, 3)
+    images: np.ndarray | ImageFile  # uint8 (N, H, W, 3), in memory or read per batch
     labels: np.ndarray           # int64 (N,)
     classes: list
     skipped: list = field(default_factory=list)   # (path, reason) of unreadable files
@@ -41,7 +80,7 @@ class Dataset:
         """(float32 (B, 3, H, W) normalised, int64 (B,)). ``out``: a float32 (>= B, 3, H, W)
         buffer the batch is written into (its first B rows are returned), so a training loop
         reuses one batch of memory instead of allocating one per step. Each channel is
-        converted in place: no full-batch temporaries. ``augment``: each image is
+        converted in place: no full-batch float temporaries. ``augment``: each image is
         random_resized_crop'ed and flipped with this generator."""
         indices = np.asarray(indices)
         mean = np.broadcast_to(np.asarray(mean, np.float32), (3,))
@@ -53,13 +92,12 @@ class Dataset:
             raise ValueError(f"batch buffer {out.dtype} {out.shape} cannot hold {shape} float32")
         else:
             x = out[:shape[0]]
-        images, rows = self.images, indices
-        if augment is not None:  # a uint8 batch of crops; otherwise no batch copy
-            images = np.stack([random_resized_crop(images[i], augment) for i in indices])
-            rows = np.arange(len(indices))
+        images = self.images[indices]  # uint8 (B, H, W, 3)
+        if augment is not None:
+            images = np.stack([random_resized_crop(image, augment) for image in images])
         for c in range(3):
             channel = x[:, c]
-            channel[...] = images[rows, :, :, c]
+            channel[...] = images[..., c]
             channel /= np.float32(255.0)
             channel -= mean[c]
             channel /= std[c]
@@ -70,8 +108,10 @@ class Dataset:
         order = np.random.default_rng(seed).permutation(len(self))
         n_val = min(len(self) - 1, max(1, int(round(fraction * len(self)))))
         val, train = order[:n_val], order[n_val:]
-        return (Dataset(self.images[train], self.labels[train], self.classes, self.skipped),
-                Dataset(self.images[val], self.labels[val], self.classes))
+        return (Dataset(self.images.take(train, axis=0), self.labels[train], self.classes,
+                        self.skipped, names_given=self.names_given),
+                Dataset(self.images.take(val, axis=0), self.labels[val], self.classes,
+                        names_given=self.names_given))
 
 
 def random_resized_crop(image: np.ndarray, rng: np.random.Generator,
@@ -99,15 +139,18 @@ def resize(image: np.ndarray, size: tuple) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
 
 
-def load(path, size: tuple, num_classes: int | None = None,
-         classes: list | None = None) -> Dataset:
-    """The dataset at path, resized to size (H, W). ``classes``: the artifact's class names;
-    a folder (or an .npz with ``classes``) must have as many, and the same names unless the
-    artifact's are the default indices "0", "1", ..."""
+def load(path, size: tuple, num_classes: int | None = None, classes: list | None = None,
+         spool_dir=None) -> Dataset:
+    """The dataset at path, its images read per batch at size (H, W). ``classes``: the
+    artifact's class names; a folder (or an .npz with ``classes``) must have as many, and the
+    same names unless the artifact's are the default indices "0", "1", ...; ``spool_dir``:
+    where images decoded at load time are spooled (an unlinked file; default: the system's
+    temp folder)."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"dataset {path} does not exist")
-    data = _load_npz(path, size) if path.is_file() else _load_folder(path, size)
+    data = (_load_npz(path, size, spool_dir) if path.is_file() else
+            _load_folder(path, size, spool_dir))
     if len(data) == 0:
         raise DataError(f"dataset {path} has no usable images")
     named = classes is not None and list(classes) != [str(i) for i in range(len(classes))]
@@ -123,22 +166,70 @@ def load(path, size: tuple, num_classes: int | None = None,
     return data
 
 
-def _load_npz(path: Path, size: tuple) -> Dataset:
+def _npy_header(f) -> tuple:
+    """(shape, fortran_order, dtype) of the .npy stream f, left at the start of its data."""
+    version = np.lib.format.read_magic(f)
+    if version not in ((1, 0), (2, 0)):
+        raise ValueError(f".npy format version {version} is not supported")
+    read = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
+            np.lib.format.read_array_header_2_0)
+    return read(f)
+
+
+def _stored_data_offset(path: Path, info: zipfile.ZipInfo) -> int:
+    """Byte offset in the .npz file of an uncompressed member's array data (after the zip
+    local header and the .npy header)."""
+    with open(path, "rb") as raw:
+        raw.seek(info.header_offset)
+        local = raw.read(30)
+        if local[:4] != b"PK\x03\x04":
+            raise ValueError(f"{info.filename}: no zip local header at {info.header_offset}")
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        raw.seek(info.header_offset + 30 + name_len + extra_len)
+        _npy_header(raw)
+        return raw.tell()
+
+
+def _spool(images, size: tuple, spool_dir) -> ImageFile:
+    """Write uint8 (h, w, 3) images, each resized to size (H, W), one after another into an
+    unlinked file in spool_dir: it holds no memory and is gone when the process ends."""
     try:
+        file = tempfile.TemporaryFile(dir=spool_dir)
+    except OSError:  # a read-only folder: the system's temp folder
+        file = tempfile.TemporaryFile()
+    count = 0
+    for image in images:
+        file.write(np.ascontiguousarray(resize(image, size)).data)
+        count += 1
+    file.flush()
+    return ImageFile(file, 0, (count,) + tuple(size) + (3,))
+
+
+def _load_npz(path: Path, size: tuple, spool_dir) -> Dataset:
+    try:
+        with zipfile.ZipFile(path) as z:
+            info = z.getinfo("images.npy")
+            with z.open(info) as f:
+                shape, fortran_order, dtype = _npy_header(f)
+                if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
+                    raise DataError(f"{path}: images must be uint8 (N, H, W, 3), got {dtype} "
+                                    f"{shape}")
+                if fortran_order:
+                    raise DataError(f"{path}: images are stored in Fortran order; save them "
+                                    f"C-ordered (np.ascontiguousarray)")
+                if info.compress_type == zipfile.ZIP_STORED and shape[1:3] == tuple(size):
+                    images = ImageFile(open(path, "rb"), _stored_data_offset(path, info), shape)
+                else:  # decompressed and resized once, image by image, into the spool
+                    images = _spool(_read_images(f, shape), size, spool_dir)
         with np.load(path, allow_pickle=False) as d:
-            images, labels = d["images"], d["labels"]
+            labels = d["labels"]
             classes = [str(c) for c in d["classes"]] if "classes" in d.files else None
+    except DataError:
+        raise
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise DataError(f"cannot read dataset {path}: {e}") from None
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise DataError(f"{path}: images must be uint8 (N, H, W, 3), got {images.dtype} "
-                        f"{images.shape}")
     if labels.shape != (len(images),):
         raise DataError(f"{path}: labels must be ({len(images)},), got {labels.shape}")
-    resized = np.empty((len(images),) + tuple(size) + (3,), np.uint8)
-    for i, image in enumerate(images):  # into one array: a list of images then np.stack left
-        resized[i] = resize(image, size)  # the list's pages on the heap (+35 MiB at 224 px)
-    del images
     if labels.dtype.kind not in "iuf":
         raise DataError(f"{path}: labels must be integers, got {labels.dtype}")
     if labels.dtype.kind == "f" and not np.array_equal(labels, np.round(labels)):
@@ -148,10 +239,20 @@ def _load_npz(path: Path, size: tuple) -> Dataset:
     names_given = classes is not None
     if classes is None:
         classes = [str(i) for i in range(int(labels.max()) + 1)] if len(labels) else []
-    return Dataset(resized, labels, classes, names_given=names_given)
+    return Dataset(images, labels, classes, names_given=names_given)
 
 
-def _load_folder(path: Path, size: tuple) -> Dataset:
+def _read_images(f, shape: tuple):
+    """The uint8 (H, W, 3) images of an .npy stream f at its data, one at a time."""
+    size = int(np.prod(shape[1:]))
+    for i in range(shape[0]):
+        buffer = f.read(size)
+        if len(buffer) != size:
+            raise EOFError(f"images.npy is cut short at image {i} of {shape[0]}")
+        yield np.frombuffer(buffer, np.uint8).reshape(shape[1:])
+
+
+def _load_folder(path: Path, size: tuple, spool_dir) -> Dataset:
     from PIL import Image, UnidentifiedImageError
     classes = sorted(p.name for p in path.iterdir() if p.is_dir())
     if not classes:
@@ -165,20 +266,23 @@ def _load_folder(path: Path, size: tuple) -> Dataset:
                 skipped.append((str(file), "not an image file"))
             else:
                 files.append((file, label))
-    images = np.empty((len(files),) + tuple(size) + (3,), np.uint8)  # one array, as in .npz
     labels = []
-    for file, label in files:
-        try:
-            with Image.open(file) as im:
-                rgb = np.asarray(im.convert("RGB"))
-        except (OSError, UnidentifiedImageError, ValueError) as e:
-            skipped.append((str(file), f"unreadable: {e}".splitlines()[0]))
-            continue
-        images[len(labels)] = resize(rgb, size)
-        labels.append(label)
-        if stretch(rgb.shape[:2], size) > STRETCH_NOTED:
-            stretched.append(str(file))
-    return Dataset(images[:len(labels)], np.asarray(labels, np.int64), classes, skipped,
+
+    def decoded():
+        for file, label in files:
+            try:
+                with Image.open(file) as im:
+                    rgb = np.asarray(im.convert("RGB"))
+            except (OSError, UnidentifiedImageError, ValueError) as e:
+                skipped.append((str(file), f"unreadable: {e}".splitlines()[0]))
+                continue
+            labels.append(label)
+            if stretch(rgb.shape[:2], size) > STRETCH_NOTED:
+                stretched.append(str(file))
+            yield rgb
+
+    images = _spool(decoded(), size, spool_dir)
+    return Dataset(images, np.asarray(labels, np.int64), classes, skipped,
                    stretched=stretched)
 
 

@@ -209,9 +209,10 @@ def train_round(node: Node, global_params: dict, config: dict, run_id: int = 0,
         raise ValueError(f"the global weights do not belong to this node's artifact "
                          f"{node.artifact} (first difference: {mismatch[0]})")
     size = (m["input"]["height"], m["input"]["width"])
-    train_set = data_module.load(node.data, size, m["num_classes"], m.get("classes"))
-    val_set = (data_module.load(node.val_data, size, m["num_classes"], m.get("classes"))
-               if node.val_data else None)
+    train_set = data_module.load(node.data, size, m["num_classes"], m.get("classes"),
+                                 spool_dir=node.artifact)
+    val_set = (data_module.load(node.val_data, size, m["num_classes"], m.get("classes"),
+                                spool_dir=node.artifact) if node.val_data else None)
 
     folder, resume = open_round(node.out, {
         "run": run_id, "round": server_round, "sha256": arrays_digest(global_params),

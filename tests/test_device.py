@@ -47,6 +47,60 @@ def test_batch_is_normalised_per_channel_and_reuses_a_buffer():
         data.batch(np.arange(5), mean, std, out=buffer)
 
 
+def rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+@pytest.mark.parametrize("save, size", [(np.savez, (64, 64)), (np.savez_compressed, (64, 64)),
+                                        (np.savez, (48, 40))])
+def test_npz_images_are_read_from_disk_per_batch(tmp_path, save, size):
+    """An uncompressed .npz at the artifact's size is read in place; a compressed one or one
+    of another size is spooled, resized once, to an unlinked file: either way the batches are
+    the images np.load gives (resized as the loader's resize), and the process does not hold
+    the 24 MiB of images (RSS before/after the load and a pass over every image)."""
+    from device_runner.data import ImageFile, resize
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (2000, 64, 64, 3), dtype=np.uint8)
+    labels = np.arange(2000) % 3
+    path = tmp_path / "d.npz"
+    save(path, images=images, labels=labels)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    before = rss_mib()
+    data = load(path, size, num_classes=3, spool_dir=spool)
+    for start in range(0, 2000, 100):
+        data.batch(np.arange(start, start + 100), [0.5] * 3, [0.5] * 3)
+    grown = rss_mib() - before
+    assert isinstance(data.images, ImageFile) and data.images.shape == (2000, *size, 3)
+    in_place = save is np.savez and size == (64, 64)
+    assert (getattr(data.images.file, "name", None) == str(path)) == in_place
+    assert grown < 8, f"loading and reading 24 MiB of images grew RSS by {grown:.1f} MiB"
+    assert list(spool.iterdir()) == []  # the spool is unlinked: nothing is left on disk
+    idx = np.array([1999, 0, 7, 7, 1234])
+    want = np.stack([resize(images[i], size) for i in idx])
+    np.testing.assert_array_equal(data.images[idx], want)
+    np.testing.assert_array_equal(data.images[5], resize(images[5], size))
+    train, held_out = data.split(0.25, seed=3)
+    rows = np.random.default_rng(3).permutation(2000)
+    np.testing.assert_array_equal(held_out.images[np.arange(3)],
+                                  np.stack([resize(images[i], size) for i in rows[:3]]))
+    assert list(train.labels[:4]) == list(labels[rows[500:504]])
+    x, y = train.batch(np.array([2, 0]), [0.0] * 3, [1.0] * 3)
+    np.testing.assert_allclose(x[0], want_i := resize(images[rows[502]], size).transpose(
+        2, 0, 1) / np.float32(255), rtol=1e-6)
+    assert want_i.shape == (3, *size) and list(y) == [labels[rows[502]], labels[rows[500]]]
+
+
+def test_npz_cut_short_is_one_line(tmp_path):
+    path = tmp_path / "d.npz"
+    np.savez_compressed(path, images=np.zeros((50, 8, 8, 3), np.uint8), labels=np.zeros(50))
+    raw = path.read_bytes()
+    (tmp_path / "cut.npz").write_bytes(raw[:len(raw) // 3])
+    with pytest.raises(DataError, match="cannot read dataset"):
+        load(tmp_path / "cut.npz", (8, 8))
+
+
 def test_npz_data_and_label_range(tmp_path):
     path = tmp_path / "d.npz"
     np.savez(path, images=np.zeros((5, 32, 32, 3), np.uint8), labels=np.array([0, 1, 2, 3, 4]))
