@@ -132,10 +132,10 @@ def random_resized_crop(image: np.ndarray, rng: np.random.Generator,
 
 
 def resize(image: np.ndarray, size: tuple) -> np.ndarray:
-    """uint8 (h, w, 3) -> uint8 (H, W, 3), bilinear."""
-    from PIL import Image
+    """uint8 (h, w, 3) -> uint8 (H, W, 3), bilinear (Pillow, imported only when needed)."""
     if image.shape[:2] == tuple(size):
         return image
+    from PIL import Image
     return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
 
 

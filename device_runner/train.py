@@ -300,6 +300,8 @@ def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset | None, out_dir,
     # the rollback point, a copy of the trainable state: held for the whole run, like the
     # weights, so it belongs to the baseline and not to the steps' working set
     snapshot = take_snapshot()
+    if options.augment:  # the crops' library is loaded before the baseline, not in a step
+        import PIL.Image  # noqa: F401
     baseline = procmem.rss_bytes()
     procmem.reset_peak()
     progress = Progress(total)
