@@ -8,6 +8,7 @@ lifetimes overlap get disjoint places in the pool; the rest share (first fit, la
 as a compiler's storage planner). The device allocates the pool once and onnxruntime writes
 the runs' outputs straight into it (IOBinding), so no step allocates or page-faults them.
 
+The image batch is pooled too: the data loader writes it into its place before the step.
 Not pooled: ``new/*`` and ``grad/*`` (the step's results, kept after it), ``loss`` and
 ``logits``, and what numpy makes (the kept pieces of a decomposition).
 """
@@ -51,12 +52,17 @@ def last_use(schedule: list, io: dict, layers: dict, keeps_input: bool) -> dict:
     return last
 
 
+STEP_INPUT = "image"  # the step's image batch: written into the pool before the step
+
+
 def pool_buffers(schedule: list, io: dict, layers: dict, keeps_input: bool, nbytes) -> list:
-    """Buffer of every pooled run output. A second gradient of the same tensor (``d/<t>`` from
-    another consumer) gets a buffer of its own for that run only (then it is summed into the
-    first)."""
+    """Buffer of every pooled run output, and of the image batch (made before the first item,
+    free after its last reader: later tensors reuse its place). A second gradient of the same
+    tensor (``d/<t>`` from another consumer) gets a buffer of its own for that run only
+    (then it is summed into the first)."""
     last = last_use(schedule, io, layers, keeps_input)
-    made, buffers = set(), []
+    made = set()
+    buffers = [Buffer(STEP_INPUT, nbytes(STEP_INPUT), 0, last.get(STEP_INPUT, 0))]
     for position, item in enumerate(schedule):
         if "run" not in item:
             continue

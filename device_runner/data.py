@@ -79,8 +79,9 @@ class Dataset:
               augment: np.random.Generator | None = None) -> tuple:
         """(float32 (B, 3, H, W) normalised, int64 (B,)). ``out``: a float32 (>= B, 3, H, W)
         buffer the batch is written into (its first B rows are returned), so a training loop
-        reuses one batch of memory instead of allocating one per step. Each channel is
-        converted in place: no full-batch float temporaries. ``augment``: each image is
+        reuses one batch of memory instead of allocating one per step. Images are read,
+        cropped and converted one at a time, normalised in place: no batch-sized
+        temporaries (at batch 64, 224 px they were 29 MiB). ``augment``: each image is
         random_resized_crop'ed and flipped with this generator."""
         indices = np.asarray(indices)
         mean = np.broadcast_to(np.asarray(mean, np.float32), (3,))
@@ -92,15 +93,14 @@ class Dataset:
             raise ValueError(f"batch buffer {out.dtype} {out.shape} cannot hold {shape} float32")
         else:
             x = out[:shape[0]]
-        images = self.images[indices]  # uint8 (B, H, W, 3)
-        if augment is not None:
-            images = np.stack([random_resized_crop(image, augment) for image in images])
-        for c in range(3):
-            channel = x[:, c]
-            channel[...] = images[..., c]
-            channel /= np.float32(255.0)
-            channel -= mean[c]
-            channel /= std[c]
+        for i, row in enumerate(indices):  # one image at a time: no uint8 batch either
+            image = self.images[row]
+            if augment is not None:
+                image = random_resized_crop(image, augment)
+            x[i] = image.transpose(2, 0, 1)
+        x /= np.float32(255.0)
+        x -= mean[:, None, None]
+        x /= std[:, None, None]
         return x, self.labels[indices]
 
     def split(self, fraction: float, seed: int) -> tuple:

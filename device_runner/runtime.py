@@ -196,6 +196,8 @@ class Trainer:
                    for name, sess in self.sessions.items()}
         self.outputs = {o.name: (o.shape, DTYPES[o.type]) for sess in self.sessions.values()
                         for o in sess.get_outputs()}
+        self.outputs.update({i.name: (i.shape, DTYPES[i.type]) for sess in self.sessions.values()
+                             for i in sess.get_inputs() if i.name == memplan.STEP_INPUT})
         # which inputs and outputs have the batch as their first dim (sliced by micro-batches)
         self.batched = {v.name: bool(v.shape) and v.shape[0] == "batch"
                         for sess in self.sessions.values()
@@ -227,6 +229,14 @@ class Trainer:
         self.slots = {b.name: offsets[b.name] for b in buffers}
         self.pool_batch = batch
         return buffers
+
+    def image_buffer(self, batch: int) -> np.ndarray:
+        """float32 (batch, 3, H, W): the image batch's place in the pool (planned at batch if
+        it is not yet). A batch written here is the step's input without a copy; later
+        tensors of the step reuse the place, so it holds the image only until the step."""
+        if batch > self.pool_batch:
+            self.plan_pool(batch)
+        return self._slot(memplan.STEP_INPUT, memplan.STEP_INPUT, batch)
 
     def _slot(self, key: str, name: str, batch: int) -> np.ndarray:
         offset = self.slots[key]

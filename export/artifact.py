@@ -206,6 +206,6 @@ def write_artifact(program, out: Path, config: TrainConfig, batch_size: int, cla
                     if item.get("run", "").startswith("backward_") else item for item in schedule]
     manifest["schedule"] = schedule
     manifest["memory_plan"] = step_plan(models, graphs, dims, chosen, schedule, layers,
-                                        config.method, batch_size, hw, memory["rank_basis"])
+                                        config.method, batch_size, memory["rank_basis"])
     write_atomic(out / MANIFEST, manifest_bytes(manifest))
     return manifest

@@ -123,7 +123,7 @@ def rank_dims(layers: list, method: str, batch: int, ranks, rank_cap) -> tuple:
 
 
 def step_plan(models: dict, graphs: dict, dims: dict, chosen: dict, schedule: list,
-              layers: list, method: str, batch: int, input_hw: tuple, rank_basis: str) -> dict:
+              layers: list, method: str, batch: int, rank_basis: str) -> dict:
     """The plan of one step at ``batch``. models: graph file -> ModelProto; graphs: the same
     made concrete at ``dims`` (rank_dims), whose ranks per layer are ``chosen``. Returns the
     manifest's ``memory_plan``: the working set, its parts and where it peaks."""
@@ -142,8 +142,8 @@ def step_plan(models: dict, graphs: dict, dims: dict, chosen: dict, schedule: li
     arena = {name: arena_peak(concrete(models[name], dict(dims, batch=micro[name]))
                               if name in micro else graphs[name], pooled) for name in graphs}
     last = memplan.last_use(schedule, io, by_name, row.keeps_input)
-    # the image batch, and the next one being prepared (one float32 channel at a time)
-    image = FLOAT_BYTES * batch * 3 * prod(input_hw) * 4 // 3 + 8 * batch
+    # the labels (the image batch has its place in the pool until its last reader)
+    labels = 8 * batch
     numpy_live, numpy_at = {}, []
     results = 0
     for position, item in enumerate(schedule):
@@ -158,7 +158,7 @@ def step_plan(models: dict, graphs: dict, dims: dict, chosen: dict, schedule: li
             for name in io[item["run"]][1]:
                 if name.startswith(("new/", "grad/")):
                     results += sizes[name]
-        numpy_at.append(image + results + sum(numpy_live.values()) + transient)
+        numpy_at.append(labels + results + sum(numpy_live.values()) + transient)
         for name in list(numpy_live):  # kept pieces: until their backward partition
             if last.get(by_name[name]["kept"][0], -1) <= position:
                 del numpy_live[name]
