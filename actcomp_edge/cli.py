@@ -396,6 +396,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(Gradient Filter)")
     add_rank_arguments(e, "; hosvd and svd recompute eps ranks every step (the paper's rule), "
                           "asi fixes them at the first step")
+    e.add_argument("--activation-budget", type=size_bytes, metavar="SIZE",
+                   help="asi: the bytes every fine-tuned layer's kept activations may take "
+                        "together (e.g. 2MiB); the board chooses the ranks that fit on its "
+                        "first batch (the most energy kept per byte), instead of --eps")
     e.add_argument("--batch-size", type=positive_int, default=32,
                    help="training batch size the memory prediction is made for (default 32; the "
                         "graphs accept any batch)")

@@ -155,6 +155,16 @@ def mode_spectrum(tensor: np.ndarray, mode: int, eps=None) -> tuple[np.ndarray, 
             return energies, left_vectors(m, vectors[:, ::-1], energies)
 
 
+def mode_energies(tensor: np.ndarray) -> list:
+    """Per mode n, the squared singular values of A_(n), descending (min(d_n, rest) of them,
+    from the smaller Gram's eigenvalues)."""
+    out = []
+    for mode in range(tensor.ndim):
+        gram, _ = smaller_gram(tensor, mode)
+        out.append(np.clip(np.linalg.eigvalsh(gram)[::-1], 0.0, None))
+    return out
+
+
 KRYLOV_MIN = 192        # smaller Grams: eigh outright (it takes < 2 ms here)
 KRYLOV_BLOCK = 8        # vectors the Krylov basis grows by at a time
 KRYLOV_SHARE = 4        # at most 1/4 of the dimension: past that a full eigh is cheaper

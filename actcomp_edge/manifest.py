@@ -196,6 +196,8 @@ SCHEMA = {
     "train.rank_cap": ("null, an integer >= 1 or a list of them (or nulls)",
                        lambda v: v is None or _is_count(v)
                        or _list_of(lambda x: x is None or _is_count(x))(v)),
+    "train.activation_budget?": ("null or a number of bytes >= 1",
+                                 lambda v: v is None or _is_count(v)),
     "train.optimizer": TEXT,
     "train.momentum?": ("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1),
     "trainable_layers": ("a list", lambda v: isinstance(v, list)),

@@ -23,6 +23,7 @@ import onnxruntime as ort
 from threadpoolctl import threadpool_limits
 
 from actcomp_edge import memplan
+from actcomp_edge.decomposition import mode_energies
 from actcomp_edge.methods import METHODS
 from actcomp_edge.faults import crash_point
 from actcomp_edge.manifest import ArtifactError, load_manifest
@@ -342,11 +343,12 @@ class Trainer:
         return [placed[n] if n in placed else results[n] for n in outputs]
 
     def forward(self, images: np.ndarray, labels: np.ndarray, prefix_out: dict | None = None,
-                decompose: bool = True, until: int | None = None) -> Forward:
+                decompose: bool = True, until: int | None = None, inspect=None) -> Forward:
         """Run the schedule's forward partitions and decompositions. ``prefix_out``: the frozen
         prefix's outputs for these images, when already computed (it is then not run);
         ``decompose=False``: the partitions only (evaluation: nothing is kept); ``until``:
-        only the first ``until`` schedule items."""
+        only the first ``until`` schedule items; ``inspect(layer, x)``: called with each
+        fine-tuned conv's input instead of decomposing it (decompose=False)."""
         tensors = {"image": np.ascontiguousarray(images, dtype=np.float32),
                    "labels": np.ascontiguousarray(labels, dtype=np.int64)}
         self.batch = len(labels)
@@ -358,6 +360,9 @@ class Trainer:
             item = self.schedule[position]
             start = time.perf_counter()
             if "compress" in item and not decompose:
+                if inspect is not None:
+                    layer = self.layers[item["compress"]]
+                    inspect(layer, tensors[layer["input"]])
                 self._release(tensors, position)
                 continue
             if item.get("run") == self.prefix and prefix_out is not None:
@@ -377,6 +382,20 @@ class Trainer:
         per_layer["classifier"] = tensors["features"].nbytes
         full = sum(tensors[n].nbytes for n in tensors if n in self.backward_inputs)
         return Forward(tensors, out["ranks"], kept_bytes, int(full), per_layer, seconds)
+
+    def layer_energies(self, images: np.ndarray) -> dict:
+        """layer -> the squared singular values of each mode of its input on these images
+        (decomposition.mode_energies): what an activation budget's ranks are chosen from."""
+        energies = {}
+        self.forward(images, np.zeros(len(images), np.int64), decompose=False,
+                     inspect=lambda layer, x: energies.__setitem__(layer["name"],
+                                                                   mode_energies(x)))
+        return energies
+
+    def fix_ranks(self, ranks: dict) -> None:
+        """The ranks (one per mode) each layer's tracker keeps from its first step on (asi)."""
+        for name, tracker in self.trackers.items():
+            tracker.eps, tracker.ranks = None, list(ranks[name])
 
     def prefix_outputs(self, images: np.ndarray) -> dict:
         """The frozen prefix's outputs {name: (B, ...)} for these images (views of the pool,

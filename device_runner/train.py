@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from actcomp_edge import schedules
+from actcomp_edge import rank_budget, schedules
 from actcomp_edge.manifest import sha256_file
 from actcomp_edge.npz import save_npz, write_atomic
 
@@ -76,6 +76,25 @@ def dry_run(trainer: Trainer, data: Dataset, batch_size: int) -> tuple:
     grown = procmem.peak_rss_bytes() - base
     trainer.load_state_arrays(saved)
     return max(0, grown), result.kept_full_bytes
+
+
+def calibrate_ranks(trainer: Trainer, data: Dataset, batch_size: int, budget: int,
+                    log=print) -> dict:
+    """The ranks (layer -> one per mode) that fit ``budget`` bytes of kept activations,
+    chosen from the mode spectra of the first batch_size training images
+    (rank_budget.allocate) and fixed on the trainer's trackers from the first step on."""
+    norm = trainer.manifest["input"]
+    x, _ = data.batch(np.arange(batch_size), norm["mean"], norm["std"],
+                      out=trainer.image_buffer(batch_size))
+    shapes = {name: (batch_size,) + tuple(layer["input_shape"])
+              for name, layer in trainer.layers.items()}
+    ranks = rank_budget.allocate(trainer.layer_energies(x), shapes, budget)
+    trainer.fix_ranks(ranks)
+    kept = sum(rank_budget.tucker_bytes(shapes[name], r) for name, r in ranks.items())
+    log(f"activation budget {budget / 2 ** 20:.2f} MiB: ranks chosen on the first {batch_size} "
+        f"training images keep {kept / 2 ** 20:.2f} MiB; "
+        + ", ".join(f"{name} {tuple(r)}" for name, r in ranks.items()))
+    return ranks
 
 
 def planned_working_set(manifest: dict, batch_size: int) -> int:
@@ -306,6 +325,10 @@ def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset | None, out_dir,
         import PIL.Image  # noqa: F401
     baseline = procmem.rss_bytes()
     procmem.reset_peak()
+    activation_budget = trainer.manifest["train"].get("activation_budget")
+    if activation_budget and not any(t.state() for t in trainer.trackers.values()):
+        # after the baseline: its memory is the run's; a resumed run keeps its factors' ranks
+        calibrate_ranks(trainer, train_set, batch, activation_budget, log)
     progress = Progress(total)
     step_seconds, step_splits, violations = [], [], 0
     train_peak = baseline  # peak RSS over the training steps (not evaluation or writing)
@@ -458,6 +481,11 @@ def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset | None, out_dir,
                "kept_bytes_peak": kept_peak,
                "mean_ranks": {layer: [round(float(r), 2) for r in summed / rank_steps[layer]]
                               for layer, summed in rank_sums.items()},
+               "activation_budget_bytes": activation_budget,
+               # asi: the ranks each layer kept from its first step on
+               "fixed_ranks": {layer: [t.k1] + [u.shape[1] for u in t.factors]
+                               for layer, t in trainer.trackers.items()
+                               if getattr(t, "factors", None) is not None},
                "predicted_kept_bytes": {
                    "paper": trainer.manifest["predicted_memory"]["paper_bytes"],
                    "full": trainer.manifest["predicted_memory"]["full_bytes"]},

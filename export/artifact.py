@@ -9,7 +9,7 @@ from pathlib import Path
 
 import onnx
 
-from actcomp_edge import arch
+from actcomp_edge import arch, rank_budget
 from actcomp_edge.manifest import (FORMAT, FORMAT_VERSION, MANIFEST, MIN_ONNXRUNTIME,
                                    manifest_bytes, sha256_file)
 from actcomp_edge.memory import plan
@@ -103,6 +103,13 @@ def export_program(program, out_dir, config: TrainConfig, batch_size: int, class
                                  f"dilation 1: {op.name} has kernel {conv.kernel}, stride "
                                  f"{conv.stride}, padding {conv.padding}, dilation "
                                  f"{conv.dilation} (use another --method or fewer --layers)")
+    if config.activation_budget is not None:  # the smallest budget: rank 1 everywhere
+        need = rank_budget.minimum_bytes({op.name: (batch_size,) + tuple(
+            program.shapes[op.inputs[0]]) for op in split.trainable_convs})
+        if config.activation_budget < need:
+            raise ValueError(f"--activation-budget {config.activation_budget / 2 ** 20:.3g} MiB "
+                             f"is below rank 1 in every mode of the {len(split.trainable_convs)} "
+                             f"fine-tuned convs ({need / 2 ** 20:.3g} MiB at batch {batch_size})")
     stage = staging_dir(out)
     try:
         manifest = write_artifact(program, stage, config, batch_size, classes, norm, dropout,
@@ -162,7 +169,9 @@ def write_artifact(program, out: Path, config: TrainConfig, batch_size: int, cla
     save_npz(out / "optimizer.npz", optimizer_state(split, config))
 
     net = network_of(program)  # the memory model of the program the graphs are made from
-    memory = plan(net, config.n_layers, config.method, batch_size, hw, eps=config.eps,
+    # an activation budget's ranks are chosen on the board: planned at their bound (eps 1)
+    sizing_eps = 1.0 if config.activation_budget is not None else config.eps
+    memory = plan(net, config.n_layers, config.method, batch_size, hw, eps=sizing_eps,
                   ranks=config.ranks, rank_cap=config.rank_cap).to_json()
     for name in forward + graphs["backward"] + [graphs["evaluate"], graphs["inference"],
                            graphs["overview"], "weights.npz", "optimizer.npz"]:

@@ -29,7 +29,8 @@ def train_config(args) -> TrainConfig:
                          ranks=tuple(args.ranks) if args.ranks else None,
                          rank_cap=args.rank_cap, optimizer=args.optimizer,
                          momentum=args.momentum, weight_decay=args.weight_decay,
-                         label_smoothing=args.label_smoothing)
+                         label_smoothing=args.label_smoothing,
+                         activation_budget=args.activation_budget)
     config.check()
     return config
 
@@ -37,8 +38,10 @@ def train_config(args) -> TrainConfig:
 def run_export(args) -> int:
     # before any work: a refused folder, a recipe that would train wrongly, a missing file
     check_out_dir(args.out, args.force)
-    if METHODS[args.method].ranks and args.eps is None and args.ranks is None:
-        raise ValueError(f"--method {args.method} needs --eps (e.g. 0.8) or --ranks")
+    if METHODS[args.method].ranks and args.eps is None and args.ranks is None and \
+            args.activation_budget is None:
+        raise ValueError(f"--method {args.method} needs --eps (e.g. 0.8) or --ranks"
+                         + (" or --activation-budget" if METHODS[args.method].tracker else ""))
     config = train_config(args)
     classes = None
     if args.classes:
@@ -85,7 +88,7 @@ def export_model_file(args, classes) -> int:
         layers=args.layers, method=args.method, eps=args.eps, ranks=args.ranks,
         rank_cap=args.rank_cap, num_classes=args.num_classes, classes=classes,
         optimizer=args.optimizer, momentum=args.momentum, weight_decay=args.weight_decay,
-        label_smoothing=args.label_smoothing,
+        label_smoothing=args.label_smoothing, activation_budget=args.activation_budget,
         norm=args.input_norm, seed=args.seed, name=model_file_name(args.model),
         force=args.force)
     return report(manifest, args)

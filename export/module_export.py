@@ -72,7 +72,7 @@ def export_module(module: nn.Module, out_dir, *, input_size, batch_size: int, la
                   method: str, eps=None, ranks=None, rank_cap=None, num_classes=None,
                   classes=None, optimizer: str = "sgd", momentum: float = 0.0,
                   weight_decay: float = 0.0, label_smoothing: float = 0.0,
-                  norm: str = "half", seed: int = 0,
+                  activation_budget: int | None = None, norm: str = "half", seed: int = 0,
                   name: str | None = None, force: bool = False) -> dict:
     """Trace the module (torch_frontend), then build its training artifact; ``num_classes``
     re-initialises the final Linear when it differs (torch's init, seeded). Returns the
@@ -91,6 +91,6 @@ def export_module(module: nn.Module, out_dir, *, input_size, batch_size: int, la
     config = TrainConfig(n_layers=layers, method=method, eps=eps,
                          ranks=tuple(ranks) if ranks else None, rank_cap=rank_cap,
                          optimizer=optimizer, momentum=momentum, weight_decay=weight_decay,
-                         label_smoothing=label_smoothing)
+                         label_smoothing=label_smoothing, activation_budget=activation_budget)
     return export_program(program, out_dir, config, batch_size, classes, NORMS[norm], dropout,
                           force)

@@ -56,6 +56,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     micro_batch: int | None = None   # samples a backward-partition run (None: the plan chooses,
                                      # forward partitions included)
+    activation_budget: int | None = None  # bytes of kept activations, all layers (asi: the
+                                          # board chooses the ranks on its first batch)
 
     def check(self) -> None:
         """ValueError, one line naming the flag, for a recipe that would train wrongly or fail
@@ -69,6 +71,13 @@ class TrainConfig:
             raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.activation_budget is not None:
+            if not row.tracker:
+                raise ValueError(f"--activation-budget chooses the fixed ranks of --method asi, "
+                                 f"not {self.method}")
+            if self.ranks is not None or self.eps is not None:
+                raise ValueError("give --activation-budget or --ranks / --eps, not both: the "
+                                 "budget chooses the ranks")
         symbols = ", ".join(row.rank_symbols)
         for flag, given, counts in (("--ranks", self.ranks, (len(row.rank_symbols),)),
                                     ("--rank-cap", self.rank_cap, (1, len(row.rank_symbols)))):

@@ -302,6 +302,10 @@ def test_cli_export_errors(argv, message, tmp_path):
     (["--method", "vanilla", "--ranks", "4"], "--ranks applies to the methods with ranks"),
     (["--method", "hosvd", "--eps", "0.8", "--rank-cap", "2", "3"], "1 or 4 --rank-cap"),
     (["--method", "vanilla", "--classes", "no-such-file.txt"], "--classes no-such-file.txt"),
+    (["--method", "hosvd", "--activation-budget", "1MiB"], "the fixed ranks of --method asi"),
+    (["--method", "asi", "--ranks", "2", "2", "1", "1", "--activation-budget", "1MiB"],
+     "not both"),
+    (["--method", "asi", "--activation-budget", "lots"], "--activation-budget"),
 ])
 def test_cli_export_refuses_a_bad_recipe_before_writing(argv, message, tmp_path):
     """A recipe that would train uphill (the default lr is 0.05 (1 - momentum)) or fail after
@@ -312,6 +316,17 @@ def test_cli_export_refuses_a_bad_recipe_before_writing(argv, message, tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_cli_export_refuses_an_activation_budget_below_rank_one(tmp_path):
+    """Rank 1 in every mode of the 2 fine-tuned convs (batch 32) is the smallest budget there
+    is: below it the export stops in one line before writing."""
+    out = tmp_path / "x"
+    proc = run_cli("export", "--model", "mcunet-in1", "--layers", "2", "--input-size", "32",
+                   "--method", "asi", "--activation-budget", "1KiB", "-o", str(out))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--activation-budget 0.000977 MiB is below rank 1" in proc.stderr
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
