@@ -80,19 +80,19 @@ def dry_run(trainer: Trainer, data: Dataset, batch_size: int) -> tuple:
 
 def calibrate_ranks(trainer: Trainer, data: Dataset, batch_size: int, budget: int,
                     log=print) -> dict:
-    """The ranks (layer -> one per mode) that fit ``budget`` bytes of kept activations,
-    chosen from the mode spectra of the first batch_size training images
-    (rank_budget.allocate) and fixed on the trainer's trackers from the first step on."""
+    """The ranks (layer -> one per mode) that fit ``budget`` bytes of kept activations: the
+    eps rule at the largest eps that fits, on the first batch_size training images
+    (rank_budget.allocate), fixed on the trainer's trackers from the first step on."""
     norm = trainer.manifest["input"]
     x, _ = data.batch(np.arange(batch_size), norm["mean"], norm["std"],
                       out=trainer.image_buffer(batch_size))
     shapes = {name: (batch_size,) + tuple(layer["input_shape"])
               for name, layer in trainer.layers.items()}
-    ranks = rank_budget.allocate(trainer.layer_energies(x), shapes, budget)
+    ranks, eps = rank_budget.allocate(trainer.layer_energies(x), shapes, budget)
     trainer.fix_ranks(ranks)
     kept = sum(rank_budget.tucker_bytes(shapes[name], r) for name, r in ranks.items())
-    log(f"activation budget {budget / 2 ** 20:.2f} MiB: ranks chosen on the first {batch_size} "
-        f"training images keep {kept / 2 ** 20:.2f} MiB; "
+    log(f"activation budget {budget / 2 ** 20:.2f} MiB: the eps rule at eps {eps:.4f} on the "
+        f"first {batch_size} training images keeps {kept / 2 ** 20:.2f} MiB; "
         + ", ".join(f"{name} {tuple(r)}" for name, r in ranks.items()))
     return ranks
 
