@@ -217,7 +217,10 @@ def cmd_report(args) -> int:
         raise ValueError(f"report needs matplotlib ({e}): pip install 'actcomp-edge[host]'") \
             from None
     try:
-        result = build_report(args.streams, args.out)
+        budget = args.budget
+        if budget is None and args.profile:
+            budget = load_profile(args.profile).budget_bytes
+        result = build_report(args.streams, args.out, budget)
     except OSError as e:
         raise ValueError(f"{e.filename or args.out}: {e.strerror or e}") from None
     for s in result["summaries"]:
@@ -487,6 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "table per run. Malformed lines are skipped and counted.")
     r.add_argument("streams", nargs="+", metavar="RUN.jsonl", help="profile stream(s)")
     r.add_argument("-o", "--out", required=True, help="report folder (created)")
+    r.add_argument("--budget", type=size_bytes,
+                   help="working-set budget drawn in memory.png for runs trained without one")
+    r.add_argument("--profile", help="device profile (name in profiles/ or .toml): its budget")
     r.set_defaults(func=cmd_report)
     return parser
 

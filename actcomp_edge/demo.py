@@ -116,7 +116,7 @@ def main() -> int:
     print(f"\n== 6. Check the artifact against the board ({PROFILE}) and write the report")
     cli.main(["check", str(art), "--profile", PROFILE])
     report = OUT / "report"
-    if cli.main(["report", str(stream), "-o", str(report)]) != 0:
+    if cli.main(["report", str(stream), "-o", str(report), "--profile", PROFILE]) != 0:
         return 1
     print(f"\nartifact: {art}  (open overview.onnx in Netron to see the decomposition nodes)")
     print(f"report:   {report / 'index.html'}")

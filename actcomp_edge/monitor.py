@@ -52,6 +52,22 @@ class Store:
         self.file.close()
 
 
+def short_names(names: list) -> dict:
+    """name -> its shortest dotted suffix that no other name ends with (blocks.12.project,
+    blocks.13.project, blocks.13.dw -> 12.project, 13.project, dw); a name that is a suffix
+    of another stays whole."""
+    out = {}
+    for name in names:
+        parts = name.split(".")
+        for i in range(len(parts) - 1, -1, -1):
+            tail = ".".join(parts[i:])
+            if not any(other != name and (other == tail or other.endswith("." + tail))
+                       for other in names):
+                break
+        out[name] = tail
+    return out
+
+
 class View:
     """One status line per step (overwritten on a terminal) and a line per violation."""
 
@@ -65,7 +81,8 @@ class View:
         budget = r.get("budget_bytes") or self.budget
         over = bool(r.get("budget_exceeded")) or (budget is not None and working > budget)
         ranks = r.get("ranks") or {}
-        rank_text = " ".join(f"{name.split('.')[-1]}{tuple(v)}" for name, v in ranks.items() if v)
+        short = short_names(list(ranks))
+        rank_text = " ".join(f"{short[name]}{tuple(v)}" for name, v in ranks.items() if v)
         line = (f"step {r.get('step')} epoch {r.get('epoch')} loss {r.get('loss', float('nan')):.4f}"
                 f" {1e3 * r.get('step_seconds', 0):.0f} ms  working set {working / MIB:.1f}"
                 + (f"/{budget / MIB:.1f}" if budget else "") + " MiB"

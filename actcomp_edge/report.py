@@ -140,31 +140,45 @@ def _figure(cols: int, title: str, rows: int = 1):
     return fig, [fig.add_subplot(rows, cols, i + 1) for i in range(rows * cols)]
 
 
+MARKERS = ("o", "s", "^", "v", "D", "x", "+", "*")
+
+
+def series_style(j: int) -> dict:
+    """The look of series j of a plot (a layer): colour and marker (next series differ in
+    both; the first 80 in the pair, then the line style), so that series with equal values
+    stay apart: the hollow markers of the lower one show through."""
+    return {"color": f"C{j % 10}", "marker": MARKERS[(j + j // 10) % len(MARKERS)],
+            "linestyle": STYLES[(j // 80) % len(STYLES)], "fillstyle": "none"}
+
+
 def _line(ax, drawn: dict, label: str, x, y, **style) -> None:
     x, y = list(x), list(y)
     if not x:
         return
-    if len(x) <= 40:
-        style.setdefault("marker", ".")
+    style.setdefault("marker", ".")
+    style.setdefault("markevery", max(1, len(x) // 20))  # about 20 markers a line
     ax.plot(x, y, label=label, **style)
     drawn[label] = (x, y)
 
 
 def _finish(fig, axes, path, xlabel="step", empty="no data") -> None:
+    """Axis labels, grid, and each legend outside its axes (on the right: never over data)."""
     for ax in axes:
         ax.set_xlabel(xlabel)
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize="small")
+            ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                      borderaxespad=0.0)
         else:
             ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
     fig.savefig(path)
 
 
-def plot_memory(runs, path) -> dict:
+def plot_memory(runs, path, budget: int | None = None) -> dict:
     """RSS and peak RSS (MiB): absolute with baseline + budget, and minus the baseline with
     the budget (what `--budget` bounds: the peak RSS growth over the baseline) and the memory
-    plan's predicted working set."""
+    plan's predicted working set. ``budget`` (bytes): drawn for the runs whose records have
+    none (a run without --budget, checked against a device profile's)."""
     fig, (absolute, relative) = _figure(2, "process memory")
     drawn = {}
     for i, run in enumerate(runs):
@@ -182,15 +196,19 @@ def plot_memory(runs, path) -> dict:
                   [r["step"] for r in planned],
                   [r["predicted_working_set_bytes"] / MIB for r in planned], color=color,
                   linestyle="-.", marker="")
-        budgeted = [r for r in run.steps if _is(r.get("budget_bytes"), int)]
+        budgeted = [(r["step"], r["budget_bytes"], r["baseline_rss_bytes"]) for r in run.steps
+                    if _is(r.get("budget_bytes"), int)]
+        name = f"{run.name} budget"
+        if not budgeted and budget is not None:
+            budgeted = [(r["step"], budget, r["baseline_rss_bytes"]) for r in run.steps]
+            name = f"{run.name} budget (given to the report)"
         if budgeted:
-            bx = [r["step"] for r in budgeted]
+            bx = [step for step, _, _ in budgeted]
             _line(absolute, drawn, f"{run.name} baseline + budget", bx,
-                  [(r["baseline_rss_bytes"] + r["budget_bytes"]) / MIB for r in budgeted],
-                  color=color, linestyle="--", marker="")
-            _line(relative, drawn, f"{run.name} budget", bx,
-                  [r["budget_bytes"] / MIB for r in budgeted], color=color, linestyle="--",
+                  [(base + b) / MIB for _, b, base in budgeted], color=color, linestyle="--",
                   marker="")
+            _line(relative, drawn, name, bx, [b / MIB for _, b, _ in budgeted], color=color,
+                  linestyle="--", marker="")
     absolute.set(title="absolute", ylabel="MiB")
     relative.set(title="minus the baseline (before the first step)", ylabel="MiB")
     _finish(fig, (absolute, relative), path)
@@ -208,8 +226,8 @@ def plot_kept(runs, path) -> dict:
         for j, layer in enumerate(layers):
             pts = [(r["step"], r["kept_bytes"][layer] / KIB) for r in run.steps
                    if layer in r["kept_bytes"]]
-            _line(per_layer, drawn, f"{run.name}: {layer}", *zip(*pts), color=f"C{j % 10}",
-                  linestyle=style)
+            _line(per_layer, drawn, f"{run.name}: {layer}", *zip(*pts),
+                  **dict(series_style(j), linestyle=style))
         color = f"C{i % 10}"
         _line(totals, drawn, f"{run.name} conv inputs (paper)", x,
               [r["kept_bytes_total"] / KIB for r in run.steps], color=color, linestyle="-")
@@ -236,7 +254,7 @@ def plot_ranks(runs, path) -> dict:
                 mode_pts = [(s, k[mode]) for s, k in pts if len(k) > mode]
                 if mode_pts:
                     _line(ax, drawn, f"{run.name}: {layer} K{mode + 1}", *zip(*mode_pts),
-                          color=f"C{j % 10}", linestyle=style)
+                          **dict(series_style(j), linestyle=style))
     for ax, title in zip(axes, MODES):
         ax.set(title=title, ylabel="rank")
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
@@ -371,17 +389,19 @@ def write_index(summaries: list, out: Path, figures=FIGURES) -> None:
     (out / "index.html").write_text("\n".join(page) + "\n")
 
 
-def build_report(paths, out) -> dict:
+def build_report(paths, out, budget: int | None = None) -> dict:
     """Read the streams, write <out>/{memory,kept,ranks,loss}.png (fleet.png for a fleet's
-    journal; only it when no stream has steps), index.md and index.html;
-    returns {"runs": [Run], "summaries": [dict], "plots": {figure: {label: (x, y)}}}."""
+    journal; only it when no stream has steps), index.md and index.html; ``budget`` (bytes):
+    the memory plot's budget for runs that had none; returns {"runs": [Run], "summaries":
+    [dict], "plots": {figure: {label: (x, y)}}}."""
     runs = read_runs([Path(p) for p in paths])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     fleet = any(run.rounds for run in runs)
     figures = (FIGURES if not fleet or any(run.steps for run in runs) else ()) + \
         (("fleet",) if fleet else ())
-    plots = {name: PLOTS[name](runs, out / f"{name}.png") for name in figures}
+    plot = dict(PLOTS, memory=lambda runs, path: plot_memory(runs, path, budget))
+    plots = {name: plot[name](runs, out / f"{name}.png") for name in figures}
     summaries = [summarise(run) for run in runs]
     write_index(summaries, out, figures)
     return {"runs": runs, "summaries": summaries, "plots": plots}

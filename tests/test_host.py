@@ -364,6 +364,43 @@ def test_report_plots_what_it_read(streams, report):
     assert (out / "index.html").read_text().count("<img") == 4
 
 
+def test_report_legends_sit_outside_the_data_and_series_stay_apart(tmp_path):
+    """Each legend is right of its axes (never over a line), and two series with equal
+    values differ in colour and marker (the lower one still shows)."""
+    from actcomp_edge.report import _figure, _finish, _line, series_style
+    fig, axes = _figure(2, "t")
+    drawn = {}
+    for ax in axes:
+        for j in range(12):
+            _line(ax, drawn, f"layer {j}", range(30), [1.0] * 30, **series_style(j))
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    _finish(fig, axes, tmp_path / "t.png")
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    for ax in axes:
+        legend, box = ax.get_legend().get_window_extent(renderer), ax.get_window_extent(renderer)
+        assert legend.x0 >= box.x1, (legend, box)
+    looks = {tuple(sorted(series_style(j).items())) for j in range(80)}
+    assert len(looks) == 80
+    assert series_style(0)["marker"] != series_style(1)["marker"]
+
+
+def test_report_draws_a_given_budget_for_runs_without_one(streams, tmp_path, capsys):
+    """The demo trains without --budget and checks against a profile: `report --profile`
+    (or --budget) still draws the budget, for the runs whose records have none."""
+    from actcomp_edge.report import build_report
+    result = build_report([streams["vanilla"][0], streams["hosvd"][0]], tmp_path / "r",
+                          budget=40 * MIB)
+    memory = result["plots"]["memory"]
+    x = [r["step"] for r in streams["vanilla"][1]]
+    assert memory["vanilla budget (given to the report)"] == (x, [40.0] * len(x))
+    assert memory["hosvd budget"][1] == [25.0] * 12  # its own, from its records
+    assert "hosvd budget (given to the report)" not in memory
+    status, _, err = run(capsys, "report", streams["vanilla"][0], "-o", tmp_path / "p",
+                         "--profile", "pi-zero-2w")
+    assert status == 0, err
+
+
 def test_report_pngs_are_not_blank(report):
     from matplotlib.image import imread
     out, _ = report

@@ -157,3 +157,31 @@ def test_a_monitor_that_receives_nothing_says_so(tmp_path):
     proc = monitor_cli(f"tcp://127.0.0.1:{free_port()}", "--idle-timeout", "1")
     assert proc.returncode == 3
     assert "no record arrived" in proc.stdout + proc.stderr
+
+
+def test_layer_names_are_shortened_only_where_unambiguous():
+    """The monitor's rank text names each layer by its shortest suffix no other layer has
+    (it printed the last part: project ... project, and 0(...) 0(...) for a user's model)."""
+    from actcomp_edge.monitor import View, short_names
+    assert short_names(["blocks.12.project", "blocks.13.expand", "blocks.13.dw",
+                        "blocks.13.project"]) == {
+        "blocks.12.project": "12.project", "blocks.13.expand": "expand",
+        "blocks.13.dw": "dw", "blocks.13.project": "13.project"}
+    assert short_names(["features.0", "classifier.0", "0"]) == {
+        "features.0": "features.0", "classifier.0": "classifier.0", "0": "0"}
+
+    class Out:
+        text = ""
+
+        def write(self, s):
+            Out.text += s
+
+        def isatty(self):
+            return False
+
+        def flush(self):
+            pass
+
+    View(None, Out()).step({"step": 1, "ranks": {"features.0": [1, 2, 1, 1],
+                                                 "classifier.0": [3, 1, 1, 1]}})
+    assert "features.0(1, 2, 1, 1) classifier.0(3, 1, 1, 1)" in Out.text
