@@ -171,6 +171,12 @@ def cmd_check(args) -> int:
     from .npz import load_npz
     profile = load_profile(args.profile)
     folder = Path(args.artifact)
+    if not folder.is_dir() and (".py:" in args.artifact or folder.suffix in (".py", ".json")
+                                or args.artifact in ZOO):
+        raise ValueError(f"{args.artifact} is a model, not an artifact: `actcomp plan --model "
+                         f"{args.artifact} --profile {args.profile}` checks it before export "
+                         f"(the largest --layers and --batch-size that fit), `actcomp check ART` "
+                         f"an exported artifact")
     m = load_manifest(folder)
     try:
         memory, train = m["predicted_memory"], m["train"]

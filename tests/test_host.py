@@ -438,3 +438,12 @@ def test_plan_search_may_propose_every_resnet_conv_through_the_stem_max_pool(cap
     _, out, _ = run(capsys, "plan", "--model", "resnet18", "--method", "gf-r2", "--batch-size", 1,
                     "--input-size", 64, "--profile", "pi5-8gb", "--json")
     assert json.loads(out)["proposals"][0]["layers"] == 20
+
+
+@pytest.mark.parametrize("model", ["my_net.py:build", "mcunet-in1", "spec.json"])
+def test_check_given_a_model_names_plan(model, capsys):
+    """check takes an exported artifact; given a model (FILE.py:FUNCTION, a zoo name, a spec)
+    it says in one line which command checks a model before export."""
+    status, text, err = run(capsys, "check", model, "--profile", "pi-zero-2w")
+    assert status == 2 and text == "" and len(err.strip().splitlines()) == 1
+    assert f"`actcomp plan --model {model} --profile pi-zero-2w`" in err
