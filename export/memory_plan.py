@@ -179,8 +179,11 @@ def step_plan(models: dict, graphs: dict, dims: dict, chosen: dict, schedule: li
 SLICE_FLOOR_BYTES = 8 << 20  # below this an arena is not worth more graph runs a step
 # onnxruntime's arena is memory apart from the pool, so it adds to it: slice a run until its
 # intermediates are at most this share of the largest held tensor (measured, N=42 batch 64
-# 224 px HOSVD: working set 323 -> 237 MiB at 1/4, no gain at 1/8, step time within noise)
-ARENA_SHARE = 0.25
+# 224 px HOSVD: working set 323 -> 237 MiB at 1/4, step time within noise; with the arena in
+# one region (runtime.cap_arena) 211.7 -> 204.7 MiB at 1/8, peak RSS 303.7 -> 296.6 MiB, the
+# step 2644 -> 3021 ms; configurations whose tensors are under 64 MiB are not sliced further:
+# SLICE_FLOOR_BYTES)
+ARENA_SHARE = 0.125
 
 
 def choose_micro_batches(graphs: dict, schedule: list, batch: int) -> list:
