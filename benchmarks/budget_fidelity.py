@@ -30,12 +30,10 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 
-MODEL = "tt_mcunet-5fps_int8dq"
-DATASETS = {"ants/bees": ("hymenoptera_train.npz", 2, 16),
-            "CIFAR-10 subset": ("cifar10_subset_train.npz", 10, 32)}
+from benchmarks.gradient_fidelity import DATASETS, MODEL, SHARED  # noqa: E402 (same batches)
+
 RECIPES = {"vanilla": ["--method", "vanilla"], "hosvd-0.8": ["--method", "hosvd", "--eps", "0.8"],
            "asi-budget": ["--method", "asi", "--activation-budget", "1GiB"]}
 
