@@ -107,8 +107,8 @@ def main() -> int:
     print(f"everything the backward kept (full accounting): peak {mib(kept['full'])} MiB "
           f"(bound {mib(manifest['predicted_memory']['full_bytes'])} MiB)")
     print(f"process: peak RSS {mib(summary['peak_rss_bytes'])} MiB, of which "
-          f"{mib(summary['baseline_rss_bytes'])} MiB interpreter, libraries, model and "
-          f"{n_images} images before the first step")
+          f"{mib(summary['baseline_rss_bytes'])} MiB interpreter, libraries and model before "
+          f"the first step (the {n_images} images are read from disk per batch)")
     print(f"{summary['steps']} steps, median {summary['median_step_seconds'] * 1e3:.0f} ms/step, "
           f"final loss {summary['final_train_loss']:.4f}, "
           f"val accuracy {summary['final_val_accuracy']:.3f}")
