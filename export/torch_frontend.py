@@ -13,7 +13,8 @@
 | Linear, last, on the pooled features: the classifier              | linear     |
 
 Param names are the module's own state_dict names (``<module path>.weight``). Anything else
-stops the trace with one line naming the module path and the op.
+stops the export with one line naming every unsupported op at once, each with its module
+path (a function by the module whose forward calls it: ``features.3 (forward): torch.erf``).
 """
 from __future__ import annotations
 
@@ -216,6 +217,38 @@ class _Lowering:
             raise FrontendError(f"{where}: {label} is not supported")
 
 
+SUPPORTED_FUNCTIONS = (*RELUS, F.hardtanh, *ADDS, F.adaptive_avg_pool2d, torch.flatten,
+                       F.dropout)
+SUPPORTED_METHODS = (*FLATTENS, "relu", "size")
+
+
+def op_label(target) -> str:
+    """How a user writes a traced function: torch.erf, F.silu, operator.mul, or .mean()."""
+    if isinstance(target, str):
+        return f".{target}()"
+    name = getattr(target, "__name__", str(target))
+    for prefix, home in (("torch.", torch), ("F.", F), ("operator.", operator)):
+        if getattr(home, name, None) is target:
+            return prefix + name
+    return name
+
+
+def unsupported(node: fx.Node, modules: dict, model: str) -> str | None:
+    """'<module path>: <op> is not supported' when the frontend cannot lower node, else None.
+    A function is named by the module whose forward calls it (``<path> (forward)``)."""
+    if node.op == "call_module":
+        mod = modules[node.target]
+        return None if isinstance(mod, MODULES) else \
+            f"{node.target}: {type(mod).__name__} is not supported"
+    if node.op == "call_function" and node.target in SUPPORTED_FUNCTIONS or \
+            node.op == "call_method" and node.target in SUPPORTED_METHODS or \
+            node.op not in ("call_function", "call_method"):
+        return None
+    stack = list((node.meta.get("nn_module_stack") or {}).keys())
+    caller = f"{stack[-1]} (forward)" if stack else f"{model} (forward)"
+    return f"{caller}: {op_label(node.target)} is not supported"
+
+
 def program_from_module(module: nn.Module, input_size, name: str | None = None) -> tuple:
     """(Program, dropout p) of an nn.Module at a fixed input size (H, W), in eval mode."""
     hw = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
@@ -227,12 +260,12 @@ def program_from_module(module: nn.Module, input_size, name: str | None = None) 
         text = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise FrontendError(f"cannot trace {name} with torch.fx: {text}") from None
     lowering = _Lowering(module, name)
-    # an unsupported op is named before shapes are propagated through it
-    for node in traced.graph.nodes:
-        if node.op == "call_module":
-            mod = lowering.modules[node.target]
-            if not isinstance(mod, MODULES):
-                raise FrontendError(f"{node.target}: {type(mod).__name__} is not supported")
+    # every unsupported op is named at once, before shapes are propagated through them
+    found = [unsupported(node, lowering.modules, name) for node in traced.graph.nodes]
+    found = [text for text in found if text]
+    if found:
+        raise FrontendError(f"{len(found)} unsupported op{'s' if len(found) > 1 else ''}: "
+                            + "; ".join(found))
     try:
         with torch.no_grad():
             ShapeProp(traced).propagate(torch.zeros(1, 3, *hw))

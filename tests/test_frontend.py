@@ -182,12 +182,43 @@ class Gelu(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(F.gelu(self.conv(x)), 1), 1))
 
 
+class Block(nn.Module):
+    """A MobileNetV3-like block: Hardswish, and a squeeze-excitation gate in its forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.act = nn.Hardswish()
+        self.gate = nn.Hardsigmoid()
+
+    def forward(self, x):
+        y = self.act(self.conv(x))
+        return y * self.gate(F.adaptive_avg_pool2d(y, 1))
+
+
+class EdgeNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3)
+        self.features = nn.Sequential(Block())
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(torch.erf(self.features(self.stem(x))).mean((2, 3)))
+
+
 @pytest.mark.parametrize("module,message", [
-    (WithSE(), "blocks.1.1: Sigmoid is not supported"),
+    (WithSE(), "1 unsupported op: blocks.1.1: Sigmoid is not supported"),
     (Reflect(), "conv: padding_mode='reflect' is not supported (zeros only)"),
-    (Gelu(), "gelu: gelu is not supported"),
+    (Gelu(), "1 unsupported op: Gelu (forward): F.gelu is not supported"),
+    (EdgeNet(), "5 unsupported ops: features.0.act: Hardswish is not supported; "
+                "features.0.gate: Hardsigmoid is not supported; features.0 (forward): "
+                "operator.mul is not supported; EdgeNet (forward): torch.erf is not "
+                "supported; EdgeNet (forward): .mean() is not supported"),
 ])
-def test_an_unsupported_op_is_one_line_naming_the_module_path(module, message):
+def test_unsupported_ops_are_one_line_naming_each_module_path(module, message):
+    """Every unsupported op at once, in execution order, a function by the module whose
+    forward calls it (a user learnt them one export at a time)."""
     with pytest.raises(FrontendError) as e:
         program_from_module(module, 32)
     assert str(e.value) == message
