@@ -8,6 +8,7 @@
 | ``a + b``, torch.add (two tensors)                                | add        |
 | MaxPool2d: square, dilation 1 (its backward keeps the argmax)     | maxpool    |
 | AdaptiveAvgPool2d(1), a global AvgPool2d, F.adaptive_avg_pool2d   | gap        |
+| ``x.mean((2, 3))``, torch.mean over (2, 3) (keepdim or not)        | gap        |
 | Flatten, torch.flatten, .flatten/.view/.reshape after the pool    | (none)     |
 | Dropout (its p is recorded: the graphs leave it out)              | (none)     |
 | Linear, last, on the pooled features: the classifier              | linear     |
@@ -209,6 +210,13 @@ class _Lowering:
             self.tensor[node] = self.emit("add", where, [a, b], f"{where}/add", shape)
         elif target is F.adaptive_avg_pool2d and node.args[1:] in ((1,), ((1, 1),)):
             self.pool(node, self.tensor_of(x, where), where, shape)
+        elif target is torch.mean or (node.op == "call_method" and target == "mean"):
+            dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
+            if sorted(d % 4 for d in dims) != [2, 3]:
+                raise FrontendError(f"{where}: a mean over dims {dims} is supported only as "
+                                    f"the global pool, over (2, 3)")
+            self.pool(node, self.tensor_of(x, where), where, shape)
         elif (target is torch.flatten or (node.op == "call_method" and target in FLATTENS)):
             self.flatten(node, where)
         elif target is F.dropout:
@@ -217,9 +225,9 @@ class _Lowering:
             raise FrontendError(f"{where}: {label} is not supported")
 
 
-SUPPORTED_FUNCTIONS = (*RELUS, F.hardtanh, *ADDS, F.adaptive_avg_pool2d, torch.flatten,
-                       F.dropout)
-SUPPORTED_METHODS = (*FLATTENS, "relu", "size")
+SUPPORTED_FUNCTIONS = (*RELUS, F.hardtanh, *ADDS, F.adaptive_avg_pool2d, torch.mean,
+                       torch.flatten, F.dropout)
+SUPPORTED_METHODS = (*FLATTENS, "relu", "size", "mean")
 
 
 def op_label(target) -> str:

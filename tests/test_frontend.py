@@ -211,10 +211,10 @@ class EdgeNet(nn.Module):
     (WithSE(), "1 unsupported op: blocks.1.1: Sigmoid is not supported"),
     (Reflect(), "conv: padding_mode='reflect' is not supported (zeros only)"),
     (Gelu(), "1 unsupported op: Gelu (forward): F.gelu is not supported"),
-    (EdgeNet(), "5 unsupported ops: features.0.act: Hardswish is not supported; "
+    (EdgeNet(), "4 unsupported ops: features.0.act: Hardswish is not supported; "
                 "features.0.gate: Hardsigmoid is not supported; features.0 (forward): "
                 "operator.mul is not supported; EdgeNet (forward): torch.erf is not "
-                "supported; EdgeNet (forward): .mean() is not supported"),
+                "supported"),
 ])
 def test_unsupported_ops_are_one_line_naming_each_module_path(module, message):
     """Every unsupported op at once, in execution order, a function by the module whose
@@ -413,3 +413,54 @@ def test_actcomp_plan_takes_a_model_file_and_sizes_what_its_export_keeps(user_fi
     trainable = sum(p.numel() for m in list(net.modules())[first:]
                     if isinstance(m, (nn.Conv2d, nn.Linear)) for p in m.parameters())
     assert program_param_count(program, 3) == trainable
+
+
+class MeanPool(nn.Module):
+    """The global pool as people write it: x.mean((2, 3)), or torch.mean(keepdim) + flatten."""
+
+    def __init__(self, keepdim: bool):
+        super().__init__()
+        self.keepdim = keepdim
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.conv = nn.Conv2d(8, 12, 3, padding=1)
+        self.fc = nn.Linear(12, 4)
+
+    def forward(self, x):
+        x = F.relu(self.conv(F.relu(self.stem(x))))
+        if self.keepdim:
+            return self.fc(torch.mean(x, dim=(-2, -1), keepdim=True).flatten(1))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("keepdim", [False, True])
+def test_a_mean_over_height_and_width_is_the_global_pool(tmp_path, keepdim):
+    torch.manual_seed(3)
+    net = MeanPool(keepdim)
+    program, _ = program_from_module(net, 16)
+    assert [op.kind for op in program.ops][-2:] == ["gap", "linear"]
+    export_module(net, tmp_path / "art", input_size=16, batch_size=3, layers=2,
+                  method="vanilla")
+    trainer = Trainer(tmp_path / "art")
+    rng = np.random.default_rng(4)
+    images = rng.standard_normal((3, 3, 16, 16)).astype(np.float32)
+    labels = rng.integers(0, 4, 3).astype(np.int64)
+    net.eval()
+    with torch.no_grad():
+        assert rel(trainer.evaluate(images), net(torch.from_numpy(images)).numpy()) < TOL
+    loss, grads, _ = reference_step(net, 2, images, labels, lr=0.1)
+    result = trainer.step(images, labels, lr=0.1)
+    assert abs(result.loss - loss) < TOL * abs(loss)
+    for name, grad in grads.items():
+        assert rel(result.grads[name], grad) < TOL, name
+
+
+def test_a_mean_over_other_dims_is_refused_in_one_line():
+    class ChannelMean(MeanPool):
+        def forward(self, x):
+            y = F.relu(self.conv(F.relu(self.stem(x))))
+            return self.fc(torch.flatten(F.adaptive_avg_pool2d(y + y.mean(1, keepdim=True), 1),
+                                         1))
+
+    with pytest.raises(FrontendError, match=r"a mean over dims \(1,\) is supported only as the "
+                                            r"global pool"):
+        program_from_module(ChannelMean(False), 16)
