@@ -2,7 +2,8 @@
 
 | torch (module or function)                                        | program op |
 |-------------------------------------------------------------------|------------|
-| Conv2d: any kernel, stride, padding (ints), dilation and groups   | conv       |
+| Conv2d: any kernel, stride, padding (ints, "valid", "same" with    | conv       |
+|   odd (dilated) kernels), dilation and groups                      |            |
 | BatchNorm2d (frozen: its running statistics)                      | affine     |
 | ReLU, ReLU6, Hardtanh; F.relu, F.relu6, F.hardtanh, torch.relu     | clip       |
 | ``a + b``, torch.add (two tensors)                                | add        |
@@ -53,6 +54,22 @@ def _square(value, what: str, where: str) -> int:
     if not isinstance(size, int):
         raise FrontendError(f"{where}: {what} {size} is not supported (square only)")
     return size
+
+
+def _string_padding(conv: nn.Conv2d, where: str):
+    """The zero padding of padding="valid" (0) or "same" (dilation (k - 1) / 2 on each side;
+    torch allows "same" at stride 1 only). An even kernel's "same" pads one side more:
+    refused."""
+    if conv.padding == "valid":
+        return 0
+    pads = []
+    for k, d in zip(pair(conv.kernel_size), pair(conv.dilation)):
+        if d * (k - 1) % 2:
+            raise FrontendError(f"{where}: padding='same' with kernel {conv.kernel_size} and "
+                                f"dilation {conv.dilation} pads one side more: not supported "
+                                f"(give ints)")
+        pads.append(d * (k - 1) // 2)
+    return _size(pads)
 
 
 class _Lowering:
@@ -109,15 +126,15 @@ class _Lowering:
             if mod.padding_mode != "zeros":
                 raise FrontendError(f"{where}: padding_mode={mod.padding_mode!r} is not "
                                     f"supported (zeros only)")
-            if isinstance(mod.padding, str):
-                raise FrontendError(f"{where}: padding={mod.padding!r} is not supported (give ints)")
+            padding = _string_padding(mod, where) if isinstance(mod.padding, str) else \
+                _size(mod.padding)
             dilation = _size(mod.dilation)
             self.tensor[node] = self.emit(
                 "conv", where, [x], f"{where}/conv", shape, layer=where,
                 weight=self.param(f"{where}.weight"),
                 bias=self.param(f"{where}.bias") if mod.bias is not None else None,
                 kernel=_size(mod.kernel_size), stride=_size(mod.stride),
-                padding=_size(mod.padding), groups=mod.groups,
+                padding=padding, groups=mod.groups,
                 **({"dilation": dilation} if dilation != 1 else {}))
         elif isinstance(mod, nn.BatchNorm2d):
             if mod.running_mean is None:

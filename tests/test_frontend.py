@@ -464,3 +464,45 @@ def test_a_mean_over_other_dims_is_refused_in_one_line():
     with pytest.raises(FrontendError, match=r"a mean over dims \(1,\) is supported only as the "
                                             r"global pool"):
         program_from_module(ChannelMean(False), 16)
+
+
+class SamePadding(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding="same")
+        self.wide = nn.Conv2d(8, 8, (3, 5), padding="same", dilation=(1, 2), groups=8)
+        self.valid = nn.Conv2d(8, 6, 3, padding="valid")
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = F.relu(self.valid(F.relu(self.wide(F.relu(self.stem(x))))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def test_string_paddings_train_with_autograds_gradients(tmp_path):
+    torch.manual_seed(6)
+    net = SamePadding()
+    program, _ = program_from_module(net, 12)
+    assert [op.attrs["padding"] for op in program.ops if op.kind == "conv"] == [1, (1, 4), 0]
+    export_module(net, tmp_path / "art", input_size=12, batch_size=2, layers=3, method="hosvd",
+                  eps=1.0)
+    trainer = Trainer(tmp_path / "art")
+    rng = np.random.default_rng(7)
+    images = rng.standard_normal((2, 3, 12, 12)).astype(np.float32)
+    labels = rng.integers(0, 3, 2).astype(np.int64)
+    loss, grads, _ = reference_step(net, 3, images, labels, lr=0.1)
+    result = trainer.step(images, labels, lr=0.1)
+    assert abs(result.loss - loss) < TOL * abs(loss)
+    for name, grad in grads.items():
+        assert rel(result.grads[name], grad) < TOL, name
+
+
+def test_same_padding_of_an_even_kernel_is_refused_in_one_line():
+    class Even(SamePadding):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 2, padding="same")
+
+    with pytest.raises(FrontendError, match=r"stem: padding='same' with kernel \(2, 2\) and "
+                                            r"dilation \(1, 1\) pads one side more"):
+        program_from_module(Even(), 12)
