@@ -394,7 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--num-classes", type=positive_int,
                    help="classifier outputs; when it differs from the weights' classifier, the "
                         "classifier is re-initialised (default: the weights' / 1000)")
-    e.add_argument("--classes", help="text file with one class name per line (optional)")
+    e.add_argument("--classes", help="the class names: a text file with one a line, or an "
+                                     "ImageFolder (its sub-folder names, sorted, as the runner "
+                                     "reads them) (optional)")
     e.add_argument("--layers", type=positive_int, required=True,
                    help="fine-tune the last N Conv2d modules and the classifier")
     e.add_argument("--method", choices=list(METHODS), default="hosvd",

@@ -45,10 +45,7 @@ def run_export(args) -> int:
     config = train_config(args)
     classes = None
     if args.classes:
-        if not Path(args.classes).is_file():
-            raise ValueError(f"--classes {args.classes}: no such file (one class name a line)")
-        classes = [line.strip() for line in Path(args.classes).read_text().splitlines()
-                   if line.strip()]
+        classes = class_names(Path(args.classes))
         if args.num_classes and len(classes) != args.num_classes:
             raise ValueError(f"--classes lists {len(classes)} names but --num-classes is "
                              f"{args.num_classes}")
@@ -71,6 +68,21 @@ def run_export(args) -> int:
     manifest = export_artifact(spec, arrays, args.out, config, args.batch_size, size, classes,
                                args.force)
     return report(manifest, args)
+
+
+def class_names(path: Path) -> list:
+    """--classes: a text file's non-empty lines, or an ImageFolder's sub-folder names in the
+    order the runner's data loader gives them labels (sorted)."""
+    if path.is_dir():
+        names = sorted(p.name for p in path.iterdir() if p.is_dir())
+        if not names:
+            raise ValueError(f"--classes {path}: a folder without class sub-folders "
+                             f"(expected {path}/<class>/<image>)")
+        return names
+    if not path.is_file():
+        raise ValueError(f"--classes {path}: no such file (one class name a line) or "
+                         f"ImageFolder")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
 def export_model_file(args, classes) -> int:

@@ -463,3 +463,21 @@ def test_a_non_finite_batch_is_rejected_and_the_weights_kept(method, eps, tmp_pa
     assert not result.applied and trainer.step_count == 0
     assert all(np.array_equal(before[k], trainer.params[k]) for k in before)
     assert trainer.step(*batch(2, (64, 64), 3), lr=0.05).applied
+
+
+def test_cli_export_takes_the_class_names_of_an_image_folder(tmp_path, image_folder):
+    """--classes DIR: an ImageFolder's sub-folder names, sorted as the runner labels them,
+    become the artifact's classes (and --num-classes follows); a folder without class
+    sub-folders is one line."""
+    out = tmp_path / "art"
+    proc = run_cli("export", "--model", "mcunet-in1", "--layers", "2", "--input-size", "32",
+                   "--method", "vanilla", "--classes", str(image_folder), "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    manifest = load_manifest(out)
+    assert manifest["classes"] == ["blue", "green", "red"] and manifest["num_classes"] == 3
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = run_cli("export", "--model", "mcunet-in1", "--layers", "2", "--input-size", "32",
+                   "--method", "vanilla", "--classes", str(empty), "-o", str(tmp_path / "x"))
+    assert proc.returncode == 2 and "a folder without class sub-folders" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
