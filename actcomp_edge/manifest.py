@@ -45,6 +45,12 @@ def sha256_file(path) -> str:
     return digest.hexdigest()
 
 
+def folder_classes(path) -> list:
+    """An ImageFolder's class names in label order: its sub-folder names, sorted (what the
+    runner's data loader labels, and what `actcomp export --classes DIR` writes)."""
+    return sorted(p.name for p in Path(path).iterdir() if p.is_dir())
+
+
 def version_tuple(text: str) -> tuple:
     parts = []
     for piece in str(text).split("+")[0].split("."):

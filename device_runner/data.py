@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from actcomp_edge.manifest import folder_classes
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
@@ -254,7 +256,7 @@ def _read_images(f, shape: tuple):
 
 def _load_folder(path: Path, size: tuple, spool_dir) -> Dataset:
     from PIL import Image, UnidentifiedImageError
-    classes = sorted(p.name for p in path.iterdir() if p.is_dir())
+    classes = folder_classes(path)
     if not classes:
         raise DataError(f"{path} has no class sub-folders (expected {path}/<class>/<image>)")
     files, skipped, stretched = [], [], []

@@ -393,9 +393,10 @@ class Trainer:
         """layer -> the squared singular values of each mode of its input on these images
         (decomposition.mode_energies): what an activation budget's ranks are chosen from."""
         energies = {}
-        self.forward(images, np.zeros(len(images), np.int64), decompose=False,
-                     inspect=lambda layer, x: energies.__setitem__(layer["name"],
-                                                                   mode_energies(x)))
+
+        def inspect(layer, x):
+            energies[layer["name"]] = mode_energies(x)
+        self.forward(images, np.zeros(len(images), np.int64), decompose=False, inspect=inspect)
         return energies
 
     def fix_ranks(self, ranks: dict) -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from actcomp_edge.manifest import folder_classes
 from actcomp_edge.memory import LayerPlan, Plan, plan_table
 from actcomp_edge.methods import METHODS
 
@@ -74,7 +75,7 @@ def class_names(path: Path) -> list:
     """--classes: a text file's non-empty lines, or an ImageFolder's sub-folder names in the
     order the runner's data loader gives them labels (sorted)."""
     if path.is_dir():
-        names = sorted(p.name for p in path.iterdir() if p.is_dir())
+        names = folder_classes(path)
         if not names:
             raise ValueError(f"--classes {path}: a folder without class sub-folders "
                              f"(expected {path}/<class>/<image>)")
