@@ -28,6 +28,19 @@ from typing import Optional
 RELU6 = {"type": "relu6"}
 RELU = {"type": "relu"}
 MASKING_ACTS = ("relu", "relu6", "clamp")
+# The smooth and gated activations (program op ``act``), one row each: what the backward of
+# y = f(x) keeps between forward and backward, and the exact rule it applies (torch's):
+#   "mask"   1 bit an element (bit-packed), the region where f' is not 0 (or not slope)
+#   "input"  x itself, float32: f' depends on x, and y does not determine x
+#   "output" y itself, float32: f' is a function of y
+ACTIVATIONS = {
+    "hardsigmoid": "mask",    # relu6(x + 3) / 6;    dX = dY / 6 where -3 < x < 3, else 0
+    "leaky_relu": "mask",     # x > 0 ? x : slope x; dX = dY where x > 0, else slope dY
+    "hardswish": "input",     # x relu6(x + 3) / 6;  dX = dY (0 | x / 3 + 1/2 | 1) for x
+                              #                      < -3 | <= 3 | > 3
+    "silu": "input",          # x s, s = sigmoid(x); dX = dY s (1 + x (1 - s))
+    "sigmoid": "output",      # 1 / (1 + e^-x);      dX = dY y (1 - y)
+}
 IMAGENET_NORM = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 HALF_NORM = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
 
@@ -62,6 +75,13 @@ class ConvLayer:
     post_add_act: Optional[dict] = None  # after the residual add that ends this conv's block
     maxpool_after: Optional[dict] = None  # a max-pool after it, before the next conv
     dilation: object = 1
+    more_acts: tuple = ()                # further activations before the next conv (silu then
+                                         # hardswish, ...), each a dict like act
+
+    @property
+    def acts(self) -> tuple:
+        """Every activation after this conv before the next one."""
+        return tuple(a for a in (self.act, self.post_add_act, *self.more_acts) if a is not None)
 
     @property
     def square(self) -> bool:

@@ -4,8 +4,9 @@ Two accountings:
 - paper: the inputs of the fine-tuned convs only, as the paper's tables count them;
 - full:  everything the backward of the fine-tuned part really keeps: the conv
   inputs (compressed or not), one bit per element for every activation mask
-  (ReLU/ReLU6/clamp, also after a residual add) downstream of the first
-  fine-tuned conv, the argmax (int32) of every max-pool in the fine-tuned part,
+  (ReLU/ReLU6/clamp, hardsigmoid, leaky ReLU, also after a residual add) downstream of the
+  first fine-tuned conv, the float32 input of every hardswish and silu and output of every
+  sigmoid there (kept whole: a conv input's compression does not reach them), the argmax (int32) of every max-pool in the fine-tuned part,
   and the classifier input (float32).  Budgets use this one.
 
 Floats are float32 (4 bytes). MiB = 2**20 bytes.
@@ -17,7 +18,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from math import ceil, prod
 from typing import Optional, Sequence
 
-from .arch import MASKING_ACTS, ConvLayer, Network
+from .arch import ACTIVATIONS, MASKING_ACTS, ConvLayer, Network
 from .decomposition import check_eps
 from .methods import method as method_row
 
@@ -41,6 +42,8 @@ class LayerPlan:
     paper_bytes: int                 # conv input as kept (compressed or not)
     mask_bytes: int                  # activation masks / pool indices after this layer
     full_bytes: int                  # paper_bytes + mask_bytes (+ classifier input)
+    activation_bytes: int = 0        # of mask_bytes: float32 tensors a hardswish, silu or
+                                     # sigmoid keeps whole (activation_bytes())
 
 
 @dataclass
@@ -82,18 +85,27 @@ RANK_BASES = {
 
 
 def mask_bytes(layer: ConvLayer, batch: int) -> int:
-    """Masks the backward needs after this conv: its activation, a post-add activation,
-    and the argmax of a max-pool after it."""
+    """What the backward keeps after this conv besides the next conv's input: the masks of its
+    activation and of a post-add activation (1 bit an element), the float32 tensor that a
+    hardswish, silu or sigmoid keeps instead (``activation_bytes``), and the argmax of a
+    max-pool after it."""
     per_sample = prod(layer.output_shape(1))
-    total = 0
-    for act in (layer.act, layer.post_add_act):
-        if act is not None and act.get("type") in MASKING_ACTS:
+    total = activation_bytes(layer, batch)
+    for act in layer.acts:
+        if act.get("type") in MASKING_ACTS or ACTIVATIONS.get(act.get("type")) == "mask":
             total += batch * ceil(per_sample * MASK_BITS / 8)
     if layer.maxpool_after:
         p = layer.maxpool_after
         h, w = ((s + 2 * p["padding"] - p["kernel"]) // p["stride"] + 1 for s in layer.output_hw)
         total += batch * layer.out_ch * h * w * INDEX_BYTES
     return total
+
+
+def activation_bytes(layer: ConvLayer, batch: int) -> int:
+    """The float32 tensors kept whole for the backward of this conv's activations: the input
+    of a hardswish or silu, the output of a sigmoid (``arch.ACTIVATIONS``)."""
+    kept = sum(1 for act in layer.acts if ACTIVATIONS.get(act.get("type")) in ("input", "output"))
+    return kept * batch * prod(layer.output_shape(1)) * FLOAT_BYTES
 
 
 def layer_ranks(method: str, shape: tuple, ranks, rank_cap) -> Optional[tuple]:
@@ -133,7 +145,7 @@ def plan(net: Network, n_layers: int, method: str, batch_size: int, input_size,
         paper = row.kept_floats(shape, rank_per_mode, layer.stride) * FLOAT_BYTES
         masks = mask_bytes(layer, batch_size)
         result.layers.append(LayerPlan(layer.name, shape, method, rank_per_mode, paper, masks,
-                                       paper + masks))
+                                       paper + masks, activation_bytes(layer, batch_size)))
     head = batch_size * net.classifier_in * FLOAT_BYTES
     result.layers.append(LayerPlan("classifier", (batch_size, net.classifier_in), "vanilla", None,
                                    0, 0, head))
@@ -156,4 +168,9 @@ def plan_table(result: Plan, n_layers: int) -> str:
               f"{'total':<66} {mib(result.paper_bytes):>10} {mib(result.full_bytes):>10}",
               "paper = conv inputs only (the paper's tables); full = also activation masks and "
               "the classifier input (what a budget must hold)"]
+    whole = sum(layer.activation_bytes for layer in result.layers)
+    if whole:
+        lines.append(f"of the full total, {mib(whole)} MiB are float32 activations kept whole, "
+                     f"uncompressed: the input of each hardswish and silu and the output of each "
+                     f"sigmoid (their backward needs it)")
     return "\n".join(lines)

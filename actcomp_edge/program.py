@@ -7,6 +7,8 @@ This is what the exporter turns into ONNX graphs. Ops, in execution order:
     affine  (x) -> y   frozen BatchNorm as y = x * scale + shift (per channel); eps: its
                        BatchNorm's (for a torch model of the program)
     clip    (x) -> y   ReLU / ReLU6 / clamp: y = min(max(x, lo), hi); backward mask lo < x < hi
+    act     (x) -> y   fn: hardsigmoid, leaky_relu (slope), hardswish, silu, sigmoid
+                       (``arch.ACTIVATIONS``: what each one's backward keeps)
     add     (a, b) -> y   residual add
     maxpool (x) -> y   square window; backward: dY to each window's argmax
     gap     (x) -> y   global average pool + flatten: (B, C, H, W) -> (B, C)
@@ -199,9 +201,9 @@ def _resnet(b: _Builder, spec: dict) -> str:
 
 
 def network_of(program: Program) -> arch.Network:
-    """The convs of a program as the memory model sees them (arch.Network). A clip belongs to
-    the last conv before it: right after the conv (and its BN) it is the conv's act, after a
-    residual add its post-add act; the first max-pool after it is its maxpool_after."""
+    """The convs of a program as the memory model sees them (arch.Network). A clip or act
+    belongs to the last conv before it: right after the conv (and its BN) it is the conv's act,
+    after a residual add its post-add act; the first max-pool after it is its maxpool_after."""
     convs, current = [], None
     masking = {"type": "clamp"}  # every clip packs a backward mask
     for op in program.ops:
@@ -211,7 +213,8 @@ def network_of(program: Program) -> arch.Network:
             current = dict(name=op.name, in_ch=c, out_ch=o, kernel=a["kernel"], stride=a["stride"],
                            padding=a["padding"], groups=a["groups"], input_hw=(h, w),
                            output_hw=(oh, ow), act=None, post_add_act=None, maxpool_after=None,
-                           dilation=a.get("dilation", 1), tail=op.output, added=False)
+                           dilation=a.get("dilation", 1), tail=op.output, added=False,
+                           more_acts=())
             convs.append(current)
         elif current is None:
             continue
@@ -219,8 +222,13 @@ def network_of(program: Program) -> arch.Network:
             current["tail"] = op.output
         elif op.kind == "add":
             current["added"] = True
-        elif op.kind == "clip":
-            current["post_add_act" if current["added"] else "act"] = masking
+        elif op.kind in ("clip", "act"):
+            act = masking if op.kind == "clip" else {"type": op.attrs["fn"]}
+            slot = "post_add_act" if current["added"] else "act"
+            if current[slot] is None:
+                current[slot] = act
+            else:
+                current["more_acts"] += (act,)
             current["tail"] = op.output
         elif op.kind == "maxpool" and current["maxpool_after"] is None:  # after an add too
             current["maxpool_after"] = {k: op.attrs[k] for k in ("kernel", "stride", "padding")}

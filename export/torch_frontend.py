@@ -6,6 +6,8 @@
 |   odd (dilated) kernels), dilation and groups                      |            |
 | BatchNorm2d (frozen: its running statistics)                      | affine     |
 | ReLU, ReLU6, Hardtanh; F.relu, F.relu6, F.hardtanh, torch.relu     | clip       |
+| Hardswish, Hardsigmoid, SiLU, Sigmoid, LeakyReLU; F.hardswish,     | act        |
+|   F.hardsigmoid, F.silu, F.leaky_relu, torch.sigmoid, .sigmoid()   |            |
 | ``a + b``, torch.add (two tensors)                                | add        |
 | MaxPool2d: square, dilation 1 (its backward keeps the argmax)     | maxpool    |
 | AdaptiveAvgPool2d(1), a global AvgPool2d, F.adaptive_avg_pool2d   | gap        |
@@ -14,6 +16,8 @@
 | Dropout (its p is recorded: the graphs leave it out)              | (none)     |
 | Linear, last, on the pooled features: the classifier              | linear     |
 
+In-place forms (``inplace=True``, ``F.relu_``, ``.sigmoid_()``, ...) are the same ops; one
+whose input is read again after it is refused (torch would read the changed tensor).
 Param names are the module's own state_dict names (``<module path>.weight``). Anything else
 stops the export with one line naming every unsupported op at once, each with its module
 path (a function by the module whose forward calls it: ``features.3 (forward): torch.erf``).
@@ -31,12 +35,23 @@ from torch.fx.passes.shape_prop import ShapeProp
 from actcomp_edge.arch import pair
 from actcomp_edge.program import RELU_HI, Op, Program
 
-RELUS = {F.relu: (0.0, RELU_HI), torch.relu: (0.0, RELU_HI), F.relu6: (0.0, 6.0)}
+RELUS = {F.relu: (0.0, RELU_HI), torch.relu: (0.0, RELU_HI), F.relu6: (0.0, 6.0),
+         F.relu_: (0.0, RELU_HI), torch.relu_: (0.0, RELU_HI)}
+HARDTANHS = (F.hardtanh, F.hardtanh_)
+# torch -> the program's act fn (arch.ACTIVATIONS); a LeakyReLU's negative_slope is its slope
+ACT_MODULES = {nn.Hardswish: "hardswish", nn.Hardsigmoid: "hardsigmoid", nn.SiLU: "silu",
+               nn.Sigmoid: "sigmoid", nn.LeakyReLU: "leaky_relu"}
+ACT_FUNCTIONS = {F.hardswish: "hardswish", F.hardsigmoid: "hardsigmoid", F.silu: "silu",
+                 torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", torch.sigmoid_: "sigmoid",
+                 F.leaky_relu: "leaky_relu", F.leaky_relu_: "leaky_relu"}
+ACT_METHODS = {"sigmoid": "sigmoid", "sigmoid_": "sigmoid"}
+IN_PLACE = (F.relu_, torch.relu_, F.hardtanh_, torch.sigmoid_, F.leaky_relu_, "relu_", "sigmoid_")
 ADDS = (operator.add, torch.add)
 DROPOUTS = (nn.Dropout, nn.Dropout2d)
 FLATTENS = ("flatten", "view", "reshape")
 MODULES = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.MaxPool2d,
-           nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.Flatten, nn.Linear, nn.Identity, *DROPOUTS)
+           nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.Flatten, nn.Linear, nn.Identity, *DROPOUTS,
+           *ACT_MODULES)
 
 
 class FrontendError(ValueError):
@@ -153,6 +168,9 @@ class _Lowering:
             lo, hi = ((0.0, RELU_HI) if isinstance(mod, nn.ReLU) else
                       (float(mod.min_val), float(mod.max_val)))
             self.tensor[node] = self.emit("clip", where, [x], f"{where}/act", shape, lo=lo, hi=hi)
+        elif type(mod) in ACT_MODULES:
+            self.act(node, x, where, shape, ACT_MODULES[type(mod)],
+                     getattr(mod, "negative_slope", None))
         elif isinstance(mod, nn.MaxPool2d):
             if _size(mod.dilation) != 1 or mod.ceil_mode:
                 raise FrontendError(f"{where}: MaxPool2d with dilation or ceil_mode is not "
@@ -184,6 +202,10 @@ class _Lowering:
         else:
             raise FrontendError(f"{where}: {kind} is not supported")
 
+    def act(self, node, x: str, where: str, shape, fn: str, slope=None) -> None:
+        attrs = {"fn": fn, **({"slope": float(slope)} if fn == "leaky_relu" else {})}
+        self.tensor[node] = self.emit("act", where, [x], f"{where}/act", shape, **attrs)
+
     def is_global(self, mod, node) -> bool:
         """An AvgPool2d whose one window is the whole map, unpadded."""
         h, w = self.shapes[self.tensor_of(node.args[0], node.name)][1:]
@@ -213,11 +235,16 @@ class _Lowering:
         if node.op == "call_method" and target == "size":
             return  # only feeds a view/reshape of the pooled features (checked there)
         x = node.args[0] if node.args else None
-        if target in RELUS or (node.op == "call_method" and target == "relu"):
+        if target in RELUS or (node.op == "call_method" and target in ("relu", "relu_")):
             lo, hi = RELUS.get(target, (0.0, RELU_HI))
             self.tensor[node] = self.emit("clip", where, [self.tensor_of(x, where)],
                                           f"{where}/act", shape, lo=lo, hi=hi)
-        elif target is F.hardtanh:
+        elif target in ACT_FUNCTIONS or (node.op == "call_method" and target in ACT_METHODS):
+            fn = ACT_FUNCTIONS.get(target) or ACT_METHODS[target]
+            slope = (node.args[1] if len(node.args) > 1 else
+                     node.kwargs.get("negative_slope", 0.01)) if fn == "leaky_relu" else None
+            self.act(node, self.tensor_of(x, where), where, shape, fn, slope)
+        elif target in HARDTANHS:
             lo = float(node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0))
             hi = float(node.args[2] if len(node.args) > 2 else node.kwargs.get("max_val", 1.0))
             self.tensor[node] = self.emit("clip", where, [self.tensor_of(x, where)],
@@ -242,9 +269,41 @@ class _Lowering:
             raise FrontendError(f"{where}: {label} is not supported")
 
 
-SUPPORTED_FUNCTIONS = (*RELUS, F.hardtanh, *ADDS, F.adaptive_avg_pool2d, torch.mean,
-                       torch.flatten, F.dropout)
-SUPPORTED_METHODS = (*FLATTENS, "relu", "size", "mean")
+SUPPORTED_FUNCTIONS = (*RELUS, *HARDTANHS, *ACT_FUNCTIONS, *ADDS, F.adaptive_avg_pool2d,
+                       torch.mean, torch.flatten, F.dropout)
+SUPPORTED_METHODS = (*FLATTENS, *ACT_METHODS, "relu", "relu_", "size", "mean")
+
+
+def in_place(node: fx.Node, modules: dict) -> bool:
+    """An op that overwrites its input (F.relu_, .sigmoid_(), inplace=True)."""
+    if node.op == "call_module":
+        return bool(getattr(modules[node.target], "inplace", False))
+    return node.target in IN_PLACE or bool(node.kwargs.get("inplace"))
+
+
+def read_after_overwrite(node: fx.Node, modules: dict, model: str) -> str | None:
+    """'<where>: ... is read again' when an in-place op's input has a user after it: torch
+    would read the overwritten tensor, the program the original one."""
+    if node.op not in ("call_module", "call_function", "call_method") or not node.args or \
+            not isinstance(node.args[0], fx.Node) or not in_place(node, modules):
+        return None
+    later = [user for user in node.args[0].users if user is not node and _after(user, node)]
+    if not later:
+        return None
+    what = type(modules[node.target]).__name__ if node.op == "call_module" else \
+        op_label(node.target)
+    return (f"{where_of(node, model)}: the in-place {what} overwrites a tensor that "
+            f"{later[0].name} reads after it: not supported (make it not in-place)")
+
+
+def _after(a: fx.Node, b: fx.Node) -> bool:
+    """Whether node a comes after node b in the graph."""
+    node = b.next
+    while node.op != "root":
+        if node is a:
+            return True
+        node = node.next
+    return False
 
 
 def op_label(target) -> str:
@@ -269,9 +328,15 @@ def unsupported(node: fx.Node, modules: dict, model: str) -> str | None:
             node.op == "call_method" and node.target in SUPPORTED_METHODS or \
             node.op not in ("call_function", "call_method"):
         return None
+    return f"{where_of(node, model)}: {op_label(node.target)} is not supported"
+
+
+def where_of(node: fx.Node, model: str) -> str:
+    """A module's path, or for a function the module whose forward calls it."""
+    if node.op == "call_module":
+        return node.target
     stack = list((node.meta.get("nn_module_stack") or {}).keys())
-    caller = f"{stack[-1]} (forward)" if stack else f"{model} (forward)"
-    return f"{caller}: {op_label(node.target)} is not supported"
+    return f"{stack[-1]} (forward)" if stack else f"{model} (forward)"
 
 
 def program_from_module(module: nn.Module, input_size, name: str | None = None) -> tuple:
@@ -286,7 +351,8 @@ def program_from_module(module: nn.Module, input_size, name: str | None = None) 
         raise FrontendError(f"cannot trace {name} with torch.fx: {text}") from None
     lowering = _Lowering(module, name)
     # every unsupported op is named at once, before shapes are propagated through them
-    found = [unsupported(node, lowering.modules, name) for node in traced.graph.nodes]
+    found = [unsupported(node, lowering.modules, name) or
+             read_after_overwrite(node, lowering.modules, name) for node in traced.graph.nodes]
     found = [text for text in found if text]
     if found:
         raise FrontendError(f"{len(found)} unsupported op{'s' if len(found) > 1 else ''}: "

@@ -15,12 +15,13 @@ step. So the step is cut at the input of every fine-tuned conv:
                                            -> new/<param>, new/state/...
 
 Between forward and backward the device holds only the kept pieces (core +
-factors for HOSVD), the masks at 1 bit an element, the argmax of each max-pool in the
+factors for HOSVD), the masks at 1 bit an element, the float32 input of each hardswish and
+silu and output of each sigmoid (``arch.ACTIVATIONS``), the argmax of each max-pool in the
 fine-tuned part (int32) and the classifier input.
 Every graph uses standard ONNX ops only (opset ``OPSET``), so the stock
 onnxruntime wheel runs it. Tensor names say what they hold:
-``<layer>/kept/<piece>``, ``<t>/mask_bits``, ``<t>/argmax``, ``d/<t>``, ``grad/<param>``,
-``new/<param>``.
+``<layer>/kept/<piece>``, ``<t>/mask_bits``, ``<t>/act_saved``, ``<t>/argmax``, ``d/<t>``,
+``grad/<param>``, ``new/<param>``.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from math import ceil
 
 import numpy as np
 
-from actcomp_edge.arch import ConvLayer, pair
+from actcomp_edge.arch import ACTIVATIONS, ConvLayer, pair
 from actcomp_edge.methods import BATCH, METHODS
 
 import onnx
@@ -175,6 +176,8 @@ def emit_forward(g: Graph, program: Program, op: Op, trainable: set, with_mask: 
                 below = g.op("Less", [x, g.scalar(a["hi"])], op.name + "/below_hi")
                 mask = g.op("And", [mask, below], op.name + "/mask")
             pack_mask(g, op.name, mask, program.shapes[op.output], mask_bits_name(op.output))
+    elif op.kind == "act":
+        emit_activation(g, program, op, keep=with_mask)
     elif op.kind == "add":
         g.op("Add", list(op.inputs), op.name, outputs=[op.output])
     elif op.kind == "maxpool":
@@ -202,7 +205,8 @@ def emit_forward(g: Graph, program: Program, op: Op, trainable: set, with_mask: 
 
 def emit_ops(g: Graph, program: Program, indices, trainable: set, masked=frozenset()) -> None:
     """Forward ops at these indices; frozen conv+affine pairs are folded into one Conv;
-    the clips whose outputs are in ``masked`` also output their backward mask."""
+    the clips, acts and max-pools whose outputs are in ``masked`` also output what their
+    backward keeps (mask bits, the saved input or output, the argmax)."""
     ops = program.ops
     skip = set()
     for i in indices:
@@ -216,6 +220,99 @@ def emit_ops(g: Graph, program: Program, indices, trainable: set, masked=frozens
             fold = ops[i + 1]
             skip.add(i + 1)
         emit_forward(g, program, op, trainable, with_mask=op.output in masked, fold_bn=fold)
+
+
+# ------------------------------------------------------------------ activations
+
+def emit_activation(g: Graph, program: Program, op: Op, keep: bool) -> None:
+    """y = f(x) of an ``act`` op (arch.ACTIVATIONS); keep: also output what its backward
+    keeps, <y>/mask_bits (the region where f' is not 0 or slope) or <y>/act_saved."""
+    fn, x, y, name = op.attrs["fn"], op.inputs[0], op.output, op.name
+    if fn == "hardsigmoid":  # ONNX's max(0, min(1, alpha x + beta)) is relu6(x + 3) / 6
+        g.op("HardSigmoid", [x], name, outputs=[y], alpha=1.0 / 6.0, beta=0.5)
+    elif fn == "leaky_relu":
+        g.op("LeakyRelu", [x], name, outputs=[y], alpha=float(op.attrs["slope"]))
+    elif fn == "hardswish":
+        g.op("HardSwish", [x], name, outputs=[y])
+    elif fn == "silu":
+        g.op("Mul", [x, g.op("Sigmoid", [x], name + "/sigmoid")], name, outputs=[y])
+    elif fn == "sigmoid":
+        g.op("Sigmoid", [x], name, outputs=[y])
+    else:
+        raise ValueError(f"unknown activation {fn!r}")
+    if not keep:
+        return
+    keeps = ACTIVATIONS[fn]
+    if keeps == "mask":
+        if fn == "hardsigmoid":
+            mask = g.op("And", [g.op("Greater", [x, g.scalar(-3.0)], name + "/above_lo"),
+                                g.op("Less", [x, g.scalar(3.0)], name + "/below_hi")],
+                        name + "/mask")
+        else:
+            mask = g.op("Greater", [x, g.scalar(0.0)], name + "/positive")
+        pack_mask(g, name, mask, program.shapes[y], mask_bits_name(y))
+    else:
+        g.op("Identity", [x if keeps == "input" else y], name + "/saved",
+             outputs=[act_saved_name(y)])
+
+
+def activation_source(op: Op, derived: dict) -> str:
+    """What the backward of a clip or act reads: "kept" (its output is the kept input of the
+    next conv, vanilla: exact for a clip, a leaky ReLU of slope >= 0 (y > 0 is x > 0) and a
+    sigmoid (f' = y (1 - y))), "bits" (its packed mask) or "saved" (its float32 input or
+    output)."""
+    if op.kind == "clip":
+        return "kept" if op.output in derived else "bits"
+    fn, keeps = op.attrs["fn"], ACTIVATIONS[op.attrs["fn"]]
+    if op.output in derived and (keeps == "output" or (fn == "leaky_relu"
+                                                       and op.attrs["slope"] >= 0)):
+        return "kept"
+    return "bits" if keeps == "mask" else "saved"
+
+
+def activation_derivative(g: Graph, program: Program, op: Op, source: str, kept: str) -> str:
+    """f'(x) as a float32 tensor of y's shape (dX = dY f'), exactly as torch's backward of
+    each activation computes it, from what the backward reads (``activation_source``; kept:
+    the tensor the source names)."""
+    fn, name, shape = op.attrs["fn"], op.name, program.shapes[op.output]
+    one = g.scalar(1.0)
+    if ACTIVATIONS[fn] == "mask":
+        if source == "bits":
+            mask = unpack_mask(g, name, kept, shape)
+        else:  # leaky ReLU from the kept y: y > 0 is x > 0
+            mask = g.op("Cast", [g.op("Greater", [kept, g.scalar(0.0)], name + "/positive")],
+                        name + "/mask_f", to=TensorProto.FLOAT)
+        if fn == "hardsigmoid":
+            return g.op("Mul", [mask, g.scalar(1.0 / 6.0)], name + "/slope")
+        slope = float(op.attrs["slope"])
+        return g.op("Add", [g.op("Mul", [mask, g.scalar(1.0 - slope)], name + "/mask_x_1_minus_a"),
+                            g.scalar(slope)], name + "/slope")
+    if fn == "hardswish":  # 0 for x < -3, x / 3 + 1/2 for -3 <= x <= 3, 1 above
+        x = kept
+        middle = g.op("And", [g.op("Not", [g.op("Less", [x, g.scalar(-3.0)], name + "/below")],
+                                   name + "/from_lo"),
+                              g.op("LessOrEqual", [x, g.scalar(3.0)], name + "/to_hi")],
+                      name + "/middle")
+        ramp = g.op("Add", [g.op("Div", [x, g.scalar(3.0)], name + "/x_3"), g.scalar(0.5)],
+                    name + "/ramp")
+        above = g.op("Cast", [g.op("Greater", [x, g.scalar(3.0)], name + "/above")],
+                     name + "/above_f", to=TensorProto.FLOAT)
+        middle = g.op("Cast", [middle], name + "/middle_f", to=TensorProto.FLOAT)
+        return g.op("Add", [g.op("Mul", [middle, ramp], name + "/middle_ramp"), above],
+                    name + "/slope")
+    if fn == "silu":  # s (1 + x (1 - s))
+        x = kept
+        s = g.op("Sigmoid", [x], name + "/sigmoid")
+        t = g.op("Mul", [x, g.op("Sub", [one, s], name + "/1_minus_s")], name + "/x_1_minus_s")
+        return g.op("Mul", [s, g.op("Add", [one, t], name + "/1_plus")], name + "/slope")
+    # sigmoid: y (1 - y)
+    return g.op("Mul", [kept, g.op("Sub", [one, kept], name + "/1_minus_y")], name + "/slope")
+
+
+def act_saved_name(tensor: str) -> str:
+    """What the backward of act output <t> keeps as a float32 tensor of <t>'s shape: the
+    act's input (hardswish, silu) or <t> itself (sigmoid)."""
+    return tensor + "/act_saved"
 
 
 def tensor_shape(program: Program, name: str) -> list:
@@ -251,11 +348,22 @@ def masks_from_kept(split: Split, method: str) -> dict:
     return {conv.inputs[0]: kept_name(conv.name, "input") for conv in split.trainable_convs}
 
 
-def packed_masks(split: Split, method: str) -> set:
-    """Outputs of the fine-tuned region's clips whose backward mask is bit-packed."""
+def region_sources(split: Split, method: str) -> dict:
+    """Output of each clip and act of the fine-tuned region -> what its backward reads
+    (``activation_source``)."""
     derived = masks_from_kept(split, method)
-    return {op.output for i, op in enumerate(split.program.ops) if op.kind == "clip"
-            and i >= split.region_start and op.output not in derived}
+    return {op.output: activation_source(op, derived) for i, op in enumerate(split.program.ops)
+            if op.kind in ("clip", "act") and i >= split.region_start}
+
+
+def packed_masks(split: Split, method: str) -> set:
+    """Outputs of the fine-tuned region's clips and acts whose backward mask is bit-packed."""
+    return {t for t, source in region_sources(split, method).items() if source == "bits"}
+
+
+def saved_activations(split: Split, method: str) -> set:
+    """Outputs of the fine-tuned region's acts that keep a float32 tensor (<t>/act_saved)."""
+    return {t for t, source in region_sources(split, method).items() if source == "saved"}
 
 
 def argmax_pools(split: Split) -> set:
@@ -275,6 +383,7 @@ def forward_partitions(split: Split, config: TrainConfig) -> list:
     program = split.program
     trainable = set(split.trainable_params)
     masked = packed_masks(split, config.method)
+    saved = saved_activations(split, config.method)
     pools = argmax_pools(split)
     produced_in, used_in = crossings(split)
     result = []
@@ -287,7 +396,7 @@ def forward_partitions(split: Split, config: TrainConfig) -> list:
                     inputs.append(t)
         for t in inputs:
             g.input(t, np.float32, tensor_shape(program, t))
-        emit_ops(g, program, part, trainable, masked | pools)
+        emit_ops(g, program, part, trainable, masked | saved | pools)
         outputs = []
         for i in part:
             op = program.ops[i]
@@ -295,6 +404,8 @@ def forward_partitions(split: Split, config: TrainConfig) -> list:
                 outputs.append(op.output)
             if op.output in masked:
                 outputs.append(mask_bits_name(op.output))
+            if op.output in saved:
+                outputs.append(act_saved_name(op.output))
             if op.output in pools:
                 outputs.append(argmax_name(op.output))
         last = p == len(split.partitions) - 1
@@ -308,6 +419,8 @@ def forward_partitions(split: Split, config: TrainConfig) -> list:
                 g.output(t, np.uint8, mask_bits_shape(program, t[:-len("/mask_bits")]))
             elif t.endswith("/argmax"):
                 g.output(t, np.int32, tensor_shape(program, t[:-len("/argmax")]))
+            elif t.endswith("/act_saved"):
+                g.output(t, np.float32, tensor_shape(program, t[:-len("/act_saved")]))
             elif t == "dlogits":
                 g.output(t, np.float32, tensor_shape(program, "logits"))
             else:
@@ -512,10 +625,13 @@ def backward_partitions(split: Split, config: TrainConfig) -> list:
             name = kept_name(conv.name, piece)
             g.input(name, np.float32, kept[name])
         for op in ops:
-            if op.kind == "clip" and op.output in derived:
+            source = activation_source(op, derived) if op.kind in ("clip", "act") else None
+            if source == "kept":
                 g.input(derived[op.output], np.float32, kept[derived[op.output]])
-            elif op.kind == "clip":
+            elif source == "bits":
                 g.input(mask_bits_name(op.output), np.uint8, mask_bits_shape(program, op.output))
+            elif source == "saved":
+                g.input(act_saved_name(op.output), np.float32, tensor_shape(program, op.output))
             elif op.kind == "maxpool":
                 g.input(argmax_name(op.output), np.int32, tensor_shape(program, op.output))
             if op.kind == "linear":
@@ -650,6 +766,12 @@ def emit_partition_backward(g: Graph, program: Program, ops: list, grads: dict, 
         elif op.kind == "clip":
             mask = unpack_mask(g, op.name, mask_bits_name(op.output), program.shapes[op.output])
             accumulate(x, g.op("Mul", [dy, mask], op.name + "/dX"))
+        elif op.kind == "act":
+            source = activation_source(op, derived)
+            kept_tensor = {"kept": derived.get(op.output), "bits": mask_bits_name(op.output),
+                           "saved": act_saved_name(op.output)}[source]
+            slope = activation_derivative(g, program, op, source, kept_tensor)
+            accumulate(x, g.op("Mul", [dy, slope], op.name + "/dX"))
         elif op.kind == "affine":
             accumulate(x, g.op("Mul", [dy, channel_const(g, program, op.attrs["scale"])],
                                op.name + "/dX"))

@@ -109,6 +109,8 @@ class ProgramNet(nn.Module):
             elif op.kind == "clip":
                 y = F.relu(x) if (a["lo"], a["hi"]) == (0.0, RELU_HI) else \
                     F.hardtanh(x, a["lo"], a["hi"])
+            elif op.kind == "act":
+                y = activation(x, a)
             elif op.kind == "add":
                 y = x + tensors[op.inputs[1]]
             elif op.kind == "maxpool":
@@ -123,6 +125,15 @@ class ProgramNet(nn.Module):
             for t in self.dead_after.get(i, ()):
                 del tensors[t]
         return tensors["logits"]
+
+
+def activation(x, attrs: dict):
+    """torch's function of a program ``act`` op."""
+    fn = attrs["fn"]
+    if fn == "leaky_relu":
+        return F.leaky_relu(x, attrs["slope"])
+    return {"hardsigmoid": F.hardsigmoid, "hardswish": F.hardswish, "silu": F.silu,
+            "sigmoid": torch.sigmoid}[fn](x)
 
 
 # ---------------------------------------------------------------- building

@@ -151,11 +151,11 @@ def test_file_py_function_with_pth_weights_gives_the_modules_logits(user_file, t
     assert trainer.manifest["model"] == Path(user_file).stem  # FILE.py:build -> FILE's stem
 
 
-class WithSE(nn.Module):
+class WithMish(nn.Module):
     def __init__(self):
         super().__init__()
         self.blocks = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sequential(nn.Conv2d(4, 4, 1),
-                                                                       nn.Sigmoid()))
+                                                                       nn.Mish()))
         self.fc = nn.Linear(4, 2)
 
     def forward(self, x):
@@ -208,13 +208,11 @@ class EdgeNet(nn.Module):
 
 
 @pytest.mark.parametrize("module,message", [
-    (WithSE(), "1 unsupported op: blocks.1.1: Sigmoid is not supported"),
+    (WithMish(), "1 unsupported op: blocks.1.1: Mish is not supported"),
     (Reflect(), "conv: padding_mode='reflect' is not supported (zeros only)"),
     (Gelu(), "1 unsupported op: Gelu (forward): F.gelu is not supported"),
-    (EdgeNet(), "4 unsupported ops: features.0.act: Hardswish is not supported; "
-                "features.0.gate: Hardsigmoid is not supported; features.0 (forward): "
-                "operator.mul is not supported; EdgeNet (forward): torch.erf is not "
-                "supported"),
+    (EdgeNet(), "2 unsupported ops: features.0 (forward): operator.mul is not supported; "
+                "EdgeNet (forward): torch.erf is not supported"),
 ])
 def test_unsupported_ops_are_one_line_naming_each_module_path(module, message):
     """Every unsupported op at once, in execution order, a function by the module whose
@@ -507,3 +505,123 @@ def test_same_padding_of_an_even_kernel_is_refused_in_one_line():
     with pytest.raises(FrontendError, match=r"stem: padding='same' with kernel \(2, 2\) and "
                                             r"dilation \(1, 1\) pads one side more"):
         program_from_module(Even(), 12)
+
+
+class Activations(nn.Module):
+    """Every smooth or gated activation, as a module and as a function, in place too."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.stem_bn = nn.BatchNorm2d(8)
+        self.hswish = nn.Hardswish()
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.leaky = nn.LeakyReLU(0.1, inplace=True)
+        self.pw = nn.Conv2d(8, 12, 1)
+        self.silu = nn.SiLU()
+        self.mix = nn.Conv2d(12, 12, 3, padding=1, bias=False)
+        self.gate = nn.Hardsigmoid()
+        self.last = nn.Conv2d(12, 10, 1)
+        self.fc = nn.Linear(10, 3)
+
+    def forward(self, x):
+        x = self.hswish(self.stem_bn(self.stem(x)))
+        x = self.leaky(self.dw(x))
+        x = F.hardswish(self.silu(self.pw(x)))
+        x = self.gate(self.mix(x))
+        x = F.leaky_relu(self.last(x), 0.2).sigmoid()
+        return self.fc(F.silu(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("method,eps", [("vanilla", None), ("hosvd", 1.0), ("asi", 1.0),
+                                        ("svd", 1.0)])
+@pytest.mark.parametrize("n_convs", [2, 5])
+def test_smooth_and_gated_activations_train_with_autograds_gradients(tmp_path, method, eps,
+                                                                     n_convs):
+    torch.manual_seed(8)
+    net = Activations()
+    with torch.no_grad():  # wide pre-activations: every region of every activation is hit
+        for conv in (net.stem, net.dw, net.pw, net.mix, net.last):
+            conv.weight.mul_(4.0)
+    program, _ = program_from_module(net, 12)
+    assert [(op.attrs["fn"], op.attrs.get("slope")) for op in program.ops if op.kind == "act"] \
+        == [("hardswish", None), ("leaky_relu", 0.1), ("silu", None), ("hardswish", None),
+            ("hardsigmoid", None), ("leaky_relu", 0.2), ("sigmoid", None), ("silu", None)]
+    export_module(net, tmp_path / "art", input_size=12, batch_size=3, layers=n_convs,
+                  method=method, eps=eps)
+    trainer = Trainer(tmp_path / "art")
+    rng = np.random.default_rng(9)
+    images = rng.standard_normal((3, 3, 12, 12)).astype(np.float32)
+    labels = rng.integers(0, 3, 3).astype(np.int64)
+    net.eval()
+    with torch.no_grad():
+        assert rel(trainer.evaluate(images), net(torch.from_numpy(images)).numpy()) < TOL
+    assert_step_is_autograds(trainer, net, n_convs, images, labels)
+
+
+@pytest.mark.parametrize("method,eps", [("hosvd", 1.0), ("vanilla", None)])
+def test_what_each_activation_keeps_is_held_and_planned(tmp_path, method, eps):
+    """hardsigmoid and leaky ReLU keep 1 bit an element, hardswish and silu their float32
+    input, sigmoid its output; vanilla reads a leaky ReLU's and a sigmoid's from the next
+    conv's kept input. The plan's full bytes of every layer are what the runner holds."""
+    from actcomp_edge.memory import plan, plan_table
+    from actcomp_edge.program import network_of
+    torch.manual_seed(8)
+    net = Activations()
+    manifest = export_module(net, tmp_path / "art", input_size=12, batch_size=3, layers=5,
+                             method=method, eps=eps)
+    masks = {layer["name"]: layer["masks"] for layer in manifest["trainable_layers"]}
+    saved = {"hosvd": {"stem": ["hswish/act/act_saved"], "dw": ["leaky/act/mask_bits"],
+                       "pw": ["silu/act/act_saved", "hardswish/act/act_saved"],
+                       "mix": ["gate/act/mask_bits"],
+                       "last": ["leaky_relu/act/mask_bits", "sigmoid/act/act_saved",
+                                "silu_1/act/act_saved"]},
+             "vanilla": {"stem": ["hswish/act/act_saved"], "dw": [],
+                         "pw": ["silu/act/act_saved", "hardswish/act/act_saved"],
+                         "mix": ["gate/act/mask_bits"],
+                         "last": ["leaky_relu/act/mask_bits", "sigmoid/act/act_saved",
+                                  "silu_1/act/act_saved"]}}[method]
+    assert masks == saved
+    trainer = Trainer(tmp_path / "art")
+    images = np.random.default_rng(1).standard_normal((3, 3, 12, 12)).astype(np.float32)
+    fwd = trainer.forward(images, np.zeros(3, np.int64))
+    assert fwd.tensors["hswish/act/act_saved"].dtype == np.float32
+    assert fwd.tensors["hswish/act/act_saved"].shape == (3, 8, 12, 12)
+    if method != "vanilla":
+        assert fwd.tensors["leaky/act/mask_bits"].shape == (3, 8 * 144 // 8)
+    program, _ = program_from_module(Activations(), 12)
+    predicted = plan(network_of(program), 5, method, 3, 12, eps=eps)
+    if method == "vanilla":  # the plan counts every mask (1 bit) as if packed: an upper bound
+        for layer in predicted.layers:
+            assert layer.full_bytes >= fwd.kept_full_per_layer[layer.name], layer.name
+    else:
+        assert {layer.name: layer.full_bytes - layer.paper_bytes
+                for layer in predicted.layers[:-1]} == \
+            {name: sum(fwd.tensors[t].nbytes for t in ts) for name, ts in masks.items()}
+    whole = sum(fwd.tensors[t].nbytes for ts in masks.values() for t in ts
+                if t.endswith("/act_saved"))
+    assert sum(layer.activation_bytes for layer in predicted.layers) == whole
+    assert "float32 activations kept whole" in plan_table(predicted, 5)
+
+
+class ReadAfterInPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = self.conv(x)
+        z = F.leaky_relu_(y)        # torch overwrites y ...
+        return self.fc((self.act(z) + y).mean((2, 3)))  # ... which the add reads again
+
+
+def test_an_in_place_activation_whose_input_is_read_again_is_refused_in_one_line():
+    """torch's add would read the overwritten y; the program's the original: refused. The
+    in-place ReLU module's input (z) is read by nothing after it: accepted."""
+    with pytest.raises(FrontendError) as e:
+        program_from_module(ReadAfterInPlace(), 8)
+    assert str(e.value) == ("1 unsupported op: ReadAfterInPlace (forward): the in-place "
+                            "F.leaky_relu_ overwrites a tensor that add reads after it: not "
+                            "supported (make it not in-place)")

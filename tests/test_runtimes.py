@@ -100,3 +100,28 @@ def test_vanilla_gradients_equal_onnxruntime_training(name, n_layers, hw, tmp_pa
     assert sorted(result.grads) == sorted(trainer.manifest["trainable_params"])
     for key, grad in result.grads.items():
         assert rel(grad, reference[f"grad/{key}"]) < 1e-4, key
+
+
+@pytest.mark.parametrize("method,eps", [("vanilla", None), ("hosvd", 1.0)])
+def test_oldest_onnxruntime_trains_the_smooth_activations_like_the_newest(method, eps, tmp_path):
+    """HardSwish, HardSigmoid, LeakyRelu, Sigmoid and their backward ops on onnxruntime
+    1.16.3: the same loss and updates as the newest."""
+    import torch
+    from export import export_module
+    from test_frontend import Activations
+    old = interpreter("ACTCOMP_ORT_OLDEST_PYTHON", ".venv-ort-oldest")
+    torch.manual_seed(8)
+    folder = tmp_path / "art"
+    export_module(Activations(), folder, input_size=(16, 16), batch_size=4, layers=5,
+                  method=method, eps=eps)
+    data = steps_data(tmp_path, 2, 4, (16, 16), 3)
+    run(old, "run_steps.py", folder, data, tmp_path / "old.npz", 2)
+    run(sys.executable, "run_steps.py", folder, data, tmp_path / "new.npz", 2)
+    old_out, new_out = np.load(tmp_path / "old.npz"), np.load(tmp_path / "new.npz")
+    assert str(old_out["ort_version"]) == "1.16.3"
+    np.testing.assert_allclose(old_out["loss"], new_out["loss"], rtol=1e-4)
+    start = load_npz(folder / "weights.npz")
+    for key in new_out.files:
+        if key.startswith("param/"):
+            initial = start[key[len("param/"):]]
+            assert rel(old_out[key] - initial, new_out[key] - initial) < 1e-4, key
