@@ -72,6 +72,17 @@ def manifest_bytes(manifest: dict) -> bytes:
     return (json.dumps(signed, indent=1, sort_keys=True) + "\n").encode()
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} does not fit a float")
+    return value
+
+
 def load_manifest(folder, onnxruntime_version: str | None = None, verify: bool = True) -> dict:
     """Read and check manifest.json: format and version, every field the runner reads (see
     SCHEMA), (when given) that this onnxruntime is new enough, and with ``verify`` its own
@@ -81,7 +92,8 @@ def load_manifest(folder, onnxruntime_version: str | None = None, verify: bool =
     if not path.is_file():
         raise ArtifactError(f"{folder} is not a training artifact: no {MANIFEST}")
     try:
-        manifest = json.loads(path.read_bytes())
+        manifest = json.loads(path.read_bytes(), parse_constant=_no_constant,
+                              parse_float=_finite_float)
     except (OSError, ValueError, RecursionError) as e:
         raise ArtifactError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:

@@ -488,6 +488,17 @@ def test_mutated_manifest_is_refused_in_one_line_or_usable(real, data):
         use_like_the_readers(folder, accepted)
 
 
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_a_manifest_with_a_non_finite_number_is_refused_in_one_line(real, number):
+    folder, original = real
+    text = json.dumps(original).replace('"weight_decay": 0.0', f'"weight_decay": {number}')
+    assert number in text
+    write(folder, text.encode())
+    with pytest.raises(ArtifactError, match="not valid JSON") as e:
+        load_manifest(folder)
+    one_line(e.value)
+
+
 def test_the_real_manifest_loads_and_is_usable(exported, real):
     assert load_manifest(exported) == json.loads((exported / MANIFEST).read_text())
     folder, original = real
