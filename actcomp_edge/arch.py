@@ -77,6 +77,8 @@ class ConvLayer:
     dilation: object = 1
     more_acts: tuple = ()                # further activations before the next conv (silu then
                                          # hardswish, ...), each a dict like act
+    mul_floats: int = 0                  # per sample: the factors of the multiplies after it
+                                         # (a gate and the map it scales), kept whole
 
     @property
     def acts(self) -> tuple:

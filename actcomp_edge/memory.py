@@ -6,7 +6,8 @@ Two accountings:
   inputs (compressed or not), one bit per element for every activation mask
   (ReLU/ReLU6/clamp, hardsigmoid, leaky ReLU, also after a residual add) downstream of the
   first fine-tuned conv, the float32 input of every hardswish and silu and output of every
-  sigmoid there (kept whole: a conv input's compression does not reach them), the argmax (int32) of every max-pool in the fine-tuned part,
+  sigmoid there and both factors of every multiply (a squeeze-excitation gate and the map
+  it scales; kept whole: a conv input's compression does not reach them), the argmax (int32) of every max-pool in the fine-tuned part,
   and the classifier input (float32).  Budgets use this one.
 
 Floats are float32 (4 bytes). MiB = 2**20 bytes.
@@ -42,8 +43,8 @@ class LayerPlan:
     paper_bytes: int                 # conv input as kept (compressed or not)
     mask_bytes: int                  # activation masks / pool indices after this layer
     full_bytes: int                  # paper_bytes + mask_bytes (+ classifier input)
-    activation_bytes: int = 0        # of mask_bytes: float32 tensors a hardswish, silu or
-                                     # sigmoid keeps whole (activation_bytes())
+    whole_bytes: int = 0             # of mask_bytes: float32 tensors kept whole, not
+                                     # compressed (whole_bytes())
 
 
 @dataclass
@@ -86,11 +87,10 @@ RANK_BASES = {
 
 def mask_bytes(layer: ConvLayer, batch: int) -> int:
     """What the backward keeps after this conv besides the next conv's input: the masks of its
-    activation and of a post-add activation (1 bit an element), the float32 tensor that a
-    hardswish, silu or sigmoid keeps instead (``activation_bytes``), and the argmax of a
-    max-pool after it."""
+    activations (1 bit an element), the float32 tensors kept whole (``whole_bytes``), and the
+    argmax of a max-pool after it."""
     per_sample = prod(layer.output_shape(1))
-    total = activation_bytes(layer, batch)
+    total = whole_bytes(layer, batch)
     for act in layer.acts:
         if act.get("type") in MASKING_ACTS or ACTIVATIONS.get(act.get("type")) == "mask":
             total += batch * ceil(per_sample * MASK_BITS / 8)
@@ -101,11 +101,12 @@ def mask_bytes(layer: ConvLayer, batch: int) -> int:
     return total
 
 
-def activation_bytes(layer: ConvLayer, batch: int) -> int:
-    """The float32 tensors kept whole for the backward of this conv's activations: the input
-    of a hardswish or silu, the output of a sigmoid (``arch.ACTIVATIONS``)."""
+def whole_bytes(layer: ConvLayer, batch: int) -> int:
+    """The float32 tensors after this conv that the backward keeps whole (a conv input's
+    compression does not reach them): the input of a hardswish or silu, the output of a
+    sigmoid (``arch.ACTIVATIONS``), both factors of a multiply (a gate and what it scales)."""
     kept = sum(1 for act in layer.acts if ACTIVATIONS.get(act.get("type")) in ("input", "output"))
-    return kept * batch * prod(layer.output_shape(1)) * FLOAT_BYTES
+    return (kept * prod(layer.output_shape(1)) + layer.mul_floats) * batch * FLOAT_BYTES
 
 
 def layer_ranks(method: str, shape: tuple, ranks, rank_cap) -> Optional[tuple]:
@@ -145,7 +146,7 @@ def plan(net: Network, n_layers: int, method: str, batch_size: int, input_size,
         paper = row.kept_floats(shape, rank_per_mode, layer.stride) * FLOAT_BYTES
         masks = mask_bytes(layer, batch_size)
         result.layers.append(LayerPlan(layer.name, shape, method, rank_per_mode, paper, masks,
-                                       paper + masks, activation_bytes(layer, batch_size)))
+                                       paper + masks, whole_bytes(layer, batch_size)))
     head = batch_size * net.classifier_in * FLOAT_BYTES
     result.layers.append(LayerPlan("classifier", (batch_size, net.classifier_in), "vanilla", None,
                                    0, 0, head))
@@ -168,9 +169,9 @@ def plan_table(result: Plan, n_layers: int) -> str:
               f"{'total':<66} {mib(result.paper_bytes):>10} {mib(result.full_bytes):>10}",
               "paper = conv inputs only (the paper's tables); full = also activation masks and "
               "the classifier input (what a budget must hold)"]
-    whole = sum(layer.activation_bytes for layer in result.layers)
+    whole = sum(layer.whole_bytes for layer in result.layers)
     if whole:
-        lines.append(f"of the full total, {mib(whole)} MiB are float32 activations kept whole, "
-                     f"uncompressed: the input of each hardswish and silu and the output of each "
-                     f"sigmoid (their backward needs it)")
+        lines.append(f"of the full total, {mib(whole)} MiB are float32 tensors kept whole, "
+                     f"uncompressed, for their backward: the input of each hardswish and silu, "
+                     f"the output of each sigmoid, both factors of each multiply (a gate)")
     return "\n".join(lines)

@@ -10,6 +10,9 @@ This is what the exporter turns into ONNX graphs. Ops, in execution order:
     act     (x) -> y   fn: hardsigmoid, leaky_relu (slope), hardswish, silu, sigmoid
                        (``arch.ACTIVATIONS``: what each one's backward keeps)
     add     (a, b) -> y   residual add
+    mul     (a, b) -> y   y = a * b, one of them may be (C, 1, 1): a squeeze-excitation gate;
+                       the backward keeps both factors
+    mean    (x) -> y   global average pool keeping (C, 1, 1) (squeeze-excitation's squeeze)
     maxpool (x) -> y   square window; backward: dY to each window's argmax
     gap     (x) -> y   global average pool + flatten: (B, C, H, W) -> (B, C)
     linear  (x) -> y   classifier: y = x W^T + b
@@ -25,6 +28,7 @@ derive from it. A built-in architecture's spec (``actcomp_edge.arch``) and a use
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from math import prod
 from typing import Optional
 
 import numpy as np
@@ -214,7 +218,7 @@ def network_of(program: Program) -> arch.Network:
                            padding=a["padding"], groups=a["groups"], input_hw=(h, w),
                            output_hw=(oh, ow), act=None, post_add_act=None, maxpool_after=None,
                            dilation=a.get("dilation", 1), tail=op.output, added=False,
-                           more_acts=())
+                           more_acts=(), mul_floats=0)
             convs.append(current)
         elif current is None:
             continue
@@ -230,6 +234,8 @@ def network_of(program: Program) -> arch.Network:
             else:
                 current["more_acts"] += (act,)
             current["tail"] = op.output
+        elif op.kind == "mul":
+            current["mul_floats"] += sum(prod(program.shapes[t]) for t in op.inputs)
         elif op.kind == "maxpool" and current["maxpool_after"] is None:  # after an add too
             current["maxpool_after"] = {k: op.attrs[k] for k in ("kernel", "stride", "padding")}
             current["tail"] = op.output

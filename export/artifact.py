@@ -130,7 +130,8 @@ def write_artifact(program, out: Path, config: TrainConfig, batch_size: int, cla
     partitions = forward_partitions(split, config)
     # masks (and max-pool argmaxes) made between fine-tuned conv i and the next belong to conv
     # i (full accounting)
-    masks = [[t for t in outputs if t.endswith(("/mask_bits", "/act_saved", "/argmax"))]
+    masks = [[t for t in outputs if t.endswith(("/mask_bits", "/act_saved", "/argmax"))
+              or "/factor_" in t]
              for _, _, outputs in partitions[1:]]
     for p, (g, _, _) in enumerate(partitions):
         if p >= 1:  # the input of fine-tuned conv p is ready: the device decomposes it

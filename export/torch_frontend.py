@@ -9,9 +9,12 @@
 | Hardswish, Hardsigmoid, SiLU, Sigmoid, LeakyReLU; F.hardswish,     | act        |
 |   F.hardsigmoid, F.silu, F.leaky_relu, torch.sigmoid, .sigmoid()   |            |
 | ``a + b``, torch.add (two tensors)                                | add        |
+| ``a * b``, torch.mul (two tensors; one may be (C, 1, 1): a gate)  | mul        |
 | MaxPool2d: square, dilation 1 (its backward keeps the argmax)     | maxpool    |
 | AdaptiveAvgPool2d(1), a global AvgPool2d, F.adaptive_avg_pool2d   | gap        |
 | ``x.mean((2, 3))``, torch.mean over (2, 3) (keepdim or not)        | gap        |
+|   (a global pool whose (C, 1, 1) result feeds a conv or a multiply, |  mean      |
+|   as in squeeze-excitation, is the program's ``mean``)             |            |
 | Flatten, torch.flatten, .flatten/.view/.reshape after the pool    | (none)     |
 | Dropout (its p is recorded: the graphs leave it out)              | (none)     |
 | Linear, last, on the pooled features: the classifier              | linear     |
@@ -47,6 +50,7 @@ ACT_FUNCTIONS = {F.hardswish: "hardswish", F.hardsigmoid: "hardsigmoid", F.silu:
 ACT_METHODS = {"sigmoid": "sigmoid", "sigmoid_": "sigmoid"}
 IN_PLACE = (F.relu_, torch.relu_, F.hardtanh_, torch.sigmoid_, F.leaky_relu_, "relu_", "sigmoid_")
 ADDS = (operator.add, torch.add)
+MULS = (operator.mul, torch.mul)
 DROPOUTS = (nn.Dropout, nn.Dropout2d)
 FLATTENS = ("flatten", "view", "reshape")
 MODULES = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.MaxPool2d,
@@ -212,6 +216,9 @@ class _Lowering:
         return (h, w) == pair(mod.kernel_size) and mod.padding in (0, (0, 0))
 
     def pool(self, node, x: str, where: str, shape) -> None:
+        if len(shape) == 3 and not _feeds_classifier(node, self.modules):  # squeeze-excitation
+            self.tensor[node] = self.emit("mean", where, [x], f"{where}/mean", shape)
+            return
         if "features" in self.shapes:
             raise FrontendError(f"{where}: a second global pool is not supported")
         self.tensor[node] = self.emit("gap", where, [x], "features", (shape[0],))
@@ -252,6 +259,15 @@ class _Lowering:
         elif target in ADDS and len(node.args) == 2 and not node.kwargs:
             a, b = (self.tensor_of(arg, where) for arg in node.args)
             self.tensor[node] = self.emit("add", where, [a, b], f"{where}/add", shape)
+        elif target in MULS and len(node.args) == 2 and not node.kwargs:
+            a, b = (self.tensor_of(arg, where) for arg in node.args)
+            for t in (a, b):
+                if self.shapes[t] not in (tuple(shape), (shape[0], 1, 1)):
+                    raise FrontendError(f"{where_of(node, self.name)}: a multiply of "
+                                        f"{self.shapes[t]} into "
+                                        f"{tuple(shape)} is not supported (equal shapes, or "
+                                        f"a (C, 1, 1) gate)")
+            self.tensor[node] = self.emit("mul", where, [a, b], f"{where}/mul", shape)
         elif target is F.adaptive_avg_pool2d and node.args[1:] in ((1,), ((1, 1),)):
             self.pool(node, self.tensor_of(x, where), where, shape)
         elif target is torch.mean or (node.op == "call_method" and target == "mean"):
@@ -269,9 +285,23 @@ class _Lowering:
             raise FrontendError(f"{where}: {label} is not supported")
 
 
-SUPPORTED_FUNCTIONS = (*RELUS, *HARDTANHS, *ACT_FUNCTIONS, *ADDS, F.adaptive_avg_pool2d,
+SUPPORTED_FUNCTIONS = (*RELUS, *HARDTANHS, *ACT_FUNCTIONS, *ADDS, *MULS, F.adaptive_avg_pool2d,
                        torch.mean, torch.flatten, F.dropout)
 SUPPORTED_METHODS = (*FLATTENS, *ACT_METHODS, "relu", "relu_", "size", "mean")
+
+
+def _feeds_classifier(node: fx.Node, modules: dict) -> bool:
+    """Whether a pool's (C, 1, 1) result reaches only a flatten / view (the classifier's
+    features), through dropouts and identities, not a conv or a multiply."""
+    for user in node.users:
+        module = modules[user.target] if user.op == "call_module" else None
+        if user.op == "call_method" and user.target in (*FLATTENS, "size") or \
+                user.target is torch.flatten or isinstance(module, nn.Flatten):
+            continue
+        passthrough = user.target is F.dropout or isinstance(module, (nn.Identity, *DROPOUTS))
+        if not (passthrough and _feeds_classifier(user, modules)):
+            return False
+    return True
 
 
 def in_place(node: fx.Node, modules: dict) -> bool:
@@ -324,6 +354,10 @@ def unsupported(node: fx.Node, modules: dict, model: str) -> str | None:
         mod = modules[node.target]
         return None if isinstance(mod, MODULES) else \
             f"{node.target}: {type(mod).__name__} is not supported"
+    if node.op == "call_function" and node.target in MULS and \
+            not all(isinstance(arg, fx.Node) for arg in node.args):
+        return f"{where_of(node, model)}: {op_label(node.target)} by a constant is not " \
+               f"supported (only of two tensors, such as a gate)"
     if node.op == "call_function" and node.target in SUPPORTED_FUNCTIONS or \
             node.op == "call_method" and node.target in SUPPORTED_METHODS or \
             node.op not in ("call_function", "call_method"):

@@ -16,12 +16,12 @@ step. So the step is cut at the input of every fine-tuned conv:
 
 Between forward and backward the device holds only the kept pieces (core +
 factors for HOSVD), the masks at 1 bit an element, the float32 input of each hardswish and
-silu and output of each sigmoid (``arch.ACTIVATIONS``), the argmax of each max-pool in the
-fine-tuned part (int32) and the classifier input.
+silu and output of each sigmoid (``arch.ACTIVATIONS``), both factors of each multiply, the
+argmax of each max-pool in the fine-tuned part (int32) and the classifier input.
 Every graph uses standard ONNX ops only (opset ``OPSET``), so the stock
 onnxruntime wheel runs it. Tensor names say what they hold:
-``<layer>/kept/<piece>``, ``<t>/mask_bits``, ``<t>/act_saved``, ``<t>/argmax``, ``d/<t>``,
-``grad/<param>``, ``new/<param>``.
+``<layer>/kept/<piece>``, ``<t>/mask_bits``, ``<t>/act_saved``, ``<t>/factor_<i>``,
+``<t>/argmax``, ``d/<t>``, ``grad/<param>``, ``new/<param>``.
 """
 from __future__ import annotations
 
@@ -180,6 +180,14 @@ def emit_forward(g: Graph, program: Program, op: Op, trainable: set, with_mask: 
         emit_activation(g, program, op, keep=with_mask)
     elif op.kind == "add":
         g.op("Add", list(op.inputs), op.name, outputs=[op.output])
+    elif op.kind == "mul":
+        g.op("Mul", list(op.inputs), op.name, outputs=[op.output])
+        if with_mask:  # each factor's gradient is dY times the other
+            for i, t in enumerate(op.inputs):
+                g.op("Identity", [t], f"{op.name}/keep_{i}",
+                     outputs=[mul_factor_name(op.output, i)])
+    elif op.kind == "mean":
+        g.op("GlobalAveragePool", [op.inputs[0]], op.name, outputs=[op.output])
     elif op.kind == "maxpool":
         k, s, p = a["kernel"], a["stride"], a["padding"]
         outputs = [op.output] + ([op.output + "/argmax_flat"] if with_mask else [])
@@ -309,6 +317,11 @@ def activation_derivative(g: Graph, program: Program, op: Op, source: str, kept:
     return g.op("Mul", [kept, g.op("Sub", [one, kept], name + "/1_minus_y")], name + "/slope")
 
 
+def mul_factor_name(tensor: str, i: int) -> str:
+    """Factor i (0, 1) of the multiply whose output is <t>, kept for the backward, float32."""
+    return f"{tensor}/factor_{i}"
+
+
 def act_saved_name(tensor: str) -> str:
     """What the backward of act output <t> keeps as a float32 tensor of <t>'s shape: the
     act's input (hardswish, silu) or <t> itself (sigmoid)."""
@@ -366,6 +379,12 @@ def saved_activations(split: Split, method: str) -> set:
     return {t for t, source in region_sources(split, method).items() if source == "saved"}
 
 
+def region_multiplies(split: Split) -> set:
+    """Outputs of the fine-tuned region's multiplies: each keeps both factors."""
+    return {op.output for i, op in enumerate(split.program.ops) if op.kind == "mul"
+            and i >= split.region_start}
+
+
 def argmax_pools(split: Split) -> set:
     """Outputs of the fine-tuned region's max-pools: each hands its argmax to the backward."""
     return {op.output for i, op in enumerate(split.program.ops) if op.kind == "maxpool"
@@ -384,6 +403,7 @@ def forward_partitions(split: Split, config: TrainConfig) -> list:
     trainable = set(split.trainable_params)
     masked = packed_masks(split, config.method)
     saved = saved_activations(split, config.method)
+    muls = region_multiplies(split)
     pools = argmax_pools(split)
     produced_in, used_in = crossings(split)
     result = []
@@ -396,8 +416,8 @@ def forward_partitions(split: Split, config: TrainConfig) -> list:
                     inputs.append(t)
         for t in inputs:
             g.input(t, np.float32, tensor_shape(program, t))
-        emit_ops(g, program, part, trainable, masked | saved | pools)
-        outputs = []
+        emit_ops(g, program, part, trainable, masked | saved | muls | pools)
+        outputs, shapes = [], {}  # shapes: of the kept factors
         for i in part:
             op = program.ops[i]
             if any(q > p for q in used_in.get(op.output, ())):
@@ -406,6 +426,10 @@ def forward_partitions(split: Split, config: TrainConfig) -> list:
                 outputs.append(mask_bits_name(op.output))
             if op.output in saved:
                 outputs.append(act_saved_name(op.output))
+            if op.output in muls:
+                outputs += [mul_factor_name(op.output, i) for i in range(2)]
+                shapes.update({mul_factor_name(op.output, i): tensor_shape(program, t)
+                               for i, t in enumerate(op.inputs)})
             if op.output in pools:
                 outputs.append(argmax_name(op.output))
         last = p == len(split.partitions) - 1
@@ -421,6 +445,8 @@ def forward_partitions(split: Split, config: TrainConfig) -> list:
                 g.output(t, np.int32, tensor_shape(program, t[:-len("/argmax")]))
             elif t.endswith("/act_saved"):
                 g.output(t, np.float32, tensor_shape(program, t[:-len("/act_saved")]))
+            elif t in shapes:
+                g.output(t, np.float32, shapes[t])
             elif t == "dlogits":
                 g.output(t, np.float32, tensor_shape(program, "logits"))
             else:
@@ -632,6 +658,9 @@ def backward_partitions(split: Split, config: TrainConfig) -> list:
                 g.input(mask_bits_name(op.output), np.uint8, mask_bits_shape(program, op.output))
             elif source == "saved":
                 g.input(act_saved_name(op.output), np.float32, tensor_shape(program, op.output))
+            elif op.kind == "mul":
+                for i, t in enumerate(op.inputs):
+                    g.input(mul_factor_name(op.output, i), np.float32, tensor_shape(program, t))
             elif op.kind == "maxpool":
                 g.input(argmax_name(op.output), np.int32, tensor_shape(program, op.output))
             if op.kind == "linear":
@@ -754,6 +783,20 @@ def emit_partition_backward(g: Graph, program: Program, ops: list, grads: dict, 
         elif op.kind == "add":
             for t in op.inputs:
                 accumulate(t, dy)
+        elif op.kind == "mul":  # d/a = dY b, summed over the axes a was broadcast along
+            for i, t in enumerate(op.inputs):
+                if not needs_grad(t):
+                    continue
+                other = mul_factor_name(op.output, 1 - i)
+                grad = g.op("Mul", [dy, other], f"{op.name}/dY_x_factor_{1 - i}")
+                if program.shapes[t] != program.shapes[op.output]:  # a (C, 1, 1) gate
+                    grad = g.op("ReduceSum", [grad, g.ints([2, 3])], f"{op.name}/d_gate_{i}",
+                                keepdims=1)
+                accumulate(t, grad)
+        elif op.kind == "mean":
+            c, h, w = program.shapes[x]
+            spread = g.op("Mul", [dy, g.scalar(1.0 / (h * w))], op.name + "/dX_mean")
+            accumulate(x, g.op("Expand", [spread, g.ints([1, 1, h, w])], op.name + "/dX"))
         elif op.kind == "clip" and op.output in derived:  # lo < y < hi of the kept y
             y, lo, hi = derived[op.output], op.attrs["lo"], op.attrs["hi"]
             mask = g.op("Greater", [y, g.scalar(lo)], op.name + "/above_lo")

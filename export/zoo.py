@@ -113,6 +113,10 @@ class ProgramNet(nn.Module):
                 y = activation(x, a)
             elif op.kind == "add":
                 y = x + tensors[op.inputs[1]]
+            elif op.kind == "mul":
+                y = x * tensors[op.inputs[1]]
+            elif op.kind == "mean":
+                y = x.mean((2, 3), keepdim=True)
             elif op.kind == "maxpool":
                 y = F.max_pool2d(x, a["kernel"], a["stride"], a["padding"])
             elif op.kind == "gap":

@@ -196,6 +196,17 @@ class Block(nn.Module):
         return y * self.gate(F.adaptive_avg_pool2d(y, 1))
 
 
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.fc((y * 0.5).mean((2, 3)))
+
+
 class EdgeNet(nn.Module):
     def __init__(self):
         super().__init__()
@@ -211,8 +222,9 @@ class EdgeNet(nn.Module):
     (WithMish(), "1 unsupported op: blocks.1.1: Mish is not supported"),
     (Reflect(), "conv: padding_mode='reflect' is not supported (zeros only)"),
     (Gelu(), "1 unsupported op: Gelu (forward): F.gelu is not supported"),
-    (EdgeNet(), "2 unsupported ops: features.0 (forward): operator.mul is not supported; "
-                "EdgeNet (forward): torch.erf is not supported"),
+    (Scaled(), "1 unsupported op: Scaled (forward): operator.mul by a constant is not "
+               "supported (only of two tensors, such as a gate)"),
+    (EdgeNet(), "1 unsupported op: EdgeNet (forward): torch.erf is not supported"),
 ])
 def test_unsupported_ops_are_one_line_naming_each_module_path(module, message):
     """Every unsupported op at once, in execution order, a function by the module whose
@@ -600,8 +612,8 @@ def test_what_each_activation_keeps_is_held_and_planned(tmp_path, method, eps):
             {name: sum(fwd.tensors[t].nbytes for t in ts) for name, ts in masks.items()}
     whole = sum(fwd.tensors[t].nbytes for ts in masks.values() for t in ts
                 if t.endswith("/act_saved"))
-    assert sum(layer.activation_bytes for layer in predicted.layers) == whole
-    assert "float32 activations kept whole" in plan_table(predicted, 5)
+    assert sum(layer.whole_bytes for layer in predicted.layers) == whole
+    assert "float32 tensors kept whole" in plan_table(predicted, 5)
 
 
 class ReadAfterInPlace(nn.Module):
@@ -625,3 +637,80 @@ def test_an_in_place_activation_whose_input_is_read_again_is_refused_in_one_line
     assert str(e.value) == ("1 unsupported op: ReadAfterInPlace (forward): the in-place "
                             "F.leaky_relu_ overwrites a tensor that add reads after it: not "
                             "supported (make it not in-place)")
+
+
+class SqueezeExcite(nn.Module):
+    """A MobileNetV3 block with squeeze-excitation (pool -> 1x1 -> ReLU -> 1x1 -> hardsigmoid,
+    a (C, 1, 1) gate times the map), an EfficientNet-style one (SiLU, sigmoid, torch.mul,
+    the gate first), a residual, convs in execution order: stem expand dw se.0 se.2 project
+    mix se2.0 se2.2 last."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
+                                  nn.Hardswish())
+        self.expand = nn.Conv2d(8, 16, 1)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(16, 4, 1), nn.ReLU(),
+                                nn.Conv2d(4, 16, 1), nn.Hardsigmoid())
+        self.project = nn.Conv2d(16, 8, 1)
+        self.mix = nn.Conv2d(8, 12, 3, padding=1)
+        self.se2 = nn.Sequential(nn.Identity(), nn.Conv2d(12, 3, 1), nn.SiLU(),
+                                 nn.Conv2d(3, 12, 1), nn.Sigmoid())
+        self.last = nn.Conv2d(12, 10, 1)
+        self.fc = nn.Linear(10, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = F.hardswish(self.dw(F.hardswish(self.expand(x))))
+        y = y * self.se(y)
+        x = x + self.project(y)
+        y = F.silu(self.mix(x))
+        y = torch.mul(self.se2(y.mean((2, 3), keepdim=True)), y)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.last(y), 1), 1))
+
+
+@pytest.mark.parametrize("method,eps", [("vanilla", None), ("hosvd", 1.0), ("asi", 1.0),
+                                        ("svd", 1.0)])
+# 2: the multiplies frozen; 3: the gate's conv fine-tuned, not the map; 5: the gate's path and
+# the map's; 6: also through the first block's multiply; 10: every conv
+@pytest.mark.parametrize("n_convs", [2, 3, 5, 6, 10])
+def test_squeeze_excitation_trains_with_autograds_gradients(tmp_path, method, eps, n_convs):
+    torch.manual_seed(3)
+    net = SqueezeExcite()
+    program, _ = program_from_module(net, 12)
+    assert [op.kind for op in program.ops if op.kind in ("mean", "mul", "gap")] == \
+        ["mean", "mul", "mean", "mul", "gap"]
+    export_module(net, tmp_path / "art", input_size=12, batch_size=3, layers=n_convs,
+                  method=method, eps=eps)
+    trainer = Trainer(tmp_path / "art")
+    rng = np.random.default_rng(5)
+    images = rng.standard_normal((3, 3, 12, 12)).astype(np.float32)
+    labels = rng.integers(0, 3, 3).astype(np.int64)
+    net.eval()
+    with torch.no_grad():
+        assert rel(trainer.evaluate(images), net(torch.from_numpy(images)).numpy()) < TOL
+    assert_step_is_autograds(trainer, net, n_convs, images, labels)
+
+
+@pytest.mark.parametrize("n_convs", [3, 10])
+def test_what_a_multiply_keeps_is_held_and_planned(tmp_path, n_convs):
+    """A multiply keeps both factors whole (float32), counted with the conv before it; the
+    plan's per-layer bytes are what the runner holds."""
+    from actcomp_edge.memory import plan
+    from actcomp_edge.program import network_of
+    net = SqueezeExcite()
+    manifest = export_module(net, tmp_path / "art", input_size=12, batch_size=3,
+                             layers=n_convs, method="hosvd", eps=1.0)
+    masks = {layer["name"]: layer["masks"] for layer in manifest["trainable_layers"]}
+    assert [t for t in masks["se2.3"] if "/factor_" in t] == ["mul_1/mul/factor_0", "mul_1/mul/factor_1"]
+    trainer = Trainer(tmp_path / "art")
+    images = np.random.default_rng(1).standard_normal((3, 3, 12, 12)).astype(np.float32)
+    fwd = trainer.forward(images, np.zeros(3, np.int64))
+    assert fwd.tensors["mul_1/mul/factor_0"].shape == (3, 12, 1, 1)  # the gate
+    assert fwd.tensors["mul_1/mul/factor_1"].shape == (3, 12, 12, 12)
+    program, _ = program_from_module(net, 12)
+    predicted = plan(network_of(program), n_convs, "hosvd", 3, 12, eps=1.0)
+    assert {layer.name: layer.full_bytes - layer.paper_bytes
+            for layer in predicted.layers[:-1]} == \
+        {name: sum(fwd.tensors[t].nbytes for t in ts) for name, ts in masks.items()}
