@@ -104,6 +104,9 @@ class Network:
     convs: tuple
     classifier_in: int
     num_classes: int
+    head_floats: int                 # per sample: float32 elements the head's backward keeps
+                                     # (each linear's input, hardswish/silu inputs, ...)
+    head_masks: tuple = ()           # per sample: elements of each bit-packed head mask
 
 
 # ---------------------------------------------------------------- zoo specs

@@ -7,8 +7,9 @@ Two accountings:
   (ReLU/ReLU6/clamp, hardsigmoid, leaky ReLU, also after a residual add) downstream of the
   first fine-tuned conv, the float32 input of every hardswish and silu and output of every
   sigmoid there and both factors of every multiply (a squeeze-excitation gate and the map
-  it scales; kept whole: a conv input's compression does not reach them), the argmax (int32) of every max-pool in the fine-tuned part,
-  and the classifier input (float32).  Budgets use this one.
+  it scales; kept whole: a conv input's compression does not reach them), the argmax
+  (int32) of every max-pool in the fine-tuned part, and the classifier head's: each
+  Linear's float32 input and what its activations keep.  Budgets use this one.
 
 Floats are float32 (4 bytes). MiB = 2**20 bytes.
 """
@@ -147,7 +148,8 @@ def plan(net: Network, n_layers: int, method: str, batch_size: int, input_size,
         masks = mask_bytes(layer, batch_size)
         result.layers.append(LayerPlan(layer.name, shape, method, rank_per_mode, paper, masks,
                                        paper + masks, whole_bytes(layer, batch_size)))
-    head = batch_size * net.classifier_in * FLOAT_BYTES
+    head = batch_size * (net.head_floats * FLOAT_BYTES
+                         + sum(ceil(n * MASK_BITS / 8) for n in net.head_masks))
     result.layers.append(LayerPlan("classifier", (batch_size, net.classifier_in), "vanilla", None,
                                    0, 0, head))
     return result

@@ -15,7 +15,8 @@ This is what the exporter turns into ONNX graphs. Ops, in execution order:
     mean    (x) -> y   global average pool keeping (C, 1, 1) (squeeze-excitation's squeeze)
     maxpool (x) -> y   square window; backward: dY to each window's argmax
     gap     (x) -> y   global average pool + flatten: (B, C, H, W) -> (B, C)
-    linear  (x) -> y   classifier: y = x W^T + b
+    linear  (x) -> y   classifier: y = x W^T + b; after the gap only, with clips and acts
+                       between several (a head); the last one's output is ``logits``
 
 Param names follow the ``.npz`` naming of ``export.zoo`` (``<layer>.weight``,
 ``<layer>.bn.running_mean``, torchvision names for ResNets).
@@ -210,7 +211,8 @@ def network_of(program: Program) -> arch.Network:
     after a residual add its post-add act; the first max-pool after it is its maxpool_after."""
     convs, current = [], None
     masking = {"type": "clamp"}  # every clip packs a backward mask
-    for op in program.ops:
+    gap = [op.kind for op in program.ops].index("gap")
+    for op in program.ops[:gap]:
         if op.kind == "conv":
             (c, h, w), (o, oh, ow) = program.shapes[op.inputs[0]], program.shapes[op.output]
             a = op.attrs
@@ -241,9 +243,25 @@ def network_of(program: Program) -> arch.Network:
             current["tail"] = op.output
     layers = [arch.ConvLayer(**{k: v for k, v in c.items() if k not in ("tail", "added")})
               for c in convs]
-    head = program.ops[-1]
-    return arch.Network(program.name, tuple(layers), program.shapes[head.inputs[0]][0],
-                        program.num_classes)
+    floats, masks = head_kept(program, gap)
+    return arch.Network(program.name, tuple(layers), program.shapes["features"][0],
+                        program.num_classes, floats, masks)
+
+
+def head_kept(program: Program, gap: int) -> tuple:
+    """What a sample keeps for the backward of the head (the ops after the global pool):
+    (float32 elements: every linear's input and what an act keeps whole, the element counts
+    of the bit-packed masks of its clips and acts), as ``arch.ACTIVATIONS`` says."""
+    floats, masks = 0, ()
+    for op in program.ops[gap + 1:]:
+        keeps = "mask" if op.kind == "clip" else arch.ACTIVATIONS.get(op.attrs.get("fn"))
+        if op.kind == "linear":
+            floats += prod(program.shapes[op.inputs[0]])
+        elif keeps == "mask":
+            masks += (prod(program.shapes[op.output]),)
+        elif keeps in ("input", "output"):
+            floats += prod(program.shapes[op.output])
+    return floats, masks
 
 
 def total_stride(spec: dict, reference: int = 1024) -> int:

@@ -385,7 +385,12 @@ class Trainer:
         per_layer = {name: kept_bytes[name] + sum(tensors[m].nbytes
                                                   for m in layer.get("masks", ()))
                      for name, layer in self.layers.items()}
-        per_layer["classifier"] = tensors["features"].nbytes
+        claimed = {n for name, layer in self.layers.items()
+                   for n in (*layer.get("masks", ()), *layer["kept"])}
+        # the classifier head's: what else the backward takes (each linear's input, its
+        # activations' masks), but the loss gradient
+        per_layer["classifier"] = sum(tensors[n].nbytes for n in self.backward_inputs
+                                      if n in tensors and n not in claimed and n != "dlogits")
         full = sum(tensors[n].nbytes for n in tensors if n in self.backward_inputs)
         return Forward(tensors, out["ranks"], kept_bytes, int(full), per_layer, seconds)
 

@@ -20,8 +20,8 @@ from actcomp_edge.program import build_program, check_input_size, network_of
 from .memory_plan import choose_micro_batches, concrete, rank_dims, step_plan
 from .onnx_graph import IR_VERSION, OPSET
 from .training_graph import (TrainConfig, backward_partitions, conv_layer, eval_graph,
-                             forward_partitions, optimizer_state, overview_graph, split_program,
-                             update_graph)
+                             forward_partitions, head_tensors, optimizer_state, overview_graph,
+                             split_program, update_graph)
 
 
 def save_model(model: onnx.ModelProto, path: Path) -> None:
@@ -128,10 +128,11 @@ def write_artifact(program, out: Path, config: TrainConfig, batch_size: int, cla
     files = {}
     forward, schedule, models = [], [], {}
     partitions = forward_partitions(split, config)
-    # masks (and max-pool argmaxes) made between fine-tuned conv i and the next belong to conv
-    # i (full accounting)
-    masks = [[t for t in outputs if t.endswith(("/mask_bits", "/act_saved", "/argmax"))
-              or "/factor_" in t]
+    # masks (and max-pool argmaxes, saved activations, factors) made between fine-tuned conv i
+    # and the next belong to conv i (full accounting); the head's to the classifier
+    head = head_tensors(program)
+    masks = [[t for t in outputs if (t.endswith(("/mask_bits", "/act_saved", "/argmax"))
+                                     or "/factor_" in t) and t.rpartition("/")[0] not in head]
              for _, _, outputs in partitions[1:]]
     for p, (g, _, _) in enumerate(partitions):
         if p >= 1:  # the input of fine-tuned conv p is ready: the device decomposes it

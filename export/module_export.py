@@ -81,7 +81,7 @@ def export_module(module: nn.Module, out_dir, *, input_size, batch_size: int, la
     head = program.ops[-1]
     if num_classes and num_classes != program.num_classes:
         torch.manual_seed(seed)
-        fresh = nn.Linear(program.shapes["features"][0], num_classes,
+        fresh = nn.Linear(program.shapes[head.inputs[0]][0], num_classes,
                           bias=head.attrs["bias"] is not None)
         program.params[head.attrs["weight"]] = fresh.weight.detach().numpy().copy()
         if head.attrs["bias"]:

@@ -17,7 +17,8 @@
 |   as in squeeze-excitation, is the program's ``mean``)             |            |
 | Flatten, torch.flatten, .flatten/.view/.reshape after the pool    | (none)     |
 | Dropout (its p is recorded: the graphs leave it out)              | (none)     |
-| Linear, last, on the pooled features: the classifier              | linear     |
+| Linear after the global pool; several, with activations and      | linear     |
+|   dropout between them, are a head; the last gives the logits     |            |
 
 In-place forms (``inplace=True``, ``F.relu_``, ``.sigmoid_()``, ...) are the same ops; one
 whose input is read again after it is refused (torch would read the changed tensor).
@@ -133,7 +134,8 @@ class _Lowering:
         elif node.op in ("call_function", "call_method"):
             self.function(node, shape)
         elif node.op == "output":
-            if self.tensor.get(node.args[0]) != "logits":
+            returned = self.tensor.get(node.args[0])
+            if not self.ops or self.ops[-1].kind != "linear" or returned != self.ops[-1].output:
                 raise FrontendError("forward must return the logits of a final nn.Linear")
         else:
             raise FrontendError(f"{node.name}: {node.op} {node.target} is not supported")
@@ -197,11 +199,12 @@ class _Lowering:
                 self.dropout = max(self.dropout, float(mod.p))
             self.passthrough(node, where)
         elif isinstance(mod, nn.Linear):
-            if x != "features":
-                raise FrontendError(f"{where}: Linear is supported only as the classifier, on "
-                                    f"the globally pooled features")
+            if len(self.shapes[x]) != 1:
+                raise FrontendError(f"{where}: Linear is supported only in the classifier "
+                                    f"head, after the global pool")
             self.tensor[node] = self.emit(
-                "linear", where, [x], "logits", shape, weight=self.param(f"{where}.weight"),
+                "linear", where, [x], f"{where}/linear", shape,
+                weight=self.param(f"{where}.weight"),
                 bias=self.param(f"{where}.bias") if mod.bias is not None else None)
         else:
             raise FrontendError(f"{where}: {kind} is not supported")
@@ -285,6 +288,7 @@ class _Lowering:
             raise FrontendError(f"{where}: {label} is not supported")
 
 
+HEAD_OPS = ("linear", "clip", "act")  # after the global pool
 SUPPORTED_FUNCTIONS = (*RELUS, *HARDTANHS, *ACT_FUNCTIONS, *ADDS, *MULS, F.adaptive_avg_pool2d,
                        torch.mean, torch.flatten, F.dropout)
 SUPPORTED_METHODS = (*FLATTENS, *ACT_METHODS, "relu", "relu_", "size", "mean")
@@ -400,8 +404,15 @@ def program_from_module(module: nn.Module, input_size, name: str | None = None) 
                             f"{text}") from None
     for node in traced.graph.nodes:
         lowering.lower(node)
-    if lowering.ops[-1].kind != "linear":
+    ops, shapes = lowering.ops, lowering.shapes
+    if ops[-1].kind != "linear":
         raise FrontendError(f"{name}: the last op must be the classifier nn.Linear")
-    logits = lowering.shapes["logits"][0]
-    return (Program(name, lowering.ops, lowering.params, lowering.shapes, logits),
-            lowering.dropout)
+    head = [op for op in ops[[op.kind for op in ops].index("gap") + 1:]
+            if op.kind not in HEAD_OPS]
+    if head:
+        raise FrontendError(f"{head[0].name}: {head[0].kind} after the global pool is not "
+                            f"supported (the head: Linear, activations, Dropout)")
+    last = ops[-1]
+    ops[-1] = Op(last.kind, last.name, last.inputs, "logits", last.attrs)
+    shapes["logits"] = shapes.pop(last.output)
+    return Program(name, ops, lowering.params, shapes, shapes["logits"][0]), lowering.dropout

@@ -89,10 +89,11 @@ def user_net(user_file):
 
 
 def reference_step(net, n_convs, images, labels, lr):
-    """torch.autograd gradients and one torch.optim.SGD step of the last n convs + the fc,
-    BN frozen (eval), dropout off."""
+    """torch.autograd gradients and one torch.optim.SGD step of the last n convs (in
+    definition order) + every Linear (the head), BN frozen (eval), dropout off."""
     convs = [name for name, m in net.named_modules() if isinstance(m, nn.Conv2d)][-n_convs:]
-    trainable = {f"{c}.{p}" for c in convs for p in ("weight", "bias")} | {"fc.weight", "fc.bias"}
+    head = [name for name, m in net.named_modules() if isinstance(m, nn.Linear)]
+    trainable = {f"{m}.{p}" for m in convs + head for p in ("weight", "bias")}
     params = {k: p for k, p in net.named_parameters() if k in trainable}
     for k, p in net.named_parameters():
         p.requires_grad_(k in trainable)

@@ -1,0 +1,91 @@
+"""MobileNetV3-Small, EfficientNet-B0 and RegNetY as a user writes them (tests/edge_models.py):
+each exports with its last 4 convs and with all of them, and one runner step equals
+torch.autograd's gradients and SGD's update; the plan sizes what the runner holds."""
+import numpy as np
+import pytest
+import torch
+
+from device_runner.runtime import Trainer
+from edge_models import EfficientNetB0, MobileNetV3Small, RegNetY
+from export import export_module
+from export.torch_frontend import program_from_module
+from test_frontend import TOL, reference_step, rel
+
+SIZE, BATCH, CLASSES = 32, 2, 10
+MODELS = {"mobilenet_v3_small": lambda: MobileNetV3Small(CLASSES, width=0.25),
+          "efficientnet_b0": lambda: EfficientNetB0(CLASSES, width=0.25, depth=0.34),
+          "regnety": lambda: RegNetY(CLASSES, width=0.25, depth=0.5)}
+
+
+def model(name: str) -> torch.nn.Module:
+    """The model with seeded weights and BN statistics of random images (as after training:
+    activations, and so gradients, of order 1 at every depth)."""
+    torch.manual_seed(0)
+    net = MODELS[name]()
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # a cumulative average
+    with torch.no_grad():
+        net.train()(torch.randn(16, 3, SIZE, SIZE))
+    return net.eval()
+
+
+def n_convs(net) -> int:
+    return sum(isinstance(m, torch.nn.Conv2d) for m in net.modules())
+
+
+@pytest.mark.parametrize("method,eps", [("vanilla", None), ("hosvd", 1.0)])
+@pytest.mark.parametrize("layers", ["4", "all"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_an_edge_cnn_trains_with_autograds_gradients_and_sgds_step(tmp_path, name, layers,
+                                                                    method, eps):
+    net = model(name)
+    n = 4 if layers == "4" else n_convs(net)
+    manifest = export_module(net, tmp_path / "art", input_size=SIZE, batch_size=BATCH,
+                             layers=n, method=method, eps=eps)
+    trainer = Trainer(tmp_path / "art")
+    rng = np.random.default_rng(1)
+    images = rng.standard_normal((BATCH, 3, SIZE, SIZE)).astype(np.float32)
+    labels = rng.integers(0, CLASSES, BATCH).astype(np.int64)
+    with torch.no_grad():
+        assert rel(trainer.evaluate(images), net(torch.from_numpy(images)).numpy()) < TOL
+    loss, grads, after = reference_step(net, n, images, labels, lr=0.1)
+    result = trainer.step(images, labels, lr=0.1)
+    assert sorted(result.grads) == sorted(grads) == sorted(manifest["trainable_params"])
+    assert abs(result.loss - loss) < TOL * abs(loss)
+    for key, grad in grads.items():
+        assert rel(result.grads[key], grad) < TOL, key
+        assert rel(trainer.params[key], after[key]) < TOL, key
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_the_plan_of_an_edge_cnn_is_what_the_runner_holds(tmp_path, name):
+    """Every conv fine-tuned, HOSVD at eps 1: the plan's full bytes per layer (and the head's)
+    equal what the runner's forward hands the backward."""
+    from actcomp_edge.memory import plan
+    from actcomp_edge.program import network_of
+    net = model(name)
+    n = n_convs(net)
+    export_module(net, tmp_path / "art", input_size=SIZE, batch_size=BATCH, layers=n,
+                  method="hosvd", eps=1.0)
+    trainer = Trainer(tmp_path / "art")
+    images = np.random.default_rng(2).standard_normal((BATCH, 3, SIZE, SIZE)).astype(np.float32)
+    fwd = trainer.forward(images, np.zeros(BATCH, np.int64))
+    program, _ = program_from_module(net, SIZE)
+    predicted = plan(network_of(program), n, "hosvd", BATCH, SIZE, eps=1.0)
+    held = {layer.name: layer.full_bytes - layer.paper_bytes for layer in predicted.layers}
+    assert held == {name: fwd.kept_full_per_layer[name] - fwd.kept_bytes.get(name, 0)
+                    for name in held}
+
+
+def test_num_classes_replaces_the_last_linear_of_a_head(tmp_path):
+    from actcomp_edge.npz import load_npz
+    net = model("mobilenet_v3_small")
+    export_module(net, tmp_path / "art", input_size=SIZE, batch_size=BATCH, layers=4,
+                  method="vanilla", num_classes=4)
+    weights = load_npz(tmp_path / "art" / "weights.npz")
+    assert np.array_equal(weights["classifier.0.weight"], net.classifier[0].weight.detach().numpy())
+    assert weights["classifier.3.weight"].shape == (4, net.classifier[3].in_features)
+    trainer = Trainer(tmp_path / "art")
+    images = np.zeros((BATCH, 3, SIZE, SIZE), np.float32)
+    assert trainer.evaluate(images).shape == (BATCH, 4)
