@@ -76,7 +76,8 @@ class ConvLayer:
     maxpool_after: Optional[dict] = None  # a max-pool after it, before the next conv
     dilation: object = 1
     more_acts: tuple = ()                # further activations before the next conv (silu then
-                                         # hardswish, ...), each a dict like act
+                                         # hardswish, ...), each a dict like act; an act's
+                                         # "elements": per sample, when not the output's
     mul_floats: int = 0                  # per sample: the factors of the multiplies after it
                                          # (a gate and the map it scales), kept whole
 

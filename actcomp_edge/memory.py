@@ -90,11 +90,10 @@ def mask_bytes(layer: ConvLayer, batch: int) -> int:
     """What the backward keeps after this conv besides the next conv's input: the masks of its
     activations (1 bit an element), the float32 tensors kept whole (``whole_bytes``), and the
     argmax of a max-pool after it."""
-    per_sample = prod(layer.output_shape(1))
     total = whole_bytes(layer, batch)
     for act in layer.acts:
         if act.get("type") in MASKING_ACTS or ACTIVATIONS.get(act.get("type")) == "mask":
-            total += batch * ceil(per_sample * MASK_BITS / 8)
+            total += batch * ceil(act_elements(layer, act) * MASK_BITS / 8)
     if layer.maxpool_after:
         p = layer.maxpool_after
         h, w = ((s + 2 * p["padding"] - p["kernel"]) // p["stride"] + 1 for s in layer.output_hw)
@@ -106,8 +105,15 @@ def whole_bytes(layer: ConvLayer, batch: int) -> int:
     """The float32 tensors after this conv that the backward keeps whole (a conv input's
     compression does not reach them): the input of a hardswish or silu, the output of a
     sigmoid (``arch.ACTIVATIONS``), both factors of a multiply (a gate and what it scales)."""
-    kept = sum(1 for act in layer.acts if ACTIVATIONS.get(act.get("type")) in ("input", "output"))
-    return (kept * prod(layer.output_shape(1)) + layer.mul_floats) * batch * FLOAT_BYTES
+    kept = sum(act_elements(layer, act) for act in layer.acts
+               if ACTIVATIONS.get(act.get("type")) in ("input", "output"))
+    return (kept + layer.mul_floats) * batch * FLOAT_BYTES
+
+
+def act_elements(layer: ConvLayer, act: dict) -> int:
+    """Elements of one sample of an activation after this conv: the conv's output's, unless
+    the act says (after a concatenation, say)."""
+    return act.get("elements") or prod(layer.output_shape(1))
 
 
 def layer_ranks(method: str, shape: tuple, ranks, rank_cap) -> Optional[tuple]:

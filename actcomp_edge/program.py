@@ -13,6 +13,9 @@ This is what the exporter turns into ONNX graphs. Ops, in execution order:
     mul     (a, b) -> y   y = a * b, one of them may be (C, 1, 1): a squeeze-excitation gate;
                        the backward keeps both factors
     mean    (x) -> y   global average pool keeping (C, 1, 1) (squeeze-excitation's squeeze)
+    cat     (a, b, ...) -> y   concatenation on channels
+    slice   (x) -> y   channels [start, stop) of x (a piece of a chunk / split)
+    shuffle (x) -> y   channel shuffle of ``groups``: y[j g + i] = x[i C/g + j]
     maxpool (x) -> y   square window; backward: dY to each window's argmax
     gap     (x) -> y   global average pool + flatten: (B, C, H, W) -> (B, C)
     linear  (x) -> y   classifier: y = x W^T + b; after the gap only, with clips and acts
@@ -229,7 +232,8 @@ def network_of(program: Program) -> arch.Network:
         elif op.kind == "add":
             current["added"] = True
         elif op.kind in ("clip", "act"):
-            act = masking if op.kind == "clip" else {"type": op.attrs["fn"]}
+            act = dict(masking if op.kind == "clip" else {"type": op.attrs["fn"]},
+                       elements=prod(program.shapes[op.output]))
             slot = "post_add_act" if current["added"] else "act"
             if current[slot] is None:
                 current[slot] = act

@@ -15,6 +15,9 @@
 | ``x.mean((2, 3))``, torch.mean over (2, 3) (keepdim or not)        | gap        |
 |   (a global pool whose (C, 1, 1) result feeds a conv or a multiply, |  mean      |
 |   as in squeeze-excitation, is the program's ``mean``)             |            |
+| torch.cat on channels                                             | cat        |
+| chunk / split on channels (torch. or method), then its pieces     | slice      |
+| a channel shuffle: view (g, C/g), transpose(1, 2), view back      | shuffle    |
 | Flatten, torch.flatten, .flatten/.view/.reshape after the pool    | (none)     |
 | Dropout (its p is recorded: the graphs leave it out)              | (none)     |
 | Linear after the global pool; several, with activations and      | linear     |
@@ -52,6 +55,12 @@ ACT_METHODS = {"sigmoid": "sigmoid", "sigmoid_": "sigmoid"}
 IN_PLACE = (F.relu_, torch.relu_, F.hardtanh_, torch.sigmoid_, F.leaky_relu_, "relu_", "sigmoid_")
 ADDS = (operator.add, torch.add)
 MULS = (operator.mul, torch.mul)
+CATS = (torch.cat, torch.concat)
+SPLITS = (torch.chunk, torch.split, "chunk", "split")
+TRANSPOSES = (torch.transpose, "transpose", "permute")
+# python ints from x.size() / x.shape: only shapes for a view (a channel shuffle, a flatten)
+SIZE_ARITHMETIC = (operator.getitem, operator.floordiv, operator.mul, operator.add,
+                   operator.sub)
 DROPOUTS = (nn.Dropout, nn.Dropout2d)
 FLATTENS = ("flatten", "view", "reshape")
 MODULES = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.MaxPool2d,
@@ -99,6 +108,8 @@ class _Lowering:
                       for k, v in module.state_dict().items()}
         self.ops, self.params, self.shapes, self.tensor = [], {}, {}, {}
         self.pooled = set()  # fx nodes holding the (B, C) features: flatten/view are no-ops
+        self.pieces = {}     # chunk / split node -> (tensor, channels of each piece)
+        self.grouped = {}    # a shuffle's 5-D view -> (tensor, groups, transposed)
         self.dropout, self.name = 0.0, name
 
     def emit(self, kind, name, inputs, output, shape, **attrs) -> str:
@@ -123,7 +134,8 @@ class _Lowering:
         return self.tensor[arg]
 
     def lower(self, node: fx.Node) -> None:
-        shape = tuple(node.meta["tensor_meta"].shape)[1:] if "tensor_meta" in node.meta else None
+        meta = node.meta.get("tensor_meta")
+        shape = tuple(meta.shape)[1:] if hasattr(meta, "shape") else None  # not a tuple's
         if node.op == "placeholder":
             if self.tensor:
                 raise FrontendError(f"{node.name}: a second input is not supported")
@@ -235,16 +247,78 @@ class _Lowering:
 
     def flatten(self, node, where: str) -> None:
         if node.args[0] not in self.pooled:
-            raise FrontendError(f"{where}: flattening a feature map is supported only after "
-                                f"the global pool")
+            raise FrontendError(f"{where_of(node, self.name)}: flattening a feature map is "
+                                f"supported only after the global pool")
         self.passthrough(node, where)
+
+    def view(self, node, where: str, shape) -> None:
+        """A view / reshape: of the pooled features (a flatten), or one of a channel
+        shuffle's two: (C, H, W) -> (g, C / g, H, W), and back after a transpose."""
+        source = node.args[0]
+        if source in self.pooled:
+            return self.flatten(node, where)
+        grouped = self.grouped.get(source)
+        if grouped is None and len(shape) == 4:
+            x = self.tensor_of(source, where)
+            if (shape[0] * shape[1], *shape[2:]) == self.shapes[x]:
+                self.grouped[node] = (x, shape[0], False)
+                return
+        elif grouped and grouped[2] and shape == self.shapes[grouped[0]]:
+            x, groups, _ = grouped
+            self.tensor[node] = self.emit("shuffle", where, [x], f"{where}/shuffle", shape,
+                                          groups=groups)
+            return
+        raise FrontendError(f"{where_of(node, self.name)}: a view of a feature map is "
+                            f"supported only as a channel shuffle (view, transpose(1, 2), "
+                            f"view) or a flatten after the global pool")
+
+    def transpose(self, node, where: str) -> None:
+        """The middle of a channel shuffle: swap the groups and the channels in a group."""
+        dims = tuple(node.args[1:]) or tuple(node.kwargs.values())
+        dims = tuple(dims[0]) if len(dims) == 1 and isinstance(dims[0], (list, tuple)) else dims
+        grouped = self.grouped.get(node.args[0])
+        if grouped and not grouped[2] and dims in ((1, 2), (2, 1), (0, 2, 1, 3, 4)):
+            self.grouped[node] = (grouped[0], grouped[1], True)
+            return
+        raise FrontendError(f"{where_of(node, self.name)}: a transpose is supported only in a "
+                            f"channel shuffle (view, transpose(1, 2), view)")
+
+    def split(self, node, where: str) -> None:
+        """chunk / split on channels: its pieces are slices (see getitem)."""
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        if dim not in (1, -3):
+            raise FrontendError(f"{where_of(node, self.name)}: {op_label(node.target)} on dim "
+                                f"{dim} is not supported (only on channels, dim 1)")
+        sizes = [meta.shape[1] for meta in node.meta["tensor_meta"]]
+        self.pieces[node] = (self.tensor_of(node.args[0], where), sizes)
+
+    def cat(self, node, where: str, shape) -> None:
+        tensors = node.args[0]
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        if dim not in (1, -3):
+            raise FrontendError(f"{where_of(node, self.name)}: {op_label(node.target)} on dim "
+                                f"{dim} is not supported (only on channels, dim 1)")
+        inputs = [self.tensor_of(t, where) for t in tensors]
+        self.tensor[node] = self.emit("cat", where, inputs, f"{where}/cat", shape)
+
+    def piece(self, node, where: str, shape) -> None:
+        """Piece i of a chunk / split: channels [start, stop) of its tensor."""
+        if node.args[0] not in self.pieces:
+            raise FrontendError(f"{where_of(node, self.name)}: indexing a tensor is not "
+                                f"supported (only the pieces of chunk / split on channels)")
+        x, sizes = self.pieces[node.args[0]]
+        i = node.args[1] % len(sizes)
+        start = sum(sizes[:i])
+        self.tensor[node] = self.emit("slice", where, [x], f"{where}/slice", shape,
+                                      start=start, stop=start + sizes[i])
 
     def function(self, node, shape) -> None:
         target, where = node.target, node.name
         label = target if isinstance(target, str) else getattr(target, "__name__", str(target))
-        if node.op == "call_method" and target == "size":
-            return  # only feeds a view/reshape of the pooled features (checked there)
+        if size_value(node):
+            return  # python ints that only shape a view (checked there)
         x = node.args[0] if node.args else None
+        method = node.op == "call_method"
         if target in RELUS or (node.op == "call_method" and target in ("relu", "relu_")):
             lo, hi = RELUS.get(target, (0.0, RELU_HI))
             self.tensor[node] = self.emit("clip", where, [self.tensor_of(x, where)],
@@ -280,8 +354,23 @@ class _Lowering:
                 raise FrontendError(f"{where}: a mean over dims {dims} is supported only as "
                                     f"the global pool, over (2, 3)")
             self.pool(node, self.tensor_of(x, where), where, shape)
-        elif (target is torch.flatten or (node.op == "call_method" and target in FLATTENS)):
+        elif target is torch.flatten or method and target == "flatten":
             self.flatten(node, where)
+        elif target is torch.reshape or method and target in ("view", "reshape"):
+            self.view(node, where, shape)
+        elif target in TRANSPOSES:
+            self.transpose(node, where)
+        elif method and target == "contiguous":
+            if x in self.grouped:
+                self.grouped[node] = self.grouped[x]
+            else:
+                self.passthrough(node, where)
+        elif target in CATS:
+            self.cat(node, where, shape)
+        elif target in SPLITS:
+            self.split(node, where)
+        elif target is operator.getitem:
+            self.piece(node, where, shape)
         elif target is F.dropout:
             self.passthrough(node, where)
         else:
@@ -290,8 +379,21 @@ class _Lowering:
 
 HEAD_OPS = ("linear", "clip", "act")  # after the global pool
 SUPPORTED_FUNCTIONS = (*RELUS, *HARDTANHS, *ACT_FUNCTIONS, *ADDS, *MULS, F.adaptive_avg_pool2d,
-                       torch.mean, torch.flatten, F.dropout)
-SUPPORTED_METHODS = (*FLATTENS, *ACT_METHODS, "relu", "relu_", "size", "mean")
+                       torch.mean, torch.flatten, torch.reshape, F.dropout, *CATS,
+                       torch.chunk, torch.split, torch.transpose, operator.getitem)
+SUPPORTED_METHODS = (*FLATTENS, *ACT_METHODS, "relu", "relu_", "size", "mean", "chunk",
+                     "split", "transpose", "permute", "contiguous")
+
+
+def size_value(node: fx.Node) -> bool:
+    """Whether node is a python int (or tuple of them) from x.size() / x.shape, or arithmetic
+    on such ints: a shape for a view, not a tensor."""
+    if node.op == "call_method" and node.target == "size" or \
+            node.op == "call_function" and node.target is getattr and node.args[1] == "shape":
+        return True
+    sources = [a for a in node.args if isinstance(a, fx.Node)]
+    return node.op == "call_function" and node.target in SIZE_ARITHMETIC and bool(sources) \
+        and all(size_value(a) for a in sources)
 
 
 def _feeds_classifier(node: fx.Node, modules: dict) -> bool:
@@ -358,6 +460,8 @@ def unsupported(node: fx.Node, modules: dict, model: str) -> str | None:
         mod = modules[node.target]
         return None if isinstance(mod, MODULES) else \
             f"{node.target}: {type(mod).__name__} is not supported"
+    if size_value(node):
+        return None
     if node.op == "call_function" and node.target in MULS and \
             not all(isinstance(arg, fx.Node) for arg in node.args):
         return f"{where_of(node, model)}: {op_label(node.target)} by a constant is not " \

@@ -188,6 +188,14 @@ def emit_forward(g: Graph, program: Program, op: Op, trainable: set, with_mask: 
                      outputs=[mul_factor_name(op.output, i)])
     elif op.kind == "mean":
         g.op("GlobalAveragePool", [op.inputs[0]], op.name, outputs=[op.output])
+    elif op.kind == "cat":
+        g.op("Concat", list(op.inputs), op.name, outputs=[op.output], axis=1)
+    elif op.kind == "slice":
+        g.op("Slice", [op.inputs[0], g.ints([a["start"]]), g.ints([a["stop"]]), g.ints([1])],
+             op.name, outputs=[op.output])
+    elif op.kind == "shuffle":
+        emit_shuffle(g, op.inputs[0], program.shapes[op.output], a["groups"], op.name,
+                     op.output)
     elif op.kind == "maxpool":
         k, s, p = a["kernel"], a["stride"], a["padding"]
         outputs = [op.output] + ([op.output + "/argmax_flat"] if with_mask else [])
@@ -209,6 +217,16 @@ def emit_forward(g: Graph, program: Program, op: Op, trainable: set, with_mask: 
              transB=1)
     else:
         raise ValueError(f"unknown op kind {op.kind!r}")
+
+
+def emit_shuffle(g: Graph, x: str, chw, groups: int, name: str,
+                 output: str | None = None) -> str:
+    """Channel shuffle of x (B, C, H, W): view (B, g, C/g, H, W), swap g and C/g, view back."""
+    c, h, w = chw
+    grouped = g.op("Reshape", [x, g.ints([0, groups, c // groups, h, w])], name + "/grouped")
+    swapped = g.op("Transpose", [grouped], name + "/swapped", perm=[0, 2, 1, 3, 4])
+    return g.op("Reshape", [swapped, g.ints([0, c, h, w])], name + "/shuffled",
+                **({"outputs": [output]} if output else {}))
 
 
 def emit_ops(g: Graph, program: Program, indices, trainable: set, masked=frozenset()) -> None:
@@ -802,6 +820,21 @@ def emit_partition_backward(g: Graph, program: Program, ops: list, grads: dict, 
                     grad = g.op("ReduceSum", [grad, g.ints([2, 3])], f"{op.name}/d_gate_{i}",
                                 keepdims=1)
                 accumulate(t, grad)
+        elif op.kind == "cat":  # each input's channels of dY
+            start = 0
+            for i, t in enumerate(op.inputs):
+                stop = start + program.shapes[t][0]
+                if needs_grad(t):
+                    accumulate(t, g.op("Slice", [dy, g.ints([start]), g.ints([stop]),
+                                                 g.ints([1])], f"{op.name}/dX_{i}"))
+                start = stop
+        elif op.kind == "slice":  # dY in its channels, zeros elsewhere
+            c = program.shapes[x][0]
+            pads = [0, op.attrs["start"], 0, 0, 0, c - op.attrs["stop"], 0, 0]
+            accumulate(x, g.op("Pad", [dy, g.ints(pads)], op.name + "/dX"))
+        elif op.kind == "shuffle":  # the inverse permutation: a shuffle of C / g groups
+            groups = program.shapes[x][0] // op.attrs["groups"]
+            accumulate(x, emit_shuffle(g, dy, program.shapes[x], groups, op.name + "/dX"))
         elif op.kind == "mean":
             c, h, w = program.shapes[x]
             spread = g.op("Mul", [dy, g.scalar(1.0 / (h * w))], op.name + "/dX_mean")

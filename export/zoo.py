@@ -117,6 +117,14 @@ class ProgramNet(nn.Module):
                 y = x * tensors[op.inputs[1]]
             elif op.kind == "mean":
                 y = x.mean((2, 3), keepdim=True)
+            elif op.kind == "cat":
+                y = torch.cat([tensors[t] for t in op.inputs], 1)
+            elif op.kind == "slice":
+                y = x[:, a["start"]:a["stop"]]
+            elif op.kind == "shuffle":
+                b, c, h, w = x.shape
+                y = x.view(b, a["groups"], c // a["groups"], h, w).transpose(1, 2).reshape(
+                    b, c, h, w)
             elif op.kind == "maxpool":
                 y = F.max_pool2d(x, a["kernel"], a["stride"], a["padding"])
             elif op.kind == "gap":

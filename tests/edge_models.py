@@ -1,6 +1,7 @@
 """Today's edge CNNs, written as their papers define them, for the frontend's tests: a user's
 MobileNetV3-Small (Howard et al. 2019, table 2, torchvision's head), EfficientNet-B0 (Tan and
-Le 2019, table 1) and a RegNetY (Radosavovic et al. 2020: Y blocks with group width and SE).
+Le 2019, table 1), a RegNetY (Radosavovic et al. 2020: Y blocks with group width and SE) and
+ShuffleNetV2 (Ma et al. 2018: channel split, concatenation, channel shuffle).
 ``width`` scales every channel count (rounded to 8, as MobileNet does) and ``depth`` every
 stage's repeats, so that the tests run in seconds; the structure is the published one."""
 from math import ceil
@@ -166,3 +167,61 @@ class RegNetY(nn.Module):
 
     def forward(self, x):
         return self.fc(self.trunk(self.stem(x)).mean((2, 3)))
+
+
+# ---------------------------------------------------------------- ShuffleNetV2
+
+def channel_shuffle(x, groups: int):
+    batch, channels, height, width = x.size()
+    x = x.view(batch, groups, channels // groups, height, width)
+    x = torch.transpose(x, 1, 2).contiguous()
+    return x.view(batch, -1, height, width)
+
+
+class ShuffleUnit(nn.Module):
+    """Ma et al. 2018, figure 3 (c) and, with stride 2, (d): split the channels in two, one
+    half through 1x1 -> 3x3 depthwise -> 1x1, concatenate, shuffle."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        half = cout // 2
+        self.stride = stride
+        if stride > 1:
+            self.branch1 = nn.Sequential(conv_bn(cin, cin, 3, stride, groups=cin),
+                                         conv_bn(cin, half, 1, act=nn.ReLU(inplace=True)))
+        self.branch2 = nn.Sequential(
+            conv_bn(cin if stride > 1 else half, half, 1, act=nn.ReLU(inplace=True)),
+            conv_bn(half, half, 3, stride, groups=half),
+            conv_bn(half, half, 1, act=nn.ReLU(inplace=True)))
+
+    def forward(self, x):
+        if self.stride == 1:
+            x1, x2 = x.chunk(2, dim=1)
+            out = torch.cat((x1, self.branch2(x2)), dim=1)
+        else:
+            out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
+        return channel_shuffle(out, 2)
+
+
+class ShuffleNetV2(nn.Module):
+    """ShuffleNetV2 1.0x: stages of 4, 8, 4 units, widths 116, 232, 464, then 1024."""
+
+    def __init__(self, num_classes=10, width=1.0, depth=1.0):
+        super().__init__()
+        cin = 24
+        self.conv1 = conv_bn(3, cin, 3, 2, nn.ReLU(inplace=True))
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        stages = []
+        for out, repeats in zip((116, 232, 464), (4, 8, 4)):
+            cout = 2 * div8(out * width / 2)
+            units = [ShuffleUnit(cin if i == 0 else cout, cout, 2 if i == 0 else 1)
+                     for i in range(ceil(repeats * depth))]
+            stages.append(nn.Sequential(*units))
+            cin = cout
+        self.stages = nn.Sequential(*stages)
+        self.conv5 = conv_bn(cin, div8(1024 * width), 1, act=nn.ReLU(inplace=True))
+        self.fc = nn.Linear(div8(1024 * width), num_classes)
+
+    def forward(self, x):
+        x = self.stages(self.maxpool(self.conv1(x)))
+        return self.fc(self.conv5(x).mean([2, 3]))

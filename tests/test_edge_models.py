@@ -1,4 +1,4 @@
-"""MobileNetV3-Small, EfficientNet-B0 and RegNetY as a user writes them (tests/edge_models.py):
+"""MobileNetV3-Small, EfficientNet-B0, RegNetY and ShuffleNetV2 as a user writes them (tests/edge_models.py):
 each exports with its last 4 convs and with all of them, and one runner step equals
 torch.autograd's gradients and SGD's update; the plan sizes what the runner holds."""
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from device_runner.runtime import Trainer
-from edge_models import EfficientNetB0, MobileNetV3Small, RegNetY
+from edge_models import EfficientNetB0, MobileNetV3Small, RegNetY, ShuffleNetV2
 from export import export_module
 from export.torch_frontend import program_from_module
 from test_frontend import TOL, reference_step, rel
@@ -14,7 +14,8 @@ from test_frontend import TOL, reference_step, rel
 SIZE, BATCH, CLASSES = 32, 2, 10
 MODELS = {"mobilenet_v3_small": lambda: MobileNetV3Small(CLASSES, width=0.25),
           "efficientnet_b0": lambda: EfficientNetB0(CLASSES, width=0.25, depth=0.34),
-          "regnety": lambda: RegNetY(CLASSES, width=0.25, depth=0.5)}
+          "regnety": lambda: RegNetY(CLASSES, width=0.25, depth=0.5),
+          "shufflenet_v2": lambda: ShuffleNetV2(CLASSES, width=0.25, depth=0.5)}
 
 
 def model(name: str) -> torch.nn.Module:

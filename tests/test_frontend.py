@@ -715,3 +715,61 @@ def test_what_a_multiply_keeps_is_held_and_planned(tmp_path, n_convs):
     assert {layer.name: layer.full_bytes - layer.paper_bytes
             for layer in predicted.layers[:-1]} == \
         {name: sum(fwd.tensors[t].nbytes for t in ts) for name, ts in masks.items()}
+
+
+class Indexed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.fc(self.conv(x)[:, :2].mean((2, 3)))
+
+
+class CatOnWidth(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.fc(torch.cat([y, y], 3).mean((2, 3)))
+
+
+class Transposed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).transpose(2, 3).mean((2, 3)))
+
+
+class Reshaped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.fc(y.view(y.size(0), 4, -1).mean(2))
+
+
+@pytest.mark.parametrize("module,message", [
+    (Indexed(), "Indexed (forward): indexing a tensor is not supported (only the pieces of "
+                "chunk / split on channels)"),
+    (CatOnWidth(), "CatOnWidth (forward): torch.cat on dim 3 is not supported (only on "
+                   "channels, dim 1)"),
+    (Transposed(), "Transposed (forward): a transpose is supported only in a channel shuffle "
+                   "(view, transpose(1, 2), view)"),
+    (Reshaped(), "Reshaped (forward): a view of a feature map is supported only as a channel "
+                 "shuffle (view, transpose(1, 2), view) or a flatten after the global pool"),
+])
+def test_a_tensor_op_that_is_not_a_channel_cat_split_or_shuffle_is_one_line(module, message):
+    with pytest.raises(FrontendError) as e:
+        program_from_module(module, 8)
+    assert str(e.value) == message

@@ -107,10 +107,10 @@ def test_vanilla_gradients_equal_onnxruntime_training(name, n_layers, hw, tmp_pa
 @pytest.mark.parametrize("name,method,eps", [
     ("activations", "vanilla", None), ("activations", "hosvd", 1.0),
     ("mobilenet_v3_small", "vanilla", None), ("efficientnet_b0", "vanilla", None),
-    ("regnety", "vanilla", None)])
+    ("regnety", "vanilla", None), ("shufflenet_v2", "vanilla", None)])
 def test_oldest_onnxruntime_trains_the_edge_cnns_like_the_newest(name, method, eps, tmp_path):
-    """HardSwish, HardSigmoid, LeakyRelu, Sigmoid, squeeze-excitation, a Linear head and their
-    backward ops on onnxruntime 1.16.3, every conv fine-tuned: the same loss and updates as
+    """HardSwish, HardSigmoid, LeakyRelu, Sigmoid, squeeze-excitation, a Linear head, channel
+    concatenation, split and shuffle, and their backward ops on onnxruntime 1.16.3, every conv fine-tuned: the same loss and updates as
     the newest."""
     import torch
     from export import export_module
