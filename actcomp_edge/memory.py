@@ -96,7 +96,8 @@ def mask_bytes(layer: ConvLayer, batch: int) -> int:
             total += batch * ceil(act_elements(layer, act) * MASK_BITS / 8)
     if layer.maxpool_after:
         p = layer.maxpool_after
-        h, w = ((s + 2 * p["padding"] - p["kernel"]) // p["stride"] + 1 for s in layer.output_hw)
+        h, w = p.get("output_hw") or ((s + 2 * p["padding"] - p["kernel"]) // p["stride"] + 1
+                                      for s in layer.output_hw)
         total += batch * layer.out_ch * h * w * INDEX_BYTES
     return total
 

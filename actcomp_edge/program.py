@@ -16,7 +16,9 @@ This is what the exporter turns into ONNX graphs. Ops, in execution order:
     cat     (a, b, ...) -> y   concatenation on channels
     slice   (x) -> y   channels [start, stop) of x (a piece of a chunk / split)
     shuffle (x) -> y   channel shuffle of ``groups``: y[j g + i] = x[i C/g + j]
-    maxpool (x) -> y   square window; backward: dY to each window's argmax
+    maxpool (x) -> y   square window (ceil_mode when set); backward: dY to each window's argmax
+    avgpool (x) -> y   a local square average pool (count_include_pad); backward: dY / count
+                       spread over each window
     gap     (x) -> y   global average pool + flatten: (B, C, H, W) -> (B, C)
     linear  (x) -> y   classifier: y = x W^T + b; after the gap only, with clips and acts
                        between several (a head); the last one's output is ``logits``
@@ -244,6 +246,7 @@ def network_of(program: Program) -> arch.Network:
             current["mul_floats"] += sum(prod(program.shapes[t]) for t in op.inputs)
         elif op.kind == "maxpool" and current["maxpool_after"] is None:  # after an add too
             current["maxpool_after"] = {k: op.attrs[k] for k in ("kernel", "stride", "padding")}
+            current["maxpool_after"]["output_hw"] = program.shapes[op.output][1:]
             current["tail"] = op.output
     layers = [arch.ConvLayer(**{k: v for k, v in c.items() if k not in ("tail", "added")})
               for c in convs]

@@ -10,7 +10,9 @@
 |   F.hardsigmoid, F.silu, F.leaky_relu, torch.sigmoid, .sigmoid()   |            |
 | ``a + b``, torch.add (two tensors)                                | add        |
 | ``a * b``, torch.mul (two tensors; one may be (C, 1, 1): a gate)  | mul        |
-| MaxPool2d: square, dilation 1 (its backward keeps the argmax)     | maxpool    |
+| MaxPool2d: square, dilation 1, ceil_mode (its backward keeps the  | maxpool    |
+|   argmax)                                                         |            |
+| AvgPool2d, local: square, count_include_pad or not                | avgpool    |
 | AdaptiveAvgPool2d(1), a global AvgPool2d, F.adaptive_avg_pool2d   | gap        |
 | ``x.mean((2, 3))``, torch.mean over (2, 3) (keepdim or not)        | gap        |
 |   (a global pool whose (C, 1, 1) result feeds a conv or a multiply, |  mean      |
@@ -190,16 +192,29 @@ class _Lowering:
             self.act(node, x, where, shape, ACT_MODULES[type(mod)],
                      getattr(mod, "negative_slope", None))
         elif isinstance(mod, nn.MaxPool2d):
-            if _size(mod.dilation) != 1 or mod.ceil_mode:
-                raise FrontendError(f"{where}: MaxPool2d with dilation or ceil_mode is not "
-                                    f"supported")
+            if _size(mod.dilation) != 1:
+                raise FrontendError(f"{where}: MaxPool2d with dilation is not supported")
+            if mod.ceil_mode and shape[1:] != ceil_pool_hw(mod, self.shapes[x][1:]):
+                raise FrontendError(f"{where}: MaxPool2d with ceil_mode whose last window would "
+                                    f"start in the padding (torch drops it, onnxruntime does "
+                                    f"not) is not supported at this input size")
             self.tensor[node] = self.emit(
                 "maxpool", where, [x], f"{where}/pool", shape,
                 kernel=_square(mod.kernel_size, "kernel", where),
                 stride=_square(mod.stride, "stride", where),
-                padding=_square(mod.padding, "padding", where))
-        elif isinstance(mod, nn.AdaptiveAvgPool2d) or (
-                isinstance(mod, nn.AvgPool2d) and self.is_global(mod, node)):
+                padding=_square(mod.padding, "padding", where),
+                **({"ceil_mode": True} if mod.ceil_mode else {}))
+        elif isinstance(mod, nn.AvgPool2d) and not self.is_global(mod, node):
+            if mod.ceil_mode or mod.divisor_override:
+                raise FrontendError(f"{where}: AvgPool2d with ceil_mode or divisor_override "
+                                    f"is not supported")
+            self.tensor[node] = self.emit(
+                "avgpool", where, [x], f"{where}/pool", shape,
+                kernel=_square(mod.kernel_size, "kernel", where),
+                stride=_square(mod.stride, "stride", where),
+                padding=_square(mod.padding, "padding", where),
+                count_include_pad=bool(mod.count_include_pad))
+        elif isinstance(mod, (nn.AdaptiveAvgPool2d, nn.AvgPool2d)):
             if isinstance(mod, nn.AdaptiveAvgPool2d) and mod.output_size not in (1, (1, 1)):
                 raise FrontendError(f"{where}: AdaptiveAvgPool2d({mod.output_size}) is not "
                                     f"supported (only 1: a global pool)")
@@ -408,6 +423,13 @@ def _feeds_classifier(node: fx.Node, modules: dict) -> bool:
         if not (passthrough and _feeds_classifier(user, modules)):
             return False
     return True
+
+
+def ceil_pool_hw(pool: nn.MaxPool2d, hw) -> tuple:
+    """A ceil_mode pool's (OH, OW) as ONNX computes it: every window that starts inside the
+    padded input (torch also drops one that starts in the right padding)."""
+    k, s, p = (pair(v) for v in (pool.kernel_size, pool.stride, pool.padding))
+    return tuple(-(-(n + 2 * pad - kk) // ss) + 1 for n, kk, ss, pad in zip(hw, k, s, p))
 
 
 def in_place(node: fx.Node, modules: dict) -> bool:

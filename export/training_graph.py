@@ -200,13 +200,17 @@ def emit_forward(g: Graph, program: Program, op: Op, trainable: set, with_mask: 
         k, s, p = a["kernel"], a["stride"], a["padding"]
         outputs = [op.output] + ([op.output + "/argmax_flat"] if with_mask else [])
         g.op("MaxPool", [op.inputs[0]], op.name, outputs=outputs, kernel_shape=[k, k],
-             strides=[s, s], pads=[p] * 4)
+             strides=[s, s], pads=[p] * 4, ceil_mode=int(a.get("ceil_mode", False)))
         if with_mask:  # the backward's: where in its sample (C*H*W) each output's max is
             c, h, w = program.shapes[op.inputs[0]]
             within = g.op("Mod", [outputs[1], g.const(f"const/i64/{c * h * w}",
                                                       np.array(c * h * w))], op.name + "/within")
             g.op("Cast", [within], op.name + "/argmax", to=TensorProto.INT32,
                  outputs=[argmax_name(op.output)])
+    elif op.kind == "avgpool":
+        k, s, p = a["kernel"], a["stride"], a["padding"]
+        g.op("AveragePool", [op.inputs[0]], op.name, outputs=[op.output], kernel_shape=[k, k],
+             strides=[s, s], pads=[p] * 4, count_include_pad=int(a["count_include_pad"]))
     elif op.kind == "gap":
         pooled = g.op("GlobalAveragePool", [op.inputs[0]], op.name)
         g.op("Flatten", [pooled], op.name + "/flatten", outputs=[op.output], axis=1)
@@ -227,6 +231,31 @@ def emit_shuffle(g: Graph, x: str, chw, groups: int, name: str,
     swapped = g.op("Transpose", [grouped], name + "/swapped", perm=[0, 2, 1, 3, 4])
     return g.op("Reshape", [swapped, g.ints([0, c, h, w])], name + "/shuffled",
                 **({"outputs": [output]} if output else {}))
+
+
+def pool_counts(hw, kernel: int, stride: int, padding: int, include_pad: bool) -> np.ndarray:
+    """(OH, OW): the elements each window of an average pool divides by."""
+    counts = []
+    for size in hw:
+        starts = np.arange((size + 2 * padding - kernel) // stride + 1) * stride - padding
+        ends = starts + kernel
+        counts.append(ends - starts if include_pad else
+                      np.minimum(ends, size) - np.maximum(starts, 0))
+    return np.outer(*counts).astype(np.float32)
+
+
+def emit_avgpool_backward(g: Graph, program: Program, op: Op, dy: str) -> str:
+    """dX of an average pool: dY / count spread over each window, a depthwise ConvTranspose
+    with a kernel of ones (output_padding: the rows and columns no window reached)."""
+    (c, h, w), (_, oh, ow) = program.shapes[op.inputs[0]], program.shapes[op.output]
+    k, s, p = op.attrs["kernel"], op.attrs["stride"], op.attrs["padding"]
+    counts = pool_counts((h, w), k, s, p, op.attrs["count_include_pad"])
+    scaled = g.op("Mul", [dy, g.const(f"{op.name}/inverse_counts", 1.0 / counts)],
+                  op.name + "/dY_per_element")
+    ones = g.const(f"const/f32/ones_{c}x1x{k}x{k}", np.ones((c, 1, k, k), np.float32))
+    extra = [size + 2 * p - k - (out - 1) * s for size, out in ((h, oh), (w, ow))]
+    return g.op("ConvTranspose", [scaled, ones], op.name + "/dX", group=c, strides=[s, s],
+                pads=[p] * 4, kernel_shape=[k, k], output_padding=extra)
 
 
 def emit_ops(g: Graph, program: Program, indices, trainable: set, masked=frozenset()) -> None:
@@ -835,6 +864,8 @@ def emit_partition_backward(g: Graph, program: Program, ops: list, grads: dict, 
         elif op.kind == "shuffle":  # the inverse permutation: a shuffle of C / g groups
             groups = program.shapes[x][0] // op.attrs["groups"]
             accumulate(x, emit_shuffle(g, dy, program.shapes[x], groups, op.name + "/dX"))
+        elif op.kind == "avgpool":
+            accumulate(x, emit_avgpool_backward(g, program, op, dy))
         elif op.kind == "mean":
             c, h, w = program.shapes[x]
             spread = g.op("Mul", [dy, g.scalar(1.0 / (h * w))], op.name + "/dX_mean")

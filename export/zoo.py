@@ -126,7 +126,11 @@ class ProgramNet(nn.Module):
                 y = x.view(b, a["groups"], c // a["groups"], h, w).transpose(1, 2).reshape(
                     b, c, h, w)
             elif op.kind == "maxpool":
-                y = F.max_pool2d(x, a["kernel"], a["stride"], a["padding"])
+                y = F.max_pool2d(x, a["kernel"], a["stride"], a["padding"],
+                                 ceil_mode=a.get("ceil_mode", False))
+            elif op.kind == "avgpool":
+                y = F.avg_pool2d(x, a["kernel"], a["stride"], a["padding"],
+                                 count_include_pad=a["count_include_pad"])
             elif op.kind == "gap":
                 y = x.mean((2, 3))
             elif op.kind == "linear":

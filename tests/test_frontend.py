@@ -773,3 +773,73 @@ def test_a_tensor_op_that_is_not_a_channel_cat_split_or_shuffle_is_one_line(modu
     with pytest.raises(FrontendError) as e:
         program_from_module(module, 8)
     assert str(e.value) == message
+
+
+class Pools(nn.Module):
+    """GoogLeNet's ceil_mode max-pools (one with a partial last window), Inception's local
+    average pools (padding counted or not, a floor that leaves a row out), each fine-tuned."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3)                                 # 15 -> 13
+        self.ceil = nn.MaxPool2d(3, 2, ceil_mode=True)                 # 13 -> 6
+        self.a = nn.Conv2d(6, 6, 3, padding=1)
+        self.avg = nn.AvgPool2d(3, 1, 1, count_include_pad=False)      # 6 -> 6
+        self.b = nn.Conv2d(6, 8, 1)
+        self.avg2 = nn.AvgPool2d(2, 2)                                 # 6 -> 3
+        self.c = nn.Conv2d(8, 8, 3, padding=1)
+        self.edge = nn.MaxPool2d(2, 2, ceil_mode=True)                 # 3 -> 2, one row
+        self.avg3 = nn.AvgPool2d(3, 2, 1)                              # 2 -> 1, pads counted
+        self.d = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.ceil(F.relu(self.stem(x)))
+        x = self.avg(F.relu(self.a(x)))
+        x = self.avg2(self.b(x))
+        x = self.avg3(self.edge(F.relu(self.c(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.d(x), 1), 1))
+
+
+@pytest.mark.parametrize("method,eps", [("vanilla", None), ("hosvd", 1.0)])
+@pytest.mark.parametrize("n_convs", [2, 5])
+def test_ceil_mode_and_local_average_pools_train_with_autograds_gradients(tmp_path, method,
+                                                                          eps, n_convs):
+    torch.manual_seed(2)
+    net = Pools()
+    program, _ = program_from_module(net, 15)
+    assert [program.shapes[op.output] for op in program.ops
+            if op.kind in ("maxpool", "avgpool")] == \
+        [(6, 6, 6), (6, 6, 6), (8, 3, 3), (8, 2, 2), (8, 1, 1)]
+    export_module(net, tmp_path / "art", input_size=15, batch_size=3, layers=n_convs,
+                  method=method, eps=eps)
+    trainer = Trainer(tmp_path / "art")
+    rng = np.random.default_rng(3)
+    images = rng.standard_normal((3, 3, 15, 15)).astype(np.float32)
+    labels = rng.integers(0, 3, 3).astype(np.int64)
+    net.eval()
+    with torch.no_grad():
+        assert rel(trainer.evaluate(images), net(torch.from_numpy(images)).numpy()) < TOL
+    assert_step_is_autograds(trainer, net, n_convs, images, labels)
+
+
+class DroppedWindow(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.pool = nn.MaxPool2d(2, 2, padding=1, ceil_mode=True)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.conv(x)).mean((2, 3)))
+
+
+def test_a_ceil_mode_pool_whose_last_window_torch_drops_is_refused_in_one_line():
+    """At 7 px the conv gives 5, and the pool's fourth window would start at 6, in the
+    padding; at 6 px (4 -> 3) every window starts inside."""
+    program_from_module(DroppedWindow(), 6)
+    with pytest.raises(FrontendError) as e:
+        program_from_module(DroppedWindow(), 7)
+    assert str(e.value) == ("pool: MaxPool2d with ceil_mode whose last window would start in "
+                            "the padding (torch drops it, onnxruntime does not) is not "
+                            "supported at this input size")
