@@ -90,3 +90,61 @@ def test_num_classes_replaces_the_last_linear_of_a_head(tmp_path):
     trainer = Trainer(tmp_path / "art")
     images = np.zeros((BATCH, 3, SIZE, SIZE), np.float32)
     assert trainer.evaluate(images).shape == (BATCH, 4)
+
+
+MODEL_FILE = '''
+import sys
+sys.path.insert(0, {tests!r})
+from edge_models import MobileNetV3Small
+
+
+def build():
+    return MobileNetV3Small(num_classes=10)
+'''
+
+
+@pytest.mark.parametrize("layers", ["4", "all"])
+def test_a_paper_mobilenet_v3_small_through_the_clis_updates_like_autograd(tmp_path, layers):
+    """MobileNetV3-Small at full width, as a user brings it: `actcomp export --model FILE.py:
+    build --weights W.pth`, then one step of `actcomp-device train` (constant lr, no clipping,
+    no augmentation): every trained parameter's update is torch.autograd + SGD's."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from actcomp_edge.npz import load_npz
+    tests = Path(__file__).resolve().parent
+    torch.manual_seed(0)
+    net = MobileNetV3Small(num_classes=10)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None
+    with torch.no_grad():
+        net.train()(torch.randn(8, 3, 64, 64))
+    net.eval()
+    (tmp_path / "mbv3.py").write_text(MODEL_FILE.format(tests=str(tests)))
+    torch.save(net.state_dict(), tmp_path / "mbv3.pth")
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, 4)
+    np.savez(tmp_path / "data.npz", images=pixels, labels=labels)
+    n = 4 if layers == "4" else n_convs(net)
+    bin_dir = Path(sys.executable).parent
+    for command in ([bin_dir / "actcomp", "export", "--model", f"{tmp_path / 'mbv3.py'}:build",
+                     "--weights", tmp_path / "mbv3.pth", "--input-size", "64", "--batch-size",
+                     "4", "--layers", str(n), "--method", "vanilla", "-o", tmp_path / "art"],
+                    [bin_dir / "actcomp-device", "train", tmp_path / "art", "--data",
+                     tmp_path / "data.npz", "--val-data", tmp_path / "data.npz",
+                     "--max-steps", "1", "--lr", "0.1", "--schedule", "constant",
+                     "--clip-grad-norm", "0", "--no-augment", "--threads", "1",
+                     "--out", tmp_path / "run"]):
+        done = subprocess.run([str(c) for c in command], capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+    images = (pixels.transpose(0, 3, 1, 2).astype(np.float32) / 255 - 0.5) / 0.5
+    _, _, after = reference_step(net, n, images, labels.astype(np.int64), lr=0.1)
+    before = load_npz(tmp_path / "art" / "weights.npz")
+    trained = load_npz(tmp_path / "run" / "weights.npz")
+    assert {k for k in trained if not np.array_equal(trained[k], before[k])} == set(after)
+    for key, want in after.items():
+        assert rel(trained[key] - before[key], want - before[key]) < 1e-3, key
