@@ -102,16 +102,16 @@ def test_vanilla_gradients_equal_onnxruntime_training(name, n_layers, hw, tmp_pa
         assert rel(grad, reference[f"grad/{key}"]) < 1e-4, key
 
 
-# the edge CNNs vanilla: under HOSVD the two venvs' numpy builds decompose differently in the
-# last bits, and 50 convs of backward grew that to 4e-4 at EfficientNet's stem (measured)
-@pytest.mark.parametrize("name,method,eps", [
-    ("activations", "vanilla", None), ("activations", "hosvd", 1.0),
-    ("mobilenet_v3_small", "vanilla", None), ("efficientnet_b0", "vanilla", None),
-    ("regnety", "vanilla", None), ("shufflenet_v2", "vanilla", None)])
+@pytest.mark.parametrize("method,eps", [("vanilla", None), ("hosvd", 1.0)])
+@pytest.mark.parametrize("name", ["activations", "mobilenet_v3_small", "efficientnet_b0",
+                                  "regnety", "shufflenet_v2"])
 def test_oldest_onnxruntime_trains_the_edge_cnns_like_the_newest(name, method, eps, tmp_path):
     """HardSwish, HardSigmoid, LeakyRelu, Sigmoid, squeeze-excitation, a Linear head, channel
-    concatenation, split and shuffle, and their backward ops on onnxruntime 1.16.3, every conv fine-tuned: the same loss and updates as
-    the newest."""
+    concatenation, split and shuffle, and their backward ops on onnxruntime 1.16.3, every conv
+    fine-tuned: the same loss and updates as the newest. The edge CNNs take one step: on
+    these images the first loss is large (MobileNetV3's 7.4, EfficientNet's 70.6), the
+    second step diverges (EfficientNet's loss 5849), and there the runtimes' last bits had
+    grown to 5e-4 (measured)."""
     import torch
     from export import export_module
     from test_edge_models import model
@@ -119,14 +119,14 @@ def test_oldest_onnxruntime_trains_the_edge_cnns_like_the_newest(name, method, e
     old = interpreter("ACTCOMP_ORT_OLDEST_PYTHON", ".venv-ort-oldest")
     torch.manual_seed(8)
     net = Activations() if name == "activations" else model(name)
-    size, classes = (16, 3) if name == "activations" else (32, 10)
+    size, classes, steps = (16, 3, 2) if name == "activations" else (32, 10, 1)
     folder = tmp_path / "art"
     export_module(net, folder, input_size=size, batch_size=4,
                   layers=sum(isinstance(m, torch.nn.Conv2d) for m in net.modules()),
                   method=method, eps=eps)
-    data = steps_data(tmp_path, 2, 4, (size, size), classes)
-    run(old, "run_steps.py", folder, data, tmp_path / "old.npz", 2)
-    run(sys.executable, "run_steps.py", folder, data, tmp_path / "new.npz", 2)
+    data = steps_data(tmp_path, steps, 4, (size, size), classes)
+    run(old, "run_steps.py", folder, data, tmp_path / "old.npz", steps)
+    run(sys.executable, "run_steps.py", folder, data, tmp_path / "new.npz", steps)
     old_out, new_out = np.load(tmp_path / "old.npz"), np.load(tmp_path / "new.npz")
     assert str(old_out["ort_version"]) == "1.16.3"
     np.testing.assert_allclose(old_out["loss"], new_out["loss"], rtol=1e-4)
