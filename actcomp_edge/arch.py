@@ -78,8 +78,9 @@ class ConvLayer:
     more_acts: tuple = ()                # further activations before the next conv (silu then
                                          # hardswish, ...), each a dict like act; an act's
                                          # "elements": per sample, when not the output's
-    mul_floats: int = 0                  # per sample: the factors of the multiplies after it
-                                         # (a gate and the map it scales), kept whole
+    mul_factors: tuple = ()              # the factors of the multiplies after it (a gate and
+                                         # the map it scales): (elements per sample, the conv
+                                         # of the act whose saved tensor gives it, or None)
 
     @property
     def acts(self) -> tuple:

@@ -86,11 +86,11 @@ RANK_BASES = {
 }
 
 
-def mask_bytes(layer: ConvLayer, batch: int) -> int:
+def mask_bytes(layer: ConvLayer, batch: int, fine_tuned=frozenset()) -> int:
     """What the backward keeps after this conv besides the next conv's input: the masks of its
     activations (1 bit an element), the float32 tensors kept whole (``whole_bytes``), and the
     argmax of a max-pool after it."""
-    total = whole_bytes(layer, batch)
+    total = whole_bytes(layer, batch, fine_tuned)
     for act in layer.acts:
         if act.get("type") in MASKING_ACTS or ACTIVATIONS.get(act.get("type")) == "mask":
             total += batch * ceil(act_elements(layer, act) * MASK_BITS / 8)
@@ -102,13 +102,15 @@ def mask_bytes(layer: ConvLayer, batch: int) -> int:
     return total
 
 
-def whole_bytes(layer: ConvLayer, batch: int) -> int:
+def whole_bytes(layer: ConvLayer, batch: int, fine_tuned=frozenset()) -> int:
     """The float32 tensors after this conv that the backward keeps whole (a conv input's
     compression does not reach them): the input of a hardswish or silu, the output of a
-    sigmoid (``arch.ACTIVATIONS``), both factors of a multiply (a gate and what it scales)."""
+    sigmoid (``arch.ACTIVATIONS``), each factor of a multiply (a gate, the map it scales)
+    but one that such an act of a fine-tuned conv gives (recomputed from what it keeps)."""
     kept = sum(act_elements(layer, act) for act in layer.acts
                if ACTIVATIONS.get(act.get("type")) in ("input", "output"))
-    return (kept + layer.mul_floats) * batch * FLOAT_BYTES
+    kept += sum(n for n, source in layer.mul_factors if source not in fine_tuned)
+    return kept * batch * FLOAT_BYTES
 
 
 def act_elements(layer: ConvLayer, act: dict) -> int:
@@ -148,13 +150,15 @@ def plan(net: Network, n_layers: int, method: str, batch_size: int, input_size,
         basis = "exact"
     result = Plan(net.name, method, batch_size, tuple(input_size) if not isinstance(input_size, int)
                   else (input_size, input_size), eps, basis)
+    fine_tuned = {layer.name for layer in net.convs[-n_layers:]}
     for layer in net.convs[-n_layers:]:
         shape = layer.input_shape(batch_size)
         rank_per_mode = layer_ranks(method, shape, ranks, rank_cap)
         paper = row.kept_floats(shape, rank_per_mode, layer.stride) * FLOAT_BYTES
-        masks = mask_bytes(layer, batch_size)
+        masks = mask_bytes(layer, batch_size, fine_tuned)
         result.layers.append(LayerPlan(layer.name, shape, method, rank_per_mode, paper, masks,
-                                       paper + masks, whole_bytes(layer, batch_size)))
+                                       paper + masks,
+                                       whole_bytes(layer, batch_size, fine_tuned)))
     head = batch_size * (net.head_floats * FLOAT_BYTES
                          + sum(ceil(n * MASK_BITS / 8) for n in net.head_masks))
     result.layers.append(LayerPlan("classifier", (batch_size, net.classifier_in), "vanilla", None,

@@ -217,6 +217,7 @@ def network_of(program: Program) -> arch.Network:
     convs, current = [], None
     masking = {"type": "clamp"}  # every clip packs a backward mask
     gap = [op.kind for op in program.ops].index("gap")
+    saving_act_owner = {}  # output of an act that keeps a float32 tensor -> its conv
     for op in program.ops[:gap]:
         if op.kind == "conv":
             (c, h, w), (o, oh, ow) = program.shapes[op.inputs[0]], program.shapes[op.output]
@@ -225,7 +226,7 @@ def network_of(program: Program) -> arch.Network:
                            padding=a["padding"], groups=a["groups"], input_hw=(h, w),
                            output_hw=(oh, ow), act=None, post_add_act=None, maxpool_after=None,
                            dilation=a.get("dilation", 1), tail=op.output, added=False,
-                           more_acts=(), mul_floats=0)
+                           more_acts=(), mul_factors=())
             convs.append(current)
         elif current is None:
             continue
@@ -242,8 +243,11 @@ def network_of(program: Program) -> arch.Network:
             else:
                 current["more_acts"] += (act,)
             current["tail"] = op.output
+            if op.kind == "act" and arch.ACTIVATIONS[op.attrs["fn"]] in ("input", "output"):
+                saving_act_owner[op.output] = current["name"]
         elif op.kind == "mul":
-            current["mul_floats"] += sum(prod(program.shapes[t]) for t in op.inputs)
+            current["mul_factors"] += tuple((prod(program.shapes[t]), saving_act_owner.get(t))
+                                            for t in op.inputs)
         elif op.kind == "maxpool" and current["maxpool_after"] is None:  # after an add too
             current["maxpool_after"] = {k: op.attrs[k] for k in ("kernel", "stride", "padding")}
             current["maxpool_after"]["output_hw"] = program.shapes[op.output][1:]

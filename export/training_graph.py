@@ -182,10 +182,6 @@ def emit_forward(g: Graph, program: Program, op: Op, trainable: set, with_mask: 
         g.op("Add", list(op.inputs), op.name, outputs=[op.output])
     elif op.kind == "mul":
         g.op("Mul", list(op.inputs), op.name, outputs=[op.output])
-        if with_mask:  # each factor's gradient is dY times the other
-            for i, t in enumerate(op.inputs):
-                g.op("Identity", [t], f"{op.name}/keep_{i}",
-                     outputs=[mul_factor_name(op.output, i)])
     elif op.kind == "mean":
         g.op("GlobalAveragePool", [op.inputs[0]], op.name, outputs=[op.output])
     elif op.kind == "cat":
@@ -279,22 +275,27 @@ def emit_ops(g: Graph, program: Program, indices, trainable: set, masked=frozens
 
 # ------------------------------------------------------------------ activations
 
+def apply_activation(g: Graph, attrs: dict, x: str, name: str, y: str | None = None) -> str:
+    """y = f(x) of an ``act`` op's attrs (fn, slope); returns y."""
+    fn, out = attrs["fn"], {"outputs": [y]} if y else {}
+    if fn == "hardsigmoid":  # ONNX's max(0, min(1, alpha x + beta)) is relu6(x + 3) / 6
+        return g.op("HardSigmoid", [x], name, alpha=1.0 / 6.0, beta=0.5, **out)
+    if fn == "leaky_relu":
+        return g.op("LeakyRelu", [x], name, alpha=float(attrs["slope"]), **out)
+    if fn == "hardswish":
+        return g.op("HardSwish", [x], name, **out)
+    if fn == "silu":
+        return g.op("Mul", [x, g.op("Sigmoid", [x], name + "/sigmoid")], name, **out)
+    if fn == "sigmoid":
+        return g.op("Sigmoid", [x], name, **out)
+    raise ValueError(f"unknown activation {fn!r}")
+
+
 def emit_activation(g: Graph, program: Program, op: Op, keep: bool) -> None:
     """y = f(x) of an ``act`` op (arch.ACTIVATIONS); keep: also output what its backward
     keeps, <y>/mask_bits (the region where f' is not 0 or slope) or <y>/act_saved."""
     fn, x, y, name = op.attrs["fn"], op.inputs[0], op.output, op.name
-    if fn == "hardsigmoid":  # ONNX's max(0, min(1, alpha x + beta)) is relu6(x + 3) / 6
-        g.op("HardSigmoid", [x], name, outputs=[y], alpha=1.0 / 6.0, beta=0.5)
-    elif fn == "leaky_relu":
-        g.op("LeakyRelu", [x], name, outputs=[y], alpha=float(op.attrs["slope"]))
-    elif fn == "hardswish":
-        g.op("HardSwish", [x], name, outputs=[y])
-    elif fn == "silu":
-        g.op("Mul", [x, g.op("Sigmoid", [x], name + "/sigmoid")], name, outputs=[y])
-    elif fn == "sigmoid":
-        g.op("Sigmoid", [x], name, outputs=[y])
-    else:
-        raise ValueError(f"unknown activation {fn!r}")
+    apply_activation(g, op.attrs, x, name, y)
     if not keep:
         return
     keeps = ACTIVATIONS[fn]
@@ -438,9 +439,30 @@ def head_tensors(program: Program) -> set:
 
 
 def region_multiplies(split: Split) -> set:
-    """Outputs of the fine-tuned region's multiplies: each keeps both factors."""
+    """Outputs of the fine-tuned region's multiplies: their backward needs both factors."""
     return {op.output for i, op in enumerate(split.program.ops) if op.kind == "mul"
             and i >= split.region_start}
+
+
+def factor_sources(split: Split, method: str) -> dict:
+    """<y>/factor_<i> of each fine-tuned multiply -> the act of the region whose kept float32
+    tensor gives it (a hardswish's or silu's input: recomputed; a sigmoid's output: read),
+    or None: the forward keeps the factor itself."""
+    program, sources = split.program, region_sources(split, method)
+    producer = {op.output: op for op in program.ops}
+    result = {}
+    for y in region_multiplies(split):
+        for i, t in enumerate(producer[y].inputs):
+            act = producer.get(t)
+            derivable = act is not None and act.kind == "act" and t in sources and \
+                ACTIVATIONS[act.attrs["fn"]] in ("input", "output")
+            result[mul_factor_name(y, i)] = act if derivable else None
+    return result
+
+
+def kept_factors(split: Split, method: str) -> set:
+    """The multiply factors the forward hands the backward as they are (``factor_sources``)."""
+    return {name for name, act in factor_sources(split, method).items() if act is None}
 
 
 def argmax_pools(split: Split) -> set:
@@ -461,7 +483,7 @@ def forward_partitions(split: Split, config: TrainConfig) -> list:
     trainable = set(split.trainable_params)
     masked = packed_masks(split, config.method)
     saved = saved_activations(split, config.method)
-    muls = region_multiplies(split)
+    factors = kept_factors(split, config.method)
     pools = argmax_pools(split)
     produced_in, used_in = crossings(split)
     result = []
@@ -474,7 +496,7 @@ def forward_partitions(split: Split, config: TrainConfig) -> list:
                     inputs.append(t)
         for t in inputs:
             g.input(t, np.float32, tensor_shape(program, t))
-        emit_ops(g, program, part, trainable, masked | saved | muls | pools)
+        emit_ops(g, program, part, trainable, masked | saved | pools)
         outputs, shapes = [], {}  # shapes: of the kept factors
         for i in part:
             op = program.ops[i]
@@ -484,10 +506,12 @@ def forward_partitions(split: Split, config: TrainConfig) -> list:
                 outputs.append(mask_bits_name(op.output))
             if op.output in saved:
                 outputs.append(act_saved_name(op.output))
-            if op.output in muls:
-                outputs += [mul_factor_name(op.output, i) for i in range(2)]
-                shapes.update({mul_factor_name(op.output, i): tensor_shape(program, t)
-                               for i, t in enumerate(op.inputs)})
+            for j, t in enumerate(op.inputs if op.kind == "mul" else ()):
+                factor = mul_factor_name(op.output, j)
+                if factor in factors:  # t under the name the backward reads
+                    outputs.append(g.op("Identity", [t], f"{op.name}/keep_{j}",
+                                        outputs=[factor]))
+                    shapes[factor] = tensor_shape(program, t)
             if op.output in pools:
                 outputs.append(argmax_name(op.output))
         last = p == len(split.partitions) - 1
@@ -692,6 +716,7 @@ def backward_partitions(split: Split, config: TrainConfig) -> list:
     trainable = set(split.trainable_params)
     kept = dict(kept_inputs(split, config.method))
     derived = masks_from_kept(split, config.method)
+    factor_acts = factor_sources(split, config.method)
 
     def needs_grad(t: str) -> bool:  # made in the fine-tuned region (the prefix is partition 0)
         return produced_in.get(t, 0) >= 1
@@ -700,7 +725,7 @@ def backward_partitions(split: Split, config: TrainConfig) -> list:
     for p in range(len(split.partitions) - 1, 0, -1):
         ops = [program.ops[i] for i in split.partitions[p]]
         g = Graph(f"backward_{p}")
-        grads = {}
+        grads, factors = {}, {}  # factors: <y>/factor_<i> -> its tensor in g
         later = [op.output for op in ops
                  if any(q > p for q in used_in.get(op.output, ())) or op.output == "logits"]
         for t in later:
@@ -719,7 +744,11 @@ def backward_partitions(split: Split, config: TrainConfig) -> list:
                 g.input(act_saved_name(op.output), np.float32, tensor_shape(program, op.output))
             elif op.kind == "mul":
                 for i, t in enumerate(op.inputs):
-                    g.input(mul_factor_name(op.output, i), np.float32, tensor_shape(program, t))
+                    name = mul_factor_name(op.output, i)
+                    factors[name] = (g.input(name, np.float32, tensor_shape(program, t))
+                                     if factor_acts[name] is None else
+                                     factor_from_act(g, program, factor_acts[name], derived,
+                                                     kept, f"{op.name}/factor_{i}"))
             elif op.kind == "maxpool":
                 g.input(argmax_name(op.output), np.int32, tensor_shape(program, op.output))
             if op.kind == "linear":
@@ -729,7 +758,7 @@ def backward_partitions(split: Split, config: TrainConfig) -> list:
         for name in params:
             g.input(name, np.float32, list(program.params[name].shape))
         param_grads = emit_partition_backward(g, program, ops, grads, needs_grad, config.method,
-                                              derived)
+                                              derived, factors)
         inputs = []
         for op in ops:
             for t in op.inputs:
@@ -806,11 +835,27 @@ def unpack_mask(g: Graph, name: str, bits: str, shape) -> str:
     return g.op("Reshape", [flat, g.ints([-1, *shape])], name + "/mask")
 
 
+def factor_from_act(g: Graph, program: Program, act: Op, derived: dict, kept: dict,
+                    name: str) -> str:
+    """A multiply's factor y = f(x) from what the backward of act f keeps (declared here as
+    an input unless g has it): f(x) of the saved input (hardswish, silu), or y itself (a
+    sigmoid's saved output; vanilla: the next conv's kept input)."""
+    y = act.output
+    held, shape = ((derived[y], kept[derived[y]]) if y in derived and
+                   activation_source(act, derived) == "kept" else
+                   (act_saved_name(y), tensor_shape(program, y)))
+    if held not in {value.name for value in g.inputs}:
+        g.input(held, np.float32, shape)
+    if ACTIVATIONS[act.attrs["fn"]] == "output":
+        return held
+    return apply_activation(g, act.attrs, held, name + "/recomputed")
+
+
 def emit_partition_backward(g: Graph, program: Program, ops: list, grads: dict, needs_grad,
-                            method: str, derived: dict) -> dict:
+                            method: str, derived: dict, factors: dict) -> dict:
     """Backward of ops (one partition, reversed); grads: tensor -> gradient so far (updated,
-    ends with the gradients of the partition's inputs); derived: masks_from_kept. Returns
-    param -> gradient."""
+    ends with the gradients of the partition's inputs); derived: masks_from_kept; factors: each
+    multiply factor's tensor in g. Returns param -> gradient."""
     param_grads = {}
 
     def accumulate(t: str, grad: str) -> None:
@@ -843,7 +888,7 @@ def emit_partition_backward(g: Graph, program: Program, ops: list, grads: dict, 
             for i, t in enumerate(op.inputs):
                 if not needs_grad(t):
                     continue
-                other = mul_factor_name(op.output, 1 - i)
+                other = factors[mul_factor_name(op.output, 1 - i)]
                 grad = g.op("Mul", [dy, other], f"{op.name}/dY_x_factor_{1 - i}")
                 if program.shapes[t] != program.shapes[op.output]:  # a (C, 1, 1) gate
                     grad = g.op("ReduceSum", [grad, g.ints([2, 3])], f"{op.name}/d_gate_{i}",

@@ -694,22 +694,29 @@ def test_squeeze_excitation_trains_with_autograds_gradients(tmp_path, method, ep
     assert_step_is_autograds(trainer, net, n_convs, images, labels)
 
 
-@pytest.mark.parametrize("n_convs", [3, 10])
-def test_what_a_multiply_keeps_is_held_and_planned(tmp_path, n_convs):
-    """A multiply keeps both factors whole (float32), counted with the conv before it; the
-    plan's per-layer bytes are what the runner holds."""
+# 3: the second gate is its sigmoid's saved output, the map it scales (silu of the frozen
+# mix) is kept; 10: the maps are silu's and hardswish's of their saved inputs, recomputed,
+# the first gate (a hardsigmoid: 1 bit an element) is kept
+@pytest.mark.parametrize("n_convs,factors", [
+    (3, {"se2.3": ["mul_1/mul/factor_1"]}),
+    (10, {"se.3": ["mul/mul/factor_1"], "se2.3": []})])
+def test_what_a_multiply_keeps_is_held_and_planned(tmp_path, n_convs, factors):
+    """A multiply's factor is kept whole (float32), counted with the conv before it, unless a
+    fine-tuned act's saved tensor gives it; the plan's per-layer bytes are what the runner
+    holds."""
     from actcomp_edge.memory import plan
     from actcomp_edge.program import network_of
     net = SqueezeExcite()
     manifest = export_module(net, tmp_path / "art", input_size=12, batch_size=3,
                              layers=n_convs, method="hosvd", eps=1.0)
     masks = {layer["name"]: layer["masks"] for layer in manifest["trainable_layers"]}
-    assert [t for t in masks["se2.3"] if "/factor_" in t] == ["mul_1/mul/factor_0", "mul_1/mul/factor_1"]
+    assert {name: [t for t in masks[name] if "/factor_" in t] for name in factors} == factors
     trainer = Trainer(tmp_path / "art")
     images = np.random.default_rng(1).standard_normal((3, 3, 12, 12)).astype(np.float32)
     fwd = trainer.forward(images, np.zeros(3, np.int64))
-    assert fwd.tensors["mul_1/mul/factor_0"].shape == (3, 12, 1, 1)  # the gate
-    assert fwd.tensors["mul_1/mul/factor_1"].shape == (3, 12, 12, 12)
+    shapes = {"mul_1/mul/factor_1": (3, 12, 12, 12), "mul/mul/factor_1": (3, 16, 1, 1)}
+    held = [t for ts in factors.values() for t in ts]
+    assert {t: fwd.tensors[t].shape for t in held} == {t: shapes[t] for t in held}
     program, _ = program_from_module(net, 12)
     predicted = plan(network_of(program), n_convs, "hosvd", 3, 12, eps=1.0)
     assert {layer.name: layer.full_bytes - layer.paper_bytes
