@@ -273,6 +273,10 @@ class _Lowering:
         if source in self.pooled:
             return self.flatten(node, where)
         grouped = self.grouped.get(source)
+        if source in self.tensor and len(self.shapes[self.tensor[source]]) == 1:
+            raise FrontendError(f"{where_of(node, self.name)}: a view of a vector as a map (a "
+                                f"squeeze-excitation of Linears) is not supported: write its "
+                                f"Linears as 1x1 Conv2d, as torchvision does")
         if grouped is None and len(shape) == 4:
             x = self.tensor_of(source, where)
             if (shape[0] * shape[1], *shape[2:]) == self.shapes[x]:

@@ -766,7 +766,23 @@ class Reshaped(nn.Module):
         return self.fc(y.view(y.size(0), 4, -1).mean(2))
 
 
+class LinearSqueeze(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.fc1, self.fc2 = nn.Linear(8, 2), nn.Linear(2, 8)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        y = self.conv(x)
+        gate = torch.sigmoid(self.fc2(torch.relu(self.fc1(y.mean((2, 3))))))
+        return self.fc((y * gate.view(y.size(0), 8, 1, 1)).mean((2, 3)))
+
+
 @pytest.mark.parametrize("module,message", [
+    (LinearSqueeze(), "LinearSqueeze (forward): a view of a vector as a map (a "
+                      "squeeze-excitation of Linears) is not supported: write its Linears as "
+                      "1x1 Conv2d, as torchvision does"),
     (Indexed(), "Indexed (forward): indexing a tensor is not supported (only the pieces of "
                 "chunk / split on channels)"),
     (CatOnWidth(), "CatOnWidth (forward): torch.cat on dim 3 is not supported (only on "
