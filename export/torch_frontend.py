@@ -532,8 +532,19 @@ def program_from_module(module: nn.Module, input_size, name: str | None = None) 
         text = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise FrontendError(f"{name} does not run on a (1, 3, {hw[0]}, {hw[1]}) input: "
                             f"{text}") from None
+    problems, failed = [], set()  # every op that fails, but not what only follows from one
     for node in traced.graph.nodes:
-        lowering.lower(node)
+        if failed.intersection(node.all_input_nodes):
+            failed.add(node)
+            continue
+        try:
+            lowering.lower(node)
+        except FrontendError as e:
+            problems.append(str(e))
+            failed.add(node)
+    if problems:
+        raise FrontendError(problems[0] if len(problems) == 1 else
+                            f"{len(problems)} problems: " + "; ".join(problems))
     ops, shapes = lowering.ops, lowering.shapes
     if ops[-1].kind != "linear":
         raise FrontendError(f"{name}: the last op must be the classifier nn.Linear")

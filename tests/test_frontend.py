@@ -866,3 +866,27 @@ def test_a_ceil_mode_pool_whose_last_window_torch_drops_is_refused_in_one_line()
     assert str(e.value) == ("pool: MaxPool2d with ceil_mode whose last window would start in "
                             "the padding (torch drops it, onnxruntime does not) is not "
                             "supported at this input size")
+
+
+class TwoProblems(nn.Module):
+    """Two blockers found while lowering (after the op-name check), and ops that would fail
+    only because their input did (the index of the cat, the adds): the two, at once."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")
+        self.other = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        y = self.other(x)
+        z = torch.cat([y, y], 2)
+        return self.fc((self.conv(x) + y + z[:, :, :8]).mean((2, 3)))
+
+
+def test_every_blocker_found_while_lowering_is_named_at_once():
+    with pytest.raises(FrontendError) as e:
+        program_from_module(TwoProblems(), 8)
+    assert str(e.value) == ("2 problems: TwoProblems (forward): torch.cat on dim 2 is not "
+                            "supported (only on channels, dim 1); conv: padding_mode='reflect' "
+                            "is not supported (zeros only)")
