@@ -103,6 +103,13 @@ def _string_padding(conv: nn.Conv2d, where: str):
     return _size(pads)
 
 
+def _window(pool, where: str) -> dict:
+    """A pool's square kernel, stride and padding (ints)."""
+    return {"kernel": _square(pool.kernel_size, "kernel", where),
+            "stride": _square(pool.stride, "stride", where),
+            "padding": _square(pool.padding, "padding", where)}
+
+
 class _Lowering:
     def __init__(self, module: nn.Module, name: str):
         self.modules = dict(module.named_modules())
@@ -198,22 +205,16 @@ class _Lowering:
                 raise FrontendError(f"{where}: MaxPool2d with ceil_mode whose last window would "
                                     f"start in the padding (torch drops it, onnxruntime does "
                                     f"not) is not supported at this input size")
-            self.tensor[node] = self.emit(
-                "maxpool", where, [x], f"{where}/pool", shape,
-                kernel=_square(mod.kernel_size, "kernel", where),
-                stride=_square(mod.stride, "stride", where),
-                padding=_square(mod.padding, "padding", where),
-                **({"ceil_mode": True} if mod.ceil_mode else {}))
+            self.tensor[node] = self.emit("maxpool", where, [x], f"{where}/pool", shape,
+                                          **_window(mod, where),
+                                          **({"ceil_mode": True} if mod.ceil_mode else {}))
         elif isinstance(mod, nn.AvgPool2d) and not self.is_global(mod, node):
             if mod.ceil_mode or mod.divisor_override:
                 raise FrontendError(f"{where}: AvgPool2d with ceil_mode or divisor_override "
                                     f"is not supported")
-            self.tensor[node] = self.emit(
-                "avgpool", where, [x], f"{where}/pool", shape,
-                kernel=_square(mod.kernel_size, "kernel", where),
-                stride=_square(mod.stride, "stride", where),
-                padding=_square(mod.padding, "padding", where),
-                count_include_pad=bool(mod.count_include_pad))
+            self.tensor[node] = self.emit("avgpool", where, [x], f"{where}/pool", shape,
+                                          **_window(mod, where),
+                                          count_include_pad=bool(mod.count_include_pad))
         elif isinstance(mod, (nn.AdaptiveAvgPool2d, nn.AvgPool2d)):
             if isinstance(mod, nn.AdaptiveAvgPool2d) and mod.output_size not in (1, (1, 1)):
                 raise FrontendError(f"{where}: AdaptiveAvgPool2d({mod.output_size}) is not "

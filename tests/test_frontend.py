@@ -122,9 +122,15 @@ def test_a_user_cnn_trains_with_autograds_gradients_and_sgds_step(user_file, tmp
     rng = np.random.default_rng(0)
     images = rng.standard_normal((3, 3, 40, 48)).astype(np.float32)
     labels = rng.integers(0, 5, 3).astype(np.int64)
+    assert_update_is_sgds(trainer, net, n_convs, images, labels)
+
+
+def assert_update_is_sgds(trainer, net, n_convs, images, labels):
+    """One runner step trains exactly the last n_convs and the head, with torch.autograd's
+    loss and gradients and torch.optim.SGD's new params (lr 0.1)."""
     loss, grads, after = reference_step(net, n_convs, images, labels, lr=0.1)
     result = trainer.step(images, labels, lr=0.1)
-    assert sorted(result.grads) == sorted(grads) == sorted(manifest["trainable_params"])
+    assert sorted(result.grads) == sorted(grads) == sorted(trainer.manifest["trainable_params"])
     assert abs(result.loss - loss) < TOL * abs(loss)
     for name, grad in grads.items():
         assert rel(result.grads[name], grad) < TOL, name
@@ -449,16 +455,23 @@ def test_a_mean_over_height_and_width_is_the_global_pool(tmp_path, keepdim):
     net = MeanPool(keepdim)
     program, _ = program_from_module(net, 16)
     assert [op.kind for op in program.ops][-2:] == ["gap", "linear"]
-    export_module(net, tmp_path / "art", input_size=16, batch_size=3, layers=2,
-                  method="vanilla")
-    trainer = Trainer(tmp_path / "art")
-    rng = np.random.default_rng(4)
-    images = rng.standard_normal((3, 3, 16, 16)).astype(np.float32)
-    labels = rng.integers(0, 4, 3).astype(np.int64)
+    assert_trains_like_autograd(net, tmp_path / "art", 16, 2, classes=4, seed=4)
+
+
+def assert_trains_like_autograd(net, folder, size: int, n_convs: int, method="vanilla",
+                                eps=None, batch=3, classes=3, seed=0):
+    """Export net's last n_convs; the runner's logits are the module's, and one step's loss
+    and gradients are torch.autograd's (random images, size x size)."""
+    export_module(net, folder, input_size=size, batch_size=batch, layers=n_convs,
+                  method=method, eps=eps)
+    trainer = Trainer(folder)
+    rng = np.random.default_rng(seed)
+    images = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
+    labels = rng.integers(0, classes, batch).astype(np.int64)
     net.eval()
     with torch.no_grad():
         assert rel(trainer.evaluate(images), net(torch.from_numpy(images)).numpy()) < TOL
-    assert_step_is_autograds(trainer, net, 2, images, labels)
+    assert_step_is_autograds(trainer, net, n_convs, images, labels)
 
 
 def assert_step_is_autograds(trainer, net, n_convs, images, labels):
@@ -500,13 +513,7 @@ def test_string_paddings_train_with_autograds_gradients(tmp_path):
     net = SamePadding()
     program, _ = program_from_module(net, 12)
     assert [op.attrs["padding"] for op in program.ops if op.kind == "conv"] == [1, (1, 4), 0]
-    export_module(net, tmp_path / "art", input_size=12, batch_size=2, layers=3, method="hosvd",
-                  eps=1.0)
-    trainer = Trainer(tmp_path / "art")
-    rng = np.random.default_rng(7)
-    images = rng.standard_normal((2, 3, 12, 12)).astype(np.float32)
-    labels = rng.integers(0, 3, 2).astype(np.int64)
-    assert_step_is_autograds(trainer, net, 3, images, labels)
+    assert_trains_like_autograd(net, tmp_path / "art", 12, 3, "hosvd", 1.0, batch=2, seed=7)
 
 
 def test_same_padding_of_an_even_kernel_is_refused_in_one_line():
@@ -560,16 +567,7 @@ def test_smooth_and_gated_activations_train_with_autograds_gradients(tmp_path, m
     assert [(op.attrs["fn"], op.attrs.get("slope")) for op in program.ops if op.kind == "act"] \
         == [("hardswish", None), ("leaky_relu", 0.1), ("silu", None), ("hardswish", None),
             ("hardsigmoid", None), ("leaky_relu", 0.2), ("sigmoid", None), ("silu", None)]
-    export_module(net, tmp_path / "art", input_size=12, batch_size=3, layers=n_convs,
-                  method=method, eps=eps)
-    trainer = Trainer(tmp_path / "art")
-    rng = np.random.default_rng(9)
-    images = rng.standard_normal((3, 3, 12, 12)).astype(np.float32)
-    labels = rng.integers(0, 3, 3).astype(np.int64)
-    net.eval()
-    with torch.no_grad():
-        assert rel(trainer.evaluate(images), net(torch.from_numpy(images)).numpy()) < TOL
-    assert_step_is_autograds(trainer, net, n_convs, images, labels)
+    assert_trains_like_autograd(net, tmp_path / "art", 12, n_convs, method, eps, seed=9)
 
 
 @pytest.mark.parametrize("method,eps", [("hosvd", 1.0), ("vanilla", None)])
@@ -682,16 +680,7 @@ def test_squeeze_excitation_trains_with_autograds_gradients(tmp_path, method, ep
     program, _ = program_from_module(net, 12)
     assert [op.kind for op in program.ops if op.kind in ("mean", "mul", "gap")] == \
         ["mean", "mul", "mean", "mul", "gap"]
-    export_module(net, tmp_path / "art", input_size=12, batch_size=3, layers=n_convs,
-                  method=method, eps=eps)
-    trainer = Trainer(tmp_path / "art")
-    rng = np.random.default_rng(5)
-    images = rng.standard_normal((3, 3, 12, 12)).astype(np.float32)
-    labels = rng.integers(0, 3, 3).astype(np.int64)
-    net.eval()
-    with torch.no_grad():
-        assert rel(trainer.evaluate(images), net(torch.from_numpy(images)).numpy()) < TOL
-    assert_step_is_autograds(trainer, net, n_convs, images, labels)
+    assert_trains_like_autograd(net, tmp_path / "art", 12, n_convs, method, eps, seed=5)
 
 
 # 3: the second gate is its sigmoid's saved output, the map it scales (silu of the frozen
@@ -834,16 +823,7 @@ def test_ceil_mode_and_local_average_pools_train_with_autograds_gradients(tmp_pa
     assert [program.shapes[op.output] for op in program.ops
             if op.kind in ("maxpool", "avgpool")] == \
         [(6, 6, 6), (6, 6, 6), (8, 3, 3), (8, 2, 2), (8, 1, 1)]
-    export_module(net, tmp_path / "art", input_size=15, batch_size=3, layers=n_convs,
-                  method=method, eps=eps)
-    trainer = Trainer(tmp_path / "art")
-    rng = np.random.default_rng(3)
-    images = rng.standard_normal((3, 3, 15, 15)).astype(np.float32)
-    labels = rng.integers(0, 3, 3).astype(np.int64)
-    net.eval()
-    with torch.no_grad():
-        assert rel(trainer.evaluate(images), net(torch.from_numpy(images)).numpy()) < TOL
-    assert_step_is_autograds(trainer, net, n_convs, images, labels)
+    assert_trains_like_autograd(net, tmp_path / "art", 15, n_convs, method, eps, seed=3)
 
 
 class DroppedWindow(nn.Module):
