@@ -78,9 +78,11 @@ class ConvLayer:
     more_acts: tuple = ()                # further activations before the next conv (silu then
                                          # hardswish, ...), each a dict like act; an act's
                                          # "elements": per sample, when not the output's
-    mul_factors: tuple = ()              # the factors of the multiplies after it (a gate and
-                                         # the map it scales): (elements per sample, the conv
-                                         # of the act whose saved tensor gives it, or None)
+    whole: tuple = ()                    # float32 tensors after it that the backward takes
+                                         # whole: a multiply's factors (a gate, the map it
+                                         # scales), a squeeze-excitation Linear's input, each
+                                         # (elements per sample, the conv of the act whose
+                                         # saved tensor gives it, or None)
 
     @property
     def acts(self) -> tuple:

@@ -105,11 +105,12 @@ def mask_bytes(layer: ConvLayer, batch: int, fine_tuned=frozenset()) -> int:
 def whole_bytes(layer: ConvLayer, batch: int, fine_tuned=frozenset()) -> int:
     """The float32 tensors after this conv that the backward keeps whole (a conv input's
     compression does not reach them): the input of a hardswish or silu, the output of a
-    sigmoid (``arch.ACTIVATIONS``), each factor of a multiply (a gate, the map it scales)
-    but one that such an act of a fine-tuned conv gives (recomputed from what it keeps)."""
+    sigmoid (``arch.ACTIVATIONS``), a squeeze-excitation Linear's input, each factor of a
+    multiply (a gate, the map it scales) but one that such an act of a fine-tuned conv
+    gives (recomputed from what it keeps)."""
     kept = sum(act_elements(layer, act) for act in layer.acts
                if ACTIVATIONS.get(act.get("type")) in ("input", "output"))
-    kept += sum(n for n, source in layer.mul_factors if source not in fine_tuned)
+    kept += sum(n for n, source in layer.whole if source not in fine_tuned)
     return kept * batch * FLOAT_BYTES
 
 

@@ -13,6 +13,7 @@ This is what the exporter turns into ONNX graphs. Ops, in execution order:
     mul     (a, b) -> y   y = a * b, one of them may be (C, 1, 1): a squeeze-excitation gate;
                        the backward keeps both factors
     mean    (x) -> y   global average pool keeping (C, 1, 1) (squeeze-excitation's squeeze)
+    reshape (x) -> y   (C, 1, 1) <-> (C,): a squeeze-excitation's gate between Linears
     cat     (a, b, ...) -> y   concatenation on channels
     slice   (x) -> y   channels [start, stop) of x (a piece of a chunk / split)
     shuffle (x) -> y   channel shuffle of ``groups``: y[j g + i] = x[i C/g + j]
@@ -20,8 +21,9 @@ This is what the exporter turns into ONNX graphs. Ops, in execution order:
     avgpool (x) -> y   a local square average pool (count_include_pad); backward: dY / count
                        spread over each window
     gap     (x) -> y   global average pool + flatten: (B, C, H, W) -> (B, C)
-    linear  (x) -> y   classifier: y = x W^T + b; after the gap only, with clips and acts
-                       between several (a head); the last one's output is ``logits``
+    linear  (x) -> y   y = x W^T + b on a vector: the classifier after the gap (several,
+                       with clips and acts between them: a head; the last one's output is
+                       ``logits``), or a squeeze-excitation's; the backward keeps x
 
 Param names follow the ``.npz`` naming of ``export.zoo`` (``<layer>.weight``,
 ``<layer>.bn.running_mean``, torchvision names for ResNets).
@@ -226,7 +228,7 @@ def network_of(program: Program) -> arch.Network:
                            padding=a["padding"], groups=a["groups"], input_hw=(h, w),
                            output_hw=(oh, ow), act=None, post_add_act=None, maxpool_after=None,
                            dilation=a.get("dilation", 1), tail=op.output, added=False,
-                           more_acts=(), mul_factors=())
+                           more_acts=(), whole=())
             convs.append(current)
         elif current is None:
             continue
@@ -246,8 +248,10 @@ def network_of(program: Program) -> arch.Network:
             if op.kind == "act" and arch.ACTIVATIONS[op.attrs["fn"]] in ("input", "output"):
                 saving_act_owner[op.output] = current["name"]
         elif op.kind == "mul":
-            current["mul_factors"] += tuple((prod(program.shapes[t]), saving_act_owner.get(t))
-                                            for t in op.inputs)
+            current["whole"] += tuple((prod(program.shapes[t]), saving_act_owner.get(t))
+                                      for t in op.inputs)
+        elif op.kind == "linear":  # a squeeze-excitation's: its input, kept
+            current["whole"] += ((prod(program.shapes[op.inputs[0]]), None),)
         elif op.kind == "maxpool" and current["maxpool_after"] is None:  # after an add too
             current["maxpool_after"] = {k: op.attrs[k] for k in ("kernel", "stride", "padding")}
             current["maxpool_after"]["output_hw"] = program.shapes[op.output][1:]

@@ -128,11 +128,14 @@ def write_artifact(program, out: Path, config: TrainConfig, batch_size: int, cla
     files = {}
     forward, schedule, models = [], [], {}
     partitions = forward_partitions(split, config)
-    # masks (and max-pool argmaxes, saved activations, factors) made between fine-tuned conv i
-    # and the next belong to conv i (full accounting); the head's to the classifier
+    # masks (and max-pool argmaxes, saved activations, factors, a squeeze-excitation Linear's
+    # input) made between fine-tuned conv i and the next belong to conv i (full accounting);
+    # the head's to the classifier
     head = head_tensors(program)
+    linear_inputs = {op.inputs[0] for op in program.ops if op.kind == "linear"} - head
     masks = [[t for t in outputs if (t.endswith(("/mask_bits", "/act_saved", "/argmax"))
-                                     or "/factor_" in t) and t.rpartition("/")[0] not in head]
+                                     or "/factor_" in t) and t.rpartition("/")[0] not in head
+              or t in linear_inputs]
              for _, _, outputs in partitions[1:]]
     for p, (g, _, _) in enumerate(partitions):
         if p >= 1:  # the input of fine-tuned conv p is ready: the device decomposes it

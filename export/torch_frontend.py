@@ -15,8 +15,9 @@
 | AvgPool2d, local: square, count_include_pad or not                | avgpool    |
 | AdaptiveAvgPool2d(1), a global AvgPool2d, F.adaptive_avg_pool2d   | gap        |
 | ``x.mean((2, 3))``, torch.mean over (2, 3) (keepdim or not)        | gap        |
-|   (a global pool whose (C, 1, 1) result feeds a conv or a multiply, |  mean      |
-|   as in squeeze-excitation, is the program's ``mean``)             |            |
+|   (a global pool that a multiply follows, a squeeze-excitation's,  |  mean      |
+|   is the program's ``mean``: its 1x1 convs or Linears, the gate)   |            |
+| a view / flatten between (C,) and (C, 1, 1) (an SE of Linears)    | reshape    |
 | torch.cat on channels                                             | cat        |
 | chunk / split on channels (torch. or method), then its pieces     | slice      |
 | a channel shuffle: view (g, C/g), transpose(1, 2), view back      | shuffle    |
@@ -34,6 +35,7 @@ path (a function by the module whose forward calls it: ``features.3 (forward): t
 from __future__ import annotations
 
 import operator
+from math import prod
 
 import numpy as np
 import torch
@@ -247,8 +249,10 @@ class _Lowering:
         return (h, w) == pair(mod.kernel_size) and mod.padding in (0, (0, 0))
 
     def pool(self, node, x: str, where: str, shape) -> None:
-        if len(shape) == 3 and not _feeds_classifier(node, self.modules):  # squeeze-excitation
-            self.tensor[node] = self.emit("mean", where, [x], f"{where}/mean", shape)
+        if squeezes(node):  # (C, 1, 1), or as torch has it (C,)
+            mean = self.emit("mean", where, [x], f"{where}/mean", (shape[0], 1, 1))
+            self.tensor[node] = mean if len(shape) == 3 else \
+                self.emit("reshape", where, [mean], f"{where}/vector", shape)
             return
         if "features" in self.shapes:
             raise FrontendError(f"{where}: a second global pool is not supported")
@@ -262,6 +266,11 @@ class _Lowering:
             self.pooled.add(node)
 
     def flatten(self, node, where: str) -> None:
+        x = self.tensor.get(node.args[0])
+        if node.args[0] not in self.pooled and x is not None and self.shapes[x][1:] == (1, 1):
+            self.tensor[node] = self.emit("reshape", where, [x], f"{where}/vector",
+                                          self.shapes[x][:1])
+            return  # a squeeze-excitation's (C, 1, 1) to the vector its Linears take
         if node.args[0] not in self.pooled:
             raise FrontendError(f"{where_of(node, self.name)}: flattening a feature map is "
                                 f"supported only after the global pool")
@@ -274,10 +283,11 @@ class _Lowering:
         if source in self.pooled:
             return self.flatten(node, where)
         grouped = self.grouped.get(source)
-        if source in self.tensor and len(self.shapes[self.tensor[source]]) == 1:
-            raise FrontendError(f"{where_of(node, self.name)}: a view of a vector as a map (a "
-                                f"squeeze-excitation of Linears) is not supported: write its "
-                                f"Linears as 1x1 Conv2d, as torchvision does")
+        x = self.tensor.get(source)
+        if x is not None and prod(self.shapes[x]) == prod(shape) and \
+                {len(self.shapes[x]), len(shape)} == {1, 3} and prod(shape[1:]) == 1:
+            self.tensor[node] = self.emit("reshape", where, [x], f"{where}/reshape", shape)
+            return  # a squeeze-excitation's vector (C,) and (C, 1, 1)
         if grouped is None and len(shape) == 4:
             x = self.tensor_of(source, where)
             if (shape[0] * shape[1], *shape[2:]) == self.shapes[x]:
@@ -416,18 +426,19 @@ def size_value(node: fx.Node) -> bool:
         and all(size_value(a) for a in sources)
 
 
-def _feeds_classifier(node: fx.Node, modules: dict) -> bool:
-    """Whether a pool's (C, 1, 1) result reaches only a flatten / view (the classifier's
-    features), through dropouts and identities, not a conv or a multiply."""
-    for user in node.users:
-        module = modules[user.target] if user.op == "call_module" else None
-        if user.op == "call_method" and user.target in (*FLATTENS, "size") or \
-                user.target is torch.flatten or isinstance(module, nn.Flatten):
+def squeezes(pool: fx.Node) -> bool:
+    """Whether a global pool is a squeeze-excitation's: something after it multiplies (its
+    gate scales a map); the classifier's pool leads to the logits only."""
+    seen, todo = set(), list(pool.users)
+    while todo:
+        node = todo.pop()
+        if node in seen:
             continue
-        passthrough = user.target is F.dropout or isinstance(module, (nn.Identity, *DROPOUTS))
-        if not (passthrough and _feeds_classifier(user, modules)):
-            return False
-    return True
+        if node.op == "call_function" and node.target in MULS:
+            return True
+        seen.add(node)
+        todo += node.users
+    return False
 
 
 def ceil_pool_hw(pool: nn.MaxPool2d, hw) -> tuple:

@@ -184,6 +184,9 @@ def emit_forward(g: Graph, program: Program, op: Op, trainable: set, with_mask: 
         g.op("Mul", list(op.inputs), op.name, outputs=[op.output])
     elif op.kind == "mean":
         g.op("GlobalAveragePool", [op.inputs[0]], op.name, outputs=[op.output])
+    elif op.kind == "reshape":
+        g.op("Reshape", [op.inputs[0], g.ints([0, *program.shapes[op.output]])], op.name,
+             outputs=[op.output])
     elif op.kind == "cat":
         g.op("Concat", list(op.inputs), op.name, outputs=[op.output], axis=1)
     elif op.kind == "slice":
@@ -427,11 +430,6 @@ def saved_activations(split: Split, method: str) -> set:
     return {t for t, source in region_sources(split, method).items() if source == "saved"}
 
 
-def linear_inputs(program: Program) -> list:
-    """The input of each linear (``features`` first): the backward keeps each, float32."""
-    return [op.inputs[0] for op in program.ops if op.kind == "linear"]
-
-
 def head_tensors(program: Program) -> set:
     """The outputs of the global pool and of every op after it (the classifier head)."""
     ops = program.ops
@@ -514,10 +512,12 @@ def forward_partitions(split: Split, config: TrainConfig) -> list:
                     shapes[factor] = tensor_shape(program, t)
             if op.output in pools:
                 outputs.append(argmax_name(op.output))
+            if op.kind == "linear" and p >= 1:  # its backward takes its input
+                outputs.append(op.inputs[0])
         last = p == len(split.partitions) - 1
         if last:
             emit_loss(g, program.num_classes, config.label_smoothing)
-            outputs += linear_inputs(program) + ["logits", "loss", "dlogits"]
+            outputs += ["logits", "loss", "dlogits"]
         outputs = list(dict.fromkeys(outputs))
         for t in outputs:
             if t == "loss":
@@ -894,6 +894,9 @@ def emit_partition_backward(g: Graph, program: Program, ops: list, grads: dict, 
                     grad = g.op("ReduceSum", [grad, g.ints([2, 3])], f"{op.name}/d_gate_{i}",
                                 keepdims=1)
                 accumulate(t, grad)
+        elif op.kind == "reshape":
+            accumulate(x, g.op("Reshape", [dy, g.ints([0, *program.shapes[x]])],
+                               op.name + "/dX"))
         elif op.kind == "cat":  # each input's channels of dY
             start = 0
             for i, t in enumerate(op.inputs):

@@ -117,6 +117,8 @@ class ProgramNet(nn.Module):
                 y = x * tensors[op.inputs[1]]
             elif op.kind == "mean":
                 y = x.mean((2, 3), keepdim=True)
+            elif op.kind == "reshape":
+                y = x.reshape(x.shape[0], *shapes[op.output])
             elif op.kind == "cat":
                 y = torch.cat([tensors[t] for t in op.inputs], 1)
             elif op.kind == "slice":

@@ -88,12 +88,13 @@ def user_net(user_file):
     return namespace["build"]()
 
 
-def reference_step(net, n_convs, images, labels, lr):
+def reference_step(net, n_convs, images, labels, lr, modules=None):
     """torch.autograd gradients and one torch.optim.SGD step of the last n convs (in
-    definition order) + every Linear (the head), BN frozen (eval), dropout off."""
+    definition order) + every Linear (the head), or of these modules, BN frozen (eval),
+    dropout off."""
     convs = [name for name, m in net.named_modules() if isinstance(m, nn.Conv2d)][-n_convs:]
     head = [name for name, m in net.named_modules() if isinstance(m, nn.Linear)]
-    trainable = {f"{m}.{p}" for m in convs + head for p in ("weight", "bias")}
+    trainable = {f"{m}.{p}" for m in modules or convs + head for p in ("weight", "bias")}
     params = {k: p for k, p in net.named_parameters() if k in trainable}
     for k, p in net.named_parameters():
         p.requires_grad_(k in trainable)
@@ -755,23 +756,7 @@ class Reshaped(nn.Module):
         return self.fc(y.view(y.size(0), 4, -1).mean(2))
 
 
-class LinearSqueeze(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3)
-        self.fc1, self.fc2 = nn.Linear(8, 2), nn.Linear(2, 8)
-        self.fc = nn.Linear(8, 2)
-
-    def forward(self, x):
-        y = self.conv(x)
-        gate = torch.sigmoid(self.fc2(torch.relu(self.fc1(y.mean((2, 3))))))
-        return self.fc((y * gate.view(y.size(0), 8, 1, 1)).mean((2, 3)))
-
-
 @pytest.mark.parametrize("module,message", [
-    (LinearSqueeze(), "LinearSqueeze (forward): a view of a vector as a map (a "
-                      "squeeze-excitation of Linears) is not supported: write its Linears as "
-                      "1x1 Conv2d, as torchvision does"),
     (Indexed(), "Indexed (forward): indexing a tensor is not supported (only the pieces of "
                 "chunk / split on channels)"),
     (CatOnWidth(), "CatOnWidth (forward): torch.cat on dim 3 is not supported (only on "
@@ -870,3 +855,61 @@ def test_every_blocker_found_while_lowering_is_named_at_once():
     assert str(e.value) == ("2 problems: TwoProblems (forward): torch.cat on dim 2 is not "
                             "supported (only on channels, dim 1); conv: padding_mode='reflect' "
                             "is not supported (zeros only)")
+
+
+class LinearSqueeze(nn.Module):
+    """Squeeze-excitation written with Linears: a mean and a view back to (C, 1, 1), then a
+    pool, a flatten and a reshape."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.se1 = nn.Sequential(nn.Linear(8, 2), nn.ReLU(), nn.Linear(2, 8), nn.Sigmoid())
+        self.conv2 = nn.Conv2d(8, 6, 3)
+        self.se2 = nn.Sequential(nn.Linear(6, 3), nn.SiLU(), nn.Linear(3, 6), nn.Hardsigmoid())
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        y = F.relu(self.conv1(x))
+        y = y * self.se1(y.mean((2, 3))).view(y.size(0), 8, 1, 1)
+        y = F.relu(self.conv2(y))
+        gate = self.se2(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
+        return self.fc((y * gate.reshape(-1, 6, 1, 1)).mean((2, 3)))
+
+
+# 1: the squeeze-excitations' Linears come before the fine-tuned conv: frozen; 2: trained
+@pytest.mark.parametrize("n_convs,trained", [
+    (1, ["conv2", "se2.0", "se2.2", "fc"]),
+    (2, ["conv1", "se1.0", "se1.2", "conv2", "se2.0", "se2.2", "fc"])])
+@pytest.mark.parametrize("method,eps", [("vanilla", None), ("hosvd", 1.0)])
+def test_a_squeeze_excitation_of_linears_trains_with_autograds_gradients(tmp_path, n_convs,
+                                                                        trained, method, eps):
+    """Its Linears train with the convs they follow; the plan is what the runner holds."""
+    from actcomp_edge.memory import plan
+    from actcomp_edge.program import network_of
+    torch.manual_seed(4)
+    net = LinearSqueeze()
+    program, _ = program_from_module(net, 10)
+    assert [op.kind for op in program.ops if op.kind in ("mean", "reshape", "gap")] == \
+        ["mean", "reshape", "reshape", "mean", "reshape", "reshape", "gap"]
+    manifest = export_module(net, tmp_path / "art", input_size=10, batch_size=3,
+                             layers=n_convs, method=method, eps=eps)
+    trainer = Trainer(tmp_path / "art")
+    rng = np.random.default_rng(6)
+    images = rng.standard_normal((3, 3, 10, 10)).astype(np.float32)
+    labels = rng.integers(0, 3, 3).astype(np.int64)
+    net.eval()
+    with torch.no_grad():
+        assert rel(trainer.evaluate(images), net(torch.from_numpy(images)).numpy()) < TOL
+    loss, grads, _ = reference_step(net, n_convs, images, labels, 0.1, modules=trained)
+    assert sorted(manifest["trainable_params"]) == sorted(grads)
+    result = trainer.step(images, labels, lr=0.1)
+    assert abs(result.loss - loss) < TOL * abs(loss)
+    for name, grad in grads.items():
+        assert rel(result.grads[name], grad) < TOL, name
+    fwd = trainer.forward(images, labels)
+    predicted = plan(network_of(program), n_convs, method, 3, 10, eps=eps)
+    if method != "vanilla":
+        assert {layer.name: layer.full_bytes - layer.paper_bytes for layer in predicted.layers} \
+            == {name: fwd.kept_full_per_layer[name] - fwd.kept_bytes.get(name, 0)
+                for name in fwd.kept_full_per_layer}
