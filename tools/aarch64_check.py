@@ -5,11 +5,12 @@
 1. Host prerequisites: qemu-user-static, debootstrap, binfmt-support (installed with apt-get
    when --install-prerequisites), binfmt_misc mounted, qemu-aarch64 registered with the F
    flag (the kernel keeps the interpreter open, so nothing of qemu goes into the userland).
-2. An arm64 Debian bookworm userland (debootstrap, minbase + python3) with one venv per
-   onnxruntime: "oldest" (the artifacts' minimum, numpy<2) and "newest" (no pins). Each
-   holds the `device` extra's dependencies from pyproject.toml, installed with pip from
-   PyPI, i.e. the stock aarch64 wheels; no torch. The finished userland is cached as a
-   tarball in --cache (key: suite, packages, requirements, the newest versions on PyPI),
+2. Arm64 Debian userlands (debootstrap, minbase + python3): bookworm (Python 3.11) with one
+   venv per onnxruntime, "oldest" (the artifacts' minimum, numpy<2) and "newest" (no pins),
+   and bullseye (Python 3.9, glibc 2.31: the oldest the device side claims) with "oldest".
+   Each venv holds the `device` extra's dependencies from pyproject.toml, installed with pip
+   from PyPI, i.e. the stock aarch64 wheels; no torch. Each finished userland is cached as
+   a tarball in --cache (key: suite, packages, requirements, the newest versions on PyPI),
    so only the first run pays for debootstrap and pip under emulation.
 3. A tiny model (a 4-block inverted-residual net, 32 px, last 4 convs, HOSVD eps 0.9) is
    exported on the host and trained natively with .venv's `actcomp-device`; then, in each
@@ -17,7 +18,8 @@
    verifies them) and its `actcomp-device train` runs the same steps on the same data.
 4. Per-step losses (from the runner's file:// profile stream) and the trained weights must
    agree with the native run to --rtol (1e-4) relative, the HOSVD ranks exactly.
-5. The fleet: the "newest" venv also holds the `fleet` extra (flwr); its ClientApp module
+5. The fleet: bookworm's "newest" venv also holds the `fleet` extra (flwr, Python >= 3.11:
+   not on bullseye); its ClientApp module
    imports, and a `flower-supernode` in the userland joins a native `flower-superlink`
    for one round of `actcomp fleet run`; the global weights must come back as the node's.
 
@@ -49,12 +51,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-SUITE = "bookworm"
+# Debian suite -> the venvs its userland holds (``runtime_requirements``)
+SUITES = {"bookworm": ("oldest", "newest"), "bullseye": ("oldest",)}
 DEBIAN_PACKAGES = ["python3", "python3-venv", "ca-certificates"]
 HOST_PACKAGES = {"qemu-aarch64-static": "qemu-user-static", "debootstrap": "debootstrap",
                  "update-binfmts": "binfmt-support"}
 BUILD_REQUIREMENTS = ["setuptools>=61", "wheel"]  # to pip-install the checkout without the network
-USERLAND_LAYOUT = 1  # bump when the way the userland is built changes
+USERLAND_LAYOUT = 2  # bump when the way the userland is built changes (2: pip upgraded)
 HOST_CA = "/etc/ssl/certs/ca-certificates.crt"
 GUEST_CA = "/etc/ssl/certs/host-ca.crt"
 CPUINFO = "".join(f"processor\t: {i}\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm crc32 "
@@ -136,14 +139,16 @@ def extra(name: str) -> list:
     return list(project["optional-dependencies"][name])
 
 
-def runtime_requirements() -> dict:
-    """venv name -> pip requirements: the device extra (and what builds the checkout),
-    pinned to the oldest supported onnxruntime (it needs numpy<2) or left to the newest;
-    the newest also holds the fleet extra (Flower's SuperNode and the ClientApp)."""
+def runtime_requirements(suite: str) -> dict:
+    """venv name -> pip requirements, for the venvs of the suite (SUITES): the device extra
+    (and what builds the checkout), pinned to the oldest supported onnxruntime (it needs
+    numpy<2) or left to the newest; the newest also holds the fleet extra (Flower's
+    SuperNode and the ClientApp)."""
     from actcomp_edge.manifest import MIN_ONNXRUNTIME
     base = extra("device") + BUILD_REQUIREMENTS
-    return {"oldest": base + [f"onnxruntime=={MIN_ONNXRUNTIME}", "numpy<2"],
-            "newest": base + extra("fleet")}
+    venvs = {"oldest": base + [f"onnxruntime=={MIN_ONNXRUNTIME}", "numpy<2"],
+             "newest": base + extra("fleet")}
+    return {name: venvs[name] for name in SUITES[suite]}
 
 
 def newest_on_pypi(names) -> dict:
@@ -158,8 +163,8 @@ def newest_on_pypi(names) -> dict:
     return found
 
 
-def userland_key(requirements: dict) -> str:
-    facts = {"layout": USERLAND_LAYOUT, "suite": SUITE, "packages": DEBIAN_PACKAGES,
+def userland_key(suite: str, requirements: dict) -> str:
+    facts = {"layout": USERLAND_LAYOUT, "suite": suite, "packages": DEBIAN_PACKAGES,
              "requirements": requirements,
              "newest": newest_on_pypi(["onnxruntime", "numpy", "pyserial", "Pillow"])}
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
@@ -194,38 +199,41 @@ def guest(root: Path, *cmd, check=True, binds=()) -> subprocess.CompletedProcess
                                                               capture_output=True, text=True)
 
 
-def build_userland(root: Path, mirror: str, requirements: dict) -> None:
-    log(f"debootstrap arm64 {SUITE} (minbase + {', '.join(DEBIAN_PACKAGES)}) from the host's "
+def build_userland(root: Path, suite: str, mirror: str, requirements: dict) -> None:
+    log(f"debootstrap arm64 {suite} (minbase + {', '.join(DEBIAN_PACKAGES)}) from the host's "
         f"mirror: about 5 minutes under emulation")
     run(["debootstrap", "--arch=arm64", "--variant=minbase",
-         f"--include={','.join(DEBIAN_PACKAGES)}", SUITE, str(root), mirror])
+         f"--include={','.join(DEBIAN_PACKAGES)}", suite, str(root), mirror])
     shutil.copyfile(HOST_CA, root / GUEST_CA.lstrip("/"))
     for name, reqs in requirements.items():
         log(f"venv /opt/ort-{name}: pip install {' '.join(reqs)} (emulated pip: minutes)")
         guest(root, "python3", "-m", "venv", f"/opt/ort-{name}")
+        # bullseye's pip (20.3) predates some wheels' metadata: a current one first
+        guest(root, f"/opt/ort-{name}/bin/pip", "install", "-q", "--upgrade", "pip")
         guest(root, f"/opt/ort-{name}/bin/pip", "install", "-q", *reqs)
     shutil.rmtree(root / "root" / ".cache", ignore_errors=True)
 
 
-def cached_userland(cache: Path, work: Path, mirror: str | None, requirements: dict) -> Path:
-    """work/root, extracted from the cache or built (and then cached)."""
-    key = userland_key(requirements)
-    tarball = cache / f"aarch64-{SUITE}-{key}.tar.gz"
-    root = work / "root"
+def cached_userland(cache: Path, work: Path, suite: str, mirror: str | None,
+                    requirements: dict) -> Path:
+    """work/root-<suite>, extracted from the cache or built (and then cached)."""
+    key = userland_key(suite, requirements)
+    tarball = cache / f"aarch64-{suite}-{key}.tar.gz"
+    root = work / f"root-{suite}"
     if tarball.is_file():
         log(f"userland from the cache: {tarball}")
         root.mkdir()
         run(["tar", "-C", str(root), "-xzf", str(tarball)])
         return root
     log(f"no cached userland for key {key} in {cache}: building it")
-    build_userland(root, mirror or debian_mirror(), requirements)
+    build_userland(root, suite, mirror or debian_mirror(), requirements)
     cache.mkdir(parents=True, exist_ok=True)
     partial = tarball.with_name(f".{tarball.name}.partial-{os.getpid()}")
     log(f"caching the userland as {tarball}")
     run(["tar", "-C", str(root), "--exclude=./proc/*", "--exclude=./sys/*", "--exclude=./dev/*",
          "-czf", str(partial), "."])
     os.replace(partial, tarball)
-    for old in cache.glob(f"aarch64-{SUITE}-*.tar.gz"):  # older keys are stale
+    for old in cache.glob(f"aarch64-{suite}-*.tar.gz"):  # older keys are stale
         if old != tarball:
             old.unlink()
     return root
@@ -294,54 +302,63 @@ def compare(name: str, got: dict, want: dict, rtol: float) -> list:
 def check(args) -> None:
     started = time.monotonic()
     host_prerequisites(args.install_prerequisites)
-    requirements = runtime_requirements()
     work = Path(tempfile.mkdtemp(prefix="actcomp-aarch64-", dir=args.work))
     try:
-        root = cached_userland(Path(args.cache), work, args.mirror, requirements)
-        ready = time.monotonic()
-        log(f"userland ready after {ready - started:.0f} s")
         artifact, data = tiny_artifact(work)
         native = work / "native"
         run(train_argv(REPO / ".venv" / "bin" / "actcomp-device", artifact, data, native,
                        args.steps))
         want = results(native)
         log(f"native x86_64: losses {', '.join(f'{x:.6f}' for x in want['loss'])}")
-        # the checkout, copied (pip builds in the source tree) without venvs or outputs
-        source = root / "src"
-        shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
-            ".git", ".venv*", "out", "build", "*.egg-info", "__pycache__", ".pytest_cache"))
-        problems = []
-        for name in requirements:
-            venv = f"/opt/ort-{name}"
-            guest(root, f"{venv}/bin/pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                  "/src")
-            guest(root, f"{venv}/bin/pip", "check")
-            versions = guest(root, f"{venv}/bin/python", "-c",
-                             "import numpy, onnxruntime, platform; print(platform.machine(), "
-                             "onnxruntime.__version__, numpy.__version__)").stdout.split()
-            log(f"{name}: {' '.join(versions)}; training {args.steps} steps")
-            if versions[0] != "aarch64":
-                raise CheckError(f"the userland runs {versions[0]}, not aarch64")
-            proc = guest(root, *train_argv(f"{venv}/bin/actcomp-device", "/data/art",
-                                           "/data/data.npz", f"/data/run-{name}", args.steps),
-                         binds=[(work, "/data")], check=False)
-            if proc.returncode != 0:
-                tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
-                raise CheckError(f"actcomp-device train failed on aarch64 with onnxruntime "
-                                 f"{versions[1]} (exit {proc.returncode}):\n{tail}")
-            problems += compare(f"aarch64 onnxruntime {versions[1]} numpy {versions[2]}",
-                                results(work / f"run-{name}"), want, args.rtol)
-        if problems:
-            raise CheckError("aarch64 and native disagree:\n" + "\n".join(problems))
-        fleet_round(root, work, artifact, data)
-        log(f"passed: every runtime agrees with native to {args.rtol:g} relative; "
-            f"{time.monotonic() - started:.0f} s in all ({ready - started:.0f} s for the "
-            f"userland)")
+        for suite in args.suites:
+            check_suite(args, suite, work, artifact, data, want)
+        log(f"passed: every runtime of {', '.join(args.suites)} agrees with native to "
+            f"{args.rtol:g} relative; {time.monotonic() - started:.0f} s in all")
     finally:
         if args.keep:
             log(f"kept {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def check_suite(args, suite: str, work: Path, artifact: Path, data: Path, want: dict) -> None:
+    """Train in each venv of the suite's userland (and, with "newest", the fleet round)."""
+    started = time.monotonic()
+    requirements = runtime_requirements(suite)
+    root = cached_userland(Path(args.cache), work, suite, args.mirror, requirements)
+    log(f"{suite} userland ready after {time.monotonic() - started:.0f} s")
+    # the checkout, copied (pip builds in the source tree) without venvs or outputs
+    shutil.copytree(REPO, root / "src", ignore=shutil.ignore_patterns(
+        ".git", ".venv*", "out", "build", "*.egg-info", "__pycache__", ".pytest_cache"))
+    problems = []
+    for name in requirements:
+        venv = f"/opt/ort-{name}"
+        guest(root, f"{venv}/bin/pip", "install", "-q", "--no-deps", "--no-build-isolation",
+              "/src")
+        guest(root, f"{venv}/bin/pip", "check")
+        versions = guest(root, f"{venv}/bin/python", "-c",
+                         "import numpy, onnxruntime, platform; print(platform.machine(), "
+                         "onnxruntime.__version__, numpy.__version__, "
+                         "platform.python_version())").stdout.split()
+        log(f"{suite} {name}: {' '.join(versions)}; training {args.steps} steps")
+        if versions[0] != "aarch64":
+            raise CheckError(f"the userland runs {versions[0]}, not aarch64")
+        out = f"run-{suite}-{name}"
+        proc = guest(root, *train_argv(f"{venv}/bin/actcomp-device", "/data/art",
+                                       "/data/data.npz", f"/data/{out}", args.steps),
+                     binds=[(work, "/data")], check=False)
+        if proc.returncode != 0:
+            tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+            raise CheckError(f"actcomp-device train failed on aarch64 {suite} (Python "
+                             f"{versions[3]}) with onnxruntime {versions[1]} (exit "
+                             f"{proc.returncode}):\n{tail}")
+        problems += compare(f"aarch64 {suite} Python {versions[3]} onnxruntime {versions[1]} "
+                            f"numpy {versions[2]}", results(work / out), want, args.rtol)
+    if problems:
+        raise CheckError("aarch64 and native disagree:\n" + "\n".join(problems))
+    if "newest" in requirements:
+        fleet_round(root, work, artifact, data)
+    log(f"{suite}: {time.monotonic() - started:.0f} s")
 
 
 def fleet_round(root: Path, work: Path, artifact: Path, data: Path) -> None:
@@ -403,6 +420,9 @@ def main(argv=None) -> int:
                              "$ACTCOMP_CACHE or ~/.cache/actcomp-edge)")
     parser.add_argument("--work", help="scratch folder (default: the system temp folder)")
     parser.add_argument("--mirror", help="Debian mirror URL (default: the host's apt source)")
+    parser.add_argument("--suites", default=",".join(SUITES), type=lambda v: v.split(","),
+                        help=f"Debian suites to check, comma-separated (default: "
+                             f"{','.join(SUITES)})")
     parser.add_argument("--steps", type=int, default=4, help="training steps (default 4)")
     parser.add_argument("--rtol", type=float, default=1e-4,
                         help="relative agreement of losses and weights (default 1e-4)")
@@ -410,6 +430,9 @@ def main(argv=None) -> int:
                         help="apt-get install qemu-user-static, debootstrap, binfmt-support")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
     args = parser.parse_args(argv)
+    unknown = [suite for suite in args.suites if suite not in SUITES]
+    if unknown:
+        parser.error(f"unknown suite {unknown[0]!r} (choose from {', '.join(SUITES)})")
     try:
         check(args)
     except CheckError as e:
