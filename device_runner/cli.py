@@ -22,17 +22,10 @@ from .train import (BudgetError, Options, TrainingError, check_budget, check_pla
                     write_summary)
 
 
-ARENA_HEADROOM = 1.5
-
-
 def load_trainer(args):
-    from .runtime import Trainer  # onnxruntime import only when needed
-    budget = getattr(args, "budget", None)
-    # The budget is enforced by measurement (dry run, rank caps, per-step peak RSS); the
-    # arena cap is the hard stop against runaway allocation. onnxruntime's BFC arena keeps
-    # and fragments chunks, so a cap at exactly the budget fails steps that fit: 1.5x.
+    from .runtime import Trainer, arena_for_budget  # onnxruntime import only when needed
     return Trainer(args.artifact, threads=getattr(args, "threads", None),
-                   arena_bytes=int(ARENA_HEADROOM * budget) if budget else None)
+                   arena_bytes=arena_for_budget(getattr(args, "budget", None)))
 
 
 def input_size(trainer) -> tuple:

@@ -43,7 +43,6 @@ from actcomp_edge.profiles import parse_size
 
 from . import checkpoint, procmem, recipe
 from . import data as data_module
-from .cli import ARENA_HEADROOM
 from .train import Options, check_budget, check_plan, fit, write_summary
 
 KEEP_ROUNDS = 2       # round folders kept on the node: this one and the one before
@@ -193,12 +192,12 @@ def train_round(node: Node, global_params: dict, config: dict, run_id: int = 0,
     """One round on this node: (new params, metrics, info). config: the server's round
     settings (server-round, rounds, local-epochs, lr, schedule, seed, proximal-mu); run_id:
     Flower's run (a round resumes only within its run, with the same settings)."""
-    from .runtime import Trainer
+    from .runtime import Trainer, arena_for_budget
     entry_rss = procmem.rss_bytes()  # the Flower client process before the runner loads
     started = time.perf_counter()
     server_round = int(config["server-round"])
     trainer = Trainer(node.artifact, threads=node.threads,
-                      arena_bytes=int(ARENA_HEADROOM * node.budget) if node.budget else None)
+                      arena_bytes=arena_for_budget(node.budget))
     m = trainer.manifest
     batch = node.batch_size or m["batch_size"]
     if node.budget is not None:  # a budget the plan cannot meet: refused before the data loads

@@ -101,6 +101,17 @@ def cap_arena(max_bytes: int, initial_bytes: int = -1) -> None:
     _ARENA_BYTES = max_bytes
 
 
+# The budget is enforced by measurement (dry run, rank caps, per-step peak RSS); the arena cap
+# is the hard stop against runaway allocation. onnxruntime's BFC arena keeps and fragments
+# chunks, so a cap at exactly the budget fails steps that fit: 1.5x.
+ARENA_HEADROOM = 1.5
+
+
+def arena_for_budget(budget: int | None) -> int | None:
+    """The onnxruntime arena cap (bytes) for a training budget (bytes); None: no cap."""
+    return int(ARENA_HEADROOM * budget) if budget else None
+
+
 def initial_arena_bytes(manifest: dict, cap: int | None) -> int:
     """The arena's first region: the plan's arena (the largest intermediates of any one
     graph run) with slack, within the cap."""

@@ -78,6 +78,16 @@ def third_party(path: Path) -> set:
     return names
 
 
+def test_no_library_module_imports_a_command_line_module():
+    """The command lines (and the demo, which drives one) sit on top: what they share lives
+    in a library module."""
+    commands = {"actcomp_edge.cli", "device_runner.cli", "export.cli"}
+    graph = import_graph()
+    assert commands <= set(graph)
+    assert {m for m, targets in graph.items() if targets & commands} - commands == \
+        {"actcomp_edge.demo"}
+
+
 def test_the_device_side_imports_neither_torch_nor_onnx():
     graph, paths = import_graph(), modules()
     device = reachable(graph, DEVICE_ROOTS | {m for m in graph if m.startswith("device_runner")})
