@@ -30,6 +30,7 @@ SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 
 from actcomp_edge.decomposition import hosvd, mode_product, unfold  # noqa: E402
+from benchmarks import write_results  # noqa: E402
 from actcomp_edge.methods import Asi  # noqa: E402
 from export import zoo  # noqa: E402
 
@@ -101,18 +102,14 @@ def main() -> None:
     meta = {"date": str(date.today()), "eps": args.eps, "layers": args.layers,
             "batches": args.batches, "batch": BATCH, "input_size": SIZE,
             "command": f".venv/bin/python benchmarks/asi_fidelity.py --layers {args.layers}"}
-    lines = [f"# asi's reconstruction error on real conv inputs (mcunet-5fps, ants/bees)", "",
+    lines = ["# asi's reconstruction error on real conv inputs (mcunet-5fps, ants/bees)", "",
              f"{meta['date']}; eps {args.eps} ranks fixed on the first batch, medians over the "
              f"{args.batches - 1} later batches of {BATCH} at {SIZE} px.", "", f"Command: `{meta['command']}`", "",
              "| layer | ranks | exact HOSVD | asi | lagged |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['layer']} | {tuple(r['ranks'])} | {r['exact']:.4f} | "
                      f"{r['asi']:.4f} | {r['lagged']:.4f} |")
-    results = REPO / "benchmarks" / "results"
-    (results / "asi_fidelity.json").write_text(json.dumps({"meta": meta, "rows": rows},
-                                                          indent=1) + "\n")
-    (results / "asi_fidelity.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results("asi_fidelity", {"meta": meta, "rows": rows}, "\n".join(lines))
 
 
 if __name__ == "__main__":

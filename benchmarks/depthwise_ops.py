@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from actcomp_edge import arch  # noqa: E402
+from benchmarks import write_results  # noqa: E402
 from actcomp_edge.methods import conv_weight_grad  # noqa: E402
 from actcomp_edge.program import build_program  # noqa: E402
 from export.onnx_graph import Graph  # noqa: E402
@@ -184,11 +185,7 @@ def main() -> None:
             "torch": torch.__version__, "batch": args.batch, "input_size": args.input_size,
             "threads": args.threads, "reps": args.reps,
             "command": ".venv/bin/python benchmarks/depthwise_ops.py"}
-    results = REPO / "benchmarks" / "results"
-    (results / "depthwise_ops.json").write_text(json.dumps({"meta": meta, "rows": rows},
-                                                           indent=1) + "\n")
-    (results / "depthwise_ops.md").write_text(markdown(meta, rows))
-    print(markdown(meta, rows))
+    write_results("depthwise_ops", {"meta": meta, "rows": rows}, markdown(meta, rows))
 
 
 if __name__ == "__main__":

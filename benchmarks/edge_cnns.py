@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from datetime import date
@@ -24,6 +23,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks import spread, write_results  # noqa: E402
 from benchmarks.deep_finetune import BIN, call  # noqa: E402
 
 MODELS = {"MobileNetV3-Small": "MobileNetV3Small", "EfficientNet-B0": "EfficientNetB0",
@@ -91,8 +91,7 @@ def main() -> None:
             print(f"[{time.time() - started:5.0f} s] {name} N={n} {method}: "
                   f"{json.dumps(runs[name, n, method][-1])}", flush=True)
     rows = [{"model": name, "layers": n, "method": method,
-             **{k: {"median": statistics.median(r[k] for r in rs), "min": min(r[k] for r in rs),
-                    "max": max(r[k] for r in rs)} for k in rs[0]}}
+             **{k: spread([r[k] for r in rs]) for k in rs[0]}}
             for (name, n, method), rs in runs.items()]
     command = (f".venv/bin/python benchmarks/edge_cnns.py --layers {args.layers} --repeats "
                f"{args.repeats} --steps {args.steps}")
@@ -109,11 +108,7 @@ def main() -> None:
                  for k in ("step_ms", "working_set_mib", "predicted_mib", "peak_rss_mib")]
         lines.append(f"| {r['model']} | {r['layers']} | {r['method']} | " + " | ".join(cells)
                      + " |")
-    results = REPO / "benchmarks" / "results"
-    (results / "edge_cnns.json").write_text(json.dumps({"meta": meta, "rows": rows},
-                                                       indent=1) + "\n")
-    (results / "edge_cnns.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results("edge_cnns", {"meta": meta, "rows": rows}, "\n".join(lines))
 
 
 if __name__ == "__main__":

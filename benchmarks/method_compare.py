@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from datetime import date
@@ -21,6 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks import spread, write_results  # noqa: E402
 from benchmarks.deep_finetune import BIN, METHODS, MODEL, call, runner_job  # noqa: E402
 
 JOBS = ("vanilla", "hosvd", "asi")
@@ -54,9 +54,7 @@ def main() -> None:
                     "peak_rss_mib": s["peak_rss_bytes"] / MIB})
                 print(f"[{time.time() - started:5.0f} s] N={n} {method}: "
                       f"{json.dumps(runs[n, method][-1])}", flush=True)
-    rows = [{"layers": n, "method": method,
-             **{k: {"median": statistics.median(r[k] for r in rs), "min": min(r[k] for r in rs),
-                    "max": max(r[k] for r in rs)} for k in rs[0]}}
+    rows = [{"layers": n, "method": method, **{k: spread([r[k] for r in rs]) for k in rs[0]}}
             for (n, method), rs in runs.items()]
     meta = {"date": str(date.today()), "repeats": args.repeats,
             "command": f".venv/bin/python benchmarks/method_compare.py --layers {args.layers} "
@@ -71,11 +69,7 @@ def main() -> None:
         cells = [f"{r[k]['median']:.1f} ({r[k]['min']:.1f}-{r[k]['max']:.1f})"
                  for k in ("step_ms", "working_set_mib", "predicted_mib", "peak_rss_mib")]
         lines.append(f"| {r['layers']} | {r['method']} | " + " | ".join(cells) + " |")
-    results = REPO / "benchmarks" / "results"
-    (results / "method_compare.json").write_text(json.dumps({"meta": meta, "rows": rows},
-                                                            indent=1) + "\n")
-    (results / "method_compare.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results("method_compare", {"meta": meta, "rows": rows}, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import sys
 import time
 from datetime import date
@@ -36,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 
+from benchmarks import spread, write_results  # noqa: E402
 from export import zoo  # noqa: E402
 
 REAL = {"mcunet-in1": "tt_mcunet-5fps_int8dq", "mbv2-w0.35": "tt_mbv2-w0.35_int8dq",
@@ -134,11 +134,6 @@ print(json.dumps({{"split_ms": dict(split), "per_op_ms": dict(per_op.most_common
 """
 
 
-def spread(values: list) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "values": values}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", default="4,42", help="N values, comma-separated")
@@ -200,12 +195,8 @@ def main() -> None:
             "runtime_seconds": runtime,
             "command": ".venv/bin/python benchmarks/step_time.py"
                        + (f" --repeats {args.repeats}" if args.repeats != 3 else "")}
-    results = (REPO / args.results)
-    results.mkdir(parents=True, exist_ok=True)
-    (results / "step_time.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1)
-                                            + "\n")
-    (results / "step_time.md").write_text(markdown(meta, rows))
-    print(markdown(meta, rows))
+    write_results("step_time", {"meta": meta, "rows": rows}, markdown(meta, rows),
+                  REPO / args.results)
 
 
 def fmt(s: dict, scale: float = 1.0, digits: int = 0) -> str:
@@ -214,7 +205,7 @@ def fmt(s: dict, scale: float = 1.0, digits: int = 0) -> str:
 
 
 def markdown(meta: dict, rows: list) -> str:
-    out = [f"# Step time: mcunet-in1 (tt_mcunet-5fps_int8dq, pretrained), ants/bees", "",
+    out = ["# Step time: mcunet-in1 (tt_mcunet-5fps_int8dq, pretrained), ants/bees", "",
            f"{meta['date']}, {meta['machine']}, onnxruntime {meta['onnxruntime']}, torch "
            f"{meta['torch']}; batch {meta['batch']}, {meta['input_size']} px, "
            f"{meta['threads']} threads; every job a fresh process ({meta['steps']} steps, its "
