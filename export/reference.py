@@ -33,10 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.grad import conv2d_input, conv2d_weight
 
-from actcomp_edge.methods import GF_RADIUS
+from actcomp_edge.methods import GF_RADIUS, METHODS as TABLE
 from actcomp_edge.decomposition import check_eps, hosvd, svd_compress
-
-METHODS = ("vanilla", "svd", "hosvd", "gf-r2")  # the ones this torch reference implements
 
 
 # ----------------------------------------------------------------- helpers
@@ -227,12 +225,19 @@ class GradientFilterR2Conv2d(torch.autograd.Function):
 
 # ------------------------------------------------------------------ modules
 
+# the table's methods this torch reference implements, each by its own autograd Function (not
+# asi: its subspaces carry over from step to step)
+FUNCTIONS = {"vanilla": VanillaConv2d, "svd": SvdConv2d, "hosvd": HosvdConv2d,
+             "gf-r2": GradientFilterR2Conv2d}
+METHODS = tuple(name for name in TABLE if name in FUNCTIONS)
+
+
 def _check_method_args(method, eps, ranks):
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if eps is not None:
         check_eps(eps)
-    if method in ("svd", "hosvd") and (eps is None) == (ranks is None):
+    if TABLE[method].ranks and (eps is None) == (ranks is None):
         raise ValueError(f"method {method!r} needs exactly one of eps or ranks")
 
 
@@ -278,15 +283,8 @@ class CompressedConv2d(nn.Conv2d):
         if not (torch.is_grad_enabled() and needs_grad):
             return F.conv2d(x, self.weight, self.bias, *conv)
         stats = {}
-        args = (x, self.weight, self.bias, conv, stats)
-        if self.method == "vanilla":
-            y = VanillaConv2d.apply(*args)
-        elif self.method == "gf-r2":
-            y = GradientFilterR2Conv2d.apply(*args)
-        elif self.method == "hosvd":
-            y = HosvdConv2d.apply(*args, self.eps, self.ranks, self.rank_cap)
-        else:
-            y = SvdConv2d.apply(*args, self.eps, self.ranks, self.rank_cap)
+        sizing = (self.eps, self.ranks, self.rank_cap) if TABLE[self.method].ranks else ()
+        y = FUNCTIONS[self.method].apply(x, self.weight, self.bias, conv, stats, *sizing)
         self.last_ranks, self.last_kept_floats = stats["ranks"], stats["kept_floats"]
         return y
 
