@@ -13,6 +13,7 @@
 | MaxPool2d: square, dilation 1, ceil_mode (its backward keeps the  | maxpool    |
 |   argmax)                                                         |            |
 | AvgPool2d, local: square, count_include_pad or not                | avgpool    |
+| F.max_pool2d, F.avg_pool2d: as their modules                      |            |
 | AdaptiveAvgPool2d(1), a global AvgPool2d, F.adaptive_avg_pool2d   | gap        |
 | ``x.mean((2, 3))``, torch.mean over (2, 3) (keepdim or not)        | gap        |
 |   (a global pool that a multiply follows, a squeeze-excitation's,  |  mean      |
@@ -401,6 +402,11 @@ class _Lowering:
             self.split(node, where)
         elif target is operator.getitem:
             self.piece(node, where, shape)
+        elif target in POOL_FUNCTIONS:  # as the module with the same arguments
+            names, module = POOL_FUNCTIONS[target]
+            arguments = dict(zip(names, node.args[1:]), **node.kwargs)
+            arguments.pop("return_indices", None)  # True traces as F.max_pool2d_with_indices
+            self.module(node, module(**arguments), where, shape)
         elif target is F.dropout:
             self.passthrough(node, where)
         else:
@@ -408,9 +414,16 @@ class _Lowering:
 
 
 HEAD_OPS = ("linear", "clip", "act")  # after the global pool
+# F.max_pool2d / F.avg_pool2d: their positional arguments after the input, and their module
+POOL_FUNCTIONS = {
+    F.max_pool2d: (("kernel_size", "stride", "padding", "dilation", "ceil_mode",
+                    "return_indices"), nn.MaxPool2d),
+    F.avg_pool2d: (("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+                    "divisor_override"), nn.AvgPool2d)}
 SUPPORTED_FUNCTIONS = (*RELUS, *HARDTANHS, *ACT_FUNCTIONS, *ADDS, *MULS, F.adaptive_avg_pool2d,
                        torch.mean, torch.flatten, torch.reshape, F.dropout, *CATS,
-                       torch.chunk, torch.split, torch.transpose, operator.getitem)
+                       *POOL_FUNCTIONS, torch.chunk, torch.split, torch.transpose,
+                       operator.getitem)
 SUPPORTED_METHODS = (*FLATTENS, *ACT_METHODS, "relu", "relu_", "size", "mean", "chunk",
                      "split", "transpose", "permute", "contiguous")
 

@@ -756,7 +756,20 @@ class Reshaped(nn.Module):
         return self.fc(y.view(y.size(0), 4, -1).mean(2))
 
 
+class PoolIndices(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        y, _ = F.max_pool2d(self.conv(x), 2, return_indices=True)
+        return self.fc(y.mean((2, 3)))
+
+
 @pytest.mark.parametrize("module,message", [
+    (PoolIndices(), "1 unsupported op: PoolIndices (forward): F.max_pool2d_with_indices is not "
+                    "supported"),
     (Indexed(), "Indexed (forward): indexing a tensor is not supported (only the pieces of "
                 "chunk / split on channels)"),
     (CatOnWidth(), "CatOnWidth (forward): torch.cat on dim 3 is not supported (only on "
@@ -798,12 +811,25 @@ class Pools(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.d(x), 1), 1))
 
 
+class FunctionalPools(Pools):
+    """The same pools as F.max_pool2d / F.avg_pool2d calls (positional and keyword)."""
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.stem(x)), 3, 2, ceil_mode=True)
+        x = F.avg_pool2d(F.relu(self.a(x)), 3, 1, 1, count_include_pad=False)
+        x = F.avg_pool2d(self.b(x), 2)
+        x = F.avg_pool2d(F.max_pool2d(F.relu(self.c(x)), kernel_size=2, stride=2,
+                                      ceil_mode=True), 3, 2, 1)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.d(x), 1), 1))
+
+
 @pytest.mark.parametrize("method,eps", [("vanilla", None), ("hosvd", 1.0)])
 @pytest.mark.parametrize("n_convs", [2, 5])
+@pytest.mark.parametrize("pools", [Pools, FunctionalPools])
 def test_ceil_mode_and_local_average_pools_train_with_autograds_gradients(tmp_path, method,
-                                                                          eps, n_convs):
+                                                                          eps, n_convs, pools):
     torch.manual_seed(2)
-    net = Pools()
+    net = pools()
     program, _ = program_from_module(net, 15)
     assert [program.shapes[op.output] for op in program.ops
             if op.kind in ("maxpool", "avgpool")] == \
