@@ -16,8 +16,9 @@ step. So the step is cut at the input of every fine-tuned conv:
 
 Between forward and backward the device holds only the kept pieces (core +
 factors for HOSVD), the masks at 1 bit an element, the float32 input of each hardswish and
-silu and output of each sigmoid (``arch.ACTIVATIONS``), both factors of each multiply, the
-argmax of each max-pool in the fine-tuned part (int32) and the classifier input.
+silu and output of each sigmoid (``arch.ACTIVATIONS``), each factor of a multiply that no
+such act gives (``factor_sources``), the argmax of each max-pool in the fine-tuned part
+(int32) and the input of each linear (the classifier head's, a squeeze-excitation's).
 Every graph uses standard ONNX ops only (opset ``OPSET``), so the stock
 onnxruntime wheel runs it. Tensor names say what they hold:
 ``<layer>/kept/<piece>``, ``<t>/mask_bits``, ``<t>/act_saved``, ``<t>/factor_<i>``,
