@@ -6,8 +6,9 @@ Two accountings:
   inputs (compressed or not), one bit per element for every activation mask
   (ReLU/ReLU6/clamp, hardsigmoid, leaky ReLU, also after a residual add) downstream of the
   first fine-tuned conv, the float32 input of every hardswish and silu and output of every
-  sigmoid there and both factors of every multiply (a squeeze-excitation gate and the map
-  it scales; kept whole: a conv input's compression does not reach them), the argmax
+  sigmoid there, each factor of a multiply (a squeeze-excitation gate and the map it
+  scales) that no such act of a fine-tuned conv gives, a squeeze-excitation Linear's
+  input (all kept whole: a conv input's compression does not reach them), the argmax
   (int32) of every max-pool in the fine-tuned part, and the classifier head's: each
   Linear's float32 input and what its activations keep.  Budgets use this one.
 
