@@ -191,7 +191,8 @@ def cmd_check(args) -> int:
               profile.runtime_baseline_bytes, profile.ram_bytes)
     plan = m["memory_plan"]
     budget = args.budget or profile.budget_bytes
-    # the plan is the whole working set (transients included); at bound eps ranks an upper bound
+    # the plan predicts the whole working set (transients included); at bound eps ranks the
+    # Fit's worst case decides (the dry run of `actcomp-device train --budget` measures)
     fits = plan["working_set_bytes"] <= budget if plan["rank_basis"] != "bound" else fit.fits
     if args.json:
         print(json.dumps({"artifact": str(folder), "model": m.get("model"),
@@ -211,8 +212,7 @@ def cmd_check(args) -> int:
           f"{mib(budget)} MiB budget: {verdict} (pool {mib(plan['pool_bytes'])}, arena "
           f"{mib(plan['arena_bytes'])}, numpy {mib(plan['numpy_peak_bytes'])} MiB; peak at "
           f"{plan['peak_at']}; {plan['rank_basis']} ranks"
-          + (", an upper bound: the dry run of `actcomp-device train --budget` decides)"
-             if plan["rank_basis"] == "bound" else ")"))
+          + "; a prediction: the dry run of `actcomp-device train --budget` measures a step)")
     return 0 if fits else 1
 
 
