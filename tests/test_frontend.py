@@ -180,12 +180,16 @@ class Reflect(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.conv(x), 1), 1))
 
 
-class Gelu(nn.Module):
+class OneConv(nn.Module):
+    """A 3 -> 4 3x3 conv and a 4 -> 2 classifier: each subclass's forward tries one op."""
+
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3)
         self.fc = nn.Linear(4, 2)
 
+
+class Gelu(OneConv):
     def forward(self, x):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(F.gelu(self.conv(x)), 1), 1))
 
@@ -204,12 +208,7 @@ class Block(nn.Module):
         return y * self.gate(F.adaptive_avg_pool2d(y, 1))
 
 
-class Scaled(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.fc = nn.Linear(4, 2)
-
+class Scaled(OneConv):
     def forward(self, x):
         y = self.conv(x)
         return self.fc((y * 0.5).mean((2, 3)))
@@ -724,44 +723,24 @@ class Indexed(nn.Module):
         return self.fc(self.conv(x)[:, :2].mean((2, 3)))
 
 
-class CatOnWidth(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.fc = nn.Linear(4, 2)
-
+class CatOnWidth(OneConv):
     def forward(self, x):
         y = self.conv(x)
         return self.fc(torch.cat([y, y], 3).mean((2, 3)))
 
 
-class Transposed(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.fc = nn.Linear(4, 2)
-
+class Transposed(OneConv):
     def forward(self, x):
         return self.fc(self.conv(x).transpose(2, 3).mean((2, 3)))
 
 
-class Reshaped(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.fc = nn.Linear(4, 2)
-
+class Reshaped(OneConv):
     def forward(self, x):
         y = self.conv(x)
         return self.fc(y.view(y.size(0), 4, -1).mean(2))
 
 
-class PoolIndices(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-        self.fc = nn.Linear(4, 2)
-
+class PoolIndices(OneConv):
     def forward(self, x):
         y, _ = F.max_pool2d(self.conv(x), 2, return_indices=True)
         return self.fc(y.mean((2, 3)))
