@@ -78,11 +78,12 @@ class ConvLayer:
     more_acts: tuple = ()                # further activations before the next conv (silu then
                                          # hardswish, ...), each a dict like act; an act's
                                          # "elements": per sample, when not the output's
-    whole: tuple = ()                    # float32 tensors after it that the backward takes
+    whole: tuple = ()                    # float32 tensors after it that the backward may take
                                          # whole: a multiply's factors (a gate, the map it
                                          # scales), a squeeze-excitation Linear's input, each
                                          # (elements per sample, the conv of the act whose
-                                         # saved tensor gives it, or None)
+                                         # saved tensor gives it or None, the conv that must
+                                         # be fine-tuned for it to be needed or None)
 
     @property
     def acts(self) -> tuple:

@@ -7,7 +7,8 @@ Two accountings:
   (ReLU/ReLU6/clamp, hardsigmoid, leaky ReLU, also after a residual add) downstream of the
   first fine-tuned conv, the float32 input of every hardswish and silu and output of every
   sigmoid there, each factor of a multiply (a squeeze-excitation gate and the map it
-  scales) that no such act of a fine-tuned conv gives, a squeeze-excitation Linear's
+  scales) that the other input's gradient needs and no such act of a fine-tuned conv
+  gives, a squeeze-excitation Linear's
   input (all kept whole: a conv input's compression does not reach them), the argmax
   (int32) of every max-pool in the fine-tuned part, and the classifier head's: each
   Linear's float32 input and what its activations keep.  Budgets use this one.
@@ -107,11 +108,12 @@ def whole_bytes(layer: ConvLayer, batch: int, fine_tuned=frozenset()) -> int:
     """The float32 tensors after this conv that the backward keeps whole (a conv input's
     compression does not reach them): the input of a hardswish or silu, the output of a
     sigmoid (``arch.ACTIVATIONS``), a squeeze-excitation Linear's input, each factor of a
-    multiply (a gate, the map it scales) but one that such an act of a fine-tuned conv
-    gives (recomputed from what it keeps)."""
+    multiply (a gate, the map it scales) whose other input needs a gradient, but one that
+    such an act of a fine-tuned conv gives (recomputed from what it keeps)."""
     kept = sum(act_elements(layer, act) for act in layer.acts
                if ACTIVATIONS.get(act.get("type")) in ("input", "output"))
-    kept += sum(n for n, source in layer.whole if source not in fine_tuned)
+    kept += sum(n for n, given_by, needed_with in layer.whole
+                if needed_with in fine_tuned and given_by not in fine_tuned)
     return kept * batch * FLOAT_BYTES
 
 
@@ -188,5 +190,5 @@ def plan_table(result: Plan, n_layers: int) -> str:
     if whole:
         lines.append(f"of the full total, {mib(whole)} MiB are float32 tensors kept whole, "
                      f"uncompressed, for their backward: the input of each hardswish and silu, "
-                     f"the output of each sigmoid, both factors of each multiply (a gate)")
+                     f"the output of each sigmoid, a multiply's factors that no such act gives")
     return "\n".join(lines)

@@ -11,7 +11,8 @@ This is what the exporter turns into ONNX graphs. Ops, in execution order:
                        (``arch.ACTIVATIONS``: what each one's backward keeps)
     add     (a, b) -> y   residual add
     mul     (a, b) -> y   y = a * b, one of them may be (C, 1, 1): a squeeze-excitation gate;
-                       the backward keeps both factors
+                       the backward keeps a factor when the other input needs a gradient
+                       (unless a fine-tuned act's kept tensor gives it)
     mean    (x) -> y   global average pool keeping (C, 1, 1) (squeeze-excitation's squeeze)
     reshape (x) -> y   (C, 1, 1) <-> (C,): a squeeze-excitation's gate between Linears
     cat     (a, b, ...) -> y   concatenation on channels
@@ -70,6 +71,15 @@ class Program:
 
     def consumers(self, tensor: str) -> list:
         return [op for op in self.ops if tensor in op.inputs]
+
+    def head_start(self) -> int:
+        """Index of the classifier's global pool (``gap``): the head is it and what follows."""
+        return head_start(self.ops)
+
+
+def head_start(ops: list) -> int:
+    """Index of the ``gap`` op in ops (the classifier's global pool)."""
+    return [op.kind for op in ops].index("gap")
 
 
 class _Builder:
@@ -218,8 +228,9 @@ def network_of(program: Program) -> arch.Network:
     after a residual add its post-add act; the first max-pool after it is its maxpool_after."""
     convs, current = [], None
     masking = {"type": "clamp"}  # every clip packs a backward mask
-    gap = [op.kind for op in program.ops].index("gap")
+    gap = program.head_start()
     saving_act_owner = {}  # output of an act that keeps a float32 tensor -> its conv
+    owner = {}             # tensor -> the last conv at or before the op that makes it
     for op in program.ops[:gap]:
         if op.kind == "conv":
             (c, h, w), (o, oh, ow) = program.shapes[op.inputs[0]], program.shapes[op.output]
@@ -247,15 +258,17 @@ def network_of(program: Program) -> arch.Network:
             current["tail"] = op.output
             if op.kind == "act" and arch.ACTIVATIONS[op.attrs["fn"]] in ("input", "output"):
                 saving_act_owner[op.output] = current["name"]
-        elif op.kind == "mul":
-            current["whole"] += tuple((prod(program.shapes[t]), saving_act_owner.get(t))
-                                      for t in op.inputs)
+        elif op.kind == "mul":  # factor i: needed with the other input's conv fine-tuned
+            current["whole"] += tuple((prod(program.shapes[t]), saving_act_owner.get(t),
+                                       owner.get(op.inputs[1 - i]))
+                                      for i, t in enumerate(op.inputs))
         elif op.kind == "linear":  # a squeeze-excitation's: its input, kept
-            current["whole"] += ((prod(program.shapes[op.inputs[0]]), None),)
+            current["whole"] += ((prod(program.shapes[op.inputs[0]]), None, current["name"]),)
         elif op.kind == "maxpool" and current["maxpool_after"] is None:  # after an add too
             current["maxpool_after"] = {k: op.attrs[k] for k in ("kernel", "stride", "padding")}
             current["maxpool_after"]["output_hw"] = program.shapes[op.output][1:]
             current["tail"] = op.output
+        owner[op.output] = current["name"]
     layers = [arch.ConvLayer(**{k: v for k, v in c.items() if k not in ("tail", "added")})
               for c in convs]
     floats, masks = head_kept(program, gap)

@@ -221,6 +221,11 @@ class Trainer:
                         for sess in self.sessions.values()
                         for v in list(sess.get_inputs()) + list(sess.get_outputs())}
         self.backward_inputs = {n for run in self.backward_runs for n in self.io[run][0]}
+        # the classifier head's part of the backward's inputs (each linear's input, its
+        # activations' masks): what no fine-tuned layer claims, but the loss gradient
+        claimed = {n for layer in self.layers.values()
+                   for n in (*layer.get("masks", ()), *layer["kept"])} | {"dlogits"}
+        self.head_inputs = self.backward_inputs - claimed
         # position in the schedule of the last item that reads each tensor: freed after it
         self.last_use = memplan.last_use(self.schedule, self.io, self.layers,
                                          self.row.keeps_input)
@@ -396,12 +401,8 @@ class Trainer:
         per_layer = {name: kept_bytes[name] + sum(tensors[m].nbytes
                                                   for m in layer.get("masks", ()))
                      for name, layer in self.layers.items()}
-        claimed = {n for name, layer in self.layers.items()
-                   for n in (*layer.get("masks", ()), *layer["kept"])}
-        # the classifier head's: what else the backward takes (each linear's input, its
-        # activations' masks), but the loss gradient
-        per_layer["classifier"] = sum(tensors[n].nbytes for n in self.backward_inputs
-                                      if n in tensors and n not in claimed and n != "dlogits")
+        per_layer["classifier"] = sum(tensors[n].nbytes for n in self.head_inputs
+                                      if n in tensors)
         full = sum(tensors[n].nbytes for n in tensors if n in self.backward_inputs)
         return Forward(tensors, out["ranks"], kept_bytes, int(full), per_layer, seconds)
 

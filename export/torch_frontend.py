@@ -45,7 +45,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from actcomp_edge.arch import pair
-from actcomp_edge.program import RELU_HI, Op, Program
+from actcomp_edge.program import RELU_HI, Op, Program, head_start
 
 RELUS = {F.relu: (0.0, RELU_HI), torch.relu: (0.0, RELU_HI), F.relu6: (0.0, 6.0),
          F.relu_: (0.0, RELU_HI), torch.relu_: (0.0, RELU_HI)}
@@ -573,8 +573,7 @@ def program_from_module(module: nn.Module, input_size, name: str | None = None) 
     ops, shapes = lowering.ops, lowering.shapes
     if ops[-1].kind != "linear":
         raise FrontendError(f"{name}: the last op must be the classifier nn.Linear")
-    head = [op for op in ops[[op.kind for op in ops].index("gap") + 1:]
-            if op.kind not in HEAD_OPS]
+    head = [op for op in ops[head_start(ops) + 1:] if op.kind not in HEAD_OPS]
     if head:
         raise FrontendError(f"{head[0].name}: {head[0].kind} after the global pool is not "
                             f"supported (the head: Linear, activations, Dropout)")

@@ -433,8 +433,7 @@ def saved_activations(split: Split, method: str) -> set:
 
 def head_tensors(program: Program) -> set:
     """The outputs of the global pool and of every op after it (the classifier head)."""
-    ops = program.ops
-    return {op.output for op in ops[[op.kind for op in ops].index("gap"):]}
+    return {op.output for op in program.ops[program.head_start():]}
 
 
 def region_multiplies(split: Split) -> set:
@@ -444,14 +443,18 @@ def region_multiplies(split: Split) -> set:
 
 
 def factor_sources(split: Split, method: str) -> dict:
-    """<y>/factor_<i> of each fine-tuned multiply -> the act of the region whose kept float32
-    tensor gives it (a hardswish's or silu's input: recomputed; a sigmoid's output: read),
-    or None: the forward keeps the factor itself."""
+    """<y>/factor_<i> of each fine-tuned multiply whose other input needs a gradient (made in
+    the region) -> the act of the region whose kept float32 tensor gives it (a hardswish's
+    or silu's input: recomputed; a sigmoid's output: read), or None: the forward keeps the
+    factor itself."""
     program, sources = split.program, region_sources(split, method)
     producer = {op.output: op for op in program.ops}
+    made_at = {op.output: i for i, op in enumerate(program.ops)}
     result = {}
     for y in region_multiplies(split):
         for i, t in enumerate(producer[y].inputs):
+            if made_at.get(producer[y].inputs[1 - i], -1) < split.region_start:
+                continue  # the other input is the frozen prefix's: no gradient, no factor
             act = producer.get(t)
             derivable = act is not None and act.kind == "act" and t in sources and \
                 ACTIVATIONS[act.attrs["fn"]] in ("input", "output")
@@ -746,6 +749,8 @@ def backward_partitions(split: Split, config: TrainConfig) -> list:
             elif op.kind == "mul":
                 for i, t in enumerate(op.inputs):
                     name = mul_factor_name(op.output, i)
+                    if name not in factor_acts:
+                        continue
                     factors[name] = (g.input(name, np.float32, tensor_shape(program, t))
                                      if factor_acts[name] is None else
                                      factor_from_act(g, program, factor_acts[name], derived,

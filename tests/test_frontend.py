@@ -641,8 +641,8 @@ def test_an_in_place_activation_whose_input_is_read_again_is_refused_in_one_line
 class SqueezeExcite(nn.Module):
     """A MobileNetV3 block with squeeze-excitation (pool -> 1x1 -> ReLU -> 1x1 -> hardsigmoid,
     a (C, 1, 1) gate times the map), an EfficientNet-style one (SiLU, sigmoid, torch.mul,
-    the gate first), a residual, convs in execution order: stem expand dw se.0 se.2 project
-    mix se2.0 se2.2 last."""
+    the gate first), a residual, convs in execution order: stem.0 expand dw se.1 se.3 project
+    mix se2.1 se2.3 last."""
 
     def __init__(self):
         super().__init__()
@@ -684,10 +684,13 @@ def test_squeeze_excitation_trains_with_autograds_gradients(tmp_path, method, ep
 
 
 # 3: the second gate is its sigmoid's saved output, the map it scales (silu of the frozen
-# mix) is kept; 10: the maps are silu's and hardswish's of their saved inputs, recomputed,
-# the first gate (a hardsigmoid: 1 bit an element) is kept
+# mix) is kept; 6: the first map (hardswish of the frozen dw) is kept for its gate's
+# gradient, the gate is not (the frozen map needs no gradient); 10: the maps are silu's and
+# hardswish's of their saved inputs, recomputed, the first gate (a hardsigmoid: 1 bit an
+# element) is kept
 @pytest.mark.parametrize("n_convs,factors", [
     (3, {"se2.3": ["mul_1/mul/factor_1"]}),
+    (6, {"se.3": ["mul/mul/factor_0"], "se2.3": []}),
     (10, {"se.3": ["mul/mul/factor_1"], "se2.3": []})])
 def test_what_a_multiply_keeps_is_held_and_planned(tmp_path, n_convs, factors):
     """A multiply's factor is kept whole (float32), counted with the conv before it, unless a
@@ -703,7 +706,8 @@ def test_what_a_multiply_keeps_is_held_and_planned(tmp_path, n_convs, factors):
     trainer = Trainer(tmp_path / "art")
     images = np.random.default_rng(1).standard_normal((3, 3, 12, 12)).astype(np.float32)
     fwd = trainer.forward(images, np.zeros(3, np.int64))
-    shapes = {"mul_1/mul/factor_1": (3, 12, 12, 12), "mul/mul/factor_1": (3, 16, 1, 1)}
+    shapes = {"mul_1/mul/factor_1": (3, 12, 12, 12), "mul/mul/factor_1": (3, 16, 1, 1),
+              "mul/mul/factor_0": (3, 16, 12, 12)}
     held = [t for ts in factors.values() for t in ts]
     assert {t: fwd.tensors[t].shape for t in held} == {t: shapes[t] for t in held}
     program, _ = program_from_module(net, 12)
