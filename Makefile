@@ -39,7 +39,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m actcomp_edge.demo
+	$(PY) -m actcomp_edge.host.demo
 
 test: $(STAMP) compat-envs
 	$(PY) -m pytest -q

@@ -1,5 +1,3 @@
-"""actcomp-edge shared core: activation decomposition, memory model, host CLI.
-
-Device-side modules (decomposition, memory, arch) import numpy only, never torch.
-"""
+"""actcomp-edge: ``core`` is what the board and the exporter share (numpy only); ``host`` is
+the ``actcomp`` CLI and the tools that run beside a board."""
 __version__ = "0.1.0"

@@ -8,7 +8,7 @@ Fine-tunes the last N convs (+ a new classifier) of the real tiny-training MCUNe
 stage, exactly as a user would, at the exporter's and the runner's defaults (SGD momentum 0,
 lr 0.05 cosine, gradient norm clipped at 2, crop + flip augmentation):
 
-    python -m actcomp_edge.cli export --model SPEC.json --weights W.npz --num-classes K
+    python -m actcomp_edge.host.cli export --model SPEC.json --weights W.npz --num-classes K
         --layers N --method M [--eps E] --batch-size B --input-size 128 --seed S -o ART
     python -m device_runner.cli train ART --data TRAIN.npz --val-data VAL.npz --epochs E
         --batch-size B --seed S --threads T --summary S.json --out RUN
@@ -219,7 +219,7 @@ def job_list(args, all_convs: int) -> list:
 
 
 def run_study(args, paths: dict, work: Path) -> dict:
-    from actcomp_edge import arch, program
+    from actcomp_edge.core import arch, program
     env = subprocess_env(args.blas_threads)
     py = sys.executable
     data_dir = work / "data"
@@ -242,7 +242,7 @@ def run_study(args, paths: dict, work: Path) -> dict:
         eta = "" if i == 1 else f", about {elapsed / (i - 1) * (len(jobs) - i + 1) / 60:.1f} min left"
         log(f"[{i}/{len(jobs)}] {DATASETS[dname]['title']}, N={layers}, {label}, seed {seed}: "
             f"export + train {d['epochs']} epoch(s) on {d['train_images']} images{eta}")
-        export_cmd = [py, "-m", "actcomp_edge.cli", "export",
+        export_cmd = [py, "-m", "actcomp_edge.host.cli", "export",
                       "--force", "--model", str(paths["spec"]),
                       "--weights", str(paths["weights"]),
                       "--num-classes", str(DATASETS[dname]["classes"]),

@@ -29,9 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 sys.path.insert(0, str(REPO))
 
-from actcomp_edge.decomposition import hosvd, mode_product, unfold  # noqa: E402
+from actcomp_edge.core.decomposition import hosvd, mode_product, unfold  # noqa: E402
 from benchmarks import write_results  # noqa: E402
-from actcomp_edge.methods import Asi  # noqa: E402
+from actcomp_edge.core.methods import Asi  # noqa: E402
 from export import zoo  # noqa: E402
 
 WEIGHTS = SHARED / "weights" / "tt_mcunet-5fps_int8dq"

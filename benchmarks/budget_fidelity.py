@@ -39,7 +39,7 @@ RECIPES = {"vanilla": ["--method", "vanilla"], "hosvd-0.8": ["--method", "hosvd"
 
 
 def export(folder: Path, classes: int, layers: int, batch: int, recipe: list) -> None:
-    subprocess.run([sys.executable, "-m", "actcomp_edge.cli", "export", "--model",
+    subprocess.run([sys.executable, "-m", "actcomp_edge.host.cli", "export", "--model",
                     str(SHARED / "weights" / f"{MODEL}.json"), "--weights",
                     str(SHARED / "weights" / f"{MODEL}.npz"), "--num-classes", str(classes),
                     "--layers", str(layers), "--batch-size", str(batch), "--input-size", "128",
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     if not (SHARED / "weights" / f"{MODEL}.json").exists():
         print(f"budget_fidelity: needs the real weights in {SHARED / 'weights'}", file=sys.stderr)
         return 2
-    from actcomp_edge import rank_budget
+    from actcomp_edge.core import rank_budget
     from device_runner.data import load
     from device_runner.runtime import Trainer
     started, rows = time.perf_counter(), []

@@ -143,7 +143,7 @@ def baseline_art(work: Path, n: int, batch: int, size: int, method: str) -> tupl
     if not (art / "manifest.json").exists():
         shutil.rmtree(art, ignore_errors=True)
         model = [str((REPO / a).resolve()) if a.startswith(SHARED) else a for a in MODEL]
-        call([str(BIN / "python"), "-m", "actcomp_edge.cli", "export",  # (no --force then)
+        call([str(BIN / "python"), "-m", "actcomp_edge.host.cli", "export",  # (no --force then)
               *model, "--layers",
               str(n), "--method", method, *METHODS[method], "--batch-size", str(batch),
               "--input-size", str(size), "-o", str(art)], cwd=tree)

@@ -57,7 +57,7 @@ def main(argv=None) -> int:
         for label, flags in METHODS.items():
             folder = work / f"{model}-{label}"
             folder.mkdir()
-            run([py, "-m", "actcomp_edge.cli", "export", "--force", *source, *(flags or ["--method",
+            run([py, "-m", "actcomp_edge.host.cli", "export", "--force", *source, *(flags or ["--method",
                  "vanilla"]), "--layers", "4", "--batch-size", "16", "--input-size", "128",
                  "--num-classes", "2", "-o", str(folder / "art")], folder / "export.log")
             run([py, "-m", "device_runner.cli", "train", str(folder / "art"), "--data",

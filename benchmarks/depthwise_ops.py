@@ -1,7 +1,7 @@
 """Where a fine-tuned depthwise conv's time goes on onnxruntime, per shape, against PyTorch's
 kernels: the forward with its weight a constant (inference: onnxruntime's NCHWc kernels) and
 a graph input (training: the weight changes every step), the input gradient and the weight
-gradient as the exporter builds them (export/training_graph.py, actcomp_edge/methods.py), and
+gradient as the exporter builds them (export/training_graph.py, actcomp_edge/core/methods.py), and
 the per-tap alternative for the weight gradient (a Slice, Mul and ReduceSum a kernel tap).
 
     .venv/bin/python benchmarks/depthwise_ops.py [--batch 32] [--threads 2] [--reps 21]
@@ -30,8 +30,8 @@ sys.path.insert(0, str(REPO))
 
 from actcomp_edge import arch  # noqa: E402
 from benchmarks import write_results  # noqa: E402
-from actcomp_edge.methods import conv_weight_grad  # noqa: E402
-from actcomp_edge.program import build_program  # noqa: E402
+from actcomp_edge.core.methods import conv_weight_grad  # noqa: E402
+from actcomp_edge.core.program import build_program  # noqa: E402
 from export.onnx_graph import Graph  # noqa: E402
 from export.training_graph import conv_input_grad, conv_layer  # noqa: E402
 

@@ -69,7 +69,7 @@ def main(argv=None) -> int:
         sys.exit(f"needs {data}/hymenoptera_*.npz and {WEIGHTS}.npz (../shared)")
     py, work = sys.executable, Path(tempfile.mkdtemp(prefix="actcomp-fleet-bench-"))
     art = work / "art"
-    run([py, "-m", "actcomp_edge.cli", "export",
+    run([py, "-m", "actcomp_edge.host.cli", "export",
          "--force", "--model", f"{WEIGHTS}.json", "--weights",
          f"{WEIGHTS}.npz", "--method", "hosvd", "--eps", "0.8", "--layers", "4",
          "--batch-size", "16", "--input-size", "128", "--num-classes", "2", "-o", str(art)],
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     runs = []
     for seed in args.seeds:
         fleet_dir = work / f"fleet-{seed}"
-        fleet_seconds = run([py, "-m", "actcomp_edge.cli", "fleet", "local", str(art), "--data",
+        fleet_seconds = run([py, "-m", "actcomp_edge.host.cli", "fleet", "local", str(art), "--data",
                              train, "--val-data", val, "--nodes", str(args.nodes), "--rounds",
                              str(args.rounds), "--partition", args.partition,
                              "--local-epochs", str(args.local_epochs), "--seed", str(seed),

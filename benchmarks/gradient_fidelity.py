@@ -72,7 +72,7 @@ def main(argv=None) -> int:
         return 2
     import torch
     torch.set_num_threads(2)
-    from actcomp_edge.arch import HALF_NORM
+    from actcomp_edge.core.arch import HALF_NORM
     from device_runner.data import load
     started, rows = time.perf_counter(), []
     for title, (file, classes, batch) in DATASETS.items():

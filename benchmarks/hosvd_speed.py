@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from actcomp_edge.decomposition import hosvd, project_core, rank_for_energy, unfold
+from actcomp_edge.core.decomposition import hosvd, project_core, rank_for_energy, unfold
 
 
 def hosvd_full_svd(activation: np.ndarray, eps: float):

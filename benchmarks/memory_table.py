@@ -55,7 +55,7 @@ METHODS = (("vanilla", None), ("gf-r2", None), ("svd", 0.8), ("svd", 0.9), ("hos
            ("hosvd", 0.9))
 DATASETS = {"cifar10": "cifar10_subset_train.npz", "ants/bees": "hymenoptera_train.npz"}
 # Nguyen et al., NeurIPS 2024: ImageNet, batch 64, 224 px, MB (= MiB: the analytic vanilla
-# and GF-R2 columns are reproduced exactly by actcomp_edge.memory with 2^20).
+# and GF-R2 columns are reproduced exactly by actcomp_edge.core.memory with 2^20).
 PAPER = {
     ("MCUNet", "vanilla", None): {2: 13.78, 4: 19.52},
     ("MCUNet", "gf-r2", None): {2: 4.50, 4: 6.38},
@@ -149,8 +149,8 @@ def main() -> None:
     import onnxruntime
     import torch
 
-    from actcomp_edge.program import network
-    from actcomp_edge.memory import plan
+    from actcomp_edge.core.program import network
+    from actcomp_edge.core.memory import plan
     from device_runner.runtime import Trainer
     from export import zoo
     from export.artifact import export_artifact

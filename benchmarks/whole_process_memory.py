@@ -94,7 +94,7 @@ def prefix_live_bytes(spec: dict, arrays: dict, hw: tuple, n_layers: int, batch:
     freed after its last use in the prefix unless a later partition reads it; elementwise ops
     (BN affine, clip, add) write in place into their first input when it dies there (onnxruntime
     fuses Conv + clip and reuses buffers of may-in-place kernels)."""
-    from actcomp_edge.program import build_program
+    from actcomp_edge.core.program import build_program
     from export.training_graph import split_program
     program = build_program(spec, arrays, hw)
     split = split_program(program, n_layers)
@@ -179,7 +179,7 @@ def main() -> None:
 
     for method, eps in methods:
         art = tmp / method
-        run([py, "-m", "actcomp_edge.cli", "export", "--force", *model_args, "--num-classes", "2",
+        run([py, "-m", "actcomp_edge.host.cli", "export", "--force", *model_args, "--num-classes", "2",
              "--layers", str(args.layers), "--method", method,
              *(["--eps", str(eps)] if eps is not None else []),
              "--batch-size", str(args.batch_size), "--input-size", str(args.input_size),

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from actcomp_edge.faults import crash_point
-from actcomp_edge.manifest import sha256_file
-from actcomp_edge.npz import NpzError, load_npz, npz_bytes, write_atomic
+from actcomp_edge.core.faults import crash_point
+from actcomp_edge.core.manifest import sha256_file
+from actcomp_edge.core.npz import NpzError, load_npz, npz_bytes, write_atomic
 
 INDEX = "checkpoints.json"
 KEEP = 3

@@ -8,11 +8,11 @@ import os
 import sys
 from pathlib import Path
 
-from actcomp_edge import schedules
-from actcomp_edge.cliutil import (Parser, non_negative_float, positive_float, positive_int,
+from actcomp_edge.core import schedules
+from actcomp_edge.core.cliutil import (Parser, non_negative_float, positive_float, positive_int,
                                   size_bytes)
-from actcomp_edge.manifest import ArtifactError
-from actcomp_edge.npz import NpzError
+from actcomp_edge.core.manifest import ArtifactError
+from actcomp_edge.core.npz import NpzError
 
 from . import data as data_module
 from . import recipe
@@ -126,7 +126,7 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     trainer = load_trainer(args)
     if args.weights:
-        from actcomp_edge.npz import load_npz
+        from actcomp_edge.core.npz import load_npz
         trainer.load_state_arrays({**{f"param/{k}": v for k, v in load_npz(args.weights).items()},
                                    **{f"opt/{k}": v for k, v in trainer.state.items()},
                                    "step_count": trainer.step_count})
@@ -134,7 +134,7 @@ def cmd_eval(args) -> int:
                             trainer.manifest.get("classes"))
     accuracy = evaluate(trainer, data, args.batch_size)
     if args.write_inference:  # the evaluated weights as a stand-alone inference model
-        from actcomp_edge.npz import write_atomic
+        from actcomp_edge.core.npz import write_atomic
         write_atomic(Path(args.write_inference), trainer.inference_model())
     print(json.dumps({"images": len(data), "accuracy": accuracy, "skipped": len(data.skipped)}))
     return 0
@@ -208,7 +208,7 @@ def cmd_predict(args) -> int:
 
 def cmd_info(args) -> int:
     from importlib.metadata import PackageNotFoundError, version
-    from actcomp_edge.manifest import load_manifest
+    from actcomp_edge.core.manifest import load_manifest
     try:  # the installed onnxruntime, without importing it
         runtime = version("onnxruntime")
     except PackageNotFoundError:
@@ -324,7 +324,7 @@ SKIPPED_SHOWN = 5  # unreadable files named on the console (the rest counted)
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "profile", None):
-        from actcomp_edge.profiles import ProfileError, load_profile
+        from actcomp_edge.core.profiles import ProfileError, load_profile
         try:
             profile = load_profile(args.profile)
         except ProfileError as e:

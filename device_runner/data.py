@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from actcomp_edge.manifest import folder_classes
+from actcomp_edge.core.manifest import folder_classes
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 

@@ -37,9 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
-from actcomp_edge import schedules
-from actcomp_edge.npz import load_npz, write_atomic
-from actcomp_edge.profiles import parse_size
+from actcomp_edge.core import schedules
+from actcomp_edge.core.npz import load_npz, write_atomic
+from actcomp_edge.core.profiles import parse_size
 
 from . import checkpoint, procmem, recipe
 from . import data as data_module
@@ -100,7 +100,7 @@ def parse_node(config: dict, node_id: int = 0) -> Node:
             raise NodeConfigError(f"node-config {key}={config[key]}: no such file or directory")
     budget = threads = None
     if "profile" in config:
-        from actcomp_edge.profiles import ProfileError, load_profile
+        from actcomp_edge.core.profiles import ProfileError, load_profile
         try:
             profile = load_profile(str(config["profile"]))
         except ProfileError as e:

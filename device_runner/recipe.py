@@ -1,5 +1,5 @@
 """The fine-tuning recipe: the default lr, gradient-norm clipping, FedProx's term, a divergence
-guard (the lr schedules: actcomp_edge.schedules)."""
+guard (the lr schedules: actcomp_edge.core.schedules)."""
 from __future__ import annotations
 
 import math

@@ -6,7 +6,7 @@
 
 The manifest's ``schedule`` alternates forward partitions ("run") and
 decompositions ("compress": the input of that fine-tuned conv is decomposed
-with numpy, ``actcomp_edge.methods``); a full tensor is dropped as soon as no
+with numpy, ``actcomp_edge.core.methods``); a full tensor is dropped as soon as no
 later item needs it. Then the backward partitions run in reverse, each taking only its
 conv's kept pieces, its masks (bit-packed by the forward graphs) and the gradients of what
 its forward partition handed on, and freeing them when done.
@@ -22,12 +22,12 @@ import numpy as np
 import onnxruntime as ort
 from threadpoolctl import threadpool_limits
 
-from actcomp_edge import memplan
-from actcomp_edge.decomposition import mode_energies
-from actcomp_edge.methods import METHODS
-from actcomp_edge.faults import crash_point
-from actcomp_edge.manifest import ArtifactError, load_manifest
-from actcomp_edge.npz import load_npz
+from actcomp_edge.core import memplan
+from actcomp_edge.core.decomposition import mode_energies
+from actcomp_edge.core.methods import METHODS
+from actcomp_edge.core.faults import crash_point
+from actcomp_edge.core.manifest import ArtifactError, load_manifest
+from actcomp_edge.core.npz import load_npz
 
 from .recipe import add_proximal, clip_grad_norm, global_norm
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from actcomp_edge import rank_budget, schedules
-from actcomp_edge.manifest import sha256_file
-from actcomp_edge.npz import save_npz, write_atomic
+from actcomp_edge.core import rank_budget, schedules
+from actcomp_edge.core.manifest import sha256_file
+from actcomp_edge.core.npz import save_npz, write_atomic
 
 from . import checkpoint, procmem, recipe
 from .data import Dataset
@@ -169,7 +169,7 @@ def rank_caps_for_budget(trainer: Trainer, batch_size: int, allowance: int) -> d
     """Per-layer rank cap (one value for every mode) so that even a batch whose eps ranks
     come out high keeps at most ``allowance`` bytes of activations in all: each layer gets a
     share proportional to its uncompressed input, and the largest cap whose worst case fits."""
-    from actcomp_edge.decomposition import full_rank_bound
+    from actcomp_edge.core.decomposition import full_rank_bound
     row = trainer.row
     if row.ranks is None or allowance <= 0:
         return {}

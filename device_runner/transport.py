@@ -12,7 +12,7 @@ URLs:
 - "file://PATH" ("file:///abs/path.jsonl"): each record appended to PATH as one JSON line
   and fsynced; a file acknowledges on write.
 
-Frames and delivery are `actcomp_edge.protocol`'s. numpy/pyserial/stdlib only, never torch.
+Frames and delivery are `actcomp_edge.core.protocol`'s. numpy/pyserial/stdlib only, never torch.
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from actcomp_edge.faults import crash_point
-from actcomp_edge.protocol import (ACK, DATA, FrameDecoder, ProtocolError, Receiver, encode_ack,
+from actcomp_edge.core.faults import crash_point
+from actcomp_edge.core.protocol import (ACK, DATA, FrameDecoder, ProtocolError, Receiver, encode_ack,
                                    encode_frame, encode_record, with_base)
 
 FILE_SCHEME = "file://"

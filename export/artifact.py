@@ -1,4 +1,4 @@
-"""Write a training artifact folder (see ``actcomp_edge.manifest``) from a spec and weights."""
+"""Write a training artifact folder (see ``actcomp_edge.core.manifest``) from a spec and weights."""
 from __future__ import annotations
 
 import json
@@ -9,13 +9,13 @@ from pathlib import Path
 
 import onnx
 
-from actcomp_edge import arch, rank_budget
-from actcomp_edge.manifest import (FORMAT, FORMAT_VERSION, MANIFEST, MIN_ONNXRUNTIME,
+from actcomp_edge.core import arch, rank_budget
+from actcomp_edge.core.manifest import (FORMAT, FORMAT_VERSION, MANIFEST, MIN_ONNXRUNTIME,
                                    manifest_bytes, sha256_file)
-from actcomp_edge.memory import plan
-from actcomp_edge.methods import method as method_row
-from actcomp_edge.npz import save_npz, write_atomic
-from actcomp_edge.program import build_program, check_input_size, network_of
+from actcomp_edge.core.memory import plan
+from actcomp_edge.core.methods import method as method_row
+from actcomp_edge.core.npz import save_npz, write_atomic
+from actcomp_edge.core.program import build_program, check_input_size, network_of
 
 from .memory_plan import choose_micro_batches, concrete, rank_dims, step_plan
 from .onnx_graph import IR_VERSION, OPSET

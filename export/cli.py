@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from actcomp_edge.manifest import folder_classes
-from actcomp_edge.memory import LayerPlan, Plan, plan_table
-from actcomp_edge.methods import METHODS
+from actcomp_edge.core.manifest import folder_classes
+from actcomp_edge.core.memory import LayerPlan, Plan, plan_table
+from actcomp_edge.core.methods import METHODS
 
 from . import zoo
 from .artifact import check_out_dir, export_artifact

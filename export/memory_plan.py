@@ -1,4 +1,4 @@
-"""The memory plan of a training step, made at export (``actcomp_edge.memplan`` does the
+"""The memory plan of a training step, made at export (``actcomp_edge.core.memplan`` does the
 lifetimes and the pool; this adds what only the graphs know).
 
 Working set = what the runner allocates once and then reuses, plus what the step holds:
@@ -20,9 +20,9 @@ from math import prod
 import onnx
 from onnx import shape_inference
 
-from actcomp_edge import memplan
-from actcomp_edge.memory import FLOAT_BYTES, layer_ranks
-from actcomp_edge.methods import METHODS, Method
+from actcomp_edge.core import memplan
+from actcomp_edge.core.memory import FLOAT_BYTES, layer_ranks
+from actcomp_edge.core.methods import METHODS, Method
 
 ELEMENT_BYTES = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.BOOL: 1,
                  onnx.TensorProto.UINT8: 1, onnx.TensorProto.INT64: 8,

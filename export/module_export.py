@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from actcomp_edge import arch
+from actcomp_edge.core import arch
 
 from .artifact import export_program
 from .torch_frontend import FrontendError, program_from_module

@@ -16,7 +16,7 @@ gf-r2      x_sum (B, C, ceil(H/2s), ceil(W/2s))         gradient filter, r = 2
 The input gradient dX = conv2d_input(x.shape, W, dY) needs only W and dY, so it is
 exact for every method.  The bias gradient is sum(dY) over (B, H', W').
 
-Decompositions call the numpy device core (``actcomp_edge.decomposition``), so the
+Decompositions call the numpy device core (``actcomp_edge.core.decomposition``), so the
 reference picks exactly the ranks the device does.
 
 ``conv`` below is always the tuple (stride, padding, dilation, groups) with
@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.grad import conv2d_input, conv2d_weight
 
-from actcomp_edge.methods import GF_RADIUS, METHODS as TABLE
-from actcomp_edge.decomposition import check_eps, hosvd, svd_compress
+from actcomp_edge.core.methods import GF_RADIUS, METHODS as TABLE
+from actcomp_edge.core.decomposition import check_eps, hosvd, svd_compress
 
 
 # ----------------------------------------------------------------- helpers

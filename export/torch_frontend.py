@@ -44,8 +44,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from actcomp_edge.arch import pair
-from actcomp_edge.program import RELU_HI, Op, Program, head_start
+from actcomp_edge.core.arch import pair
+from actcomp_edge.core.program import RELU_HI, Op, Program, head_start
 
 RELUS = {F.relu: (0.0, RELU_HI), torch.relu: (0.0, RELU_HI), F.relu6: (0.0, 6.0),
          F.relu_: (0.0, RELU_HI), torch.relu_: (0.0, RELU_HI)}

@@ -31,14 +31,14 @@ from math import ceil, prod
 
 import numpy as np
 
-from actcomp_edge.arch import ACTIVATIONS, ConvLayer, pair
-from actcomp_edge.methods import BATCH, METHODS
+from actcomp_edge.core.arch import ACTIVATIONS, ConvLayer, pair
+from actcomp_edge.core.methods import BATCH, METHODS
 
 import onnx
 from onnx import TensorProto
 
 from .onnx_graph import ACTCOMP_DOMAIN, Graph
-from actcomp_edge.program import RELU_HI, Op, Program
+from actcomp_edge.core.program import RELU_HI, Op, Program
 
 OPTIMIZERS = ("sgd", "adamw")
 

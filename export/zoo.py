@@ -1,6 +1,6 @@
 """Torch models of the built-in architectures, and their weights.
 
-A spec (``actcomp_edge.arch``) becomes its program (``actcomp_edge.program``, the one
+A spec (``actcomp_edge.core.arch``) becomes its program (``actcomp_edge.core.program``, the one
 description of the network), and ``ProgramNet`` runs that program in torch: the same ops,
 with torch modules for the weights at the familiar state_dict names:
 
@@ -10,7 +10,7 @@ with torch modules for the weights at the familiar state_dict names:
   ``layer4.0.downsample.0``, ``fc``).
 
 Either way the Conv2d modules, in ``named_modules()`` order, are exactly
-``actcomp_edge.program.conv_layers(spec, size)``.
+``actcomp_edge.core.program.conv_layers(spec, size)``.
 
 Weights are ``.npz``, ``.pth``/``.pt`` (tensors only) or ``.safetensors`` files
 (``export.weight_files``), never untrusted pickles.  Inverted-residual
@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from actcomp_edge import arch
-from actcomp_edge.program import RELU_HI, build_program
+from actcomp_edge.core import arch
+from actcomp_edge.core.program import RELU_HI, build_program
 
 from .weight_files import WeightsError, mismatches, read_weight_file
 
@@ -42,14 +42,14 @@ IGNORED_SUFFIXES = (".w_scale", ".num_batches_tracked")
 # ---------------------------------------------------------------- specs
 
 def load_spec(model: str, num_classes: Optional[int] = None) -> dict:
-    """A zoo name or an architecture spec .json (see ``actcomp_edge.arch.load_spec``)."""
+    """A zoo name or an architecture spec .json (see ``actcomp_edge.core.arch.load_spec``)."""
     return arch.load_spec(model, num_classes)
 
 
 # ---------------------------------------------------------------- the program in torch
 
 class ProgramNet(nn.Module):
-    """A program (``actcomp_edge.program``) run by torch: (B, 3, H, W) -> (B, num_classes).
+    """A program (``actcomp_edge.core.program``) run by torch: (B, 3, H, W) -> (B, num_classes).
 
     The network is the program's op list; this adds torch modules for its weights, placed
     where the familiar state_dicts have them: inverted-residual convs at ``<layer>.conv``

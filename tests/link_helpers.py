@@ -7,7 +7,7 @@ import threading
 import time
 import zlib
 
-from actcomp_edge.protocol import HEADER_SIZE, MAGIC, MAX_PAYLOAD, OVERHEAD, Receiver
+from actcomp_edge.core.protocol import HEADER_SIZE, MAGIC, MAX_PAYLOAD, OVERHEAD, Receiver
 
 
 def make_records(n, start=0):

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from export.onnx_graph import Graph
-from actcomp_edge.arch import ConvLayer, pair
-from actcomp_edge.methods import conv_weight_grad
+from actcomp_edge.core.arch import ConvLayer, pair
+from actcomp_edge.core.methods import conv_weight_grad
 from export.training_graph import conv_input_grad
 
 CASES = [  # (C, O, groups, kernel, stride, padding, H, W[, dilation]); a size int or (h, w)

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from actcomp_edge.decomposition import (Tucker, full_rank_bound, hosvd, mode_product,
+from actcomp_edge.core.decomposition import (Tucker, full_rank_bound, hosvd, mode_product,
                                         rank_for_energy, svd_compress, unfold)
 from conftest import require_shared
 
@@ -177,7 +177,7 @@ def gram_with_spectrum(rng, energies):
 def test_certified_rank_and_vectors_equal_the_full_eigendecomposition(seed, eps):
     """Decaying spectra (as activations have), n = 384: the Krylov path certifies the rank
     and its vectors span eigh's (where the spectrum has a gap after k)."""
-    from actcomp_edge.decomposition import certified_leading
+    from actcomp_edge.core.decomposition import certified_leading
     rng = np.random.default_rng(seed)
     n = 384
     energies = np.sort(rng.exponential(1.0, n) * np.exp(-np.arange(n) / rng.uniform(2, 12)))[::-1]
@@ -202,7 +202,7 @@ def test_near_ties_at_eps_give_the_exact_rank(offset):
     """Spectra whose cumulative energy at rank 5 is eps + offset (of the trace): within the
     certificate's margin of the rule's threshold (eps (1 - 1e-9)) the Krylov path cannot
     tell and leading_vectors falls back to eigh; either way the exact rule's rank."""
-    from actcomp_edge.decomposition import certified_leading, leading_vectors
+    from actcomp_edge.core.decomposition import certified_leading, leading_vectors
     rng = np.random.default_rng(7)
     n, k, eps = 256, 5, 0.8
     tail = np.geomspace(0.2, 1e-4, n - k)
@@ -228,7 +228,7 @@ def test_near_ties_at_eps_give_the_exact_rank(offset):
 def test_certified_path_and_eigh_give_the_same_tucker():
     """HOSVD of a low-rank-ish (32, 576, 4, 4) activation (its dual Grams are 512 wide): the
     certified path is taken and reconstructs as the eigh-only HOSVD does."""
-    from actcomp_edge import decomposition
+    from actcomp_edge.core import decomposition
     rng = np.random.default_rng(3)
     a = np.maximum(tensor_of_rank(rng, (32, 576, 4, 4), (6, 24, 4, 4)), 0).astype(np.float32)
     gram, _ = decomposition.smaller_gram(a, 1)
@@ -255,7 +255,7 @@ def test_float32_grams_move_cumulative_energies_far_less_than_the_tolerance():
     """The float32 products of mode_gram change no cumulative energy ratio by more than a
     tenth of GRAM_TOLERANCE, on the paper's real activations (../shared) and on seeded
     non-negative low-rank tensors: ranks from a float32 Gram clear of the tolerance are exact."""
-    from actcomp_edge.decomposition import GRAM_TOLERANCE, smaller_gram
+    from actcomp_edge.core.decomposition import GRAM_TOLERANCE, smaller_gram
     oracle = np.load(require_shared("vectors", "hosvd_oracle.npz"))
     rng = np.random.default_rng(11)
     tensors = [oracle[k] for k in oracle.files if k.endswith("/activation")]
@@ -278,7 +278,7 @@ def test_ranks_near_eps_are_decided_by_the_float64_gram(n, offset, monkeypatch):
     """A float32 activation whose cumulative energy at rank 5 is eps + offset: within
     GRAM_TOLERANCE (1e-5) of eps the float64 Gram decides, past it the float32 one does;
     either way the rank of the exact (float64) eigendecomposition of the same tensor."""
-    from actcomp_edge import decomposition
+    from actcomp_edge.core import decomposition
     rng = np.random.default_rng(5)
     k, eps = 5, 0.8
     tail = np.geomspace(0.2, 1e-4, n - k)

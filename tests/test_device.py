@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from actcomp_edge.npz import load_npz
+from actcomp_edge.core.npz import load_npz
 from device_runner import checkpoint
 from device_runner.data import DataError, load
 from device_helpers import ENV, SIZE, device, train_args, wait_for_checkpoint
@@ -241,7 +241,7 @@ class PtyHost:
         import select
         import threading
         import tty
-        from actcomp_edge.protocol import Receiver
+        from actcomp_edge.core.protocol import Receiver
         self.master, self.slave = os.openpty()
         tty.setraw(self.master)
         tty.setraw(self.slave)

@@ -57,8 +57,8 @@ def test_an_edge_cnn_trains_with_autograds_gradients_and_sgds_step(tmp_path, nam
 def test_the_plan_of_an_edge_cnn_is_what_the_runner_holds(tmp_path, name):
     """Every conv fine-tuned, HOSVD at eps 1: the plan's full bytes per layer (and the head's)
     equal what the runner's forward hands the backward."""
-    from actcomp_edge.memory import plan
-    from actcomp_edge.program import network_of
+    from actcomp_edge.core.memory import plan
+    from actcomp_edge.core.program import network_of
     net = model(name)
     n = n_convs(net)
     export_module(net, tmp_path / "art", input_size=SIZE, batch_size=BATCH, layers=n,
@@ -74,7 +74,7 @@ def test_the_plan_of_an_edge_cnn_is_what_the_runner_holds(tmp_path, name):
 
 
 def test_num_classes_replaces_the_last_linear_of_a_head(tmp_path):
-    from actcomp_edge.npz import load_npz
+    from actcomp_edge.core.npz import load_npz
     net = model("mobilenet_v3_small")
     export_module(net, tmp_path / "art", input_size=SIZE, batch_size=BATCH, layers=4,
                   method="vanilla", num_classes=4)
@@ -106,7 +106,7 @@ def test_a_paper_mobilenet_v3_small_through_the_clis_updates_like_autograd(tmp_p
     import sys
     from pathlib import Path
 
-    from actcomp_edge.npz import load_npz
+    from actcomp_edge.core.npz import load_npz
     tests = Path(__file__).resolve().parent
     torch.manual_seed(0)
     net = MobileNetV3Small(num_classes=10)

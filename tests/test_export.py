@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from actcomp_edge.manifest import ArtifactError, load_manifest, manifest_bytes
+from actcomp_edge.core.manifest import ArtifactError, load_manifest, manifest_bytes
 from device_runner.runtime import Trainer
 from export.training_graph import TrainConfig
 from export_helpers import batch, export, random_model, rel, torch_step, trainable_grads
@@ -263,7 +263,7 @@ def test_tampered_truncated_and_too_new_artifacts_are_refused(tmp_path):
 
 
 def run_cli(*argv):
-    return subprocess.run([sys.executable, "-m", "actcomp_edge.cli", *argv],
+    return subprocess.run([sys.executable, "-m", "actcomp_edge.host.cli", *argv],
                           capture_output=True, text=True)
 
 
@@ -393,7 +393,7 @@ def test_an_artifact_of_the_retired_hosvd_tracked_names_its_successor(tmp_path):
 
 
 def test_cli_export_unsupported_layer_and_bad_weights(tmp_path):
-    spec = json.loads(json.dumps(__import__("actcomp_edge.arch", fromlist=["x"]).load_spec(
+    spec = json.loads(json.dumps(__import__("actcomp_edge.core.arch", fromlist=["x"]).load_spec(
         "mcunet-in1", 10)))
     spec["blocks"][3]["layers"][1]["type"] = "deform_conv"
     path = tmp_path / "user.json"

@@ -1,6 +1,6 @@
 """Fault injection on the device runner: nothing is lost.
 
-- SIGKILL at 24 seeded random points (`actcomp_edge.faults`: mid-step, mid-write of a
+- SIGKILL at 24 seeded random points (`actcomp_edge.core.faults`: mid-step, mid-write of a
   checkpoint, its index or the results, between a checkpoint's rename and its index, mid-append
   to the profile spool): the index never lists a torn file, every resume starts from a valid
   checkpoint, the finished weights equal an uninterrupted run's, and the host receives every
@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from actcomp_edge.manifest import manifest_bytes, sha256_file
-from actcomp_edge.npz import load_npz
+from actcomp_edge.core.manifest import manifest_bytes, sha256_file
+from actcomp_edge.core.npz import load_npz
 from device_helpers import ENV, device, train_args
 from device_runner import checkpoint
 from link_helpers import Host

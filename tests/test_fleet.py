@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from actcomp_edge.fleet import parse_partition, partition
-from actcomp_edge.npz import load_npz
+from actcomp_edge.host.fleet import parse_partition, partition
+from actcomp_edge.core.npz import load_npz
 from device_helpers import ENV
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,7 +93,7 @@ sys.modules["torch"] = None  # any import of torch now fails
 from pathlib import Path
 import numpy as np
 from device_runner import fleet
-from actcomp_edge.npz import load_npz, save_npz
+from actcomp_edge.core.npz import load_npz, save_npz
 artifact, data, out, run_id, rounds = sys.argv[1:4] + [int(sys.argv[4]), json.loads(sys.argv[5])]
 node = fleet.parse_node({"artifact": artifact, "data": data, "out": out, "name": "n0",
                          "threads": 1, "checkpoint-every": 1})
@@ -204,7 +204,7 @@ def test_bad_node_configs_are_one_line_errors(artifact, image_folder, tmp_path):
 # ---- `actcomp fleet local`: real Flower processes ---------------------------------------
 
 def actcomp(*argv, timeout=900):
-    return subprocess.run([sys.executable, "-m", "actcomp_edge.cli", *map(str, argv)],
+    return subprocess.run([sys.executable, "-m", "actcomp_edge.host.cli", *map(str, argv)],
                           capture_output=True, text=True, env=ENV, timeout=timeout)
 
 
@@ -295,7 +295,7 @@ def test_two_nodes_one_round_is_fedavg_of_what_the_nodes_wrote(artifact, image_f
     logits = session.run(None, {session.get_inputs()[0].name: x})[0]
     assert float((logits.argmax(axis=1) == y).mean()) == pytest.approx(journal[-1]["val_accuracy"])
     # `actcomp report` plots the journal: accuracy per round, memory per node
-    from actcomp_edge.report import build_report
+    from actcomp_edge.host.report import build_report
     report = build_report([out / "server" / "fleet.jsonl"], tmp_path / "report")
     assert set(report["plots"]) == {"fleet"} and (tmp_path / "report" / "fleet.png").is_file()
     drawn = report["plots"]["fleet"]
@@ -325,7 +325,7 @@ def test_fedadam_ends_with_the_artifacts_dtypes(artifact, image_folder, tmp_path
 def test_a_node_killed_mid_round_is_left_out_and_rejoins_from_its_checkpoint(
         artifact, image_folder, tmp_path):
     out = tmp_path / "run"
-    argv = [sys.executable, "-m", "actcomp_edge.cli",
+    argv = [sys.executable, "-m", "actcomp_edge.host.cli",
             *map(str, fleet_args(artifact, image_folder, out, "--nodes", "2", "--rounds", "2",
                                  "--local-epochs", "12"))]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

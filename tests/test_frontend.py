@@ -144,7 +144,7 @@ def test_file_py_function_with_pth_weights_gives_the_modules_logits(user_file, t
         for p in net.parameters():
             p.mul_(1.5)
     torch.save(net.state_dict(), tmp_path / "w.pth")
-    proc = subprocess.run([sys.executable, "-m", "actcomp_edge.cli", "export", "--model",
+    proc = subprocess.run([sys.executable, "-m", "actcomp_edge.host.cli", "export", "--model",
                            f"{user_file}:build", "--weights", str(tmp_path / "w.pth"),
                            "--layers", "3", "--method", "hosvd", "--eps", "0.9",
                            "--batch-size", "2", "--input-size", "64", "-o", str(tmp_path / "art")],
@@ -328,7 +328,7 @@ def test_the_cli_says_what_is_wrong_with_a_model_file_in_one_line(tmp_path):
                                                     "arguments"),
                          (f"{tmp_path}/m.py", "a model file is FILE.py:FUNCTION"),
                          (f"{tmp_path}/absent.py:build", "no such file")]:
-        proc = subprocess.run([sys.executable, "-m", "actcomp_edge.cli", "export", "--model", ref,
+        proc = subprocess.run([sys.executable, "-m", "actcomp_edge.host.cli", "export", "--model", ref,
                                "--layers", "1", "--method", "vanilla", "-o", str(tmp_path / "o")],
                               capture_output=True, text=True)
         assert proc.returncode == 2, proc.stderr
@@ -340,8 +340,8 @@ def test_the_cli_says_what_is_wrong_with_a_model_file_in_one_line(tmp_path):
 def test_actcomp_plan_sizes_the_program_the_artifact_is_built_from(name):
     """`actcomp plan` has no weights: program.network builds the program without them. Its
     ops, shapes and plan equal those of the program built with weights (the artifact's)."""
-    from actcomp_edge import program
-    from actcomp_edge.memory import plan
+    from actcomp_edge.core import program
+    from actcomp_edge.core.memory import plan
     from export import zoo
     spec = zoo.load_spec(name, 10)
     arrays = zoo.model_arrays(zoo.build_model(spec), spec)
@@ -359,7 +359,7 @@ def test_actcomp_plan_sizes_the_program_the_artifact_is_built_from(name):
 
 
 def test_weights_of_the_wrong_shape_are_named():
-    from actcomp_edge import program
+    from actcomp_edge.core import program
     from export import zoo
     spec = zoo.load_spec("mcunet-in1", 10)
     arrays = zoo.model_arrays(zoo.build_model(spec), spec)
@@ -408,20 +408,20 @@ def test_actcomp_plan_takes_a_model_file_and_sizes_what_its_export_keeps(user_fi
     trainable parameters."""
     argv = ["--model", f"{user_file}:build", "--layers", "3", "--method", "hosvd", "--eps",
             "0.9", "--batch-size", "2", "--input-size", "64"]
-    proc = subprocess.run([sys.executable, "-m", "actcomp_edge.cli", "plan", *argv, "--json"],
+    proc = subprocess.run([sys.executable, "-m", "actcomp_edge.host.cli", "plan", *argv, "--json"],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     planned = json.loads(proc.stdout)
-    export = subprocess.run([sys.executable, "-m", "actcomp_edge.cli", "export", *argv, "-o",
+    export = subprocess.run([sys.executable, "-m", "actcomp_edge.host.cli", "export", *argv, "-o",
                              str(tmp_path / "art")], capture_output=True, text=True)
     assert export.returncode == 0, export.stderr
     predicted = json.loads((tmp_path / "art" / "manifest.json").read_text())["predicted_memory"]
     assert (planned["paper_bytes"], planned["full_bytes"]) == (predicted["paper_bytes"],
                                                                predicted["full_bytes"])
-    fits = subprocess.run([sys.executable, "-m", "actcomp_edge.cli", "plan", *argv,
+    fits = subprocess.run([sys.executable, "-m", "actcomp_edge.host.cli", "plan", *argv,
                            "--profile", "pi-zero-2w"], capture_output=True, text=True)
     assert fits.returncode == 0 and "fits" in fits.stdout, fits.stderr
-    from actcomp_edge.profiles import program_param_count
+    from actcomp_edge.core.profiles import program_param_count
     from export.torch_frontend import program_from_module
     net = user_net(user_file)
     program, _ = program_from_module(net, (64, 64))
@@ -575,8 +575,8 @@ def test_what_each_activation_keeps_is_held_and_planned(tmp_path, method, eps):
     """hardsigmoid and leaky ReLU keep 1 bit an element, hardswish and silu their float32
     input, sigmoid its output; vanilla reads a leaky ReLU's and a sigmoid's from the next
     conv's kept input. The plan's full bytes of every layer are what the runner holds."""
-    from actcomp_edge.memory import plan, plan_table
-    from actcomp_edge.program import network_of
+    from actcomp_edge.core.memory import plan, plan_table
+    from actcomp_edge.core.program import network_of
     torch.manual_seed(8)
     net = Activations()
     manifest = export_module(net, tmp_path / "art", input_size=12, batch_size=3, layers=5,
@@ -696,8 +696,8 @@ def test_what_a_multiply_keeps_is_held_and_planned(tmp_path, n_convs, factors):
     """A multiply's factor is kept whole (float32), counted with the conv before it, unless a
     fine-tuned act's saved tensor gives it; the plan's per-layer bytes are what the runner
     holds."""
-    from actcomp_edge.memory import plan
-    from actcomp_edge.program import network_of
+    from actcomp_edge.core.memory import plan
+    from actcomp_edge.core.program import network_of
     net = SqueezeExcite()
     manifest = export_module(net, tmp_path / "art", input_size=12, batch_size=3,
                              layers=n_convs, method="hosvd", eps=1.0)
@@ -894,8 +894,8 @@ class LinearSqueeze(nn.Module):
 def test_a_squeeze_excitation_of_linears_trains_with_autograds_gradients(tmp_path, n_convs,
                                                                         trained, method, eps):
     """Its Linears train with the convs they follow; the plan is what the runner holds."""
-    from actcomp_edge.memory import plan
-    from actcomp_edge.program import network_of
+    from actcomp_edge.core.memory import plan
+    from actcomp_edge.core.program import network_of
     torch.manual_seed(4)
     net = LinearSqueeze()
     program, _ = program_from_module(net, 10)

@@ -1,6 +1,6 @@
 """Fuzzing (hypothesis) of the three loaders that read what comes from outside the process.
 
-Frame decoder (`actcomp_edge.protocol.FrameDecoder.feed`):
+Frame decoder (`actcomp_edge.core.protocol.FrameDecoder.feed`):
 - any bytes, any chunking, as bytes, bytearray or (strided) memoryview: never raises, and
   after every feed the buffer holds at most one frame still arriving (fewer bytes than a
   header, or a header that checks out whose frame is not complete, with no complete frame
@@ -11,7 +11,7 @@ Frame decoder (`actcomp_edge.protocol.FrameDecoder.feed`):
 - a stream of valid frames with random byte flips (and inserted or deleted bytes): every
   untouched frame decoded, in order; with flips only, exactly the untouched ones.
 
-Artifact manifest (`actcomp_edge.manifest.load_manifest`):
+Artifact manifest (`actcomp_edge.core.manifest.load_manifest`):
 - manifest.json of arbitrary bytes, JSON values, edits of the real text, deep nesting:
   only a one-line ArtifactError;
 - structured mutations of a real manifest (a key deleted anywhere, a value replaced by
@@ -20,7 +20,7 @@ Artifact manifest (`actcomp_edge.manifest.load_manifest`):
   use without an exception: `actcomp-device info`, `actcomp check`, the Trainer's setup (its
   onnxruntime sessions stubbed), its schedule walk, the budget's rank caps.
 
-Device profiles (`actcomp_edge.profiles.load_profile`, `validate`):
+Device profiles (`actcomp_edge.core.profiles.load_profile`, `validate`):
 - arbitrary text or bytes as the .toml file, arbitrary names, arbitrary TOML documents (known
   and random keys; strings incl. size strings, huge ints, floats, bools, datetimes, arrays,
   tables): only a one-line ProfileError, or a Profile with the documented types and
@@ -46,11 +46,11 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from actcomp_edge import manifest as manifest_module
-from actcomp_edge.manifest import MANIFEST, ArtifactError, content_digest, load_manifest
-from actcomp_edge.profiles import (KEYS, MIN_RAM, Fit, Profile, ProfileError, load_profile,
+from actcomp_edge.core import manifest as manifest_module
+from actcomp_edge.core.manifest import MANIFEST, ArtifactError, content_digest, load_manifest
+from actcomp_edge.core.profiles import (KEYS, MIN_RAM, Fit, Profile, ProfileError, load_profile,
                                    validate)
-from actcomp_edge.protocol import (ACK, CRC, DATA, HEADER, HEADER_SIZE, MAGIC, MAX_PAYLOAD,
+from actcomp_edge.core.protocol import (ACK, CRC, DATA, HEADER, HEADER_SIZE, MAGIC, MAX_PAYLOAD,
                                    MAX_SEQ, OVERHEAD, VERSION, Frame, FrameDecoder,
                                    ProtocolError, encode_ack, encode_frame)
 
@@ -306,7 +306,7 @@ def real(exported, tmp_path_factory):
     exported artifact with small stand-ins for its files, so that each example is fast:
     the ONNX files (never opened: the sessions are stubbed) are a few bytes, the .npz hold
     the same names with one float each; the manifest's digests follow."""
-    from actcomp_edge.npz import load_npz, save_npz
+    from actcomp_edge.core.npz import load_npz, save_npz
     folder = tmp_path_factory.mktemp("fuzz") / "art"
     shutil.copytree(exported, folder)
     original = json.loads((folder / MANIFEST).read_text())
@@ -440,7 +440,7 @@ def use_like_the_readers(folder, m):
     (verify=False: the fuzzed manifest's digests need not match); none may raise."""
     import onnxruntime as ort
 
-    from actcomp_edge import cli as host_cli
+    from actcomp_edge.host import cli as host_cli
     from device_runner import cli as device_cli
     from device_runner.data import Dataset
     from device_runner.runtime import Trainer

@@ -5,11 +5,11 @@ import math
 import numpy as np
 import pytest
 
-from actcomp_edge import cli
-from actcomp_edge.arch import load_spec
-from actcomp_edge.program import network
-from actcomp_edge.memory import plan
-from actcomp_edge.profiles import (ProfileError, Profile, load_profile, parse_size,
+from actcomp_edge.host import cli
+from actcomp_edge.core.arch import load_spec
+from actcomp_edge.core.program import network
+from actcomp_edge.core.memory import plan
+from actcomp_edge.core.profiles import (ProfileError, Profile, load_profile, parse_size,
                                    profile_names, trainable_param_count)
 
 MIB = 2 ** 20
@@ -308,7 +308,7 @@ def streams(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def report(streams, tmp_path_factory):
-    from actcomp_edge.report import build_report
+    from actcomp_edge.host.report import build_report
     out = tmp_path_factory.mktemp("report")
     return out, build_report([streams["vanilla"][0], streams["hosvd"][0]], out)
 
@@ -367,7 +367,7 @@ def test_report_plots_what_it_read(streams, report):
 def test_report_legends_sit_outside_the_data_and_series_stay_apart(tmp_path):
     """Each legend is right of its axes (never over a line), and two series with equal
     values differ in colour and marker (the lower one still shows)."""
-    from actcomp_edge.report import _figure, _finish, _line, series_style
+    from actcomp_edge.host.report import _figure, _finish, _line, series_style
     fig, axes = _figure(2, "t")
     drawn = {}
     for ax in axes:
@@ -388,7 +388,7 @@ def test_report_legends_sit_outside_the_data_and_series_stay_apart(tmp_path):
 def test_report_draws_a_given_budget_for_runs_without_one(streams, tmp_path, capsys):
     """The demo trains without --budget and checks against a profile: `report --profile`
     (or --budget) still draws the budget, for the runs whose records have none."""
-    from actcomp_edge.report import build_report
+    from actcomp_edge.host.report import build_report
     result = build_report([streams["vanilla"][0], streams["hosvd"][0]], tmp_path / "r",
                           budget=40 * MIB)
     memory = result["plots"]["memory"]

@@ -1,25 +1,58 @@
-"""The import graph of the three packages, read from the source (every import, also inside
-functions): the device side never reaches the exporter or the host tools, the exporter
-never reaches the host tools or the runner, the host tools run the board's side as a
-process, and no module imports itself through others."""
+"""The architecture as folder rules, read from the source (every import, also inside
+functions). Four folders, each a layer:
+
+    actcomp_edge/core   numpy only: what the board and the exporter share
+    device_runner       the board: core + onnxruntime, never torch, onnx or the host tools
+    export              the workstation: core + torch/onnx, never the runner or the host tools
+    actcomp_edge/host   the host tools: core + the exporter's CLI; they run the board as a process
+
+and no library module imports a command line, and no module imports itself through others."""
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("actcomp_edge", "device_runner", "export")
-HOST = {"actcomp_edge.cli", "actcomp_edge.demo", "actcomp_edge.monitor", "actcomp_edge.report",
-        "actcomp_edge.fleet", "actcomp_edge.fleet_server"}
-DEVICE_ROOTS = {"actcomp_edge.decomposition", "actcomp_edge.methods", "actcomp_edge.program",
-                "actcomp_edge.arch", "actcomp_edge.protocol",
-                "actcomp_edge.manifest", "actcomp_edge.memplan", "actcomp_edge.npz"}
+FOLDERS = {"core": "actcomp_edge.core", "device": "device_runner", "export": "export",
+           "host": "actcomp_edge.host"}
+# the folders each folder may import from (besides itself)
+ALLOWED = {"core": set(), "device": {"core"}, "export": {"core"}, "host": {"core", "export"}}
+# third-party packages each folder may import (the standard library is always allowed)
+THIRD_PARTY = {"core": {"numpy", "tomli"},
+               "device": {"numpy", "onnxruntime", "threadpoolctl", "serial", "flwr", "PIL"},
+               "export": {"numpy", "torch", "onnx", "onnxruntime", "safetensors"},
+               "host": {"numpy", "matplotlib", "serial", "flwr"}}
+COMMANDS = {"actcomp_edge.host.cli", "device_runner.cli", "export.cli"}
 
 
 def modules() -> dict:
+    """Dotted module name -> path, for every module of the three packages."""
     found = {}
-    for package in PACKAGES:
-        for path in sorted((ROOT / package).glob("*.py")):
-            found[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+    for package in ("actcomp_edge", "device_runner", "export"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return found
+
+
+def folder(module: str) -> str | None:
+    """The layer a module belongs to (None: a package's own __init__ above the layers)."""
+    for name, prefix in FOLDERS.items():
+        if module == prefix or module.startswith(prefix + "."):
+            return name
+    return None
+
+
+def imported(name: str, path: Path):
+    """(module, alias) pairs of every import in a module; relative ones resolved."""
+    here = name if path.stem == "__init__" else name.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = here.split(".")[:len(here.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            yield from ((base, alias.name) for alias in node.names)
+        elif isinstance(node, ast.Import):
+            yield from ((alias.name, None) for alias in node.names)
 
 
 def import_graph() -> dict:
@@ -27,19 +60,18 @@ def import_graph() -> dict:
     known = modules()
     graph = {}
     for name, path in known.items():
-        package = name.split(".")[0]
         targets = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom):
-                base = (f"{package}.{node.module}" if node.module else package) if node.level \
-                    else node.module
-                for alias in node.names:
-                    full = f"{base}.{alias.name}"
-                    targets.add(full if full in known else base)
-            elif isinstance(node, ast.Import):
-                targets.update(alias.name for alias in node.names)
+        for base, alias in imported(name, path):
+            full = f"{base}.{alias}" if alias else base
+            targets.add(full if full in known else base)
         graph[name] = {t for t in targets if t in known and t != name}
     return graph
+
+
+def third_party(name: str, path: Path) -> set:
+    """Top-level names of the non-project packages a module imports."""
+    return {base.split(".")[0] for base, _ in imported(name, path)} - \
+        {"actcomp_edge", "device_runner", "export", ""}
 
 
 def reachable(graph: dict, starts) -> set:
@@ -54,59 +86,49 @@ def reachable(graph: dict, starts) -> set:
 
 def test_the_graph_is_read():
     graph = import_graph()
-    assert "actcomp_edge.decomposition" in graph["actcomp_edge.methods"]
-    assert "device_runner.runtime" in graph["device_runner.train"]   # relative import
-    assert "export.cli" in graph["actcomp_edge.cli"]                 # import inside a function
-    assert "actcomp_edge.fleet" in graph["actcomp_edge.cli"]
+    assert "actcomp_edge.core.decomposition" in graph["actcomp_edge.core.methods"]
+    assert "device_runner.runtime" in graph["device_runner.train"]          # relative import
+    assert "actcomp_edge.core.memory" in graph["actcomp_edge.host.cli"]     # from ..core
+    assert "export.cli" in graph["actcomp_edge.host.cli"]                   # inside a function
+    assert "actcomp_edge.host.fleet" in graph["actcomp_edge.host.cli"]
+    assert {folder(m) for m in graph} == {None, *FOLDERS}
 
 
-def test_the_device_side_reaches_neither_the_exporter_nor_the_host_tools():
+def test_each_folder_imports_only_the_folders_below_it():
     graph = import_graph()
-    device = reachable(graph, DEVICE_ROOTS | {m for m in graph if m.startswith("device_runner")})
-    assert not {m for m in device if m.startswith("export")}
-    assert not device & HOST
+    for module, targets in graph.items():
+        layer = folder(module)
+        if layer is None:
+            assert not targets, module
+            continue
+        for target in targets:
+            # the top package holds only __version__
+            assert folder(target) in ALLOWED[layer] | {layer, None}, f"{module} imports {target}"
 
 
-def third_party(path: Path) -> set:
-    """Top-level names of the packages a module imports (also inside functions)."""
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and not node.level and node.module:
-            names.add(node.module.split(".")[0])
-        elif isinstance(node, ast.Import):
-            names.update(alias.name.split(".")[0] for alias in node.names)
-    return names
+def test_each_folder_imports_only_its_third_party_packages():
+    import sys
+    for module, path in modules().items():
+        layer = folder(module)
+        outside = {p for p in third_party(module, path) if p not in sys.stdlib_module_names}
+        assert outside <= THIRD_PARTY.get(layer, set()), f"{module}: {outside}"
+
+
+def test_the_core_holds_only_what_the_board_or_the_exporter_uses():
+    """A module in the core that only the host tools import belongs in host/."""
+    graph = import_graph()
+    used = reachable(graph, {m for m in graph if folder(m) in ("device", "export")})
+    core = {m for m in graph if folder(m) == "core" and not m.endswith(".core")}
+    assert core <= used, core - used
 
 
 def test_no_library_module_imports_a_command_line_module():
     """The command lines (and the demo, which drives one) sit on top: what they share lives
     in a library module."""
-    commands = {"actcomp_edge.cli", "device_runner.cli", "export.cli"}
     graph = import_graph()
-    assert commands <= set(graph)
-    assert {m for m, targets in graph.items() if targets & commands} - commands == \
-        {"actcomp_edge.demo"}
-
-
-def test_the_device_side_imports_neither_torch_nor_onnx():
-    graph, paths = import_graph(), modules()
-    device = reachable(graph, DEVICE_ROOTS | {m for m in graph if m.startswith("device_runner")})
-    assert {"actcomp_edge.methods", "actcomp_edge.program"} <= device
-    for module in device:
-        assert not third_party(paths[module]) & {"torch", "onnx"}, module
-
-
-def test_the_exporter_reaches_neither_the_host_tools_nor_the_runner():
-    graph = import_graph()
-    exporter = reachable(graph, {m for m in graph if m.startswith("export")})
-    assert not exporter & HOST
-    assert not {m for m in exporter if m.startswith("device_runner")}
-
-
-def test_the_host_tools_run_the_board_side_as_a_process():
-    graph = import_graph()
-    for name in HOST:
-        assert not {m for m in reachable(graph, {name}) if m.startswith("device_runner")}, name
+    assert COMMANDS <= set(graph)
+    assert {m for m, targets in graph.items() if targets & COMMANDS} - COMMANDS == \
+        {"actcomp_edge.host.demo"}
 
 
 def test_no_import_cycles():

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import pytest
 
-from actcomp_edge.protocol import ACK, DATA, FrameDecoder, encode_frame
+from actcomp_edge.core.protocol import ACK, DATA, FrameDecoder, encode_frame
 from device_runner import transport
 from device_runner.transport import ProfileSender
 from link_helpers import Host, LossyProxy, make_records, wait_until

@@ -6,12 +6,12 @@ import sys
 import numpy as np
 import pytest
 
-from actcomp_edge import cli
-from actcomp_edge.arch import load_spec
-from actcomp_edge.program import network
-from actcomp_edge.decomposition import hosvd
-from actcomp_edge.memory import mib, plan
-from actcomp_edge.methods import gf_floats, hosvd_floats, svd_floats, vanilla_floats
+from actcomp_edge.host import cli
+from actcomp_edge.core.arch import load_spec
+from actcomp_edge.core.program import network
+from actcomp_edge.core.decomposition import hosvd
+from actcomp_edge.core.memory import mib, plan
+from actcomp_edge.core.methods import gf_floats, hosvd_floats, svd_floats, vanilla_floats
 
 # The paper's printed analytic columns: (vanilla N=2, N=4, GF-R2 N=2, N=4), MiB.
 PAPER = {
@@ -138,7 +138,7 @@ def test_cli_non_square_input(capsys):
      "4 ranks"),
 ])
 def test_cli_errors_are_one_line(argv, message):
-    proc = subprocess.run([sys.executable, "-m", "actcomp_edge.cli", *argv],
+    proc = subprocess.run([sys.executable, "-m", "actcomp_edge.host.cli", *argv],
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert message in proc.stderr
@@ -147,7 +147,7 @@ def test_cli_errors_are_one_line(argv, message):
 
 
 def test_cli_paper_table_matches():
-    proc = subprocess.run([sys.executable, "-m", "actcomp_edge.cli", "paper-table"],
+    proc = subprocess.run([sys.executable, "-m", "actcomp_edge.host.cli", "paper-table"],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "all figures match the paper" in proc.stdout

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from actcomp_edge import memplan
-from actcomp_edge.memplan import Buffer, place
+from actcomp_edge.core import memplan
+from actcomp_edge.core.memplan import Buffer, place
 from device_helpers import SIZE, device
 from export.training_graph import TrainConfig
 from export_helpers import batch, export, random_model

@@ -3,9 +3,9 @@ subspace iteration."""
 import numpy as np
 import pytest
 
-from actcomp_edge.arch import ConvLayer, conv_out
-from actcomp_edge.decomposition import hosvd, subspace_step, unfold
-from actcomp_edge.methods import BATCH, METHODS, Asi, compress, method, sum_pool
+from actcomp_edge.core.arch import ConvLayer, conv_out
+from actcomp_edge.core.decomposition import hosvd, subspace_step, unfold
+from actcomp_edge.core.methods import BATCH, METHODS, Asi, compress, method, sum_pool
 
 
 def test_sum_pool_hand_computed():

@@ -9,7 +9,7 @@ import tty
 from pathlib import Path
 
 
-from actcomp_edge.protocol import ACK, FrameDecoder, encode_frame
+from actcomp_edge.core.protocol import ACK, FrameDecoder, encode_frame
 from device_runner.transport import ProfileSender
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,7 +34,7 @@ def records(n=30, violation_at=17):
 
 
 def start_monitor(url, output, *extra):
-    return subprocess.Popen([sys.executable, "-m", "actcomp_edge.cli", "monitor", url,
+    return subprocess.Popen([sys.executable, "-m", "actcomp_edge.host.cli", "monitor", url,
                              "--budget", "10MiB", "-o", str(output), "--idle-timeout", "60",
                              *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, PYTHONPATH=str(REPO)))
@@ -119,7 +119,7 @@ def test_monitor_without_violations_exits_zero_and_bad_budget_is_one_line(tmp_pa
     sender.close()
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
-    bad = subprocess.run([sys.executable, "-m", "actcomp_edge.cli", "monitor", "loop://",
+    bad = subprocess.run([sys.executable, "-m", "actcomp_edge.host.cli", "monitor", "loop://",
                           "--budget", "lots"], capture_output=True, text=True,
                          env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
@@ -127,7 +127,7 @@ def test_monitor_without_violations_exits_zero_and_bad_budget_is_one_line(tmp_pa
 
 
 def monitor_cli(*argv):
-    return subprocess.run([sys.executable, "-m", "actcomp_edge.cli", "monitor", *argv],
+    return subprocess.run([sys.executable, "-m", "actcomp_edge.host.cli", "monitor", *argv],
                           capture_output=True, text=True, timeout=60,
                           env=dict(os.environ, PYTHONPATH=str(REPO)))
 
@@ -162,7 +162,7 @@ def test_a_monitor_that_receives_nothing_says_so(tmp_path):
 def test_layer_names_are_shortened_only_where_unambiguous():
     """The monitor's rank text names each layer by its shortest suffix no other layer has
     (it printed the last part: project ... project, and 0(...) 0(...) for a user's model)."""
-    from actcomp_edge.monitor import View, short_names
+    from actcomp_edge.host.monitor import View, short_names
     assert short_names(["blocks.12.project", "blocks.13.expand", "blocks.13.dw",
                         "blocks.13.project"]) == {
         "blocks.12.project": "12.project", "blocks.13.expand": "expand",

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from actcomp_edge.npz import NpzError, load_npz, npz_bytes, save_npz
+from actcomp_edge.core.npz import NpzError, load_npz, npz_bytes, save_npz
 
 
 def test_round_trip_keeps_shapes_and_dtypes_including_scalars(tmp_path):

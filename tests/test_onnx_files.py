@@ -46,7 +46,7 @@ def test_the_real_mcunet_overview_is_valid(method, tmp_path):
     from conftest import require_shared
     spec = require_shared("weights", "tt_mcunet-5fps_int8dq.json")
     out = tmp_path / "art"
-    proc = subprocess.run([sys.executable, "-m", "actcomp_edge.cli", "export", "--model", str(spec),
+    proc = subprocess.run([sys.executable, "-m", "actcomp_edge.host.cli", "export", "--model", str(spec),
                            "--weights", str(spec.with_suffix(".npz")), "--num-classes", "2",
                            "--layers", "4", "--method", method, "--eps", "0.8", "--batch-size",
                            "4", "--input-size", "64", "-o", str(out)], capture_output=True,
@@ -96,7 +96,7 @@ def test_a_gradient_filter_manifest_with_a_pair_stride_is_refused_in_one_line(tm
     are single integers (the exporter never writes a pair for it)."""
     import json
 
-    from actcomp_edge.manifest import ArtifactError, content_digest, load_manifest
+    from actcomp_edge.core.manifest import ArtifactError, content_digest, load_manifest
     spec, model = random_model("mcunet-in1", 3)
     folder = export(model, spec, tmp_path, TrainConfig(n_layers=2, method="gf-r2", eps=None),
                     2, (64, 64)).folder

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import serial
 
-from actcomp_edge.protocol import (ACK, DATA, MAX_PAYLOAD, Frame, FrameDecoder, ProtocolError,
+from actcomp_edge.core.protocol import (ACK, DATA, MAX_PAYLOAD, Frame, FrameDecoder, ProtocolError,
                                    Receiver, encode_ack, encode_frame)
 from device_runner.transport import ProfileSender, open_link
 from link_helpers import Host, LossyProxy, free_port, listen, make_records, wait_until
@@ -572,7 +572,7 @@ def test_spool_segments_rotate_and_acknowledged_ones_are_deleted(tmp_path, monke
 
 
 def test_the_device_side_imports_neither_torch_nor_numpy():
-    code = ("import sys; import device_runner.transport, actcomp_edge.protocol; "
+    code = ("import sys; import device_runner.transport, actcomp_edge.core.protocol; "
             "print(sorted(m for m in ('torch', 'numpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                          env=dict(os.environ, PYTHONPATH=str(REPO)), check=True).stdout

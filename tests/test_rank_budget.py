@@ -1,11 +1,11 @@
-"""Ranks for an activation budget (actcomp_edge.rank_budget), against hand-worked cases, and
+"""Ranks for an activation budget (actcomp_edge.core.rank_budget), against hand-worked cases, and
 the runner choosing them on its first batch."""
 import json
 
 import numpy as np
 import pytest
 
-from actcomp_edge import rank_budget as rb
+from actcomp_edge.core import rank_budget as rb
 
 
 def one_layer():
@@ -56,7 +56,7 @@ def test_allocate_refuses_a_budget_below_rank_one():
 def test_allocate_fits_the_budget_and_matches_hosvd_on_real_activations():
     """Random activations: the chosen ranks' bytes never exceed the budget, grow with it, and
     are the ranks decomposition.hosvd gives at the chosen eps."""
-    from actcomp_edge.decomposition import hosvd, mode_energies
+    from actcomp_edge.core.decomposition import hosvd, mode_energies
     rng = np.random.default_rng(0)
     acts = {"x": rng.standard_normal((8, 6, 5, 5)).astype(np.float32) ** 2,
             "y": rng.standard_normal((8, 12, 3, 3)).astype(np.float32) ** 2}

@@ -8,10 +8,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from actcomp_edge.npz import load_npz
+from actcomp_edge.core.npz import load_npz
 from device_helpers import device, train_args
 from device_runner import data as data_module
-from actcomp_edge import schedules
+from actcomp_edge.core import schedules
 from device_runner import recipe
 from device_runner.runtime import Trainer
 from device_runner.train import MAX_ROLLBACKS, Options, TrainingError, evaluate, fit
@@ -293,7 +293,7 @@ def test_named_classes_must_match(tmp_path):
 def test_export_refuses_an_input_smaller_than_the_total_stride(tmp_path):
     import subprocess
     import sys
-    proc = subprocess.run([sys.executable, "-m", "actcomp_edge.cli", "export", "--model",
+    proc = subprocess.run([sys.executable, "-m", "actcomp_edge.host.cli", "export", "--model",
                            "mcunet-in1", "--layers", "2", "--method", "vanilla",
                            "--input-size", "16", "-o", str(tmp_path / "a")],
                           capture_output=True, text=True, timeout=300)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from actcomp_edge.decomposition import full_rank_bound, hosvd, svd_compress
+from actcomp_edge.core.decomposition import full_rank_bound, hosvd, svd_compress
 from export.reference import (CompressedConv2d, GradientFilterR2Conv2d, HosvdConv2d,
                               compress_last_n, freeze_batchnorm)
 

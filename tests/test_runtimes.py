@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from actcomp_edge.npz import load_npz
+from actcomp_edge.core.npz import load_npz
 
 from export.training_graph import TrainConfig
 from export_helpers import batch, export, random_model, rel

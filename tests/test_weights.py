@@ -16,7 +16,7 @@ from export.weight_files import WeightsError, read_weight_file
 
 
 def run_cli(*argv):
-    return subprocess.run([sys.executable, "-m", "actcomp_edge.cli", *argv],
+    return subprocess.run([sys.executable, "-m", "actcomp_edge.host.cli", *argv],
                           capture_output=True, text=True)
 
 

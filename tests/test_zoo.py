@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from actcomp_edge import arch, program
+from actcomp_edge.core import arch, program
 from export import zoo
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"

@@ -144,7 +144,7 @@ def runtime_requirements(suite: str) -> dict:
     (and what builds the checkout), pinned to the oldest supported onnxruntime (it needs
     numpy<2) or left to the newest; the newest also holds the fleet extra (Flower's
     SuperNode and the ClientApp)."""
-    from actcomp_edge.manifest import MIN_ONNXRUNTIME
+    from actcomp_edge.core.manifest import MIN_ONNXRUNTIME
     base = extra("device") + BUILD_REQUIREMENTS
     venvs = {"oldest": base + [f"onnxruntime=={MIN_ONNXRUNTIME}", "numpy<2"],
              "newest": base + extra("fleet")}
@@ -243,7 +243,7 @@ def cached_userland(cache: Path, work: Path, suite: str, mirror: str | None,
 
 def tiny_artifact(work: Path) -> tuple:
     """(artifact folder, dataset .npz) exported with the host's .venv."""
-    from actcomp_edge.arch import HALF_NORM, inverted_residual_spec
+    from actcomp_edge.core.arch import HALF_NORM, inverted_residual_spec
     import numpy as np
     table = [(3, 1, 1, 8, 8), (3, 2, 3, 8, 16), (3, 1, 3, 16, 16), (3, 2, 3, 16, 24)]
     spec = inverted_residual_spec("tiny-ir", 8, table, 3, 32, HALF_NORM)
@@ -366,7 +366,7 @@ def fleet_round(root: Path, work: Path, artifact: Path, data: Path) -> None:
     run` on the host, a SuperNode in the emulated userland ("newest" venv, the fleet extra);
     the global weights after the round must be the node's (FedAvg of one node)."""
     import numpy as np
-    from actcomp_edge.fleet import Processes, free_port, wait_for_port
+    from actcomp_edge.host.fleet import Processes, free_port, wait_for_port
     bin_dir = REPO / ".venv" / "bin"
     venv = "/opt/ort-newest"
     guest(root, f"{venv}/bin/python", "-c", "import device_runner.fleet")  # the ClientApp

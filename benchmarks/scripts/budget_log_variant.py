@@ -5,7 +5,7 @@ import sys, numpy as np
 from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-from actcomp_edge import rank_budget as rb
+from actcomp_edge.core import rank_budget as rb
 def allocate_log(spectra, shapes, budget_bytes):
     need = rb.minimum_bytes(shapes)
     if need > budget_bytes: raise ValueError("below")

@@ -17,7 +17,7 @@ for tree in before after; do
   dir=$([ $tree = before ] && echo "$BEFORE" || echo "$AFTER")
   for job in "${JOBS[@]}"; do
     IFS=: read -r name flags steps <<< "$job"
-    (cd "$dir" && $PY -m actcomp_edge.cli export $M $flags -o "$OUT/$tree-$name" > /dev/null)
+    (cd "$dir" && $PY -m actcomp_edge.host.cli export $M $flags -o "$OUT/$tree-$name" > /dev/null)
   done
 done
 for round in $(seq "$ROUNDS"); do

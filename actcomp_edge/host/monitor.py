@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from .protocol import Receiver
+from ..core.protocol import Receiver
 
 MIB = 2 ** 20
 

@@ -53,7 +53,7 @@ class NullModem:
 
 
 def main() -> None:
-    """`python -m actcomp_edge.nullmodem`: print the two ports and relay until Ctrl-C."""
+    """`python -m actcomp_edge.host.nullmodem`: print the two ports and relay until Ctrl-C."""
     import time
     with NullModem() as (board_port, host_port):
         print(f"board side: {board_port}   host side: {host_port}   (Ctrl-C to stop)", flush=True)

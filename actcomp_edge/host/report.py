@@ -32,7 +32,7 @@ from statistics import median
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .methods import METHODS
+from ..core.methods import METHODS
 
 MIB = 2 ** 20
 KIB = 2 ** 10

@@ -29,7 +29,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MessageType, MetricRecord
 from flwr.serverapp import ServerApp
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
-from .npz import load_npz, save_npz, write_atomic
+from ..core.npz import load_npz, save_npz, write_atomic
 
 def record_bytes(record: ArrayRecord) -> int:
     """Bytes of an ArrayRecord's payload (each array's serialized data)."""

@@ -31,7 +31,7 @@ Param names follow the ``.npz`` naming of ``export.zoo`` (``<layer>.weight``,
 
 The program is the one description of a network: the exporter's graphs, the memory plan of
 an artifact and ``actcomp plan`` (``network``: the convs as the memory model sees them) all
-derive from it. A built-in architecture's spec (``actcomp_edge.arch``) and a user's
+derive from it. A built-in architecture's spec (``actcomp_edge.core.arch``) and a user's
 ``nn.Module`` (``export.torch_frontend``) are two ways in.
 """
 from __future__ import annotations
@@ -42,7 +42,7 @@ from typing import Optional
 
 import numpy as np
 
-from actcomp_edge import arch
+from actcomp_edge.core import arch
 
 RELU_HI = float("inf")
 

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from . import cli
-from .memory import mib
+from ..core.memory import mib
 from .nullmodem import NullModem
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared"
 OUT = REPO / "out" / "demo"
 BATCH, SIZE, LAYERS, EPS = 32, 128, 4, 0.8
@@ -77,7 +77,7 @@ def main() -> int:
     stream = OUT / "run.jsonl"
     stream.unlink(missing_ok=True)
     with NullModem() as (board_port, host_port):
-        monitor = subprocess.Popen([sys.executable, "-m", "actcomp_edge.cli", "monitor", host_port,
+        monitor = subprocess.Popen([sys.executable, "-m", "actcomp_edge.host.cli", "monitor", host_port,
                                     "--profile", PROFILE, "-o", str(stream), "--idle-timeout",
                                     "120"])
         # a process of its own, as on the board: numpy + onnxruntime, no torch

@@ -44,7 +44,7 @@ from .memory import FLOAT_BYTES, mib
 
 def _profile_dir() -> Path:
     """profiles/ of the checkout, else the copy pip installed (pyproject's data-files)."""
-    checkout = Path(__file__).resolve().parents[1] / "profiles"
+    checkout = Path(__file__).resolve().parents[2] / "profiles"
     installed = Path(sys.prefix) / "share" / "actcomp-edge" / "profiles"
     return checkout if checkout.is_dir() else installed
 

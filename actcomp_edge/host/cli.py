@@ -5,15 +5,15 @@ import argparse
 import json
 import sys
 
-from . import __version__
-from .arch import ZOO, load_spec
-from .cliutil import Parser, non_negative_float, positive_float, positive_int, size_bytes
-from .memory import mib, plan, plan_table
-from .methods import METHODS
-from .profiles import OPTIMIZER_STATE, Fit, load_profile, profile_names, \
+from .. import __version__
+from ..core.arch import ZOO, load_spec
+from ..core.cliutil import Parser, non_negative_float, positive_float, positive_int, size_bytes
+from ..core.memory import mib, plan, plan_table
+from ..core.methods import METHODS
+from ..core.profiles import OPTIMIZER_STATE, Fit, load_profile, profile_names, \
     trainable_param_count
-from .program import network
-from .schedules import DEFAULT_SCHEDULE, SCHEDULES
+from ..core.program import network
+from ..core.schedules import DEFAULT_SCHEDULE, SCHEDULES
 
 # The paper's analytic columns (batch 64, 224x224, float32, MiB): vanilla and
 # Gradient Filter R2 for the last N = 2 and 4 convs.
@@ -55,8 +55,8 @@ def model_network(args) -> tuple:
     if ".py:" in args.model:
         from export.module_export import load_model_file  # torch: only for a model file
         from export.torch_frontend import program_from_module
-        from .profiles import program_param_count
-        from .program import network_of
+        from ..core.profiles import program_param_count
+        from ..core.program import network_of
         size = args.input_size or (224, 224)
         program, _ = program_from_module(load_model_file(args.model), size)
         return network_of(program), size, lambda n: program_param_count(program, n)
@@ -167,8 +167,8 @@ def cmd_check(args) -> int:
     """Does an exported artifact fit a device profile? exit 0 yes, 1 no, 2 bad input."""
     from pathlib import Path
 
-    from .manifest import load_manifest
-    from .npz import load_npz
+    from ..core.manifest import load_manifest
+    from ..core.npz import load_npz
     profile = load_profile(args.profile)
     folder = Path(args.artifact)
     if not folder.is_dir() and (".py:" in args.artifact or folder.suffix in (".py", ".json")

@@ -12,7 +12,7 @@ A *spec* is a JSON-serialisable dict.  Two families:
 - ``resnet`` (torchvision's BasicBlock layout): ``{"family": "resnet",
   "block_counts": [2, 2, 2, 2], ...}``.
 
-A spec is an input to ``actcomp_edge.program``: its program is the network (ops, shapes),
+A spec is an input to ``actcomp_edge.core.program``: its program is the network (ops, shapes),
 and ``program.network(spec, input_size)`` lists every Conv2d in definition order
 (torchvision's module order) as the memory model sees it (``ConvLayer``): "the last N
 convs" of the paper are ``network(...).convs[-N:]``.  The torch models in ``export.zoo``

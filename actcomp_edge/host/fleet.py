@@ -5,7 +5,7 @@ runtime (a SuperLink, one SuperNode per board, `flwr run`).
 data, starts a SuperLink and K SuperNodes as processes (restarted if one dies, as a
 board's service manager would), runs the app, and stops every process it started.
 ``fleet run`` runs the app on a SuperLink that real boards are connected to.
-The ClientApp is device_runner.fleet, the ServerApp actcomp_edge.fleet_server; this module
+The ClientApp is device_runner.fleet, the ServerApp actcomp_edge.host.fleet_server; this module
 imports neither (nor flwr): it writes files and runs processes.
 """
 from __future__ import annotations
@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .npz import write_atomic
-from .profiles import load_profile
-from .schedules import parse_schedule
+from ..core.npz import write_atomic
+from ..core.profiles import load_profile
+from ..core.schedules import parse_schedule
 
 MIN_SHARD = 4            # images every node's shard must have
 STOP_SECONDS = 10        # SIGTERM, then SIGKILL after this long
@@ -306,7 +306,7 @@ def write_app(folder: Path, run_config: dict) -> Path:
              '', '[project]', 'name = "actcomp-fleet"', 'version = "1.0.0"',
              'description = "actcomp-edge fleet fine-tuning"', 'license = "MIT"',
              'dependencies = []', '', '[tool.flwr.app]', 'publisher = "actcomp-edge"', '',
-             '[tool.flwr.app.components]', 'serverapp = "actcomp_edge.fleet_server:app"',
+             '[tool.flwr.app.components]', 'serverapp = "actcomp_edge.host.fleet_server:app"',
              'clientapp = "device_runner.fleet:app"', '', '[tool.flwr.app.config]']
     lines += [f"{key} = {toml_value(value)}" for key, value in run_config.items()]
     write_atomic(folder / "pyproject.toml", ("\n".join(lines) + "\n").encode())
@@ -393,7 +393,7 @@ def summarize(records: list, flower_rss: dict, extra: dict) -> dict:
 # ---- running ----------------------------------------------------------------------------
 
 def run_config(args, out: Path, nodes: int) -> dict:
-    """The ServerApp's settings (actcomp_edge.fleet_server's table)."""
+    """The ServerApp's settings (actcomp_edge.host.fleet_server's table)."""
     return {"artifact": str(Path(args.artifact).resolve()),
             "val-data": str(Path(args.val_data).resolve()), "out": str(out.resolve()),
             "rounds": args.rounds, "min-nodes": nodes, "strategy": args.strategy,
@@ -434,7 +434,7 @@ def run_app(app: Path, home: Path, env: dict, log_path: Path, done: Path,
 
 def check_inputs(args) -> list:
     """One-line ValueErrors before any work; returns the nodes' profiles."""
-    from .manifest import load_manifest
+    from ..core.manifest import load_manifest
     load_manifest(args.artifact, None)
     for flag, path in (("--data", getattr(args, "data", None)), ("--val-data", args.val_data)):
         if path is not None and not Path(path).exists():
