@@ -3,10 +3,7 @@
 A stream is what `actcomp-device train --report file://RUN.jsonl` writes (or a host
 receiver saves): one JSON object per line. Used here:
 
-- ``{"type": "step", "step", "epoch", "loss", "step_seconds", "rss_bytes", "peak_rss_bytes",
-  "baseline_rss_bytes", "kept_bytes": {layer: bytes}, "kept_bytes_total", "kept_full_bytes",
-  "ranks": {layer: [K1..K4] | null}, "eps", "method", "budget_bytes" | null,
-  "budget_exceeded"}``
+- ``{"type": "step", ...}``: a step's profile (`actcomp_edge.core.record.StepRecord`)
 - ``{"type": "epoch", "epoch", "step", "val_accuracy"}``
 - ``{"type": "summary", ...}`` (the runner's --summary), ``{"type": "spool_overflow", ...}``
 - ``{"type": "round", "round", "val_accuracy", "loss", "bytes_sent", "nodes": [{"node",
@@ -33,18 +30,13 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from ..core.methods import METHODS
+from ..core.record import StepRecord
 
 MIB = 2 ** 20
 KIB = 2 ** 10
 MODES = ("mode 1 (batch)", "mode 2 (channel)", "mode 3 (height)", "mode 4 (width)")
 STYLES = ("-", "--", ":", "-.")
 FIGURES = ("memory", "kept", "ranks", "loss")
-# step fields the plots and the summary need, and their types
-STEP_FIELDS = {"step": int, "loss": (int, float), "step_seconds": (int, float),
-               "rss_bytes": int, "peak_rss_bytes": int, "baseline_rss_bytes": int,
-               "kept_bytes": dict, "kept_bytes_total": int, "kept_full_bytes": int,
-               "ranks": dict}
-
 # a fleet round's node fields the plots and the summary need (all ints)
 NODE_FIELDS = ("peak_rss_bytes", "working_set_bytes", "baseline_rss_bytes")
 
@@ -53,7 +45,7 @@ NODE_FIELDS = ("peak_rss_bytes", "working_set_bytes", "baseline_rss_bytes")
 class Run:
     name: str
     path: str
-    steps: list = field(default_factory=list)      # step records, by step number
+    steps: list = field(default_factory=list)      # StepRecords, by step number
     epochs: list = field(default_factory=list)
     summary: dict = None
     rounds: list = field(default_factory=list)      # a fleet journal's round records
@@ -64,15 +56,6 @@ class Run:
 
 def _is(value, kind) -> bool:
     return isinstance(value, kind) and not isinstance(value, bool)
-
-
-def valid_step(rec: dict) -> bool:
-    if not all(_is(rec.get(k), kind) for k, kind in STEP_FIELDS.items()):
-        return False
-    if not all(_is(v, int) for v in rec["kept_bytes"].values()):
-        return False
-    return all(v is None or (isinstance(v, list) and all(_is(k, int) for k in v))
-               for v in rec["ranks"].values())
 
 
 def valid_round(rec: dict) -> bool:
@@ -101,10 +84,12 @@ def read_run(path, name: str = None) -> Run:
             if not isinstance(kind, str):
                 run.skipped += 1
             elif kind == "step":
-                if valid_step(rec):
-                    steps[rec["step"]] = rec
-                else:
+                try:
+                    step = StepRecord.from_json(rec)
+                except ValueError:
                     run.skipped += 1
+                else:
+                    steps[step.step] = step
             elif kind == "epoch":
                 if _is(rec.get("step"), int) and _is(rec.get("val_accuracy"), (int, float)):
                     run.epochs.append(rec)
@@ -182,25 +167,25 @@ def plot_memory(runs, path, budget: int | None = None) -> dict:
     fig, (absolute, relative) = _figure(2, "process memory")
     drawn = {}
     for i, run in enumerate(runs):
-        x = [r["step"] for r in run.steps]
+        x = [r.step for r in run.steps]
         color = f"C{i % 10}"
         for label, key, style in (("RSS", "rss_bytes", ":"), ("peak RSS", "peak_rss_bytes", "-")):
             _line(absolute, drawn, f"{run.name} {label}", x,
-                  [r[key] / MIB for r in run.steps], color=color, linestyle=style)
+                  [getattr(r, key) / MIB for r in run.steps], color=color, linestyle=style)
             _line(relative, drawn, f"{run.name} {label} - baseline", x,
-                  [(r[key] - r["baseline_rss_bytes"]) / MIB for r in run.steps], color=color,
-                  linestyle=style)
-        planned = [r for r in run.steps if _is(r.get("predicted_working_set_bytes"), int)]
+                  [(getattr(r, key) - r.baseline_rss_bytes) / MIB for r in run.steps],
+                  color=color, linestyle=style)
+        planned = [r for r in run.steps if _is(r.predicted_working_set_bytes, int)]
         if planned:
             _line(relative, drawn, f"{run.name} predicted working set (memory plan)",
-                  [r["step"] for r in planned],
-                  [r["predicted_working_set_bytes"] / MIB for r in planned], color=color,
+                  [r.step for r in planned],
+                  [r.predicted_working_set_bytes / MIB for r in planned], color=color,
                   linestyle="-.", marker="")
-        budgeted = [(r["step"], r["budget_bytes"], r["baseline_rss_bytes"]) for r in run.steps
-                    if _is(r.get("budget_bytes"), int)]
+        budgeted = [(r.step, r.budget_bytes, r.baseline_rss_bytes) for r in run.steps
+                    if _is(r.budget_bytes, int)]
         name = f"{run.name} budget"
         if not budgeted and budget is not None:
-            budgeted = [(r["step"], budget, r["baseline_rss_bytes"]) for r in run.steps]
+            budgeted = [(r.step, budget, r.baseline_rss_bytes) for r in run.steps]
             name = f"{run.name} budget (given to the report)"
         if budgeted:
             bx = [step for step, _, _ in budgeted]
@@ -220,19 +205,19 @@ def plot_kept(runs, path) -> dict:
     fig, (per_layer, totals) = _figure(2, "activations kept for backward")
     drawn = {}
     for i, run in enumerate(runs):
-        x = [r["step"] for r in run.steps]
+        x = [r.step for r in run.steps]
         style = STYLES[i % len(STYLES)]
-        layers = list(dict.fromkeys(k for r in run.steps for k in r["kept_bytes"]))
+        layers = list(dict.fromkeys(k for r in run.steps for k in r.kept_bytes))
         for j, layer in enumerate(layers):
-            pts = [(r["step"], r["kept_bytes"][layer] / KIB) for r in run.steps
-                   if layer in r["kept_bytes"]]
+            pts = [(r.step, r.kept_bytes[layer] / KIB) for r in run.steps
+                   if layer in r.kept_bytes]
             _line(per_layer, drawn, f"{run.name}: {layer}", *zip(*pts),
                   **dict(series_style(j), linestyle=style))
         color = f"C{i % 10}"
         _line(totals, drawn, f"{run.name} conv inputs (paper)", x,
-              [r["kept_bytes_total"] / KIB for r in run.steps], color=color, linestyle="-")
+              [r.kept_bytes_total / KIB for r in run.steps], color=color, linestyle="-")
         _line(totals, drawn, f"{run.name} full (with masks, classifier input)", x,
-              [r["kept_full_bytes"] / KIB for r in run.steps], color=color, linestyle="--")
+              [r.kept_full_bytes / KIB for r in run.steps], color=color, linestyle="--")
     for ax, title in ((per_layer, "per fine-tuned conv"), (totals, "total")):
         ax.set(title=title, ylabel="KiB")
         if ax.get_lines():
@@ -247,9 +232,9 @@ def plot_ranks(runs, path) -> dict:
     drawn = {}
     for i, run in enumerate(runs):
         style = STYLES[i % len(STYLES)]
-        layers = list(dict.fromkeys(k for r in run.steps for k in r["ranks"]))
+        layers = list(dict.fromkeys(k for r in run.steps for k in r.ranks))
         for j, layer in enumerate(layers):
-            pts = [(r["step"], r["ranks"][layer]) for r in run.steps if r["ranks"].get(layer)]
+            pts = [(r.step, r.ranks[layer]) for r in run.steps if r.ranks.get(layer)]
             for mode, ax in enumerate(axes):
                 mode_pts = [(s, k[mode]) for s, k in pts if len(k) > mode]
                 if mode_pts:
@@ -268,8 +253,8 @@ def plot_loss(runs, path) -> dict:
     drawn = {}
     for i, run in enumerate(runs):
         color = f"C{i % 10}"
-        _line(loss, drawn, f"{run.name} loss", [r["step"] for r in run.steps],
-              [r["loss"] for r in run.steps], color=color)
+        _line(loss, drawn, f"{run.name} loss", [r.step for r in run.steps],
+              [r.loss for r in run.steps], color=color)
         if run.epochs:
             _line(accuracy, drawn, f"{run.name} val accuracy", [r["step"] for r in run.epochs],
                   [r["val_accuracy"] for r in run.epochs], color=color, marker="o")
@@ -315,27 +300,29 @@ PLOTS = {"memory": plot_memory, "kept": plot_kept, "ranks": plot_ranks, "loss": 
 
 def summarise(run: Run) -> dict:
     steps, summary = run.steps, run.summary or {}
-    last = steps[-1] if steps else {}
+    last = steps[-1] if steps else None
     accuracy = run.epochs[-1]["val_accuracy"] if run.epochs else None
     if summary.get("final_val_accuracy") is not None:
         accuracy = summary["final_val_accuracy"]
-    budgets = [r["budget_bytes"] for r in steps if _is(r.get("budget_bytes"), int)]
-    nodes = [n for r in run.rounds for n in r["nodes"]]
+    budgets = [r.budget_bytes for r in steps if _is(r.budget_bytes, int)]
+    # (peak RSS, baseline RSS) of each step, else of each fleet node's round
+    peaks = [(r.peak_rss_bytes, r.baseline_rss_bytes) for r in steps] or [
+        (n["peak_rss_bytes"], n["baseline_rss_bytes"]) for r in run.rounds for n in r["nodes"]]
     if run.rounds:  # a fleet journal: the global model's accuracy, the nodes' largest peak
         accuracy = run.rounds[-1]["val_accuracy"]
     return {
-        "run": run.name, "path": run.path, "method": last.get("method"), "eps": last.get("eps"),
-        "steps": last.get("step", summary.get("steps")), "step_records": len(steps),
-        "final_loss": last.get("loss", summary.get("final_train_loss")),
+        "run": run.name, "path": run.path, "method": last.method if last else None,
+        "eps": last.eps if last else None,
+        "steps": last.step if last else summary.get("steps"), "step_records": len(steps),
+        "final_loss": last.loss if last else summary.get("final_train_loss"),
         "val_accuracy": accuracy,
-        "median_step_seconds": median(r["step_seconds"] for r in steps) if steps else None,
-        "peak_rss_bytes": max((r["peak_rss_bytes"] for r in steps or nodes), default=None),
-        "peak_working_bytes": max((r["peak_rss_bytes"] - r["baseline_rss_bytes"]
-                                   for r in steps or nodes), default=None),
-        "kept_bytes_peak": max((r["kept_bytes_total"] for r in steps), default=None),
-        "kept_full_bytes_peak": max((r["kept_full_bytes"] for r in steps), default=None),
+        "median_step_seconds": median(r.step_seconds for r in steps) if steps else None,
+        "peak_rss_bytes": max((peak for peak, _ in peaks), default=None),
+        "peak_working_bytes": max((peak - base for peak, base in peaks), default=None),
+        "kept_bytes_peak": max((r.kept_bytes_total for r in steps), default=None),
+        "kept_full_bytes_peak": max((r.kept_full_bytes for r in steps), default=None),
         "budget_bytes": budgets[-1] if budgets else None,
-        "budget_violations": sum(bool(r.get("budget_exceeded")) for r in steps),
+        "budget_violations": sum(bool(r.budget_exceeded) for r in steps),
         "skipped_lines": run.skipped, "spool_overflows": run.overflows,
         "rounds": max((r["round"] for r in run.rounds), default=0),  # rounds after round 0
     }
