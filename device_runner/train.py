@@ -5,7 +5,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +13,7 @@ import numpy as np
 from actcomp_edge.core import rank_budget, schedules
 from actcomp_edge.core.manifest import sha256_file
 from actcomp_edge.core.npz import save_npz, write_atomic
+from actcomp_edge.core.record import StepRecord
 
 from . import checkpoint, procmem, recipe
 from .data import Dataset
@@ -244,256 +245,383 @@ class Progress:
             self.stream.write("\n")
 
 
+@dataclass
+class RunState:
+    """Where the run is: the data order, the applied steps, the recipe's state. Checkpointed
+    with the arrays (as JSON), and held in memory as the rollback point."""
+    epoch: int = 0                  # epochs finished
+    next_batch: int = 0             # the next batch of the epoch's order
+    step: int = 0                   # steps applied
+    lr_scale: float = 1.0           # halved by each rollback
+    rollbacks: int = 0
+    best_val_accuracy: float | None = None
+    best_epoch: int | None = None   # 1-based, the epoch of best_val_accuracy
+    epoch_loss_sum: float = 0.0     # over the epoch's applied steps
+    epoch_steps: int = 0            # the epoch's applied steps
+    guard: dict | None = None       # the DivergenceGuard's state
+
+    def copy(self) -> RunState:
+        return RunState(**json.loads(json.dumps(asdict(self))))
+
+
+@dataclass
+class StepMeasures:
+    """What the applied steps measured, for the summary. Bytes in bytes, times in seconds."""
+    baseline: int                   # RSS before the first step
+    budget: int | None              # what the working set may grow over the baseline
+    seconds: list = field(default_factory=list)    # per step, its wall time
+    splits: list = field(default_factory=list)     # per step, SPLIT_PARTS -> seconds
+    violations: int = 0             # steps whose working set exceeded the budget
+    peak: int = 0                   # peak RSS over the steps (not evaluation or writing)
+    kept_peak: dict = field(default_factory=lambda: {"paper": 0, "full": 0})
+    rank_sums: dict = field(default_factory=dict)  # layer -> ranks per mode summed over steps
+    rank_steps: dict = field(default_factory=dict)  # layer -> the steps summed in rank_sums
+
+    def exceeded(self, peak: int) -> bool:
+        return self.budget is not None and peak - self.baseline > self.budget
+
+    def add(self, result, seconds: float, peak: int) -> None:
+        """Count an applied step (a StepResult) of ``seconds``, with the peak RSS after it."""
+        self.seconds.append(seconds)
+        self.splits.append(result.seconds)
+        self.peak = max(self.peak, peak)
+        self.violations += int(self.exceeded(peak))
+        for layer, ranks in result.ranks.items():
+            if ranks:
+                self.rank_sums[layer] = self.rank_sums.get(layer, 0) + np.asarray(ranks, float)
+                self.rank_steps[layer] = self.rank_steps.get(layer, 0) + 1
+        self.kept_peak["paper"] = max(self.kept_peak["paper"], sum(result.kept_bytes.values()))
+        self.kept_peak["full"] = max(self.kept_peak["full"], result.kept_full_bytes)
+
+    def summary(self) -> dict:
+        """The summary's fields of the steps' times, memory and ranks."""
+        return {
+            "median_step_seconds": float(np.median(self.seconds)) if self.seconds else None,
+            # where a step's time goes: the median of each part over the steps
+            "step_split_seconds": {
+                part: float(np.median([split.get(part, 0.0) for split in self.splits]))
+                for part in SPLIT_PARTS} if self.splits else None,
+            "baseline_rss_bytes": self.baseline, "working_set_bytes": self.peak - self.baseline,
+            "budget_bytes": self.budget, "budget_violations": self.violations,
+            "kept_bytes_peak": self.kept_peak,
+            "mean_ranks": {layer: [round(float(r), 2) for r in summed / self.rank_steps[layer]]
+                           for layer, summed in self.rank_sums.items()}}
+
+
+def output_classes(trainer: Trainer, train_set: Dataset) -> list:
+    """The names the inference model reports: the data's (an ImageFolder's folders) where
+    the artifact has only the default "0", "1", ... (data.load checked that they agree)."""
+    default = [str(i) for i in range(trainer.manifest["num_classes"])]
+    if (trainer.manifest.get("classes", default) == default and train_set.names_given
+            and len(train_set.classes) == len(default)):
+        return list(train_set.classes)
+    return trainer.manifest.get("classes", default)
+
+
+class TrainingRun:
+    """One fit(): what the run is given and derives once, where it is (RunState), what its
+    steps measured (StepMeasures), and each part of the loop as a method."""
+
+    def __init__(self, trainer: Trainer, train_set: Dataset, val_set: Dataset | None, out: Path,
+                 options: Options, sender=None, log=print, budget_action: dict | None = None):
+        self.trainer, self.train_set, self.val_set = trainer, train_set, val_set
+        self.out, self.options, self.sender, self.log = out, options, sender, log
+        self.budget_action = budget_action
+        # FedProx's anchor: the weights this run starts from (before any resume)
+        self.proximal = ((options.proximal_mu, {k: np.array(v, copy=True)
+                                                for k, v in trainer.params.items()})
+                         if options.proximal_mu else None)
+        self.ckpt_dir = out / "checkpoints"
+        self.batch = min(options.batch_size, len(train_set))
+        self.steps_per_epoch = math.ceil(len(train_set) / self.batch)
+        self.total = options.epochs * self.steps_per_epoch
+        if options.max_steps:
+            self.total = min(self.total, options.max_steps)
+        self.schedule = schedules.parse_schedule(options.schedule)
+        # what a checkpoint must match to be resumed: the same data order
+        self.identity = {"artifact": sha256_file(trainer.folder / "manifest.json"),
+                         "data_size": len(train_set), "batch_size": self.batch,
+                         "seed": options.seed}
+        self.state = RunState()
+        self.guard = recipe.DivergenceGuard(trainer.manifest["num_classes"])
+        self.classes = output_classes(trainer, train_set)
+        self.predicted = planned_working_set(trainer.manifest, self.batch)
+        self.val_accuracy = None     # the last evaluation's
+        self.last_epoch_loss = None  # the mean training loss of the last epoch
+        self.started = 0             # epochs started (the summary's "epochs")
+        self.batch_buffer = self.cache = self.snapshot = self.measures = self.progress = None
+
+    def resume(self) -> None:
+        """Continue from the newest good checkpoint, if any; TrainingError when it was made
+        for another data order."""
+        found = checkpoint.load_latest(self.ckpt_dir, log=checkpoint.warn)
+        if found is None:
+            self.log("no checkpoint to resume from: starting from the artifact's weights")
+            return
+        meta, arrays = found
+        changed = [k for k, v in self.identity.items() if meta.get(k) != v]
+        if changed:
+            raise TrainingError(f"checkpoint in {self.ckpt_dir} was made with a different "
+                                f"{', '.join(changed)}: cannot resume with the same data order")
+        self.trainer.load_state_arrays(arrays)
+        self.state = RunState(**{f.name: meta[f.name] for f in fields(RunState) if f.name in meta})
+        if self.state.guard:
+            self.guard.restore(self.state.guard)
+        self.log(f"resumed from step {self.state.step} (epoch {self.state.epoch + 1}, batch "
+                 f"{self.state.next_batch + 1})")
+
+    def prepare(self) -> None:
+        """What the whole run holds (the batch memory, the prefix cache, the rollback
+        point), then the baseline RSS; then the ranks of an activation budget."""
+        trainer = self.trainer
+        # one batch of memory for every step, the image's place in the step's pool: a new
+        # array per step fragments the heap (measured +6-13 MiB at batch 32, 128 px), and the
+        # pool gives the place to later tensors of the step once the image is read (36.8 MiB
+        # at batch 64, 224 px); its pages are touched, and counted, in the first step
+        self.batch_buffer = trainer.image_buffer(self.batch)
+        if self.options.cache_prefix and trainer.prefix is not None:
+            self.cache = PrefixCache(trainer, len(self.train_set), self.batch)
+            self.log(f"caching the frozen prefix's outputs of {len(self.train_set)} images: "
+                     f"{self.cache.nbytes / 2 ** 20:.1f} MiB")
+        # the rollback point, a copy of the trainable state: held for the whole run, like
+        # the weights, so it belongs to the baseline and not to the steps' working set
+        self.take_snapshot()
+        if self.options.augment:  # the crops' library is loaded before the baseline
+            import PIL.Image  # noqa: F401
+        baseline = procmem.rss_bytes()
+        procmem.reset_peak()
+        self.measures = StepMeasures(baseline, self.options.budget_bytes, peak=baseline)
+        activation_budget = trainer.manifest["train"].get("activation_budget")
+        if activation_budget and not any(t.state() for t in trainer.trackers.values()):
+            # after the baseline: its memory is the run's; a resumed run keeps its ranks
+            calibrate_ranks(trainer, self.train_set, self.batch, activation_budget, self.log)
+        self.progress = Progress(self.total)
+        self.started = self.state.epoch
+
+    def save_checkpoint(self) -> None:
+        self.state.guard = self.guard.state()
+        checkpoint.save(self.ckpt_dir, self.state.step, dict(self.identity, **asdict(self.state)),
+                        self.trainer.state_arrays())
+
+    def take_snapshot(self) -> None:
+        """The rollback point: a copy of the arrays and of where the run is."""
+        self.state.guard = self.guard.state()
+        self.snapshot = ({k: np.array(v, copy=True)
+                          for k, v in self.trainer.state_arrays().items()}, self.state.copy())
+
+    def mark_good(self) -> None:
+        """Checkpoint the state, and make it the rollback point."""
+        self.save_checkpoint()
+        self.take_snapshot()
+
+    def save_results(self, prefix: str) -> None:
+        """out/<prefix>weights.npz and out/<prefix>inference.onnx."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_npz(self.out / f"{prefix}weights.npz", self.trainer.params)
+        write_atomic(self.out / f"{prefix}inference.onnx",
+                     self.trainer.inference_model(self.classes))
+
+    def run(self) -> None:
+        """Train epoch by epoch until options.epochs or the total steps."""
+        while self.state.epoch < self.options.epochs and self.state.step < self.total:
+            epoch = self.state.epoch
+            self.started = max(self.started, epoch + 1)
+            if self.run_epoch(epoch):
+                continue  # rolled back: the state says where to go on
+            if self.state.next_batch >= self.steps_per_epoch:
+                self.end_epoch(epoch)
+        self.progress.done()
+
+    def run_epoch(self, epoch: int) -> bool:
+        """Train the epoch's remaining batches; True when training diverged (rolled back)."""
+        order = np.random.default_rng(self.options.seed + epoch).permutation(len(self.train_set))
+        while self.state.next_batch < self.steps_per_epoch and self.state.step < self.total:
+            result, lr, seconds, labels = self.train_batch(epoch, order)
+            diverged = self.guard.observe(result.loss if result.applied else math.nan)
+            if result.applied:
+                self.count_step(epoch, result, lr, seconds, labels)
+            else:
+                self.log(f"step {self.state.step + 1}: loss {result.loss} is not finite: step "
+                         f"rejected, weights kept")
+            if diverged:
+                self.roll_back(result)
+                return True
+            every = self.options.checkpoint_every
+            if every and self.state.step % every == 0 and result.applied and self.guard.healthy:
+                self.mark_good()
+        return False
+
+    def train_batch(self, epoch: int, order: np.ndarray) -> tuple:
+        """One step on the epoch's next batch: (StepResult, lr, wall seconds, labels (B,))."""
+        options, b = self.options, self.state.next_batch
+        idx = order[b * self.batch:(b + 1) * self.batch]
+        # the crops of batch b of epoch e are the same in every run (and after --resume)
+        rng = np.random.default_rng([options.seed, epoch, b]) if options.augment else None
+        norm = self.trainer.manifest["input"]
+        x, y = self.train_set.batch(idx, norm["mean"], norm["std"], out=self.batch_buffer,
+                                    augment=rng)
+        part, parts = options.schedule_part
+        lr = self.state.lr_scale * schedules.learning_rate(
+            self.schedule, options.lr, part * self.total + self.state.step, parts * self.total,
+            self.steps_per_epoch)
+        start = time.perf_counter()
+        prefix = self.cache.outputs(self.trainer, idx, x) if self.cache is not None else None
+        result = self.trainer.step(x, y, lr, options.clip_norm, prefix_out=prefix,
+                                   proximal=self.proximal)
+        seconds = time.perf_counter() - start
+        self.state.next_batch += 1
+        return result, lr, seconds, y
+
+    def count_step(self, epoch: int, result, lr: float, seconds: float,
+                   labels: np.ndarray) -> None:
+        """An applied step: the run's state, the measures, its profile record, the progress."""
+        state = self.state
+        state.step += 1
+        state.epoch_loss_sum += result.loss
+        state.epoch_steps += 1
+        rss, peak = procmem.rss_bytes(), procmem.peak_rss_bytes()  # /proc once a step
+        self.measures.add(result, seconds, peak)
+        over = self.measures.exceeded(peak)
+        if self.sender is not None and (state.step % self.options.report_every == 0 or over):
+            self.sender.send(self.step_record(epoch, result, lr, seconds, rss, peak).to_json())
+        accuracy = float((result.logits.argmax(axis=1) == labels).mean())
+        self.progress.update(state.step, f"loss {result.loss:.4f} acc {accuracy:.2f} "
+                                         f"lr {lr:.2g} {seconds * 1e3:.0f} ms/step "
+                                         f"rss {rss / 2 ** 20:.0f} MiB")
+
+    def step_record(self, epoch: int, result, lr: float, seconds: float, rss: int,
+                    peak: int) -> StepRecord:
+        """The profile record of the step just counted (RSS and peak RSS in bytes)."""
+        trainer, measures = self.trainer, self.measures
+        return StepRecord(
+            step=self.state.step, epoch=epoch + 1, loss=result.loss, lr=lr,
+            grad_norm=result.grad_norm, step_seconds=seconds, rss_bytes=rss,
+            peak_rss_bytes=peak, baseline_rss_bytes=measures.baseline,
+            kept_bytes=result.kept_bytes, kept_bytes_total=sum(result.kept_bytes.values()),
+            kept_full_bytes=result.kept_full_bytes,
+            kept_full_bytes_per_layer=result.kept_full_per_layer,
+            ranks={k: list(v) if v else None for k, v in result.ranks.items()},
+            eps=trainer.eps if trainer.row.ranks else None, method=trainer.method,
+            working_set_bytes=peak - measures.baseline,
+            predicted_working_set_bytes=self.predicted, budget_bytes=measures.budget,
+            budget_exceeded=measures.exceeded(peak), budget_action=self.budget_action,
+            seconds_split=result.seconds)
+
+    def roll_back(self, result) -> None:
+        """Diverged: back to the rollback point at half the lr (keeping the best weights'
+        record), or TrainingError after MAX_ROLLBACKS."""
+        self.progress.done()
+        state, guard = self.state, self.guard
+        reason = ("non-finite loss" if not result.applied else
+                  f"loss {result.loss:.3g} above {guard.threshold():.3g}")
+        if state.rollbacks >= MAX_ROLLBACKS:
+            raise TrainingError(
+                f"training diverged ({reason} for {guard.patience} steps) after "
+                f"{state.rollbacks} rollbacks: stopping (lower --lr?); the last good state is "
+                f"checkpointed" + (f", the best weights (epoch {state.best_epoch}) are in "
+                                   f"{self.out / 'best_weights.npz'}" if state.best_epoch else ""))
+        arrays, saved = self.snapshot  # replaced by a fresh snapshot below: no copy
+        self.trainer.load_state_arrays(arrays)
+        self.state = replace(saved.copy(), rollbacks=state.rollbacks + 1,
+                             lr_scale=state.lr_scale / 2,
+                             best_val_accuracy=state.best_val_accuracy,  # on disk: kept
+                             best_epoch=state.best_epoch)
+        guard.restore(self.state.guard)
+        self.log(f"step {state.step}: diverged ({reason} for {guard.patience} steps): rolled "
+                 f"back to step {self.state.step}, lr x{self.state.lr_scale:g} (rollback "
+                 f"{self.state.rollbacks} of {MAX_ROLLBACKS})")
+        self.mark_good()
+
+    def validate(self) -> None:
+        """The accuracy on the validation set, if there is one."""
+        if self.val_set is not None:
+            self.val_accuracy = evaluate(self.trainer, self.val_set, self.batch,
+                                         self.batch_buffer)
+
+    def keep_best(self, epoch: int) -> None:
+        """A new best validation accuracy (after 1-based ``epoch``): the best_ results."""
+        state = self.state
+        if self.val_set is not None and (state.best_val_accuracy is None
+                                         or self.val_accuracy > state.best_val_accuracy):
+            state.best_val_accuracy, state.best_epoch = self.val_accuracy, epoch
+            self.save_results("best_")
+
+    def end_epoch(self, epoch: int) -> None:
+        """The epoch's evaluation, log line and record, best results and checkpoint; then
+        the next epoch starts."""
+        self.progress.done()
+        state = self.state
+        self.validate()
+        self.last_epoch_loss = state.epoch_loss_sum / max(1, state.epoch_steps)
+        self.log(f"epoch {epoch + 1}/{self.options.epochs}: train loss "
+                 f"{self.last_epoch_loss:.4f}" + (f", val accuracy {self.val_accuracy:.4f}"
+                                                   if self.val_set is not None else ""))
+        if self.sender is not None:
+            self.sender.send({"type": "epoch", "epoch": epoch + 1, "step": state.step,
+                              "val_accuracy": self.val_accuracy})
+        self.keep_best(epoch + 1)
+        state.epoch, state.next_batch, state.epoch_loss_sum, state.epoch_steps = \
+            epoch + 1, 0, 0.0, 0
+        if self.guard.healthy:
+            self.mark_good()
+
+    def finish(self) -> None:
+        """After the last step: the last epoch's loss so far, an evaluation if none since the
+        last step, the last checkpoint and the final results."""
+        state = self.state
+        if state.epoch_steps:  # stopped inside an epoch (--max-steps): its mean so far
+            self.last_epoch_loss = state.epoch_loss_sum / state.epoch_steps
+        if self.val_accuracy is None or state.next_batch:  # not evaluated since the last step
+            self.validate()
+            self.keep_best(self.started)
+        self.save_checkpoint()
+        self.save_results("")
+
+    def summary(self) -> dict:
+        """The run's summary (the runner's --summary, a fleet round's)."""
+        state, trainer, out = self.state, self.trainer, self.out
+        train = trainer.manifest["train"]
+        predicted = trainer.manifest["predicted_memory"]
+        return {
+            "steps": state.step, "epochs": self.started, "final_train_loss": self.last_epoch_loss,
+            "final_val_accuracy": self.val_accuracy,
+            "best_val_accuracy": state.best_val_accuracy, "best_epoch": state.best_epoch,
+            "recipe": {"lr": self.options.lr, "schedule": self.options.schedule,
+                       "clip_grad_norm": self.options.clip_norm, "augment": self.options.augment,
+                       "cache_prefix": self.cache is not None, "optimizer": train["optimizer"],
+                       "momentum": train.get("momentum"), "lr_scale": state.lr_scale,
+                       "rollbacks": state.rollbacks, "proximal_mu": self.options.proximal_mu},
+            **self.measures.summary(), "threads": trainer.threads,
+            "peak_rss_bytes": procmem.peak_rss_bytes(),
+            "predicted_working_set_bytes": self.predicted,
+            "activation_budget_bytes": train.get("activation_budget"),
+            # asi: the ranks each layer kept from its first step on
+            "fixed_ranks": {layer: [t.k1] + [u.shape[1] for u in t.factors]
+                            for layer, t in trainer.trackers.items()
+                            if getattr(t, "factors", None) is not None},
+            "predicted_kept_bytes": {"paper": predicted["paper_bytes"],
+                                     "full": predicted["full_bytes"]},
+            "outputs": {"weights": str(out / "weights.npz"),
+                        "inference": str(out / "inference.onnx"),
+                        **({"best_weights": str(out / "best_weights.npz"),
+                            "best_inference": str(out / "best_inference.onnx")}
+                           if self.val_set is not None else {})}}
+
+
 def fit(trainer: Trainer, train_set: Dataset, val_set: Dataset | None, out_dir,
         options: Options, sender=None, log=print, budget_action: dict | None = None) -> dict:
     """Train; returns the summary. Checkpoints go to out_dir/checkpoints, results to out_dir:
     weights.npz + inference.onnx (final), best_weights.npz + best_inference.onnx (best val).
-    val_set None: no evaluation (and no best weights)."""
-    out = Path(out_dir)
-    # FedProx's anchor: the weights this run starts from (before any resume)
-    proximal = ((options.proximal_mu, {k: np.array(v, copy=True)
-                                       for k, v in trainer.params.items()})
-                if options.proximal_mu else None)
-    ckpt_dir = out / "checkpoints"
-    norm = trainer.manifest["input"]
-    batch = min(options.batch_size, len(train_set))
-    steps_per_epoch = math.ceil(len(train_set) / batch)
-    total = options.epochs * steps_per_epoch
-    if options.max_steps:
-        total = min(total, options.max_steps)
-    schedule = schedules.parse_schedule(options.schedule)
-    identity = {"artifact": sha256_file(trainer.folder / "manifest.json"),
-                "data_size": len(train_set), "batch_size": batch, "seed": options.seed}
-    # where the run is: the data order (epoch, next_batch), the applied steps, the recipe's
-    # state; checkpointed with the arrays, and held in memory as the rollback point
-    run = {"epoch": 0, "next_batch": 0, "step": 0, "lr_scale": 1.0, "rollbacks": 0,
-           "best_val_accuracy": None, "best_epoch": None, "epoch_loss_sum": 0.0,
-           "epoch_steps": 0, "guard": None}
-    guard = recipe.DivergenceGuard(trainer.manifest["num_classes"])
+    val_set None: no evaluation (and no best weights). sender: where the profile records
+    go (a transport.ProfileSender), None: nowhere."""
+    run = TrainingRun(trainer, train_set, val_set, Path(out_dir), options, sender, log,
+                      budget_action)
     if options.resume:
-        found = checkpoint.load_latest(ckpt_dir, log=checkpoint.warn)
-        if found is None:
-            log("no checkpoint to resume from: starting from the artifact's weights")
-        else:
-            meta, arrays = found
-            changed = [k for k, v in identity.items() if meta.get(k) != v]
-            if changed:
-                raise TrainingError(f"checkpoint in {ckpt_dir} was made with a different "
-                                    f"{', '.join(changed)}: cannot resume with the same data order")
-            trainer.load_state_arrays(arrays)
-            run.update({k: meta[k] for k in run if k in meta})
-            if run["guard"]:
-                guard.restore(run["guard"])
-            log(f"resumed from step {run['step']} (epoch {run['epoch'] + 1}, batch "
-                f"{run['next_batch'] + 1})")
-
-    def save_checkpoint():
-        run["guard"] = guard.state()
-        checkpoint.save(ckpt_dir, run["step"], dict(identity, **run), trainer.state_arrays())
-
-    def take_snapshot():  # the rollback point: a copy of the arrays and of where the run is
-        run["guard"] = guard.state()
-        return ({k: np.array(v, copy=True) for k, v in trainer.state_arrays().items()},
-                json.loads(json.dumps(run)))
-
-    def save_results(prefix: str):
-        out.mkdir(parents=True, exist_ok=True)
-        save_npz(out / f"{prefix}weights.npz", trainer.params)
-        write_atomic(out / f"{prefix}inference.onnx", trainer.inference_model(classes))
-
-    # the names the inference model reports: the data's (an ImageFolder's folders) where the
-    # artifact has only the default "0", "1", ... (data.load checked that they agree)
-    default = [str(i) for i in range(trainer.manifest["num_classes"])]
-    classes = (list(train_set.classes) if trainer.manifest.get("classes", default) == default
-               and train_set.names_given and len(train_set.classes) == len(default)
-               else trainer.manifest.get("classes", default))
-
-    # one batch of memory for every step, the image's place in the step's pool: a new array
-    # per step fragments the heap (measured +6-13 MiB at batch 32, 128 px), and the pool
-    # gives the place to later tensors of the step once the image is read (36.8 MiB at batch
-    # 64, 224 px); its pages are touched, and counted, in the first step
-    batch_buffer = trainer.image_buffer(batch)
-    cache = None
-    if options.cache_prefix and trainer.prefix is not None:
-        cache = PrefixCache(trainer, len(train_set), batch)
-        log(f"caching the frozen prefix's outputs of {len(train_set)} images: "
-            f"{cache.nbytes / 2 ** 20:.1f} MiB")
-    # the rollback point, a copy of the trainable state: held for the whole run, like the
-    # weights, so it belongs to the baseline and not to the steps' working set
-    snapshot = take_snapshot()
-    if options.augment:  # the crops' library is loaded before the baseline, not in a step
-        import PIL.Image  # noqa: F401
-    baseline = procmem.rss_bytes()
-    procmem.reset_peak()
-    activation_budget = trainer.manifest["train"].get("activation_budget")
-    if activation_budget and not any(t.state() for t in trainer.trackers.values()):
-        # after the baseline: its memory is the run's; a resumed run keeps its factors' ranks
-        calibrate_ranks(trainer, train_set, batch, activation_budget, log)
-    progress = Progress(total)
-    step_seconds, step_splits, violations = [], [], 0
-    train_peak = baseline  # peak RSS over the training steps (not evaluation or writing)
-    predicted = planned_working_set(trainer.manifest, batch)
-    kept_peak = {"paper": 0, "full": 0}
-    val_accuracy, last_epoch_loss, started = None, None, run["epoch"]
-    rank_sums, rank_steps = {}, {}  # per layer: the ranks per mode summed over applied steps
-    while run["epoch"] < options.epochs and run["step"] < total:
-        epoch = run["epoch"]
-        started = max(started, epoch + 1)
-        order = np.random.default_rng(options.seed + epoch).permutation(len(train_set))
-        diverged = False
-        while run["next_batch"] < steps_per_epoch and run["step"] < total:
-            b, step = run["next_batch"], run["step"]
-            idx = order[b * batch:(b + 1) * batch]
-            # the crops of batch b of epoch e are the same in every run (and after --resume)
-            rng = np.random.default_rng([options.seed, epoch, b]) if options.augment else None
-            x, y = train_set.batch(idx, norm["mean"], norm["std"], out=batch_buffer, augment=rng)
-            part, parts = options.schedule_part
-            lr = run["lr_scale"] * schedules.learning_rate(
-                schedule, options.lr, part * total + step, parts * total, steps_per_epoch)
-            start = time.perf_counter()
-            prefix = cache.outputs(trainer, idx, x) if cache is not None else None
-            result = trainer.step(x, y, lr, options.clip_norm, prefix_out=prefix,
-                                  proximal=proximal)
-            seconds = time.perf_counter() - start
-            run["next_batch"] += 1
-            diverged = guard.observe(result.loss if result.applied else math.nan)
-            if not result.applied:
-                log(f"step {step + 1}: loss {result.loss} is not finite: step rejected, "
-                    f"weights kept")
-            else:
-                step = run["step"] = step + 1
-                step_seconds.append(seconds)
-                step_splits.append(result.seconds)
-                run["epoch_loss_sum"] += result.loss
-                run["epoch_steps"] += 1
-                rss, peak = procmem.rss_bytes(), procmem.peak_rss_bytes()  # /proc once a step
-                working = peak - baseline
-                train_peak = max(train_peak, peak)
-                over = options.budget_bytes is not None and working > options.budget_bytes
-                violations += int(over)
-                kept = sum(result.kept_bytes.values())
-                for layer, ranks in result.ranks.items():
-                    if ranks:
-                        rank_sums[layer] = rank_sums.get(layer, 0) + np.asarray(ranks, float)
-                        rank_steps[layer] = rank_steps.get(layer, 0) + 1
-                kept_peak["paper"] = max(kept_peak["paper"], kept)
-                kept_peak["full"] = max(kept_peak["full"], result.kept_full_bytes)
-                if sender is not None and (step % options.report_every == 0 or over):
-                    sender.send({
-                        "type": "step", "step": step, "epoch": epoch + 1, "loss": result.loss,
-                        "lr": lr, "grad_norm": result.grad_norm,
-                        "step_seconds": seconds, "rss_bytes": rss,
-                        "peak_rss_bytes": peak, "baseline_rss_bytes": baseline,
-                        "kept_bytes": result.kept_bytes, "kept_bytes_total": kept,
-                        "kept_full_bytes": result.kept_full_bytes,
-                        "kept_full_bytes_per_layer": result.kept_full_per_layer,
-                        "ranks": {k: list(v) if v else None for k, v in result.ranks.items()},
-                        "eps": trainer.eps if trainer.row.ranks else None,
-                        "method": trainer.method,
-                        "working_set_bytes": working, "predicted_working_set_bytes": predicted,
-                        "budget_bytes": options.budget_bytes, "budget_exceeded": over,
-                        "budget_action": budget_action,
-                        "seconds_split": result.seconds})
-                accuracy = float((result.logits.argmax(axis=1) == y).mean())
-                progress.update(step, f"loss {result.loss:.4f} acc {accuracy:.2f} lr {lr:.2g} "
-                                      f"{seconds * 1e3:.0f} ms/step "
-                                      f"rss {rss / 2 ** 20:.0f} MiB")
-            if diverged:
-                progress.done()
-                reason = ("non-finite loss" if not result.applied else
-                          f"loss {result.loss:.3g} above {guard.threshold():.3g}")
-                if run["rollbacks"] >= MAX_ROLLBACKS:
-                    raise TrainingError(
-                        f"training diverged ({reason} for {guard.patience} steps) after "
-                        f"{run['rollbacks']} rollbacks: stopping (lower --lr?); the last good "
-                        f"state is checkpointed" + (
-                            f", the best weights (epoch {run['best_epoch']}) are in "
-                            f"{out / 'best_weights.npz'}" if run["best_epoch"] else ""))
-                arrays, saved = snapshot  # replaced by a fresh snapshot below: no copy
-                trainer.load_state_arrays(arrays)
-                rollbacks, scale = run["rollbacks"] + 1, run["lr_scale"] / 2
-                best = {k: run[k] for k in ("best_val_accuracy", "best_epoch")}  # on disk: kept
-                run.clear()
-                run.update(json.loads(json.dumps(saved)), rollbacks=rollbacks, lr_scale=scale,
-                           **best)
-                guard.restore(run["guard"])
-                log(f"step {step}: diverged ({reason} for {guard.patience} steps): rolled back "
-                    f"to step {run['step']}, lr x{scale:g} (rollback {rollbacks} of "
-                    f"{MAX_ROLLBACKS})")
-                save_checkpoint()
-                snapshot = take_snapshot()
-                break
-            if options.checkpoint_every and step % options.checkpoint_every == 0 and \
-                    result.applied and guard.healthy:
-                save_checkpoint()
-                snapshot = take_snapshot()
-        if diverged:
-            continue
-        if run["next_batch"] >= steps_per_epoch:  # epoch finished
-            progress.done()
-            val_accuracy = (evaluate(trainer, val_set, batch, batch_buffer)
-                            if val_set is not None else None)
-            last_epoch_loss = run["epoch_loss_sum"] / max(1, run["epoch_steps"])
-            log(f"epoch {epoch + 1}/{options.epochs}: train loss {last_epoch_loss:.4f}"
-                + (f", val accuracy {val_accuracy:.4f}" if val_set is not None else ""))
-            if sender is not None:
-                sender.send({"type": "epoch", "epoch": epoch + 1, "step": run["step"],
-                             "val_accuracy": val_accuracy})
-            if val_set is not None and (run["best_val_accuracy"] is None
-                                        or val_accuracy > run["best_val_accuracy"]):
-                run["best_val_accuracy"], run["best_epoch"] = val_accuracy, epoch + 1
-                save_results("best_")
-            run.update(epoch=epoch + 1, next_batch=0, epoch_loss_sum=0.0, epoch_steps=0)
-            if guard.healthy:
-                save_checkpoint()
-                snapshot = take_snapshot()
-    progress.done()
-    if run["epoch_steps"]:  # stopped inside an epoch (--max-steps): its mean so far
-        last_epoch_loss = run["epoch_loss_sum"] / run["epoch_steps"]
-    # not evaluated since the last step
-    if val_set is not None and (val_accuracy is None or run["next_batch"]):
-        val_accuracy = evaluate(trainer, val_set, batch, batch_buffer)
-        if run["best_val_accuracy"] is None or val_accuracy > run["best_val_accuracy"]:
-            run["best_val_accuracy"], run["best_epoch"] = val_accuracy, started
-            save_results("best_")
-    save_checkpoint()
-    save_results("")
-    summary = {"steps": run["step"], "epochs": started, "final_train_loss": last_epoch_loss,
-               "final_val_accuracy": val_accuracy,
-               "best_val_accuracy": run["best_val_accuracy"], "best_epoch": run["best_epoch"],
-               "recipe": {"lr": options.lr, "schedule": options.schedule,
-                          "clip_grad_norm": options.clip_norm, "augment": options.augment,
-                          "cache_prefix": cache is not None,
-                          "optimizer": trainer.manifest["train"]["optimizer"],
-                          "momentum": trainer.manifest["train"].get("momentum"),
-                          "lr_scale": run["lr_scale"], "rollbacks": run["rollbacks"],
-                          "proximal_mu": options.proximal_mu},
-               "median_step_seconds": float(np.median(step_seconds)) if step_seconds else None,
-               # where a step's time goes: the median of each part over the steps
-               "step_split_seconds": {part: float(np.median([s.get(part, 0.0)
-                                                             for s in step_splits]))
-                                      for part in SPLIT_PARTS} if step_splits else None,
-               "threads": trainer.threads,
-               "peak_rss_bytes": procmem.peak_rss_bytes(), "baseline_rss_bytes": baseline,
-               "working_set_bytes": train_peak - baseline,
-               "predicted_working_set_bytes": predicted,
-               "budget_bytes": options.budget_bytes, "budget_violations": violations,
-               "kept_bytes_peak": kept_peak,
-               "mean_ranks": {layer: [round(float(r), 2) for r in summed / rank_steps[layer]]
-                              for layer, summed in rank_sums.items()},
-               "activation_budget_bytes": activation_budget,
-               # asi: the ranks each layer kept from its first step on
-               "fixed_ranks": {layer: [t.k1] + [u.shape[1] for u in t.factors]
-                               for layer, t in trainer.trackers.items()
-                               if getattr(t, "factors", None) is not None},
-               "predicted_kept_bytes": {
-                   "paper": trainer.manifest["predicted_memory"]["paper_bytes"],
-                   "full": trainer.manifest["predicted_memory"]["full_bytes"]},
-               "outputs": {"weights": str(out / "weights.npz"),
-                           "inference": str(out / "inference.onnx"),
-                           **({"best_weights": str(out / "best_weights.npz"),
-                               "best_inference": str(out / "best_inference.onnx")}
-                              if val_set is not None else {})}}
+        run.resume()
+    run.prepare()
+    run.run()
+    run.finish()
+    summary = run.summary()
     if sender is not None:
         sender.send(dict(summary, type="summary"))
     return summary
