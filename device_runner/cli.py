@@ -18,21 +18,12 @@ from . import data as data_module
 from . import recipe
 from .checkpoint import CheckpointError
 from .runtime import MemoryBudgetError
-from .train import (BudgetError, Options, TrainingError, check_budget, check_plan, evaluate, fit,
-                    write_summary)
+from .session import Session, input_size, load_trainer
+from .train import BudgetError, Options, TrainingError, evaluate, write_summary
 
 
-def load_trainer(args):
-    from .runtime import Trainer, arena_for_budget  # onnxruntime import only when needed
-    return Trainer(args.artifact, threads=getattr(args, "threads", None),
-                   arena_bytes=arena_for_budget(getattr(args, "budget", None)))
-
-
-def input_size(trainer) -> tuple:
-    return (trainer.manifest["input"]["height"], trainer.manifest["input"]["width"])
-
-
-def cmd_train(args) -> int:
+def check_train_args(args) -> None:
+    """Refuse (ValueError) arguments that cannot work, before any work."""
     if args.report:  # a link that cannot work is refused before any work
         from .transport import check_url
         check_url(args.report)
@@ -41,75 +32,63 @@ def cmd_train(args) -> int:
         raise ValueError("--cache-prefix needs --no-augment: augmented crops differ every epoch")
     if not 0 < args.val_fraction < 1:
         raise ValueError(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
-    trainer = load_trainer(args)
-    m = trainer.manifest
-    if args.budget is not None:  # a budget the plan cannot meet: refused before the data loads
-        check_plan(m, args.batch_size or m["batch_size"], args.budget)
-    classes = m.get("classes")
+
+
+def load_sets(args, session: Session) -> tuple:
+    """(training set, validation set): --data and --val-data, or a seeded split of --data;
+    what could not be read or was stretched is said on stderr."""
     # images decoded at load time are spooled to disk beside the artifact, not held in memory
-    data = data_module.load(args.data, input_size(trainer), m["num_classes"], classes,
-                            spool_dir=args.artifact)
+    data = session.load_data(args.data, spool_dir=args.artifact)
     if data.skipped:
         shown = "; ".join(f"{path}: {why}" for path, why in data.skipped[:SKIPPED_SHOWN])
         more = len(data.skipped) - SKIPPED_SHOWN
         print(f"skipped {len(data.skipped)} unreadable or non-image files ({shown}"
               + (f"; and {more} more" if more > 0 else "") + ")", file=sys.stderr)
     if data.stretched:
-        h, w = input_size(trainer)
+        h, w = input_size(session.trainer)
         print(f"note: {len(data.stretched)} images were resized to {w}x{h} with their aspect "
               f"ratio changed more than {data_module.STRETCH_NOTED:g}x (the whole image, no "
               f"crop), e.g. {data.stretched[0]}", file=sys.stderr)
     if args.val_data:
-        train_set = data
-        val_set = data_module.load(args.val_data, input_size(trainer), m["num_classes"],
-                                   classes, spool_dir=args.artifact)
-    else:
-        if len(data) < 2:
-            raise data_module.DataError("need at least 2 images to hold some out for validation")
-        train_set, val_set = data.split(args.val_fraction, args.seed)
-    batch = args.batch_size or m["batch_size"]
-    lr = args.lr or recipe.default_lr(m["train"])
-    clip = args.clip_grad_norm or None
+        return data, session.load_data(args.val_data, spool_dir=args.artifact)
+    if len(data) < 2:
+        raise data_module.DataError("need at least 2 images to hold some out for validation")
+    return data.split(args.val_fraction, args.seed)
+
+
+def train_options(args, session: Session) -> Options:
+    """The run's Options from the arguments, the artifact's recipe where none is given."""
+    return Options(epochs=args.epochs, batch_size=session.batch_size,
+                   lr=args.lr or recipe.default_lr(session.trainer.manifest["train"]),
+                   seed=args.seed, schedule=args.schedule, clip_norm=args.clip_grad_norm or None,
+                   augment=not args.no_augment, cache_prefix=args.cache_prefix,
+                   max_steps=args.max_steps, checkpoint_every=args.checkpoint_every,
+                   budget_bytes=args.budget, resume=args.resume, report_every=args.report_every)
+
+
+def print_plan(session: Session, train_set, val_set, options: Options) -> None:
+    """What is fine-tuned, on how many images, with which recipe."""
+    m = session.trainer.manifest
     print(f"{m['model']}: {len(m['trainable_layers'])} fine-tuned convs, method "
           f"{m['train']['method']}; {len(train_set)} training / {len(val_set)} validation images, "
-          f"batch {batch}")
+          f"batch {options.batch_size}")
     print(f"recipe: {m['train']['optimizer']}"
           + (f" momentum {m['train']['momentum']}" if m["train"]["optimizer"] == "sgd" else "")
-          + f", lr {lr:g} {args.schedule}, clip grad norm {clip or 'off'}, augment "
-          + ("off" if args.no_augment else "crop+flip"))
+          + f", lr {options.lr:g} {options.schedule}, clip grad norm {options.clip_norm or 'off'}"
+          + ", augment " + ("crop+flip" if options.augment else "off"))
     if m.get("dropout_not_applied"):
         print(f"note: the model's dropout (p={m['dropout_not_applied']} before the classifier) "
               f"is not applied: the artifact's graphs have none")
-    if args.cache_prefix and trainer.prefix is None:
+    if options.cache_prefix and session.trainer.prefix is None:
         print("note: every conv is fine-tuned (no frozen prefix): --cache-prefix keeps nothing")
-    options = Options(epochs=args.epochs, batch_size=batch, lr=lr, seed=args.seed,
-                      schedule=args.schedule, clip_norm=clip, augment=not args.no_augment,
-                      cache_prefix=args.cache_prefix,
-                      max_steps=args.max_steps, checkpoint_every=args.checkpoint_every,
-                      budget_bytes=args.budget, resume=args.resume,
-                      report_every=args.report_every)
-    budget_action = None
-    if args.budget is not None:
-        budget_action = check_budget(trainer, train_set, min(batch, len(train_set)), args.budget)
-    sender = None
-    if args.report:
-        from .transport import ProfileSender
-        sender = ProfileSender(args.report, Path(args.out) / "spool")
-    try:
-        summary = fit(trainer, train_set, val_set, args.out, options, sender=sender,
-                      budget_action=budget_action)
-    finally:
-        if sender is not None:
-            if not sender.flush(timeout=args.report_timeout):
-                print(f"warning: not every profile record was acknowledged; they stay in "
-                      f"{Path(args.out) / 'spool'} and are re-sent by the next run",
-                      file=sys.stderr)
-            sender.close()
-    if args.summary:
-        write_summary(args.summary, summary)
+
+
+def print_result(summary: dict, rank_basis: str) -> None:
+    """The measured working set against the memory plan's (of ``rank_basis`` ranks), and
+    where the final and best weights are."""
     mib = 2 ** 20
     print(f"working set: predicted {summary['predicted_working_set_bytes'] / mib:.1f} MiB "
-          f"(memory plan, {m['memory_plan']['rank_basis']} ranks), measured "
+          f"(memory plan, {rank_basis} ranks), measured "
           f"{summary['working_set_bytes'] / mib:.1f} MiB")
     print(f"done: {summary['steps']} steps, val accuracy {summary['final_val_accuracy']:.4f}; "
           f"weights {summary['outputs']['weights']}, inference model "
@@ -117,6 +96,20 @@ def cmd_train(args) -> int:
     print(f"best: val accuracy {summary['best_val_accuracy']:.4f} after epoch "
           f"{summary['best_epoch']}; {summary['outputs']['best_weights']}, "
           f"{summary['outputs']['best_inference']}")
+
+
+def cmd_train(args) -> int:
+    check_train_args(args)
+    # a budget the plan cannot meet is refused before the data loads
+    session = Session.open(args.artifact, args.batch_size, args.budget, args.threads)
+    train_set, val_set = load_sets(args, session)
+    options = train_options(args, session)
+    print_plan(session, train_set, val_set, options)
+    summary = session.train(train_set, val_set, args.out, options, args.report,
+                            Path(args.out) / "spool", args.report_timeout)
+    if args.summary:
+        write_summary(args.summary, summary)
+    print_result(summary, session.trainer.manifest["memory_plan"]["rank_basis"])
     if args.budget is not None and summary["budget_violations"]:
         print(f"budget exceeded on {summary['budget_violations']} steps", file=sys.stderr)
         return 4
@@ -124,7 +117,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    trainer = load_trainer(args)
+    trainer = load_trainer(args.artifact, args.threads)
     if args.weights:
         from actcomp_edge.core.npz import load_npz
         trainer.load_state_arrays({**{f"param/{k}": v for k, v in load_npz(args.weights).items()},

@@ -42,8 +42,8 @@ from actcomp_edge.core.npz import load_npz, write_atomic
 from actcomp_edge.core.profiles import parse_size
 
 from . import checkpoint, procmem, recipe
-from . import data as data_module
-from .train import Options, check_budget, check_plan, fit, write_summary
+from .session import Session
+from .train import Options, write_summary
 
 KEEP_ROUNDS = 2       # round folders kept on the node: this one and the one before
 
@@ -192,26 +192,14 @@ def train_round(node: Node, global_params: dict, config: dict, run_id: int = 0,
     """One round on this node: (new params, metrics, info). config: the server's round
     settings (server-round, rounds, local-epochs, lr, schedule, seed, proximal-mu); run_id:
     Flower's run (a round resumes only within its run, with the same settings)."""
-    from .runtime import Trainer, arena_for_budget
     entry_rss = procmem.rss_bytes()  # the Flower client process before the runner loads
     started = time.perf_counter()
     server_round = int(config["server-round"])
-    trainer = Trainer(node.artifact, threads=node.threads,
-                      arena_bytes=arena_for_budget(node.budget))
-    m = trainer.manifest
-    batch = node.batch_size or m["batch_size"]
-    if node.budget is not None:  # a budget the plan cannot meet: refused before the data loads
-        check_plan(m, batch, node.budget)
-    mismatch = sorted(set(global_params) ^ set(trainer.params)) or sorted(
-        k for k in global_params if global_params[k].shape != trainer.params[k].shape)
-    if mismatch:
-        raise ValueError(f"the global weights do not belong to this node's artifact "
-                         f"{node.artifact} (first difference: {mismatch[0]})")
-    size = (m["input"]["height"], m["input"]["width"])
-    train_set = data_module.load(node.data, size, m["num_classes"], m.get("classes"),
-                                 spool_dir=node.artifact)
-    val_set = (data_module.load(node.val_data, size, m["num_classes"], m.get("classes"),
-                                spool_dir=node.artifact) if node.val_data else None)
+    # a budget the plan cannot meet: refused before the data loads
+    session = Session.open(node.artifact, node.batch_size, node.budget, node.threads, log)
+    check_global_params(session.trainer, global_params, node.artifact)
+    train_set = session.load_data(node.data, spool_dir=node.artifact)
+    val_set = session.load_data(node.val_data, spool_dir=node.artifact) if node.val_data else None
 
     folder, resume = open_round(node.out, {
         "run": run_id, "round": server_round, "sha256": arrays_digest(global_params),
@@ -222,41 +210,53 @@ def train_round(node: Node, global_params: dict, config: dict, run_id: int = 0,
         log(f"{node.name}: round {server_round} was already trained here: its result again")
         return reply(node, load_npz(folder / "weights.npz"), json.loads(done.read_text()),
                      len(train_set), entry_rss, started, resume, state_from)
+    load_round_state(session.trainer, global_params, state)
+    if state_from is not None:
+        log(f"{node.name}: round {server_round}: the node's own state (optimizer, step "
+            f"{int(session.trainer.step_count)}) from {state_from}")
+    options = round_options(node, config, session.batch_size, resume,
+                            session.trainer.manifest["train"])
+    summary = session.train(train_set, val_set, folder, options, node.report,
+                            node.out / "spool")
+    summary["node"] = node.name
+    write_summary(done, summary)
+    prune_rounds(node.out, server_round, run_id)
+    return reply(node, dict(session.trainer.params), summary, len(train_set), entry_rss,
+                 started, resume, state_from)
+
+
+def check_global_params(trainer, global_params: dict, artifact: Path) -> None:
+    """Refuse (ValueError) global weights whose names or shapes are not the trainer's."""
+    mismatch = sorted(set(global_params) ^ set(trainer.params)) or sorted(
+        k for k in global_params if global_params[k].shape != trainer.params[k].shape)
+    if mismatch:
+        raise ValueError(f"the global weights do not belong to this node's artifact "
+                         f"{artifact} (first difference: {mismatch[0]})")
+
+
+def load_round_state(trainer, global_params: dict, state: dict | None) -> None:
+    """The global weights on the trainer, over the node's own state of an earlier round
+    (optimizer, trackers, step count; None: the artifact's)."""
     arrays = dict(state) if state is not None else trainer.state_arrays()
     arrays.update({f"param/{k}": np.asarray(v, trainer.params[k].dtype)
                    for k, v in global_params.items()})
     trainer.load_state_arrays(arrays)
-    if state_from is not None:
-        log(f"{node.name}: round {server_round}: the node's own state (optimizer, step "
-            f"{int(arrays['step_count'])}) from {state_from}")
-    budget_action = None
-    if node.budget is not None:
-        budget_action = check_budget(trainer, train_set, min(batch, len(train_set)),
-                                     node.budget, log=log)
-    options = Options(epochs=int(config.get("local-epochs", 1)), batch_size=batch,
-                      lr=float(config.get("lr") or 0) or recipe.default_lr(m["train"]),
-                      schedule=str(config.get("schedule") or schedules.DEFAULT_SCHEDULE),
-                      seed=int(config.get("seed", 0)) + 1000 * server_round,
-                      checkpoint_every=node.checkpoint_every, budget_bytes=node.budget,
-                      resume=resume, proximal_mu=float(config.get("proximal-mu", 0.0)),
-                      schedule_part=(server_round - 1, max(server_round, int(
-                          config.get("rounds", server_round)))))
-    sender = None
-    if node.report:
-        from .transport import ProfileSender
-        sender = ProfileSender(node.report, node.out / "spool")
-    try:
-        summary = fit(trainer, train_set, val_set, folder, options, sender=sender, log=log,
-                      budget_action=budget_action)
-    finally:
-        if sender is not None:
-            sender.flush(timeout=10)
-            sender.close()
-    summary["node"] = node.name
-    write_summary(done, summary)
-    prune_rounds(node.out, server_round, run_id)
-    return reply(node, dict(trainer.params), summary, len(train_set), entry_rss, started,
-                 resume, state_from)
+
+
+def round_options(node: Node, config: dict, batch_size: int, resume: bool,
+                  recipe_train: dict) -> Options:
+    """The round's Options: the server's settings (config), the node's, and the artifact's
+    recipe (its manifest's train) where the server gives no lr. Round r of R trains the r-th
+    of R equal parts of one lr schedule; its seed is the server's + 1000 r."""
+    server_round = int(config["server-round"])
+    return Options(epochs=int(config.get("local-epochs", 1)), batch_size=batch_size,
+                   lr=float(config.get("lr") or 0) or recipe.default_lr(recipe_train),
+                   schedule=str(config.get("schedule") or schedules.DEFAULT_SCHEDULE),
+                   seed=int(config.get("seed", 0)) + 1000 * server_round,
+                   checkpoint_every=node.checkpoint_every, budget_bytes=node.budget,
+                   resume=resume, proximal_mu=float(config.get("proximal-mu", 0.0)),
+                   schedule_part=(server_round - 1, max(server_round, int(
+                       config.get("rounds", server_round)))))
 
 
 def reply(node: Node, params: dict, summary: dict, examples: int, entry_rss: int,

@@ -146,6 +146,43 @@ def deploy_metadata(manifest: dict, classes: list | None = None) -> dict:
                       f"{m['width']}x{m['height']}), whole image, no crop"}
 
 
+def session_options(manifest: dict, threads: int | None,
+                    arena_bytes: int | None) -> ort.SessionOptions:
+    """The options of every session of an artifact: ``threads`` shared with numpy's BLAS
+    (None: all cores), one arena for all sessions capped at arena_bytes (None: no cap)."""
+    options = ort.SessionOptions()
+    if threads:  # one thread budget: onnxruntime's runs and numpy's BLAS (decompositions)
+        options.intra_op_num_threads = threads  # take turns on the same cores
+        threadpool_limits(threads, user_api="blas")
+    options.log_severity_level = 4  # failures reach the caller as exceptions
+    # onnxruntime's worker threads spin after each run by default; numpy's decomposition
+    # runs right after on the same cores, so spinning only steals its CPU
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # one onnxruntime arena for every session: the graphs' intermediates reuse the same
+    # memory each run, and the tensors held between runs live in the pool (plan_pool)
+    cap_arena(arena_bytes or NO_ARENA_CAP, initial_arena_bytes(manifest, arena_bytes))
+    options.add_session_config_entry("session.use_env_allocators", "1")
+    # no memory pattern: it reserves each graph's whole intermediate block per run, and the
+    # shared arena then holds the blocks of several graphs (measured: +40-80 MiB)
+    options.enable_mem_pattern = False
+    ort.set_default_logger_severity(4)  # errors reach the user as exceptions, once
+    return options
+
+
+def load_session(folder: Path, name: str, options: ort.SessionOptions,
+                 profile_prefix: str | None) -> ort.InferenceSession:
+    """The session of graph folder/name; ArtifactError (one line) when onnxruntime refuses
+    it. profile_prefix: see Trainer."""
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = f"{profile_prefix}{Path(name).stem}"
+    try:
+        return ort.InferenceSession(str(folder / name), options,
+                                    providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types
+        raise ArtifactError(f"onnxruntime cannot load {name}: {e}".splitlines()[0]) from None
+
+
 class Trainer:
     def __init__(self, folder, threads: int | None = None, verify: bool = True,
                  arena_bytes: int | None = None, profile_prefix: str | None = None):
@@ -154,36 +191,11 @@ class Trainer:
         self.folder = Path(folder)
         self.manifest = load_manifest(self.folder, ort.__version__, verify=verify)
         m = self.manifest
-        options = ort.SessionOptions()
         self.threads = threads  # None: onnxruntime's and BLAS's own default, all cores
-        if threads:  # one thread budget: onnxruntime's runs and numpy's BLAS (decompositions)
-            options.intra_op_num_threads = threads  # take turns on the same cores
-            threadpool_limits(threads, user_api="blas")
-        options.log_severity_level = 4  # failures reach the caller as exceptions
-        # onnxruntime's worker threads spin after each run by default; numpy's decomposition
-        # runs right after on the same cores, so spinning only steals its CPU
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        # one onnxruntime arena for every session: the graphs' intermediates reuse the same
-        # memory each run, and the tensors held between runs live in the pool (plan_pool)
-        cap_arena(arena_bytes or NO_ARENA_CAP, initial_arena_bytes(m, arena_bytes))
-        options.add_session_config_entry("session.use_env_allocators", "1")
-        # no memory pattern: it reserves each graph's whole intermediate block per run, and the
-        # shared arena then holds the blocks of several graphs (measured: +40-80 MiB)
-        options.enable_mem_pattern = False
-        ort.set_default_logger_severity(4)  # errors reach the user as exceptions, once
-
-        def session(name):
-            if profile_prefix:
-                options.enable_profiling = True
-                options.profile_file_prefix = f"{profile_prefix}{Path(name).stem}"
-            try:
-                return ort.InferenceSession(str(self.folder / name), options,
-                                            providers=["CPUExecutionProvider"])
-            except Exception as e:  # onnxruntime raises its own exception types
-                raise ArtifactError(f"onnxruntime cannot load {name}: {e}".splitlines()[0]) from None
-
+        options = session_options(m, threads, arena_bytes)
         graphs = m["graphs"]
-        self.sessions = {name: session(name) for name in graphs["forward"] + graphs["backward"]}
+        self.sessions = {name: load_session(self.folder, name, options, profile_prefix)
+                         for name in graphs["forward"] + graphs["backward"]}
         self.schedule = m["schedule"]
         self.backward_runs = set(graphs["backward"])
         # the optimizer's graph: the one whose outputs are the new parameters (new/<param>)
