@@ -261,6 +261,7 @@ class RunState:
     guard: dict | None = None       # the DivergenceGuard's state
 
     def copy(self) -> RunState:
+        """A deep copy, as a checkpoint gives it back (through JSON)."""
         return RunState(**json.loads(json.dumps(asdict(self))))
 
 
@@ -349,6 +350,8 @@ class TrainingRun:
         self.val_accuracy = None     # the last evaluation's
         self.last_epoch_loss = None  # the mean training loss of the last epoch
         self.started = 0             # epochs started (the summary's "epochs")
+        # set by prepare(): the batch memory, the PrefixCache, the rollback point
+        # (arrays, RunState), the StepMeasures and the Progress line
         self.batch_buffer = self.cache = self.snapshot = self.measures = self.progress = None
 
     def resume(self) -> None:
