@@ -33,6 +33,7 @@ def input_size(trainer: Trainer) -> tuple:
 
 @dataclass
 class Session:
+    """An artifact's trainer, loaded for a batch size and a memory budget."""
     trainer: Trainer
     batch_size: int         # images per step (cut to the training set's size by fit)
     budget: int | None      # bytes the training working set may grow; None: no budget
