@@ -238,12 +238,7 @@ def test_rectangular_and_dilated_convs_train_with_autograds_gradients(tmp_path, 
     rng = np.random.default_rng(2)
     images = rng.standard_normal((3, 3, 24, 30)).astype(np.float32)
     labels = rng.integers(0, 5, 3).astype(np.int64)
-    loss, grads, after = torch_sgd_step(net, 4, images, labels, lr=0.1)
-    result = trainer.step(images, labels, lr=0.1)
-    assert abs(result.loss - loss) < TOL * abs(loss)
-    for name, grad in grads.items():
-        assert rel_max_error(result.grads[name], grad) < TOL, name
-        assert rel_max_error(trainer.params[name], after[name]) < TOL, name
+    assert_update_is_sgds(trainer, net, 4, images, labels)
     x = rng.standard_normal((2, 3, 24, 30)).astype(np.float32)
     net.eval()
     with torch.no_grad():
@@ -354,10 +349,7 @@ def test_a_module_called_twice_is_two_ops_or_refused_when_it_holds_weights(tmp_p
     rng = np.random.default_rng(1)
     images = rng.standard_normal((2, 3, 16, 16)).astype(np.float32)
     labels = np.array([0, 2])
-    _, grads, _ = torch_sgd_step(net, 2, images, labels, lr=0.1)
-    result = Trainer(tmp_path / "art").step(images, labels, lr=0.1)
-    for name, grad in grads.items():
-        assert rel_max_error(result.grads[name], grad) < TOL, name
+    assert_step_is_autograds(Trainer(tmp_path / "art"), net, 2, images, labels)
     with pytest.raises(FrontendError, match="^b: a module called twice"):
         program_from_module(SharedRelu(share_conv=True), 16)
 
