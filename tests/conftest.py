@@ -8,7 +8,7 @@ sys.path.insert(0, str(REPO))
 
 
 # The device-runner tests' artifact and images (tests/device_helpers.py), one per module;
-# a module may define its own `artifact` (test_host does).
+# a module may define its own `artifact` (test_profiles does).
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
     from device_helpers import hosvd_artifact
