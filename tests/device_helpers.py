@@ -1,7 +1,6 @@
 """Shared by the device-runner tests: a small HOSVD artifact, generated images, and the
 runner as a subprocess."""
 import json
-import os
 import subprocess
 import sys
 import time
@@ -11,12 +10,10 @@ import numpy as np
 
 from export.training_graph import TrainConfig
 from export_helpers import export, random_model
+from helpers import ENV
 
-REPO = Path(__file__).resolve().parents[1]
 SIZE = (64, 64)
-# one thread everywhere: bit-identical steps between runs
-ENV = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
-           PYTHONPATH=str(REPO))
+DEVICE = [sys.executable, "-m", "device_runner.cli"]
 
 
 def hosvd_artifact(folder: Path) -> Path:
@@ -45,7 +42,7 @@ def colour_images(root: Path) -> Path:
 
 def device(*argv, timeout=600, env=None):
     """`actcomp-device ARGV` in a subprocess (CompletedProcess, text)."""
-    return subprocess.run([sys.executable, "-m", "device_runner.cli", *map(str, argv)],
+    return subprocess.run([*DEVICE, *map(str, argv)],
                           capture_output=True, text=True, env=env or ENV, timeout=timeout)
 
 

@@ -1,5 +1,5 @@
 """Shared by the exporter tests: a zoo model with non-trivial frozen BN, exported, and the torch
-reference of one training step on the same batch."""
+reference of one training step on the same batch (of a zoo model, or of any nn.Module)."""
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -8,6 +8,9 @@ from device_runner.runtime import Trainer
 from export import zoo
 from export.artifact import export_artifact
 from export.reference import compress_last_n
+from helpers import rel_l2_error, rel_max_error
+
+TOL = 1e-4  # the runner against torch: relative error of losses, gradients and weights
 
 
 def random_model(name, num_classes, seed=0, calibration_hw=(96, 96)):
@@ -65,7 +68,7 @@ def torch_step(model, n_layers, images, labels, method="vanilla", eps=None, rank
         for name, given in zip(replaced, conv_inputs):
             def substitute(mod, args, given=torch.from_numpy(given)):
                 x = args[0]
-                model.input_rel_diff.append(float((x.detach() - given).norm() / given.norm()))
+                model.input_rel_diff.append(rel_l2_error(x, given))
                 return (x + (given - x).detach(),)
             modules[name].register_forward_pre_hook(substitute)
     model.train()  # BN stays frozen (compress_last_n); dropout must not act: set it off
@@ -89,5 +92,41 @@ def trainable_grads(model):
             for name, p in model.named_parameters() if p.requires_grad}
 
 
-def rel(a, b):
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+def torch_sgd_step(net, n_convs, images, labels, lr, modules=None):
+    """torch.autograd gradients and one torch.optim.SGD step of the last n convs (in
+    definition order) + every Linear (the head), or of these modules, BN frozen (eval),
+    dropout off."""
+    convs = [name for name, m in net.named_modules()
+             if isinstance(m, torch.nn.Conv2d)][-n_convs:]
+    head = [name for name, m in net.named_modules() if isinstance(m, torch.nn.Linear)]
+    trainable = {f"{m}.{p}" for m in modules or convs + head for p in ("weight", "bias")}
+    params = {k: p for k, p in net.named_parameters() if k in trainable}
+    for k, p in net.named_parameters():
+        p.requires_grad_(k in trainable)
+    net.eval()
+    loss = F.cross_entropy(net(torch.from_numpy(images)), torch.from_numpy(labels))
+    loss.backward()
+    grads = {k: p.grad.detach().numpy().copy() for k, p in params.items()}
+    torch.optim.SGD(params.values(), lr=lr).step()
+    return float(loss.detach()), grads, {k: p.detach().numpy().copy() for k, p in params.items()}
+
+
+def assert_update_is_sgds(trainer, net, n_convs, images, labels):
+    """One runner step trains exactly the last n_convs and the head, with torch.autograd's
+    loss and gradients and torch.optim.SGD's new params (lr 0.1)."""
+    loss, grads, after = torch_sgd_step(net, n_convs, images, labels, lr=0.1)
+    result = trainer.step(images, labels, lr=0.1)
+    assert sorted(result.grads) == sorted(grads) == sorted(trainer.manifest["trainable_params"])
+    assert abs(result.loss - loss) < TOL * abs(loss)
+    for name, grad in grads.items():
+        assert rel_max_error(result.grads[name], grad) < TOL, name
+        assert rel_max_error(trainer.params[name], after[name]) < TOL, name
+
+
+def assert_step_is_autograds(trainer, net, n_convs, images, labels):
+    """The runner's loss and gradients of one step equal torch.autograd's."""
+    loss, grads, _ = torch_sgd_step(net, n_convs, images, labels, lr=0.1)
+    result = trainer.step(images, labels, lr=0.1)
+    assert abs(result.loss - loss) < TOL * abs(loss)
+    for name, grad in grads.items():
+        assert rel_max_error(result.grads[name], grad) < TOL, name

@@ -7,7 +7,7 @@ import pytest
 
 from actcomp_edge.core.decomposition import (Tucker, full_rank_bound, hosvd, mode_product,
                                         rank_for_energy, svd_compress, unfold)
-from conftest import require_shared
+from helpers import require_shared
 
 
 def orthonormal(rng, n, k):

@@ -13,9 +13,8 @@ import pytest
 from actcomp_edge.core.npz import load_npz
 from device_runner import checkpoint
 from device_runner.data import DataError, load
-from device_helpers import ENV, SIZE, device, train_args, wait_for_checkpoint
-
-REPO = Path(__file__).resolve().parents[1]
+from device_helpers import DEVICE, SIZE, device, train_args, wait_for_checkpoint
+from helpers import ENV, REPO, SHARED, assert_one_error_line, assert_one_line_error
 
 
 def test_image_folder_loads_resizes_and_counts_junk(image_folder):
@@ -147,8 +146,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(artifact,
     reference = tmp_path / "reference"
     assert device(*train_args(artifact, image_folder, reference)).returncode == 0
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "device_runner.cli",
-                             *map(str, train_args(artifact, image_folder, out))],
+    proc = subprocess.Popen([*DEVICE, *map(str, train_args(artifact, image_folder, out))],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     step = wait_for_checkpoint(out / "checkpoints", 4, proc)   # mid first epoch or later
     proc.send_signal(signal.SIGKILL)
@@ -183,9 +181,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(artifact, image_fo
 ])
 def test_bad_runs_stop_with_one_line(artifact, image_folder, tmp_path, extra, code, message):
     proc = device(*train_args(artifact, image_folder, tmp_path / "run", *extra))
-    assert proc.returncode == code, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if "error" in line]
-    assert len(errors) == 1 and message in errors[0] and "Traceback" not in proc.stderr
+    assert_one_error_line(proc, message, code=code)
 
 
 def test_tampered_artifact_and_bad_data_are_refused(artifact, tmp_path):
@@ -225,7 +221,7 @@ print("no torch")
 @pytest.fixture(scope="module")
 def real_or_generated(image_folder, tmp_path_factory):
     """96 ants/bees images from ../shared when present, else the generated folder."""
-    shared = REPO.parent / "shared" / "data" / "hymenoptera_train.npz"
+    shared = SHARED / "data" / "hymenoptera_train.npz"
     if not shared.exists():
         return image_folder
     with np.load(shared, allow_pickle=False) as d:
@@ -282,7 +278,7 @@ def test_end_to_end_kill_resume_and_complete_profile_stream_over_a_pty(artifact,
         out = tmp_path / "run"
         args = ["train", artifact, "--data", real_or_generated, *common, "--out", out,
                 "--report", host.path, "--report-timeout", "20"]
-        runner = subprocess.Popen([sys.executable, "-m", "device_runner.cli", *map(str, args)],
+        runner = subprocess.Popen([*DEVICE, *map(str, args)],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                   env=ENV)
         killed_at = wait_for_checkpoint(out / "checkpoints", 6, runner)
@@ -385,9 +381,8 @@ def test_predict_names_each_images_class_as_the_readme_example_does(artifact, im
     assert folder.returncode == 2  # red/broken.jpg is unreadable: said, the rest printed
     assert "broken.jpg: unreadable" in folder.stderr
     assert len(folder.stdout.strip().splitlines()) == 12 + 6
-    missing = device("predict", out, tmp_path / "nope.jpg")
-    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
-    assert "no such image, folder or pattern" in missing.stderr
+    assert_one_line_error(device("predict", out, tmp_path / "nope.jpg"),
+                          "no such image, folder or pattern")
 
 
 def test_an_image_stretched_by_the_resize_is_noted(artifact, tmp_path):

@@ -9,7 +9,8 @@ from device_runner.runtime import Trainer
 from edge_models import EfficientNetB0, MobileNetV3Small, RegNetY, ShuffleNetV2
 from export import export_module
 from export.torch_frontend import program_from_module
-from test_frontend import TOL, assert_update_is_sgds, reference_step, rel
+from export_helpers import TOL, assert_update_is_sgds, torch_sgd_step
+from helpers import rel_max_error
 
 SIZE, BATCH, CLASSES = 32, 2, 10
 MODELS = {"mobilenet_v3_small": lambda: MobileNetV3Small(CLASSES, width=0.25),
@@ -49,7 +50,7 @@ def test_an_edge_cnn_trains_with_autograds_gradients_and_sgds_step(tmp_path, nam
     images = rng.standard_normal((BATCH, 3, SIZE, SIZE)).astype(np.float32)
     labels = rng.integers(0, CLASSES, BATCH).astype(np.int64)
     with torch.no_grad():
-        assert rel(trainer.evaluate(images), net(torch.from_numpy(images)).numpy()) < TOL
+        assert rel_max_error(trainer.evaluate(images), net(torch.from_numpy(images)).numpy()) < TOL
     assert_update_is_sgds(trainer, net, n, images, labels)
 
 
@@ -136,9 +137,9 @@ def test_a_paper_mobilenet_v3_small_through_the_clis_updates_like_autograd(tmp_p
                               timeout=600)
         assert done.returncode == 0, done.stderr[-2000:]
     images = (pixels.transpose(0, 3, 1, 2).astype(np.float32) / 255 - 0.5) / 0.5
-    _, _, after = reference_step(net, n, images, labels.astype(np.int64), lr=0.1)
+    _, _, after = torch_sgd_step(net, n, images, labels.astype(np.int64), lr=0.1)
     before = load_npz(tmp_path / "art" / "weights.npz")
     trained = load_npz(tmp_path / "run" / "weights.npz")
     assert {k for k in trained if not np.array_equal(trained[k], before[k])} == set(after)
     for key, want in after.items():
-        assert rel(trained[key] - before[key], want - before[key]) < 1e-3, key
+        assert rel_max_error(trained[key] - before[key], want - before[key]) < 1e-3, key

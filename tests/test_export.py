@@ -1,8 +1,6 @@
 """The exported training step against torch.autograd and the PyTorch reference."""
 import copy
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,9 +9,8 @@ import torch
 from actcomp_edge.core.manifest import ArtifactError, load_manifest, manifest_bytes
 from device_runner.runtime import Trainer
 from export.training_graph import TrainConfig
-from export_helpers import batch, export, random_model, rel, torch_step, trainable_grads
-
-TOL = 1e-4
+from export_helpers import TOL, batch, export, random_model, torch_step, trainable_grads
+from helpers import actcomp, assert_one_error_line, assert_one_line_error, rel_l2_error
 
 
 def check_step(name, n_layers, method, tmp_path, eps=None, batch_size=3, hw=(96, 96),
@@ -45,7 +42,7 @@ def check_step(name, n_layers, method, tmp_path, eps=None, batch_size=3, hw=(96,
     assert abs(result.loss - loss) <= TOL * abs(loss)
     np.testing.assert_allclose(result.logits, logits, rtol=1e-4, atol=1e-4)
     for key in grads:
-        assert rel(result.grads[key], grads[key]) < TOL, key
+        assert rel_l2_error(result.grads[key], grads[key]) < TOL, key
     if method in ("hosvd", "asi", "svd"):
         modules = dict(ref.named_modules())
         for layer, conv_name in zip(trainer.manifest["trainable_layers"], replaced):
@@ -68,7 +65,7 @@ def test_vanilla_gradients_and_sgd_step_equal_autograd(name, n_layers, tmp_path)
             after[mod_name.replace(".conv.weight", ".weight").replace(".conv.bias", ".bias")] = p
     assert sorted(after) == sorted(named)
     for key, p in after.items():
-        assert rel(trainer.params[key], p.detach().numpy()) < TOL, key
+        assert rel_l2_error(trainer.params[key], p.detach().numpy()) < TOL, key
 
 
 @pytest.mark.parametrize("name,n_layers,hw", [("mcunet-in1", 12, (128, 128)),  # dw 7x7 stride 2
@@ -126,7 +123,7 @@ def test_optimizer_updates_equal_torch(optimizer, kwargs, tmp_path):
         for key, p in params.items():
             # 1e-4 as elsewhere: Adam's first steps divide by |g| + eps, so where a gradient
             # is ~1e-8 float32 rounding in that division is amplified (seen: 3.7e-5)
-            assert rel(trainer.params[key], p.numpy()) < TOL, (step, key)
+            assert rel_l2_error(trainer.params[key], p.numpy()) < TOL, (step, key)
 
 
 def test_asi_first_step_is_the_exact_hosvd_then_ranks_stay_and_training_converges(tmp_path):
@@ -156,7 +153,7 @@ def test_asi_at_full_rank_equals_vanilla_after_the_first_step(name, tmp_path):
         want, got = vanilla.step(images, labels, lr=0.0), asi.step(images, labels, lr=0.0)
         assert got.ranks != {} and all(k[0] == 6 for k in got.ranks.values())
         for key in want.grads:
-            assert rel(got.grads[key], want.grads[key]) < TOL, (seed, key)
+            assert rel_l2_error(got.grads[key], want.grads[key]) < TOL, (seed, key)
 
 
 def test_label_smoothing(tmp_path):
@@ -262,14 +259,9 @@ def test_tampered_truncated_and_too_new_artifacts_are_refused(tmp_path):
         load_manifest(folder)
 
 
-def run_cli(*argv):
-    return subprocess.run([sys.executable, "-m", "actcomp_edge.host.cli", *argv],
-                          capture_output=True, text=True)
-
-
 def test_cli_export_writes_a_working_artifact(tmp_path):
     out = tmp_path / "art"
-    proc = run_cli("export", "--model", "mcunet-in1", "--num-classes", "10", "--layers", "4",
+    proc = actcomp("export", "--model", "mcunet-in1", "--num-classes", "10", "--layers", "4",
                    "--method", "hosvd", "--eps", "0.8", "--batch-size", "4", "--input-size",
                    "96", "-o", str(out))
     assert proc.returncode == 0, proc.stderr
@@ -288,9 +280,8 @@ def test_cli_export_writes_a_working_artifact(tmp_path):
     (["--model", "mcunet-in1", "--layers", "2", "--method", "hosvd"], "needs --eps"),
 ])
 def test_cli_export_errors(argv, message, tmp_path):
-    proc = run_cli("export", *argv, "-o", str(tmp_path / "x"))
-    assert proc.returncode == 2
-    assert message in proc.stderr and "Traceback" not in proc.stderr
+    proc = actcomp("export", *argv, "-o", str(tmp_path / "x"))
+    assert_one_error_line(proc, message)
     assert len(proc.stderr.strip().splitlines()) <= 2  # maybe the random-init warning
 
 
@@ -311,11 +302,9 @@ def test_cli_export_refuses_a_bad_recipe_before_writing(argv, message, tmp_path)
     """A recipe that would train uphill (the default lr is 0.05 (1 - momentum)) or fail after
     files are written is refused in one line, and -o is never created."""
     out = tmp_path / "x"
-    proc = run_cli("export", "--model", "mcunet-in1", "--layers", "2", "--input-size", "32",
+    proc = actcomp("export", "--model", "mcunet-in1", "--layers", "2", "--input-size", "32",
                    *argv, "-o", str(out))
-    assert proc.returncode == 2, proc.stderr
-    assert message in proc.stderr and "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
+    assert_one_line_error(proc, message)
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
@@ -323,7 +312,7 @@ def test_cli_export_refuses_an_activation_budget_below_rank_one(tmp_path):
     """Rank 1 in every mode of the 2 fine-tuned convs (batch 32) is the smallest budget there
     is: below it the export stops in one line before writing."""
     out = tmp_path / "x"
-    proc = run_cli("export", "--model", "mcunet-in1", "--layers", "2", "--input-size", "32",
+    proc = actcomp("export", "--model", "mcunet-in1", "--layers", "2", "--input-size", "32",
                    "--method", "asi", "--activation-budget", "1KiB", "-o", str(out))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "--activation-budget 0.000977 MiB is below rank 1" in proc.stderr
@@ -335,7 +324,7 @@ def test_cli_export_never_overwrites_a_run(tmp_path):
     files, keeps its run/ and anything else, and drops graphs the new export has no more."""
     out = tmp_path / "art"
     argv = ["--model", "mcunet-in1", "--input-size", "32", "--method", "vanilla", "-o", str(out)]
-    assert run_cli("export", "--layers", "4", *argv[:4], "--method", "hosvd", "--eps", "0.8",
+    assert actcomp("export", "--layers", "4", *argv[:4], "--method", "hosvd", "--eps", "0.8",
                    "-o", str(out)).returncode == 0
     (out / "run").mkdir()
     (out / "run" / "checkpoint.npz").write_bytes(b"the user's run")
@@ -343,12 +332,12 @@ def test_cli_export_never_overwrites_a_run(tmp_path):
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     old_files = set(load_manifest(out)["files"])
 
-    proc = run_cli("export", "--layers", "2", *argv)
+    proc = actcomp("export", "--layers", "2", *argv)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "--force" in proc.stderr and "run/" in proc.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
-    proc = run_cli("export", "--layers", "2", "--force", *argv)
+    proc = actcomp("export", "--layers", "2", "--force", *argv)
     assert proc.returncode == 0, proc.stderr
     assert (out / "run" / "checkpoint.npz").read_bytes() == b"the user's run"
     assert (out / "notes.txt").read_text() == "mine"
@@ -360,17 +349,17 @@ def test_cli_export_never_overwrites_a_run(tmp_path):
 
     afile = tmp_path / "afile"
     afile.write_text("x")
-    proc = run_cli("export", "--layers", "2", *argv[:-1], str(afile))
+    proc = actcomp("export", "--layers", "2", *argv[:-1], str(afile))
     assert proc.returncode == 2 and "existing file" in proc.stderr
     assert afile.read_text() == "x"
-    proc = run_cli("export", "--layers", "2", *argv[:-1], "/proc/actcomp-art")
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    proc = actcomp("export", "--layers", "2", *argv[:-1], "/proc/actcomp-art")
+    assert_one_error_line(proc)
     assert len(proc.stderr.strip().splitlines()) <= 2  # maybe the random-init warning
 
 
 def test_runner_refuses_a_manifest_whose_momentum_trains_uphill(tmp_path):
     out = tmp_path / "art"
-    assert run_cli("export", "--model", "mcunet-in1", "--layers", "2", "--input-size", "32",
+    assert actcomp("export", "--model", "mcunet-in1", "--layers", "2", "--input-size", "32",
                    "--method", "vanilla", "--momentum", "0.9", "-o", str(out)).returncode == 0
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["train"]["momentum"] = 1.5
@@ -382,7 +371,7 @@ def test_runner_refuses_a_manifest_whose_momentum_trains_uphill(tmp_path):
 
 def test_an_artifact_of_the_retired_hosvd_tracked_names_its_successor(tmp_path):
     out = tmp_path / "art"
-    assert run_cli("export", "--model", "mcunet-in1", "--layers", "2", "--input-size", "32",
+    assert actcomp("export", "--model", "mcunet-in1", "--layers", "2", "--input-size", "32",
                    "--method", "asi", "--eps", "0.8", "-o", str(out)).returncode == 0
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["train"]["method"] = "hosvd-tracked"
@@ -398,12 +387,12 @@ def test_cli_export_unsupported_layer_and_bad_weights(tmp_path):
     spec["blocks"][3]["layers"][1]["type"] = "deform_conv"
     path = tmp_path / "user.json"
     path.write_text(json.dumps(spec))
-    proc = run_cli("export", "--model", str(path), "--layers", "2", "--method", "vanilla",
+    proc = actcomp("export", "--model", str(path), "--layers", "2", "--method", "vanilla",
                    "-o", str(tmp_path / "x"))
     assert proc.returncode == 2 and "blocks.3.dw" in proc.stderr and "deform_conv" in proc.stderr
     bad = tmp_path / "bad.npz"
     np.savez(bad, **{"stem.weight": np.zeros((1, 1, 1, 1), np.float32)})
-    proc = run_cli("export", "--model", "mcunet-in1", "--weights", str(bad), "--layers", "2",
+    proc = actcomp("export", "--model", "mcunet-in1", "--weights", str(bad), "--layers", "2",
                    "--method", "vanilla", "-o", str(tmp_path / "y"))
     assert proc.returncode == 2 and "stem.weight" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -470,14 +459,14 @@ def test_cli_export_takes_the_class_names_of_an_image_folder(tmp_path, image_fol
     become the artifact's classes (and --num-classes follows); a folder without class
     sub-folders is one line."""
     out = tmp_path / "art"
-    proc = run_cli("export", "--model", "mcunet-in1", "--layers", "2", "--input-size", "32",
+    proc = actcomp("export", "--model", "mcunet-in1", "--layers", "2", "--input-size", "32",
                    "--method", "vanilla", "--classes", str(image_folder), "-o", str(out))
     assert proc.returncode == 0, proc.stderr
     manifest = load_manifest(out)
     assert manifest["classes"] == ["blue", "green", "red"] and manifest["num_classes"] == 3
     empty = tmp_path / "empty"
     empty.mkdir()
-    proc = run_cli("export", "--model", "mcunet-in1", "--layers", "2", "--input-size", "32",
+    proc = actcomp("export", "--model", "mcunet-in1", "--layers", "2", "--input-size", "32",
                    "--method", "vanilla", "--classes", str(empty), "-o", str(tmp_path / "x"))
-    assert proc.returncode == 2 and "a folder without class sub-folders" in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+    assert_one_line_error(proc, "a folder without class sub-folders")
+    assert not (tmp_path / "x").exists()

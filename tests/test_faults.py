@@ -27,8 +27,9 @@ import pytest
 
 from actcomp_edge.core.manifest import manifest_bytes, sha256_file
 from actcomp_edge.core.npz import load_npz
-from device_helpers import ENV, device, train_args
+from device_helpers import device, train_args
 from device_runner import checkpoint
+from helpers import ENV, assert_one_error_line
 from link_helpers import Host
 
 STEPS = 8            # train_args: 2 epochs x 4 steps, a checkpoint every 2 steps
@@ -139,13 +140,10 @@ def test_a_disk_full_during_a_checkpoint_is_one_error_and_keeps_the_last_one(
     # three and a temp file
     disk = small_disk(best + int(3.5 * size) + 64 * 1024)
     out = disk / "run"
-    proc = device(*train_args(artifact, image_folder, out))
-    assert proc.returncode == 5, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if "error" in line]
-    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert "No space left on device" in errors[0] and "cannot write checkpoint" in errors[0]
+    error = assert_one_error_line(device(*train_args(artifact, image_folder, out)),
+                                  "No space left on device", "cannot write checkpoint", code=5)
     newest = assert_index_lists_only_complete_files(out / "checkpoints")
-    assert newest is not None and f"step {newest} is the newest intact one" in errors[0]
+    assert newest is not None and f"step {newest} is the newest intact one" in error
     assert not [p for p in (out / "checkpoints").iterdir() if ".tmp-" in p.name]
     # space freed (the run moved to a roomy disk): it resumes and ends where it should
     roomy = tmp_path / "roomy"

@@ -17,9 +17,9 @@ import pytest
 
 from actcomp_edge.host.fleet import parse_partition, partition
 from actcomp_edge.core.npz import load_npz
-from device_helpers import ENV
+from device_helpers import device
+from helpers import ACTCOMP, ENV, REPO, actcomp, assert_one_line_error, write_profile
 
-REPO = Path(__file__).resolve().parents[1]
 pytest.importorskip("flwr", reason="the fleet tests need the `fleet` extra (flwr)")
 
 
@@ -203,11 +203,6 @@ def test_bad_node_configs_are_one_line_errors(artifact, image_folder, tmp_path):
 
 # ---- `actcomp fleet local`: real Flower processes ---------------------------------------
 
-def actcomp(*argv, timeout=900):
-    return subprocess.run([sys.executable, "-m", "actcomp_edge.host.cli", *map(str, argv)],
-                          capture_output=True, text=True, env=ENV, timeout=timeout)
-
-
 def fleet_args(artifact, data, out, *extra):
     return ["fleet", "local", artifact, "--data", data, "--val-data", data, "--threads", "1",
             "--out", out, *extra]
@@ -233,17 +228,15 @@ def leftover(run: Path) -> list:
     return found
 
 
-def profile(path: Path, budget: str) -> Path:
-    path.write_text(f'name = "test board"\nram = "4GiB"\ncores = 1\nbudget = "{budget}"\n'
-                    f'runtime_baseline = "100MiB"\nserial_port = "/dev/null"\narch = "x86_64"\n')
-    return path
+BOARD = {"name": "test board", "ram": "4GiB", "cores": 1, "budget": "2GiB",
+         "runtime_baseline": "100MiB", "serial_port": "/dev/null", "arch": "x86_64"}
 
 
 def test_two_nodes_one_round_is_fedavg_of_what_the_nodes_wrote(artifact, image_folder,
                                                                tmp_path):
     out = tmp_path / "run"
     proc = actcomp(*fleet_args(artifact, image_folder, out, "--nodes", "2", "--rounds", "1",
-                               "--profile", profile(tmp_path / "board.toml", "2GiB")))
+                               "--profile", write_profile(tmp_path / "board.toml", BOARD)))
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["flwr_version"] == version("flwr")
@@ -278,10 +271,8 @@ def test_two_nodes_one_round_is_fedavg_of_what_the_nodes_wrote(artifact, image_f
                .splitlines()]
     assert [r["round"] for r in journal] == [0, 1]
     # the global weights as a deployable model: `actcomp-device eval --write-inference`
-    done = subprocess.run([sys.executable, "-m", "device_runner.cli", "eval", artifact,
-                           "--weights", out / "server" / "global_weights.npz", "--data",
-                           image_folder, "--write-inference", tmp_path / "model.onnx"],
-                          capture_output=True, text=True, env=ENV, timeout=600)
+    done = device("eval", artifact, "--weights", out / "server" / "global_weights.npz",
+                  "--data", image_folder, "--write-inference", tmp_path / "model.onnx")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["accuracy"] == journal[-1]["val_accuracy"]
     import onnxruntime as ort
@@ -325,9 +316,8 @@ def test_fedadam_ends_with_the_artifacts_dtypes(artifact, image_folder, tmp_path
 def test_a_node_killed_mid_round_is_left_out_and_rejoins_from_its_checkpoint(
         artifact, image_folder, tmp_path):
     out = tmp_path / "run"
-    argv = [sys.executable, "-m", "actcomp_edge.host.cli",
-            *map(str, fleet_args(artifact, image_folder, out, "--nodes", "2", "--rounds", "2",
-                                 "--local-epochs", "12"))]
+    argv = [*ACTCOMP, *map(str, fleet_args(artifact, image_folder, out, "--nodes", "2",
+                                           "--rounds", "2", "--local-epochs", "12"))]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=ENV)
     try:
@@ -358,7 +348,9 @@ def test_a_node_killed_mid_round_is_left_out_and_rejoins_from_its_checkpoint(
 
 def test_a_node_over_its_budget_says_so_and_is_left_out(artifact, image_folder, tmp_path):
     out = tmp_path / "run"
-    profiles = f"{profile(tmp_path / 'big.toml', '2GiB')},{profile(tmp_path / 'tiny.toml', '1MiB')}"
+    big = write_profile(tmp_path / "big.toml", BOARD)
+    tiny = write_profile(tmp_path / "tiny.toml", BOARD, budget="1MiB")
+    profiles = f"{big},{tiny}"
     proc = actcomp(*fleet_args(artifact, image_folder, out, "--nodes", "2", "--rounds", "1",
                                "--profile", profiles))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -387,9 +379,7 @@ def test_bad_fleet_input_is_one_line_before_any_process(artifact, image_folder, 
     for extra, message in cases:
         argv = ["fleet", "local", artifact, "--data", image_folder, "--val-data", image_folder,
                 "--out", tmp_path / "new", *extra]
-        proc = actcomp(*argv, timeout=120)
-        assert proc.returncode == 2, (extra, proc.stderr)
-        assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, extra
+        assert_one_line_error(actcomp(*argv, timeout=120), message)
     assert not (tmp_path / "new").exists() or not any((tmp_path / "new").iterdir())
 
 

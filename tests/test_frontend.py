@@ -1,8 +1,6 @@
 """The torch frontend: a user's nn.Module traced with torch.fx trains on the runner with
 torch.autograd's gradients and torch.optim's step; unsupported ops are one line."""
 import json
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -15,8 +13,9 @@ from torch import nn
 from device_runner.runtime import Trainer
 from export import export_module
 from export.torch_frontend import FrontendError, program_from_module
-
-TOL = 1e-4
+from export_helpers import (TOL, assert_step_is_autograds, assert_update_is_sgds,
+                            torch_sgd_step)
+from helpers import actcomp, assert_one_line_error, rel_max_error
 
 USER_MODEL = '''
 import torch
@@ -88,28 +87,6 @@ def user_net(user_file):
     return namespace["build"]()
 
 
-def reference_step(net, n_convs, images, labels, lr, modules=None):
-    """torch.autograd gradients and one torch.optim.SGD step of the last n convs (in
-    definition order) + every Linear (the head), or of these modules, BN frozen (eval),
-    dropout off."""
-    convs = [name for name, m in net.named_modules() if isinstance(m, nn.Conv2d)][-n_convs:]
-    head = [name for name, m in net.named_modules() if isinstance(m, nn.Linear)]
-    trainable = {f"{m}.{p}" for m in modules or convs + head for p in ("weight", "bias")}
-    params = {k: p for k, p in net.named_parameters() if k in trainable}
-    for k, p in net.named_parameters():
-        p.requires_grad_(k in trainable)
-    net.eval()
-    loss = F.cross_entropy(net(torch.from_numpy(images)), torch.from_numpy(labels))
-    loss.backward()
-    grads = {k: p.grad.detach().numpy().copy() for k, p in params.items()}
-    torch.optim.SGD(params.values(), lr=lr).step()
-    return float(loss.detach()), grads, {k: p.detach().numpy().copy() for k, p in params.items()}
-
-
-def rel(a, b):
-    return float(np.abs(np.asarray(a) - b).max() / max(np.abs(b).max(), 1e-12))
-
-
 @pytest.mark.parametrize("method,eps", [("vanilla", None), ("hosvd", 1.0), ("svd", 1.0)])
 # 4: through the residual block; 5: every conv, through the max-pool (3x3/2: windows overlap)
 @pytest.mark.parametrize("n_convs", [2, 4, 5])
@@ -126,36 +103,22 @@ def test_a_user_cnn_trains_with_autograds_gradients_and_sgds_step(user_file, tmp
     assert_update_is_sgds(trainer, net, n_convs, images, labels)
 
 
-def assert_update_is_sgds(trainer, net, n_convs, images, labels):
-    """One runner step trains exactly the last n_convs and the head, with torch.autograd's
-    loss and gradients and torch.optim.SGD's new params (lr 0.1)."""
-    loss, grads, after = reference_step(net, n_convs, images, labels, lr=0.1)
-    result = trainer.step(images, labels, lr=0.1)
-    assert sorted(result.grads) == sorted(grads) == sorted(trainer.manifest["trainable_params"])
-    assert abs(result.loss - loss) < TOL * abs(loss)
-    for name, grad in grads.items():
-        assert rel(result.grads[name], grad) < TOL, name
-        assert rel(trainer.params[name], after[name]) < TOL, name
-
-
 def test_file_py_function_with_pth_weights_gives_the_modules_logits(user_file, tmp_path):
     net = user_net(user_file)
     with torch.no_grad():  # weights unlike build()'s: they must come from the file
         for p in net.parameters():
             p.mul_(1.5)
     torch.save(net.state_dict(), tmp_path / "w.pth")
-    proc = subprocess.run([sys.executable, "-m", "actcomp_edge.host.cli", "export", "--model",
-                           f"{user_file}:build", "--weights", str(tmp_path / "w.pth"),
-                           "--layers", "3", "--method", "hosvd", "--eps", "0.9",
-                           "--batch-size", "2", "--input-size", "64", "-o", str(tmp_path / "art")],
-                          capture_output=True, text=True)
+    proc = actcomp("export", "--model", f"{user_file}:build", "--weights", tmp_path / "w.pth",
+                   "--layers", "3", "--method", "hosvd", "--eps", "0.9", "--batch-size", "2",
+                   "--input-size", "64", "-o", tmp_path / "art")
     assert proc.returncode == 0, proc.stderr
     x = torch.randn(4, 3, 64, 64)
     net.eval()
     with torch.no_grad():
         want = net(x).numpy()
     trainer = Trainer(tmp_path / "art")
-    assert rel(trainer.evaluate(x.numpy()), want) < TOL
+    assert rel_max_error(trainer.evaluate(x.numpy()), want) < TOL
     assert trainer.manifest["model"] == Path(user_file).stem  # FILE.py:build -> FILE's stem
 
 
@@ -275,16 +238,11 @@ def test_rectangular_and_dilated_convs_train_with_autograds_gradients(tmp_path, 
     rng = np.random.default_rng(2)
     images = rng.standard_normal((3, 3, 24, 30)).astype(np.float32)
     labels = rng.integers(0, 5, 3).astype(np.int64)
-    loss, grads, after = reference_step(net, 4, images, labels, lr=0.1)
-    result = trainer.step(images, labels, lr=0.1)
-    assert abs(result.loss - loss) < TOL * abs(loss)
-    for name, grad in grads.items():
-        assert rel(result.grads[name], grad) < TOL, name
-        assert rel(trainer.params[name], after[name]) < TOL, name
+    assert_update_is_sgds(trainer, net, 4, images, labels)
     x = rng.standard_normal((2, 3, 24, 30)).astype(np.float32)
     net.eval()
     with torch.no_grad():
-        assert rel(trainer.evaluate(x), net(torch.from_numpy(x)).numpy()) < TOL
+        assert rel_max_error(trainer.evaluate(x), net(torch.from_numpy(x)).numpy()) < TOL
 
 
 def test_gradient_filter_refuses_a_rectangular_conv_in_one_line(tmp_path):
@@ -328,12 +286,9 @@ def test_the_cli_says_what_is_wrong_with_a_model_file_in_one_line(tmp_path):
                                                     "arguments"),
                          (f"{tmp_path}/m.py", "a model file is FILE.py:FUNCTION"),
                          (f"{tmp_path}/absent.py:build", "no such file")]:
-        proc = subprocess.run([sys.executable, "-m", "actcomp_edge.host.cli", "export", "--model", ref,
-                               "--layers", "1", "--method", "vanilla", "-o", str(tmp_path / "o")],
-                              capture_output=True, text=True)
-        assert proc.returncode == 2, proc.stderr
-        lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and message in lines[0], proc.stderr
+        proc = actcomp("export", "--model", ref, "--layers", "1", "--method", "vanilla", "-o",
+                       tmp_path / "o")
+        assert_one_line_error(proc, message)
 
 
 @pytest.mark.parametrize("name", ["mcunet-in1", "mobilenet_v2", "resnet18"])
@@ -394,10 +349,7 @@ def test_a_module_called_twice_is_two_ops_or_refused_when_it_holds_weights(tmp_p
     rng = np.random.default_rng(1)
     images = rng.standard_normal((2, 3, 16, 16)).astype(np.float32)
     labels = np.array([0, 2])
-    _, grads, _ = reference_step(net, 2, images, labels, lr=0.1)
-    result = Trainer(tmp_path / "art").step(images, labels, lr=0.1)
-    for name, grad in grads.items():
-        assert rel(result.grads[name], grad) < TOL, name
+    assert_step_is_autograds(Trainer(tmp_path / "art"), net, 2, images, labels)
     with pytest.raises(FrontendError, match="^b: a module called twice"):
         program_from_module(SharedRelu(share_conv=True), 16)
 
@@ -408,18 +360,15 @@ def test_actcomp_plan_takes_a_model_file_and_sizes_what_its_export_keeps(user_fi
     trainable parameters."""
     argv = ["--model", f"{user_file}:build", "--layers", "3", "--method", "hosvd", "--eps",
             "0.9", "--batch-size", "2", "--input-size", "64"]
-    proc = subprocess.run([sys.executable, "-m", "actcomp_edge.host.cli", "plan", *argv, "--json"],
-                          capture_output=True, text=True)
+    proc = actcomp("plan", *argv, "--json")
     assert proc.returncode == 0, proc.stderr
     planned = json.loads(proc.stdout)
-    export = subprocess.run([sys.executable, "-m", "actcomp_edge.host.cli", "export", *argv, "-o",
-                             str(tmp_path / "art")], capture_output=True, text=True)
+    export = actcomp("export", *argv, "-o", tmp_path / "art")
     assert export.returncode == 0, export.stderr
     predicted = json.loads((tmp_path / "art" / "manifest.json").read_text())["predicted_memory"]
     assert (planned["paper_bytes"], planned["full_bytes"]) == (predicted["paper_bytes"],
                                                                predicted["full_bytes"])
-    fits = subprocess.run([sys.executable, "-m", "actcomp_edge.host.cli", "plan", *argv,
-                           "--profile", "pi-zero-2w"], capture_output=True, text=True)
+    fits = actcomp("plan", *argv, "--profile", "pi-zero-2w")
     assert fits.returncode == 0 and "fits" in fits.stdout, fits.stderr
     from actcomp_edge.core.profiles import program_param_count
     from export.torch_frontend import program_from_module
@@ -470,17 +419,8 @@ def assert_trains_like_autograd(net, folder, size: int, n_convs: int, method="va
     labels = rng.integers(0, classes, batch).astype(np.int64)
     net.eval()
     with torch.no_grad():
-        assert rel(trainer.evaluate(images), net(torch.from_numpy(images)).numpy()) < TOL
+        assert rel_max_error(trainer.evaluate(images), net(torch.from_numpy(images)).numpy()) < TOL
     assert_step_is_autograds(trainer, net, n_convs, images, labels)
-
-
-def assert_step_is_autograds(trainer, net, n_convs, images, labels):
-    """The runner's loss and gradients of one step equal torch.autograd's."""
-    loss, grads, _ = reference_step(net, n_convs, images, labels, lr=0.1)
-    result = trainer.step(images, labels, lr=0.1)
-    assert abs(result.loss - loss) < TOL * abs(loss)
-    for name, grad in grads.items():
-        assert rel(result.grads[name], grad) < TOL, name
 
 
 def test_a_mean_over_other_dims_is_refused_in_one_line():
@@ -909,13 +849,13 @@ def test_a_squeeze_excitation_of_linears_trains_with_autograds_gradients(tmp_pat
     labels = rng.integers(0, 3, 3).astype(np.int64)
     net.eval()
     with torch.no_grad():
-        assert rel(trainer.evaluate(images), net(torch.from_numpy(images)).numpy()) < TOL
-    loss, grads, _ = reference_step(net, n_convs, images, labels, 0.1, modules=trained)
+        assert rel_max_error(trainer.evaluate(images), net(torch.from_numpy(images)).numpy()) < TOL
+    loss, grads, _ = torch_sgd_step(net, n_convs, images, labels, 0.1, modules=trained)
     assert sorted(manifest["trainable_params"]) == sorted(grads)
     result = trainer.step(images, labels, lr=0.1)
     assert abs(result.loss - loss) < TOL * abs(loss)
     for name, grad in grads.items():
-        assert rel(result.grads[name], grad) < TOL, name
+        assert rel_max_error(result.grads[name], grad) < TOL, name
     fwd = trainer.forward(images, labels)
     predicted = plan(network_of(program), n_convs, method, 3, 10, eps=eps)
     if method != "vanilla":

@@ -53,6 +53,7 @@ from actcomp_edge.core.profiles import (KEYS, MIN_RAM, Fit, Profile, ProfileErro
 from actcomp_edge.core.protocol import (ACK, CRC, DATA, HEADER, HEADER_SIZE, MAGIC, MAX_PAYLOAD,
                                    MAX_SEQ, OVERHEAD, VERSION, Frame, FrameDecoder,
                                    ProtocolError, encode_ack, encode_frame)
+from helpers import assert_one_line
 
 FUZZ = settings(deadline=None, derandomize=True, database=None, print_blob=False,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
@@ -62,11 +63,6 @@ FUZZ = settings(deadline=None, derandomize=True, database=None, print_blob=False
 
 def fuzz(n):
     return settings(FUZZ, max_examples=n)
-
-
-def one_line(error):
-    text = str(error)
-    assert text and "\n" not in text and "\r" not in text, repr(text)
 
 
 # ---------------------------------------------------------------- JSON values
@@ -390,7 +386,7 @@ def load_or_refuse(folder, **kwargs):
     try:
         m = load_manifest(folder, **kwargs)
     except ArtifactError as e:
-        one_line(e)
+        assert_one_line(e)
         event("manifest refused")
         return None
     event("manifest accepted")
@@ -496,7 +492,7 @@ def test_a_manifest_with_a_non_finite_number_is_refused_in_one_line(real, number
     write(folder, text.encode())
     with pytest.raises(ArtifactError, match="not valid JSON") as e:
         load_manifest(folder)
-    one_line(e.value)
+    assert_one_line(e.value)
 
 
 def test_the_real_manifest_loads_and_is_usable(exported, real):
@@ -599,7 +595,7 @@ def load_or_refuse_profile(load, *args):
     try:
         p = load(*args)
     except ProfileError as e:
-        one_line(e)
+        assert_one_line(e)
         event("profile refused")
         return str(e)
     check_profile(p)

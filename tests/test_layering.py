@@ -10,7 +10,8 @@ and no library module imports a command line, and no module imports itself throu
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import REPO
+
 FOLDERS = {"core": "actcomp_edge.core", "device": "device_runner", "export": "export",
            "host": "actcomp_edge.host"}
 # the folders each folder may import from (besides itself)
@@ -27,8 +28,8 @@ def modules() -> dict:
     """Dotted module name -> path, for every module of the three packages."""
     found = {}
     for package in ("actcomp_edge", "device_runner", "export"):
-        for path in sorted((ROOT / package).rglob("*.py")):
-            parts = path.relative_to(ROOT).with_suffix("").parts
+        for path in sorted((REPO / package).rglob("*.py")):
+            parts = path.relative_to(REPO).with_suffix("").parts
             found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return found
 

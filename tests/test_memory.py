@@ -1,7 +1,5 @@
 """Memory model: the paper's analytic columns, formulas, both accountings, the plan CLI."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,6 +10,7 @@ from actcomp_edge.core.program import network
 from actcomp_edge.core.decomposition import hosvd
 from actcomp_edge.core.memory import mib, plan
 from actcomp_edge.core.methods import gf_floats, hosvd_floats, svd_floats, vanilla_floats
+from helpers import actcomp, assert_one_line_error
 
 # The paper's printed analytic columns: (vanilla N=2, N=4, GF-R2 N=2, N=4), MiB.
 PAPER = {
@@ -138,16 +137,10 @@ def test_cli_non_square_input(capsys):
      "4 ranks"),
 ])
 def test_cli_errors_are_one_line(argv, message):
-    proc = subprocess.run([sys.executable, "-m", "actcomp_edge.host.cli", *argv],
-                          capture_output=True, text=True)
-    assert proc.returncode == 2
-    assert message in proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
+    assert_one_line_error(actcomp(*argv), message)
 
 
 def test_cli_paper_table_matches():
-    proc = subprocess.run([sys.executable, "-m", "actcomp_edge.host.cli", "paper-table"],
-                          capture_output=True, text=True)
+    proc = actcomp("paper-table")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "all figures match the paper" in proc.stdout

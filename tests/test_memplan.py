@@ -10,6 +10,7 @@ from actcomp_edge.core.memplan import Buffer, place
 from device_helpers import SIZE, device
 from export.training_graph import TrainConfig
 from export_helpers import batch, export, random_model
+from helpers import assert_one_line_error
 
 
 def test_place_shares_memory_between_disjoint_lifetimes():
@@ -103,10 +104,8 @@ def test_budget_below_the_plan_is_refused_before_the_first_step(tmp_path):
              labels=rng.integers(0, 3, 24))
     common = ["train", art, "--data", tmp_path / "d.npz", "--max-steps", "2", "--threads", "1"]
     low = device(*common, "--budget", str(int(planned * 0.99)), "--out", tmp_path / "low")
-    assert low.returncode == 3, low.stderr
-    lines = low.stderr.strip().splitlines()
-    assert len(lines) == 1 and "memory plan needs" in lines[0] and "--batch-size" in lines[0]
-    assert "Traceback" not in low.stderr and not (tmp_path / "low" / "checkpoints").exists()
+    assert_one_line_error(low, "memory plan needs", "--batch-size", code=3)
+    assert not (tmp_path / "low" / "checkpoints").exists()
     high = device(*common, "--budget", str(int(planned * 1.10)), "--out", tmp_path / "high",
                   "--summary", tmp_path / "s.json")
     assert high.returncode in (0, 4), high.stderr

@@ -3,7 +3,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 import tty
 from pathlib import Path
@@ -11,8 +10,9 @@ from pathlib import Path
 
 from actcomp_edge.core.protocol import ACK, FrameDecoder, encode_frame
 from device_runner.transport import ProfileSender
+from helpers import ACTCOMP, ENV, actcomp, assert_one_line_error
+from link_helpers import free_port
 
-REPO = Path(__file__).resolve().parents[1]
 MIB = 2 ** 20
 
 
@@ -34,10 +34,9 @@ def records(n=30, violation_at=17):
 
 
 def start_monitor(url, output, *extra):
-    return subprocess.Popen([sys.executable, "-m", "actcomp_edge.host.cli", "monitor", url,
-                             "--budget", "10MiB", "-o", str(output), "--idle-timeout", "60",
-                             *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+    return subprocess.Popen([*ACTCOMP, "monitor", url, "--budget", "10MiB", "-o", str(output),
+                             "--idle-timeout", "60", *extra], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
 
 
 def check_result(proc, output, sent):
@@ -72,12 +71,6 @@ def test_monitor_over_a_pty(tmp_path):
     check_result(proc, output, sent)
     os.close(master)
     os.close(slave)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_monitor_over_tcp_with_a_real_sender(tmp_path):
@@ -119,17 +112,11 @@ def test_monitor_without_violations_exits_zero_and_bad_budget_is_one_line(tmp_pa
     sender.close()
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
-    bad = subprocess.run([sys.executable, "-m", "actcomp_edge.host.cli", "monitor", "loop://",
-                          "--budget", "lots"], capture_output=True, text=True,
-                         env=dict(os.environ, PYTHONPATH=str(REPO)))
-    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
-    assert "Traceback" not in bad.stderr
+    assert_one_line_error(monitor_cli("loop://", "--budget", "lots"))
 
 
 def monitor_cli(*argv):
-    return subprocess.run([sys.executable, "-m", "actcomp_edge.host.cli", "monitor", *argv],
-                          capture_output=True, text=True, timeout=60,
-                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    return actcomp("monitor", *argv, timeout=60)
 
 
 def test_a_link_that_cannot_open_is_one_line_and_exit_two(tmp_path):
@@ -145,10 +132,7 @@ def test_a_link_that_cannot_open_is_one_line_and_exit_two(tmp_path):
              f"socket://127.0.0.1:{free_port()}": "cannot open it"}
     try:
         for url, message in cases.items():
-            proc = monitor_cli(url, "--idle-timeout", "5")
-            assert proc.returncode == 2, (url, proc.stderr)
-            assert message in proc.stderr and "Traceback" not in proc.stderr, url
-            assert len(proc.stderr.strip().splitlines()) == 1, url
+            assert_one_line_error(monitor_cli(url, "--idle-timeout", "5"), message)
     finally:
         taken.close()
 

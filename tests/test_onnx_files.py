@@ -9,6 +9,7 @@ from device_helpers import device, train_args
 from device_runner.runtime import Trainer
 from export.training_graph import TrainConfig
 from export_helpers import export, random_model
+from helpers import actcomp, require_shared
 
 METHODS = {"vanilla": {}, "hosvd": {"eps": 0.8}, "asi": {"eps": 0.8},
            "svd": {"eps": 0.8}, "gf-r2": {}}
@@ -41,16 +42,11 @@ def test_every_artifact_graph_passes_the_full_check_and_the_overview_has_shapes(
 def test_the_real_mcunet_overview_is_valid(method, tmp_path):
     """The pretrained mcunet-5fps of ../shared (its blocks end in a clipped residual: inner
     tensor names of two partitions coincide; each is its graph's own in the overview)."""
-    import subprocess
-    import sys
-    from conftest import require_shared
     spec = require_shared("weights", "tt_mcunet-5fps_int8dq.json")
     out = tmp_path / "art"
-    proc = subprocess.run([sys.executable, "-m", "actcomp_edge.host.cli", "export", "--model", str(spec),
-                           "--weights", str(spec.with_suffix(".npz")), "--num-classes", "2",
-                           "--layers", "4", "--method", method, "--eps", "0.8", "--batch-size",
-                           "4", "--input-size", "64", "-o", str(out)], capture_output=True,
-                          text=True)
+    proc = actcomp("export", "--model", spec, "--weights", spec.with_suffix(".npz"),
+                   "--num-classes", "2", "--layers", "4", "--method", method, "--eps", "0.8",
+                   "--batch-size", "4", "--input-size", "64", "-o", out)
     assert proc.returncode == 0, proc.stderr
     onnx.checker.check_model(onnx.load(out / "overview.onnx"), full_check=True)
 

@@ -14,7 +14,6 @@ import threading
 import time
 import tty
 import zlib
-from pathlib import Path
 
 import pytest
 import serial
@@ -22,9 +21,8 @@ import serial
 from actcomp_edge.core.protocol import (ACK, DATA, MAX_PAYLOAD, Frame, FrameDecoder, ProtocolError,
                                    Receiver, encode_ack, encode_frame)
 from device_runner.transport import ProfileSender, open_link
+from helpers import REPO
 from link_helpers import Host, LossyProxy, free_port, listen, make_records, wait_until
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def data_frame(seq, record, base=0):

@@ -76,10 +76,10 @@ def test_runner_chooses_ranks_for_the_budget_on_its_first_batch(tmp_path, image_
     """actcomp export --method asi --activation-budget; the runner picks the ranks on its
     first batch, says so, and keeps them: the summary's fixed ranks fit the budget."""
     from device_helpers import device, train_args
-    from test_export import run_cli
+    from helpers import actcomp
     art = tmp_path / "art"
     budget = 48 * 1024
-    proc = run_cli("export", "--model", "mcunet-in1", "--num-classes", "3", "--layers", "3",
+    proc = actcomp("export", "--model", "mcunet-in1", "--num-classes", "3", "--layers", "3",
                    "--method", "asi", "--activation-budget", str(budget), "--batch-size", "8",
                    "--input-size", "64", "-o", str(art))
     assert proc.returncode == 0, proc.stderr

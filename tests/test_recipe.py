@@ -16,7 +16,8 @@ from device_runner import recipe
 from device_runner.runtime import Trainer
 from device_runner.train import MAX_ROLLBACKS, Options, TrainingError, evaluate, fit
 from export.training_graph import TrainConfig
-from export_helpers import batch, export, random_model, rel
+from export_helpers import batch, export, random_model
+from helpers import actcomp, assert_one_error_line, rel_l2_error
 
 # ---------------------------------------------------------------- schedules
 
@@ -91,7 +92,7 @@ def test_clipped_sgd_steps_equal_torch(tmp_path):
         assert float(torch_norm) == pytest.approx(norm, rel=1e-5)
         opt.step()
         for key, p in params.items():
-            assert rel(clipped.params[key], p.numpy()) < 1e-5, (step, key)
+            assert rel_l2_error(clipped.params[key], p.numpy()) < 1e-5, (step, key)
 
 
 def test_clip_grad_norm_leaves_small_gradients_alone():
@@ -240,13 +241,6 @@ def test_augmentation_changes_training_and_no_augment_turns_it_off(artifact, ima
 # ---------------------------------------------------------------- bad input: exit 2, one line
 
 
-def one_line_error(proc, code, message):
-    assert proc.returncode == code, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if "error" in line]
-    assert len(errors) == 1 and message in errors[0], proc.stderr
-    assert "Traceback" not in proc.stderr
-
-
 @pytest.mark.parametrize("extra,message", [
     (["--lr", "-1"], "expected a finite number > 0, got '-1'"),
     (["--lr", "nan"], "expected a finite number > 0, got 'nan'"),
@@ -263,7 +257,7 @@ def one_line_error(proc, code, message):
 def test_bad_arguments_are_one_line_before_any_work(artifact, image_folder, tmp_path, extra,
                                                     message):
     out = tmp_path / "run"
-    one_line_error(device(*train_args(artifact, image_folder, out, *extra)), 2, message)
+    assert_one_error_line(device(*train_args(artifact, image_folder, out, *extra)), message)
     assert not out.exists()  # nothing was trained or written
 
 
@@ -272,13 +266,13 @@ def test_data_that_does_not_match_the_artifact_is_refused(artifact, image_folder
     (one_class / "red").mkdir(parents=True)
     for f in sorted((image_folder / "red").glob("*.png"))[:3]:
         (one_class / "red" / f.name).write_bytes(f.read_bytes())
-    one_line_error(device(*train_args(artifact, one_class, tmp_path / "a")), 2,
-                   "has the classes ['red'], the artifact ['0', '1', '2']")
+    assert_one_error_line(device(*train_args(artifact, one_class, tmp_path / "a")),
+                          "has the classes ['red'], the artifact ['0', '1', '2']")
     fractions = tmp_path / "fractions.npz"
     np.savez(fractions, images=np.zeros((4, 8, 8, 3), np.uint8),
              labels=np.array([0, 1, 1.5, 2]))
-    one_line_error(device(*train_args(artifact, fractions, tmp_path / "b")), 2,
-                   "labels must be class indices, got 1.5")
+    assert_one_error_line(device(*train_args(artifact, fractions, tmp_path / "b")),
+                          "labels must be class indices, got 1.5")
 
 
 def test_named_classes_must_match(tmp_path):
@@ -291,13 +285,9 @@ def test_named_classes_must_match(tmp_path):
 
 
 def test_export_refuses_an_input_smaller_than_the_total_stride(tmp_path):
-    import subprocess
-    import sys
-    proc = subprocess.run([sys.executable, "-m", "actcomp_edge.host.cli", "export", "--model",
-                           "mcunet-in1", "--layers", "2", "--method", "vanilla",
-                           "--input-size", "16", "-o", str(tmp_path / "a")],
-                          capture_output=True, text=True, timeout=300)
-    one_line_error(proc, 2, "smaller than the network's total stride 32")
+    proc = actcomp("export", "--model", "mcunet-in1", "--layers", "2", "--method", "vanilla",
+                   "--input-size", "16", "-o", tmp_path / "a", timeout=300)
+    assert_one_error_line(proc, "smaller than the network's total stride 32")
 
 
 def test_dropout_the_graphs_lack_is_recorded_not_dropped_silently(tmp_path):
@@ -326,4 +316,4 @@ def test_a_cached_prefix_trains_as_the_prefix_run_every_step(artifact, tmp_path)
         assert runs == ([4, 4, 4] if cached else [])
         weights[cached] = trainer.params
     for name, value in weights[False].items():
-        assert rel(weights[True][name], value) < 1e-6, name
+        assert rel_l2_error(weights[True][name], value) < 1e-6, name

@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,8 +14,8 @@ from torch import nn
 from actcomp_edge.core.decomposition import full_rank_bound, hosvd, svd_compress
 from export.reference import (CompressedConv2d, GradientFilterR2Conv2d, HosvdConv2d,
                               compress_last_n, freeze_batchnorm)
+from helpers import SHARED, rel_l2_error
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 ORACLE = SHARED / "vectors"
 
 # (B, C, O, H, W, kernel, stride, padding, groups, dilation, bias)
@@ -38,11 +37,6 @@ SHAPES = {
     "asym-pad(0,2)-7x5": (3, 4, 6, 7, 5, 3, 1, (0, 2), 1, 1, False),
     "dilation2": (3, 4, 6, 9, 9, 3, 1, 2, 1, 2, True),
 }
-
-
-def rel(a, b):
-    """||a - b|| / ||b|| (absolute when b == 0)."""
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def make_case(shape, seed=0):
@@ -78,7 +72,7 @@ def assert_grads_close(got, want, tol=1e-4):
             assert a is None
         else:
             assert a.shape == b.shape, name
-            assert rel(a, b) < tol, f"{name}: rel {rel(a, b):.2e}"
+            assert rel_l2_error(a, b) < tol, f"{name}: rel {rel_l2_error(a, b):.2e}"
 
 
 # ---------------------------------------------------------------- exactness
@@ -116,7 +110,7 @@ def test_hosvd_truncated_matches_reconstruction(shape):
     _, dw_rec, db = plain_grads(conv, x_rec, dy)
     dx_exact = plain_grads(conv, x, dy)[0]          # dX needs only W and dY
     assert_grads_close(got, (dx_exact, dw_rec, db))
-    assert rel(got[1], plain_grads(conv, x, dy)[1]) > 1e-3   # truncation changed dW
+    assert rel_l2_error(got[1], plain_grads(conv, x, dy)[1]) > 1e-3   # truncation changed dW
 
 
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
@@ -140,7 +134,7 @@ def test_fixed_ranks_and_cap():
     got = grads(layer, x, dy)
     assert layer.last_ranks == (2, 3, 4, 5)
     x_rec = torch.from_numpy(hosvd(x.numpy(), ranks=(2, 3, 4, 5)).reconstruct())
-    assert rel(got[1], plain_grads(conv, x_rec, dy)[1]) < 1e-4
+    assert rel_l2_error(got[1], plain_grads(conv, x_rec, dy)[1]) < 1e-4
     capped = CompressedConv2d.from_conv(conv, "hosvd", eps=1.0, rank_cap=2)
     grads(capped, x, dy)
     assert capped.last_ranks == (2, 2, 2, 2)
@@ -226,16 +220,16 @@ def test_gradient_filter_against_loops(shape):
     assert x_sum.shape == (b, c, math.ceil(h / (2 * sh)), math.ceil(w / (2 * sw)))
     assert [tuple(t.shape) for t in saved] == [x_sum.shape, tuple(conv.weight.shape)]
     assert np.allclose(saved[0].double().numpy(), x_sum, atol=1e-5)
-    assert rel(layer.weight.grad.double(), dw_loops) < 1e-5
+    assert rel_l2_error(layer.weight.grad.double(), dw_loops) < 1e-5
     if conv.bias is not None:
-        assert rel(layer.bias.grad, plain_grads(conv, x, dy)[2]) < 1e-6
+        assert rel_l2_error(layer.bias.grad, plain_grads(conv, x, dy)[2]) < 1e-6
 
 
 def test_gradient_filter_input_grad_is_exact():
     x, conv, dy = make_case(SHAPES["grouped-4"])
     x1 = x.clone().requires_grad_(True)
     GradientFilterR2Conv2d.apply(x1, conv.weight, conv.bias, (conv.stride, conv.padding, conv.dilation, conv.groups), {}).backward(dy)
-    assert rel(x1.grad, plain_grads(conv, x, dy)[0]) < 1e-6
+    assert rel_l2_error(x1.grad, plain_grads(conv, x, dy)[0]) < 1e-6
 
 
 # ------------------------------------------------------------------ oracle
@@ -265,7 +259,7 @@ def test_oracle_ranks_and_weight_grad(case, oracle_npz):
     assert stats["ranks"] == tuple(int(k) for k in oracle_npz[f"{key}/eps{eps}/hosvd_ranks"])
     assert stats["kept_floats"] == case["hosvd_kept_floats"]
     official = torch.from_numpy(oracle_npz[f"{key}/eps{eps}/hosvd_grad_weight"])
-    assert rel(weight.grad, official) < 1e-5
+    assert rel_l2_error(weight.grad, official) < 1e-5
 
 
 # ------------------------------------------------------------------ memory
@@ -365,8 +359,8 @@ def test_one_sgd_step_full_rank_hosvd_equals_uncompressed():
         F.cross_entropy(net(x), target).backward()
         opt.step()
     for (name, p_ref), p in zip(reference.named_parameters(), model.parameters()):
-        assert rel(p, p_ref) < 1e-4, name
-    assert rel(model[6].weight, start["6.weight"]) > 1e-3       # the step did something
+        assert rel_l2_error(p, p_ref) < 1e-4, name
+    assert rel_l2_error(model[6].weight, start["6.weight"]) > 1e-3       # the step did something
     assert torch.equal(model[0].weight, start["0.weight"])      # frozen stays put
 
 

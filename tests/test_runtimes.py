@@ -18,9 +18,9 @@ import pytest
 from actcomp_edge.core.npz import load_npz
 
 from export.training_graph import TrainConfig
-from export_helpers import batch, export, random_model, rel
+from export_helpers import batch, export, random_model
+from helpers import REPO, rel_l2_error
 
-REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = Path(__file__).parent / "scripts"
 
 
@@ -78,7 +78,7 @@ def assert_old_trains_like_new(old, folder, data, tmp_path, steps):
     for key in new_out.files:
         if key.startswith("param/"):
             initial = start[key[len("param/"):]]
-            assert rel(old_out[key] - initial, new_out[key] - initial) < 1e-4, key
+            assert rel_l2_error(old_out[key] - initial, new_out[key] - initial) < 1e-4, key
 
 
 @pytest.mark.parametrize("name,n_layers,hw", [("mcunet-in1", 4, (96, 96)),
@@ -104,7 +104,7 @@ def test_vanilla_gradients_equal_onnxruntime_training(name, n_layers, hw, tmp_pa
     assert abs(result.loss - float(reference["loss"])) < 1e-4 * result.loss
     assert sorted(result.grads) == sorted(trainer.manifest["trainable_params"])
     for key, grad in result.grads.items():
-        assert rel(grad, reference[f"grad/{key}"]) < 1e-4, key
+        assert rel_l2_error(grad, reference[f"grad/{key}"]) < 1e-4, key
 
 
 @pytest.mark.parametrize("method,eps", [("vanilla", None), ("hosvd", 1.0)])

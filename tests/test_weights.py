@@ -1,8 +1,5 @@
 """Weight files: .npz, .pth (tensors only) and .safetensors give the same artifact; what
 cannot be read or must not be unpickled is one line; torchvision's MobileNetV2 loads."""
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -13,24 +10,13 @@ from torch import nn
 from device_runner.runtime import Trainer
 from export import zoo
 from export.weight_files import WeightsError, read_weight_file
-
-
-def run_cli(*argv):
-    return subprocess.run([sys.executable, "-m", "actcomp_edge.host.cli", *argv],
-                          capture_output=True, text=True)
+from helpers import actcomp, assert_one_line_error, rel_max_error
 
 
 def export_args(weights, out, model="mcunet-in1", classes="10", layers="2", size="64"):
     return ["export", "--model", model, "--weights", str(weights), "--num-classes", classes,
             "--layers", layers, "--method", "vanilla", "--batch-size", "2", "--input-size", size,
             "-o", str(out)]
-
-
-def one_line(proc, message):
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0] and len(lines[0]) < 400, proc.stderr
-    assert "Traceback" not in proc.stderr
 
 
 def test_npz_pth_and_safetensors_give_byte_identical_artifacts(tmp_path):
@@ -46,7 +32,7 @@ def test_npz_pth_and_safetensors_give_byte_identical_artifacts(tmp_path):
     files = {}
     for name in ("w.npz", "w.pth", "wrapped.pt", "w.safetensors"):
         out = tmp_path / f"art-{name}"
-        proc = run_cli(*export_args(tmp_path / name, out))
+        proc = actcomp(*export_args(tmp_path / name, out))
         assert proc.returncode == 0, proc.stderr
         files[name] = {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
     reference = files.pop("w.npz")
@@ -63,7 +49,8 @@ def test_a_pickle_that_needs_code_is_refused(tmp_path):
     torch.save({"w": torch.zeros(2), "extra": Opaque()}, tmp_path / "evil.pth")
     with pytest.raises(WeightsError, match="would run code"):
         read_weight_file(tmp_path / "evil.pth")
-    one_line(run_cli(*export_args(tmp_path / "evil.pth", tmp_path / "out")), "would run code")
+    proc = actcomp(*export_args(tmp_path / "evil.pth", tmp_path / "out"))
+    assert len(assert_one_line_error(proc, "would run code")) < 400
     assert not (tmp_path / "out").exists()
 
 
@@ -75,7 +62,8 @@ def test_a_pickle_that_needs_code_is_refused(tmp_path):
 ])
 def test_unreadable_weights_are_one_short_line(tmp_path, name, content, message):
     (tmp_path / name).write_bytes(content)
-    one_line(run_cli(*export_args(tmp_path / name, tmp_path / "out")), message)
+    proc = actcomp(*export_args(tmp_path / name, tmp_path / "out"))
+    assert len(assert_one_line_error(proc, message)) < 400
     assert not (tmp_path / "out").exists()
 
 
@@ -87,8 +75,8 @@ def test_a_state_dict_that_is_not_tensors_is_refused(tmp_path):
 
 def test_a_name_mismatch_is_a_short_list_with_a_hint(tmp_path):
     np.savez(tmp_path / "w.npz", **{"backbone.conv0.weight": np.zeros((16, 3, 3, 3), np.float32)})
-    proc = run_cli(*export_args(tmp_path / "w.npz", tmp_path / "out"))
-    one_line(proc, "missing stem.weight")
+    proc = actcomp(*export_args(tmp_path / "w.npz", tmp_path / "out"))
+    assert len(assert_one_line_error(proc, "missing stem.weight")) < 400
     assert "(+" in proc.stderr and "README" in proc.stderr
 
 
@@ -146,7 +134,7 @@ def test_a_torchvision_mobilenet_v2_state_dict_loads_and_gives_its_logits(tmp_pa
     net.eval()
     torch.save(net.state_dict(), tmp_path / "mbv2.pth")
     out = tmp_path / "art"
-    proc = run_cli(*export_args(tmp_path / "mbv2.pth", out, model="mobilenet_v2", layers="3",
+    proc = actcomp(*export_args(tmp_path / "mbv2.pth", out, model="mobilenet_v2", layers="3",
                                 size="96"))
     assert proc.returncode == 0, proc.stderr
     assert "torchvision MobileNetV2 names mapped" in proc.stdout
@@ -154,7 +142,7 @@ def test_a_torchvision_mobilenet_v2_state_dict_loads_and_gives_its_logits(tmp_pa
     with torch.no_grad():
         want = net(x).numpy()
     got = Trainer(out).evaluate(x.numpy())
-    assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
+    assert rel_max_error(got, want) < 1e-4
 
 
 def test_a_torchvision_resnet18_state_dict_loads_as_it_is(tmp_path):
@@ -167,11 +155,11 @@ def test_a_torchvision_resnet18_state_dict_loads_as_it_is(tmp_path):
     assert "layer1.0.conv1.weight" in state and "fc.weight" in state  # torchvision's names
     torch.save(state, tmp_path / "resnet18.pth")
     out = tmp_path / "art"
-    proc = run_cli(*export_args(tmp_path / "resnet18.pth", out, model="resnet18", layers="3",
+    proc = actcomp(*export_args(tmp_path / "resnet18.pth", out, model="resnet18", layers="3",
                                 size="64"))
     assert proc.returncode == 0, proc.stderr
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         want = net(x).numpy()
     got = Trainer(out).evaluate(x.numpy())
-    assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
+    assert rel_max_error(got, want) < 1e-4

@@ -1,6 +1,5 @@
 """export.zoo: torch models match the program's convs, weights round-trip, real weights work."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,8 +8,8 @@ from torch import nn
 
 from actcomp_edge.core import arch, program
 from export import zoo
+from helpers import SHARED, assert_one_line
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 WEIGHTS = SHARED / "weights"
 KNOWN_SHARED = ["mcunet-320kb-1mb_fp32", "tt_mbv2-w0.35_int8dq", "tt_mcunet-5fps_int8dq",
                 "tt_proxyless-w0.3_int8dq"]
@@ -182,7 +181,8 @@ def test_mismatched_weights_raise(small, tmp_path, edit, name, words):
         with pytest.raises(zoo.WeightsError) as err:
             zoo.load_weights(model, spec, source)
         message = str(err.value)
-        assert "\n" not in message and name in message and all(w in message for w in words)
+        assert_one_line(message)
+        assert name in message and all(w in message for w in words)
 
 
 def test_non_strict_and_ignored_arrays(small, tmp_path):

@@ -1,6 +1,7 @@
 """Host tools: device profiles, `actcomp plan --profile`, `actcomp check`, `actcomp report`."""
 import json
 import math
+from collections import namedtuple
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from actcomp_edge.core.program import network
 from actcomp_edge.core.memory import plan
 from actcomp_edge.core.profiles import (ProfileError, Profile, load_profile, parse_size,
                                    profile_names, trainable_param_count)
+from helpers import assert_one_line, assert_one_line_error, write_profile
 
 MIB = 2 ** 20
 SHIPPED = {"pi-zero-2w", "pi4-2gb", "pi4-4gb", "pi4-8gb", "pi5-8gb", "jetson-nano-4gb",
@@ -20,25 +22,17 @@ GOOD = {"name": "test board", "ram": "64MiB", "cores": 1, "budget": 1_500_000,
         "notes": "tiny budget for hand-computed cases"}
 
 
-def toml(values: dict) -> str:
-    return "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
+Result = namedtuple("Result", "returncode stdout stderr")
 
 
-def write_profile(tmp_path, stem="tiny", **changes) -> str:
-    values = {k: v for k, v in dict(GOOD, **changes).items() if v is not None}
-    path = tmp_path / f"{stem}.toml"
-    path.write_text(toml(values))
-    return str(path)
-
-
-def run(capsys, *argv):
+def run(capsys, *argv) -> Result:
     """(exit status, stdout, stderr) of `actcomp ARGV` run in this process."""
     try:
         status = cli.main([str(a) for a in argv])
     except SystemExit as e:  # argparse errors
         status = e.code
     out, err = capsys.readouterr()
-    return status, out, err
+    return Result(status, out, err)
 
 
 # ---------------------------------------------------------------- profiles
@@ -78,19 +72,19 @@ def test_sizes():
     ({"name": 7}, "name"),
 ])
 def test_bad_profiles_name_the_key(tmp_path, capsys, changes, key):
-    path = write_profile(tmp_path, "bad", **changes)
+    path = write_profile(tmp_path / "bad.toml", GOOD, **changes)
     with pytest.raises(ProfileError, match=f"key '{key}'") as info:
         load_profile(path)
-    assert "\n" not in str(info.value)
-    status, out, err = run(capsys, "plan", "--model", "mcunet-in1", "--method", "vanilla",
-                           "--layers", 2, "--profile", path)
-    assert status == 2 and out == "" and len(err.splitlines()) == 1 and f"'{key}'" in err
+    assert_one_line(info.value)
+    result = run(capsys, "plan", "--model", "mcunet-in1", "--method", "vanilla", "--layers", 2,
+                 "--profile", path)
+    assert_one_line_error(result, f"'{key}'")
+    assert result.stdout == ""
 
 
 def test_unknown_profile_and_bad_toml(tmp_path, capsys):
-    status, _, err = run(capsys, "plan", "--model", "mcunet-in1", "--method", "vanilla",
-                         "--profile", "pi-zero-99")
-    assert status == 2 and len(err.splitlines()) == 1 and "pi-zero-2w" in err
+    assert_one_line_error(run(capsys, "plan", "--model", "mcunet-in1", "--method", "vanilla",
+                              "--profile", "pi-zero-99"), "pi-zero-2w")
     bad = tmp_path / "broken.toml"
     bad.write_text("name = \"x\nram = 5\n")
     with pytest.raises(ProfileError, match="not valid TOML"):
@@ -137,7 +131,7 @@ def test_plan_profile_keeps_the_plan_and_adds_the_accounting(capsys):
 
 
 def test_plan_profile_numbers_by_hand(tmp_path, capsys):
-    tiny = write_profile(tmp_path)
+    tiny = write_profile(tmp_path / "tiny.toml", GOOD)
     for n in (1, 2, 3):
         _, out, _ = run(capsys, *TINY_PLAN, "--layers", n, "--batch-size", 8, "--profile", tiny,
                         "--json")
@@ -147,7 +141,7 @@ def test_plan_profile_numbers_by_hand(tmp_path, capsys):
 
 
 def test_plan_profile_searches_layers_and_batch(tmp_path, capsys):
-    tiny = write_profile(tmp_path)
+    tiny = write_profile(tmp_path / "tiny.toml", GOOD)
     # batch 8: N=2 needs 1342328 bytes, N=3 2036600: the largest that fits 1.5 MB is 2
     assert hand_working(2, 8) <= 1_500_000 < hand_working(3, 8)
     status, out, _ = run(capsys, *TINY_PLAN, "--batch-size", 8, "--profile", tiny, "--json")
@@ -186,7 +180,7 @@ def test_plan_profile_searches_layers_and_batch(tmp_path, capsys):
 
 
 def test_plan_search_uses_the_eps_bound_or_exact_ranks(tmp_path, capsys):
-    tiny = write_profile(tmp_path, budget="4MiB")
+    tiny = write_profile(tmp_path / "tiny.toml", GOOD, budget="4MiB")
     spec = load_spec("mcunet-in1", 10)
     net = network(spec, 64)
     for extra, kwargs in ((("--eps", "0.5"), {"eps": 0.5}), (("--ranks", 2, 2, 1, 1),
@@ -202,8 +196,9 @@ def test_plan_search_uses_the_eps_bound_or_exact_ranks(tmp_path, capsys):
 
 
 def test_plan_still_needs_layers_without_profile(capsys):
-    status, out, err = run(capsys, "plan", "--model", "mcunet-in1", "--method", "vanilla")
-    assert status == 2 and out == "" and len(err.splitlines()) == 1 and "--layers" in err
+    result = run(capsys, "plan", "--model", "mcunet-in1", "--method", "vanilla")
+    assert_one_line_error(result, "--layers")
+    assert result.stdout == ""
 
 
 # ---------------------------------------------------------------- check
@@ -237,14 +232,14 @@ def test_check_fits_or_not(artifact, tmp_path, capsys):
     # exactly at the budget fits (margin 0); one byte less does not
     status, out, _ = run(capsys, "check", artifact, "--profile", "pi-zero-2w", "--budget", working)
     assert status == 0 and "fits, margin 0.00 MiB (0.0 %)" in out
-    tight = write_profile(tmp_path, budget=working - 1)
+    tight = write_profile(tmp_path / "tiny.toml", GOOD, budget=working - 1)
     status, out, _ = run(capsys, "check", artifact, "--profile", tight)
     assert status == 1 and "does NOT fit" in out
 
 
 def test_check_bad_input(artifact, tmp_path, capsys):
     cases = [("check", tmp_path / "nothing", "--profile", "pi-zero-2w"),
-             ("check", artifact, "--profile", write_profile(tmp_path, cores=0)),
+             ("check", artifact, "--profile", write_profile(tmp_path / "tiny.toml", GOOD, cores=0)),
              ("check", artifact, "--profile", "pi-zero-2w", "--budget", "lots")]
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -253,8 +248,9 @@ def test_check_bad_input(artifact, tmp_path, capsys):
     (broken / "weights.npz").write_bytes(b"tampered")
     cases.append(("check", broken, "--profile", "pi-zero-2w"))
     for argv in cases:
-        status, out, err = run(capsys, *argv)
-        assert status == 2 and out == "" and len(err.splitlines()) == 1, (argv, err)
+        result = run(capsys, *argv)
+        assert_one_line_error(result)
+        assert result.stdout == "", argv
 
 
 # ---------------------------------------------------------------- report
@@ -422,8 +418,9 @@ def test_report_cli(streams, tmp_path, capsys):
     status, text, _ = run(capsys, "report", streams["vanilla"][0], streams["hosvd"][0], "-o", out)
     assert status == 0 and "3 malformed lines skipped" in text
     assert all((out / f"{n}.png").is_file() for n in ("memory", "kept", "ranks", "loss"))
-    status, text, err = run(capsys, "report", tmp_path / "missing.jsonl", "-o", out)
-    assert status == 2 and text == "" and len(err.splitlines()) == 1 and "missing.jsonl" in err
+    result = run(capsys, "report", tmp_path / "missing.jsonl", "-o", out)
+    assert_one_line_error(result, "missing.jsonl")
+    assert result.stdout == ""
 
 
 def test_every_command_has_help(capsys):
@@ -444,6 +441,6 @@ def test_plan_search_may_propose_every_resnet_conv_through_the_stem_max_pool(cap
 def test_check_given_a_model_names_plan(model, capsys):
     """check takes an exported artifact; given a model (FILE.py:FUNCTION, a zoo name, a spec)
     it says in one line which command checks a model before export."""
-    status, text, err = run(capsys, "check", model, "--profile", "pi-zero-2w")
-    assert status == 2 and text == "" and len(err.strip().splitlines()) == 1
-    assert f"`actcomp plan --model {model} --profile pi-zero-2w`" in err
+    result = run(capsys, "check", model, "--profile", "pi-zero-2w")
+    assert_one_line_error(result, f"`actcomp plan --model {model} --profile pi-zero-2w`")
+    assert result.stdout == ""
