@@ -6,7 +6,8 @@ functions). Four folders, each a layer:
     export              the workstation: core + torch/onnx, never the runner or the host tools
     actcomp_edge/host   the host tools: core + the exporter's CLI; they run the board as a process
 
-and no library module imports a command line, and no module imports itself through others."""
+and no library module imports a command line, no module imports itself through others, and
+no function is over 80 lines or takes more than 10 parameters."""
 import ast
 from pathlib import Path
 
@@ -136,3 +137,18 @@ def test_no_import_cycles():
     graph = import_graph()
     for name in graph:
         assert name not in reachable(graph, graph[name]), name
+
+
+def test_no_function_is_over_80_lines_or_10_parameters():
+    """Long functions hide their steps: a step of its own gets a name (self, cls not counted)."""
+    too_long = []
+    for module, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                a = node.args
+                params = [p for p in a.posonlyargs + a.args + a.kwonlyargs
+                          if p.arg not in ("self", "cls")] + [p for p in (a.vararg, a.kwarg) if p]
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 80 or len(params) > 10:
+                    too_long.append(f"{module}.{node.name}: {lines} lines, {len(params)} params")
+    assert not too_long, too_long
