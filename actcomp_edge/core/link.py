@@ -60,7 +60,7 @@ def check_url(url: str, *, board: bool) -> None:
         raise ValueError(f"unknown scheme {scheme}:// (expected /dev/..., socket://HOST:PORT, "
                          f"loop://, rfc2217://HOST:PORT" + ("" if board else ", tcp://HOST:PORT")
                          + " or file://PATH)")
-    elif scheme in ("socket", "rfc2217") and not all(host_port(rest)):
+    elif scheme in ("socket", "rfc2217") and not all(host_port(rest)):  # a host and a port
         raise ValueError(f"expected {scheme}://HOST:PORT")
 
 
