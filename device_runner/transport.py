@@ -1,16 +1,14 @@
-"""Board side of the profile stream: `open_link(url)` over every transport, and
-`ProfileSender`, which spools records on disk and streams them to the host.
+"""Board side of the profile stream: `ProfileSender`, which spools records on disk and
+streams them to the host over `actcomp_edge.core.link`'s `open_link(url)`.
 
     sender = ProfileSender("socket://192.168.1.10:7777", "out/spool")
     sender.send({"type": "step", "step": 3, "peak_bytes": 123456})   # never waits for the link
     sender.flush(timeout=10.0)                                      # True: all acknowledged
     sender.close()
 
-URLs:
-- pyserial's, through `serial.serial_for_url`: "/dev/ttyUSB0", "/dev/ttyGS0" (USB gadget),
-  "socket://host:port", "loop://", "rfc2217://host:port", ...;
-- "file://PATH" ("file:///abs/path.jsonl"): each record appended to PATH as one JSON line
-  and fsynced; a file acknowledges on write.
+URLs: pyserial's ("/dev/ttyUSB0", "/dev/ttyGS0" (USB gadget), "socket://host:port",
+"loop://", "rfc2217://host:port", ...) and "file://PATH" (each record appended to PATH as
+one JSON line and fsynced; a file acknowledges on write).
 
 Frames and delivery are `actcomp_edge.core.protocol`'s. numpy/pyserial/stdlib only, never torch.
 """
@@ -23,114 +21,19 @@ from pathlib import Path
 from typing import Optional
 
 from actcomp_edge.core.faults import crash_point
-from actcomp_edge.core.protocol import (ACK, DATA, FrameDecoder, ProtocolError, Receiver, encode_ack,
-                                   encode_frame, encode_record, with_base)
+from actcomp_edge.core.link import check_url as check_link_url, open_link
+from actcomp_edge.core.protocol import (ACK, DATA, FrameDecoder, ProtocolError, encode_ack,
+                                        encode_frame, with_base)
 
-FILE_SCHEME = "file://"
 WRITE_CHUNK = 4096  # bytes per link write: 0.36 s at 115200 baud, within the write timeout
 
 
-PYSERIAL_SCHEMES = ("socket", "loop", "rfc2217", "spy", "alt", "hwgrep", "cp2110")
-
-
 def check_url(url: str) -> None:
-    """ValueError (one line) for a --report URL that cannot work, before any training:
-    an unknown scheme, a socket:// without HOST:PORT, a serial port that does not exist."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:  # a serial device path
-        if not Path(url).exists():
-            raise ValueError(f"--report {url}: no such serial port (or give socket://HOST:PORT, "
-                             f"loop://, file://PATH)")
-        return
-    if scheme == "file":
-        if not rest or Path(rest).is_dir():
-            raise ValueError(f"--report {url}: expected file://PATH of a .jsonl file")
-        return
-    if scheme == "tcp":
-        raise ValueError(f"--report {url}: tcp:// is not a pyserial URL, use socket://HOST:PORT")
-    if scheme not in PYSERIAL_SCHEMES:
-        raise ValueError(f"--report {url}: unknown scheme {scheme}:// (expected /dev/..., "
-                         f"socket://HOST:PORT, loop://, rfc2217://HOST:PORT or file://PATH)")
-    if scheme in ("socket", "rfc2217"):
-        host, _, port = rest.split("/")[0].split("?")[0].rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"--report {url}: expected {scheme}://HOST:PORT")
-
-
-def open_link(url: str, *, baudrate: int = 115200, write_timeout: float = 1.0):
-    """An open link for `url` with write(bytes), read(timeout) -> bytes and close().
-
-    write() waits at most `write_timeout` seconds (else raises); read() returns what
-    arrived within `timeout` seconds (b"" if nothing). Failures raise OSError (pyserial's
-    SerialException is one) or ValueError for a URL pyserial does not know."""
-    if url.startswith(FILE_SCHEME):
-        return FileLink(url[len(FILE_SCHEME):])
-    import serial  # only serial links need pyserial
-    return SerialLink(serial.serial_for_url(url, baudrate=baudrate, timeout=0,
-                                            write_timeout=write_timeout))
-
-
-class SerialLink:
-    """A pyserial port (serial device, pty, socket://, loop://)."""
-
-    def __init__(self, port):
-        self.port = port
-
-    def write(self, data: bytes) -> None:
-        self.port.write(data)
-
-    def read(self, timeout: float = 0.0) -> bytes:
-        self._timeout(timeout)
-        data = self.port.read(1)
-        if data:  # then everything already there, without waiting
-            self._timeout(0)
-            data += self.port.read(1 << 16)
-        return data
-
-    def _timeout(self, seconds: float) -> None:
-        if self.port.timeout != seconds:
-            self.port.timeout = seconds
-
-    def close(self) -> None:
-        self.port.close()
-
-
-class FileLink:
-    """file://PATH: the records of the frames written are appended to PATH as JSON lines
-    (keys sorted), fsynced, then acknowledged: read() returns the ACK frames."""
-
-    def __init__(self, path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "ab")
-        if self._file.tell() and not _ends_with_newline(self.path):
-            self._file.write(b"\n")  # a line torn by a crash stays alone on its line
-        self._acks = bytearray()
-        self._receiver = Receiver(write=self._acks.extend, auto_ack=False)
-
-    def write(self, data: bytes) -> None:
-        frames = self._receiver.feed(data)
-        if frames:
-            self._file.write(b"".join(encode_record(f.record) + b"\n" for f in frames))
-            self._file.flush()
-            os.fsync(self._file.fileno())
-        self._receiver.ack()
-
-    def read(self, timeout: float = 0.0) -> bytes:
-        if not self._acks:
-            time.sleep(timeout)
-        data = bytes(self._acks)
-        self._acks.clear()
-        return data
-
-    def close(self) -> None:
-        self._file.close()
-
-
-def _ends_with_newline(path: Path) -> bool:
-    with open(path, "rb") as f:
-        f.seek(-1, os.SEEK_END)
-        return f.read(1) == b"\n"
+    """ValueError (one line) for a --report URL that cannot work, before any training."""
+    try:
+        check_link_url(url, board=True)
+    except ValueError as e:
+        raise ValueError(f"--report {url}: {e}") from None
 
 
 class Spool:

@@ -18,7 +18,7 @@ FOLDERS = {"core": "actcomp_edge.core", "device": "device_runner", "export": "ex
 # the folders each folder may import from (besides itself)
 ALLOWED = {"core": set(), "device": {"core"}, "export": {"core"}, "host": {"core", "export"}}
 # third-party packages each folder may import (the standard library is always allowed)
-THIRD_PARTY = {"core": {"numpy", "tomli"},
+THIRD_PARTY = {"core": {"numpy", "tomli", "serial"},
                "device": {"numpy", "onnxruntime", "threadpoolctl", "serial", "flwr", "PIL"},
                "export": {"numpy", "torch", "onnx", "onnxruntime", "safetensors"},
                "host": {"numpy", "matplotlib", "serial", "flwr"}}

@@ -7,6 +7,7 @@ import time
 import tty
 from pathlib import Path
 
+import pytest
 
 from actcomp_edge.core.protocol import ACK, FrameDecoder, encode_frame
 from device_runner.transport import ProfileSender
@@ -135,6 +136,21 @@ def test_a_link_that_cannot_open_is_one_line_and_exit_two(tmp_path):
             assert_one_line_error(monitor_cli(url, "--idle-timeout", "5"), message)
     finally:
         taken.close()
+
+
+def test_the_monitor_refuses_a_bad_url_in_the_boards_words(tmp_path):
+    """A URL neither end can use gets the same one line from `actcomp monitor` as from the
+    board's --report (the monitor printed pyserial's words without its URL for an unknown
+    scheme, a TypeError for a socket:// without a port, and a traceback for a folder)."""
+    from device_runner.transport import check_url
+    for url in ("udp://1.2.3.4:5", "socket://nohost", f"file://{tmp_path}"):
+        with pytest.raises(ValueError) as board:
+            check_url(url)
+        proc = monitor_cli(url, "--idle-timeout", "5")
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, (url, proc.stderr)
+        words = str(board.value).removeprefix(f"--report {url}: ").split(" (")[0]
+        assert proc.stderr.strip().startswith(f"actcomp: error: monitor {url}: {words}"), \
+            (url, proc.stderr)
 
 
 def test_a_monitor_that_receives_nothing_says_so(tmp_path):

@@ -18,9 +18,10 @@ import zlib
 import pytest
 import serial
 
+from actcomp_edge.core.link import open_link
 from actcomp_edge.core.protocol import (ACK, DATA, MAX_PAYLOAD, Frame, FrameDecoder, ProtocolError,
                                    Receiver, encode_ack, encode_frame)
-from device_runner.transport import ProfileSender, open_link
+from device_runner.transport import ProfileSender
 from helpers import REPO
 from link_helpers import Host, LossyProxy, free_port, listen, make_records, wait_until
 
@@ -441,6 +442,15 @@ def test_open_link_serial_urls():
     with pytest.raises(OSError):
         open_link(f"socket://127.0.0.1:{free_port()}")
 
+
+
+def test_the_link_module_imports_without_pyserial():
+    """pyserial is imported only to open a serial link: the core loads without it."""
+    code = ("import sys; sys.modules['serial'] = None; from actcomp_edge.core import link; "
+            "link.check_url('socket://h:1', board=True); "
+            f"link.open_link('tcp://127.0.0.1:{free_port()}').close()")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True,
+                   env=dict(os.environ, PYTHONPATH=str(REPO)))
 
 # ---------------------------------------------------------------- spool
 

@@ -48,6 +48,25 @@ def eps_value(text: str) -> float:
     return value
 
 
+def add_rank_arguments(parser, eps_note: str) -> None:
+    """--eps | --ranks, and --rank-cap (hosvd, asi, svd)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--eps", type=eps_value,
+                       help="explained-variance threshold in (0,1] for hosvd/svd ranks" + eps_note)
+    group.add_argument("--ranks", type=positive_int, nargs="+",
+                       help="fixed ranks: 4 for hosvd (B C H W), 1 for svd")
+    parser.add_argument("--rank-cap", type=positive_int, nargs="+",
+                        help="upper bound on the ranks (hosvd: 1 value for all modes or 4; svd: 1)")
+
+
+def add_profile_arguments(parser, required: bool = False) -> None:
+    parser.add_argument("--profile", required=required,
+                        help="device profile: a .toml file or a shipped name ("
+                             + ", ".join(profile_names()) + ")")
+    parser.add_argument("--budget", type=size_bytes,
+                        help="training budget overriding the profile's, e.g. 48MiB, 512MB")
+
+
 def model_network(args) -> tuple:
     """(network, input size, layers -> trainable parameter count) of --model: a zoo name, a
     spec .json, or FILE.py:FUNCTION (traced by the exporter's torch frontend, at
@@ -64,6 +83,35 @@ def model_network(args) -> tuple:
     size = args.input_size or input_size(str(spec.get("input", {}).get("resolution", 224)))
     net = network(spec, size)
     return net, size, lambda n: trainable_param_count(spec, net.convs, n)
+
+
+def add_plan(sub) -> None:
+    p = sub.add_parser("plan", help="predict the memory kept for backward",
+                       description="Predict the bytes kept for the backward pass when the last N "
+                                   "convs (and the classifier) of a model are fine-tuned.")
+    p.add_argument("--model", required=True,
+                   help=f"zoo name ({', '.join(sorted(ZOO))}), an architecture spec .json, or "
+                        f"FILE.py:FUNCTION where FUNCTION() returns your torch.nn.Module")
+    p.add_argument("--layers", type=positive_int,
+                   help="fine-tune the last N Conv2d modules (definition order); required "
+                        "unless --profile is given, which then searches the largest N that fits")
+    p.add_argument("--method", choices=list(METHODS), required=True,
+                   help="how the conv inputs are kept: vanilla, svd (mode-1), hosvd, gf-r2 "
+                        "(Gradient Filter, r=2)")
+    add_rank_arguments(p, "; plan sizes are a worst-case bound since eps ranks depend on the "
+                          "data (with --ranks they are exact)")
+    p.add_argument("--batch-size", type=positive_int,
+                   help="batch size (default 64; with --profile and no --batch-size, the "
+                        "largest power of two up to 256 that fits is searched)")
+    p.add_argument("--input-size", type=input_size,
+                   help="input resolution, 224 or HxW (default: the model's own)")
+    p.add_argument("--num-classes", type=positive_int, help="classifier outputs (default 1000)")
+    add_profile_arguments(p)
+    p.add_argument("--optimizer", choices=tuple(OPTIMIZER_STATE), default="sgd",
+                   help="with --profile: optimizer whose state is counted (sgd: momentum, 1x "
+                        "the weights; adamw: 2x; default sgd)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_plan, parser=p)
 
 
 def cmd_plan(args) -> int:
@@ -163,6 +211,19 @@ def cmd_plan_profile(args) -> int:
     return 0
 
 
+def add_check(sub) -> None:
+    c = sub.add_parser("check", help="does an exported artifact fit a device?",
+                       description="Compare an artifact's predicted training memory (activations "
+                                   "kept for backward, full accounting, from manifest.json; "
+                                   "weights.npz; gradients of the same size; optimizer.npz) with "
+                                   "a device profile's training budget. Exit 0 if it fits, 1 if "
+                                   "not, 2 for bad input.")
+    c.add_argument("artifact", help="training artifact folder (from `actcomp export`)")
+    add_profile_arguments(c, required=True)
+    c.add_argument("--json", action="store_true", help="print one JSON object")
+    c.set_defaults(func=cmd_check)
+
+
 def cmd_check(args) -> int:
     """Does an exported artifact fit a device profile? exit 0 yes, 1 no, 2 bad input."""
     from pathlib import Path
@@ -216,6 +277,21 @@ def cmd_check(args) -> int:
     return 0 if fits else 1
 
 
+def add_report(sub) -> None:
+    r = sub.add_parser("report", help="plots and a summary page from profile streams",
+                       description="Read profile streams (JSON lines, e.g. from `actcomp-device "
+                                   "train --report file://RUN.jsonl`) and write PNG plots (memory, "
+                                   "kept activations, ranks, loss; several runs on the same axes, "
+                                   "named by file stem) and index.md / index.html with a summary "
+                                   "table per run. Malformed lines are skipped and counted.")
+    r.add_argument("streams", nargs="+", metavar="RUN.jsonl", help="profile stream(s)")
+    r.add_argument("-o", "--out", required=True, help="report folder (created)")
+    r.add_argument("--budget", type=size_bytes,
+                   help="working-set budget drawn in memory.png for runs trained without one")
+    r.add_argument("--profile", help="device profile (name in profiles/ or .toml): its budget")
+    r.set_defaults(func=cmd_report)
+
+
 def cmd_report(args) -> int:
     try:
         from .report import build_report
@@ -240,6 +316,24 @@ def cmd_report(args) -> int:
     return 0
 
 
+def add_monitor(sub) -> None:
+    mo = sub.add_parser("monitor", help="receive a runner's profile stream live",
+                        description="Receive, acknowledge, show and store a runner's memory "
+                                    "profile stream; flag budget violations (exit 1 if any).")
+    mo.add_argument("url", help="serial port or pyserial URL (/dev/ttyACM0, loop://), "
+                                "tcp://HOST:PORT to listen (the runner uses socket://HOST:PORT), "
+                                "or file://PATH.jsonl to follow a file the runner writes")
+    mo.add_argument("--profile", help="device profile (name in profiles/ or .toml): its budget")
+    mo.add_argument("--budget", type=size_bytes,
+                    help="budget for the working set, e.g. 48MiB (overrides the "
+                                     "profile's; default: what the runner reports)")
+    mo.add_argument("-o", "--output", help="append the records here as JSON lines (a restart "
+                                           "continues after the last saved record)")
+    mo.add_argument("--idle-timeout", type=float, default=600.0,
+                    help="stop after this many seconds without data (default 600)")
+    mo.set_defaults(func=cmd_monitor)
+
+
 def cmd_monitor(args) -> int:
     from .monitor import monitor
     budget = args.budget
@@ -259,6 +353,33 @@ def cmd_export(args) -> int:
     except KeyboardInterrupt:  # the half-written export is removed; -o is as it was
         print(f"actcomp: interrupted: nothing was written to {args.out}", file=sys.stderr)
         return 130
+
+
+def add_fleet(sub) -> None:
+    f = sub.add_parser("fleet", help="federated fine-tuning of one artifact on Flower",
+                       description="Many boards fine-tune one artifact together on Flower's "
+                                   "deployment runtime; only the trainable weights travel.")
+    fleet_sub = f.add_subparsers(dest="fleet_command", required=True, parser_class=Parser)
+    fl = fleet_sub.add_parser("local", help="a whole fleet on this machine (127.0.0.1)",
+                              description="Shard --data over --nodes, start a SuperLink and a "
+                                          "SuperNode per node on 127.0.0.1, run the rounds, "
+                                          "stop every process, write the summary.")
+    fl.add_argument("--data", required=True, help="images to shard over the nodes")
+    fl.add_argument("--nodes", type=positive_int, default=2, help="nodes (default 2)")
+    fl.add_argument("--partition", default="iid",
+                    help="iid or dirichlet:ALPHA (non-IID labels; default iid)")
+    fl.add_argument("--profile", help="device profile of the nodes: a name or .toml, or a "
+                                      "comma list cycled over the nodes (default: no budget)")
+    fl.add_argument("--batch-size", type=positive_int, help="the nodes' batch (default: the "
+                                                            "artifact's)")
+    add_fleet_arguments(fl)
+    fr = fleet_sub.add_parser("run", help="run the rounds on a SuperLink real boards joined",
+                              description="Run the fleet app on a running `flower-superlink`; "
+                                          "each board runs `flower-supernode` (README: Fleet).")
+    fr.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
+    fr.add_argument("--min-nodes", type=positive_int, default=2,
+                    help="nodes that must be connected before each round (default 2)")
+    add_fleet_arguments(fr)
 
 
 def cmd_fleet(args) -> int:
@@ -315,6 +436,13 @@ def add_fleet_arguments(parser) -> None:
     parser.set_defaults(func=cmd_fleet)
 
 
+def add_paper_table(sub) -> None:
+    t = sub.add_parser("paper-table", help="recompute the paper's analytic memory columns",
+                       description="Vanilla and Gradient Filter R2 memory of the paper's models "
+                                   "(batch 64, 224x224), next to the figures the paper prints.")
+    t.set_defaults(func=cmd_paper_table)
+
+
 def cmd_paper_table(args) -> int:
     """The paper's analytic memory columns, recomputed next to the printed figures."""
     print("batch 64, 224x224, float32, MiB; computed (paper)")
@@ -333,48 +461,11 @@ def cmd_paper_table(args) -> int:
     return 1 if mismatches else 0
 
 
-def add_rank_arguments(parser, eps_note: str) -> None:
-    """--eps | --ranks, and --rank-cap (hosvd, asi, svd)."""
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--eps", type=eps_value,
-                       help="explained-variance threshold in (0,1] for hosvd/svd ranks" + eps_note)
-    group.add_argument("--ranks", type=positive_int, nargs="+",
-                       help="fixed ranks: 4 for hosvd (B C H W), 1 for svd")
-    parser.add_argument("--rank-cap", type=positive_int, nargs="+",
-                        help="upper bound on the ranks (hosvd: 1 value for all modes or 4; svd: 1)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="actcomp", description=__doc__)
     parser.add_argument("--version", action="version", version=f"actcomp-edge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-
-    p = sub.add_parser("plan", help="predict the memory kept for backward",
-                       description="Predict the bytes kept for the backward pass when the last N "
-                                   "convs (and the classifier) of a model are fine-tuned.")
-    p.add_argument("--model", required=True,
-                   help=f"zoo name ({', '.join(sorted(ZOO))}), an architecture spec .json, or "
-                        f"FILE.py:FUNCTION where FUNCTION() returns your torch.nn.Module")
-    p.add_argument("--layers", type=positive_int,
-                   help="fine-tune the last N Conv2d modules (definition order); required "
-                        "unless --profile is given, which then searches the largest N that fits")
-    p.add_argument("--method", choices=list(METHODS), required=True,
-                   help="how the conv inputs are kept: vanilla, svd (mode-1), hosvd, gf-r2 "
-                        "(Gradient Filter, r=2)")
-    add_rank_arguments(p, "; plan sizes are a worst-case bound since eps ranks depend on the "
-                          "data (with --ranks they are exact)")
-    p.add_argument("--batch-size", type=positive_int,
-                   help="batch size (default 64; with --profile and no --batch-size, the "
-                        "largest power of two up to 256 that fits is searched)")
-    p.add_argument("--input-size", type=input_size,
-                   help="input resolution, 224 or HxW (default: the model's own)")
-    p.add_argument("--num-classes", type=positive_int, help="classifier outputs (default 1000)")
-    add_profile_arguments(p)
-    p.add_argument("--optimizer", choices=tuple(OPTIMIZER_STATE), default="sgd",
-                   help="with --profile: optimizer whose state is counted (sgd: momentum, 1x "
-                        "the weights; adamw: 2x; default sgd)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=cmd_plan, parser=p)
+    add_plan(sub)
 
     e = sub.add_parser("export", help="build a training artifact for the device",
                        description="Turn a model (zoo name or spec .json) with optional .npz "
@@ -433,84 +524,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "kept")
     e.set_defaults(func=cmd_export)
 
-    mo = sub.add_parser("monitor", help="receive a runner's profile stream live",
-                        description="Receive, acknowledge, show and store a runner's memory "
-                                    "profile stream; flag budget violations (exit 1 if any).")
-    mo.add_argument("url", help="serial port or pyserial URL (/dev/ttyACM0, loop://), "
-                                "tcp://HOST:PORT to listen (the runner uses socket://HOST:PORT), "
-                                "or file://PATH.jsonl to follow a file the runner writes")
-    mo.add_argument("--profile", help="device profile (name in profiles/ or .toml): its budget")
-    mo.add_argument("--budget", type=size_bytes,
-                    help="budget for the working set, e.g. 48MiB (overrides the "
-                                     "profile's; default: what the runner reports)")
-    mo.add_argument("-o", "--output", help="append the records here as JSON lines (a restart "
-                                           "continues after the last saved record)")
-    mo.add_argument("--idle-timeout", type=float, default=600.0,
-                    help="stop after this many seconds without data (default 600)")
-    mo.set_defaults(func=cmd_monitor)
-
-    t = sub.add_parser("paper-table", help="recompute the paper's analytic memory columns",
-                       description="Vanilla and Gradient Filter R2 memory of the paper's models "
-                                   "(batch 64, 224x224), next to the figures the paper prints.")
-    t.set_defaults(func=cmd_paper_table)
-
-    c = sub.add_parser("check", help="does an exported artifact fit a device?",
-                       description="Compare an artifact's predicted training memory (activations "
-                                   "kept for backward, full accounting, from manifest.json; "
-                                   "weights.npz; gradients of the same size; optimizer.npz) with "
-                                   "a device profile's training budget. Exit 0 if it fits, 1 if "
-                                   "not, 2 for bad input.")
-    c.add_argument("artifact", help="training artifact folder (from `actcomp export`)")
-    add_profile_arguments(c, required=True)
-    c.add_argument("--json", action="store_true", help="print one JSON object")
-    c.set_defaults(func=cmd_check)
-
-    f = sub.add_parser("fleet", help="federated fine-tuning of one artifact on Flower",
-                       description="Many boards fine-tune one artifact together on Flower's "
-                                   "deployment runtime; only the trainable weights travel.")
-    fleet_sub = f.add_subparsers(dest="fleet_command", required=True, parser_class=Parser)
-    fl = fleet_sub.add_parser("local", help="a whole fleet on this machine (127.0.0.1)",
-                              description="Shard --data over --nodes, start a SuperLink and a "
-                                          "SuperNode per node on 127.0.0.1, run the rounds, "
-                                          "stop every process, write the summary.")
-    fl.add_argument("--data", required=True, help="images to shard over the nodes")
-    fl.add_argument("--nodes", type=positive_int, default=2, help="nodes (default 2)")
-    fl.add_argument("--partition", default="iid",
-                    help="iid or dirichlet:ALPHA (non-IID labels; default iid)")
-    fl.add_argument("--profile", help="device profile of the nodes: a name or .toml, or a "
-                                      "comma list cycled over the nodes (default: no budget)")
-    fl.add_argument("--batch-size", type=positive_int, help="the nodes' batch (default: the "
-                                                            "artifact's)")
-    add_fleet_arguments(fl)
-    fr = fleet_sub.add_parser("run", help="run the rounds on a SuperLink real boards joined",
-                              description="Run the fleet app on a running `flower-superlink`; "
-                                          "each board runs `flower-supernode` (README: Fleet).")
-    fr.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
-    fr.add_argument("--min-nodes", type=positive_int, default=2,
-                    help="nodes that must be connected before each round (default 2)")
-    add_fleet_arguments(fr)
-
-    r = sub.add_parser("report", help="plots and a summary page from profile streams",
-                       description="Read profile streams (JSON lines, e.g. from `actcomp-device "
-                                   "train --report file://RUN.jsonl`) and write PNG plots (memory, "
-                                   "kept activations, ranks, loss; several runs on the same axes, "
-                                   "named by file stem) and index.md / index.html with a summary "
-                                   "table per run. Malformed lines are skipped and counted.")
-    r.add_argument("streams", nargs="+", metavar="RUN.jsonl", help="profile stream(s)")
-    r.add_argument("-o", "--out", required=True, help="report folder (created)")
-    r.add_argument("--budget", type=size_bytes,
-                   help="working-set budget drawn in memory.png for runs trained without one")
-    r.add_argument("--profile", help="device profile (name in profiles/ or .toml): its budget")
-    r.set_defaults(func=cmd_report)
+    add_monitor(sub)
+    add_paper_table(sub)
+    add_check(sub)
+    add_fleet(sub)
+    add_report(sub)
     return parser
-
-
-def add_profile_arguments(parser, required: bool = False) -> None:
-    parser.add_argument("--profile", required=required,
-                        help="device profile: a .toml file or a shipped name ("
-                             + ", ".join(profile_names()) + ")")
-    parser.add_argument("--budget", type=size_bytes,
-                        help="training budget overriding the profile's, e.g. 48MiB, 512MB")
 
 
 def main(argv=None) -> int:

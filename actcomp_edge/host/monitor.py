@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import json
 import os
-import select
-import socket
 import sys
 import time
 from pathlib import Path
 
+from ..core.link import check_url, host_port, open_link, split_url
 from ..core.protocol import Receiver
 
 MIB = 2 ** 20
@@ -111,42 +110,6 @@ class View:
         self.stream.flush()
 
 
-class TcpServer:
-    """Listen on host:port; one runner connection at a time, re-accepted after a drop."""
-
-    def __init__(self, host: str, port: int):
-        self.server = socket.create_server((host, port), reuse_port=False)
-        self.server.setblocking(False)
-        self.conn = None
-
-    def read(self) -> bytes:
-        if self.conn is None:
-            ready, _, _ = select.select([self.server], [], [], 0.1)
-            if ready:
-                self.conn, _ = self.server.accept()
-            return b""
-        ready, _, _ = select.select([self.conn], [], [], 0.1)
-        if not ready:
-            return b""
-        try:
-            data = self.conn.recv(65536)
-        except OSError:
-            data = b""
-        if not data:  # the runner went away: wait for it to reconnect
-            self.conn.close()
-            self.conn = None
-        return data
-
-    def write(self, data: bytes) -> None:
-        if self.conn is not None:
-            self.conn.sendall(data)
-
-    def close(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
-        self.server.close()
-
-
 def follow_file(path: Path, view: View, store: Store | None, idle_timeout: float) -> None:
     """file:// stream: JSON lines appended by the runner (acknowledged by the file itself)."""
     position, last_data, buffer = 0, time.time(), ""
@@ -185,57 +148,64 @@ def handle(record: dict, view: View) -> bool:
 NOTHING_RECEIVED = 3  # exit code: the link opened, but no record came before --idle-timeout
 
 
-def open_monitor_link(url: str) -> tuple:
-    """(read, write, close) of the link the monitor listens on; ValueError, one line naming
-    the fix, for a URL that cannot be opened (a port missing, in use or out of range, a serial
-    port that does not exist, a socket:// nobody listens on)."""
-    if url.startswith("tcp://"):
-        host, _, port = url[len("tcp://"):].rpartition(":")
-        if not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"monitor {url}: expected tcp://HOST:PORT with a port in 1..65535 "
-                             f"(e.g. tcp://0.0.0.0:7777)")
-        try:
-            link = TcpServer(host or "0.0.0.0", int(port))
-        except OSError as e:
-            raise ValueError(f"monitor {url}: cannot listen on port {port}: "
-                             f"{e.strerror or e} (choose another port)") from None
-        return link.read, link.write, link.close
-    import serial
+POLL_SECONDS = 0.1  # each read of the link waits at most this long
+
+
+def open_monitor_link(url: str):
+    """The link the monitor receives on; ValueError, one line naming the fix, for one that
+    cannot be opened (a port in use, a serial port that does not exist, a socket:// nobody
+    listens on)."""
     try:
-        port = serial.serial_for_url(url, timeout=0.1)
-    except serial.SerialException as e:
+        return open_link(url)
+    except OSError as e:
+        scheme, rest = split_url(url)
+        if scheme == "tcp":
+            raise ValueError(f"monitor {url}: cannot listen on port {host_port(rest)[1]}: "
+                             f"{e.strerror or e} (choose another port)") from None
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(f"monitor {url}: cannot open it: {reason} (a serial port that "
                          f"exists, socket://HOST:PORT where a runner listens, or "
                          f"tcp://HOST:PORT to listen)") from None
-    return (lambda: port.read(max(1, port.in_waiting))), port.write, port.close
+
+
+def receive(link, view: View, store: Store | None, idle_timeout: float) -> int:
+    """Framed stream: save each record, then acknowledge it, until the summary or
+    `idle_timeout` seconds without data; the number of records that never arrived."""
+    receiver = Receiver(read=lambda: link.read(POLL_SECONDS), write=link.write,
+                        auto_ack=False, next_seq=store.next_seq if store else None)
+    last_data, done = time.time(), False
+    while not done and time.time() - last_data < idle_timeout:
+        frames = receiver.poll()
+        if frames:
+            last_data = time.time()
+        for frame in frames:
+            if store is not None:
+                store.save(frame.seq, frame.record)
+            done = handle(frame.record, view) or done
+        receiver.ack()  # after saving: what is acknowledged is on disk
+    return receiver.lost
 
 
 def monitor(url: str, output: str | None, budget: int | None, idle_timeout: float) -> int:
+    """Receive, show and store the stream at `url`; the exit status (module docstring)."""
+    try:
+        check_url(url, board=False)
+    except ValueError as e:
+        raise ValueError(f"monitor {url}: {e}") from None
     view = View(budget)
     store = Store(output) if output else None
     try:
-        if url.startswith("file://"):
-            follow_file(Path(url[len("file://"):]), view, store, idle_timeout)
+        scheme, rest = split_url(url)
+        if scheme == "file":
+            follow_file(Path(rest), view, store, idle_timeout)
         else:
-            read, write, close = open_monitor_link(url)
-            receiver = Receiver(read=read, write=write, auto_ack=False,
-                                next_seq=store.next_seq if store else None)
-            last_data, done = time.time(), False
+            link = open_monitor_link(url)
             try:
-                while not done and time.time() - last_data < idle_timeout:
-                    frames = receiver.poll()
-                    if frames:
-                        last_data = time.time()
-                    for frame in frames:
-                        if store is not None:
-                            store.save(frame.seq, frame.record)
-                        done = handle(frame.record, view) or done
-                    receiver.ack()  # after saving: what is acknowledged is on disk
+                lost = receive(link, view, store, idle_timeout)
             finally:
-                close()
-            if receiver.lost:
-                view.write(f"{receiver.lost} records never arrived (dropped by the runner)", True)
+                link.close()
+            if lost:
+                view.write(f"{lost} records never arrived (dropped by the runner)", True)
     except KeyboardInterrupt:
         view.write("interrupted", True)
     finally:
