@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import onnx
@@ -120,106 +120,167 @@ def export_program(program, out_dir, config: TrainConfig, batch_size: int, class
     return manifest
 
 
+GRAPH_FILES = {"evaluate": "evaluate.onnx", "inference": "inference.onnx",
+               "overview": "overview.onnx"}
+ARRAY_FILES = ("weights.npz", "optimizer.npz")
+
+
+@dataclass
+class StepGraphs:
+    """The executable graphs of one training step, as written into the artifact."""
+    forward: list      # forward_<p>.onnx of the partitions with nodes, in order
+    backward: dict     # file name -> Graph: backward_<p>.onnx in execution order, update.onnx
+    schedule: list     # the device's step in order: {"compress": conv name} | {"run": file}
+    models: dict       # file name -> onnx.ModelProto, of every graph above
+
+
 def write_artifact(program, out: Path, config: TrainConfig, batch_size: int, classes, norm,
                    dropout: float, split) -> dict:
     """Every file of the artifact into the (empty) folder out; returns the manifest."""
-    hw = tuple(program.shapes["image"][1:])
-    row = method_row(config.method)
-    files = {}
-    forward, schedule, models = [], [], {}
     partitions = forward_partitions(split, config)
-    # masks (and max-pool argmaxes, saved activations, factors, a squeeze-excitation Linear's
-    # input) made between fine-tuned conv i and the next belong to conv i (full accounting);
-    # the head's to the classifier
-    head = head_tensors(program)
-    linear_inputs = {op.inputs[0] for op in program.ops if op.kind == "linear"} - head
-    masks = [[t for t in outputs if (t.endswith(("/mask_bits", "/act_saved", "/argmax"))
-                                     or "/factor_" in t) and t.rpartition("/")[0] not in head
-              or t in linear_inputs]
-             for _, _, outputs in partitions[1:]]
-    for p, (g, _, _) in enumerate(partitions):
-        if p >= 1:  # the input of fine-tuned conv p is ready: the device decomposes it
-            schedule.append({"compress": split.trainable_convs[p - 1].name})
-        if not g.nodes:  # every conv fine-tuned: no frozen prefix
-            continue
-        name = f"forward_{p}.onnx"
-        models[name] = g.model()
-        save_model(models[name], out / name)
-        forward.append(name)
-        schedule.append({"run": name})
-    backward = []
-    for p, g in backward_partitions(split, config):
-        name = f"backward_{p}.onnx"
-        models[name] = g.model()
-        save_model(models[name], out / name)
-        backward.append((name, g))
-        schedule.append({"run": name})
-    update = update_graph(split, config)
-    models["update.onnx"] = update.model()
-    save_model(models["update.onnx"], out / "update.onnx")
-    schedule.append({"run": "update.onnx"})
-    backward.append(("update.onnx", update))
-    graphs = {"forward": forward, "backward": [name for name, _ in backward],
-              "evaluate": "evaluate.onnx", "inference": "inference.onnx",
-              "overview": "overview.onnx"}
-    overview = overview_graph([g for g, _, _ in partitions], split, [g for _, g in backward],
-                              config).model(check=False)
-    overview = onnx.shape_inference.infer_shapes(overview)  # a shape on every edge (Netron)
-    onnx.checker.check_model(overview, full_check=True)
-    save_model(overview, out / graphs["overview"])
-    save_model(eval_graph(program, split.trainable_params).model(), out / graphs["evaluate"])
-    save_model(eval_graph(program, split.trainable_params, frozen_all=True).model(),
-               out / graphs["inference"])
+    step = write_step_graphs(out, split, config, partitions)
+    write_overview(out, split, config, partitions, step)
+    write_eval_graphs(out, program, split)
     save_npz(out / "weights.npz", {p: program.params[p] for p in split.trainable_params})
     save_npz(out / "optimizer.npz", optimizer_state(split, config))
+    files = file_hashes(out, step.forward + list(step.backward) + list(GRAPH_FILES.values())
+                        + list(ARRAY_FILES))
+    layers = trainable_layers(split, config.method, partitions)
+    manifest = build_manifest(split, config, batch_size, classes, norm, dropout, layers, step,
+                              files)
+    write_atomic(out / MANIFEST, manifest_bytes(manifest))
+    return manifest
 
-    net = network_of(program)  # the memory model of the program the graphs are made from
-    # an activation budget's ranks are chosen on the board: planned at their bound (eps 1)
+
+def write_step_graphs(out: Path, split, config: TrainConfig, partitions: list) -> StepGraphs:
+    """forward_<p>.onnx, backward_<p>.onnx and update.onnx into out, and the schedule that
+    runs them: the device compresses fine-tuned conv p's input before forward_p."""
+    step = StepGraphs(forward=[], backward={}, schedule=[], models={})
+
+    def write(name: str, g) -> str:
+        step.models[name] = g.model()
+        save_model(step.models[name], out / name)
+        step.schedule.append({"run": name})
+        return name
+
+    for p, (g, _, _) in enumerate(partitions):
+        if p >= 1:  # the input of fine-tuned conv p is ready: the device decomposes it
+            step.schedule.append({"compress": split.trainable_convs[p - 1].name})
+        if g.nodes:  # none when every conv is fine-tuned: no frozen prefix
+            step.forward.append(write(f"forward_{p}.onnx", g))
+    for p, g in backward_partitions(split, config):
+        step.backward[write(f"backward_{p}.onnx", g)] = g
+    update = update_graph(split, config)
+    step.backward[write("update.onnx", update)] = update
+    return step
+
+
+def write_overview(out: Path, split, config: TrainConfig, partitions: list,
+                   step: StepGraphs) -> None:
+    """overview.onnx: the whole step as one graph for people (overview_graph), a shape on
+    every edge (Netron)."""
+    overview = overview_graph([g for g, _, _ in partitions], split, list(step.backward.values()),
+                              config).model(check=False)
+    overview = onnx.shape_inference.infer_shapes(overview)
+    onnx.checker.check_model(overview, full_check=True)
+    save_model(overview, out / GRAPH_FILES["overview"])
+
+
+def write_eval_graphs(out: Path, program, split) -> None:
+    """evaluate.onnx (the trainable params as inputs) and inference.onnx (every param
+    frozen)."""
+    save_model(eval_graph(program, split.trainable_params).model(), out / GRAPH_FILES["evaluate"])
+    save_model(eval_graph(program, split.trainable_params, frozen_all=True).model(),
+               out / GRAPH_FILES["inference"])
+
+
+def file_hashes(out: Path, names: list) -> dict:
+    """File name -> SHA-256 hex digest of out/name."""
+    return {name: sha256_file(out / name) for name in names}
+
+
+def layer_masks(program, partitions: list) -> list:
+    """The tensors each fine-tuned conv's forward partition keeps beside the conv's own
+    pieces: masks, max-pool argmaxes, saved activations, multiply factors and a
+    squeeze-excitation Linear's input, made between fine-tuned conv i and the next, belong to
+    conv i (full accounting); the head's belong to the classifier."""
+    head = head_tensors(program)
+    linear_inputs = {op.inputs[0] for op in program.ops if op.kind == "linear"} - head
+    return [[t for t in outputs if (t.endswith(("/mask_bits", "/act_saved", "/argmax"))
+                                    or "/factor_" in t) and t.rpartition("/")[0] not in head
+             or t in linear_inputs]
+            for _, _, outputs in partitions[1:]]
+
+
+def trainable_layers(split, method: str, partitions: list) -> list:
+    """The manifest's trainable_layers: each fine-tuned conv's shapes (C, H, W), geometry,
+    kept pieces and masks."""
+    shapes = split.program.shapes
+    pieces = method_row(method).pieces
+    return [{"name": op.name, "input": op.inputs[0], "input_shape": list(shapes[op.inputs[0]]),
+             "output_shape": list(shapes[op.output]), "kernel": op.attrs["kernel"],
+             "stride": op.attrs["stride"], "padding": op.attrs["padding"],
+             "groups": op.attrs["groups"],
+             **({"dilation": op.attrs["dilation"]} if op.attrs.get("dilation", 1) != 1 else {}),
+             "kept": [f"{op.name}/kept/{piece}" for piece in pieces], "masks": masks}
+            for op, masks in zip(split.trainable_convs, layer_masks(split.program, partitions))]
+
+
+def predicted_memory(program, config: TrainConfig, batch_size: int) -> dict:
+    """The memory model's plan (core.memory) of the program the graphs are made from, as
+    JSON. An activation budget's ranks are chosen on the board: planned at their bound
+    (eps 1)."""
     sizing_eps = 1.0 if config.activation_budget is not None else config.eps
-    memory = plan(net, config.n_layers, config.method, batch_size, hw, eps=sizing_eps,
-                  ranks=config.ranks, rank_cap=config.rank_cap).to_json()
-    for name in forward + graphs["backward"] + [graphs["evaluate"], graphs["inference"],
-                           graphs["overview"], "weights.npz", "optimizer.npz"]:
-        files[name] = sha256_file(out / name)
-    num_classes = program.num_classes
-    manifest = {
+    return plan(network_of(program), config.n_layers, config.method, batch_size,
+                tuple(program.shapes["image"][1:]), eps=sizing_eps, ranks=config.ranks,
+                rank_cap=config.rank_cap).to_json()
+
+
+def planned_schedule(step: StepGraphs, layers: list, config: TrainConfig, batch_size: int,
+                     rank_basis: str) -> tuple:
+    """(schedule, memory plan): the step's schedule with each backward run's micro batch
+    (--micro-batch, else the largest the plan allows) and the step's predicted working set
+    (memory_plan.step_plan)."""
+    dims, chosen = rank_dims(layers, config.method, batch_size, config.ranks, config.rank_cap)
+    graphs = {name: concrete(model, dims) for name, model in step.models.items()}
+    if config.micro_batch is None:
+        schedule = choose_micro_batches(graphs, step.schedule, batch_size)
+    else:
+        schedule = [dict(item, micro_batch=config.micro_batch)
+                    if item.get("run", "").startswith("backward_") else item
+                    for item in step.schedule]
+    return schedule, step_plan(step.models, graphs, dims, chosen, schedule, layers,
+                               config.method, batch_size, rank_basis)
+
+
+def build_manifest(split, config: TrainConfig, batch_size: int, classes, norm, dropout: float,
+                   layers: list, step: StepGraphs, files: dict) -> dict:
+    """manifest.json's content (``actcomp_edge.core.manifest``). norm: the input's {"mean",
+    "std"}; dropout: the p the graphs leave out; layers: trainable_layers; files: name ->
+    SHA-256."""
+    program = split.program
+    hw = tuple(program.shapes["image"][1:])
+    memory = predicted_memory(program, config, batch_size)
+    schedule, memory_plan = planned_schedule(step, layers, config, batch_size,
+                                             memory["rank_basis"])
+    return {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "model": program.name,
         "input": {"height": hw[0], "width": hw[1], "channels": 3, "layout": "NCHW",
                   "pixel_scale": "pixel / 255", "mean": list(norm["mean"]),
                   "std": list(norm["std"])},
-        "num_classes": num_classes,
-        "classes": list(classes) if classes else [str(i) for i in range(num_classes)],
+        "num_classes": program.num_classes,
+        "classes": list(classes) if classes else [str(i) for i in range(program.num_classes)],
         "batch_size": batch_size,
         # the graphs have no dropout: recorded so that the runner says it trains without it
         **({"dropout_not_applied": dropout} if dropout else {}),
         "train": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
-        "trainable_layers": [
-            {"name": op.name, "input": op.inputs[0], "input_shape": list(program.shapes[op.inputs[0]]),
-             "output_shape": list(program.shapes[op.output]), "kernel": op.attrs["kernel"],
-             "stride": op.attrs["stride"], "padding": op.attrs["padding"],
-             "groups": op.attrs["groups"],
-             **({"dilation": op.attrs["dilation"]} if op.attrs.get("dilation", 1) != 1 else {}),
-             "kept": [f"{op.name}/kept/{piece}" for piece in row.pieces],
-             "masks": layer_masks}
-            for op, layer_masks in zip(split.trainable_convs, masks)],
+        "trainable_layers": layers,
         "trainable_params": split.trainable_params,
-        "graphs": graphs,
+        "graphs": {"forward": step.forward, "backward": list(step.backward), **GRAPH_FILES},
         "schedule": schedule,
         "opset": OPSET, "ir_version": IR_VERSION, "min_onnxruntime": MIN_ONNXRUNTIME,
         "predicted_memory": memory,
+        "memory_plan": memory_plan,
         "files": files,
     }
-    layers = manifest["trainable_layers"]
-    dims, chosen = rank_dims(layers, config.method, batch_size, config.ranks, config.rank_cap)
-    graphs = {name: concrete(model, dims) for name, model in models.items()}
-    if config.micro_batch is None:
-        schedule = choose_micro_batches(graphs, schedule, batch_size)
-    else:
-        schedule = [dict(item, micro_batch=config.micro_batch)
-                    if item.get("run", "").startswith("backward_") else item for item in schedule]
-    manifest["schedule"] = schedule
-    manifest["memory_plan"] = step_plan(models, graphs, dims, chosen, schedule, layers,
-                                        config.method, batch_size, memory["rank_basis"])
-    write_atomic(out / MANIFEST, manifest_bytes(manifest))
-    return manifest

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -68,19 +69,29 @@ def load_state(module: nn.Module, path) -> None:
             state[k].copy_(torch.from_numpy(np.asarray(arrays[k])))
 
 
-def export_module(module: nn.Module, out_dir, *, input_size, batch_size: int, layers: int,
-                  method: str, eps=None, ranks=None, rank_cap=None, num_classes=None,
-                  classes=None, optimizer: str = "sgd", momentum: float = 0.0,
-                  weight_decay: float = 0.0, label_smoothing: float = 0.0,
-                  activation_budget: int | None = None, norm: str = "half", seed: int = 0,
-                  name: str | None = None, force: bool = False) -> dict:
-    """Trace the module (torch_frontend), then build its training artifact; ``num_classes``
-    re-initialises the final Linear when it differs (torch's init, seeded). Returns the
-    manifest."""
-    program, dropout = program_from_module(module, input_size, name)
+@dataclass
+class ModuleOptions:
+    """What export_module needs besides the recipe (TrainConfig)."""
+    input_size: int | tuple          # pixels: H of a square image, or (H, W)
+    batch_size: int                  # the batch the memory is predicted for
+    num_classes: int | None = None   # the final Linear's outputs (None: the module's own)
+    classes: list | None = None      # class names (None: "0", "1", ...)
+    norm: str = "half"               # the input normalisation the module expects (NORMS)
+    seed: int = 0                    # torch seed of a re-initialised final Linear
+    name: str | None = None          # the artifact's model name (None: the module's class)
+    force: bool = False              # replace the artifact in out_dir
+
+
+def export_module(module: nn.Module, out_dir, config: TrainConfig,
+                  options: ModuleOptions) -> dict:
+    """Trace the module (torch_frontend), then build its training artifact; a num_classes
+    that differs from the module's re-initialises the final Linear (torch's init, seeded).
+    Returns the manifest."""
+    program, dropout = program_from_module(module, options.input_size, options.name)
     head = program.ops[-1]
+    num_classes = options.num_classes
     if num_classes and num_classes != program.num_classes:
-        torch.manual_seed(seed)
+        torch.manual_seed(options.seed)
         fresh = nn.Linear(program.shapes[head.inputs[0]][0], num_classes,
                           bias=head.attrs["bias"] is not None)
         program.params[head.attrs["weight"]] = fresh.weight.detach().numpy().copy()
@@ -88,9 +99,5 @@ def export_module(module: nn.Module, out_dir, *, input_size, batch_size: int, la
             program.params[head.attrs["bias"]] = fresh.bias.detach().numpy().copy()
         program.shapes["logits"] = (num_classes,)
         program.num_classes = num_classes
-    config = TrainConfig(n_layers=layers, method=method, eps=eps,
-                         ranks=tuple(ranks) if ranks else None, rank_cap=rank_cap,
-                         optimizer=optimizer, momentum=momentum, weight_decay=weight_decay,
-                         label_smoothing=label_smoothing, activation_budget=activation_budget)
-    return export_program(program, out_dir, config, batch_size, classes, NORMS[norm], dropout,
-                          force)
+    return export_program(program, out_dir, config, options.batch_size, options.classes,
+                          NORMS[options.norm], dropout, options.force)

@@ -873,102 +873,133 @@ def emit_partition_backward(g: Graph, program: Program, ops: list, grads: dict, 
         dy = grads.pop(op.output, None)
         if dy is None:
             continue
-        x = op.inputs[0]
-        if op.kind == "linear":
-            param_grads[op.attrs["weight"]] = g.op("Gemm", [dy, op.inputs[0]], op.name + "/dW",
-                                                   transA=1)
-            if op.attrs.get("bias"):
-                param_grads[op.attrs["bias"]] = g.op("ReduceSum", [dy, g.ints([0])],
-                                                     op.name + "/db", keepdims=0)
-            if needs_grad(x):
-                accumulate(x, g.op("MatMul", [dy, op.attrs["weight"]], op.name + "/dX"))
-        elif op.kind == "gap":
-            c, h, w = program.shapes[x]
-            spread = g.op("Unsqueeze", [g.op("Mul", [dy, g.scalar(1.0 / (h * w))], op.name + "/dX_mean"),
-                                        g.ints([2, 3])], op.name + "/dX_unsqueeze")
-            accumulate(x, g.op("Expand", [spread, g.ints([1, 1, h, w])], op.name + "/dX"))
-        elif op.kind == "add":
-            for t in op.inputs:
-                accumulate(t, dy)
-        elif op.kind == "mul":  # d/a = dY b, summed over the axes a was broadcast along
-            for i, t in enumerate(op.inputs):
-                if not needs_grad(t):
-                    continue
-                other = factors[mul_factor_name(op.output, 1 - i)]
-                grad = g.op("Mul", [dy, other], f"{op.name}/dY_x_factor_{1 - i}")
-                if program.shapes[t] != program.shapes[op.output]:  # a (C, 1, 1) gate
-                    grad = g.op("ReduceSum", [grad, g.ints([2, 3])], f"{op.name}/d_gate_{i}",
-                                keepdims=1)
-                accumulate(t, grad)
-        elif op.kind == "reshape":
-            accumulate(x, g.op("Reshape", [dy, g.ints([0, *program.shapes[x]])],
-                               op.name + "/dX"))
-        elif op.kind == "cat":  # each input's channels of dY
-            start = 0
-            for i, t in enumerate(op.inputs):
-                stop = start + program.shapes[t][0]
-                if needs_grad(t):
-                    accumulate(t, g.op("Slice", [dy, g.ints([start]), g.ints([stop]),
-                                                 g.ints([1])], f"{op.name}/dX_{i}"))
-                start = stop
-        elif op.kind == "slice":  # dY in its channels, zeros elsewhere
-            c = program.shapes[x][0]
-            pads = [0, op.attrs["start"], 0, 0, 0, c - op.attrs["stop"], 0, 0]
-            accumulate(x, g.op("Pad", [dy, g.ints(pads)], op.name + "/dX"))
-        elif op.kind == "shuffle":  # the inverse permutation: a shuffle of C / g groups
-            groups = program.shapes[x][0] // op.attrs["groups"]
-            accumulate(x, emit_shuffle(g, dy, program.shapes[x], groups, op.name + "/dX"))
-        elif op.kind == "avgpool":
-            accumulate(x, emit_avgpool_backward(g, program, op, dy))
-        elif op.kind == "mean":
-            c, h, w = program.shapes[x]
-            spread = g.op("Mul", [dy, g.scalar(1.0 / (h * w))], op.name + "/dX_mean")
-            accumulate(x, g.op("Expand", [spread, g.ints([1, 1, h, w])], op.name + "/dX"))
-        elif op.kind == "clip" and op.output in derived:  # lo < y < hi of the kept y
-            y, lo, hi = derived[op.output], op.attrs["lo"], op.attrs["hi"]
-            mask = g.op("Greater", [y, g.scalar(lo)], op.name + "/above_lo")
-            if hi != RELU_HI:
-                below = g.op("Less", [y, g.scalar(hi)], op.name + "/below_hi")
-                mask = g.op("And", [mask, below], op.name + "/mask")
-            # Cast + Mul: measured 5x faster than a Where(mask, dY, 0) here (ORT 1.32, 2 threads)
-            mask = g.op("Cast", [mask], op.name + "/mask_f", to=TensorProto.FLOAT)
-            accumulate(x, g.op("Mul", [dy, mask], op.name + "/dX"))
-        elif op.kind == "clip":
-            mask = unpack_mask(g, op.name, mask_bits_name(op.output), program.shapes[op.output])
-            accumulate(x, g.op("Mul", [dy, mask], op.name + "/dX"))
-        elif op.kind == "act":
-            source = activation_source(op, derived)
-            kept_tensor = {"kept": derived.get(op.output), "bits": mask_bits_name(op.output),
-                           "saved": act_saved_name(op.output)}[source]
-            slope = activation_derivative(g, program, op, source, kept_tensor)
-            accumulate(x, g.op("Mul", [dy, slope], op.name + "/dX"))
-        elif op.kind == "affine":
-            accumulate(x, g.op("Mul", [dy, channel_const(g, program, op.attrs["scale"])],
-                               op.name + "/dX"))
-        elif op.kind == "maxpool":  # dY goes to each window's max (summed where windows share it)
-            c, h, w = program.shapes[x]
-            flat = g.ints([0, -1])
-            batch = g.op("Slice", [g.op("Shape", [dy], op.name + "/dY_shape"), g.ints([0]),
-                                   g.ints([1])], op.name + "/batch")
-            rows = g.op("Concat", [batch, g.ints([c * h * w])], op.name + "/dX_flat_shape",
-                        axis=0)                                                   # (B, C*H*W)
-            zeros = g.op("ConstantOfShape", [rows], op.name + "/zeros",
-                         value=onnx.helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
-            index = g.op("Reshape", [argmax_name(op.output), flat], op.name + "/argmax_rows")
-            updates = g.op("Reshape", [dy, flat], op.name + "/dY_rows")
-            dx = g.op("ScatterElements", [zeros, index, updates], op.name + "/dX_flat", axis=1,
-                      reduction="add")
-            accumulate(x, g.op("Reshape", [dx, g.ints([-1, c, h, w])], op.name + "/dX"))
-        elif op.kind == "conv":
-            dw, db, dx = emit_conv_backward(g, program, op, dy, method, needs_grad(x))
-            param_grads[op.attrs["weight"]] = dw
-            if db:
-                param_grads[op.attrs["bias"]] = db
-            if dx:
-                accumulate(x, dx)
+        if op.kind in ("linear", "conv"):
+            param_grads.update(emit_layer_backward(g, program, op, dy, method, needs_grad,
+                                                   accumulate))
+        elif op.kind in ("add", "mul", "cat"):
+            emit_join_backward(g, program, op, dy, needs_grad, factors, accumulate)
+        elif op.kind in ("clip", "act", "affine"):
+            accumulate(op.inputs[0], g.op("Mul", [dy, local_slope(g, program, op, derived)],
+                                          op.name + "/dX"))
+        elif op.kind in ("gap", "mean", "avgpool", "maxpool"):
+            accumulate(op.inputs[0], pool_input_grad(g, program, op, dy))
+        elif op.kind in ("reshape", "slice", "shuffle"):
+            accumulate(op.inputs[0], moved_input_grad(g, program, op, dy))
         else:
             raise ValueError(f"no backward for {op.kind!r}")
     return param_grads
+
+
+def emit_layer_backward(g: Graph, program: Program, op: Op, dy: str, method: str, needs_grad,
+                        accumulate) -> dict:
+    """A linear's or conv's param -> gradient; its input's gradient goes to accumulate, made
+    only when needs_grad(input)."""
+    x = op.inputs[0]
+    param_grads = {}
+    if op.kind == "linear":
+        param_grads[op.attrs["weight"]] = g.op("Gemm", [dy, x], op.name + "/dW", transA=1)
+        if op.attrs.get("bias"):
+            param_grads[op.attrs["bias"]] = g.op("ReduceSum", [dy, g.ints([0])], op.name + "/db",
+                                                 keepdims=0)
+        if needs_grad(x):
+            accumulate(x, g.op("MatMul", [dy, op.attrs["weight"]], op.name + "/dX"))
+        return param_grads
+    dw, db, dx = emit_conv_backward(g, program, op, dy, method, needs_grad(x))
+    param_grads[op.attrs["weight"]] = dw
+    if db:
+        param_grads[op.attrs["bias"]] = db
+    if dx:
+        accumulate(x, dx)
+    return param_grads
+
+
+def emit_join_backward(g: Graph, program: Program, op: Op, dy: str, needs_grad, factors: dict,
+                       accumulate) -> None:
+    """The gradient of each input of an add, a mul (factors: each multiply factor's tensor in
+    g) or a cat, to accumulate."""
+    if op.kind == "add":
+        for t in op.inputs:
+            accumulate(t, dy)
+    elif op.kind == "mul":  # d/a = dY b, summed over the axes a was broadcast along
+        for i, t in enumerate(op.inputs):
+            if not needs_grad(t):
+                continue
+            other = factors[mul_factor_name(op.output, 1 - i)]
+            grad = g.op("Mul", [dy, other], f"{op.name}/dY_x_factor_{1 - i}")
+            if program.shapes[t] != program.shapes[op.output]:  # a (C, 1, 1) gate
+                grad = g.op("ReduceSum", [grad, g.ints([2, 3])], f"{op.name}/d_gate_{i}",
+                            keepdims=1)
+            accumulate(t, grad)
+    else:  # cat: each input's channels of dY
+        start = 0
+        for i, t in enumerate(op.inputs):
+            stop = start + program.shapes[t][0]
+            if needs_grad(t):
+                accumulate(t, g.op("Slice", [dy, g.ints([start]), g.ints([stop]), g.ints([1])],
+                                   f"{op.name}/dX_{i}"))
+            start = stop
+
+
+def local_slope(g: Graph, program: Program, op: Op, derived: dict) -> str:
+    """d output / d input of an elementwise op (clip, act, affine), to multiply dY by: the
+    clip's 0/1 mask (from the kept y in derived, else its mask bits), the activation's
+    derivative, the affine's scale."""
+    if op.kind == "clip" and op.output in derived:  # lo < y < hi of the kept y
+        y, lo, hi = derived[op.output], op.attrs["lo"], op.attrs["hi"]
+        mask = g.op("Greater", [y, g.scalar(lo)], op.name + "/above_lo")
+        if hi != RELU_HI:
+            below = g.op("Less", [y, g.scalar(hi)], op.name + "/below_hi")
+            mask = g.op("And", [mask, below], op.name + "/mask")
+        # Cast + Mul: measured 5x faster than a Where(mask, dY, 0) here (ORT 1.32, 2 threads)
+        return g.op("Cast", [mask], op.name + "/mask_f", to=TensorProto.FLOAT)
+    if op.kind == "clip":
+        return unpack_mask(g, op.name, mask_bits_name(op.output), program.shapes[op.output])
+    if op.kind == "act":
+        source = activation_source(op, derived)
+        kept_tensor = {"kept": derived.get(op.output), "bits": mask_bits_name(op.output),
+                       "saved": act_saved_name(op.output)}[source]
+        return activation_derivative(g, program, op, source, kept_tensor)
+    return channel_const(g, program, op.attrs["scale"])  # affine
+
+
+def pool_input_grad(g: Graph, program: Program, op: Op, dy: str) -> str:
+    """dX (B, C, H, W) of a pool: gap and mean spread dY evenly, avgpool over its windows,
+    maxpool to each window's max (summed where windows share it)."""
+    c, h, w = program.shapes[op.inputs[0]]
+    if op.kind == "gap":
+        mean = g.op("Mul", [dy, g.scalar(1.0 / (h * w))], op.name + "/dX_mean")
+        spread = g.op("Unsqueeze", [mean, g.ints([2, 3])], op.name + "/dX_unsqueeze")
+        return g.op("Expand", [spread, g.ints([1, 1, h, w])], op.name + "/dX")
+    if op.kind == "mean":
+        spread = g.op("Mul", [dy, g.scalar(1.0 / (h * w))], op.name + "/dX_mean")
+        return g.op("Expand", [spread, g.ints([1, 1, h, w])], op.name + "/dX")
+    if op.kind == "avgpool":
+        return emit_avgpool_backward(g, program, op, dy)
+    flat = g.ints([0, -1])  # maxpool
+    batch = g.op("Slice", [g.op("Shape", [dy], op.name + "/dY_shape"), g.ints([0]), g.ints([1])],
+                 op.name + "/batch")
+    rows = g.op("Concat", [batch, g.ints([c * h * w])], op.name + "/dX_flat_shape",
+                axis=0)                                                           # (B, C*H*W)
+    zeros = g.op("ConstantOfShape", [rows], op.name + "/zeros",
+                 value=onnx.helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
+    index = g.op("Reshape", [argmax_name(op.output), flat], op.name + "/argmax_rows")
+    updates = g.op("Reshape", [dy, flat], op.name + "/dY_rows")
+    dx = g.op("ScatterElements", [zeros, index, updates], op.name + "/dX_flat", axis=1,
+              reduction="add")
+    return g.op("Reshape", [dx, g.ints([-1, c, h, w])], op.name + "/dX")
+
+
+def moved_input_grad(g: Graph, program: Program, op: Op, dy: str) -> str:
+    """dX of an op that only moves values (reshape, slice, shuffle): dY moved back."""
+    x = op.inputs[0]
+    if op.kind == "reshape":
+        return g.op("Reshape", [dy, g.ints([0, *program.shapes[x]])], op.name + "/dX")
+    if op.kind == "slice":  # dY in its channels, zeros elsewhere
+        c = program.shapes[x][0]
+        pads = [0, op.attrs["start"], 0, 0, 0, c - op.attrs["stop"], 0, 0]
+        return g.op("Pad", [dy, g.ints(pads)], op.name + "/dX")
+    groups = program.shapes[x][0] // op.attrs["groups"]  # shuffle: the inverse, C / g groups
+    return emit_shuffle(g, dy, program.shapes[x], groups, op.name + "/dX")
 
 
 def optimizer_state(split: Split, config: TrainConfig) -> dict:
@@ -987,28 +1018,38 @@ def overview_graph(forward_graphs: list, split: Split, backward: list,
     (shapes, axes) come along; the weights and the other unproduced tensors are inputs, each
     with its type and shape, and every edge gets a shape (value_info)."""
     g = Graph("training_step_overview")
+    append_forward(g, forward_graphs, split, config)
+    append_backward(g, backward)
+    declare_interface(g, forward_graphs, backward)
+    return g
+
+
+def copy_nodes(graph: Graph, renamed: dict) -> list:
+    """graph's nodes, named <graph>/<node>; a tensor inside the graph (not one it takes or
+    hands on) becomes <graph>/<tensor>, as two graphs may use the same inner name; an input
+    in renamed reads its new name."""
+    interface = {v.name for v in graph.inputs + graph.outputs}
+    inner = {o: f"{graph.name}/{o}" for n in graph.nodes for o in n.output if o not in interface}
+    copies = []
+    for node in graph.nodes:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.name = f"{graph.name}/{node.name}"
+        copy.input[:] = [inner.get(i, renamed.get(i, i)) for i in copy.input]
+        copy.output[:] = [inner.get(o, o) for o in copy.output]
+        copies.append(copy)
+    return copies
+
+
+def append_forward(g: Graph, forward_graphs: list, split: Split, config: TrainConfig) -> None:
+    """The forward partitions' nodes into g, each fine-tuned conv's input decomposed (an
+    ``ai.actcomp`` node giving its kept pieces) before the partition that starts with it."""
     op_type = METHODS[config.method].overview_op
     attrs = {}
     if config.eps is not None:
         attrs["eps"] = float(config.eps)
     if config.ranks:
         attrs["ranks"] = [int(r) for r in config.ranks]
-    def copy_nodes(graph, renamed: dict) -> list:
-        """graph's nodes, named <graph>/<node>; a tensor inside the graph (not one it takes
-        or hands on) becomes <graph>/<tensor>, as two graphs may use the same inner name."""
-        interface = {v.name for v in graph.inputs + graph.outputs}
-        inner = {o: f"{graph.name}/{o}" for n in graph.nodes for o in n.output
-                 if o not in interface}
-        copies = []
-        for node in graph.nodes:
-            copy = onnx.NodeProto()
-            copy.CopyFrom(node)
-            copy.name = f"{graph.name}/{node.name}"
-            copy.input[:] = [inner.get(i, renamed.get(i, i)) for i in copy.input]
-            copy.output[:] = [inner.get(o, o) for o in copy.output]
-            copies.append(copy)
-        return copies
-
     for p, graph in enumerate(forward_graphs):
         if p >= 1:
             conv = split.trainable_convs[p - 1]
@@ -1016,8 +1057,12 @@ def overview_graph(forward_graphs: list, split: Split, backward: list,
             g.op(op_type, [conv.inputs[0]], f"{conv.name}/decompose", outputs=kept,
                  domain=ACTCOMP_DOMAIN, **attrs)
         g.nodes.extend(copy_nodes(graph, {}))
-    # a d/<t> that two backward partitions make (t has consumers in both) is summed by the
-    # device; here the second is renamed <d/t>@<graph> and an Add makes what later reads d/t
+
+
+def append_backward(g: Graph, backward: list) -> None:
+    """The backward partitions' nodes into g. A d/<t> that two of them make (t has consumers
+    in both) is summed by the device; here the second is renamed <d/t>@<graph> and an Add
+    makes what later reads d/t."""
     renamed, made = {}, {o for n in g.nodes for o in n.output}
     for graph in backward:
         sums = []
@@ -1032,10 +1077,17 @@ def overview_graph(forward_graphs: list, split: Split, backward: list,
             renamed[out] = g.op("Add", [renamed.get(out, out), f"{out}@{graph.name}"],
                                 f"{graph.name}/{out}/sum", outputs=[f"{out}/sum@{graph.name}"])
             made.add(renamed[out])
-    # every tensor's type and shape as the executable graphs declare it (inputs, outputs,
-    # initializers): the overview's inputs and the value_info past the ai.actcomp nodes
+
+
+def declare_interface(g: Graph, forward_graphs: list, backward: list) -> None:
+    """g's inputs, constants, outputs and value_info, every tensor typed and shaped as the
+    executable graphs (forward then backward) declare it: the tensors g reads but no node
+    makes are inputs, except the constants (shapes, axes: small), which come along so that
+    shape inference can use their values; the outputs are the backward's (no d/<t>), the loss
+    and the logits."""
+    graphs = list(forward_graphs) + list(backward)
     known = {}
-    for graph in list(forward_graphs) + list(backward):
+    for graph in graphs:
         for info in graph.inputs + graph.outputs:
             known.setdefault(info.name, info)
         for init in graph.initializers:
@@ -1047,9 +1099,8 @@ def overview_graph(forward_graphs: list, split: Split, backward: list,
         for i in n.input:
             if i and i not in produced and i not in consumed:
                 consumed.append(i)
-    # the constants (shapes, axes: small) come along, so shape inference can use their values
-    constants = {init.name: init for graph in list(forward_graphs) + list(backward)
-                 for init in graph.initializers if init.name.startswith("const/")}
+    constants = {init.name: init for graph in graphs for init in graph.initializers
+                 if init.name.startswith("const/")}
     g.initializers.extend(constants[name] for name in consumed if name in constants)
     g.inputs.extend(known[name] for name in consumed if name not in constants)
     for graph in backward:
@@ -1058,4 +1109,3 @@ def overview_graph(forward_graphs: list, split: Split, backward: list,
     outputs = {o.name for o in g.outputs}
     g.value_info.extend(info for name, info in known.items()
                         if name in produced and name not in outputs)
-    return g

@@ -7,10 +7,11 @@ import torch
 
 from device_runner.runtime import Trainer
 from edge_models import EfficientNetB0, MobileNetV3Small, RegNetY, ShuffleNetV2
-from export import export_module
+from export.module_export import ModuleOptions, export_module
 from export.torch_frontend import program_from_module
 from export_helpers import TOL, assert_update_is_sgds, torch_sgd_step
 from helpers import rel_max_error
+from export.training_graph import TrainConfig
 
 SIZE, BATCH, CLASSES = 32, 2, 10
 MODELS = {"mobilenet_v3_small": lambda: MobileNetV3Small(CLASSES, width=0.25),
@@ -43,8 +44,9 @@ def test_an_edge_cnn_trains_with_autograds_gradients_and_sgds_step(tmp_path, nam
                                                                     method, eps):
     net = model(name)
     n = 4 if layers == "4" else n_convs(net)
-    export_module(net, tmp_path / "art", input_size=SIZE, batch_size=BATCH, layers=n,
-                  method=method, eps=eps)
+    export_module(net, tmp_path / "art",
+                  TrainConfig(n_layers=n, method=method, eps=eps, momentum=0.0),
+                  ModuleOptions(input_size=SIZE, batch_size=BATCH))
     trainer = Trainer(tmp_path / "art")
     rng = np.random.default_rng(1)
     images = rng.standard_normal((BATCH, 3, SIZE, SIZE)).astype(np.float32)
@@ -62,8 +64,9 @@ def test_the_plan_of_an_edge_cnn_is_what_the_runner_holds(tmp_path, name):
     from actcomp_edge.core.program import network_of
     net = model(name)
     n = n_convs(net)
-    export_module(net, tmp_path / "art", input_size=SIZE, batch_size=BATCH, layers=n,
-                  method="hosvd", eps=1.0)
+    export_module(net, tmp_path / "art",
+                  TrainConfig(n_layers=n, method="hosvd", eps=1.0, momentum=0.0),
+                  ModuleOptions(input_size=SIZE, batch_size=BATCH))
     trainer = Trainer(tmp_path / "art")
     images = np.random.default_rng(2).standard_normal((BATCH, 3, SIZE, SIZE)).astype(np.float32)
     fwd = trainer.forward(images, np.zeros(BATCH, np.int64))
@@ -77,8 +80,9 @@ def test_the_plan_of_an_edge_cnn_is_what_the_runner_holds(tmp_path, name):
 def test_num_classes_replaces_the_last_linear_of_a_head(tmp_path):
     from actcomp_edge.core.npz import load_npz
     net = model("mobilenet_v3_small")
-    export_module(net, tmp_path / "art", input_size=SIZE, batch_size=BATCH, layers=4,
-                  method="vanilla", num_classes=4)
+    export_module(net, tmp_path / "art",
+                  TrainConfig(n_layers=4, method="vanilla", eps=None, momentum=0.0),
+                  ModuleOptions(input_size=SIZE, batch_size=BATCH, num_classes=4))
     weights = load_npz(tmp_path / "art" / "weights.npz")
     assert np.array_equal(weights["classifier.0.weight"], net.classifier[0].weight.detach().numpy())
     assert weights["classifier.3.weight"].shape == (4, net.classifier[3].in_features)

@@ -1,6 +1,8 @@
 """The exported training step against torch.autograd and the PyTorch reference."""
 import copy
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -470,3 +472,17 @@ def test_cli_export_takes_the_class_names_of_an_image_folder(tmp_path, image_fol
                    "--method", "vanilla", "--classes", str(empty), "-o", str(tmp_path / "x"))
     assert_one_line_error(proc, "a folder without class sub-folders")
     assert not (tmp_path / "x").exists()
+
+
+def test_the_actcomp_parser_with_export_imports_neither_torch_nor_onnx():
+    """`actcomp plan`, `check` ... build the parser export's subcommand is part of: it, and
+    the export subcommand's parsed arguments, load neither torch nor onnx (an export does)."""
+    code = ("import sys\n"
+            "from actcomp_edge.host.cli import build_parser\n"
+            "args = build_parser().parse_args(['export', '--model', 'mcunet-in1', '--layers',"
+            " '2', '-o', 'art'])\n"
+            "assert args.func.__module__ == 'export.cli', args.func\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'onnx')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

@@ -11,11 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from device_runner.runtime import Trainer
-from export import export_module
+from export.module_export import ModuleOptions, export_module
 from export.torch_frontend import FrontendError, program_from_module
 from export_helpers import (TOL, assert_step_is_autograds, assert_update_is_sgds,
                             torch_sgd_step)
 from helpers import actcomp, assert_one_line_error, rel_max_error
+from export.training_graph import TrainConfig
 
 USER_MODEL = '''
 import torch
@@ -93,8 +94,9 @@ def user_net(user_file):
 def test_a_user_cnn_trains_with_autograds_gradients_and_sgds_step(user_file, tmp_path, method,
                                                                    eps, n_convs):
     net = user_net(user_file)
-    manifest = export_module(net, tmp_path / "art", input_size=(40, 48), batch_size=3,
-                             layers=n_convs, method=method, eps=eps)
+    manifest = export_module(net, tmp_path / "art",
+                             TrainConfig(n_layers=n_convs, method=method, eps=eps, momentum=0.0),
+                             ModuleOptions(input_size=(40, 48), batch_size=3))
     assert manifest["dropout_not_applied"] == 0.3
     trainer = Trainer(tmp_path / "art")
     rng = np.random.default_rng(0)
@@ -229,8 +231,9 @@ class Rectangular(nn.Module):
 def test_rectangular_and_dilated_convs_train_with_autograds_gradients(tmp_path, method, eps):
     torch.manual_seed(5)
     net = Rectangular()
-    export_module(net, tmp_path / "art", input_size=(24, 30), batch_size=3, layers=4,
-                  method=method, eps=eps)
+    export_module(net, tmp_path / "art",
+                  TrainConfig(n_layers=4, method=method, eps=eps, momentum=0.0),
+                  ModuleOptions(input_size=(24, 30), batch_size=3))
     layers = json.loads((tmp_path / "art" / "manifest.json").read_text())["trainable_layers"]
     assert [(layer["kernel"], layer["stride"], layer.get("dilation", 1)) for layer in layers] == \
            [([1, 3], 1, 1), ([3, 1], [2, 1], 1), (3, 1, 2), ([3, 5], 1, [1, 2])]
@@ -248,16 +251,18 @@ def test_rectangular_and_dilated_convs_train_with_autograds_gradients(tmp_path, 
 def test_gradient_filter_refuses_a_rectangular_conv_in_one_line(tmp_path):
     with pytest.raises(ValueError, match=r"^gf-r2 needs square kernels, strides and paddings "
                                          r"and dilation 1: col has kernel \(3, 1\)"):
-        export_module(Rectangular(), tmp_path / "art", input_size=24, batch_size=2, layers=3,
-                      method="gf-r2")
+        export_module(Rectangular(), tmp_path / "art",
+                      TrainConfig(n_layers=3, method="gf-r2", eps=None, momentum=0.0),
+                      ModuleOptions(input_size=24, batch_size=2))
     assert not (tmp_path / "art").exists()
 
 
 def test_a_max_pool_in_the_fine_tuned_part_keeps_its_argmax_and_counts_it(user_file, tmp_path):
     """The forward hands each max's place to the backward: int32, one per pooled element,
     in the full accounting of the conv before it (the stem's)."""
-    manifest = export_module(user_net(user_file), tmp_path / "art", input_size=32, batch_size=2,
-                             layers=5, method="vanilla")
+    manifest = export_module(user_net(user_file), tmp_path / "art",
+                             TrainConfig(n_layers=5, method="vanilla", eps=None, momentum=0.0),
+                             ModuleOptions(input_size=32, batch_size=2))
     stem = manifest["trainable_layers"][0]
     assert "pool/pool/argmax" in stem["masks"]
     trainer = Trainer(tmp_path / "art")
@@ -345,7 +350,9 @@ class SharedRelu(nn.Module):
 def test_a_module_called_twice_is_two_ops_or_refused_when_it_holds_weights(tmp_path):
     torch.manual_seed(0)
     net = SharedRelu()
-    export_module(net, tmp_path / "art", input_size=16, batch_size=2, layers=2, method="vanilla")
+    export_module(net, tmp_path / "art",
+                  TrainConfig(n_layers=2, method="vanilla", eps=None, momentum=0.0),
+                  ModuleOptions(input_size=16, batch_size=2))
     rng = np.random.default_rng(1)
     images = rng.standard_normal((2, 3, 16, 16)).astype(np.float32)
     labels = np.array([0, 2])
@@ -411,8 +418,9 @@ def assert_trains_like_autograd(net, folder, size: int, n_convs: int, method="va
                                 eps=None, batch=3, classes=3, seed=0):
     """Export net's last n_convs; the runner's logits are the module's, and one step's loss
     and gradients are torch.autograd's (random images, size x size)."""
-    export_module(net, folder, input_size=size, batch_size=batch, layers=n_convs,
-                  method=method, eps=eps)
+    export_module(net, folder,
+                  TrainConfig(n_layers=n_convs, method=method, eps=eps, momentum=0.0),
+                  ModuleOptions(input_size=size, batch_size=batch))
     trainer = Trainer(folder)
     rng = np.random.default_rng(seed)
     images = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
@@ -519,8 +527,9 @@ def test_what_each_activation_keeps_is_held_and_planned(tmp_path, method, eps):
     from actcomp_edge.core.program import network_of
     torch.manual_seed(8)
     net = Activations()
-    manifest = export_module(net, tmp_path / "art", input_size=12, batch_size=3, layers=5,
-                             method=method, eps=eps)
+    manifest = export_module(net, tmp_path / "art",
+                             TrainConfig(n_layers=5, method=method, eps=eps, momentum=0.0),
+                             ModuleOptions(input_size=12, batch_size=3))
     masks = {layer["name"]: layer["masks"] for layer in manifest["trainable_layers"]}
     saved = {"hosvd": {"stem": ["hswish/act/act_saved"], "dw": ["leaky/act/mask_bits"],
                        "pw": ["silu/act/act_saved", "hardswish/act/act_saved"],
@@ -639,8 +648,9 @@ def test_what_a_multiply_keeps_is_held_and_planned(tmp_path, n_convs, factors):
     from actcomp_edge.core.memory import plan
     from actcomp_edge.core.program import network_of
     net = SqueezeExcite()
-    manifest = export_module(net, tmp_path / "art", input_size=12, batch_size=3,
-                             layers=n_convs, method="hosvd", eps=1.0)
+    manifest = export_module(net, tmp_path / "art",
+                             TrainConfig(n_layers=n_convs, method="hosvd", eps=1.0, momentum=0.0),
+                             ModuleOptions(input_size=12, batch_size=3))
     masks = {layer["name"]: layer["masks"] for layer in manifest["trainable_layers"]}
     assert {name: [t for t in masks[name] if "/factor_" in t] for name in factors} == factors
     trainer = Trainer(tmp_path / "art")
@@ -841,8 +851,9 @@ def test_a_squeeze_excitation_of_linears_trains_with_autograds_gradients(tmp_pat
     program, _ = program_from_module(net, 10)
     assert [op.kind for op in program.ops if op.kind in ("mean", "reshape", "gap")] == \
         ["mean", "reshape", "reshape", "mean", "reshape", "reshape", "gap"]
-    manifest = export_module(net, tmp_path / "art", input_size=10, batch_size=3,
-                             layers=n_convs, method=method, eps=eps)
+    manifest = export_module(net, tmp_path / "art",
+                             TrainConfig(n_layers=n_convs, method=method, eps=eps, momentum=0.0),
+                             ModuleOptions(input_size=10, batch_size=3))
     trainer = Trainer(tmp_path / "art")
     rng = np.random.default_rng(6)
     images = rng.standard_normal((3, 3, 10, 10)).astype(np.float32)

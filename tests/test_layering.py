@@ -91,7 +91,8 @@ def test_the_graph_is_read():
     assert "actcomp_edge.core.decomposition" in graph["actcomp_edge.core.methods"]
     assert "device_runner.runtime" in graph["device_runner.train"]          # relative import
     assert "actcomp_edge.core.memory" in graph["actcomp_edge.host.cli"]     # from ..core
-    assert "export.cli" in graph["actcomp_edge.host.cli"]                   # inside a function
+    assert "export.cli" in graph["actcomp_edge.host.cli"]
+    assert "export.module_export" in graph["actcomp_edge.host.cli"]         # inside a function
     assert "actcomp_edge.host.fleet" in graph["actcomp_edge.host.cli"]
     assert {folder(m) for m in graph} == {None, *FOLDERS}
 

@@ -118,7 +118,7 @@ def test_oldest_onnxruntime_trains_the_edge_cnns_like_the_newest(name, method, e
     second step diverges (EfficientNet's loss 5849), and there the runtimes' last bits had
     grown to 5e-4 (measured)."""
     import torch
-    from export import export_module
+    from export.module_export import ModuleOptions, export_module
     from test_edge_models import model
     from test_frontend import Activations
     old = interpreter("ACTCOMP_ORT_OLDEST_PYTHON", ".venv-ort-oldest")
@@ -126,8 +126,9 @@ def test_oldest_onnxruntime_trains_the_edge_cnns_like_the_newest(name, method, e
     net = Activations() if name == "activations" else model(name)
     size, classes, steps = (16, 3, 2) if name == "activations" else (32, 10, 1)
     folder = tmp_path / "art"
-    export_module(net, folder, input_size=size, batch_size=4,
-                  layers=sum(isinstance(m, torch.nn.Conv2d) for m in net.modules()),
-                  method=method, eps=eps)
+    export_module(net, folder,
+                  TrainConfig(n_layers=sum(isinstance(m, torch.nn.Conv2d) for m in net.modules()),
+                              method=method, eps=eps, momentum=0.0),
+                  ModuleOptions(input_size=size, batch_size=4))
     data = steps_data(tmp_path, steps, 4, (size, size), classes)
     assert_old_trains_like_new(old, folder, data, tmp_path, steps)

@@ -5,6 +5,8 @@ import argparse
 import json
 import sys
 
+from export.cli import add_export_parser
+
 from .. import __version__
 from ..core.arch import ZOO, load_spec
 from ..core.cliutil import Parser, non_negative_float, positive_float, positive_int, size_bytes
@@ -342,19 +344,6 @@ def cmd_monitor(args) -> int:
     return monitor(args.url, args.output, budget, args.idle_timeout)
 
 
-def cmd_export(args) -> int:
-    from export.cli import run_export  # torch + onnx: only needed here
-    try:
-        return run_export(args)
-    except OSError as e:  # -o under /proc, a full disk, an unreadable --classes file
-        where = f"{e.filename}: " if e.filename else ""
-        print(f"actcomp: error: {where}{e.strerror or e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # the half-written export is removed; -o is as it was
-        print(f"actcomp: interrupted: nothing was written to {args.out}", file=sys.stderr)
-        return 130
-
-
 def add_fleet(sub) -> None:
     f = sub.add_parser("fleet", help="federated fine-tuning of one artifact on Flower",
                        description="Many boards fine-tune one artifact together on Flower's "
@@ -467,62 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     add_plan(sub)
 
-    e = sub.add_parser("export", help="build a training artifact for the device",
-                       description="Turn a model (zoo name or spec .json) with optional .npz "
-                                   "weights into a training artifact folder: ONNX training-step "
-                                   "graphs whose fine-tuned convs keep only compressed "
-                                   "activations, weights, optimizer state and manifest.json.")
-    e.add_argument("--model", required=True,
-                   help=f"zoo name ({', '.join(sorted(ZOO))}), an architecture spec .json "
-                        "(the format of ../shared/weights/*.json), or FILE.py:FUNCTION where "
-                        "FUNCTION() returns your torch.nn.Module (README: supported ops)")
-    e.add_argument("--weights", help=".npz, .pth/.pt (tensors only) or .safetensors whose names "
-                                     "match the model; without it the model is randomly "
-                                     "initialised (--seed)")
-    e.add_argument("--input-norm", choices=("half", "imagenet"), default="half",
-                   help="FILE.py:FUNCTION models: the input normalisation the module expects "
-                        "(half: mean = std = 0.5; imagenet: torchvision's; default half)")
-    e.add_argument("--num-classes", type=positive_int,
-                   help="classifier outputs; when it differs from the weights' classifier, the "
-                        "classifier is re-initialised (default: the weights' / 1000)")
-    e.add_argument("--classes", help="the class names: a text file with one a line, or an "
-                                     "ImageFolder (its sub-folder names, sorted, as the runner "
-                                     "reads them) (optional)")
-    e.add_argument("--layers", type=positive_int, required=True,
-                   help="fine-tune the last N Conv2d modules and the classifier")
-    e.add_argument("--method", choices=list(METHODS), default="hosvd",
-                   help="what the backward keeps of each fine-tuned conv input (default hosvd): "
-                        "vanilla (all of it), hosvd (the paper: eps ranks recomputed every "
-                        "step), asi (ranks fixed at the first step, factors followed by one "
-                        "subspace iteration a step: the fast one), svd (mode-1), gf-r2 "
-                        "(Gradient Filter)")
-    add_rank_arguments(e, "; hosvd and svd recompute eps ranks every step (the paper's rule), "
-                          "asi fixes them at the first step")
-    e.add_argument("--activation-budget", type=size_bytes, metavar="SIZE",
-                   help="asi: the bytes every fine-tuned layer's kept activations may take "
-                        "together (e.g. 2MiB); the board chooses the ranks that fit on its "
-                        "first batch (the most energy kept per byte), instead of --eps")
-    e.add_argument("--batch-size", type=positive_int, default=32,
-                   help="training batch size the memory prediction is made for (default 32; the "
-                        "graphs accept any batch)")
-    e.add_argument("--input-size", type=input_size,
-                   help="training resolution, 128 or HxW (default: the model's own)")
-    e.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
-                   help="update rule baked into the backward graph (default sgd)")
-    e.add_argument("--momentum", type=float, default=0.0,
-                   help="SGD momentum (default 0, the paper's recipe; the runner's default lr "
-                        "is 0.05 x (1 - momentum))")
-    e.add_argument("--weight-decay", type=float, default=0.0,
-                   help="weight decay (SGD: L2 added to the gradient; AdamW: decoupled)")
-    e.add_argument("--label-smoothing", type=float, default=0.0,
-                   help="cross-entropy label smoothing in [0, 1) (default 0)")
-    e.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
-    e.add_argument("-o", "--out", required=True,
-                   help="artifact folder to create (an existing one is refused unless --force)")
-    e.add_argument("--force", action="store_true",
-                   help="replace the artifact in -o; anything else in the folder (its run/) is "
-                        "kept")
-    e.set_defaults(func=cmd_export)
+    add_export_parser(sub, add_rank_arguments, input_size)
 
     add_monitor(sub)
     add_paper_table(sub)
