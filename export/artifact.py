@@ -122,7 +122,6 @@ def export_program(program, out_dir, config: TrainConfig, batch_size: int, class
 
 GRAPH_FILES = {"evaluate": "evaluate.onnx", "inference": "inference.onnx",
                "overview": "overview.onnx"}
-ARRAY_FILES = ("weights.npz", "optimizer.npz")
 
 
 @dataclass
@@ -144,7 +143,7 @@ def write_artifact(program, out: Path, config: TrainConfig, batch_size: int, cla
     save_npz(out / "weights.npz", {p: program.params[p] for p in split.trainable_params})
     save_npz(out / "optimizer.npz", optimizer_state(split, config))
     files = file_hashes(out, step.forward + list(step.backward) + list(GRAPH_FILES.values())
-                        + list(ARRAY_FILES))
+                        + ["weights.npz", "optimizer.npz"])
     layers = trainable_layers(split, config.method, partitions)
     manifest = build_manifest(split, config, batch_size, classes, norm, dropout, layers, step,
                               files)
