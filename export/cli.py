@@ -7,16 +7,15 @@ import sys
 from pathlib import Path
 
 from actcomp_edge.core.arch import ZOO
-from actcomp_edge.core.cliutil import positive_int, size_bytes
+from actcomp_edge.core.cliutil import add_rank_arguments, input_size, positive_int, size_bytes
 from actcomp_edge.core.manifest import folder_classes
 from actcomp_edge.core.memory import LayerPlan, Plan, plan_table
 from actcomp_edge.core.methods import METHODS
 
 
-def add_export_parser(subparsers, add_rank_arguments, input_size) -> None:
-    """The `export` subcommand. add_rank_arguments(parser, eps_note) (--eps | --ranks,
-    --rank-cap) and the input_size type ('224' or 'HxW' -> (H, W)) are the host's, so that
-    `plan` and `export` take them alike; the host's main makes a single --rank-cap an int."""
+def add_export_parser(subparsers) -> None:
+    """The `export` subcommand (--eps | --ranks, --rank-cap and --input-size as `plan` takes
+    them; the host's main makes a single --rank-cap an int)."""
     e = subparsers.add_parser("export", help="build a training artifact for the device",
                               description="Turn a model (zoo name or spec .json) with "
                                           "optional .npz weights into a training artifact "

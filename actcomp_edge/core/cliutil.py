@@ -51,3 +51,37 @@ def size_bytes(text: str) -> int:
         return parse_size(int(text) if text.strip().isdigit() else text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e))
+
+
+def input_size(text: str) -> tuple:
+    """'224' or '224x160' (height x width)."""
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"input size must look like 224 or 224x160, got {text!r}")
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"input size must look like 224 or 224x160, got {text!r}")
+    return tuple(parts)
+
+
+def eps_value(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"eps must be in (0, 1], got {text!r}")
+    return value
+
+
+def add_rank_arguments(parser, eps_note: str) -> None:
+    """--eps | --ranks, and --rank-cap (hosvd, asi, svd)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--eps", type=eps_value,
+                       help="explained-variance threshold in (0,1] for hosvd/svd ranks" + eps_note)
+    group.add_argument("--ranks", type=positive_int, nargs="+",
+                       help="fixed ranks: 4 for hosvd (B C H W), 1 for svd")
+    parser.add_argument("--rank-cap", type=positive_int, nargs="+",
+                        help="upper bound on the ranks (hosvd: 1 value for all modes or 4; svd: 1)")

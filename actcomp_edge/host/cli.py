@@ -9,7 +9,8 @@ from export.cli import add_export_parser
 
 from .. import __version__
 from ..core.arch import ZOO, load_spec
-from ..core.cliutil import Parser, non_negative_float, positive_float, positive_int, size_bytes
+from ..core.cliutil import (Parser, add_rank_arguments, input_size, non_negative_float,
+                            positive_float, positive_int, size_bytes)
 from ..core.memory import mib, plan, plan_table
 from ..core.methods import METHODS
 from ..core.profiles import OPTIMIZER_STATE, Fit, load_profile, profile_names, \
@@ -25,40 +26,6 @@ PAPER_TABLE = {
     "resnet34": {"vanilla": ("12.25", "24.50"), "gf-r2": ("4.00", "8.00")},
     "mcunet-in1": {"vanilla": ("13.78", "19.52"), "gf-r2": ("4.50", "6.38")},
 }
-
-
-def input_size(text: str) -> tuple:
-    """'224' or '224x160' (height x width)."""
-    try:
-        parts = [int(p) for p in text.lower().split("x")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"input size must look like 224 or 224x160, got {text!r}")
-    if len(parts) == 1:
-        parts *= 2
-    if len(parts) != 2 or min(parts) < 1:
-        raise argparse.ArgumentTypeError(f"input size must look like 224 or 224x160, got {text!r}")
-    return tuple(parts)
-
-
-def eps_value(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"eps must be in (0, 1], got {text!r}")
-    return value
-
-
-def add_rank_arguments(parser, eps_note: str) -> None:
-    """--eps | --ranks, and --rank-cap (hosvd, asi, svd)."""
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--eps", type=eps_value,
-                       help="explained-variance threshold in (0,1] for hosvd/svd ranks" + eps_note)
-    group.add_argument("--ranks", type=positive_int, nargs="+",
-                       help="fixed ranks: 4 for hosvd (B C H W), 1 for svd")
-    parser.add_argument("--rank-cap", type=positive_int, nargs="+",
-                        help="upper bound on the ranks (hosvd: 1 value for all modes or 4; svd: 1)")
 
 
 def add_profile_arguments(parser, required: bool = False) -> None:
@@ -456,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     add_plan(sub)
 
-    add_export_parser(sub, add_rank_arguments, input_size)
+    add_export_parser(sub)
 
     add_monitor(sub)
     add_paper_table(sub)
