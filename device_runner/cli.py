@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from actcomp_edge.core import schedules
+from actcomp_edge.core import names, schedules
 from actcomp_edge.core.cliutil import (Parser, non_negative_float, positive_float, positive_int,
                                   size_bytes)
 from actcomp_edge.core.manifest import ArtifactError
@@ -120,9 +120,8 @@ def cmd_eval(args) -> int:
     trainer = load_trainer(args.artifact, args.threads)
     if args.weights:
         from actcomp_edge.core.npz import load_npz
-        trainer.load_state_arrays({**{f"param/{k}": v for k, v in load_npz(args.weights).items()},
-                                   **{f"opt/{k}": v for k, v in trainer.state.items()},
-                                   "step_count": trainer.step_count})
+        arrays = names.checkpoint_arrays(load_npz(args.weights), trainer.state)
+        trainer.load_state_arrays({**arrays, "step_count": trainer.step_count})
     data = data_module.load(args.data, input_size(trainer), trainer.manifest["num_classes"],
                             trainer.manifest.get("classes"))
     accuracy = evaluate(trainer, data, args.batch_size)

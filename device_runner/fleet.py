@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from actcomp_edge.core import schedules
+from actcomp_edge.core import names, schedules
 from actcomp_edge.core.npz import load_npz, write_atomic
 from actcomp_edge.core.profiles import parse_size
 
@@ -238,7 +238,7 @@ def load_round_state(trainer, global_params: dict, state: dict | None) -> None:
     """The global weights on the trainer, over the node's own state of an earlier round
     (optimizer, trackers, step count; None: the artifact's)."""
     arrays = dict(state) if state is not None else trainer.state_arrays()
-    arrays.update({f"param/{k}": np.asarray(v, trainer.params[k].dtype)
+    arrays.update({names.param(k): np.asarray(v, trainer.params[k].dtype)
                    for k, v in global_params.items()})
     trainer.load_state_arrays(arrays)
 

@@ -22,7 +22,7 @@ import numpy as np
 import onnxruntime as ort
 from threadpoolctl import threadpool_limits
 
-from actcomp_edge.core import memplan
+from actcomp_edge.core import memplan, names
 from actcomp_edge.core.decomposition import mode_energies
 from actcomp_edge.core.methods import METHODS
 from actcomp_edge.core.faults import crash_point
@@ -201,7 +201,7 @@ class Trainer:
         # the optimizer's graph: the one whose outputs are the new parameters (new/<param>)
         # (the exporter's last item; a stubbed session has no outputs)
         self.update_at = next((i for i, item in enumerate(self.schedule) if "run" in item and any(
-            o.name.startswith("new/") for o in self.sessions[item["run"]].get_outputs())),
+            names.is_new(o.name) for o in self.sessions[item["run"]].get_outputs())),
             len(self.schedule) - 1)
         # the forward half ends where the first backward partition runs
         self.backward_from = next(i for i, item in enumerate(self.schedule)
@@ -330,12 +330,12 @@ class Trainer:
             results = self._run_in_slices(item, feeds, placed)
             del feeds
             for name, value in zip(outputs, results):
-                if name.startswith("new/"):
-                    out["updates"][name[4:]] = value
+                if names.is_new(name):
+                    out["updates"][names.updated_of(name)] = value
                 elif name in tensors:  # d/<t> from another consumer of t: sum in place
                     np.add(tensors[name], value, out=tensors[name])
-                elif name.startswith("grad/"):  # held for the update (and the step's result)
-                    tensors[name] = out["grads"][name[5:]] = value
+                elif names.is_grad(name):  # held for the update (and the step's result)
+                    tensors[name] = out["grads"][names.param_of(name)] = value
                 else:
                     tensors[name] = value
             del results
@@ -470,7 +470,7 @@ class Trainer:
                     add_proximal(grads, self.params, proximal[1], proximal[0])
                 grad_norm = (clip_grad_norm(grads, max_grad_norm) if max_grad_norm else
                              global_norm(grads))
-                tensors.update({f"grad/{name}": g for name, g in grads.items()})
+                tensors.update({names.grad(name): g for name, g in grads.items()})
             self._run(position, tensors, out)
             seconds["update" if position == self.update_at else "backward"] += \
                 time.perf_counter() - start
@@ -479,7 +479,7 @@ class Trainer:
         applied = np.isfinite(loss) and all(np.isfinite(v).all() for v in updated.values())
         if applied:  # a NaN/Inf step is rejected: params and state stay the last good ones
             for name, value in updated.items():
-                if name.startswith("state/"):
+                if names.is_state(name):
                     self.state[name] = value
                 else:
                     self.params[name] = value
@@ -491,16 +491,14 @@ class Trainer:
 
     def state_arrays(self) -> dict:
         """Everything training needs to continue exactly: params, optimizer state, trackers."""
-        arrays = {f"param/{k}": v for k, v in self.params.items()}
-        arrays.update({f"opt/{k}": v for k, v in self.state.items()})
+        arrays = names.checkpoint_arrays(self.params, self.state)
         for layer, tracker in self.trackers.items():
-            arrays.update({f"tracker/{layer}/{k}": v for k, v in tracker.state().items()})
+            arrays.update({names.tracker(layer, k): v for k, v in tracker.state().items()})
         arrays["step_count"] = np.array(self.step_count)
         return arrays
 
     def load_state_arrays(self, arrays: dict) -> None:
-        params = {k[6:]: v for k, v in arrays.items() if k.startswith("param/")}
-        state = {k[4:]: v for k, v in arrays.items() if k.startswith("opt/")}
+        params, state = names.under(arrays, names.PARAM), names.under(arrays, names.OPT)
         if set(params) != set(self.params) or set(state) != set(self.state):
             raise ArtifactError("checkpoint does not belong to this artifact (its arrays differ)")
         for name, value in params.items():
@@ -510,8 +508,7 @@ class Trainer:
                                     f"{self.params[name].shape}")
         self.params, self.state = params, state
         for layer, tracker in self.trackers.items():
-            prefix = f"tracker/{layer}/"
-            tracker.restore({k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
+            tracker.restore(names.under(arrays, names.tracker(layer, "")))
         self.step_count = int(arrays["step_count"])
 
     def inference_model(self, classes: list | None = None) -> bytes:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import onnx
 
-from actcomp_edge.core import arch, rank_budget
+from actcomp_edge.core import arch, names, rank_budget
 from actcomp_edge.core.manifest import (FORMAT, FORMAT_VERSION, MANIFEST, MIN_ONNXRUNTIME,
                                    manifest_bytes, sha256_file)
 from actcomp_edge.core.memory import plan
@@ -206,8 +206,7 @@ def layer_masks(program, partitions: list) -> list:
     conv i (full accounting); the head's belong to the classifier."""
     head = head_tensors(program)
     linear_inputs = {op.inputs[0] for op in program.ops if op.kind == "linear"} - head
-    return [[t for t in outputs if (t.endswith(("/mask_bits", "/act_saved", "/argmax"))
-                                    or "/factor_" in t) and t.rpartition("/")[0] not in head
+    return [[t for t in outputs if names.is_saved(t) and names.source_of(t) not in head
              or t in linear_inputs]
             for _, _, outputs in partitions[1:]]
 
@@ -222,7 +221,7 @@ def trainable_layers(split, method: str, partitions: list) -> list:
              "stride": op.attrs["stride"], "padding": op.attrs["padding"],
              "groups": op.attrs["groups"],
              **({"dilation": op.attrs["dilation"]} if op.attrs.get("dilation", 1) != 1 else {}),
-             "kept": [f"{op.name}/kept/{piece}" for piece in pieces], "masks": masks}
+             "kept": [names.kept(op.name, piece) for piece in pieces], "masks": masks}
             for op, masks in zip(split.trainable_convs, layer_masks(split.program, partitions))]
 
 

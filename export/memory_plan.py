@@ -20,7 +20,7 @@ from math import prod
 import onnx
 from onnx import shape_inference
 
-from actcomp_edge.core import memplan
+from actcomp_edge.core import memplan, names
 from actcomp_edge.core.memory import FLOAT_BYTES, layer_ranks
 from actcomp_edge.core.methods import METHODS, Method
 
@@ -156,7 +156,7 @@ def step_plan(models: dict, graphs: dict, dims: dict, chosen: dict, schedule: li
             transient = row.workspace(shape, ranks, stride)
         else:
             for name in io[item["run"]][1]:
-                if name.startswith(("new/", "grad/")):
+                if names.is_new(name) or names.is_grad(name):
                     results += sizes[name]
         numpy_at.append(labels + results + sum(numpy_live.values()) + transient)
         for name in list(numpy_live):  # kept pieces: until their backward partition

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import names
+
 ALIGN = 64  # bytes: every place starts on a cache line
 
 
@@ -32,7 +34,7 @@ class Buffer:
 
 def pooled(name: str) -> bool:
     """Whether a run's output goes to the pool (the step's results do not)."""
-    return not (name.startswith(("new/", "grad/")) or name in ("loss", "logits"))
+    return not (names.is_new(name) or names.is_grad(name) or name in ("loss", "logits"))
 
 
 def last_use(schedule: list, io: dict, layers: dict, keeps_input: bool) -> dict:
