@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from . import names
+from .manifest import Compress
 
 ALIGN = 64  # bytes: every place starts on a cache line
 
@@ -38,19 +39,21 @@ def pooled(name: str) -> bool:
 
 
 def last_use(schedule: list, io: dict, layers: dict, keeps_input: bool) -> dict:
-    """tensor -> last schedule position that reads it. keeps_input (vanilla): the kept piece
-    *is* the conv input, so the conv input lives until its backward partition."""
+    """tensor -> last schedule position that reads it. schedule: of manifest.Run and
+    Compress; io: graph -> (input names, output names); layers: name -> manifest.Layer.
+    keeps_input (vanilla): the kept piece *is* the conv input, so the conv input lives until
+    its backward partition."""
     last = {}
     for position, item in enumerate(schedule):
-        if "compress" in item:
-            last[layers[item["compress"]]["input"]] = position
+        if isinstance(item, Compress):
+            last[layers[item.layer].input] = position
         else:
-            for name in io[item["run"]][0]:
+            for name in io[item.graph][0]:
                 last[name] = position
     if keeps_input:
         for layer in layers.values():
-            x = layer["input"]
-            last[x] = max(last.get(x, -1), last.get(layer["kept"][0], -1))
+            x = layer.input
+            last[x] = max(last.get(x, -1), last.get(layer.kept[0], -1))
     return last
 
 
@@ -66,9 +69,9 @@ def pool_buffers(schedule: list, io: dict, layers: dict, keeps_input: bool, nbyt
     made = set()
     buffers = [Buffer(STEP_INPUT, nbytes(STEP_INPUT), 0, last.get(STEP_INPUT, 0))]
     for position, item in enumerate(schedule):
-        if "run" not in item:
+        if isinstance(item, Compress):
             continue
-        for name in io[item["run"]][1]:
+        for name in io[item.graph][1]:
             if not pooled(name):
                 continue
             if name in made:
