@@ -120,7 +120,7 @@ def check_plan(manifest: Manifest, batch_size: int, budget: int) -> None:
             if fits >= 1 else "even batch 1 does not fit")
     raise BudgetError(f"budget {budget / mib:.1f} MiB is too small: the memory plan needs "
                       f"{predicted / mib:.1f} MiB at batch {batch_size} (pool, arena, numpy; "
-                      f"peak at {plan['peak_at']}); {hint}, or export with fewer --layers "
+                      f"peak at {plan.peak_at}); {hint}, or export with fewer --layers "
                       f"or a compressing --method")
 
 

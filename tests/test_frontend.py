@@ -271,7 +271,7 @@ def test_a_max_pool_in_the_fine_tuned_part_keeps_its_argmax_and_counts_it(user_f
     argmax = fwd.tensors["pool/pool/argmax"]
     assert argmax.dtype == np.int32 and argmax.shape == (2, 8, 8, 8)
     assert 0 <= argmax.min() and argmax.max() < 8 * 16 * 16  # within its sample
-    assert fwd.kept_full_per_layer[stem["name"]] >= argmax.nbytes
+    assert fwd.kept_full_per_layer[stem.name] >= argmax.nbytes
 
 
 def test_the_cli_says_what_is_wrong_with_a_model_file_in_one_line(tmp_path):
