@@ -75,12 +75,12 @@ def main(argv=None) -> int:
                 trainers[label] = Trainer(work / f"{label}_{layers}_{classes}",
                                           threads=args.threads)
             asi = trainers["asi-budget"]
-            norm = asi.manifest["input"]
+            norm = asi.manifest.input
             data = load(SHARED / "data" / file, (128, 128))
             order = np.random.default_rng(0).permutation(len(data))
-            shapes = {name: (batch, *layer["input_shape"]) for name, layer in asi.layers.items()}
+            shapes = {name: (batch, *layer.input_shape) for name, layer in asi.layers.items()}
             for b in range(args.batches):
-                x, y = data.batch(order[b * batch:(b + 1) * batch], norm["mean"], norm["std"])
+                x, y = data.batch(order[b * batch:(b + 1) * batch], norm.mean, norm.std)
                 exact = trainers["vanilla"].step(x, y, 0.0).grads
                 eps = trainers["hosvd-0.8"].step(x, y, 0.0)
                 budget = sum(eps.kept_bytes.values())

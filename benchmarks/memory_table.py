@@ -193,7 +193,7 @@ def main() -> None:
                                                TrainConfig(n_layers=n, method=method, eps=eps),
                                                args.batch_size, size)
                     trainer = Trainer(folder, threads=args.threads)
-                    prefix_sha = manifest["files"].get(trainer.prefix) if trainer.prefix else None
+                    prefix_sha = manifest.files.get(trainer.prefix) if trainer.prefix else None
                     if prefix_sha not in prefix_cache:
                         prefix_cache[prefix_sha] = [run_prefix(trainer, x) for x in images]
                     paper, full, ranks, per_layer = [], [], [], []
@@ -212,17 +212,17 @@ def main() -> None:
                         full.append(total)
                         ranks.append({k: list(v) if v else None for k, v in r.items()})
                         per_layer.append(layer_full)
-                    bound = manifest["predicted_memory"]
+                    bound = manifest.predicted_memory
                     row = {"model": model_name, "weights": stem, "dataset": key,
                            "input_size": size, "n_layers": n, "method": method, "eps": eps,
                            "paper_accounting": stats(paper), "full_accounting": stats(full),
                            "paper_bytes_per_batch": paper, "full_bytes_per_batch": full,
                            "ranks_per_batch": ranks if method in ("svd", "hosvd") else None,
                            "full_bytes_per_layer_per_batch": per_layer,
-                           "plan_paper_bytes": bound["paper_bytes"],
-                           "plan_full_bytes": bound["full_bytes"],
-                           "plan_rank_basis": bound["rank_basis"],
-                           "layers": [layer["name"] for layer in manifest["trainable_layers"]]}
+                           "plan_paper_bytes": bound.paper_bytes,
+                           "plan_full_bytes": bound.full_bytes,
+                           "plan_rank_basis": bound.rank_basis,
+                           "layers": [layer.name for layer in manifest.trainable_layers]}
                     rows.append(row)
                     print(f"[{time.perf_counter() - started:6.0f} s] {model_name:14s} {key:9s} "
                           f"N={n} {label:13s} paper {cell(row['paper_accounting'])} MiB, "

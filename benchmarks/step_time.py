@@ -115,7 +115,7 @@ from device_runner import data
 from device_runner.runtime import Trainer
 folder = tempfile.mkdtemp()
 trainer = Trainer({art!r}, threads={threads}, profile_prefix=folder + "/")
-size = trainer.manifest["input"]["height"]
+size = trainer.manifest.input.height
 images = data.load({train!r}, (size, size))
 split = collections.Counter()
 for step in range({steps} + 1):

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from actcomp_edge.core import schedules
+from actcomp_edge.core import names, schedules
 from actcomp_edge.core.cliutil import (Parser, non_negative_float, positive_float, positive_int,
                                   size_bytes)
 from actcomp_edge.core.manifest import ArtifactError
@@ -58,8 +58,9 @@ def load_sets(args, session: Session) -> tuple:
 
 def train_options(args, session: Session) -> Options:
     """The run's Options from the arguments, the artifact's recipe where none is given."""
+    train = session.trainer.manifest.train
     return Options(epochs=args.epochs, batch_size=session.batch_size,
-                   lr=args.lr or recipe.default_lr(session.trainer.manifest["train"]),
+                   lr=args.lr or recipe.default_lr(train.optimizer, train.momentum),
                    seed=args.seed, schedule=args.schedule, clip_norm=args.clip_grad_norm or None,
                    augment=not args.no_augment, cache_prefix=args.cache_prefix,
                    max_steps=args.max_steps, checkpoint_every=args.checkpoint_every,
@@ -69,15 +70,15 @@ def train_options(args, session: Session) -> Options:
 def print_plan(session: Session, train_set, val_set, options: Options) -> None:
     """What is fine-tuned, on how many images, with which recipe."""
     m = session.trainer.manifest
-    print(f"{m['model']}: {len(m['trainable_layers'])} fine-tuned convs, method "
-          f"{m['train']['method']}; {len(train_set)} training / {len(val_set)} validation images, "
+    print(f"{m.model}: {len(m.trainable_layers)} fine-tuned convs, method "
+          f"{m.train.method}; {len(train_set)} training / {len(val_set)} validation images, "
           f"batch {options.batch_size}")
-    print(f"recipe: {m['train']['optimizer']}"
-          + (f" momentum {m['train']['momentum']}" if m["train"]["optimizer"] == "sgd" else "")
+    print(f"recipe: {m.train.optimizer}"
+          + (f" momentum {m.train.momentum}" if m.train.optimizer == "sgd" else "")
           + f", lr {options.lr:g} {options.schedule}, clip grad norm {options.clip_norm or 'off'}"
           + ", augment " + ("crop+flip" if options.augment else "off"))
-    if m.get("dropout_not_applied"):
-        print(f"note: the model's dropout (p={m['dropout_not_applied']} before the classifier) "
+    if m.dropout_not_applied:
+        print(f"note: the model's dropout (p={m.dropout_not_applied} before the classifier) "
               f"is not applied: the artifact's graphs have none")
     if options.cache_prefix and session.trainer.prefix is None:
         print("note: every conv is fine-tuned (no frozen prefix): --cache-prefix keeps nothing")
@@ -109,7 +110,7 @@ def cmd_train(args) -> int:
                             Path(args.out) / "spool", args.report_timeout)
     if args.summary:
         write_summary(args.summary, summary)
-    print_result(summary, session.trainer.manifest["memory_plan"]["rank_basis"])
+    print_result(summary, session.trainer.manifest.memory_plan.rank_basis)
     if args.budget is not None and summary["budget_violations"]:
         print(f"budget exceeded on {summary['budget_violations']} steps", file=sys.stderr)
         return 4
@@ -120,11 +121,10 @@ def cmd_eval(args) -> int:
     trainer = load_trainer(args.artifact, args.threads)
     if args.weights:
         from actcomp_edge.core.npz import load_npz
-        trainer.load_state_arrays({**{f"param/{k}": v for k, v in load_npz(args.weights).items()},
-                                   **{f"opt/{k}": v for k, v in trainer.state.items()},
-                                   "step_count": trainer.step_count})
-    data = data_module.load(args.data, input_size(trainer), trainer.manifest["num_classes"],
-                            trainer.manifest.get("classes"))
+        arrays = names.checkpoint_arrays(load_npz(args.weights), trainer.state)
+        trainer.load_state_arrays({**arrays, "step_count": trainer.step_count})
+    data = data_module.load(args.data, input_size(trainer), trainer.manifest.num_classes,
+                            trainer.manifest.classes)
     accuracy = evaluate(trainer, data, args.batch_size)
     if args.write_inference:  # the evaluated weights as a stand-alone inference model
         from actcomp_edge.core.npz import write_atomic
@@ -207,22 +207,22 @@ def cmd_info(args) -> int:
     except PackageNotFoundError:
         runtime = None
     m = load_manifest(args.artifact, runtime)
-    mem = m["predicted_memory"]
+    mem = m.predicted_memory
     mib = 2 ** 20
-    print(f"{m['model']} training artifact (format {m['format_version']}, opset {m['opset']}, "
-          f"needs onnxruntime >= {m['min_onnxruntime']})")
-    print(f"input {m['input']['height']}x{m['input']['width']}, {m['num_classes']} classes, "
-          f"batch {m['batch_size']}")
-    print(f"fine-tuned: {', '.join(layer['name'] for layer in m['trainable_layers'])} + classifier")
-    print(f"method {m['train']['method']}, eps {m['train']['eps']}, ranks {m['train']['ranks']}, "
-          f"optimizer {m['train']['optimizer']}")
-    print(f"kept for backward (predicted, {mem['rank_basis']}): paper {mem['paper_bytes'] / mib:.2f}"
-          f" MiB, full {mem['full_bytes'] / mib:.2f} MiB")
+    print(f"{m.model} training artifact (format {m.format_version}, opset {m.opset}, "
+          f"needs onnxruntime >= {m.min_onnxruntime})")
+    print(f"input {m.input.height}x{m.input.width}, {m.num_classes} classes, "
+          f"batch {m.batch_size}")
+    print(f"fine-tuned: {', '.join(layer.name for layer in m.trainable_layers)} + classifier")
+    print(f"method {m.train.method}, eps {m.train.eps}, ranks {m.train.ranks}, "
+          f"optimizer {m.train.optimizer}")
+    print(f"kept for backward (predicted, {mem.rank_basis}): paper {mem.paper_bytes / mib:.2f}"
+          f" MiB, full {mem.full_bytes / mib:.2f} MiB")
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
         print(f"this board: {total / mib:.0f} MiB RAM, {avail / mib:.0f} MiB free; the kept "
-              f"activations use {100 * mem['full_bytes'] / max(1, avail):.2f} % of the free memory "
+              f"activations use {100 * mem.full_bytes / max(1, avail):.2f} % of the free memory "
               f"(run `actcomp-device train --budget ...` for a measured check)")
     except (ValueError, OSError, AttributeError):
         pass

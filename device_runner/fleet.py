@@ -37,7 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from actcomp_edge.core import schedules
+from actcomp_edge.core import names, schedules
+from actcomp_edge.core.manifest import Train
 from actcomp_edge.core.npz import load_npz, write_atomic
 from actcomp_edge.core.profiles import parse_size
 
@@ -215,7 +216,7 @@ def train_round(node: Node, global_params: dict, config: dict, run_id: int = 0,
         log(f"{node.name}: round {server_round}: the node's own state (optimizer, step "
             f"{int(session.trainer.step_count)}) from {state_from}")
     options = round_options(node, config, session.batch_size, resume,
-                            session.trainer.manifest["train"])
+                            session.trainer.manifest.train)
     summary = session.train(train_set, val_set, folder, options, node.report,
                             node.out / "spool")
     summary["node"] = node.name
@@ -238,19 +239,20 @@ def load_round_state(trainer, global_params: dict, state: dict | None) -> None:
     """The global weights on the trainer, over the node's own state of an earlier round
     (optimizer, trackers, step count; None: the artifact's)."""
     arrays = dict(state) if state is not None else trainer.state_arrays()
-    arrays.update({f"param/{k}": np.asarray(v, trainer.params[k].dtype)
+    arrays.update({names.param(k): np.asarray(v, trainer.params[k].dtype)
                    for k, v in global_params.items()})
     trainer.load_state_arrays(arrays)
 
 
 def round_options(node: Node, config: dict, batch_size: int, resume: bool,
-                  recipe_train: dict) -> Options:
+                  recipe_train: Train) -> Options:
     """The round's Options: the server's settings (config), the node's, and the artifact's
     recipe (its manifest's train) where the server gives no lr. Round r of R trains the r-th
     of R equal parts of one lr schedule; its seed is the server's + 1000 r."""
     server_round = int(config["server-round"])
     return Options(epochs=int(config.get("local-epochs", 1)), batch_size=batch_size,
-                   lr=float(config.get("lr") or 0) or recipe.default_lr(recipe_train),
+                   lr=float(config.get("lr") or 0) or recipe.default_lr(recipe_train.optimizer,
+                                                                     recipe_train.momentum),
                    schedule=str(config.get("schedule") or schedules.DEFAULT_SCHEDULE),
                    seed=int(config.get("seed", 0)) + 1000 * server_round,
                    checkpoint_every=node.checkpoint_every, budget_bytes=node.budget,

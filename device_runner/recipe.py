@@ -13,11 +13,11 @@ BASE_LR = 0.05
 ADAMW_LR = 1e-3
 
 
-def default_lr(train: dict) -> float:
-    """The default learning rate for a manifest's ``train`` section."""
-    if train.get("optimizer") == "adamw":
+def default_lr(optimizer: str, momentum: float | None) -> float:
+    """The default learning rate for an artifact's optimizer (sgd, adamw) and momentum."""
+    if optimizer == "adamw":
         return ADAMW_LR
-    return BASE_LR * (1.0 - float(train.get("momentum") or 0.0))
+    return BASE_LR * (1.0 - float(momentum or 0.0))
 
 
 def global_norm(grads: dict) -> float:

@@ -22,11 +22,12 @@ import numpy as np
 import onnxruntime as ort
 from threadpoolctl import threadpool_limits
 
-from actcomp_edge.core import memplan
+from actcomp_edge.core import memplan, names
 from actcomp_edge.core.decomposition import mode_energies
 from actcomp_edge.core.methods import METHODS
 from actcomp_edge.core.faults import crash_point
-from actcomp_edge.core.manifest import ArtifactError, load_manifest
+from actcomp_edge.core.manifest import (ArtifactError, Compress, Layer, Manifest, Run,
+                                        load_manifest)
 from actcomp_edge.core.npz import load_npz
 
 from .recipe import add_proximal, clip_grad_norm, global_norm
@@ -112,10 +113,10 @@ def arena_for_budget(budget: int | None) -> int | None:
     return int(ARENA_HEADROOM * budget) if budget else None
 
 
-def initial_arena_bytes(manifest: dict, cap: int | None) -> int:
+def initial_arena_bytes(manifest: Manifest, cap: int | None) -> int:
     """The arena's first region: the plan's arena (the largest intermediates of any one
     graph run) with slack, within the cap."""
-    return min(int(ARENA_SLACK * manifest["memory_plan"]["arena_bytes"]), cap or NO_ARENA_CAP)
+    return min(int(ARENA_SLACK * manifest.memory_plan.arena_bytes), cap or NO_ARENA_CAP)
 
 
 def run_bound(session, binding) -> None:
@@ -132,21 +133,21 @@ def run_bound(session, binding) -> None:
         raise
 
 
-def deploy_metadata(manifest: dict, classes: list | None = None) -> dict:
+def deploy_metadata(manifest: Manifest, classes: list | None = None) -> dict:
     """What an inference model needs to be used without the artifact (its metadata_props):
     class names (JSON, output order), the input's name, size, layout and dtype, its
     normalisation and the resize rule the runner's data loader applies."""
-    m = manifest["input"]
-    default = [str(i) for i in range(manifest["num_classes"])]
-    return {"classes": json.dumps(list(classes or manifest.get("classes") or default)),
-            "input_name": "image", "input_size": json.dumps([m["height"], m["width"]]),
+    m = manifest.input
+    default = [str(i) for i in range(manifest.num_classes)]
+    return {"classes": json.dumps(list(classes or manifest.classes or default)),
+            "input_name": "image", "input_size": json.dumps([m.height, m.width]),
             "layout": "NCHW float32, RGB", "normalization": json.dumps(
-                {"scale": "pixel / 255", "mean": m["mean"], "std": m["std"]}),
-            "resize": f"bilinear to {m['height']}x{m['width']} (width x height "
-                      f"{m['width']}x{m['height']}), whole image, no crop"}
+                {"scale": "pixel / 255", "mean": m.mean, "std": m.std}),
+            "resize": f"bilinear to {m.height}x{m.width} (width x height "
+                      f"{m.width}x{m.height}), whole image, no crop"}
 
 
-def session_options(manifest: dict, threads: int | None,
+def session_options(manifest: Manifest, threads: int | None,
                     arena_bytes: int | None) -> ort.SessionOptions:
     """The options of every session of an artifact: ``threads`` shared with numpy's BLAS
     (None: all cores), one arena for all sessions capped at arena_bytes (None: no cap)."""
@@ -193,28 +194,28 @@ class Trainer:
         m = self.manifest
         self.threads = threads  # None: onnxruntime's and BLAS's own default, all cores
         options = session_options(m, threads, arena_bytes)
-        graphs = m["graphs"]
+        graphs = m.graphs
         self.sessions = {name: load_session(self.folder, name, options, profile_prefix)
-                         for name in graphs["forward"] + graphs["backward"]}
-        self.schedule = m["schedule"]
-        self.backward_runs = set(graphs["backward"])
+                         for name in graphs.forward + graphs.backward}
+        self.schedule = m.schedule
+        self.backward_runs = set(graphs.backward)
+        runs = [(i, item.graph) for i, item in enumerate(self.schedule) if isinstance(item, Run)]
         # the optimizer's graph: the one whose outputs are the new parameters (new/<param>)
         # (the exporter's last item; a stubbed session has no outputs)
-        self.update_at = next((i for i, item in enumerate(self.schedule) if "run" in item and any(
-            o.name.startswith("new/") for o in self.sessions[item["run"]].get_outputs())),
+        self.update_at = next((i for i, graph in runs if any(
+            names.is_new(o.name) for o in self.sessions[graph].get_outputs())),
             len(self.schedule) - 1)
         # the forward half ends where the first backward partition runs
-        self.backward_from = next(i for i, item in enumerate(self.schedule)
-                                  if item.get("run") in self.backward_runs)
+        self.backward_from = next(i for i, graph in runs if graph in self.backward_runs)
         first = self.schedule[0]  # the frozen prefix, unless every conv is fine-tuned
-        self.prefix = first.get("run")
+        self.prefix = first.graph if isinstance(first, Run) else None
         self.params = load_npz(self.folder / "weights.npz")
         self.state = load_npz(self.folder / "optimizer.npz")
         self.step_count = 0
-        train = m["train"]
-        self.method, self.eps = train["method"], train["eps"]
-        self.ranks, self.rank_cap = train["ranks"], train["rank_cap"]
-        self.layers = {layer["name"]: layer for layer in m["trainable_layers"]}
+        train = m.train
+        self.method, self.eps = train.method, train.eps
+        self.ranks, self.rank_cap = train.ranks, train.rank_cap
+        self.layers = {layer.name: layer for layer in m.trainable_layers}
         self.rank_caps = {}  # layer -> rank cap derived from a memory budget
         self.trackers = {}
         self.row = METHODS[self.method]
@@ -236,7 +237,7 @@ class Trainer:
         # the classifier head's part of the backward's inputs (each linear's input, its
         # activations' masks): what no fine-tuned layer claims, but the loss gradient
         claimed = {n for layer in self.layers.values()
-                   for n in (*layer.get("masks", ()), *layer["kept"])} | {"dlogits"}
+                   for n in (*layer.masks, *layer.kept)} | {"dlogits"}
         self.head_inputs = self.backward_inputs - claimed
         # position in the schedule of the last item that reads each tensor: freed after it
         self.last_use = memplan.last_use(self.schedule, self.io, self.layers,
@@ -285,16 +286,16 @@ class Trainer:
             if name not in ("loss", "logits") and self.last_use.get(name, -1) <= position:
                 del tensors[name]
 
-    def compress(self, layer: dict, x: np.ndarray):
+    def compress(self, layer: Layer, x: np.ndarray):
         """What the backward keeps of fine-tuned conv ``layer``'s input x (B, C, H, W)."""
         cap = self.rank_cap
-        budget_cap = self.rank_caps.get(layer["name"])
+        budget_cap = self.rank_caps.get(layer.name)
         if budget_cap is not None:
             cap = budget_cap if cap is None else np.minimum(cap, budget_cap).tolist()
         if self.trackers:
-            self.trackers[layer["name"]].rank_cap = cap
-            return self.trackers[layer["name"]](x)
-        return self.row.compress(x, self.eps, self.ranks, cap, layer["stride"])
+            self.trackers[layer.name].rank_cap = cap
+            return self.trackers[layer.name](x)
+        return self.row.compress(x, self.eps, self.ranks, cap, layer.stride)
 
     def _feed(self, name: str, tensors: dict):
         if name in tensors:
@@ -304,22 +305,22 @@ class Trainer:
     def _run(self, position: int, tensors: dict, out: dict) -> None:
         """Schedule item ``position`` on the live tensors; updates, gradients go to out."""
         item = self.schedule[position]
-        if "compress" in item:
-            layer = self.layers[item["compress"]]
-            x = tensors[layer["input"]]
+        if isinstance(item, Compress):
+            layer = self.layers[item.layer]
+            x = tensors[layer.input]
             # NaN/Inf cannot be decomposed: one pass to refuse them first. A method that keeps
             # x itself does no numpy work on it: a NaN reaches the loss and the step is
             # rejected there (the check cost 8 ms a step at 42 convs)
             if not self.row.keeps_input and not np.isfinite(x.sum()):
-                raise NonFiniteActivation(f"the input of {layer['name']} is not finite")
+                raise NonFiniteActivation(f"the input of {layer.name} is not finite")
             kept = self.compress(layer, x)
             del x
-            for piece, name in zip(kept.pieces, layer["kept"]):
+            for piece, name in zip(kept.pieces, layer.kept):
                 tensors[name] = np.ascontiguousarray(kept.pieces[piece], dtype=np.float32)
-            out["ranks"][layer["name"]] = kept.rank_per_mode
-            out["kept_bytes"][layer["name"]] = kept.nbytes
+            out["ranks"][layer.name] = kept.rank_per_mode
+            out["kept_bytes"][layer.name] = kept.nbytes
         else:
-            inputs, outputs = self.io[item["run"]]
+            inputs, outputs = self.io[item.graph]
             feeds = {n: self._feed(n, tensors) for n in inputs}
             placed = {}
             for name in outputs:
@@ -330,25 +331,25 @@ class Trainer:
             results = self._run_in_slices(item, feeds, placed)
             del feeds
             for name, value in zip(outputs, results):
-                if name.startswith("new/"):
-                    out["updates"][name[4:]] = value
+                if names.is_new(name):
+                    out["updates"][names.updated_of(name)] = value
                 elif name in tensors:  # d/<t> from another consumer of t: sum in place
                     np.add(tensors[name], value, out=tensors[name])
-                elif name.startswith("grad/"):  # held for the update (and the step's result)
-                    tensors[name] = out["grads"][name[5:]] = value
+                elif names.is_grad(name):  # held for the update (and the step's result)
+                    tensors[name] = out["grads"][names.param_of(name)] = value
                 else:
                     tensors[name] = value
             del results
         self._release(tensors, position)
 
-    def _run_in_slices(self, item: dict, feeds: dict, placed: dict) -> list:
-        """Run a graph on the whole batch, or on slices of ``item["micro_batch"]`` samples (a
+    def _run_in_slices(self, item: Run, feeds: dict, placed: dict) -> list:
+        """Run a graph on the whole batch, or on slices of ``item.micro_batch`` samples (a
         partition whose every term is a map or a sum over samples: outputs with a batch dim
         are written slice by slice into their places, the others, grad/<param>, summed).
         Outputs in ``placed`` go straight into the pool; the rest are returned."""
-        name = item["run"]
+        name = item.graph
         session, (inputs, outputs) = self.sessions[name], self.io[name]
-        step = min(item.get("micro_batch") or self.batch, self.batch)
+        step = min(item.micro_batch or self.batch, self.batch)
         results = {}
         for start in range(0, self.batch, step):
             rows = slice(start, min(start + step, self.batch))
@@ -393,25 +394,25 @@ class Trainer:
         for position in range(self.backward_from if until is None else until):
             item = self.schedule[position]
             start = time.perf_counter()
-            if "compress" in item and not decompose:
+            compress = isinstance(item, Compress)
+            if compress and not decompose:
                 if inspect is not None:
-                    layer = self.layers[item["compress"]]
-                    inspect(layer, tensors[layer["input"]])
+                    layer = self.layers[item.layer]
+                    inspect(layer, tensors[layer.input])
                 self._release(tensors, position)
                 continue
-            if item.get("run") == self.prefix and prefix_out is not None:
+            is_prefix = not compress and item.graph == self.prefix
+            if is_prefix and prefix_out is not None:
                 tensors.update(prefix_out)
                 self._release(tensors, position)
                 continue
             self._run(position, tensors, out)
-            part = ("compress" if "compress" in item else
-                    "prefix" if item["run"] == self.prefix else "forward")
+            part = "compress" if compress else "prefix" if is_prefix else "forward"
             seconds[part] += time.perf_counter() - start
         if not decompose:
             return Forward(tensors, {}, {}, 0, {}, seconds)
         kept_bytes = out["kept_bytes"]
-        per_layer = {name: kept_bytes[name] + sum(tensors[m].nbytes
-                                                  for m in layer.get("masks", ()))
+        per_layer = {name: kept_bytes[name] + sum(tensors[m].nbytes for m in layer.masks)
                      for name, layer in self.layers.items()}
         per_layer["classifier"] = sum(tensors[n].nbytes for n in self.head_inputs
                                       if n in tensors)
@@ -424,7 +425,7 @@ class Trainer:
         energies = {}
 
         def inspect(layer, x):
-            energies[layer["name"]] = mode_energies(x)
+            energies[layer.name] = mode_energies(x)
         self.forward(images, np.zeros(len(images), np.int64), decompose=False, inspect=inspect)
         return energies
 
@@ -470,7 +471,7 @@ class Trainer:
                     add_proximal(grads, self.params, proximal[1], proximal[0])
                 grad_norm = (clip_grad_norm(grads, max_grad_norm) if max_grad_norm else
                              global_norm(grads))
-                tensors.update({f"grad/{name}": g for name, g in grads.items()})
+                tensors.update({names.grad(name): g for name, g in grads.items()})
             self._run(position, tensors, out)
             seconds["update" if position == self.update_at else "backward"] += \
                 time.perf_counter() - start
@@ -479,7 +480,7 @@ class Trainer:
         applied = np.isfinite(loss) and all(np.isfinite(v).all() for v in updated.values())
         if applied:  # a NaN/Inf step is rejected: params and state stay the last good ones
             for name, value in updated.items():
-                if name.startswith("state/"):
+                if names.is_state(name):
                     self.state[name] = value
                 else:
                     self.params[name] = value
@@ -491,16 +492,14 @@ class Trainer:
 
     def state_arrays(self) -> dict:
         """Everything training needs to continue exactly: params, optimizer state, trackers."""
-        arrays = {f"param/{k}": v for k, v in self.params.items()}
-        arrays.update({f"opt/{k}": v for k, v in self.state.items()})
+        arrays = names.checkpoint_arrays(self.params, self.state)
         for layer, tracker in self.trackers.items():
-            arrays.update({f"tracker/{layer}/{k}": v for k, v in tracker.state().items()})
+            arrays.update({names.tracker(layer, k): v for k, v in tracker.state().items()})
         arrays["step_count"] = np.array(self.step_count)
         return arrays
 
     def load_state_arrays(self, arrays: dict) -> None:
-        params = {k[6:]: v for k, v in arrays.items() if k.startswith("param/")}
-        state = {k[4:]: v for k, v in arrays.items() if k.startswith("opt/")}
+        params, state = names.under(arrays, names.PARAM), names.under(arrays, names.OPT)
         if set(params) != set(self.params) or set(state) != set(self.state):
             raise ArtifactError("checkpoint does not belong to this artifact (its arrays differ)")
         for name, value in params.items():
@@ -510,8 +509,7 @@ class Trainer:
                                     f"{self.params[name].shape}")
         self.params, self.state = params, state
         for layer, tracker in self.trackers.items():
-            prefix = f"tracker/{layer}/"
-            tracker.restore({k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
+            tracker.restore(names.under(arrays, names.tracker(layer, "")))
         self.step_count = int(arrays["step_count"])
 
     def inference_model(self, classes: list | None = None) -> bytes:
@@ -519,7 +517,7 @@ class Trainer:
         metadata_props say how to use it (``deploy_metadata``); ``classes``: the names of
         its outputs (default: the artifact's)."""
         from .onnx_write import with_initializers, with_metadata
-        model = (self.folder / self.manifest["graphs"]["evaluate"]).read_bytes()
+        model = (self.folder / self.manifest.graphs.evaluate).read_bytes()
         return with_metadata(with_initializers(model, self.params),
                              deploy_metadata(self.manifest, classes))
 
@@ -527,12 +525,12 @@ class Trainer:
         """Logits (B, classes) of images (B, 3, H, W): the step's forward partitions without
         decompositions, in chunks of the artifact's batch, so evaluation runs in the memory
         the step already uses (its pool, micro-batches and arena)."""
-        chunk = max(self.pool_batch, self.manifest["batch_size"])
+        chunk = max(self.pool_batch, self.manifest.batch_size)
         logits = []
         for start in range(0, len(images), chunk):
             x = images[start:start + chunk]
             fwd = self.forward(x, np.zeros(len(x), np.int64), decompose=False)
             logits.append(np.array(fwd.tensors["logits"]))
             del fwd
-        return np.concatenate(logits) if logits else np.zeros((0, self.manifest["num_classes"]),
+        return np.concatenate(logits) if logits else np.zeros((0, self.manifest.num_classes),
                                                              np.float32)

@@ -28,7 +28,7 @@ def load_trainer(artifact, threads: int | None = None, budget: int | None = None
 
 def input_size(trainer: Trainer) -> tuple:
     """(height, width) of the artifact's images, in pixels."""
-    return (trainer.manifest["input"]["height"], trainer.manifest["input"]["width"])
+    return (trainer.manifest.input.height, trainer.manifest.input.width)
 
 
 @dataclass
@@ -45,7 +45,7 @@ class Session:
         """The artifact's trainer at batch_size (None: the artifact's batch); BudgetError,
         before any data loads, when its memory plan cannot meet the budget."""
         trainer = load_trainer(artifact, threads, budget)
-        batch_size = batch_size or trainer.manifest["batch_size"]
+        batch_size = batch_size or trainer.manifest.batch_size
         if budget is not None:
             check_plan(trainer.manifest, batch_size, budget)
         return cls(trainer, batch_size, budget, log)
@@ -55,8 +55,8 @@ class Session:
         labelled by its classes; images decoded at load time are spooled to disk in
         spool_dir, not held in memory."""
         m = self.trainer.manifest
-        return data_module.load(path, input_size(self.trainer), m["num_classes"],
-                                m.get("classes"), spool_dir=spool_dir)
+        return data_module.load(path, input_size(self.trainer), m.num_classes, m.classes,
+                                spool_dir=spool_dir)
 
     def train(self, train_set: Dataset, val_set: Dataset | None, out, options: Options,
               report: str | None = None, spool_dir=None, report_timeout: float = 10.0) -> dict:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from actcomp_edge.core import rank_budget, schedules
-from actcomp_edge.core.manifest import sha256_file
+from actcomp_edge.core.manifest import Manifest, sha256_file
 from actcomp_edge.core.npz import save_npz, write_atomic
 from actcomp_edge.core.record import StepRecord
 
@@ -56,11 +56,11 @@ def evaluate(trainer: Trainer, data: Dataset, batch_size: int,
     """Top-1 accuracy on data, in batches of the training step, written into ``buffer`` (the
     training loop's batch memory) when given. Trainer.evaluate runs the step's forward
     partitions, so evaluating does not outgrow the step's memory."""
-    norm = trainer.manifest["input"]
+    norm = trainer.manifest.input
     correct = 0
     for start in range(0, len(data), batch_size):
         idx = np.arange(start, min(start + batch_size, len(data)))
-        x, y = data.batch(idx, norm["mean"], norm["std"], out=buffer)
+        x, y = data.batch(idx, norm.mean, norm.std, out=buffer)
         correct += int((trainer.evaluate(x).argmax(axis=1) == y).sum())
     return correct / max(1, len(data))
 
@@ -68,9 +68,9 @@ def evaluate(trainer: Trainer, data: Dataset, batch_size: int,
 def dry_run(trainer: Trainer, data: Dataset, batch_size: int) -> tuple:
     """(peak RSS growth, bytes kept for backward) of one training step on a real batch;
     the training state is restored afterwards."""
-    norm = trainer.manifest["input"]
+    norm = trainer.manifest.input
     saved = {k: np.array(v, copy=True) for k, v in trainer.state_arrays().items()}
-    x, y = data.batch(np.arange(min(batch_size, len(data))), norm["mean"], norm["std"])
+    x, y = data.batch(np.arange(min(batch_size, len(data))), norm.mean, norm.std)
     base = procmem.rss_bytes()
     procmem.reset_peak()
     result = trainer.step(x, y, lr=0.0)
@@ -84,10 +84,10 @@ def calibrate_ranks(trainer: Trainer, data: Dataset, batch_size: int, budget: in
     """The ranks (layer -> one per mode) that fit ``budget`` bytes of kept activations: the
     eps rule at the largest eps that fits, on the first batch_size training images
     (rank_budget.allocate), fixed on the trainer's trackers from the first step on."""
-    norm = trainer.manifest["input"]
-    x, _ = data.batch(np.arange(batch_size), norm["mean"], norm["std"],
+    norm = trainer.manifest.input
+    x, _ = data.batch(np.arange(batch_size), norm.mean, norm.std,
                       out=trainer.image_buffer(batch_size))
-    shapes = {name: (batch_size,) + tuple(layer["input_shape"])
+    shapes = {name: (batch_size,) + tuple(layer.input_shape)
               for name, layer in trainer.layers.items()}
     ranks, eps = rank_budget.allocate(trainer.layer_energies(x), shapes, budget)
     trainer.fix_ranks(ranks)
@@ -98,21 +98,21 @@ def calibrate_ranks(trainer: Trainer, data: Dataset, batch_size: int, budget: in
     return ranks
 
 
-def planned_working_set(manifest: dict, batch_size: int) -> int:
+def planned_working_set(manifest: Manifest, batch_size: int) -> int:
     """The memory plan's working set (bytes) at batch_size: every term of the plan grows
     with the batch (the pool is planned for the batch the step runs), so it scales."""
-    plan = manifest["memory_plan"]
-    return math.ceil(plan["working_set_bytes"] * batch_size / plan["batch_size"])
+    plan = manifest.memory_plan
+    return math.ceil(plan.working_set_bytes * batch_size / plan.batch_size)
 
 
-def check_plan(manifest: dict, batch_size: int, budget: int) -> None:
+def check_plan(manifest: Manifest, batch_size: int, budget: int) -> None:
     """Refuse (BudgetError) before any work a budget the memory plan cannot meet, with the
     numbers and the batch that would fit. Data-dependent (eps) ranks are planned at their
     bound: a plan above the budget is then left to the dry run and rank caps."""
     mib = 2 ** 20
     predicted = planned_working_set(manifest, batch_size)
-    plan = manifest["memory_plan"]
-    if predicted <= budget or plan["rank_basis"] == "bound":
+    plan = manifest.memory_plan
+    if predicted <= budget or plan.rank_basis == "bound":
         return
     per_sample = predicted / batch_size
     fits = int(budget // per_sample)
@@ -120,7 +120,7 @@ def check_plan(manifest: dict, batch_size: int, budget: int) -> None:
             if fits >= 1 else "even batch 1 does not fit")
     raise BudgetError(f"budget {budget / mib:.1f} MiB is too small: the memory plan needs "
                       f"{predicted / mib:.1f} MiB at batch {batch_size} (pool, arena, numpy; "
-                      f"peak at {plan['peak_at']}); {hint}, or export with fewer --layers "
+                      f"peak at {plan.peak_at}); {hint}, or export with fewer --layers "
                       f"or a compressing --method")
 
 
@@ -132,11 +132,11 @@ def check_budget(trainer: Trainer, data: Dataset, batch_size: int, budget: int,
     mib = 2 ** 20
     planned = planned_working_set(trainer.manifest, batch_size)
     log(f"budget: the memory plan predicts a working set of {planned / mib:.1f} MiB at "
-        f"batch {batch_size} ({trainer.manifest['memory_plan']['rank_basis']} ranks)")
-    predicted = trainer.manifest["predicted_memory"]
-    scale = batch_size / predicted["batch_size"]  # every kept term grows with the batch
+        f"batch {batch_size} ({trainer.manifest.memory_plan.rank_basis} ranks)")
+    predicted = trainer.manifest.predicted_memory
+    scale = batch_size / predicted.batch_size  # every kept term grows with the batch
     log(f"budget: predicted kept for backward at batch {batch_size}: about "
-        f"{predicted['full_bytes'] * scale / mib:.1f} MiB ({predicted['rank_basis']} ranks); "
+        f"{predicted.full_bytes * scale / mib:.1f} MiB ({predicted.rank_basis} ranks); "
         f"measuring a dry-run step")
     try:
         need, kept = dry_run(trainer, data, batch_size)
@@ -174,7 +174,7 @@ def rank_caps_for_budget(trainer: Trainer, batch_size: int, allowance: int) -> d
     row = trainer.row
     if row.ranks is None or allowance <= 0:
         return {}
-    shapes = {name: (batch_size,) + tuple(layer["input_shape"])
+    shapes = {name: (batch_size,) + tuple(layer.input_shape)
               for name, layer in trainer.layers.items()}
     total = sum(math.prod(s) for s in shapes.values())  # exact ints, no int64 overflow
     caps = {}
@@ -312,11 +312,11 @@ class StepMeasures:
 def output_classes(trainer: Trainer, train_set: Dataset) -> list:
     """The names the inference model reports: the data's (an ImageFolder's folders) where
     the artifact has only the default "0", "1", ... (data.load checked that they agree)."""
-    default = [str(i) for i in range(trainer.manifest["num_classes"])]
-    if (trainer.manifest.get("classes", default) == default and train_set.names_given
-            and len(train_set.classes) == len(default)):
+    default = [str(i) for i in range(trainer.manifest.num_classes)]
+    classes = default if trainer.manifest.classes is None else trainer.manifest.classes
+    if classes == default and train_set.names_given and len(train_set.classes) == len(default):
         return list(train_set.classes)
-    return trainer.manifest.get("classes", default)
+    return classes
 
 
 class TrainingRun:
@@ -344,7 +344,7 @@ class TrainingRun:
                          "data_size": len(train_set), "batch_size": self.batch,
                          "seed": options.seed}
         self.state = RunState()
-        self.guard = recipe.DivergenceGuard(trainer.manifest["num_classes"])
+        self.guard = recipe.DivergenceGuard(trainer.manifest.num_classes)
         self.classes = output_classes(trainer, train_set)
         self.predicted = planned_working_set(trainer.manifest, self.batch)
         self.val_accuracy = None     # the last evaluation's
@@ -394,7 +394,7 @@ class TrainingRun:
         baseline = procmem.rss_bytes()
         procmem.reset_peak()
         self.measures = StepMeasures(baseline, self.options.budget_bytes, peak=baseline)
-        activation_budget = trainer.manifest["train"].get("activation_budget")
+        activation_budget = trainer.manifest.train.activation_budget
         if activation_budget and not any(t.state() for t in trainer.trackers.values()):
             # after the baseline: its memory is the run's; a resumed run keeps its ranks
             calibrate_ranks(trainer, self.train_set, self.batch, activation_budget, self.log)
@@ -460,8 +460,8 @@ class TrainingRun:
         idx = order[b * self.batch:(b + 1) * self.batch]
         # the crops of batch b of epoch e are the same in every run (and after --resume)
         rng = np.random.default_rng([options.seed, epoch, b]) if options.augment else None
-        norm = self.trainer.manifest["input"]
-        x, y = self.train_set.batch(idx, norm["mean"], norm["std"], out=self.batch_buffer,
+        norm = self.trainer.manifest.input
+        x, y = self.train_set.batch(idx, norm.mean, norm.std, out=self.batch_buffer,
                                     augment=rng)
         part, parts = options.schedule_part
         lr = self.state.lr_scale * schedules.learning_rate(
@@ -583,27 +583,27 @@ class TrainingRun:
     def summary(self) -> dict:
         """The run's summary (the runner's --summary, a fleet round's)."""
         state, trainer, out = self.state, self.trainer, self.out
-        train = trainer.manifest["train"]
-        predicted = trainer.manifest["predicted_memory"]
+        train = trainer.manifest.train
+        predicted = trainer.manifest.predicted_memory
         return {
             "steps": state.step, "epochs": self.started, "final_train_loss": self.last_epoch_loss,
             "final_val_accuracy": self.val_accuracy,
             "best_val_accuracy": state.best_val_accuracy, "best_epoch": state.best_epoch,
             "recipe": {"lr": self.options.lr, "schedule": self.options.schedule,
                        "clip_grad_norm": self.options.clip_norm, "augment": self.options.augment,
-                       "cache_prefix": self.cache is not None, "optimizer": train["optimizer"],
-                       "momentum": train.get("momentum"), "lr_scale": state.lr_scale,
+                       "cache_prefix": self.cache is not None, "optimizer": train.optimizer,
+                       "momentum": train.momentum, "lr_scale": state.lr_scale,
                        "rollbacks": state.rollbacks, "proximal_mu": self.options.proximal_mu},
             **self.measures.summary(), "threads": trainer.threads,
             "peak_rss_bytes": procmem.peak_rss_bytes(),
             "predicted_working_set_bytes": self.predicted,
-            "activation_budget_bytes": train.get("activation_budget"),
+            "activation_budget_bytes": train.activation_budget,
             # asi: the ranks each layer kept from its first step on
             "fixed_ranks": {layer: [t.k1] + [u.shape[1] for u in t.factors]
                             for layer, t in trainer.trackers.items()
                             if getattr(t, "factors", None) is not None},
-            "predicted_kept_bytes": {"paper": predicted["paper_bytes"],
-                                     "full": predicted["full_bytes"]},
+            "predicted_kept_bytes": {"paper": predicted.paper_bytes,
+                                     "full": predicted.full_bytes},
             "outputs": {"weights": str(out / "weights.npz"),
                         "inference": str(out / "inference.onnx"),
                         **({"best_weights": str(out / "best_weights.npz"),

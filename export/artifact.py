@@ -9,9 +9,10 @@ from pathlib import Path
 
 import onnx
 
-from actcomp_edge.core import arch, rank_budget
-from actcomp_edge.core.manifest import (FORMAT, FORMAT_VERSION, MANIFEST, MIN_ONNXRUNTIME,
-                                   manifest_bytes, sha256_file)
+from actcomp_edge.core import arch, names, rank_budget
+from actcomp_edge.core.manifest import (MANIFEST, MIN_ONNXRUNTIME, Compress, Graphs, Input,
+                                        Layer, Manifest, PredictedMemory, Run, Train,
+                                        manifest_bytes, sha256_file)
 from actcomp_edge.core.memory import plan
 from actcomp_edge.core.methods import method as method_row
 from actcomp_edge.core.npz import save_npz, write_atomic
@@ -76,7 +77,7 @@ def publish(stage: Path, out: Path) -> None:
 
 
 def export_artifact(spec: dict, arrays: dict, out_dir, config: TrainConfig, batch_size: int,
-                    input_size, classes=None, force: bool = False) -> dict:
+                    input_size, classes=None, force: bool = False) -> Manifest:
     """A built-in architecture (spec) and its weights -> artifact (export_program)."""
     hw = check_input_size(spec, input_size)
     norm = (spec.get("input") or {}).get("normalize") or arch.HALF_NORM
@@ -86,7 +87,7 @@ def export_artifact(spec: dict, arrays: dict, out_dir, config: TrainConfig, batc
 
 
 def export_program(program, out_dir, config: TrainConfig, batch_size: int, classes=None,
-                   norm=arch.HALF_NORM, dropout: float = 0.0, force: bool = False) -> dict:
+                   norm=arch.HALF_NORM, dropout: float = 0.0, force: bool = False) -> Manifest:
     """Build every graph of the program, its weights and the manifest, then publish them into
     out_dir (check_out_dir, publish); returns the manifest. norm: the input's {"mean", "std"};
     dropout: the p the graphs leave out. Nothing is written when the config or the folder is
@@ -129,12 +130,12 @@ class StepGraphs:
     """The executable graphs of one training step, as written into the artifact."""
     forward: list      # forward_<p>.onnx of the partitions with nodes, in order
     backward: dict     # file name -> Graph: backward_<p>.onnx in execution order, update.onnx
-    schedule: list     # the device's step in order: {"compress": conv name} | {"run": file}
+    schedule: list     # the device's step in order: manifest.Compress and Run
     models: dict       # file name -> onnx.ModelProto, of every graph above
 
 
 def write_artifact(program, out: Path, config: TrainConfig, batch_size: int, classes, norm,
-                   dropout: float, split) -> dict:
+                   dropout: float, split) -> Manifest:
     """Every file of the artifact into the (empty) folder out; returns the manifest."""
     partitions = forward_partitions(split, config)
     step = write_step_graphs(out, split, config, partitions)
@@ -147,7 +148,7 @@ def write_artifact(program, out: Path, config: TrainConfig, batch_size: int, cla
     layers = trainable_layers(split, config.method, partitions)
     manifest = build_manifest(split, config, batch_size, classes, norm, dropout, layers, step,
                               files)
-    write_atomic(out / MANIFEST, manifest_bytes(manifest))
+    write_atomic(out / MANIFEST, manifest_bytes(manifest.to_json()))
     return manifest
 
 
@@ -159,12 +160,12 @@ def write_step_graphs(out: Path, split, config: TrainConfig, partitions: list) -
     def write(name: str, g) -> str:
         step.models[name] = g.model()
         save_model(step.models[name], out / name)
-        step.schedule.append({"run": name})
+        step.schedule.append(Run(name))
         return name
 
     for p, (g, _, _) in enumerate(partitions):
         if p >= 1:  # the input of fine-tuned conv p is ready: the device decomposes it
-            step.schedule.append({"compress": split.trainable_convs[p - 1].name})
+            step.schedule.append(Compress(split.trainable_convs[p - 1].name))
         if g.nodes:  # none when every conv is fine-tuned: no frozen prefix
             step.forward.append(write(f"forward_{p}.onnx", g))
     for p, g in backward_partitions(split, config):
@@ -205,8 +206,7 @@ def layer_masks(program, partitions: list) -> list:
     conv i (full accounting); the head's belong to the classifier."""
     head = head_tensors(program)
     linear_inputs = {op.inputs[0] for op in program.ops if op.kind == "linear"} - head
-    return [[t for t in outputs if (t.endswith(("/mask_bits", "/act_saved", "/argmax"))
-                                    or "/factor_" in t) and t.rpartition("/")[0] not in head
+    return [[t for t in outputs if names.is_saved(t) and names.source_of(t) not in head
              or t in linear_inputs]
             for _, _, outputs in partitions[1:]]
 
@@ -216,23 +216,23 @@ def trainable_layers(split, method: str, partitions: list) -> list:
     kept pieces and masks."""
     shapes = split.program.shapes
     pieces = method_row(method).pieces
-    return [{"name": op.name, "input": op.inputs[0], "input_shape": list(shapes[op.inputs[0]]),
-             "output_shape": list(shapes[op.output]), "kernel": op.attrs["kernel"],
-             "stride": op.attrs["stride"], "padding": op.attrs["padding"],
-             "groups": op.attrs["groups"],
-             **({"dilation": op.attrs["dilation"]} if op.attrs.get("dilation", 1) != 1 else {}),
-             "kept": [f"{op.name}/kept/{piece}" for piece in pieces], "masks": masks}
+    return [Layer(op.name, op.inputs[0], list(shapes[op.inputs[0]]), op.attrs["stride"],
+                  [names.kept(op.name, piece) for piece in pieces], masks, extra={
+                      "output_shape": list(shapes[op.output]), "kernel": op.attrs["kernel"],
+                      "padding": op.attrs["padding"], "groups": op.attrs["groups"],
+                      **({"dilation": op.attrs["dilation"]}
+                         if op.attrs.get("dilation", 1) != 1 else {})})
             for op, masks in zip(split.trainable_convs, layer_masks(split.program, partitions))]
 
 
-def predicted_memory(program, config: TrainConfig, batch_size: int) -> dict:
-    """The memory model's plan (core.memory) of the program the graphs are made from, as
-    JSON. An activation budget's ranks are chosen on the board: planned at their bound
-    (eps 1)."""
+def predicted_memory(program, config: TrainConfig, batch_size: int) -> PredictedMemory:
+    """The memory model's plan (core.memory) of the program the graphs are made from. An
+    activation budget's ranks are chosen on the board: planned at their bound (eps 1)."""
     sizing_eps = 1.0 if config.activation_budget is not None else config.eps
-    return plan(network_of(program), config.n_layers, config.method, batch_size,
-                tuple(program.shapes["image"][1:]), eps=sizing_eps, ranks=config.ranks,
-                rank_cap=config.rank_cap).to_json()
+    return PredictedMemory.from_json(plan(
+        network_of(program), config.n_layers, config.method, batch_size,
+        tuple(program.shapes["image"][1:]), eps=sizing_eps, ranks=config.ranks,
+        rank_cap=config.rank_cap).to_json())
 
 
 def planned_schedule(step: StepGraphs, layers: list, config: TrainConfig, batch_size: int,
@@ -245,15 +245,15 @@ def planned_schedule(step: StepGraphs, layers: list, config: TrainConfig, batch_
     if config.micro_batch is None:
         schedule = choose_micro_batches(graphs, step.schedule, batch_size)
     else:
-        schedule = [dict(item, micro_batch=config.micro_batch)
-                    if item.get("run", "").startswith("backward_") else item
+        schedule = [Run(item.graph, config.micro_batch)
+                    if isinstance(item, Run) and item.graph.startswith("backward_") else item
                     for item in step.schedule]
     return schedule, step_plan(step.models, graphs, dims, chosen, schedule, layers,
                                config.method, batch_size, rank_basis)
 
 
 def build_manifest(split, config: TrainConfig, batch_size: int, classes, norm, dropout: float,
-                   layers: list, step: StepGraphs, files: dict) -> dict:
+                   layers: list, step: StepGraphs, files: dict) -> Manifest:
     """manifest.json's content (``actcomp_edge.core.manifest``). norm: the input's {"mean",
     "std"}; dropout: the p the graphs leave out; layers: trainable_layers; files: name ->
     SHA-256."""
@@ -261,25 +261,19 @@ def build_manifest(split, config: TrainConfig, batch_size: int, classes, norm, d
     hw = tuple(program.shapes["image"][1:])
     memory = predicted_memory(program, config, batch_size)
     schedule, memory_plan = planned_schedule(step, layers, config, batch_size,
-                                             memory["rank_basis"])
-    return {
-        "format": FORMAT, "format_version": FORMAT_VERSION,
-        "model": program.name,
-        "input": {"height": hw[0], "width": hw[1], "channels": 3, "layout": "NCHW",
-                  "pixel_scale": "pixel / 255", "mean": list(norm["mean"]),
-                  "std": list(norm["std"])},
-        "num_classes": program.num_classes,
-        "classes": list(classes) if classes else [str(i) for i in range(program.num_classes)],
-        "batch_size": batch_size,
+                                             memory.rank_basis)
+    graphs = Graphs(step.forward, list(step.backward), GRAPH_FILES["evaluate"],
+                    {k: v for k, v in GRAPH_FILES.items() if k != "evaluate"})
+    return Manifest(
+        model=program.name,
+        input=Input(hw[0], hw[1], list(norm["mean"]), list(norm["std"]),
+                    {"channels": 3, "layout": "NCHW", "pixel_scale": "pixel / 255"}),
+        num_classes=program.num_classes, batch_size=batch_size,
+        train=Train.from_json({k: (list(v) if isinstance(v, tuple) else v)
+                               for k, v in asdict(config).items()}),
+        trainable_layers=layers, trainable_params=split.trainable_params, graphs=graphs,
+        schedule=schedule, predicted_memory=memory, memory_plan=memory_plan, files=files,
+        opset=OPSET, min_onnxruntime=MIN_ONNXRUNTIME,
+        classes=list(classes) if classes else [str(i) for i in range(program.num_classes)],
         # the graphs have no dropout: recorded so that the runner says it trains without it
-        **({"dropout_not_applied": dropout} if dropout else {}),
-        "train": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
-        "trainable_layers": layers,
-        "trainable_params": split.trainable_params,
-        "graphs": {"forward": step.forward, "backward": list(step.backward), **GRAPH_FILES},
-        "schedule": schedule,
-        "opset": OPSET, "ir_version": IR_VERSION, "min_onnxruntime": MIN_ONNXRUNTIME,
-        "predicted_memory": memory,
-        "memory_plan": memory_plan,
-        "files": files,
-    }
+        dropout_not_applied=dropout or None, extra={"ir_version": IR_VERSION})

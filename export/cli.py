@@ -8,7 +8,7 @@ from pathlib import Path
 
 from actcomp_edge.core.arch import ZOO
 from actcomp_edge.core.cliutil import add_rank_arguments, input_size, positive_int, size_bytes
-from actcomp_edge.core.manifest import folder_classes
+from actcomp_edge.core.manifest import Manifest, folder_classes
 from actcomp_edge.core.memory import LayerPlan, Plan, plan_table
 from actcomp_edge.core.methods import METHODS
 
@@ -89,7 +89,7 @@ def cmd_export(args) -> int:
         return 130
 
 
-def run_export(args) -> dict:
+def run_export(args) -> Manifest:
     """The artifact the flags describe, written to -o; returns its manifest. A refused
     folder, a recipe that would train wrongly and a missing --classes file are refused
     before any work."""
@@ -144,7 +144,7 @@ def class_count(num_classes: int | None, classes: list | None) -> int | None:
     return num_classes or (len(classes) if classes else None)
 
 
-def export_zoo_model(args, config, classes, num_classes) -> dict:
+def export_zoo_model(args, config, classes, num_classes) -> Manifest:
     """--model NAME or SPEC.json: the zoo's architecture, its weights or a random
     initialisation (--seed), at --input-size or the spec's resolution."""
     import torch  # torch + onnx: only once an export runs
@@ -167,7 +167,7 @@ def export_zoo_model(args, config, classes, num_classes) -> dict:
                            args.batch_size, size, classes, args.force)
 
 
-def export_model_file(args, config, classes, num_classes) -> dict:
+def export_model_file(args, config, classes, num_classes) -> Manifest:
     """--model FILE.py:FUNCTION: the user's nn.Module through the torch frontend, at
     --input-size or 224."""
     import torch  # torch + onnx: only once an export runs
@@ -194,9 +194,9 @@ def model_file_name(ref: str) -> str:
     return stem if function == "build" else f"{stem}.{function}"
 
 
-def plan_from_manifest(manifest: dict) -> Plan:
+def plan_from_manifest(manifest: Manifest) -> Plan:
     """The memory plan the manifest's predicted_memory records."""
-    m = manifest["predicted_memory"]
+    m = manifest.predicted_memory.to_json()
     result = Plan(m["model"], m["method"], m["batch_size"], tuple(m["input_size"]), m["eps"],
                   m["rank_basis"])
     result.layers = [LayerPlan(**dict(layer, input_shape=tuple(layer["input_shape"])))
@@ -204,12 +204,12 @@ def plan_from_manifest(manifest: dict) -> Plan:
     return result
 
 
-def report(manifest: dict, args) -> int:
+def report(manifest: Manifest, args) -> int:
     """What was written: the dropout left out, the files, the predicted memory table."""
-    if manifest.get("dropout_not_applied"):
-        print(f"note: {manifest['model']}'s dropout (p={manifest['dropout_not_applied']} before "
+    if manifest.dropout_not_applied:
+        print(f"note: {manifest.model}'s dropout (p={manifest.dropout_not_applied} before "
               f"the classifier) is not in the training graphs: it fine-tunes without it")
-    print(f"wrote training artifact {args.out} ({len(manifest['files'])} files, "
-          f"{len(manifest['graphs']['forward'])} forward partitions)")
+    print(f"wrote training artifact {args.out} ({len(manifest.files)} files, "
+          f"{len(manifest.graphs.forward)} forward partitions)")
     print(plan_table(plan_from_manifest(manifest), args.layers))
     return 0

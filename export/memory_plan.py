@@ -20,7 +20,8 @@ from math import prod
 import onnx
 from onnx import shape_inference
 
-from actcomp_edge.core import memplan
+from actcomp_edge.core import memplan, names
+from actcomp_edge.core.manifest import Compress, MemoryPlan, Run
 from actcomp_edge.core.memory import FLOAT_BYTES, layer_ranks
 from actcomp_edge.core.methods import METHODS, Method
 
@@ -114,31 +115,33 @@ def rank_dims(layers: list, method: str, batch: int, ranks, rank_cap) -> tuple:
     their bound, cap or fixed value; layer -> those ranks)."""
     dims, per_layer = {"batch": batch}, {}
     for layer in layers:
-        shape = (batch,) + tuple(layer["input_shape"])
+        shape = (batch,) + tuple(layer.input_shape)
         chosen = layer_ranks(method, shape, ranks, rank_cap)
-        per_layer[layer["name"]] = chosen
+        per_layer[layer.name] = chosen
         for symbol, k in zip(METHODS[method].rank_symbols, chosen or ()):
-            dims[f"{layer['name']}/{symbol}"] = k
+            dims[f"{layer.name}/{symbol}"] = k
     return dims, per_layer
 
 
 def step_plan(models: dict, graphs: dict, dims: dict, chosen: dict, schedule: list,
-              layers: list, method: str, batch: int, rank_basis: str) -> dict:
+              layers: list, method: str, batch: int, rank_basis: str) -> MemoryPlan:
     """The plan of one step at ``batch``. models: graph file -> ModelProto; graphs: the same
-    made concrete at ``dims`` (rank_dims), whose ranks per layer are ``chosen``. Returns the
-    manifest's ``memory_plan``: the working set, its parts and where it peaks."""
+    made concrete at ``dims`` (rank_dims), whose ranks per layer are ``chosen``; schedule:
+    of manifest.Run and Compress; layers: of manifest.Layer. Returns the manifest's
+    ``memory_plan``: the working set, its parts and where it peaks."""
     io = {name: ([i.name for i in g.graph.input if i.name not in
                   {init.name for init in g.graph.initializer}],
                  [o.name for o in g.graph.output]) for name, g in graphs.items()}
     sizes = {}
     for g in graphs.values():
         sizes.update(tensor_bytes(g))
-    by_name = {layer["name"]: layer for layer in layers}
+    by_name = {layer.name: layer for layer in layers}
     row = METHODS[method]
     buffers = memplan.pool_buffers(schedule, io, by_name, row.keeps_input, lambda n: sizes[n])
     _, pool = memplan.place(buffers)
     pooled = {b.name for b in buffers}
-    micro = {item["run"]: item["micro_batch"] for item in schedule if item.get("micro_batch")}
+    micro = {item.graph: item.micro_batch for item in schedule
+             if isinstance(item, Run) and item.micro_batch}
     arena = {name: arena_peak(concrete(models[name], dict(dims, batch=micro[name]))
                               if name in micro else graphs[name], pooled) for name in graphs}
     last = memplan.last_use(schedule, io, by_name, row.keeps_input)
@@ -148,32 +151,31 @@ def step_plan(models: dict, graphs: dict, dims: dict, chosen: dict, schedule: li
     results = 0
     for position, item in enumerate(schedule):
         transient = 0
-        if "compress" in item:
-            layer = by_name[item["compress"]]
-            shape = (batch,) + tuple(layer["input_shape"])
-            ranks, stride = chosen[layer["name"]], layer["stride"]
-            numpy_live[layer["name"]] = numpy_kept_bytes(row, shape, ranks, stride)
+        if isinstance(item, Compress):
+            layer = by_name[item.layer]
+            shape = (batch,) + tuple(layer.input_shape)
+            ranks, stride = chosen[layer.name], layer.stride
+            numpy_live[layer.name] = numpy_kept_bytes(row, shape, ranks, stride)
             transient = row.workspace(shape, ranks, stride)
         else:
-            for name in io[item["run"]][1]:
-                if name.startswith(("new/", "grad/")):
+            for name in io[item.graph][1]:
+                if names.is_new(name) or names.is_grad(name):
                     results += sizes[name]
         numpy_at.append(labels + results + sum(numpy_live.values()) + transient)
         for name in list(numpy_live):  # kept pieces: until their backward partition
-            if last.get(by_name[name]["kept"][0], -1) <= position:
+            if last.get(by_name[name].kept[0], -1) <= position:
                 del numpy_live[name]
     peak_position = max(range(len(schedule)), key=lambda p: numpy_at[p] + memplan.live_bytes(
         buffers, p))
     arena_bytes = max(arena.values(), default=0)
     working_set = pool + arena_bytes + max(numpy_at, default=0)
     where = schedule[peak_position]
-    return {"batch_size": batch, "rank_basis": rank_basis, "pool_bytes": pool,
-            "arena_bytes": arena_bytes,
-            "arena_graph": max(arena, key=arena.get) if arena else None,
-            "arena_bytes_per_graph": arena,
-            "numpy_peak_bytes": max(numpy_at, default=0),
-            "working_set_bytes": working_set,
-            "peak_at": where.get("run") or f"compress {where['compress']}"}
+    peak_at = where.graph if isinstance(where, Run) else f"compress {where.layer}"
+    return MemoryPlan(batch, rank_basis, working_set_bytes=working_set, pool_bytes=pool,
+                      arena_bytes=arena_bytes, numpy_peak_bytes=max(numpy_at, default=0),
+                      peak_at=peak_at, extra={
+                          "arena_graph": max(arena, key=arena.get) if arena else None,
+                          "arena_bytes_per_graph": arena})
 
 
 SLICE_FLOOR_BYTES = 8 << 20  # below this an arena is not worth more graph runs a step
@@ -193,7 +195,7 @@ def choose_micro_batches(graphs: dict, schedule: list, batch: int) -> list:
     the arena stays a small part beside the pool. Every forward partition but the last (the
     loss is a mean over the batch) and every backward partition is a sum or map over
     samples. graphs: the concrete graphs at ``batch``."""
-    runs = [item["run"] for item in schedule if "run" in item]
+    runs = [item.graph for item in schedule if isinstance(item, Run)]
     forward = [name for name in runs if name.startswith("forward_")]
     chunkable = set(forward[:-1]) | {name for name in runs if name.startswith("backward_")}
     held = max(size for g in graphs.values() for name, size in tensor_bytes(g).items()
@@ -201,10 +203,10 @@ def choose_micro_batches(graphs: dict, schedule: list, batch: int) -> list:
     target = max(int(held * ARENA_SHARE), SLICE_FLOOR_BYTES)
     out = []
     for item in schedule:
-        name = item.get("run")
+        name = item.graph if isinstance(item, Run) else None
         if name in chunkable:
             arena = arena_peak(graphs[name], {o.name for o in graphs[name].graph.output})
             if arena > target:
-                item = dict(item, micro_batch=max(1, batch * target // arena))
+                item = Run(name, max(1, batch * target // arena))
         out.append(item)
     return out

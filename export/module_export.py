@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from actcomp_edge.core import arch
+from actcomp_edge.core.manifest import Manifest
 
 from .artifact import export_program
 from .torch_frontend import FrontendError, program_from_module
@@ -83,7 +84,7 @@ class ModuleOptions:
 
 
 def export_module(module: nn.Module, out_dir, config: TrainConfig,
-                  options: ModuleOptions) -> dict:
+                  options: ModuleOptions) -> Manifest:
     """Trace the module (torch_frontend), then build its training artifact; a num_classes
     that differs from the module's re-initialises the final Linear (torch's init, seeded).
     Returns the manifest."""

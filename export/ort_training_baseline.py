@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from actcomp_edge.core.manifest import Manifest
+
 
 def build_artifacts(folder, workdir, inputs=None) -> list:
     """generate_artifacts (cross-entropy loss, SGD) from ``folder``'s evaluate.onnx with the
@@ -22,10 +24,10 @@ def build_artifacts(folder, workdir, inputs=None) -> list:
 
     folder, workdir = Path(folder), Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest = Manifest.from_json(json.loads((folder / "manifest.json").read_text()))
     weights = np.load(folder / "weights.npz", allow_pickle=False)
-    trainable = manifest["trainable_params"]
-    model = onnx.load(str(folder / manifest["graphs"]["evaluate"]))
+    trainable = manifest.trainable_params
+    model = onnx.load(str(folder / manifest.graphs.evaluate))
     if inputs is not None:
         model = Extractor(model).extract_model(sorted(inputs) + trainable, ["logits"])
     kept_inputs = [i for i in model.graph.input if i.name not in trainable]

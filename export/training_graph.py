@@ -20,7 +20,7 @@ silu and output of each sigmoid (``arch.ACTIVATIONS``), each factor of a multipl
 such act gives (``factor_sources``), the argmax of each max-pool in the fine-tuned part
 (int32) and the input of each linear (the classifier head's, a squeeze-excitation's).
 Every graph uses standard ONNX ops only (opset ``OPSET``), so the stock
-onnxruntime wheel runs it. Tensor names say what they hold:
+onnxruntime wheel runs it. Tensor names say what they hold (``actcomp_edge.core.names``):
 ``<layer>/kept/<piece>``, ``<t>/mask_bits``, ``<t>/act_saved``, ``<t>/factor_<i>``,
 ``<t>/argmax``, ``d/<t>``, ``grad/<param>``, ``new/<param>``.
 """
@@ -31,6 +31,7 @@ from math import ceil, prod
 
 import numpy as np
 
+from actcomp_edge.core import names
 from actcomp_edge.core.arch import ACTIVATIONS, ConvLayer, pair
 from actcomp_edge.core.methods import BATCH, METHODS
 
@@ -176,7 +177,7 @@ def emit_forward(g: Graph, program: Program, op: Op, trainable: set, with_mask: 
             if a["hi"] != RELU_HI:
                 below = g.op("Less", [x, g.scalar(a["hi"])], op.name + "/below_hi")
                 mask = g.op("And", [mask, below], op.name + "/mask")
-            pack_mask(g, op.name, mask, program.shapes[op.output], mask_bits_name(op.output))
+            pack_mask(g, op.name, mask, program.shapes[op.output], names.mask_bits(op.output))
     elif op.kind == "act":
         emit_activation(g, program, op, keep=with_mask)
     elif op.kind == "add":
@@ -206,7 +207,7 @@ def emit_forward(g: Graph, program: Program, op: Op, trainable: set, with_mask: 
             within = g.op("Mod", [outputs[1], g.const(f"const/i64/{c * h * w}",
                                                       np.array(c * h * w))], op.name + "/within")
             g.op("Cast", [within], op.name + "/argmax", to=TensorProto.INT32,
-                 outputs=[argmax_name(op.output)])
+                 outputs=[names.argmax(op.output)])
     elif op.kind == "avgpool":
         k, s, p = a["kernel"], a["stride"], a["padding"]
         g.op("AveragePool", [op.inputs[0]], op.name, outputs=[op.output], kernel_shape=[k, k],
@@ -310,10 +311,10 @@ def emit_activation(g: Graph, program: Program, op: Op, keep: bool) -> None:
                         name + "/mask")
         else:
             mask = g.op("Greater", [x, g.scalar(0.0)], name + "/positive")
-        pack_mask(g, name, mask, program.shapes[y], mask_bits_name(y))
+        pack_mask(g, name, mask, program.shapes[y], names.mask_bits(y))
     else:
         g.op("Identity", [x if keeps == "input" else y], name + "/saved",
-             outputs=[act_saved_name(y)])
+             outputs=[names.act_saved(y)])
 
 
 def activation_source(op: Op, derived: dict) -> str:
@@ -369,15 +370,6 @@ def activation_derivative(g: Graph, program: Program, op: Op, source: str, kept:
     return g.op("Mul", [kept, g.op("Sub", [one, kept], name + "/1_minus_y")], name + "/slope")
 
 
-def mul_factor_name(tensor: str, i: int) -> str:
-    """Factor i (0, 1) of the multiply whose output is <t>, kept for the backward, float32."""
-    return f"{tensor}/factor_{i}"
-
-
-def act_saved_name(tensor: str) -> str:
-    """What the backward of act output <t> keeps as a float32 tensor of <t>'s shape: the
-    act's input (hardswish, silu) or <t> itself (sigmoid)."""
-    return tensor + "/act_saved"
 
 
 def tensor_shape(program: Program, name: str) -> list:
@@ -410,7 +402,7 @@ def masks_from_kept(split: Split, method: str) -> dict:
     lo < x < hi is exactly lo < y < hi: no mask is packed for it."""
     if not METHODS[method].keeps_input:
         return {}
-    return {conv.inputs[0]: kept_name(conv.name, "input") for conv in split.trainable_convs}
+    return {conv.inputs[0]: names.kept(conv.name, "input") for conv in split.trainable_convs}
 
 
 def region_sources(split: Split, method: str) -> dict:
@@ -458,7 +450,7 @@ def factor_sources(split: Split, method: str) -> dict:
             act = producer.get(t)
             derivable = act is not None and act.kind == "act" and t in sources and \
                 ACTIVATIONS[act.attrs["fn"]] in ("input", "output")
-            result[mul_factor_name(y, i)] = act if derivable else None
+            result[names.factor(y, i)] = act if derivable else None
     return result
 
 
@@ -473,10 +465,6 @@ def argmax_pools(split: Split) -> set:
             and i >= split.region_start}
 
 
-def argmax_name(tensor: str) -> str:
-    """Max-pool output <t>'s argmax, held between forward and backward as <t>/argmax: int32,
-    the shape of <t>, each the flat index within its sample (C*H*W) of the input's max."""
-    return tensor + "/argmax"
 
 
 def forward_partitions(split: Split, config: TrainConfig) -> list:
@@ -505,17 +493,17 @@ def forward_partitions(split: Split, config: TrainConfig) -> list:
             if any(q > p for q in used_in.get(op.output, ())):
                 outputs.append(op.output)
             if op.output in masked:
-                outputs.append(mask_bits_name(op.output))
+                outputs.append(names.mask_bits(op.output))
             if op.output in saved:
-                outputs.append(act_saved_name(op.output))
+                outputs.append(names.act_saved(op.output))
             for j, t in enumerate(op.inputs if op.kind == "mul" else ()):
-                factor = mul_factor_name(op.output, j)
+                factor = names.factor(op.output, j)
                 if factor in factors:  # t under the name the backward reads
                     outputs.append(g.op("Identity", [t], f"{op.name}/keep_{j}",
                                         outputs=[factor]))
                     shapes[factor] = tensor_shape(program, t)
             if op.output in pools:
-                outputs.append(argmax_name(op.output))
+                outputs.append(names.argmax(op.output))
             if op.kind == "linear" and p >= 1:  # its backward takes its input
                 outputs.append(op.inputs[0])
         last = p == len(split.partitions) - 1
@@ -526,12 +514,12 @@ def forward_partitions(split: Split, config: TrainConfig) -> list:
         for t in outputs:
             if t == "loss":
                 g.output(t, np.float32, [])
-            elif t.endswith("/mask_bits"):
-                g.output(t, np.uint8, mask_bits_shape(program, t[:-len("/mask_bits")]))
-            elif t.endswith("/argmax"):
-                g.output(t, np.int32, tensor_shape(program, t[:-len("/argmax")]))
-            elif t.endswith("/act_saved"):
-                g.output(t, np.float32, tensor_shape(program, t[:-len("/act_saved")]))
+            elif names.is_mask_bits(t):
+                g.output(t, np.uint8, mask_bits_shape(program, names.source_of(t)))
+            elif names.is_argmax(t):
+                g.output(t, np.int32, tensor_shape(program, names.source_of(t)))
+            elif names.is_act_saved(t):
+                g.output(t, np.float32, tensor_shape(program, names.source_of(t)))
             elif t in shapes:
                 g.output(t, np.float32, shapes[t])
             elif t == "dlogits":
@@ -555,10 +543,6 @@ def eval_graph(program: Program, trainable_params, frozen_all: bool = False) -> 
 
 # ------------------------------------------------------------------ backward
 
-def kept_name(layer: str, piece: str) -> str:
-    return f"{layer}/kept/{piece}"
-
-
 def kept_inputs(split: Split, method: str) -> list:
     """(name, dims) of every kept piece the backward takes, per trainable conv; a rank dim is
     named <layer>/<symbol>."""
@@ -566,7 +550,7 @@ def kept_inputs(split: Split, method: str) -> list:
     for op in split.trainable_convs:
         dims = row.piece_dims(conv_layer(split.program, op))
         for piece, shape in zip(row.pieces, dims):
-            out.append((kept_name(op.name, piece), [f"{op.name}/{d}" if isinstance(d, str)
+            out.append((names.kept(op.name, piece), [f"{op.name}/{d}" if isinstance(d, str)
                                                    and d != BATCH else d for d in shape]))
     return out
 
@@ -593,7 +577,7 @@ def emit_conv_backward(g: Graph, program: Program, op: Op, dy: str, method: str,
                        needs_dx: bool) -> tuple:
     """(dW, db | None, dx | None) of a fine-tuned conv from what was kept."""
     conv, name, row = conv_layer(program, op), op.name + "/backward", METHODS[method]
-    dw = row.weight_grad(g, name, {piece: kept_name(op.name, piece) for piece in row.pieces},
+    dw = row.weight_grad(g, name, {piece: names.kept(op.name, piece) for piece in row.pieces},
                          dy, conv)
     db = None
     if op.attrs.get("bias"):
@@ -650,27 +634,27 @@ def emit_update(g: Graph, config: TrainConfig, param: str, grad: str, shape) -> 
                                            param + "/decay")], param + "/grad_decayed")
         step_dir, state = grad, []
         if config.momentum:
-            buf = g.input(f"state/momentum/{param}", np.float32, shape)
+            buf = g.input(names.state("momentum", param), np.float32, shape)
             step_dir = g.op("Add", [g.op("Mul", [buf, g.scalar(config.momentum)], param + "/mom"),
                                     grad], param + "/momentum",
-                            outputs=[f"new/state/momentum/{param}"])
+                            outputs=[names.new(names.state("momentum", param))])
             g.output(step_dir, np.float32, shape)
             state = [buf]
         g.op("Sub", [param, g.op("Mul", [step_dir, lr], param + "/lr_x_dir")], param + "/update",
-             outputs=[f"new/{param}"])
-        g.output(f"new/{param}", np.float32, shape)
+             outputs=[names.new(param)])
+        g.output(names.new(param), np.float32, shape)
         return state
     # AdamW: decoupled weight decay, bias-corrected moments; "step" counts from 1
     b1, b2 = config.betas
-    m = g.input(f"state/exp_avg/{param}", np.float32, shape)
-    v = g.input(f"state/exp_avg_sq/{param}", np.float32, shape)
+    m = g.input(names.state("exp_avg", param), np.float32, shape)
+    v = g.input(names.state("exp_avg_sq", param), np.float32, shape)
     m_new = g.op("Add", [g.op("Mul", [m, g.scalar(b1)], param + "/m_b1"),
                          g.op("Mul", [grad, g.scalar(1 - b1)], param + "/g_1mb1")],
-                 param + "/exp_avg", outputs=[f"new/state/exp_avg/{param}"])
+                 param + "/exp_avg", outputs=[names.new(names.state("exp_avg", param))])
     g_sq = g.op("Mul", [grad, grad], param + "/g_sq")
     v_new = g.op("Add", [g.op("Mul", [v, g.scalar(b2)], param + "/v_b2"),
                          g.op("Mul", [g_sq, g.scalar(1 - b2)], param + "/gsq_1mb2")],
-                 param + "/exp_avg_sq", outputs=[f"new/state/exp_avg_sq/{param}"])
+                 param + "/exp_avg_sq", outputs=[names.new(names.state("exp_avg_sq", param))])
     bc1 = g.op("Sub", [g.scalar(1.0), g.op("Pow", [g.scalar(b1), "step"], param + "/b1_t")],
                param + "/bias_correction1")
     bc2 = g.op("Sub", [g.scalar(1.0), g.op("Pow", [g.scalar(b2), "step"], param + "/b2_t")],
@@ -683,8 +667,8 @@ def emit_update(g: Graph, config: TrainConfig, param: str, grad: str, shape) -> 
         "Mul", [lr, g.scalar(config.weight_decay)], param + "/lr_wd")], param + "/1m_lr_wd")],
         param + "/decayed")
     g.op("Sub", [decayed, g.op("Mul", [step_size, g.op("Div", [m_new, denom], param + "/m_over_d")],
-                               param + "/delta")], param + "/update", outputs=[f"new/{param}"])
-    for t in (f"new/{param}", m_new, v_new):
+                               param + "/delta")], param + "/update", outputs=[names.new(param)])
+    for t in (names.new(param), m_new, v_new):
         g.output(t, np.float32, shape)
     return [m, v]
 
@@ -699,11 +683,6 @@ def crossings(split: Split) -> tuple:
             for t in program.ops[i].inputs:
                 used_in.setdefault(t, set()).add(p)
     return produced_in, used_in
-
-
-def grad_name(tensor: str) -> str:
-    """The gradient of the loss w.r.t. a tensor that crosses between backward partitions."""
-    return "dlogits" if tensor == "logits" else f"d/{tensor}"
 
 
 def backward_partitions(split: Split, config: TrainConfig) -> list:
@@ -733,22 +712,22 @@ def backward_partitions(split: Split, config: TrainConfig) -> list:
         later = [op.output for op in ops
                  if any(q > p for q in used_in.get(op.output, ())) or op.output == "logits"]
         for t in later:
-            grads[t] = g.input(grad_name(t), np.float32, tensor_shape(program, t))
+            grads[t] = g.input(names.d(t), np.float32, tensor_shape(program, t))
         conv = ops[0]
         for piece in METHODS[config.method].pieces:
-            name = kept_name(conv.name, piece)
+            name = names.kept(conv.name, piece)
             g.input(name, np.float32, kept[name])
         for op in ops:
             source = activation_source(op, derived) if op.kind in ("clip", "act") else None
             if source == "kept":
                 g.input(derived[op.output], np.float32, kept[derived[op.output]])
             elif source == "bits":
-                g.input(mask_bits_name(op.output), np.uint8, mask_bits_shape(program, op.output))
+                g.input(names.mask_bits(op.output), np.uint8, mask_bits_shape(program, op.output))
             elif source == "saved":
-                g.input(act_saved_name(op.output), np.float32, tensor_shape(program, op.output))
+                g.input(names.act_saved(op.output), np.float32, tensor_shape(program, op.output))
             elif op.kind == "mul":
                 for i, t in enumerate(op.inputs):
-                    name = mul_factor_name(op.output, i)
+                    name = names.factor(op.output, i)
                     if name not in factor_acts:
                         continue
                     factors[name] = (g.input(name, np.float32, tensor_shape(program, t))
@@ -756,7 +735,7 @@ def backward_partitions(split: Split, config: TrainConfig) -> list:
                                      factor_from_act(g, program, factor_acts[name], derived,
                                                      kept, f"{op.name}/factor_{i}"))
             elif op.kind == "maxpool":
-                g.input(argmax_name(op.output), np.int32, tensor_shape(program, op.output))
+                g.input(names.argmax(op.output), np.int32, tensor_shape(program, op.output))
             if op.kind == "linear":
                 g.input(op.inputs[0], np.float32, tensor_shape(program, op.inputs[0]))
         params = [n for op in ops if op.kind in ("conv", "linear")
@@ -771,11 +750,11 @@ def backward_partitions(split: Split, config: TrainConfig) -> list:
                 if produced_in.get(t, -1) != p and t not in inputs and needs_grad(t):
                     inputs.append(t)
         for t in inputs:
-            g.output(g.op("Identity", [grads.pop(t)], t + "/grad_out", outputs=[grad_name(t)]),
+            g.output(g.op("Identity", [grads.pop(t)], t + "/grad_out", outputs=[names.d(t)]),
                      np.float32, tensor_shape(program, t))
         for name in params:
             shape = list(program.params[name].shape)
-            grad = g.op("Identity", [param_grads[name]], name + "/grad", outputs=[f"grad/{name}"])
+            grad = g.op("Identity", [param_grads[name]], name + "/grad", outputs=[names.grad(name)])
             g.output(grad, np.float32, shape)
         result.append((p, g))
     return result
@@ -791,15 +770,8 @@ def update_graph(split: Split, config: TrainConfig) -> Graph:
     for name in split.trainable_params:
         shape = list(split.program.params[name].shape)
         g.input(name, np.float32, shape)
-        emit_update(g, config, name, g.input(f"grad/{name}", np.float32, shape), shape)
+        emit_update(g, config, name, g.input(names.grad(name), np.float32, shape), shape)
     return g
-
-
-def mask_bits_name(tensor: str) -> str:
-    """The backward mask of clip output <t>, held between forward and backward as <t>/mask_bits:
-    uint8 (B, ceil(C*H*W / 8)), 1 bit an element, most significant first (np.packbits of
-    the mask reshaped (B, -1), axis 1)."""
-    return tensor + "/mask_bits"
 
 
 def mask_bits_shape(program: Program, tensor: str) -> list:
@@ -849,7 +821,7 @@ def factor_from_act(g: Graph, program: Program, act: Op, derived: dict, kept: di
     y = act.output
     held, shape = ((derived[y], kept[derived[y]]) if y in derived and
                    activation_source(act, derived) == "kept" else
-                   (act_saved_name(y), tensor_shape(program, y)))
+                   (names.act_saved(y), tensor_shape(program, y)))
     if held not in {value.name for value in g.inputs}:
         g.input(held, np.float32, shape)
     if ACTIVATIONS[act.attrs["fn"]] == "output":
@@ -924,7 +896,7 @@ def emit_join_backward(g: Graph, program: Program, op: Op, dy: str, needs_grad, 
         for i, t in enumerate(op.inputs):
             if not needs_grad(t):
                 continue
-            other = factors[mul_factor_name(op.output, 1 - i)]
+            other = factors[names.factor(op.output, 1 - i)]
             grad = g.op("Mul", [dy, other], f"{op.name}/dY_x_factor_{1 - i}")
             if program.shapes[t] != program.shapes[op.output]:  # a (C, 1, 1) gate
                 grad = g.op("ReduceSum", [grad, g.ints([2, 3])], f"{op.name}/d_gate_{i}",
@@ -953,11 +925,11 @@ def local_slope(g: Graph, program: Program, op: Op, derived: dict) -> str:
         # Cast + Mul: measured 5x faster than a Where(mask, dY, 0) here (ORT 1.32, 2 threads)
         return g.op("Cast", [mask], op.name + "/mask_f", to=TensorProto.FLOAT)
     if op.kind == "clip":
-        return unpack_mask(g, op.name, mask_bits_name(op.output), program.shapes[op.output])
+        return unpack_mask(g, op.name, names.mask_bits(op.output), program.shapes[op.output])
     if op.kind == "act":
         source = activation_source(op, derived)
-        kept_tensor = {"kept": derived.get(op.output), "bits": mask_bits_name(op.output),
-                       "saved": act_saved_name(op.output)}[source]
+        kept_tensor = {"kept": derived.get(op.output), "bits": names.mask_bits(op.output),
+                       "saved": names.act_saved(op.output)}[source]
         return activation_derivative(g, program, op, source, kept_tensor)
     return channel_const(g, program, op.attrs["scale"])  # affine
 
@@ -982,7 +954,7 @@ def pool_input_grad(g: Graph, program: Program, op: Op, dy: str) -> str:
                 axis=0)                                                           # (B, C*H*W)
     zeros = g.op("ConstantOfShape", [rows], op.name + "/zeros",
                  value=onnx.helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
-    index = g.op("Reshape", [argmax_name(op.output), flat], op.name + "/argmax_rows")
+    index = g.op("Reshape", [names.argmax(op.output), flat], op.name + "/argmax_rows")
     updates = g.op("Reshape", [dy, flat], op.name + "/dY_rows")
     dx = g.op("ScatterElements", [zeros, index, updates], op.name + "/dX_flat", axis=1,
               reduction="add")
@@ -1004,9 +976,9 @@ def moved_input_grad(g: Graph, program: Program, op: Op, dy: str) -> str:
 
 def optimizer_state(split: Split, config: TrainConfig) -> dict:
     """Initial optimizer state (zeros), named as the backward graph's state inputs."""
-    names = {"sgd": ["momentum"] if config.momentum else [], "adamw": ["exp_avg", "exp_avg_sq"]}
-    return {f"state/{kind}/{p}": np.zeros_like(split.program.params[p])
-            for p in split.trainable_params for kind in names[config.optimizer]}
+    kinds = {"sgd": ["momentum"] if config.momentum else [], "adamw": ["exp_avg", "exp_avg_sq"]}
+    return {names.state(kind, p): np.zeros_like(split.program.params[p])
+            for p in split.trainable_params for kind in kinds[config.optimizer]}
 
 
 def overview_graph(forward_graphs: list, split: Split, backward: list,
@@ -1053,7 +1025,7 @@ def append_forward(g: Graph, forward_graphs: list, split: Split, config: TrainCo
     for p, graph in enumerate(forward_graphs):
         if p >= 1:
             conv = split.trainable_convs[p - 1]
-            kept = [kept_name(conv.name, piece) for piece in METHODS[config.method].pieces]
+            kept = [names.kept(conv.name, piece) for piece in METHODS[config.method].pieces]
             g.op(op_type, [conv.inputs[0]], f"{conv.name}/decompose", outputs=kept,
                  domain=ACTCOMP_DOMAIN, **attrs)
         g.nodes.extend(copy_nodes(graph, {}))
@@ -1104,7 +1076,7 @@ def declare_interface(g: Graph, forward_graphs: list, backward: list) -> None:
     g.initializers.extend(constants[name] for name in consumed if name in constants)
     g.inputs.extend(known[name] for name in consumed if name not in constants)
     for graph in backward:
-        g.outputs.extend(o for o in graph.outputs if not o.name.startswith("d/"))
+        g.outputs.extend(o for o in graph.outputs if not names.is_d(o.name))
     g.outputs.extend(o for o in forward_graphs[-1].outputs if o.name in ("loss", "logits"))
     outputs = {o.name for o in g.outputs}
     g.value_info.extend(info for name, info in known.items()

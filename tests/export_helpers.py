@@ -116,7 +116,7 @@ def assert_update_is_sgds(trainer, net, n_convs, images, labels):
     loss and gradients and torch.optim.SGD's new params (lr 0.1)."""
     loss, grads, after = torch_sgd_step(net, n_convs, images, labels, lr=0.1)
     result = trainer.step(images, labels, lr=0.1)
-    assert sorted(result.grads) == sorted(grads) == sorted(trainer.manifest["trainable_params"])
+    assert sorted(result.grads) == sorted(grads) == sorted(trainer.manifest.trainable_params)
     assert abs(result.loss - loss) < TOL * abs(loss)
     for name, grad in grads.items():
         assert rel_max_error(result.grads[name], grad) < TOL, name

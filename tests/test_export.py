@@ -40,15 +40,15 @@ def check_step(name, n_layers, method, tmp_path, eps=None, batch_size=3, hw=(96,
                                         conv_inputs=conv_inputs)
     assert len(ref.input_rel_diff) == n_layers and max(ref.input_rel_diff) < TOL
     grads = trainable_grads(ref)
-    assert sorted(grads) == sorted(result.grads) == sorted(trainer.manifest["trainable_params"])
+    assert sorted(grads) == sorted(result.grads) == sorted(trainer.manifest.trainable_params)
     assert abs(result.loss - loss) <= TOL * abs(loss)
     np.testing.assert_allclose(result.logits, logits, rtol=1e-4, atol=1e-4)
     for key in grads:
         assert rel_l2_error(result.grads[key], grads[key]) < TOL, key
     if method in ("hosvd", "asi", "svd"):
         modules = dict(ref.named_modules())
-        for layer, conv_name in zip(trainer.manifest["trainable_layers"], replaced):
-            assert result.ranks[layer["name"]] == tuple(modules[conv_name].last_ranks)
+        for layer, conv_name in zip(trainer.manifest.trainable_layers, replaced):
+            assert result.ranks[layer.name] == tuple(modules[conv_name].last_ranks)
     return trainer, ref, result
 
 
@@ -74,10 +74,10 @@ def test_vanilla_gradients_and_sgd_step_equal_autograd(name, n_layers, tmp_path)
                                               ("resnet18", 5, (96, 96))])      # 3x3 s2, 1x1 s2
 def test_stride_two_and_depthwise_layers(name, n_layers, hw, tmp_path):
     trainer, _, _ = check_step(name, n_layers, "vanilla", tmp_path, hw=hw)
-    layers = trainer.manifest["trainable_layers"]
-    assert any(layer["stride"] == 2 for layer in layers)
+    layers = trainer.manifest.trainable_layers
+    assert any(layer.stride == 2 for layer in layers)
     if name == "mcunet-in1":
-        assert any(layer["groups"] > 1 and layer["stride"] == 2 for layer in layers)
+        assert any(layer.extra["groups"] > 1 and layer.stride == 2 for layer in layers)
 
 
 @pytest.mark.parametrize("name,n_layers,hw", [("mcunet-in1", 4, (128, 128)),
@@ -89,9 +89,9 @@ def test_hosvd_gradients_equal_reference(name, n_layers, hw, eps, tmp_path):
     trainer, _, result = check_step(name, n_layers, "hosvd", tmp_path, eps=eps, hw=hw,
                                     batch_size=7)
     # the comparison must cover real truncations: ranks above 1, channel rank below full
-    for layer in trainer.manifest["trainable_layers"]:
-        ranks = result.ranks[layer["name"]]
-        assert max(ranks) > 1 and ranks[1] < layer["input_shape"][0]
+    for layer in trainer.manifest.trainable_layers:
+        ranks = result.ranks[layer.name]
+        assert max(ranks) > 1 and ranks[1] < layer.input_shape[0]
 
 
 @pytest.mark.parametrize("method", ["svd", "gf-r2"])
@@ -193,7 +193,7 @@ def test_kept_between_forward_and_backward_is_only_the_compressed_form(tmp_path)
     spec, model = random_model("mcunet-in1", 10)
     trainer = export(model, spec, tmp_path, TrainConfig(n_layers=4, method="hosvd", eps=0.8),
                      8, (128, 128))
-    backward = trainer.manifest["graphs"]["backward"]
+    backward = trainer.manifest.graphs.backward
     assert backward == ["backward_4.onnx", "backward_3.onnx", "backward_2.onnx",
                         "backward_1.onnx", "update.onnx"]
     inputs, kept_by = {}, []
@@ -204,10 +204,10 @@ def test_kept_between_forward_and_backward_is_only_the_compressed_form(tmp_path)
         kept_by.append({n.split("/kept/")[0] for n in names if "/kept/" in n})
         inputs.update((i.name, i) for i in session.get_inputs())
     assert [len(k) for k in kept_by] == [1, 1, 1, 1]
-    conv_inputs = {layer["input"] for layer in trainer.manifest["trainable_layers"]}
+    conv_inputs = {layer.input for layer in trainer.manifest.trainable_layers}
     assert not conv_inputs & set(inputs)
-    for layer in trainer.manifest["trainable_layers"]:
-        assert [n for n in inputs if n.startswith(layer["name"] + "/kept/")] == layer["kept"]
+    for layer in trainer.manifest.trainable_layers:
+        assert [n for n in inputs if n.startswith(layer.name + "/kept/")] == layer.kept
     masks = [i for n, i in inputs.items() if n.endswith("/mask_bits")]
     assert masks and all(i.type == "tensor(uint8)" for i in masks)
     assert not [n for n in inputs if n.endswith("/mask")]
@@ -216,13 +216,13 @@ def test_kept_between_forward_and_backward_is_only_the_compressed_form(tmp_path)
     decompositions = [n for n in overview.graph.node if n.domain == "ai.actcomp"]
     assert [n.op_type for n in decompositions] == ["HOSVD"] * 4
     assert [list(n.output) for n in decompositions] == [
-        layer["kept"] for layer in trainer.manifest["trainable_layers"]]
+        layer.kept for layer in trainer.manifest.trainable_layers]
     images, labels = batch(8, (128, 128), 10)
     result = trainer.step(images, labels, lr=0.01)
-    for layer in trainer.manifest["trainable_layers"]:
-        k = result.ranks[layer["name"]]
-        d = (8,) + tuple(layer["input_shape"])
-        assert result.kept_bytes[layer["name"]] == 4 * (np.prod(k) + sum(a * b for a, b in zip(d, k)))
+    for layer in trainer.manifest.trainable_layers:
+        k = result.ranks[layer.name]
+        d = (8,) + tuple(layer.input_shape)
+        assert result.kept_bytes[layer.name] == 4 * (np.prod(k) + sum(a * b for a, b in zip(d, k)))
 
 
 def test_export_is_deterministic(tmp_path):
@@ -270,7 +270,7 @@ def test_cli_export_writes_a_working_artifact(tmp_path):
     assert "randomly initialised" in proc.stderr
     assert "blocks.13.dw" in proc.stdout and "total" in proc.stdout
     manifest = load_manifest(out)
-    assert manifest["train"]["eps"] == 0.8 and manifest["predicted_memory"]["full_bytes"] > 0
+    assert manifest.train.eps == 0.8 and manifest.predicted_memory.full_bytes > 0
     images, labels = batch(4, (96, 96), 10)
     assert np.isfinite(Trainer(out).step(images, labels, 0.01).loss)
 
@@ -332,7 +332,7 @@ def test_cli_export_never_overwrites_a_run(tmp_path):
     (out / "run" / "checkpoint.npz").write_bytes(b"the user's run")
     (out / "notes.txt").write_text("mine")
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    old_files = set(load_manifest(out)["files"])
+    old_files = set(load_manifest(out).files)
 
     proc = actcomp("export", "--layers", "2", *argv)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
@@ -344,8 +344,8 @@ def test_cli_export_never_overwrites_a_run(tmp_path):
     assert (out / "run" / "checkpoint.npz").read_bytes() == b"the user's run"
     assert (out / "notes.txt").read_text() == "mine"
     manifest = load_manifest(out)  # every listed file is there with its digest
-    assert len(manifest["trainable_layers"]) == 2
-    stale = old_files - set(manifest["files"])
+    assert len(manifest.trainable_layers) == 2
+    stale = old_files - set(manifest.files)
     assert stale and not any((out / name).exists() for name in stale)
     assert [p.name for p in tmp_path.iterdir()] == ["art"]  # no staging folder left
 
@@ -431,12 +431,12 @@ def test_vanilla_reads_relu_masks_from_the_kept_inputs(method, packed, tmp_path)
     spec, model = random_model("mcunet-in1", 10, 0)
     config = TrainConfig(n_layers=4, method=method, eps=0.8 if method == "hosvd" else None)
     trainer = export(model, spec, tmp_path, config, 2, (96, 96))
-    masks = [m for layer in trainer.manifest["trainable_layers"] for m in layer["masks"]]
-    backward_inputs = {n for name in trainer.manifest["graphs"]["backward"]
+    masks = [m for layer in trainer.manifest.trainable_layers for m in layer.masks]
+    backward_inputs = {n for name in trainer.manifest.graphs.backward
                        for n in trainer.io[name][0]}
     assert len(masks) == packed, masks
     assert all(m in backward_inputs for m in masks)
-    kept_inputs = [layer["kept"][0] for layer in trainer.manifest["trainable_layers"]]
+    kept_inputs = [layer.kept[0] for layer in trainer.manifest.trainable_layers]
     assert sum(k in backward_inputs for k in kept_inputs) == len(kept_inputs)
 
 
@@ -465,7 +465,7 @@ def test_cli_export_takes_the_class_names_of_an_image_folder(tmp_path, image_fol
                    "--method", "vanilla", "--classes", str(image_folder), "-o", str(out))
     assert proc.returncode == 0, proc.stderr
     manifest = load_manifest(out)
-    assert manifest["classes"] == ["blue", "green", "red"] and manifest["num_classes"] == 3
+    assert manifest.classes == ["blue", "green", "red"] and manifest.num_classes == 3
     empty = tmp_path / "empty"
     empty.mkdir()
     proc = actcomp("export", "--model", "mcunet-in1", "--layers", "2", "--input-size", "32",

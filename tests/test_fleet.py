@@ -67,8 +67,8 @@ def test_fedprox_adds_mu_times_the_drift_to_the_gradient(artifact, image_folder)
     from device_runner.runtime import Trainer
     trainer = Trainer(artifact, threads=1)
     m = trainer.manifest
-    data = load(image_folder, (m["input"]["height"], m["input"]["width"]), m["num_classes"])
-    x, y = data.batch(np.arange(8), m["input"]["mean"], m["input"]["std"])
+    data = load(image_folder, (m.input.height, m.input.width), m.num_classes)
+    x, y = data.batch(np.arange(8), m.input.mean, m.input.std)
     w0 = {k: v.copy() for k, v in trainer.params.items()}
     lr, mu = 0.05, 0.5
     assert trainer.step(x, y, lr, None, proximal=(mu, w0)).applied  # w == w0: no term yet

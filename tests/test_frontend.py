@@ -97,7 +97,7 @@ def test_a_user_cnn_trains_with_autograds_gradients_and_sgds_step(user_file, tmp
     manifest = export_module(net, tmp_path / "art",
                              TrainConfig(n_layers=n_convs, method=method, eps=eps, momentum=0.0),
                              ModuleOptions(input_size=(40, 48), batch_size=3))
-    assert manifest["dropout_not_applied"] == 0.3
+    assert manifest.dropout_not_applied == 0.3
     trainer = Trainer(tmp_path / "art")
     rng = np.random.default_rng(0)
     images = rng.standard_normal((3, 3, 40, 48)).astype(np.float32)
@@ -121,7 +121,7 @@ def test_file_py_function_with_pth_weights_gives_the_modules_logits(user_file, t
         want = net(x).numpy()
     trainer = Trainer(tmp_path / "art")
     assert rel_max_error(trainer.evaluate(x.numpy()), want) < TOL
-    assert trainer.manifest["model"] == Path(user_file).stem  # FILE.py:build -> FILE's stem
+    assert trainer.manifest.model == Path(user_file).stem  # FILE.py:build -> FILE's stem
 
 
 class WithMish(nn.Module):
@@ -263,15 +263,15 @@ def test_a_max_pool_in_the_fine_tuned_part_keeps_its_argmax_and_counts_it(user_f
     manifest = export_module(user_net(user_file), tmp_path / "art",
                              TrainConfig(n_layers=5, method="vanilla", eps=None, momentum=0.0),
                              ModuleOptions(input_size=32, batch_size=2))
-    stem = manifest["trainable_layers"][0]
-    assert "pool/pool/argmax" in stem["masks"]
+    stem = manifest.trainable_layers[0]
+    assert "pool/pool/argmax" in stem.masks
     trainer = Trainer(tmp_path / "art")
     x = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
     fwd = trainer.forward(x, np.zeros(2, np.int64))
     argmax = fwd.tensors["pool/pool/argmax"]
     assert argmax.dtype == np.int32 and argmax.shape == (2, 8, 8, 8)
     assert 0 <= argmax.min() and argmax.max() < 8 * 16 * 16  # within its sample
-    assert fwd.kept_full_per_layer[stem["name"]] >= argmax.nbytes
+    assert fwd.kept_full_per_layer[stem.name] >= argmax.nbytes
 
 
 def test_the_cli_says_what_is_wrong_with_a_model_file_in_one_line(tmp_path):
@@ -530,7 +530,7 @@ def test_what_each_activation_keeps_is_held_and_planned(tmp_path, method, eps):
     manifest = export_module(net, tmp_path / "art",
                              TrainConfig(n_layers=5, method=method, eps=eps, momentum=0.0),
                              ModuleOptions(input_size=12, batch_size=3))
-    masks = {layer["name"]: layer["masks"] for layer in manifest["trainable_layers"]}
+    masks = {layer.name: layer.masks for layer in manifest.trainable_layers}
     saved = {"hosvd": {"stem": ["hswish/act/act_saved"], "dw": ["leaky/act/mask_bits"],
                        "pw": ["silu/act/act_saved", "hardswish/act/act_saved"],
                        "mix": ["gate/act/mask_bits"],
@@ -651,7 +651,7 @@ def test_what_a_multiply_keeps_is_held_and_planned(tmp_path, n_convs, factors):
     manifest = export_module(net, tmp_path / "art",
                              TrainConfig(n_layers=n_convs, method="hosvd", eps=1.0, momentum=0.0),
                              ModuleOptions(input_size=12, batch_size=3))
-    masks = {layer["name"]: layer["masks"] for layer in manifest["trainable_layers"]}
+    masks = {layer.name: layer.masks for layer in manifest.trainable_layers}
     assert {name: [t for t in masks[name] if "/factor_" in t] for name in factors} == factors
     trainer = Trainer(tmp_path / "art")
     images = np.random.default_rng(1).standard_normal((3, 3, 12, 12)).astype(np.float32)
@@ -862,7 +862,7 @@ def test_a_squeeze_excitation_of_linears_trains_with_autograds_gradients(tmp_pat
     with torch.no_grad():
         assert rel_max_error(trainer.evaluate(images), net(torch.from_numpy(images)).numpy()) < TOL
     loss, grads, _ = torch_sgd_step(net, n_convs, images, labels, 0.1, modules=trained)
-    assert sorted(manifest["trainable_params"]) == sorted(grads)
+    assert sorted(manifest.trainable_params) == sorted(grads)
     result = trainer.step(images, labels, lr=0.1)
     assert abs(result.loss - loss) < TOL * abs(loss)
     for name, grad in grads.items():

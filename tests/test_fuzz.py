@@ -47,7 +47,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from actcomp_edge.core import manifest as manifest_module
-from actcomp_edge.core.manifest import MANIFEST, ArtifactError, content_digest, load_manifest
+from actcomp_edge.core.manifest import (MANIFEST, ArtifactError, Compress, content_digest,
+                                        load_manifest)
 from actcomp_edge.core.profiles import (KEYS, MIN_RAM, Fit, Profile, ProfileError, load_profile,
                                    validate)
 from actcomp_edge.core.protocol import (ACK, CRC, DATA, HEADER, HEADER_SIZE, MAGIC, MAX_PAYLOAD,
@@ -432,7 +433,7 @@ class StubSession:
 
 
 def use_like_the_readers(folder, m):
-    """What `actcomp-device info`, `actcomp check` and the device runner do with a manifest
+    """What `actcomp-device info`, `actcomp check` and the device runner do with manifest m
     (verify=False: the fuzzed manifest's digests need not match); none may raise."""
     import onnxruntime as ort
 
@@ -451,23 +452,23 @@ def use_like_the_readers(folder, m):
         out.flush()
     with mock.patch.object(ort, "InferenceSession", StubSession):
         trainer = Trainer(folder, verify=False)
-    assert device_cli.input_size(trainer) == (m["input"]["height"], m["input"]["width"])
+    assert device_cli.input_size(trainer) == (m.input.height, m.input.width)
     for item in trainer.schedule:  # the accesses of Trainer.forward
-        if "compress" in item:
-            layer = trainer.layers[item["compress"]]
-            assert isinstance(layer["input"], str) and isinstance(layer["stride"], int)
-            assert all(isinstance(name, str) for name in layer["kept"])
+        if isinstance(item, Compress):
+            layer = trainer.layers[item.layer]
+            assert isinstance(layer.input, str) and isinstance(layer.stride, int)
+            assert all(isinstance(name, str) for name in layer.kept)
         else:
-            assert isinstance(item["run"], str)
+            assert isinstance(item.graph, str)
     for layer in trainer.layers.values():
-        assert all(isinstance(name, str) for name in layer.get("masks", ()))
-        assert {"compress": layer["name"]} in trainer.schedule  # its kept bytes are counted
+        assert all(isinstance(name, str) for name in layer.masks)
+        assert Compress(layer.name) in trainer.schedule  # its kept bytes are counted
     for allowance in (1, 10 ** 6, 10 ** 12):
-        caps = rank_caps_for_budget(trainer, m["predicted_memory"]["batch_size"], allowance)
+        caps = rank_caps_for_budget(trainer, m.predicted_memory.batch_size, allowance)
         assert all(isinstance(c, int) and c >= 1 for c in caps.values())
     images = Dataset(np.zeros((2, 4, 4, 3), np.uint8), np.zeros(2, np.int64), ["a"])
     with np.errstate(all="ignore"):  # e.g. a std of 1e-310 is 0 as float32: inf pixels
-        x, _ = images.batch(np.arange(2), m["input"]["mean"], m["input"]["std"])  # as fit()
+        x, _ = images.batch(np.arange(2), m.input.mean, m.input.std)  # as fit()
     assert x.shape == (2, 3, 4, 4)
 
 
@@ -496,11 +497,11 @@ def test_a_manifest_with_a_non_finite_number_is_refused_in_one_line(real, number
 
 
 def test_the_real_manifest_loads_and_is_usable(exported, real):
-    assert load_manifest(exported) == json.loads((exported / MANIFEST).read_text())
+    assert load_manifest(exported).to_json() == json.loads((exported / MANIFEST).read_text())
     folder, original = real
     write(folder, json.dumps(original).encode())
-    assert load_manifest(folder) == original
-    use_like_the_readers(folder, original)
+    assert load_manifest(folder).to_json() == original
+    use_like_the_readers(folder, load_manifest(folder))
 
 
 # ---------------------------------------------------------------- profiles

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from actcomp_edge.core import memplan
+from actcomp_edge.core.manifest import Run
 from actcomp_edge.core.memplan import Buffer, place
 from device_helpers import SIZE, device
 from export.training_graph import TrainConfig
@@ -68,10 +69,9 @@ def test_runner_live_set_stays_inside_the_plan(tmp_path, method, eps):
     trainer._run = checked
     result = trainer.step(images, labels, lr=0.01)
     assert result.applied and seen
-    plan = trainer.manifest["memory_plan"]
-    assert plan["pool_bytes"] == trainer.pool.nbytes
-    assert plan["working_set_bytes"] == plan["pool_bytes"] + plan["arena_bytes"] + \
-        plan["numpy_peak_bytes"]
+    plan = trainer.manifest.memory_plan
+    assert plan.pool_bytes == trainer.pool.nbytes
+    assert plan.working_set_bytes == plan.pool_bytes + plan.arena_bytes + plan.numpy_peak_bytes
 
 
 def test_steps_with_the_pool_equal_steps_without_reuse(tmp_path):
@@ -127,8 +127,8 @@ def test_backward_in_micro_batches_equals_the_whole_batch(tmp_path, method, eps)
                    TrainConfig(n_layers=12, method=method, eps=eps, micro_batch=8), 8, SIZE)
     sliced = export(model, spec, tmp_path / "sliced",
                     TrainConfig(n_layers=12, method=method, eps=eps, micro_batch=3), 8, SIZE)
-    assert {i.get("micro_batch") for i in sliced.schedule if "backward_" in i.get("run", "")} \
-        == {3}
+    assert {i.micro_batch for i in sliced.schedule
+            if isinstance(i, Run) and "backward_" in i.graph} == {3}
     for seed in range(2):
         # each step from the same state: asi's factors would otherwise carry the first
         # update's float32 summation order into the second step's forward

@@ -93,7 +93,7 @@ def test_vanilla_gradients_equal_onnxruntime_training(name, n_layers, hw, tmp_pa
     trainer = export(model, spec, tmp_path, TrainConfig(n_layers=n_layers, method="vanilla",
                                                         eps=None), 4, hw)
     images, labels = batch(4, hw, 10)
-    prefix = trainer.sessions[trainer.manifest["graphs"]["forward"][0]]
+    prefix = trainer.sessions[trainer.manifest.graphs.forward[0]]
     boundary = dict(zip((o.name for o in prefix.get_outputs()),
                         prefix.run(None, {"image": images})))
     np.savez(tmp_path / "inputs.npz", labels=labels, **boundary)
@@ -102,7 +102,7 @@ def test_vanilla_gradients_equal_onnxruntime_training(name, n_layers, hw, tmp_pa
     reference = np.load(tmp_path / "ortt.npz")
     result = trainer.step(images, labels, lr=0.05)
     assert abs(result.loss - float(reference["loss"])) < 1e-4 * result.loss
-    assert sorted(result.grads) == sorted(trainer.manifest["trainable_params"])
+    assert sorted(result.grads) == sorted(trainer.manifest.trainable_params)
     for key, grad in result.grads.items():
         assert rel_l2_error(grad, reference[f"grad/{key}"]) < 1e-4, key
 

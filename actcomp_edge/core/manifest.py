@@ -15,7 +15,9 @@ An artifact is a folder:
 
 `load_manifest` refuses (ArtifactError, one line naming the key) a manifest that lacks a
 field the runner reads or has one of the wrong type (SCHEMA), or whose file names are not
-plain names in the folder; what it returns can be indexed without a KeyError or TypeError.
+plain names in the folder; it returns the typed ``Manifest`` (below), whose fields are the
+ones SCHEMA checks. Each part keeps the keys it does not name in ``extra``, so
+``Manifest.from_json(d).to_json() == d`` for every manifest the exporter writes.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import hashlib
 import json
 import math
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .methods import METHODS, RETIRED
@@ -83,7 +86,8 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def load_manifest(folder, onnxruntime_version: str | None = None, verify: bool = True) -> dict:
+def load_manifest(folder, onnxruntime_version: str | None = None,
+                  verify: bool = True) -> Manifest:
     """Read and check manifest.json: format and version, every field the runner reads (see
     SCHEMA), (when given) that this onnxruntime is new enough, and with ``verify`` its own
     content against its digest and every file against its SHA-256."""
@@ -125,7 +129,7 @@ def load_manifest(folder, onnxruntime_version: str | None = None, verify: bool =
             except OSError as e:
                 raise ArtifactError(f"artifact file {name} cannot be read: {e.strerror or e}") \
                     from None
-    return manifest
+    return Manifest.from_json(manifest)
 
 
 # ---------------------------------------------------------------- schema
@@ -325,3 +329,225 @@ def _show(value) -> str:
     """A JSON value, shortened for an error message."""
     text = json.dumps(value)
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+# ---------------------------------------------------------------- types
+
+def _rest(d: dict, named) -> dict:
+    """The keys of a manifest part that its type does not name, as they are."""
+    return {k: v for k, v in d.items() if k not in named}
+
+
+@dataclass
+class Input:
+    """The image batch the graphs take: float32 (B, 3, height, width), RGB,
+    (pixel / 255 - mean) / std."""
+    height: int             # pixels
+    width: int              # pixels
+    mean: list              # 1 or 3 numbers, per channel
+    std: list               # 1 or 3 non-zero numbers, per channel
+    extra: dict = field(default_factory=dict)  # channels, layout, pixel_scale
+
+    def to_json(self) -> dict:
+        return {**self.extra, "height": self.height, "width": self.width, "mean": self.mean,
+                "std": self.std}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Input:
+        return cls(d["height"], d["width"], d["mean"], d["std"],
+                   _rest(d, ("height", "width", "mean", "std")))
+
+
+@dataclass
+class Train:
+    """The training recipe the graphs were made for (export's TrainConfig)."""
+    method: str                  # a METHODS name
+    eps: float | None            # explained-variance threshold of the ranks; None: fixed ranks
+    ranks: list | None           # fixed ranks, one per mode
+    rank_cap: int | list | None  # the largest rank of every mode, or one per mode (or None)
+    optimizer: str               # sgd or adamw
+    activation_budget: int | None = None  # bytes of kept activations, all layers (asi)
+    momentum: float | None = None         # sgd's; None: not written
+    extra: dict = field(default_factory=dict)  # n_layers, weight_decay, betas, ...
+
+    def to_json(self) -> dict:
+        momentum = {} if self.momentum is None else {"momentum": self.momentum}
+        return {**self.extra, "method": self.method, "eps": self.eps, "ranks": self.ranks,
+                "rank_cap": self.rank_cap, "optimizer": self.optimizer,
+                "activation_budget": self.activation_budget, **momentum}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Train:
+        named = ("method", "eps", "ranks", "rank_cap", "optimizer", "activation_budget",
+                 "momentum")
+        return cls(d["method"], d["eps"], d["ranks"], d["rank_cap"], d["optimizer"],
+                   d.get("activation_budget"), d.get("momentum"), _rest(d, named))
+
+
+@dataclass
+class Layer:
+    """A fine-tuned conv: what the device decomposes and the tensors its backward takes."""
+    name: str
+    input: str             # the tensor the device decomposes (the conv's input)
+    input_shape: list      # (C, H, W) of input, one sample
+    stride: int | list     # the conv's stride, or (height, width)
+    kept: list             # names of the kept pieces (names.kept), in the method's order
+    masks: list = field(default_factory=list)  # what its forward keeps beside (names.is_saved)
+    extra: dict = field(default_factory=dict)  # output_shape, kernel, padding, groups, ...
+
+    def to_json(self) -> dict:
+        return {**self.extra, "name": self.name, "input": self.input,
+                "input_shape": self.input_shape, "stride": self.stride, "kept": self.kept,
+                "masks": self.masks}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Layer:
+        named = ("name", "input", "input_shape", "stride", "kept", "masks")
+        return cls(d["name"], d["input"], d["input_shape"], d["stride"], d["kept"],
+                   d.get("masks", []), _rest(d, named))
+
+
+@dataclass
+class Run:
+    """A schedule step: run graph file ``graph``, on slices of ``micro_batch`` samples."""
+    graph: str
+    micro_batch: int | None = None  # None: the whole batch at once
+
+    def to_json(self) -> dict:
+        slices = {} if self.micro_batch is None else {"micro_batch": self.micro_batch}
+        return {"run": self.graph, **slices}
+
+
+@dataclass
+class Compress:
+    """A schedule step: decompose the input of fine-tuned conv ``layer`` (numpy)."""
+    layer: str
+
+    def to_json(self) -> dict:
+        return {"compress": self.layer}
+
+
+def step_from_json(d: dict) -> Run | Compress:
+    """A schedule item: {"run": file (, "micro_batch": n)} or {"compress": layer}."""
+    if "compress" in d:
+        return Compress(d["compress"])
+    return Run(d["run"], d.get("micro_batch"))
+
+
+@dataclass
+class Graphs:
+    """The graph files: forward partitions and backward runs in order, and the evaluator."""
+    forward: list    # forward_<p>.onnx of the partitions with nodes
+    backward: list   # backward_<p>.onnx in execution order, then update.onnx
+    evaluate: str    # image -> logits, the trainable weights as inputs
+    extra: dict = field(default_factory=dict)  # inference, overview
+
+    def to_json(self) -> dict:
+        return {**self.extra, "forward": self.forward, "backward": self.backward,
+                "evaluate": self.evaluate}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Graphs:
+        return cls(d["forward"], d["backward"], d["evaluate"],
+                   _rest(d, ("forward", "backward", "evaluate")))
+
+
+@dataclass
+class PredictedMemory:
+    """The memory model's prediction of what is kept for backward (core.memory.Plan)."""
+    batch_size: int
+    input_size: list     # (height, width)
+    rank_basis: str      # how the ranks were obtained: exact / fixed / bound
+    paper_bytes: int     # the fine-tuned convs' inputs as kept
+    full_bytes: int      # and the masks and the classifier's input
+    extra: dict = field(default_factory=dict)  # model, method, eps, layers, *_mib
+
+    def to_json(self) -> dict:
+        return {**self.extra, "batch_size": self.batch_size, "input_size": self.input_size,
+                "rank_basis": self.rank_basis, "paper_bytes": self.paper_bytes,
+                "full_bytes": self.full_bytes}
+
+    @classmethod
+    def from_json(cls, d: dict) -> PredictedMemory:
+        named = ("batch_size", "input_size", "rank_basis", "paper_bytes", "full_bytes")
+        return cls(*(d[k] for k in named), _rest(d, named))
+
+
+@dataclass
+class MemoryPlan:
+    """One step's planned memory at batch_size (export.memory_plan.step_plan), in bytes."""
+    batch_size: int
+    rank_basis: str
+    working_set_bytes: int   # pool + arena + numpy's peak
+    pool_bytes: int          # the tensors held between graph runs
+    arena_bytes: int         # the largest intermediates of one graph run
+    numpy_peak_bytes: int    # the decompositions' kept pieces and workspace, at their peak
+    peak_at: str             # the schedule step where the working set peaks
+    extra: dict = field(default_factory=dict)  # arena_graph, arena_bytes_per_graph
+
+    def to_json(self) -> dict:
+        return {**self.extra, "batch_size": self.batch_size, "rank_basis": self.rank_basis,
+                "working_set_bytes": self.working_set_bytes, "pool_bytes": self.pool_bytes,
+                "arena_bytes": self.arena_bytes, "numpy_peak_bytes": self.numpy_peak_bytes,
+                "peak_at": self.peak_at}
+
+    @classmethod
+    def from_json(cls, d: dict) -> MemoryPlan:
+        named = ("batch_size", "rank_basis", "working_set_bytes", "pool_bytes", "arena_bytes",
+                 "numpy_peak_bytes", "peak_at")
+        return cls(*(d[k] for k in named), _rest(d, named))
+
+
+@dataclass
+class Manifest:
+    """manifest.json: what the artifact is and how to run a training step of it."""
+    model: str
+    input: Input
+    num_classes: int
+    batch_size: int                # the batch the graphs and the memory plan were made for
+    train: Train
+    trainable_layers: list         # of Layer, in forward order
+    trainable_params: list         # param names (weights.npz)
+    graphs: Graphs
+    schedule: list                 # of Run and Compress: one training step in order
+    predicted_memory: PredictedMemory
+    memory_plan: MemoryPlan
+    files: dict                    # file name -> SHA-256 hex digest
+    opset: int
+    min_onnxruntime: str           # the oldest onnxruntime that runs the graphs
+    format_version: int = FORMAT_VERSION
+    classes: list | None = None    # class names in label order; None: not written
+    dropout_not_applied: float | None = None  # the model's dropout p the graphs leave out
+    digest: str | None = None      # content_digest, as read (manifest_bytes writes it)
+    extra: dict = field(default_factory=dict)  # ir_version, anything else
+
+    def to_json(self) -> dict:
+        optional = {k: v for k, v in (("classes", self.classes), ("digest", self.digest),
+                                      ("dropout_not_applied", self.dropout_not_applied))
+                    if v is not None}
+        return {**self.extra, "format": FORMAT, "format_version": self.format_version,
+                "model": self.model, "input": self.input.to_json(),
+                "num_classes": self.num_classes, "batch_size": self.batch_size,
+                "train": self.train.to_json(),
+                "trainable_layers": [layer.to_json() for layer in self.trainable_layers],
+                "trainable_params": self.trainable_params, "graphs": self.graphs.to_json(),
+                "schedule": [step.to_json() for step in self.schedule],
+                "predicted_memory": self.predicted_memory.to_json(),
+                "memory_plan": self.memory_plan.to_json(), "files": self.files,
+                "opset": self.opset, "min_onnxruntime": self.min_onnxruntime, **optional}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Manifest:
+        named = ("format", "format_version", "model", "input", "num_classes", "batch_size",
+                 "train", "trainable_layers", "trainable_params", "graphs", "schedule",
+                 "predicted_memory", "memory_plan", "files", "opset", "min_onnxruntime",
+                 "classes", "dropout_not_applied", "digest")
+        return cls(
+            d["model"], Input.from_json(d["input"]), d["num_classes"], d["batch_size"],
+            Train.from_json(d["train"]), [Layer.from_json(x) for x in d["trainable_layers"]],
+            d["trainable_params"], Graphs.from_json(d["graphs"]),
+            [step_from_json(x) for x in d["schedule"]],
+            PredictedMemory.from_json(d["predicted_memory"]),
+            MemoryPlan.from_json(d["memory_plan"]), d["files"], d["opset"],
+            d["min_onnxruntime"], d["format_version"], d.get("classes"),
+            d.get("dropout_not_applied"), d.get("digest"), _rest(d, named))

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import names
+from .manifest import Compress
+
 ALIGN = 64  # bytes: every place starts on a cache line
 
 
@@ -32,23 +35,25 @@ class Buffer:
 
 def pooled(name: str) -> bool:
     """Whether a run's output goes to the pool (the step's results do not)."""
-    return not (name.startswith(("new/", "grad/")) or name in ("loss", "logits"))
+    return not (names.is_new(name) or names.is_grad(name) or name in ("loss", "logits"))
 
 
 def last_use(schedule: list, io: dict, layers: dict, keeps_input: bool) -> dict:
-    """tensor -> last schedule position that reads it. keeps_input (vanilla): the kept piece
-    *is* the conv input, so the conv input lives until its backward partition."""
+    """tensor -> last schedule position that reads it. schedule: of manifest.Run and
+    Compress; io: graph -> (input names, output names); layers: name -> manifest.Layer.
+    keeps_input (vanilla): the kept piece *is* the conv input, so the conv input lives until
+    its backward partition."""
     last = {}
     for position, item in enumerate(schedule):
-        if "compress" in item:
-            last[layers[item["compress"]]["input"]] = position
+        if isinstance(item, Compress):
+            last[layers[item.layer].input] = position
         else:
-            for name in io[item["run"]][0]:
+            for name in io[item.graph][0]:
                 last[name] = position
     if keeps_input:
         for layer in layers.values():
-            x = layer["input"]
-            last[x] = max(last.get(x, -1), last.get(layer["kept"][0], -1))
+            x = layer.input
+            last[x] = max(last.get(x, -1), last.get(layer.kept[0], -1))
     return last
 
 
@@ -64,9 +69,9 @@ def pool_buffers(schedule: list, io: dict, layers: dict, keeps_input: bool, nbyt
     made = set()
     buffers = [Buffer(STEP_INPUT, nbytes(STEP_INPUT), 0, last.get(STEP_INPUT, 0))]
     for position, item in enumerate(schedule):
-        if "run" not in item:
+        if isinstance(item, Compress):
             continue
-        for name in io[item["run"]][1]:
+        for name in io[item.graph][1]:
             if not pooled(name):
                 continue
             if name in made:

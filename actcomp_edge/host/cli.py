@@ -208,40 +208,35 @@ def cmd_check(args) -> int:
                          f"(the largest --layers and --batch-size that fit), `actcomp check ART` "
                          f"an exported artifact")
     m = load_manifest(folder)
-    try:
-        memory, train = m["predicted_memory"], m["train"]
-        activations, optimizer = int(memory["full_bytes"]), str(train["optimizer"])
-        n_layers, batch = len(m["trainable_layers"]), int(memory["batch_size"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{folder / 'manifest.json'} lacks the predicted memory or training "
-                         f"settings ({e})") from None
+    memory, train, plan = m.predicted_memory, m.train, m.memory_plan
+    activations, optimizer = memory.full_bytes, train.optimizer
+    n_layers, batch = len(m.trainable_layers), memory.batch_size
     weights = sum(a.nbytes for a in load_npz(folder / "weights.npz").values())
     state = sum(a.nbytes for a in load_npz(folder / "optimizer.npz").values())
     fit = Fit(activations, weights, weights, state, optimizer, args.budget or profile.budget_bytes,
               profile.runtime_baseline_bytes, profile.ram_bytes)
-    plan = m["memory_plan"]
     budget = args.budget or profile.budget_bytes
     # the plan predicts the whole working set (transients included); at bound eps ranks the
     # Fit's worst case decides (the dry run of `actcomp-device train --budget` measures)
-    fits = plan["working_set_bytes"] <= budget if plan["rank_basis"] != "bound" else fit.fits
+    fits = plan.working_set_bytes <= budget if plan.rank_basis != "bound" else fit.fits
     if args.json:
-        print(json.dumps({"artifact": str(folder), "model": m.get("model"),
+        print(json.dumps({"artifact": str(folder), "model": m.model,
                           "profile": profile.to_json(), "fit": fit.to_json(),
-                          "memory_plan": plan, "fits": fits}))
+                          "memory_plan": plan.to_json(), "fits": fits}))
         return 0 if fits else 1
-    size = memory.get("input_size") or ["?", "?"]
-    print(f"artifact {folder}: {m.get('model')}, last {n_layers} convs + classifier, method "
-          f"{train.get('method')}" + (f" eps {train['eps']}" if train.get("eps") is not None else "")
+    size = memory.input_size
+    print(f"artifact {folder}: {m.model}, last {n_layers} convs + classifier, method "
+          f"{train.method}" + (f" eps {train.eps}" if train.eps is not None else "")
           + f", batch {batch}, input {size[0]}x{size[1]}, {optimizer}"
-          + (" (activations: worst-case eps ranks)" if memory.get("rank_basis") == "bound" else ""))
+          + (" (activations: worst-case eps ranks)" if memory.rank_basis == "bound" else ""))
     print(f"device {profile.name} ({profile.path}): {mib(profile.ram_bytes)} MiB RAM, "
           f"{profile.cores} cores")
     print("\n".join(fit.lines()))
-    verdict = "fits" if plan["working_set_bytes"] <= budget else "does NOT fit"
-    print(f"{'memory plan: working set':<40} {mib(plan['working_set_bytes']):>10} MiB of the "
-          f"{mib(budget)} MiB budget: {verdict} (pool {mib(plan['pool_bytes'])}, arena "
-          f"{mib(plan['arena_bytes'])}, numpy {mib(plan['numpy_peak_bytes'])} MiB; peak at "
-          f"{plan['peak_at']}; {plan['rank_basis']} ranks"
+    verdict = "fits" if plan.working_set_bytes <= budget else "does NOT fit"
+    print(f"{'memory plan: working set':<40} {mib(plan.working_set_bytes):>10} MiB of the "
+          f"{mib(budget)} MiB budget: {verdict} (pool {mib(plan.pool_bytes)}, arena "
+          f"{mib(plan.arena_bytes)}, numpy {mib(plan.numpy_peak_bytes)} MiB; peak at "
+          f"{plan.peak_at}; {plan.rank_basis} ranks"
           + "; a prediction: the dry run of `actcomp-device train --budget` measures a step)")
     return 0 if fits else 1
 

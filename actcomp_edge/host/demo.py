@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import cli
+from ..core.manifest import Manifest
 from ..core.memory import mib
 from .nullmodem import NullModem
 
@@ -92,20 +93,20 @@ def main() -> int:
     print(f"monitor: {'no budget violation' if monitor_status == 0 else 'budget violated'}; "
           f"stream saved to {stream}")
     summary = json.loads(summary_path.read_text())
-    manifest = json.loads((art / "manifest.json").read_text())
+    manifest = Manifest.from_json(json.loads((art / "manifest.json").read_text()))
 
     print("\n== 4. Memory report")
     with np.load(data_path, allow_pickle=False) as images:  # the board's side is a process
         n_images = len(images["labels"])
-    vanilla = sum(4 * BATCH * int(np.prod(layer["input_shape"]))
-                  for layer in manifest["trainable_layers"])
+    vanilla = sum(4 * BATCH * int(np.prod(layer.input_shape))
+                  for layer in manifest.trainable_layers)
     kept = summary["kept_bytes_peak"]
     print(f"conv inputs kept for backward (paper accounting): vanilla {mib(vanilla)} MiB, "
           f"HOSVD eps={EPS} peak {mib(kept['paper'])} MiB "
           f"({vanilla / max(1, kept['paper']):.0f}x less; worst-case bound "
-          f"{mib(manifest['predicted_memory']['paper_bytes'])} MiB)")
+          f"{mib(manifest.predicted_memory.paper_bytes)} MiB)")
     print(f"everything the backward kept (full accounting): peak {mib(kept['full'])} MiB "
-          f"(bound {mib(manifest['predicted_memory']['full_bytes'])} MiB)")
+          f"(bound {mib(manifest.predicted_memory.full_bytes)} MiB)")
     print(f"process: peak RSS {mib(summary['peak_rss_bytes'])} MiB, of which "
           f"{mib(summary['baseline_rss_bytes'])} MiB interpreter, libraries and model before "
           f"the first step (the {n_images} images are read from disk per batch)")
