@@ -389,7 +389,11 @@ class TrainingRun:
         # the rollback point, a copy of the trainable state: held for the whole run, like
         # the weights, so it belongs to the baseline and not to the steps' working set
         self.take_snapshot()
-        if self.options.augment:  # the crops' library is loaded before the baseline
+        # the libraries every run's steps use are loaded before the baseline: numpy's random
+        # module orders each epoch (3.0 MiB of RSS with the OpenSSL that `secrets` brings,
+        # measured; the memory plan cannot see it), Pillow crops an augmented batch
+        import numpy.random  # noqa: F401
+        if self.options.augment:
             import PIL.Image  # noqa: F401
         baseline = procmem.rss_bytes()
         procmem.reset_peak()
