@@ -28,7 +28,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from actcomp_edge import arch  # noqa: E402
+from actcomp_edge.core import arch  # noqa: E402
 from benchmarks import write_results  # noqa: E402
 from actcomp_edge.core.methods import conv_weight_grad  # noqa: E402
 from actcomp_edge.core.program import build_program  # noqa: E402
