@@ -206,7 +206,7 @@ def layer_masks(program, partitions: list) -> list:
     conv i (full accounting); the head's belong to the classifier."""
     head = head_tensors(program)
     linear_inputs = {op.inputs[0] for op in program.ops if op.kind == "linear"} - head
-    return [[t for t in outputs if names.is_saved(t) and names.source_of(t) not in head
+    return [[t for t in outputs if (names.is_saved(t) and names.source_of(t) not in head)
              or t in linear_inputs]
             for _, _, outputs in partitions[1:]]
 

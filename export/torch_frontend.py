@@ -286,7 +286,8 @@ class _Lowering:
         grouped = self.grouped.get(source)
         x = self.tensor.get(source)
         if x is not None and prod(self.shapes[x]) == prod(shape) and \
-                {len(self.shapes[x]), len(shape)} == {1, 3} and prod(shape[1:]) == 1:
+                {len(self.shapes[x]), len(shape)} == {1, 3} and \
+                prod(self.shapes[x][1:]) == prod(shape[1:]) == 1:
             self.tensor[node] = self.emit("reshape", where, [x], f"{where}/reshape", shape)
             return  # a squeeze-excitation's vector (C,) and (C, 1, 1)
         if grouped is None and len(shape) == 4:

@@ -370,8 +370,6 @@ def activation_derivative(g: Graph, program: Program, op: Op, source: str, kept:
     return g.op("Mul", [kept, g.op("Sub", [one, kept], name + "/1_minus_y")], name + "/slope")
 
 
-
-
 def tensor_shape(program: Program, name: str) -> list:
     return [BATCH] + list(program.shapes[name])
 
@@ -463,8 +461,6 @@ def argmax_pools(split: Split) -> set:
     """Outputs of the fine-tuned region's max-pools: each hands its argmax to the backward."""
     return {op.output for i, op in enumerate(split.program.ops) if op.kind == "maxpool"
             and i >= split.region_start}
-
-
 
 
 def forward_partitions(split: Split, config: TrainConfig) -> list:

@@ -694,6 +694,18 @@ class Reshaped(OneConv):
         return self.fc(y.view(y.size(0), 4, -1).mean(2))
 
 
+class FlattenedMap(OneConv):
+    """A feature map viewed as one vector per sample, without a global pool (8 px -> 6x6)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4 * 6 * 6, 2)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.fc(y.view(y.size(0), -1))
+
+
 class PoolIndices(OneConv):
     def forward(self, x):
         y, _ = F.max_pool2d(self.conv(x), 2, return_indices=True)
@@ -711,6 +723,9 @@ class PoolIndices(OneConv):
                    "(view, transpose(1, 2), view)"),
     (Reshaped(), "Reshaped (forward): a view of a feature map is supported only as a channel "
                  "shuffle (view, transpose(1, 2), view) or a flatten after the global pool"),
+    (FlattenedMap(), "FlattenedMap (forward): a view of a feature map is supported only as a "
+                     "channel shuffle (view, transpose(1, 2), view) or a flatten after the "
+                     "global pool"),
 ])
 def test_a_tensor_op_that_is_not_a_channel_cat_split_or_shuffle_is_one_line(module, message):
     with pytest.raises(FrontendError) as e:

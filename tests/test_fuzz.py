@@ -440,7 +440,7 @@ def use_like_the_readers(folder, m):
     from actcomp_edge.host import cli as host_cli
     from device_runner import cli as device_cli
     from device_runner.data import Dataset
-    from device_runner.runtime import Trainer
+    from device_runner.runtime import Trainer, deploy_metadata
     from device_runner.train import rank_caps_for_budget
     unverified = functools.partial(load_manifest, verify=False)
     out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")  # a real stdout: strict UTF-8
@@ -453,6 +453,7 @@ def use_like_the_readers(folder, m):
     with mock.patch.object(ort, "InferenceSession", StubSession):
         trainer = Trainer(folder, verify=False)
     assert device_cli.input_size(trainer) == (m.input.height, m.input.width)
+    deploy_metadata(trainer.manifest)  # the inference model's class names and input
     for item in trainer.schedule:  # the accesses of Trainer.forward
         if isinstance(item, Compress):
             layer = trainer.layers[item.layer]
@@ -493,6 +494,23 @@ def test_a_manifest_with_a_non_finite_number_is_refused_in_one_line(real, number
     write(folder, text.encode())
     with pytest.raises(ArtifactError, match="not valid JSON") as e:
         load_manifest(folder)
+    assert_one_line(e.value)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("classes", 5, "key 'classes' must be null or a list of strings, got 5"),
+    ("classes", ["a"], "key 'classes' names 1 classes, num_classes is"),
+    ("dropout_not_applied", "x", "key 'dropout_not_applied' must be null or a number in [0, 1)"),
+])
+def test_class_names_and_dropout_of_the_wrong_type_are_refused_in_one_line(real, key, value,
+                                                                           message):
+    """Keys the typed manifest holds that the runner reads (class names: the inference
+    model's metadata and the data's labels; dropout: a note) are checked like the rest."""
+    folder, original = real
+    write(folder, json.dumps(dict(original, **{key: value})).encode())
+    with pytest.raises(ArtifactError) as e:
+        load_manifest(folder)
+    assert message in str(e.value)
     assert_one_line(e.value)
 
 

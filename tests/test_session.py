@@ -35,7 +35,9 @@ def test_a_step_record_read_back_needs_only_the_fields_every_runner_wrote():
     assert read.step == 3 and read.lr is None and read.budget_action is None
     for bad in ({**lean, "type": "epoch"}, {k: v for k, v in lean.items() if k != "loss"},
                 {**lean, "step": True}, {**lean, "kept_bytes": {"a": 1.5}},
-                {**lean, "ranks": {"a": [1, "2"]}}, ["not", "a", "dict"]):
+                {**lean, "ranks": {"a": [1, "2"]}}, ["not", "a", "dict"],
+                {**lean, "method": 5}, {**lean, "budget_bytes": 1.5},
+                {**lean, "budget_exceeded": 1}, {**lean, "lr": "0.1"}):
         with pytest.raises(ValueError):
             StepRecord.from_json(bad)
 

@@ -17,7 +17,8 @@ An artifact is a folder:
 field the runner reads or has one of the wrong type (SCHEMA), or whose file names are not
 plain names in the folder; it returns the typed ``Manifest`` (below), whose fields are the
 ones SCHEMA checks. Each part keeps the keys it does not name in ``extra``, so
-``Manifest.from_json(d).to_json() == d`` for every manifest the exporter writes.
+``Manifest.from_json(d).to_json() == d`` for every manifest this exporter writes (an older
+one without ``train.activation_budget`` or a layer's ``masks`` gains them as null and []).
 """
 from __future__ import annotations
 
@@ -209,6 +210,9 @@ SCHEMA = {
     "input.std": ("a list of 1 or 3 non-zero numbers",
                   _list_of(lambda x: _is_number(x) and x != 0, (1, 3))),
     "num_classes": COUNT,
+    "classes?": ("null or a list of strings", lambda v: v is None or _list_of(_is_text)(v)),
+    "dropout_not_applied?": ("null or a number in [0, 1)",
+                             lambda v: v is None or _is_number(v) and 0 <= v < 1),
     "batch_size": COUNT,
     "train": OBJECT,
     "train.method": (f"one of {', '.join(METHODS)}", lambda v: _is_text(v) and v in METHODS),
@@ -282,6 +286,10 @@ def check_schema(manifest: dict, where) -> None:
             fail("files", f"lists {_show(name)}, which is not a plain file name in the folder")
         if not (isinstance(digest, str) and re.fullmatch("[0-9a-f]{64}", digest)):
             fail(f"files.{name}", f"must be a SHA-256 (64 hex digits), got {_show(digest)}")
+    classes = manifest.get("classes")
+    if classes is not None and len(classes) != manifest["num_classes"]:
+        fail("classes", f"names {len(classes)} classes, num_classes is "
+                        f"{manifest['num_classes']}")
     graphs = manifest["graphs"]
     runs = set(graphs["forward"]) | set(graphs["backward"])
     layers = {layer["name"] for layer in manifest["trainable_layers"]}
@@ -392,7 +400,9 @@ class Layer:
     input_shape: list      # (C, H, W) of input, one sample
     stride: int | list     # the conv's stride, or (height, width)
     kept: list             # names of the kept pieces (names.kept), in the method's order
-    masks: list = field(default_factory=list)  # what its forward keeps beside (names.is_saved)
+    # what its forward partition keeps beside the pieces: masks, argmaxes, saved acts and
+    # factors (names.is_saved), a squeeze-excitation Linear's input
+    masks: list = field(default_factory=list)
     extra: dict = field(default_factory=dict)  # output_shape, kernel, padding, groups, ...
 
     def to_json(self) -> dict:

@@ -8,8 +8,8 @@ Two accountings:
   first fine-tuned conv, the float32 input of every hardswish and silu and output of every
   sigmoid there, each factor of a multiply (a squeeze-excitation gate and the map it
   scales) that the other input's gradient needs and no such act of a fine-tuned conv
-  gives, a squeeze-excitation Linear's
-  input (all kept whole: a conv input's compression does not reach them), the argmax
+  gives, a squeeze-excitation Linear's input (all kept whole: a conv input's compression
+  does not reach them), the argmax
   (int32) of every max-pool in the fine-tuned part, and the classifier head's: each
   Linear's float32 input and what its activations keep.  Budgets use this one.
 
@@ -88,10 +88,10 @@ RANK_BASES = {
 }
 
 
-def mask_bytes(layer: ConvLayer, batch: int, fine_tuned=frozenset()) -> int:
+def mask_bytes(layer: ConvLayer, batch: int, fine_tuned) -> int:
     """What the backward keeps after this conv besides the next conv's input: the masks of its
     activations (1 bit an element), the float32 tensors kept whole (``whole_bytes``), and the
-    argmax of a max-pool after it."""
+    argmax of a max-pool after it. fine_tuned: the names of the fine-tuned convs."""
     total = whole_bytes(layer, batch, fine_tuned)
     for act in layer.acts:
         if act.get("type") in MASKING_ACTS or ACTIVATIONS.get(act.get("type")) == "mask":
@@ -104,7 +104,7 @@ def mask_bytes(layer: ConvLayer, batch: int, fine_tuned=frozenset()) -> int:
     return total
 
 
-def whole_bytes(layer: ConvLayer, batch: int, fine_tuned=frozenset()) -> int:
+def whole_bytes(layer: ConvLayer, batch: int, fine_tuned) -> int:
     """The float32 tensors after this conv that the backward keeps whole (a conv input's
     compression does not reach them): the input of a hardswish or silu, the output of a
     sigmoid (``arch.ACTIVATIONS``), a squeeze-excitation Linear's input, each factor of a
@@ -190,5 +190,6 @@ def plan_table(result: Plan, n_layers: int) -> str:
     if whole:
         lines.append(f"of the full total, {mib(whole)} MiB are float32 tensors kept whole, "
                      f"uncompressed, for their backward: the input of each hardswish and silu, "
-                     f"the output of each sigmoid, a multiply's factors that no such act gives")
+                     f"the output of each sigmoid, a multiply's factors that no such act gives, "
+                     f"a squeeze-excitation Linear's input")
     return "\n".join(lines)

@@ -78,8 +78,11 @@ class Program:
 
 
 def head_start(ops: list) -> int:
-    """Index of the ``gap`` op in ops (the classifier's global pool)."""
-    return [op.kind for op in ops].index("gap")
+    """Index of the ``gap`` op in ops (the classifier's global pool); ValueError without one."""
+    kinds = [op.kind for op in ops]
+    if "gap" not in kinds:
+        raise ValueError("the network has no global pool before its classifier")
+    return kinds.index("gap")
 
 
 class _Builder:

@@ -12,7 +12,8 @@ TYPE = "step"
 
 
 def _is(value, kind) -> bool:
-    return isinstance(value, kind) and not isinstance(value, bool)
+    """value is of JSON type kind (a bool is no number)."""
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
 
 
 @dataclass
@@ -49,13 +50,14 @@ class StepRecord:
 
     @classmethod
     def from_json(cls, record: dict) -> StepRecord:
-        """The step record of a JSON object; ValueError when it is none (another type, or
-        a field up to ``ranks`` missing or of the wrong type)."""
+        """The step record of a JSON object; ValueError when it is none (another type, a
+        field up to ``ranks`` missing, or any field of the wrong type)."""
         if not isinstance(record, dict) or record.get("type") != TYPE:
             raise ValueError("not a step record")
-        for name, kind in REQUIRED.items():
-            if not _is(record.get(name), kind):
-                raise ValueError(f"step record: bad {name}: {record.get(name)!r}")
+        for name, kind in {**REQUIRED, **OPTIONAL}.items():
+            value = record.get(name)
+            if not (_is(value, kind) or name in OPTIONAL and value is None):
+                raise ValueError(f"step record: bad {name}: {value!r}")
         if not all(_is(v, int) for v in record["kept_bytes"].values()):
             raise ValueError("step record: kept_bytes values must be integers")
         if not all(v is None or (isinstance(v, list) and all(_is(k, int) for k in v))
@@ -68,3 +70,8 @@ class StepRecord:
 REQUIRED = {"step": int, "loss": (int, float), "step_seconds": (int, float), "rss_bytes": int,
             "peak_rss_bytes": int, "baseline_rss_bytes": int, "kept_bytes": dict,
             "kept_bytes_total": int, "kept_full_bytes": int, "ranks": dict}
+# the fields a record may lack (or hold null), and their JSON types
+OPTIONAL = {"epoch": int, "lr": (int, float), "grad_norm": (int, float),
+            "kept_full_bytes_per_layer": dict, "eps": (int, float), "method": str,
+            "working_set_bytes": int, "predicted_working_set_bytes": int, "budget_bytes": int,
+            "budget_exceeded": bool, "budget_action": dict, "seconds_split": dict}

@@ -175,14 +175,14 @@ def plot_memory(runs, path, budget: int | None = None) -> dict:
             _line(relative, drawn, f"{run.name} {label} - baseline", x,
                   [(getattr(r, key) - r.baseline_rss_bytes) / MIB for r in run.steps],
                   color=color, linestyle=style)
-        planned = [r for r in run.steps if _is(r.predicted_working_set_bytes, int)]
+        planned = [r for r in run.steps if r.predicted_working_set_bytes is not None]
         if planned:
             _line(relative, drawn, f"{run.name} predicted working set (memory plan)",
                   [r.step for r in planned],
                   [r.predicted_working_set_bytes / MIB for r in planned], color=color,
                   linestyle="-.", marker="")
         budgeted = [(r.step, r.budget_bytes, r.baseline_rss_bytes) for r in run.steps
-                    if _is(r.budget_bytes, int)]
+                    if r.budget_bytes is not None]
         name = f"{run.name} budget"
         if not budgeted and budget is not None:
             budgeted = [(r.step, budget, r.baseline_rss_bytes) for r in run.steps]
@@ -304,7 +304,7 @@ def summarise(run: Run) -> dict:
     accuracy = run.epochs[-1]["val_accuracy"] if run.epochs else None
     if summary.get("final_val_accuracy") is not None:
         accuracy = summary["final_val_accuracy"]
-    budgets = [r.budget_bytes for r in steps if _is(r.budget_bytes, int)]
+    budgets = [r.budget_bytes for r in steps if r.budget_bytes is not None]
     # (peak RSS, baseline RSS) of each step, else of each fleet node's round
     peaks = [(r.peak_rss_bytes, r.baseline_rss_bytes) for r in steps] or [
         (n["peak_rss_bytes"], n["baseline_rss_bytes"]) for r in run.rounds for n in r["nodes"]]
