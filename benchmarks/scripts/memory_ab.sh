@@ -10,6 +10,7 @@ PY=$AFTER/.venv/bin/python
 OUT=$(mktemp -d)
 M="--model ../shared/weights/tt_mcunet-5fps_int8dq.json --weights ../shared/weights/tt_mcunet-5fps_int8dq.npz --num-classes 2 --force"
 JOBS=("n4:--layers 4 --method hosvd --eps 0.8 --batch-size 32 --input-size 128:8"
+      "n4v:--layers 4 --method vanilla --batch-size 32 --input-size 128:8"
       "n42:--layers 42 --method hosvd --eps 0.8 --batch-size 32 --input-size 128:8"
       "n42v:--layers 42 --method vanilla --batch-size 32 --input-size 128:8"
       "paper:--layers 42 --method hosvd --eps 0.8 --batch-size 64 --input-size 224:5")
@@ -17,7 +18,8 @@ for tree in before after; do
   dir=$([ $tree = before ] && echo "$BEFORE" || echo "$AFTER")
   for job in "${JOBS[@]}"; do
     IFS=: read -r name flags steps <<< "$job"
-    (cd "$dir" && $PY -m actcomp_edge.host.cli export $M $flags -o "$OUT/$tree-$name" > /dev/null)
+    cli=$([ -d "$dir/actcomp_edge/host" ] && echo actcomp_edge.host.cli || echo actcomp_edge.cli)
+    (cd "$dir" && $PY -m $cli export $M $flags -o "$OUT/$tree-$name" > /dev/null)
   done
 done
 for round in $(seq "$ROUNDS"); do
