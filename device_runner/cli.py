@@ -17,7 +17,7 @@ from actcomp_edge.core.npz import NpzError
 from . import data as data_module
 from . import recipe
 from .checkpoint import CheckpointError
-from .runtime import MemoryBudgetError
+from .runtime import KERNELS, MemoryBudgetError
 from .session import Session, input_size, load_trainer
 from .train import BudgetError, Options, TrainingError, evaluate, write_summary
 
@@ -102,7 +102,8 @@ def print_result(summary: dict, rank_basis: str) -> None:
 def cmd_train(args) -> int:
     check_train_args(args)
     # a budget the plan cannot meet is refused before the data loads
-    session = Session.open(args.artifact, args.batch_size, args.budget, args.threads)
+    session = Session.open(args.artifact, args.batch_size, args.budget, args.threads,
+                           kernels=args.kernels)
     train_set, val_set = load_sets(args, session)
     options = train_options(args, session)
     print_plan(session, train_set, val_set, options)
@@ -232,6 +233,16 @@ def cmd_info(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="actcomp-device", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    add_train(sub)
+    add_eval(sub)
+    add_predict(sub)
+    i = sub.add_parser("info", help="what an artifact is, its predicted memory, this board")
+    i.add_argument("artifact")
+    i.set_defaults(func=cmd_info)
+    return parser
+
+
+def add_train(sub) -> None:
     t = sub.add_parser("train", help="fine-tune an artifact on local images",
                        description="Verify the artifact, load the data, fine-tune, evaluate each "
                                    "epoch, checkpoint, and write the fine-tuned weights and an "
@@ -265,6 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=positive_int,
                    help="threads of onnxruntime and of numpy's BLAS, which take turns (default: "
                         "the --profile's cores, else all cores)")
+    t.add_argument("--kernels", choices=KERNELS, default=KERNELS[0],
+                   help="auto: the artifact's graphs on onnxruntime's NCHWc kernels where this "
+                        "onnxruntime passes their probe (x86-64), else the portable ones "
+                        "(default auto; the summary's 'kernels' says which ran)")
     t.add_argument("--budget", type=size_bytes,
                    help="memory budget for the training working set, e.g. 48MiB: checked by a "
                         "dry-run step before training, violations counted per step")
@@ -284,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--summary", help="write a JSON summary here at the end")
     t.set_defaults(func=cmd_train)
 
+
+def add_eval(sub) -> None:
     e = sub.add_parser("eval", help="accuracy of an artifact (or trained weights) on images")
     e.add_argument("artifact")
     e.add_argument("--data", required=True, help="ImageFolder directory or .npz")
@@ -295,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "fleet's global_weights.npz)")
     e.set_defaults(func=cmd_eval)
 
+
+def add_predict(sub) -> None:
     r = sub.add_parser("predict", help="classify images with a trained run's inference model",
                        description="Print each image's class name and score (softmax) from "
                                    "RUN/inference.onnx alone: its metadata say the classes, "
@@ -304,11 +323,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image files, folders (every image below them) or glob patterns")
     r.add_argument("--threads", type=positive_int)
     r.set_defaults(func=cmd_predict)
-
-    i = sub.add_parser("info", help="what an artifact is, its predicted memory, this board")
-    i.add_argument("artifact")
-    i.set_defaults(func=cmd_info)
-    return parser
 
 
 SKIPPED_SHOWN = 5  # unreadable files named on the console (the rest counted)

@@ -184,18 +184,43 @@ def load_session(folder: Path, name: str, options: ort.SessionOptions,
         raise ArtifactError(f"onnxruntime cannot load {name}: {e}".splitlines()[0]) from None
 
 
+def nchwc_works(folder: Path, nchwc: dict, options: ort.SessionOptions) -> bool:
+    """Whether this onnxruntime runs the artifact's NCHWc probe (manifest.Graphs.nchwc) to
+    its expected dW (1e-4): a build or CPU without those kernels fails it, or refuses it."""
+    if not nchwc:
+        return False
+    try:
+        probe = ort.InferenceSession(str(folder / nchwc["probe"]), options,
+                                     providers=["CPUExecutionProvider"])
+        data = load_npz(folder / nchwc["probe_data"])
+        got = probe.run(None, {"x": data["x"], "dy": data["dy"]})[0]
+    except Exception:  # onnxruntime raises its own exception types
+        return False
+    return got.shape == data["dw"].shape and bool(np.allclose(got, data["dw"], rtol=1e-4,
+                                                                 atol=1e-4))
+
+
+KERNELS = ("auto", "portable")  # auto: the NCHWc variants where the probe passes
+
+
 class Trainer:
     def __init__(self, folder, threads: int | None = None, verify: bool = True,
-                 arena_bytes: int | None = None, profile_prefix: str | None = None):
+                 arena_bytes: int | None = None, profile_prefix: str | None = None,
+                 kernels: str = "auto"):
         """profile_prefix: onnxruntime's profiler on every session, its JSON written to
-        ``<profile_prefix><graph>_<time>.json`` (end_profiling() returns the paths)."""
+        ``<profile_prefix><graph>_<time>.json`` (end_profiling() returns the paths).
+        kernels: KERNELS; ``self.kernels`` says which ran ("nchwc" or "portable")."""
         self.folder = Path(folder)
         self.manifest = load_manifest(self.folder, ort.__version__, verify=verify)
         m = self.manifest
         self.threads = threads  # None: onnxruntime's and BLAS's own default, all cores
         options = session_options(m, threads, arena_bytes)
         graphs = m.graphs
-        self.sessions = {name: load_session(self.folder, name, options, profile_prefix)
+        use_nchwc = kernels == "auto" and nchwc_works(self.folder, graphs.nchwc, options)
+        self.kernels = "nchwc" if use_nchwc else "portable"
+        variants = graphs.nchwc.get("variants", {}) if use_nchwc else {}
+        self.sessions = {name: load_session(self.folder, variants.get(name, name), options,
+                                            profile_prefix)
                          for name in graphs.forward + graphs.backward}
         self.schedule = m.schedule
         self.backward_runs = set(graphs.backward)

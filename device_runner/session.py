@@ -16,14 +16,16 @@ from typing import Callable
 
 from . import data as data_module
 from .data import Dataset
-from .runtime import Trainer, arena_for_budget
+from .runtime import KERNELS, Trainer, arena_for_budget
 from .train import Options, check_budget, check_plan, fit
 
 
-def load_trainer(artifact, threads: int | None = None, budget: int | None = None) -> Trainer:
+def load_trainer(artifact, threads: int | None = None, budget: int | None = None,
+                 kernels: str = KERNELS[0]) -> Trainer:
     """The artifact's trainer on ``threads`` (None: all cores), its onnxruntime arena capped
-    for a memory budget (bytes; None: no cap)."""
-    return Trainer(artifact, threads=threads, arena_bytes=arena_for_budget(budget))
+    for a memory budget (bytes; None: no cap), on ``kernels`` (runtime.KERNELS)."""
+    return Trainer(artifact, threads=threads, arena_bytes=arena_for_budget(budget),
+                   kernels=kernels)
 
 
 def input_size(trainer: Trainer) -> tuple:
@@ -41,10 +43,10 @@ class Session:
 
     @classmethod
     def open(cls, artifact, batch_size: int | None, budget: int | None,
-             threads: int | None, log=print) -> Session:
+             threads: int | None, log=print, kernels: str = KERNELS[0]) -> Session:
         """The artifact's trainer at batch_size (None: the artifact's batch); BudgetError,
         before any data loads, when its memory plan cannot meet the budget."""
-        trainer = load_trainer(artifact, threads, budget)
+        trainer = load_trainer(artifact, threads, budget, kernels)
         batch_size = batch_size or trainer.manifest.batch_size
         if budget is not None:
             check_plan(trainer.manifest, batch_size, budget)

@@ -598,7 +598,7 @@ class TrainingRun:
                        "cache_prefix": self.cache is not None, "optimizer": train.optimizer,
                        "momentum": train.momentum, "lr_scale": state.lr_scale,
                        "rollbacks": state.rollbacks, "proximal_mu": self.options.proximal_mu},
-            **self.measures.summary(), "threads": trainer.threads,
+            **self.measures.summary(), "threads": trainer.threads, "kernels": trainer.kernels,
             "peak_rss_bytes": procmem.peak_rss_bytes(),
             "predicted_working_set_bytes": self.predicted,
             "activation_budget_bytes": train.activation_budget,

@@ -4,22 +4,24 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from actcomp_edge.core import arch, names, rank_budget
+from actcomp_edge.core.arch import ConvLayer
 from actcomp_edge.core.manifest import (MANIFEST, MIN_ONNXRUNTIME, Compress, Graphs, Input,
                                         Layer, Manifest, PredictedMemory, Run, Train,
                                         manifest_bytes, sha256_file)
 from actcomp_edge.core.memory import plan
-from actcomp_edge.core.methods import method as method_row
+from actcomp_edge.core.methods import conv_weight_grad, method as method_row
 from actcomp_edge.core.npz import save_npz, write_atomic
 from actcomp_edge.core.program import build_program, check_input_size, network_of
 
 from .memory_plan import choose_micro_batches, concrete, rank_dims, step_plan
-from .onnx_graph import IR_VERSION, OPSET
+from .onnx_graph import IR_VERSION, OPSET, Graph
 from .training_graph import (TrainConfig, backward_partitions, conv_layer, eval_graph,
                              forward_partitions, head_tensors, optimizer_state, overview_graph,
                              split_program, update_graph)
@@ -132,6 +134,7 @@ class StepGraphs:
     backward: dict     # file name -> Graph: backward_<p>.onnx in execution order, update.onnx
     schedule: list     # the device's step in order: manifest.Compress and Run
     models: dict       # file name -> onnx.ModelProto, of every graph above
+    nchwc: dict = field(default_factory=dict)  # manifest.Graphs.nchwc: variants and probe
 
 
 def write_artifact(program, out: Path, config: TrainConfig, batch_size: int, classes, norm,
@@ -144,7 +147,7 @@ def write_artifact(program, out: Path, config: TrainConfig, batch_size: int, cla
     save_npz(out / "weights.npz", {p: program.params[p] for p in split.trainable_params})
     save_npz(out / "optimizer.npz", optimizer_state(split, config))
     files = file_hashes(out, step.forward + list(step.backward) + list(GRAPH_FILES.values())
-                        + ["weights.npz", "optimizer.npz"])
+                        + ["weights.npz", "optimizer.npz"] + nchwc_files(step.nchwc))
     layers = trainable_layers(split, config.method, partitions)
     manifest = build_manifest(split, config, batch_size, classes, norm, dropout, layers, step,
                               files)
@@ -172,7 +175,53 @@ def write_step_graphs(out: Path, split, config: TrainConfig, partitions: list) -
         step.backward[write(f"backward_{p}.onnx", g)] = g
     update = update_graph(split, config)
     step.backward[write("update.onnx", update)] = update
+    step.nchwc = write_nchwc_variants(out, split, config, step.models)
     return step
+
+
+def write_nchwc_variants(out: Path, split, config: TrainConfig, models: dict) -> dict:
+    """backward_<p>.nchwc.onnx of every backward partition that has a form on onnxruntime's
+    NCHWc kernels, and the probe the runner checks them with first (nchwc_probe.onnx and
+    its x, dy and expected dW in nchwc_probe.npz); the variants' models go into models.
+    Returns manifest.Graphs.nchwc ({} when no partition has one)."""
+    variants = {}
+    for p, g in backward_partitions(split, config, nchwc=True):
+        if g.uses_nchwc:
+            name = variants[f"backward_{p}.onnx"] = f"backward_{p}.nchwc.onnx"
+            models[name] = g.model()
+            save_model(models[name], out / name)
+    if not variants:
+        return {}
+    probe, data = nchwc_probe()
+    save_model(probe, out / NCHWC_PROBE[0])
+    save_npz(out / NCHWC_PROBE[1], data)
+    return {"variants": variants, "probe": NCHWC_PROBE[0], "probe_data": NCHWC_PROBE[1]}
+
+
+NCHWC_PROBE = ("nchwc_probe.onnx", "nchwc_probe.npz")
+
+
+def nchwc_files(nchwc: dict) -> list:
+    """The files manifest.Graphs.nchwc names."""
+    return (list(nchwc["variants"].values()) + [nchwc["probe"], nchwc["probe_data"]]
+            if nchwc else [])
+
+
+def nchwc_probe() -> tuple:
+    """(graph, arrays): the depthwise weight gradient on NCHWc kernels (3x3, stride 2,
+    16 channels, 2 images of 7x7) and its x, dy and dW computed tap by tap in float64."""
+    conv = ConvLayer("probe", 16, 16, 3, 2, 1, 16, (7, 7), (4, 4))
+    g = Graph("nchwc_probe", nchwc=True)
+    g.input("x", np.float32, ["batch", 16, 7, 7])
+    g.input("dy", np.float32, ["batch", 16, 4, 4])
+    g.output(conv_weight_grad(g, "probe", "x", "dy", conv), np.float32, [16, 1, 3, 3])
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 16, 7, 7)).astype(np.float32)
+    dy = rng.standard_normal((2, 16, 4, 4)).astype(np.float32)
+    padded = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    dw = np.array([[np.einsum("nchw,nchw->c", padded[:, :, i:i + 8:2, j:j + 8:2], dy)
+                    for j in range(3)] for i in range(3)]).transpose(2, 0, 1)
+    return g.model(), {"x": x, "dy": dy, "dw": dw.reshape(16, 1, 3, 3).astype(np.float32)}
 
 
 def write_overview(out: Path, split, config: TrainConfig, partitions: list,
@@ -242,14 +291,15 @@ def planned_schedule(step: StepGraphs, layers: list, config: TrainConfig, batch_
     (memory_plan.step_plan)."""
     dims, chosen = rank_dims(layers, config.method, batch_size, config.ranks, config.rank_cap)
     graphs = {name: concrete(model, dims) for name, model in step.models.items()}
+    variants = step.nchwc.get("variants", {})
     if config.micro_batch is None:
-        schedule = choose_micro_batches(graphs, step.schedule, batch_size)
+        schedule = choose_micro_batches(graphs, step.schedule, batch_size, variants)
     else:
         schedule = [Run(item.graph, config.micro_batch)
                     if isinstance(item, Run) and item.graph.startswith("backward_") else item
                     for item in step.schedule]
     return schedule, step_plan(step.models, graphs, dims, chosen, schedule, layers,
-                               config.method, batch_size, rank_basis)
+                               config.method, batch_size, rank_basis, variants)
 
 
 def build_manifest(split, config: TrainConfig, batch_size: int, classes, norm, dropout: float,
@@ -263,7 +313,7 @@ def build_manifest(split, config: TrainConfig, batch_size: int, classes, norm, d
     schedule, memory_plan = planned_schedule(step, layers, config, batch_size,
                                              memory.rank_basis)
     graphs = Graphs(step.forward, list(step.backward), GRAPH_FILES["evaluate"],
-                    {k: v for k, v in GRAPH_FILES.items() if k != "evaluate"})
+                    {k: v for k, v in GRAPH_FILES.items() if k != "evaluate"}, step.nchwc)
     return Manifest(
         model=program.name,
         input=Input(hw[0], hw[1], list(norm["mean"]), list(norm["std"]),

@@ -23,16 +23,40 @@ from onnx import shape_inference
 from actcomp_edge.core import memplan, names
 from actcomp_edge.core.manifest import Compress, MemoryPlan, Run
 from actcomp_edge.core.memory import FLOAT_BYTES, layer_ranks
-from actcomp_edge.core.methods import METHODS, Method
+from actcomp_edge.core.methods import METHODS, NCHWC_DOMAIN, Method
 
 ELEMENT_BYTES = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.BOOL: 1,
                  onnx.TensorProto.UINT8: 1, onnx.TensorProto.INT64: 8,
                  onnx.TensorProto.INT32: 4}
 
 
+NCHWC_TWIN = "planned as the NCHWc kernel: no column buffer"
+
+
+def planning_twin(model: onnx.ModelProto) -> None:
+    """Make model's NCHWc nodes (``NCHWC_DOMAIN``) ones shape inference knows, in place:
+    ReorderInput / ReorderOutput an Identity (the same bytes when the channels fill whole
+    blocks, as the exporter makes them), the blocked Conv a Conv (the same output bytes)
+    marked NCHWC_TWIN (a direct kernel: no column buffer)."""
+    for node in model.graph.node:
+        if node.domain != NCHWC_DOMAIN:
+            continue
+        node.domain = ""
+        if node.op_type in ("ReorderInput", "ReorderOutput"):
+            node.op_type = "Identity"
+            del node.attribute[:]
+        else:
+            node.doc_string = NCHWC_TWIN
+    kept = [o for o in model.opset_import if o.domain != NCHWC_DOMAIN]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)
+
+
 def concrete(model: onnx.ModelProto, dims: dict) -> onnx.ModelProto:
-    """A copy whose symbolic input dims are numbers (``dims``: symbol -> size), shapes inferred."""
+    """A copy whose symbolic input dims are numbers (``dims``: symbol -> size), shapes
+    inferred; NCHWc nodes as their planning_twin."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
+    planning_twin(model)
     for value in model.graph.input:
         for d in value.type.tensor_type.shape.dim:
             if d.dim_param:
@@ -60,7 +84,7 @@ def node_workspace(node, model_sizes: dict, shapes: dict) -> int:
     H * W) one."""
     if node.op_type == "Einsum":
         return sum(model_sizes.get(name, 0) for name in node.input)
-    if node.op_type in ("Conv", "ConvTranspose"):
+    if node.op_type in ("Conv", "ConvTranspose") and node.doc_string != NCHWC_TWIN:
         w = shapes.get(node.input[1])      # Conv (O, C/g, kh, kw); ConvTranspose (C, O/g, kh, kw)
         image = shapes.get(node.output[0] if node.op_type == "Conv" else node.input[0])
         if not w or not image or None in w or None in image or w[2] * w[3] == 1:
@@ -124,11 +148,13 @@ def rank_dims(layers: list, method: str, batch: int, ranks, rank_cap) -> tuple:
 
 
 def step_plan(models: dict, graphs: dict, dims: dict, chosen: dict, schedule: list,
-              layers: list, method: str, batch: int, rank_basis: str) -> MemoryPlan:
+              layers: list, method: str, batch: int, rank_basis: str,
+              variants: dict | None = None) -> MemoryPlan:
     """The plan of one step at ``batch``. models: graph file -> ModelProto; graphs: the same
     made concrete at ``dims`` (rank_dims), whose ranks per layer are ``chosen``; schedule:
-    of manifest.Run and Compress; layers: of manifest.Layer. Returns the manifest's
-    ``memory_plan``: the working set, its parts and where it peaks."""
+    of manifest.Run and Compress; layers: of manifest.Layer; variants: run -> the file the
+    runner may run instead (Graphs.nchwc), planned at the run's micro batch. Returns the
+    manifest's ``memory_plan``: the working set, its parts and where it peaks."""
     io = {name: ([i.name for i in g.graph.input if i.name not in
                   {init.name for init in g.graph.initializer}],
                  [o.name for o in g.graph.output]) for name, g in graphs.items()}
@@ -142,6 +168,8 @@ def step_plan(models: dict, graphs: dict, dims: dict, chosen: dict, schedule: li
     pooled = {b.name for b in buffers}
     micro = {item.graph: item.micro_batch for item in schedule
              if isinstance(item, Run) and item.micro_batch}
+    micro.update({variant: micro[run] for run, variant in (variants or {}).items()
+                  if run in micro})
     arena = {name: arena_peak(concrete(models[name], dict(dims, batch=micro[name]))
                               if name in micro else graphs[name], pooled) for name in graphs}
     last = memplan.last_use(schedule, io, by_name, row.keeps_input)
@@ -188,13 +216,15 @@ SLICE_FLOOR_BYTES = 8 << 20  # below this an arena is not worth more graph runs 
 ARENA_SHARE = 0.125
 
 
-def choose_micro_batches(graphs: dict, schedule: list, batch: int) -> list:
+def choose_micro_batches(graphs: dict, schedule: list, batch: int,
+                         variants: dict | None = None) -> list:
     """The schedule with ``micro_batch`` (samples a run) on every graph run whose
     intermediates at the whole batch exceed ARENA_SHARE of the largest tensor held between
     runs (the step holds that one whole anyway: a decomposition takes the full batch), so
     the arena stays a small part beside the pool. Every forward partition but the last (the
     loss is a mean over the batch) and every backward partition is a sum or map over
-    samples. graphs: the concrete graphs at ``batch``."""
+    samples. graphs: the concrete graphs at ``batch``; variants: run -> the file the runner
+    may run instead (planned by the larger of the two)."""
     runs = [item.graph for item in schedule if isinstance(item, Run)]
     forward = [name for name in runs if name.startswith("forward_")]
     chunkable = set(forward[:-1]) | {name for name in runs if name.startswith("backward_")}
@@ -205,7 +235,8 @@ def choose_micro_batches(graphs: dict, schedule: list, batch: int) -> list:
     for item in schedule:
         name = item.graph if isinstance(item, Run) else None
         if name in chunkable:
-            arena = arena_peak(graphs[name], {o.name for o in graphs[name].graph.output})
+            arena = max(arena_peak(graphs[g], {o.name for o in graphs[g].graph.output})
+                        for g in (name, (variants or {}).get(name)) if g)
             if arena > target:
                 item = Run(name, max(1, batch * target // arena))
         out.append(item)

@@ -10,6 +10,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from actcomp_edge.core.methods import NCHWC_DOMAIN
+
 OPSET = 17
 IR_VERSION = 8
 ACTCOMP_DOMAIN = "ai.actcomp"  # decomposition nodes in the overview graph (not executed)
@@ -21,8 +23,10 @@ DTYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.int64): TensorPro
 class Graph:
     """Collects nodes, inputs, outputs and initializers; ``model()`` makes the ModelProto."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, nchwc: bool = False):
+        """nchwc: builders may use NCHWC_DOMAIN's kernels (``Graph.uses_nchwc`` says if they did)."""
         self.name = name
+        self.nchwc = nchwc
         self.nodes, self.inputs, self.outputs, self.initializers = [], [], [], []
         self.value_info = []  # shapes of intermediate tensors (where inference cannot see)
         self._initializer_names = set()
@@ -65,12 +69,18 @@ class Graph:
         self.outputs.append(helper.make_tensor_value_info(name, DTYPES[np.dtype(dtype)], shape))
         return name
 
+    @property
+    def uses_nchwc(self) -> bool:
+        return any(n.domain == NCHWC_DOMAIN for n in self.nodes)
+
     def model(self, doc: str = "", check: bool = True) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs,
                                   self.initializers, doc_string=doc, value_info=self.value_info)
         opsets = [helper.make_opsetid("", OPSET)]
         if any(n.domain == ACTCOMP_DOMAIN for n in self.nodes):
             opsets.append(helper.make_opsetid(ACTCOMP_DOMAIN, 1))
+        if self.uses_nchwc:
+            opsets.append(helper.make_opsetid(NCHWC_DOMAIN, 1))
         model = helper.make_model(graph, opset_imports=opsets, producer_name="actcomp-edge",
                                   ir_version=IR_VERSION)
         if check:

@@ -681,7 +681,7 @@ def crossings(split: Split) -> tuple:
     return produced_in, used_in
 
 
-def backward_partitions(split: Split, config: TrainConfig) -> list:
+def backward_partitions(split: Split, config: TrainConfig, nchwc: bool = False) -> list:
     """backward_p for p = N .. 1: the reverse of forward_p (fine-tuned conv p-1 and what
     follows it up to the next fine-tuned conv).
 
@@ -689,6 +689,7 @@ def backward_partitions(split: Split, config: TrainConfig) -> list:
     their consumers by the device), the kept pieces of its conv, its masks and its params;
     it returns d/<t> of forward_p's inputs and grad/<param>. Every term is a sum over the
     samples, so the device may run it on slices of the batch and sum the grad/<param>.
+    nchwc: the graphs may use onnxruntime's NCHWc kernels (``Graph.nchwc``).
     Returns [(p, Graph)] in execution order (p = N first)."""
     program = split.program
     produced_in, used_in = crossings(split)
@@ -703,7 +704,7 @@ def backward_partitions(split: Split, config: TrainConfig) -> list:
     result = []
     for p in range(len(split.partitions) - 1, 0, -1):
         ops = [program.ops[i] for i in split.partitions[p]]
-        g = Graph(f"backward_{p}")
+        g = Graph(f"backward_{p}", nchwc=nchwc)
         grads, factors = {}, {}  # factors: <y>/factor_<i> -> its tensor in g
         later = [op.output for op in ops
                  if any(q > p for q in used_in.get(op.output, ())) or op.output == "logits"]

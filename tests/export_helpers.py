@@ -46,10 +46,10 @@ def batch(size, hw, num_classes, seed=0):
     return images(size, hw, rng), rng.integers(0, num_classes, size).astype(np.int64)
 
 
-def export(model, spec, tmp_path, config, batch_size, hw):
+def export(model, spec, tmp_path, config, batch_size, hw, kernels="auto"):
     out = tmp_path / f"art-{config.method}-{config.n_layers}"
     export_artifact(spec, zoo.model_arrays(model, spec), out, config, batch_size, hw, force=True)
-    return Trainer(out)
+    return Trainer(out, kernels=kernels)
 
 
 def torch_step(model, n_layers, images, labels, method="vanilla", eps=None, ranks=None,

@@ -78,3 +78,45 @@ def test_weight_gradient_equals_autograd(case):
     g.output(dw, np.float32, list(weight.shape))
     got = run(g, {"x": x.detach().numpy(), "dy": dy.numpy()})
     np.testing.assert_allclose(got, weight.grad.numpy(), rtol=1e-5, atol=1e-5)
+
+
+NCHWC_CASES = [  # depthwise, channels a multiple of 16: (C, kernel, stride, padding, H, W)
+    (16, 3, 1, 1, 9, 8),
+    (16, 3, 2, 1, 9, 8),      # stride 2, odd height: the stacked images' rows round up
+    (32, 5, 2, 2, 11, 12),
+    (16, 7, 1, 3, 8, 8),
+    (16, 7, 2, 3, 8, 8),
+    (48, 3, 1, 0, 6, 7),      # no padding
+    (16, (3, 5), (2, 1), (1, 2), 10, 9),  # rectangular
+    (16, 2, 2, 0, 8, 8),      # kernel = stride
+]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("case", NCHWC_CASES, ids=str)
+def test_depthwise_weight_gradient_on_nchwc_kernels_equals_autograd(case, batch):
+    """One graph for any batch: the batch is a symbolic dim."""
+    c, k, s, p, h, w = case
+    conv = layer((c, c, c, k, s, p, h, w))
+    g = Graph("dw", nchwc=True)
+    g.input("x", np.float32, ["batch", c, h, w])
+    g.input("dy", np.float32, ["batch", c, *conv.output_hw])
+    g.output(conv_weight_grad(g, "conv", "x", "dy", conv), np.float32, [c, 1, *pair(k)])
+    assert g.uses_nchwc
+    torch.manual_seed(batch)
+    x = torch.randn(batch, c, h, w)
+    weight = torch.randn(c, 1, *pair(k), requires_grad=True)
+    y = torch.nn.functional.conv2d(x, weight, stride=s, padding=p, groups=c)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    got = run(g, {"x": x.numpy(), "dy": dy.numpy()})
+    np.testing.assert_allclose(got, weight.grad.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_nchwc_weight_gradient_is_used_only_where_it_applies():
+    for case in [(6, 6, 6, 3, 1, 1, 9, 8),        # 6 channels: not whole blocks
+                 (16, 32, 16, 3, 1, 1, 9, 8),     # a channel multiplier of 2
+                 (16, 16, 16, 3, 1, 2, 9, 9, 2)]:  # dilated
+        g = Graph("dw", nchwc=True)
+        conv_weight_grad(g, "conv", "x", "dy", layer(case))
+        assert not g.uses_nchwc, case

@@ -1,25 +1,29 @@
 """The exported training step against torch.autograd and the PyTorch reference."""
 import copy
 import json
+import platform
 import subprocess
 import sys
 
 import numpy as np
+import onnx
+import onnxruntime
 import pytest
 import torch
 
 from actcomp_edge.core.manifest import ArtifactError, load_manifest, manifest_bytes
-from device_runner.runtime import Trainer
+from device_runner.runtime import KERNELS, Trainer, nchwc_works
+from export.memory_plan import concrete, tensor_bytes
 from export.training_graph import TrainConfig
 from export_helpers import TOL, batch, export, random_model, torch_step, trainable_grads
 from helpers import actcomp, assert_one_error_line, assert_one_line_error, rel_l2_error
 
 
 def check_step(name, n_layers, method, tmp_path, eps=None, batch_size=3, hw=(96, 96),
-               num_classes=10, config_kwargs=None, seed=0):
+               num_classes=10, config_kwargs=None, seed=0, kernels="auto"):
     spec, model = random_model(name, num_classes, seed)
     config = TrainConfig(n_layers=n_layers, method=method, eps=eps, **(config_kwargs or {}))
-    trainer = export(model, spec, tmp_path, config, batch_size, hw)
+    trainer = export(model, spec, tmp_path, config, batch_size, hw, kernels)
     images, labels = batch(batch_size, hw, num_classes, seed)
     ref = copy.deepcopy(model)
     # Float32 rounding differs between onnxruntime (BN folded into the frozen prefix) and
@@ -72,8 +76,17 @@ def test_vanilla_gradients_and_sgd_step_equal_autograd(name, n_layers, tmp_path)
 
 @pytest.mark.parametrize("name,n_layers,hw", [("mcunet-in1", 12, (128, 128)),  # dw 7x7 stride 2
                                               ("resnet18", 5, (96, 96))])      # 3x3 s2, 1x1 s2
-def test_stride_two_and_depthwise_layers(name, n_layers, hw, tmp_path):
-    trainer, _, _ = check_step(name, n_layers, "vanilla", tmp_path, hw=hw)
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_stride_two_and_depthwise_layers(name, n_layers, hw, kernels, tmp_path):
+    """Both kernel sets where the machine has NCHWc kernels (x86-64), the portable one else."""
+    trainer, _, _ = check_step(name, n_layers, "vanilla", tmp_path, hw=hw, kernels=kernels)
+    nchwc = trainer.manifest.graphs.nchwc
+    assert bool(nchwc) == (name == "mcunet-in1")  # its depthwise convs of 16k channels
+    if kernels == "portable" or not nchwc:
+        assert trainer.kernels == "portable"
+    else:
+        assert trainer.kernels == ("nchwc" if platform.machine() in ("x86_64", "AMD64")
+                                   else trainer.kernels)
     layers = trainer.manifest.trainable_layers
     assert any(layer.stride == 2 for layer in layers)
     if name == "mcunet-in1":
@@ -486,3 +499,55 @@ def test_the_actcomp_parser_with_export_imports_neither_torch_nor_onnx():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def nchwc_artifact(tmp_path):
+    """mcunet's last 4 convs (two depthwise of 576 channels): backward graphs with an NCHWc
+    variant."""
+    spec, model = random_model("mcunet-in1", 10)
+    return export(model, spec, tmp_path, TrainConfig(n_layers=4, method="vanilla"), 2,
+                  (64, 64), kernels="portable").folder
+
+
+def test_the_nchwc_probe_decides_the_kernels(tmp_path):
+    folder = nchwc_artifact(tmp_path)
+    nchwc = load_manifest(folder).graphs.nchwc
+    assert set(nchwc["variants"]) == {"backward_3.onnx"}  # blocks.13.dw
+    options = onnxruntime.SessionOptions()
+    if platform.machine() in ("x86_64", "AMD64"):  # MLAS has NCHWc kernels there
+        assert nchwc_works(folder, nchwc, options)
+    data = dict(np.load(folder / nchwc["probe_data"]))
+    data["dw"] = data["dw"] * 1.01  # what a kernel that computes wrongly would give
+    np.savez(folder / nchwc["probe_data"], **data)
+    assert not nchwc_works(folder, nchwc, options)
+    assert Trainer(folder, verify=False).kernels == "portable"
+    (folder / nchwc["probe"]).write_bytes(b"not onnx")  # a build without them refuses it
+    assert not nchwc_works(folder, nchwc, options)
+    assert not nchwc_works(folder, {}, options)
+
+
+@pytest.mark.parametrize("bad", [[], {"variants": {}}, {"variants": {"backward_9.onnx": "x.onnx"},
+                                                        "probe": "p.onnx", "probe_data": "p.npz"},
+                                 {"variants": {"backward_3.onnx": "../x.onnx"},
+                                  "probe": "p.onnx", "probe_data": "p.npz"}])
+def test_a_malformed_nchwc_entry_is_refused_in_one_line(bad, tmp_path):
+    folder = nchwc_artifact(tmp_path)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["graphs"]["nchwc"] = bad
+    (folder / "manifest.json").write_bytes(manifest_bytes(manifest))
+    with pytest.raises(ArtifactError, match="graphs.nchwc") as e:
+        load_manifest(folder, verify=False)
+    assert "\n" not in str(e.value)
+
+
+def test_the_plan_sizes_every_tensor_of_an_nchwc_variant(tmp_path):
+    """The plan's twin of the NCHWc nodes leaves no tensor unsized (an unsized one would
+    count 0 bytes), and it plans the variant's arena beside the portable graph's."""
+    folder = nchwc_artifact(tmp_path)
+    m = load_manifest(folder)
+    variant = m.graphs.nchwc["variants"]["backward_3.onnx"]
+    model = concrete(onnx.load(folder / variant), {"batch": 2})
+    sizes = tensor_bytes(model)
+    assert all(o in sizes for node in model.graph.node for o in node.output)
+    per_graph = m.memory_plan.extra["arena_bytes_per_graph"]
+    assert per_graph[variant] > 0 and m.memory_plan.arena_bytes >= per_graph[variant]

@@ -307,9 +307,27 @@ def check_schema(manifest: dict, where) -> None:
     missing = layers - {step.get("compress") for step in manifest["schedule"]}
     if missing:
         fail("schedule", f"never compresses the input of {_show(sorted(missing)[0])}")
-    for name in sorted(runs | {graphs["evaluate"], "weights.npz", "optimizer.npz"}):
+    opened = runs | {graphs["evaluate"], "weights.npz", "optimizer.npz"}
+    opened |= _nchwc_files(graphs, runs, fail)
+    for name in sorted(opened):
         if name not in manifest["files"]:
             fail("files", f"does not list {name!r}, which the runner opens")
+
+
+def _nchwc_files(graphs: dict, runs: set, fail) -> set:
+    """The files graphs.nchwc names (Graphs.nchwc), after checking its form."""
+    nchwc = graphs.get("nchwc")
+    if nchwc is None:
+        return set()
+    if not (isinstance(nchwc, dict) and isinstance(nchwc.get("variants"), dict)
+            and all(_is_file_name(nchwc.get(k)) for k in ("probe", "probe_data"))):
+        fail("graphs.nchwc", 'must be {"variants": {run: file name}, "probe": file name, '
+                             f'"probe_data": file name}}, got {_show(nchwc)}')
+    for run, variant in nchwc["variants"].items():
+        if run not in runs or not _is_file_name(variant):
+            fail(f"graphs.nchwc.variants.{run}", f"must map a backward graph to a file name, "
+                                                 f"got {_show(variant)}")
+    return set(nchwc["variants"].values()) | {nchwc["probe"], nchwc["probe_data"]}
 
 
 def _lookup(manifest: dict, pattern: str, fail):
@@ -451,15 +469,18 @@ class Graphs:
     backward: list   # backward_<p>.onnx in execution order, then update.onnx
     evaluate: str    # image -> logits, the trainable weights as inputs
     extra: dict = field(default_factory=dict)  # inference, overview
+    # {"variants": {backward run: its form on onnxruntime's NCHWc kernels}, "probe": a graph
+    # of those kernels, "probe_data": its x, dy and expected dw (npz)}; {}: none
+    nchwc: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {**self.extra, "forward": self.forward, "backward": self.backward,
-                "evaluate": self.evaluate}
+                "evaluate": self.evaluate, **({"nchwc": self.nchwc} if self.nchwc else {})}
 
     @classmethod
     def from_json(cls, d: dict) -> Graphs:
         return cls(d["forward"], d["backward"], d["evaluate"],
-                   _rest(d, ("forward", "backward", "evaluate")))
+                   _rest(d, ("forward", "backward", "evaluate", "nchwc")), d.get("nchwc", {}))
 
 
 @dataclass

@@ -33,6 +33,10 @@ from .decomposition import (GRAM_BLOCK_BYTES, Tucker, full_rank_bound, hosvd, su
                             svd_compress)
 
 GF_RADIUS = 2
+# onnxruntime's blocked-layout CPU kernels: contrib ops of every stock build, fast where MLAS
+# has NCHWc kernels (x86-64). A graph built with them is a variant the runner probes first.
+NCHWC_DOMAIN = "com.microsoft.nchwc"
+NCHWC_CHANNELS = 16  # their channel block is 8 (AVX2) or 16 (AVX-512): channels a multiple of both
 BATCH = "batch"   # the symbolic batch dim of the graphs
 
 
@@ -309,6 +313,8 @@ def conv_weight_grad(g, name: str, x: str, dy: str, conv: ConvLayer) -> str:
     c, (h, w), out_ch = conv.in_ch, conv.input_hw, conv.out_ch
     (kh, kw), (sh, sw), (ph, pw) = pair(conv.kernel), pair(conv.stride), pair(conv.padding)
     dilation, groups = pair(conv.dilation), conv.groups
+    if getattr(g, "nchwc", False) and nchwc_depthwise(conv):
+        return depthwise_weight_grad_nchwc(g, name, x, dy, conv)
     if (kh, kw, sh, sw, ph, pw, *dilation, groups) == (1, 1, 1, 1, 0, 0, 1, 1, 1):
         dw = pointwise_weight_grad(g, name, x, dy, c, out_ch, conv.output_hw)
         return g.op("Reshape", [dw, g.ints([out_ch, -1, 1, 1])], name + "/dW")
@@ -328,6 +334,45 @@ def conv_weight_grad(g, name: str, x: str, dy: str, conv: ConvLayer) -> str:
         full = g.op("Slice", [full, g.ints([0, 0]), g.ints([kh, kw]), g.ints([2, 3])],
                     name + "/crop")
     return g.op("Transpose", [full], name + "/dW", perm=[1, 0, 2, 3])
+
+
+def nchwc_depthwise(conv: ConvLayer) -> bool:
+    """Whether depthwise_weight_grad_nchwc applies: a depthwise conv, channels in whole
+    NCHWc blocks, no dilation, kernel at least the stride."""
+    (kh, kw), (sh, sw) = pair(conv.kernel), pair(conv.stride)
+    return (conv.groups == conv.in_ch == conv.out_ch and isinstance(conv.in_ch, int)
+            and conv.in_ch % NCHWC_CHANNELS == 0 and pair(conv.dilation) == (1, 1)
+            and kh >= sh and kw >= sw)
+
+
+def depthwise_weight_grad_nchwc(g, name: str, x: str, dy: str, conv: ConvLayer) -> str:
+    """dW (C, 1, kh, kw) of a depthwise conv as one depthwise correlation on onnxruntime's
+    NCHWc kernels, whatever the batch N: the images of x (N, C, H, W), each zero-padded to
+    Hp = s*m rows, are stacked along the height into one (1, C, N*Hp, W) image, and dY
+    (N, C, H', W'), each image zero-padded to m rows, into a (C, 1, N*m, W') kernel. With
+    dilation s, output row i < kh is sum_n,u,v x[n, c, i + s u - p, j + s v - p] dY[n, c, u, v]
+    = dW[c, 0, i, j]: a kernel row u < H' of image n reads x rows n Hp + i + s u, inside
+    image n; the rows u >= H' are zero."""
+    c, (h, w), (oh, ow) = conv.in_ch, conv.input_hw, conv.output_hw
+    (kh, kw), (sh, sw), (ph, pw) = pair(conv.kernel), pair(conv.stride), pair(conv.padding)
+    m = -(-(h + 2 * ph) // sh)  # kernel rows a dY image takes: Hp = s m >= H + 2p
+    x = g.op("Pad", [x, g.ints([0, 0, ph, 0, 0, 0, sh * m - h - ph, 0])], name + "/x_rows")
+    x = g.op("Transpose", [x], name + "/x_T", perm=[1, 0, 2, 3])            # (C, N, Hp, W)
+    x = g.op("Reshape", [x, g.ints([1, c, -1, w])], name + "/x_stacked")     # (1, C, N Hp, W)
+    x = g.op("ReorderInput", [x], name + "/x_blocked", domain=NCHWC_DOMAIN)
+    if m > oh:
+        dy = g.op("Pad", [dy, g.ints([0, 0, 0, 0, 0, 0, m - oh, 0])], name + "/dy_rows")
+    dy = g.op("Transpose", [dy], name + "/dy_T", perm=[1, 0, 2, 3])          # (C, N, m, W')
+    dy = g.op("Reshape", [dy, g.ints([1, c, -1, ow])], name + "/dy_stacked")  # (1, C, N m, W')
+    dy = g.op("ReorderInput", [dy], name + "/dy_blocked", domain=NCHWC_DOMAIN)
+    kernel = g.op("Reshape", [dy, g.ints([c, 1, -1, ow])], name + "/kernel")  # (C, 1, N m, W')
+    rows = max(kh - sh, 0)  # below the last image: output rows s .. kh - 1 need zeros
+    full = g.op("Conv", [x, kernel], name + "/grad_conv", domain=NCHWC_DOMAIN, group=c,
+                dilations=[sh, sw], pads=[0, pw, rows, pw], strides=[1, 1])
+    full = g.op("ReorderOutput", [full], name + "/unblocked", domain=NCHWC_DOMAIN, channels=c)
+    # (1, C, s + rows, W + 2 pw - s W' + s): rows and columns past the kernel are unused
+    full = g.op("Slice", [full, g.ints([0, 0]), g.ints([kh, kw]), g.ints([2, 3])], name + "/crop")
+    return g.op("Reshape", [full, g.ints([c, 1, kh, kw])], name + "/dW")
 
 
 def pointwise_weight_grad(g, name: str, x: str, dy: str, c, out_ch: int, hw) -> str:
