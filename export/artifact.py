@@ -180,14 +180,17 @@ def write_step_graphs(out: Path, split, config: TrainConfig, partitions: list) -
 
 
 def write_nchwc_variants(out: Path, split, config: TrainConfig, models: dict) -> dict:
-    """backward_<p>.nchwc.onnx of every backward partition that has a form on onnxruntime's
-    NCHWc kernels, and the probe the runner checks them with first (nchwc_probe.onnx and
-    its x, dy and expected dW in nchwc_probe.npz); the variants' models go into models.
-    Returns manifest.Graphs.nchwc ({} when no partition has one)."""
+    """<graph>.nchwc.onnx of every forward and backward graph that has a form on
+    onnxruntime's NCHWc kernels, and the probe the runner checks them with first
+    (nchwc_probe.onnx and its x, dy and expected dW in nchwc_probe.npz); the variants'
+    models go into models. Returns manifest.Graphs.nchwc ({} when no graph has one)."""
     variants = {}
-    for p, g in backward_partitions(split, config, nchwc=True):
+    forward = [(f"forward_{p}", g) for p, (g, _, _) in
+               enumerate(forward_partitions(split, config, nchwc=True))]
+    backward = [(f"backward_{p}", g) for p, g in backward_partitions(split, config, nchwc=True)]
+    for stem, g in forward + backward:
         if g.uses_nchwc:
-            name = variants[f"backward_{p}.onnx"] = f"backward_{p}.nchwc.onnx"
+            name = variants[f"{stem}.onnx"] = f"{stem}.nchwc.onnx"
             models[name] = g.model()
             save_model(models[name], out / name)
     if not variants:

@@ -33,7 +33,7 @@ import numpy as np
 
 from actcomp_edge.core import names
 from actcomp_edge.core.arch import ACTIVATIONS, ConvLayer, pair
-from actcomp_edge.core.methods import BATCH, METHODS
+from actcomp_edge.core.methods import BATCH, METHODS, nchwc_depthwise, nchwc_depthwise_conv
 
 import onnx
 from onnx import TensorProto
@@ -160,6 +160,11 @@ def emit_forward(g: Graph, program: Program, op: Op, trainable: set, with_mask: 
             w = param_ref(g, program, w, trainable)
             b = param_ref(g, program, b, trainable) if b else None
         conv = conv_layer(program, op)
+        if g.nchwc and w in trainable and nchwc_depthwise(conv):  # a weight input: unpacked
+            y = nchwc_depthwise_conv(g, op.name, op.inputs[0], w, conv.in_ch, pair(conv.kernel)[1],
+                                     b, **conv_attrs(conv, group=False))
+            g.op("Identity", [y], op.name + "/out", outputs=[out])
+            return
         g.op("Conv", [op.inputs[0], w] + ([b] if b else []), op.name, outputs=[out],
              **conv_attrs(conv))
     elif op.kind == "affine":
@@ -463,7 +468,7 @@ def argmax_pools(split: Split) -> set:
             and i >= split.region_start}
 
 
-def forward_partitions(split: Split, config: TrainConfig) -> list:
+def forward_partitions(split: Split, config: TrainConfig, nchwc: bool = False) -> list:
     """forward_0 .. forward_N as (Graph, inputs, outputs); liveness decides what crosses."""
     program = split.program
     trainable = set(split.trainable_params)
@@ -474,7 +479,7 @@ def forward_partitions(split: Split, config: TrainConfig) -> list:
     produced_in, used_in = crossings(split)
     result = []
     for p, part in enumerate(split.partitions):
-        g = Graph(f"forward_{p}")
+        g = Graph(f"forward_{p}", nchwc=nchwc)
         inputs = []
         for i in part:
             for t in program.ops[i].inputs:
@@ -560,10 +565,10 @@ def conv_layer(program: Program, op: Op) -> ConvLayer:
                      (h, w), (oh, ow), dilation=a.get("dilation", 1))
 
 
-def conv_attrs(conv: ConvLayer) -> dict:
-    """The ONNX Conv attributes of a conv (dilations only where not 1)."""
+def conv_attrs(conv: ConvLayer, group: bool = True) -> dict:
+    """The ONNX Conv attributes of a conv (dilations only where not 1; group unless not)."""
     attrs = dict(kernel_shape=list(pair(conv.kernel)), strides=list(pair(conv.stride)),
-                 pads=list(pair(conv.padding)) * 2, group=conv.groups)
+                 pads=list(pair(conv.padding)) * 2, **({"group": conv.groups} if group else {}))
     if conv.dilation != 1:
         attrs["dilations"] = list(pair(conv.dilation))
     return attrs
@@ -595,6 +600,8 @@ def conv_input_grad(g: Graph, name: str, dy: str, weight: str, conv: ConvLayer) 
     (kh, kw), (sh, sw), (ph, pw) = pair(conv.kernel), pair(conv.stride), pair(conv.padding)
     (dh, dw), groups = pair(conv.dilation), conv.groups
     dilated = {"dilations": [dh, dw]} if (dh, dw) != (1, 1) else {}
+    if (sh, sw) != (1, 1) and g.nchwc and nchwc_depthwise(conv) and ph < kh and pw < kw:
+        return strided_depthwise_input_grad_nchwc(g, name, dy, weight, conv)
     if (sh, sw) != (1, 1):
         return g.op("ConvTranspose", [dy, weight], name + "/dX", kernel_shape=[kh, kw],
                     strides=[sh, sw], pads=[ph, pw, ph, pw], group=groups,
@@ -618,7 +625,44 @@ def conv_input_grad(g: Graph, name: str, dy: str, weight: str, conv: ConvLayer) 
     if kh > 1 or kw > 1:
         kernel_t = g.op("Slice", [kernel_t, g.ints([-1, -1]), g.ints([-kh - 1, -kw - 1]),
                                   g.ints([2, 3]), g.ints([-1, -1])], name + "/W_flipped")
+    if g.nchwc and nchwc_depthwise(conv):
+        return nchwc_depthwise_conv(g, name + "/dX", dy, kernel_t, c, kw, pads=before * 2,
+                                    **dilated)
     return g.op("Conv", [dy, kernel_t], name + "/dX", pads=before * 2, group=groups, **dilated)
+
+
+def spread_matrix(n: int, s: int) -> np.ndarray:
+    """(n, n s) float32: row i one at column i s, so that x @ it puts s - 1 zeros after each
+    element of x's last axis."""
+    m = np.zeros((n, n * s), np.float32)
+    m[np.arange(n), np.arange(n) * s] = 1
+    return m
+
+
+def strided_depthwise_input_grad_nchwc(g: Graph, name: str, dy: str, weight: str,
+                                      conv: ConvLayer) -> str:
+    """dX (N, C, H, W) of a strided depthwise conv on onnxruntime's NCHWc kernels: dY with
+    s - 1 zeros after each element, (N, C, H' s, W' s), then conv_input_grad's stride-1 form,
+    the flipped kernel padded k - 1 - p before and up to H after (s^2 the multiplies of
+    ConvTranspose, on the fast kernel)."""
+    c, (h, w), (oh, ow) = conv.in_ch, conv.input_hw, conv.output_hw
+    (kh, kw), (sh, sw), (ph, pw) = pair(conv.kernel), pair(conv.stride), pair(conv.padding)
+    # the zeros by two MatMuls with one-hot spreading matrices: onnxruntime pads or
+    # transposes a trailing axis element by element (3-5x slower, measured)
+    up = g.op("MatMul", [dy, g.const(f"const/spread_columns/{ow}x{sw}", spread_matrix(ow, sw))],
+              name + "/dY_columns")                                              # (N, C, H', W' s)
+    up = g.op("MatMul", [g.const(f"const/spread_rows/{oh}x{sh}", spread_matrix(oh, sh).T), up],
+              name + "/dY_spread")                                               # (N, C, H' s, W' s)
+    before = [kh - 1 - ph, kw - 1 - pw]
+    after = [h - oh * sh - before[0] + kh - 1, w - ow * sw - before[1] + kw - 1]
+    if min(after) < 0:  # trailing zeros past the last row or column dX needs
+        up = g.op("Slice", [up, g.ints([0, 0]), g.ints([oh * sh + min(after[0], 0),
+                                                         ow * sw + min(after[1], 0)]),
+                            g.ints([2, 3])], name + "/dY_cut")
+        after = [max(a, 0) for a in after]
+    flipped = g.op("Slice", [weight, g.ints([-1, -1]), g.ints([-kh - 1, -kw - 1]),
+                             g.ints([2, 3]), g.ints([-1, -1])], name + "/W_flipped")
+    return nchwc_depthwise_conv(g, name + "/dX", up, flipped, c, kw, pads=before + after)
 
 
 def emit_update(g: Graph, config: TrainConfig, param: str, grad: str, shape) -> list:

@@ -80,8 +80,10 @@ def test_weight_gradient_equals_autograd(case):
     np.testing.assert_allclose(got, weight.grad.numpy(), rtol=1e-5, atol=1e-5)
 
 
-NCHWC_CASES = [  # depthwise, channels a multiple of 16: (C, kernel, stride, padding, H, W)
+NCHWC_CASES = [  # depthwise: (C, kernel, stride, padding, H, W)
     (16, 3, 1, 1, 9, 8),
+    (6, 3, 1, 1, 9, 8),       # channels padded to a whole block
+    (120, 3, 2, 1, 8, 8),     # mcunet's, not a multiple of 16
     (16, 3, 2, 1, 9, 8),      # stride 2, odd height: the stacked images' rows round up
     (32, 5, 2, 2, 11, 12),
     (16, 7, 1, 3, 8, 8),
@@ -114,9 +116,24 @@ def test_depthwise_weight_gradient_on_nchwc_kernels_equals_autograd(case, batch)
 
 
 def test_nchwc_weight_gradient_is_used_only_where_it_applies():
-    for case in [(6, 6, 6, 3, 1, 1, 9, 8),        # 6 channels: not whole blocks
-                 (16, 32, 16, 3, 1, 1, 9, 8),     # a channel multiplier of 2
-                 (16, 16, 16, 3, 1, 2, 9, 9, 2)]:  # dilated
+    for case in [(16, 32, 16, 3, 1, 1, 9, 8),     # a channel multiplier of 2
+                 (16, 16, 16, 3, 1, 2, 9, 9, 2),  # dilated
+                 (16, 16, 16, 1, 2, 0, 9, 9)]:    # kernel below the stride
         g = Graph("dw", nchwc=True)
         conv_weight_grad(g, "conv", "x", "dy", layer(case))
         assert not g.uses_nchwc, case
+
+
+@pytest.mark.parametrize("case", NCHWC_CASES + [(16, 3, 2, 0, 9, 9), (16, 3, 2, 1, 10, 9)],
+                         ids=str)
+def test_depthwise_input_gradient_on_nchwc_kernels_equals_autograd(case):
+    c, k, s, p, h, w = case
+    conv = layer((c, c, c, k, s, p, h, w))
+    x, weight, dy = case_tensors(c, c, c, k, s, p, h, w)
+    g = Graph("dx", nchwc=True)
+    g.input("dy", np.float32, ["batch", c, *conv.output_hw])
+    g.input("w", np.float32, list(weight.shape))
+    g.output(conv_input_grad(g, "conv", "dy", "w", conv), np.float32, ["batch", c, h, w])
+    assert g.uses_nchwc
+    got = run(g, {"dy": dy.numpy(), "w": weight.detach().numpy()})
+    np.testing.assert_allclose(got, x.grad.numpy(), rtol=1e-5, atol=1e-5)

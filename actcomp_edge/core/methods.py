@@ -36,7 +36,7 @@ GF_RADIUS = 2
 # onnxruntime's blocked-layout CPU kernels: contrib ops of every stock build, fast where MLAS
 # has NCHWc kernels (x86-64). A graph built with them is a variant the runner probes first.
 NCHWC_DOMAIN = "com.microsoft.nchwc"
-NCHWC_CHANNELS = 16  # their channel block is 8 (AVX2) or 16 (AVX-512): channels a multiple of both
+NCHWC_CHANNELS = 16  # their channel block is 8 (AVX2) or 16 (AVX-512): graphs pad to both
 BATCH = "batch"   # the symbolic batch dim of the graphs
 
 
@@ -337,12 +337,46 @@ def conv_weight_grad(g, name: str, x: str, dy: str, conv: ConvLayer) -> str:
 
 
 def nchwc_depthwise(conv: ConvLayer) -> bool:
-    """Whether depthwise_weight_grad_nchwc applies: a depthwise conv, channels in whole
-    NCHWc blocks, no dilation, kernel at least the stride."""
+    """Whether a conv runs on nchwc_depthwise_conv: depthwise, no dilation, the kernel at
+    least the stride."""
     (kh, kw), (sh, sw) = pair(conv.kernel), pair(conv.stride)
     return (conv.groups == conv.in_ch == conv.out_ch and isinstance(conv.in_ch, int)
-            and conv.in_ch % NCHWC_CHANNELS == 0 and pair(conv.dilation) == (1, 1)
-            and kh >= sh and kw >= sw)
+            and pair(conv.dilation) == (1, 1) and kh >= sh and kw >= sw)
+
+
+def pad_channels(g, name: str, t: str, c: int, axis: int, rank: int) -> str:
+    """t with zeros after its c channels (on axis) up to a multiple of NCHWC_CHANNELS."""
+    extra = -c % NCHWC_CHANNELS
+    if not extra:
+        return t
+    pads = [0] * (2 * rank)
+    pads[rank + axis] = extra
+    return g.op("Pad", [t, g.ints(pads)], name)
+
+
+def nchwc_depthwise_conv(g, name: str, x: str, kernel: str, c: int, kernel_width: int,
+                         bias: str | None = None, **attrs) -> str:
+    """y = the depthwise conv of x (N, C, H, W) by kernel (C, 1 or N', kh, kernel_width: the
+    rows of every slice along axis 1 stacked), both graph tensors (a weight that is an
+    input, a gradient), on onnxruntime's NCHWc kernels: the channels padded with zeros to
+    whole blocks, each reordered to the blocked layout, the blocked Conv (attrs: its pads,
+    strides, dilations), y back to NCHW, cut to its C channels (onnxruntime's ReorderOutput
+    drops fewer than one block of 8 or 16 only)."""
+    blocks = c + -c % NCHWC_CHANNELS
+    x = pad_channels(g, name + "/x_padded", x, c, axis=1, rank=4)
+    x = g.op("ReorderInput", [x], name + "/x_blocked", domain=NCHWC_DOMAIN)
+    kernel = pad_channels(g, name + "/k_padded", kernel, c, axis=0, rank=4)
+    kernel = g.op("Reshape", [kernel, g.ints([1, blocks, -1, kernel_width])], name + "/k_image")
+    kernel = g.op("ReorderInput", [kernel], name + "/k_blocked", domain=NCHWC_DOMAIN)
+    kernel = g.op("Reshape", [kernel, g.ints([blocks, 1, -1, kernel_width])], name + "/k_filter")
+    if bias:
+        bias = pad_channels(g, name + "/b_padded", bias, c, axis=0, rank=1)
+    y = g.op("Conv", [x, kernel] + ([bias] if bias else []), name + "/conv",
+             domain=NCHWC_DOMAIN, group=blocks, **attrs)
+    y = g.op("ReorderOutput", [y], name + "/unblocked", domain=NCHWC_DOMAIN, channels=blocks)
+    if blocks == c:
+        return y
+    return g.op("Slice", [y, g.ints([0]), g.ints([c]), g.ints([1])], name + "/channels")
 
 
 def depthwise_weight_grad_nchwc(g, name: str, x: str, dy: str, conv: ConvLayer) -> str:
@@ -359,17 +393,12 @@ def depthwise_weight_grad_nchwc(g, name: str, x: str, dy: str, conv: ConvLayer) 
     x = g.op("Pad", [x, g.ints([0, 0, ph, 0, 0, 0, sh * m - h - ph, 0])], name + "/x_rows")
     x = g.op("Transpose", [x], name + "/x_T", perm=[1, 0, 2, 3])            # (C, N, Hp, W)
     x = g.op("Reshape", [x, g.ints([1, c, -1, w])], name + "/x_stacked")     # (1, C, N Hp, W)
-    x = g.op("ReorderInput", [x], name + "/x_blocked", domain=NCHWC_DOMAIN)
     if m > oh:
         dy = g.op("Pad", [dy, g.ints([0, 0, 0, 0, 0, 0, m - oh, 0])], name + "/dy_rows")
     dy = g.op("Transpose", [dy], name + "/dy_T", perm=[1, 0, 2, 3])          # (C, N, m, W')
-    dy = g.op("Reshape", [dy, g.ints([1, c, -1, ow])], name + "/dy_stacked")  # (1, C, N m, W')
-    dy = g.op("ReorderInput", [dy], name + "/dy_blocked", domain=NCHWC_DOMAIN)
-    kernel = g.op("Reshape", [dy, g.ints([c, 1, -1, ow])], name + "/kernel")  # (C, 1, N m, W')
     rows = max(kh - sh, 0)  # below the last image: output rows s .. kh - 1 need zeros
-    full = g.op("Conv", [x, kernel], name + "/grad_conv", domain=NCHWC_DOMAIN, group=c,
-                dilations=[sh, sw], pads=[0, pw, rows, pw], strides=[1, 1])
-    full = g.op("ReorderOutput", [full], name + "/unblocked", domain=NCHWC_DOMAIN, channels=c)
+    full = nchwc_depthwise_conv(g, name + "/grad", x, dy, c, ow, dilations=[sh, sw],
+                                pads=[0, pw, rows, pw], strides=[1, 1])
     # (1, C, s + rows, W + 2 pw - s W' + s): rows and columns past the kernel are unused
     full = g.op("Slice", [full, g.ints([0, 0]), g.ints([kh, kw]), g.ints([2, 3])], name + "/crop")
     return g.op("Reshape", [full, g.ints([c, 1, kh, kw])], name + "/dW")
