@@ -1,8 +1,10 @@
 """Where a fine-tuned depthwise conv's time goes on onnxruntime, per shape, against PyTorch's
 kernels: the forward with its weight a constant (inference: onnxruntime's NCHWc kernels) and
 a graph input (training: the weight changes every step), the input gradient and the weight
-gradient as the exporter builds them (export/training_graph.py, actcomp_edge/core/methods.py), and
-the per-tap alternative for the weight gradient (a Slice, Mul and ReduceSum a kernel tap).
+gradient as the exporter builds them (export/training_graph.py, actcomp_edge/core/methods.py):
+portable, and on onnxruntime's NCHWc kernels (the artifact's *.nchwc.onnx variants, which
+the runner takes where this onnxruntime has those kernels); and the per-tap alternative for
+the weight gradient (a Slice, Mul and ReduceSum a kernel tap), tried and dropped.
 
     .venv/bin/python benchmarks/depthwise_ops.py [--batch 32] [--threads 2] [--reps 21]
 
@@ -30,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from actcomp_edge.core import arch  # noqa: E402
 from benchmarks import write_results  # noqa: E402
-from actcomp_edge.core.methods import conv_weight_grad  # noqa: E402
+from actcomp_edge.core.methods import conv_weight_grad, nchwc_depthwise_conv  # noqa: E402
 from actcomp_edge.core.program import build_program  # noqa: E402
 from export.onnx_graph import Graph  # noqa: E402
 from export.training_graph import conv_input_grad, conv_layer  # noqa: E402
@@ -68,16 +70,24 @@ def graphs(conv, weight: np.ndarray) -> dict:
         wt = g.const("w", weight) if constant else g.input("w", np.float32, list(weight.shape))
         g.output(g.op("Conv", ["x", wt], "conv", **attrs), np.float32, ["batch", c, oh, ow])
         out[name] = (g, ["x"] if constant else ["x", "w"])
-    g = Graph("dX")
-    g.input("dy", np.float32, ["batch", c, oh, ow])
-    g.input("w", np.float32, list(weight.shape))
-    g.output(conv_input_grad(g, "l", "dy", "w", conv), np.float32, ["batch", c, h, w])
-    out["input gradient"] = (g, ["dy", "w"])
-    g = Graph("dW")
+    g = Graph("forward NCHWc", nchwc=True)
     g.input("x", np.float32, ["batch", c, h, w])
-    g.input("dy", np.float32, ["batch", c, oh, ow])
-    g.output(conv_weight_grad(g, "l", "x", "dy", conv), np.float32, list(weight.shape))
-    out["weight gradient"] = (g, ["x", "dy"])
+    g.input("w", np.float32, list(weight.shape))
+    g.output(nchwc_depthwise_conv(g, "conv", "x", "w", c, k, kernel_shape=[k, k],
+                                  strides=[s, s], pads=[p] * 4),
+             np.float32, ["batch", c, oh, ow])
+    out["forward, weight input, NCHWc"] = (g, ["x", "w"])
+    for suffix, nchwc in (("", False), (", NCHWc", True)):
+        g = Graph("dX", nchwc=nchwc)
+        g.input("dy", np.float32, ["batch", c, oh, ow])
+        g.input("w", np.float32, list(weight.shape))
+        g.output(conv_input_grad(g, "l", "dy", "w", conv), np.float32, ["batch", c, h, w])
+        out["input gradient" + suffix] = (g, ["dy", "w"])
+        g = Graph("dW", nchwc=nchwc)
+        g.input("x", np.float32, ["batch", c, h, w])
+        g.input("dy", np.float32, ["batch", c, oh, ow])
+        g.output(conv_weight_grad(g, "l", "x", "dy", conv), np.float32, list(weight.shape))
+        out["weight gradient" + suffix] = (g, ["x", "dy"])
     g = Graph("dW per tap")
     g.input("x", np.float32, ["batch", c, h, w])
     g.input("dy", np.float32, ["batch", c, oh, ow])
@@ -137,6 +147,7 @@ def measure(conv, batch: int, threads: int, reps: int) -> dict:
         feed = {n: feeds[n] for n in inputs}
         got = sess.run(None, feed)[0]
         want = reference[name.split(",")[0].replace(" per tap", "")]
+        assert ("NCHWc" in name) == g.uses_nchwc, name
         error = float(np.abs(got - want).max() / np.abs(want).max())
         if error > 1e-4:
             raise AssertionError(f"{row['shape']} {name}: relative error {error:.1e}")
@@ -145,8 +156,10 @@ def measure(conv, batch: int, threads: int, reps: int) -> dict:
 
 
 COLUMNS = [("forward, weight constant", "onnxruntime"), ("forward, weight input", "onnxruntime"),
-           ("forward", "torch"), ("input gradient", "onnxruntime"), ("input gradient", "torch"),
-           ("weight gradient", "onnxruntime"), ("weight gradient per tap", "onnxruntime"),
+           ("forward, weight input, NCHWc", "onnxruntime"), ("forward", "torch"),
+           ("input gradient", "onnxruntime"), ("input gradient, NCHWc", "onnxruntime"),
+           ("input gradient", "torch"), ("weight gradient", "onnxruntime"),
+           ("weight gradient, NCHWc", "onnxruntime"), ("weight gradient per tap", "onnxruntime"),
            ("weight gradient", "torch")]
 
 
