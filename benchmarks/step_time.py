@@ -1,5 +1,6 @@
 """Training-step time as users run it: `actcomp-device train` (a fresh process a job) for
-vanilla, HOSVD eps, ASI and GF-R2 against PyTorch eager vanilla, N=4 and N=42.
+vanilla, HOSVD eps, ASI and GF-R2 against PyTorch eager vanilla, N=4 and N=42, and against
+one batch of the same network's inference on onnxruntime (the artifact's inference.onnx).
 
     .venv/bin/python benchmarks/step_time.py [--layers 4,42] [--repeats 3] [--steps 8]
         [--threads 2] [--work out/step_time] [--results benchmarks/results]
@@ -7,10 +8,12 @@ vanilla, HOSVD eps, ASI and GF-R2 against PyTorch eager vanilla, N=4 and N=42.
 mcunet-in1 with its real weights and ants/bees images (../shared), batch 32, 128 px, SGD
 momentum 0.9, frozen BN. Jobs run round-robin, --repeats rounds, the order rotated every
 round; a job's figure is its median step (the CLI summary's median_step_seconds), reported
-as the median over rounds with min-max, and ratios (to PyTorch eager, to runner vanilla)
-as the median of the per-round ratios with their min-max. A diagnostic in-process run of
-each artifact adds the time split (prefix / forward / decomposition / backward incl. the
-update) and onnxruntime's per-op-type profile. Writes step_time.{json,md} to --results.
+as the median over rounds with min-max, and ratios (to PyTorch eager, to runner vanilla,
+to one inference batch) as the median of the per-round ratios with their min-max. The
+runner picks its kernels (`--kernels auto`: the NCHWc variants on x86-64); the summary says
+which. A diagnostic in-process run of each artifact adds the time split (prefix / forward /
+decomposition / backward / update) and onnxruntime's per-op-type profile (the profiler
+inflates small ops). Writes step_time.{json,md} to --results.
 """
 from __future__ import annotations
 
@@ -95,6 +98,32 @@ def plain_torch(model, n_layers):
 
 METHODS = ("vanilla", "hosvd", "asi", "gf-r2")
 TORCH = "torch eager vanilla"
+INFERENCE = "onnxruntime inference"  # the artifact's inference.onnx, one batch
+INFERENCE_JOB = r"""
+import json, time
+import numpy as np, onnxruntime as ort
+options = ort.SessionOptions()
+options.intra_op_num_threads = {threads}
+session = ort.InferenceSession({model!r}, options, providers=["CPUExecutionProvider"])
+images = np.random.default_rng(0).standard_normal(({batch}, 3, {size}, {size}), np.float32)
+name = session.get_inputs()[0].name
+times = []
+for i in range(23):
+    start = time.perf_counter()
+    session.run(None, {{name: images}})
+    if i >= 3:
+        times.append(time.perf_counter() - start)
+print(json.dumps({{"median_step_seconds": float(np.median(times))}}))
+"""
+
+
+def inference_job(art: Path, threads: int) -> dict:
+    """One batch of the whole network's inference.onnx (weights baked in) in a fresh
+    process: the median of 20 runs after 3 warm-ups."""
+    from benchmarks.deep_finetune import call
+    code = INFERENCE_JOB.format(model=str(art / "inference.onnx"), threads=threads,
+                                batch=BATCH, size=SIZE)
+    return json.loads(call([sys.executable, "-c", code]).strip().splitlines()[-1])
 BATCH, SIZE = 32, 128
 
 
@@ -160,29 +189,33 @@ def main() -> None:
                   *METHODS_ARGS[method], "--batch-size", str(BATCH), "--input-size", str(SIZE),
                   "-o", str(art)])
             arts[n, method] = art
-    jobs = [(n, m) for n in layers for m in (TORCH,) + METHODS]
+    jobs = [(0, INFERENCE)] + [(n, m) for n in layers for m in (TORCH,) + METHODS]
     seconds = collections.defaultdict(list)  # (n, job) -> median step seconds per round
     for rep in range(args.repeats):
         shift = rep % len(jobs)
         for n, job in jobs[shift:] + jobs[:shift]:
-            if job == TORCH:
+            if job == INFERENCE:  # the whole net: the same for every N
+                s = inference_job(arts[layers[0], "vanilla"], args.threads)
+            elif job == TORCH:
                 s = torch_job(n, BATCH, SIZE, args.steps, args.threads)
             else:
                 s = runner_job(arts[n, job], work / f"run-n{n}-{job}", BATCH, args.steps,
                                args.threads)
             seconds[n, job].append(s["median_step_seconds"])
-            print(f"[{time.time() - started:6.0f} s] round {rep + 1} N={n} {job}: "
+            print(f"[{time.time() - started:6.0f} s] round {rep + 1} N={n or '-'} {job}: "
                   f"{s['median_step_seconds'] * 1e3:.0f} ms", flush=True)
     profiles = {}
     for (n, method), art in arts.items():
         profiles[n, method] = profile_job(art, args.steps, args.threads)
         print(f"[{time.time() - started:6.0f} s] profiled N={n} {method}", flush=True)
-    rows = []
+    inference = seconds[0, INFERENCE]
+    rows = [{"layers": "-", "job": INFERENCE, "step_ms": spread([1e3 * v for v in inference])}]
     for n in layers:
         for job in (TORCH,) + METHODS:
             own = seconds[n, job]
             row = {"layers": n, "job": job, "step_ms": spread([1e3 * v for v in own]),
-                   "over_torch": spread([a / b for a, b in zip(own, seconds[n, TORCH])])}
+                   "over_torch": spread([a / b for a, b in zip(own, seconds[n, TORCH])]),
+                   "over_inference": spread([a / b for a, b in zip(own, inference)])}
             if job != TORCH:
                 row["over_vanilla"] = spread([a / b for a, b in zip(own, seconds[n, "vanilla"])])
                 row["profile"] = profiles[n, job]
@@ -211,11 +244,13 @@ def markdown(meta: dict, rows: list) -> str:
            f"{meta['threads']} threads; every job a fresh process ({meta['steps']} steps, its "
            f"median step), {meta['repeats']} rounds round-robin: median (min-max) over rounds.",
            "", f"Command: `{meta['command']}` ({meta['runtime_seconds'] / 60:.1f} min)", "",
-           "| N | job | step ms | / PyTorch eager | / runner vanilla |", "|---|---|---|---|---|"]
+           "| N | job | step ms | / PyTorch eager | / runner vanilla | / inference batch |",
+           "|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['layers']} | {r['job']} | {fmt(r['step_ms'])} | "
-                   f"{fmt(r['over_torch'], digits=2)} | "
-                   f"{fmt(r['over_vanilla'], digits=2) if 'over_vanilla' in r else '-'} |")
+        cells = [fmt(r[k], digits=2) if k in r else "-"
+                 for k in ("over_torch", "over_vanilla", "over_inference")]
+        out.append(f"| {r['layers']} | {r['job']} | {fmt(r['step_ms'])} | " + " | ".join(cells)
+                   + " |")
     out += ["", "In-process diagnostic (one run each, ms a step): the split and the ten "
             "costliest onnxruntime op types (forward_* / backward_* / update graphs).", ""]
     for r in rows:
