@@ -11,7 +11,6 @@ takes the first file whose SHA-256 matches, saying why it skipped any other.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from actcomp_edge.core.faults import crash_point
-from actcomp_edge.core.manifest import sha256_file
+from actcomp_edge.core.manifest import sha256, sha256_file
 from actcomp_edge.core.npz import NpzError, load_npz, npz_bytes, write_atomic
 
 INDEX = "checkpoints.json"
@@ -38,7 +37,7 @@ def save(folder, step: int, meta: dict, arrays: dict) -> Path:
     payload = dict(arrays)
     payload["meta"] = np.array(json.dumps(dict(meta, step=step), sort_keys=True))
     data = npz_bytes(payload)
-    digest = hashlib.sha256(data).hexdigest()
+    digest = sha256(data).hexdigest()
     try:
         folder.mkdir(parents=True, exist_ok=True)
         entries = _index(folder)

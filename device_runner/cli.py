@@ -15,7 +15,7 @@ from actcomp_edge.core.manifest import ArtifactError
 from actcomp_edge.core.npz import NpzError
 
 from . import data as data_module
-from . import recipe
+from . import procmem, recipe
 from .checkpoint import CheckpointError
 from .runtime import KERNELS, MemoryBudgetError
 from .session import Session, input_size, load_trainer
@@ -101,6 +101,7 @@ def print_result(summary: dict, rank_basis: str) -> None:
 
 def cmd_train(args) -> int:
     check_train_args(args)
+    procmem.import_numpy_random()  # before anything draws a random number (a data split)
     # a budget the plan cannot meet is refused before the data loads
     session = Session.open(args.artifact, args.batch_size, args.budget, args.threads,
                            kernels=args.kernels)

@@ -390,9 +390,9 @@ class TrainingRun:
         # the weights, so it belongs to the baseline and not to the steps' working set
         self.take_snapshot()
         # the libraries every run's steps use are loaded before the baseline: numpy's random
-        # module orders each epoch (2.2-2.5 MiB of RSS, benchmarks/scripts/memory_ab.sh; the
-        # memory plan cannot see it), Pillow crops an augmented batch
-        import numpy.random  # noqa: F401
+        # module orders each epoch (2.2-2.5 MiB of RSS with OpenSSL, benchmarks/scripts/
+        # memory_ab.sh; the memory plan cannot see it), Pillow crops an augmented batch
+        procmem.import_numpy_random()
         if self.options.augment:
             import PIL.Image  # noqa: F401
         baseline = procmem.rss_bytes()

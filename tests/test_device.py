@@ -400,3 +400,22 @@ def test_an_image_stretched_by_the_resize_is_noted(artifact, tmp_path):
     assert proc.returncode == 0, proc.stderr
     note = [line for line in proc.stderr.splitlines() if "aspect ratio" in line]
     assert len(note) == 1 and "1 images were resized" in note[0] and "wide.png" in note[0]
+
+
+def test_numpy_random_is_imported_without_openssl():
+    """procmem.import_numpy_random: numpy.random works and is seeded as ever, OpenSSL's
+    hashlib stays out, and a later `import secrets` is the real module."""
+    code = """
+import sys
+from device_runner import procmem
+procmem.import_numpy_random()
+import numpy as np
+print(np.random.default_rng(3).permutation(5).tolist(), "_hashlib" in sys.modules)
+import secrets
+print(secrets.token_hex(2) != "", hasattr(secrets, "choice"))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=ENV, check=True).stdout.split("\n")
+    want = np.random.default_rng(3).permutation(5).tolist()
+    assert out[0] == f"{want} False"
+    assert out[1] == "True True"
