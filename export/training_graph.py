@@ -142,31 +142,40 @@ def channel_const(g: Graph, program: Program, name: str) -> str:
     return g.const(name + "/nchw", program.params[name].reshape(1, -1, 1, 1))
 
 
+def emit_conv_forward(g: Graph, program: Program, op: Op, trainable: set,
+                      fold_bn: Op | None) -> None:
+    """A conv of the forward pass: folded with the frozen affine after it (fold_bn), on the
+    NCHWc kernels when g may use them and its weight is trainable (a graph input), else a
+    Conv."""
+    a = op.attrs
+    w, b = a["weight"], a.get("bias")
+    out = op.output
+    if fold_bn is not None:  # frozen prefix: W' = W * scale, b' = b * scale + shift
+        scale = program.params[fold_bn.attrs["scale"]]
+        shift = program.params[fold_bn.attrs["shift"]]
+        bias = program.params[b] if b else np.zeros_like(scale)
+        w = g.const(w + "/folded", program.params[w] * scale[:, None, None, None])
+        b = g.const(f"{op.name}.bias/folded", bias * scale + shift)
+        out = fold_bn.output
+    else:
+        w = param_ref(g, program, w, trainable)
+        b = param_ref(g, program, b, trainable) if b else None
+    conv = conv_layer(program, op)
+    if g.nchwc and w in trainable and nchwc_depthwise(conv):  # a weight input: unpacked
+        y = nchwc_depthwise_conv(g, op.name, op.inputs[0], w, conv.in_ch, pair(conv.kernel)[1],
+                                 b, **conv_attrs(conv, group=False))
+        g.op("Identity", [y], op.name + "/out", outputs=[out])
+        return
+    g.op("Conv", [op.inputs[0], w] + ([b] if b else []), op.name, outputs=[out],
+         **conv_attrs(conv))
+
+
 def emit_forward(g: Graph, program: Program, op: Op, trainable: set, with_mask: bool,
                  fold_bn: Op | None = None) -> None:
     """One op of the forward pass. fold_bn: the frozen affine that follows a frozen conv."""
     a = op.attrs
     if op.kind == "conv":
-        w, b = a["weight"], a.get("bias")
-        out = op.output
-        if fold_bn is not None:  # frozen prefix: W' = W * scale, b' = b * scale + shift
-            scale = program.params[fold_bn.attrs["scale"]]
-            shift = program.params[fold_bn.attrs["shift"]]
-            bias = program.params[b] if b else np.zeros_like(scale)
-            w = g.const(w + "/folded", program.params[w] * scale[:, None, None, None])
-            b = g.const(f"{op.name}.bias/folded", bias * scale + shift)
-            out = fold_bn.output
-        else:
-            w = param_ref(g, program, w, trainable)
-            b = param_ref(g, program, b, trainable) if b else None
-        conv = conv_layer(program, op)
-        if g.nchwc and w in trainable and nchwc_depthwise(conv):  # a weight input: unpacked
-            y = nchwc_depthwise_conv(g, op.name, op.inputs[0], w, conv.in_ch, pair(conv.kernel)[1],
-                                     b, **conv_attrs(conv, group=False))
-            g.op("Identity", [y], op.name + "/out", outputs=[out])
-            return
-        g.op("Conv", [op.inputs[0], w] + ([b] if b else []), op.name, outputs=[out],
-             **conv_attrs(conv))
+        emit_conv_forward(g, program, op, trainable, fold_bn)
     elif op.kind == "affine":
         y = g.op("Mul", [op.inputs[0], channel_const(g, program, a["scale"])], op.name + "/bn_scale")
         g.op("Add", [y, channel_const(g, program, a["shift"])], op.name + "/bn_shift",
