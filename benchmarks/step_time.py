@@ -30,7 +30,6 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
-import onnxruntime
 import torch
 import torch.nn.functional as F
 
@@ -67,24 +66,30 @@ def load_images(batch: int, size: int, spec: dict):
     return x, rng.integers(0, 2, batch).astype(np.int64), "synthetic"
 
 
-def plain_torch(model, n_layers):
-    """PyTorch eager with nn.Conv2d (no reference wrappers): the fair vanilla baseline."""
+def trainable(model, n_layers):
+    """A copy of model with only its last n_layers convs (and the classifier after them)
+    trainable, frozen BN (eval mode) and no dropout."""
     ref = copy.deepcopy(model)
     convs = [m for m in ref.modules() if isinstance(m, torch.nn.Conv2d)]
     for p in ref.parameters():
         p.requires_grad_(False)
     first = convs[-n_layers]
-    trainable = convs[-n_layers:]
+    chosen = convs[-n_layers:]
     seen = False
     for m in ref.modules():
         seen = seen or m is first
-        if (m in trainable) or (seen and isinstance(m, torch.nn.Linear)):
+        if (m in chosen) or (seen and isinstance(m, torch.nn.Linear)):
             for p in m.parameters(recurse=False):
                 p.requires_grad_(True)
     for m in ref.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
-    ref.eval()  # frozen BN
+    return ref.eval()  # frozen BN
+
+
+def plain_torch(model, n_layers):
+    """PyTorch eager with nn.Conv2d (no reference wrappers): the fair vanilla baseline."""
+    ref = trainable(model, n_layers)
     opt = torch.optim.SGD([p for p in ref.parameters() if p.requires_grad], lr=0.001,
                           momentum=0.9)
 
@@ -172,6 +177,7 @@ def main() -> None:
     parser.add_argument("--work", default="out/step_time", help="artifacts and runs")
     parser.add_argument("--results", default="benchmarks/results")
     args = parser.parse_args()
+    import onnxruntime
     # deep_finetune imports this module's torch helpers for its jobs: imported here
     from benchmarks.deep_finetune import (BIN, METHODS as METHODS_ARGS, MODEL, call,
                                           runner_job, torch_job)
