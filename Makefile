@@ -50,4 +50,4 @@ aarch64-check: $(STAMP)
 	$(PY) tools/aarch64_check.py --install-prerequisites
 
 clean:
-	rm -rf $(VENV) $(OLDEST) $(TRAINING) out
+	rm -rf $(VENV) $(OLDEST) $(TRAINING) .venv-executorch out
