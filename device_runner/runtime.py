@@ -397,9 +397,11 @@ class Trainer:
             for n, value in zip(outputs, binding.get_outputs()):
                 if n in placed:
                     continue
-                value = value.numpy()
+                # a copy: .numpy() is a view that would hold the block in onnxruntime's
+                # arena until the result dies (a step later for a gradient), fragmenting it
+                value = np.array(value.numpy())
                 if n not in results:
-                    results[n] = np.array(value) if step < self.batch else value
+                    results[n] = value
                 elif self.batched[n]:
                     raise ValueError(f"{name}: output {n} has a batch dim but no pool place")
                 else:

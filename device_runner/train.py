@@ -456,6 +456,7 @@ class TrainingRun:
             every = self.options.checkpoint_every
             if every and self.state.step % every == 0 and result.applied and self.guard.healthy:
                 self.mark_good()
+            del result  # its gradients and logits: not held through the next step
         return False
 
     def train_batch(self, epoch: int, order: np.ndarray) -> tuple:

@@ -419,3 +419,17 @@ print(secrets.token_hex(2) != "", hasattr(secrets, "choice"))
     want = np.random.default_rng(3).permutation(5).tolist()
     assert out[0] == f"{want} False"
     assert out[1] == "True True"
+
+
+def test_a_steps_results_own_their_memory(artifact):
+    """Gradients, logits and new weights are numpy's own arrays, not views of onnxruntime's
+    arena: a view holds its arena block for as long as the result lives (a step later for a
+    gradient), and the arena then fragments beyond its plan."""
+    from device_runner.runtime import Trainer
+    trainer = Trainer(artifact)
+    size = trainer.manifest.input.height
+    images = np.random.default_rng(0).standard_normal((4, 3, size, size)).astype(np.float32)
+    result = trainer.step(images, np.array([0, 1, 0, 1]), lr=0.01)
+    for array in [result.logits, *result.grads.values(), *trainer.params.values()]:
+        owner = array if array.base is None else array.base
+        assert isinstance(owner, np.ndarray) and owner.flags.owndata, type(owner)
