@@ -18,6 +18,18 @@ from export_helpers import TOL, batch, export, random_model, torch_step, trainab
 from helpers import actcomp, assert_one_error_line, assert_one_line_error, rel_l2_error
 
 
+def cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return {flag for line in f if line.startswith("flags") for flag in line.split()[2:]}
+    except OSError:
+        return set()
+
+
+# MLAS has NCHWc kernels on x86-64 with AVX2 (blocks of 8) or AVX-512 (16)
+HAS_NCHWC_KERNELS = platform.machine() in ("x86_64", "AMD64") and "avx2" in cpu_flags()
+
+
 def check_step(name, n_layers, method, tmp_path, eps=None, batch_size=3, hw=(96, 96),
                num_classes=10, config_kwargs=None, seed=0, kernels="auto"):
     spec, model = random_model(name, num_classes, seed)
@@ -84,8 +96,7 @@ def test_stride_two_and_depthwise_layers(name, n_layers, hw, kernels, tmp_path):
     if kernels == "portable" or not nchwc:
         assert trainer.kernels == "portable"
     else:
-        assert trainer.kernels == ("nchwc" if platform.machine() in ("x86_64", "AMD64")
-                                   else trainer.kernels)
+        assert trainer.kernels == ("nchwc" if HAS_NCHWC_KERNELS else trainer.kernels)
     layers = trainer.manifest.trainable_layers
     assert any(layer.stride == 2 for layer in layers)
     if name == "mcunet-in1":
@@ -512,7 +523,7 @@ def test_the_nchwc_probe_decides_the_kernels(tmp_path):
     folder = nchwc_artifact(tmp_path)
     nchwc = load_manifest(folder).graphs.nchwc
     assert set(nchwc["variants"]) == {"forward_3.onnx", "backward_3.onnx"}  # blocks.13.dw
-    if platform.machine() in ("x86_64", "AMD64"):  # MLAS has NCHWc kernels there
+    if HAS_NCHWC_KERNELS:
         assert nchwc_works(folder, nchwc)
     data = dict(np.load(folder / nchwc["probe_data"]))
     data["dw"] = data["dw"] * 1.01  # what a kernel that computes wrongly would give
