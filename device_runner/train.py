@@ -274,12 +274,23 @@ class StepMeasures:
     splits: list = field(default_factory=list)     # per step, SPLIT_PARTS -> seconds
     violations: int = 0             # steps whose working set exceeded the budget
     peak: int = 0                   # peak RSS over the steps (not evaluation or writing)
+    process_peak: int = 0           # peak RSS before the last restart_peak, of everything
     kept_peak: dict = field(default_factory=lambda: {"paper": 0, "full": 0})
     rank_sums: dict = field(default_factory=dict)  # layer -> ranks per mode summed over steps
     rank_steps: dict = field(default_factory=dict)  # layer -> the steps summed in rank_sums
 
     def exceeded(self, peak: int) -> bool:
         return self.budget is not None and peak - self.baseline > self.budget
+
+    def restart_peak(self) -> None:
+        """After work between steps (an epoch's evaluation and writes): its peak goes into
+        process_peak, and the next steps' peak RSS starts from the RSS now."""
+        self.process_peak = max(self.process_peak, procmem.peak_rss_bytes())
+        procmem.reset_peak()
+
+    def process_peak_now(self) -> int:
+        """Peak RSS of the whole run so far, evaluation and writes included."""
+        return max(self.process_peak, procmem.peak_rss_bytes())
 
     def add(self, result, seconds: float, peak: int) -> None:
         """Count an applied step (a StepResult) of ``seconds``, with the peak RSS after it."""
@@ -572,6 +583,7 @@ class TrainingRun:
             epoch + 1, 0, 0.0, 0
         if self.guard.healthy:
             self.mark_good()
+        self.measures.restart_peak()  # the evaluation and writes above are not a step
 
     def finish(self) -> None:
         """After the last step: the last epoch's loss so far, an evaluation if none since the
@@ -600,7 +612,7 @@ class TrainingRun:
                        "momentum": train.momentum, "lr_scale": state.lr_scale,
                        "rollbacks": state.rollbacks, "proximal_mu": self.options.proximal_mu},
             **self.measures.summary(), "threads": trainer.threads, "kernels": trainer.kernels,
-            "peak_rss_bytes": procmem.peak_rss_bytes(),
+            "peak_rss_bytes": self.measures.process_peak_now(),
             "predicted_working_set_bytes": self.predicted,
             "activation_budget_bytes": train.activation_budget,
             # asi: the ranks each layer kept from its first step on

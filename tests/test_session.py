@@ -64,3 +64,25 @@ def test_a_session_trains_and_streams_full_step_records(artifact, image_folder, 
         assert step.budget_exceeded is False and step.method == "hosvd"
     assert records[-1]["type"] == "summary" and (tmp_path / "run" / "weights.npz").is_file()
 
+
+
+def test_the_working_set_leaves_out_the_work_between_epochs(artifact, image_folder, tmp_path,
+                                                            monkeypatch):
+    """An epoch's evaluation and writes are not steps: a 96 MiB transient there (touched,
+    then freed) must not reach the next epoch's step peaks, hence the working set."""
+    import numpy as np
+    from device_runner.session import Session
+    from device_runner.train import Options, TrainingRun
+    session = Session.open(artifact, 8, None, 1, log=lambda line: None)
+    train_set = session.load_data(image_folder, spool_dir=artifact)
+    own_validate = TrainingRun.validate
+
+    def validate_with_a_transient(run):
+        np.ones(24 << 20, np.float32).sum()  # 96 MiB, freed on return
+        own_validate(run)
+    monkeypatch.setattr(TrainingRun, "validate", validate_with_a_transient)
+    options = Options(epochs=2, batch_size=session.batch_size, lr=0.002)
+    summary = session.train(train_set, None, tmp_path / "run", options)
+    assert summary["steps"] > len(train_set) // 8  # steps ran after the first evaluation
+    assert summary["working_set_bytes"] < 64 << 20
+    assert summary["peak_rss_bytes"] - summary["baseline_rss_bytes"] >= 96 << 20  # the run's
