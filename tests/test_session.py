@@ -85,4 +85,5 @@ def test_the_working_set_leaves_out_the_work_between_epochs(artifact, image_fold
     summary = session.train(train_set, None, tmp_path / "run", options)
     assert summary["steps"] > len(train_set) // 8  # steps ran after the first evaluation
     assert summary["working_set_bytes"] < 64 << 20
-    assert summary["peak_rss_bytes"] - summary["baseline_rss_bytes"] >= 96 << 20  # the run's
+    # the run's peak keeps it (a fresh mapping: RSS before the first step may since have shrunk)
+    assert summary["peak_rss_bytes"] - summary["baseline_rss_bytes"] > 80 << 20
