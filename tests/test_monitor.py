@@ -185,3 +185,22 @@ def test_layer_names_are_shortened_only_where_unambiguous():
     View(None, Out()).step({"step": 1, "ranks": {"features.0": [1, 2, 1, 1],
                                                  "classifier.0": [3, 1, 1, 1]}})
     assert "features.0(1, 2, 1, 1) classifier.0(3, 1, 1, 1)" in Out.text
+
+
+def test_malformed_records_are_shown_as_far_as_they_go_not_a_traceback(tmp_path):
+    """A line that is no record ([1]), a step with a null loss and no sizes, an epoch
+    without val_accuracy, ranks of the wrong type: the live view shows what it can ("-"
+    for what is missing) and follows the stream to the summary."""
+    stream = tmp_path / "stream.jsonl"
+    lines = [[1], "text",
+             {"type": "step", "step": 1, "epoch": 1, "loss": None, "ranks": [3]},
+             {"type": "step", "step": 2, "epoch": 1, "loss": "x", "step_seconds": "fast",
+              "ranks": {"a": 5}, "peak_rss_bytes": 10, "baseline_rss_bytes": None},
+             {"type": "epoch", "epoch": 1},
+             {"type": "summary", "steps": 2}]
+    stream.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    proc = start_monitor(f"file://{stream}", tmp_path / "run.jsonl")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert "step 1 epoch 1 loss - - ms  working set -/10.0 MiB  kept - MiB" in out
+    assert "epoch 1: val accuracy -" in out and "summary: 2 steps" in out

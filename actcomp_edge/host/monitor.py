@@ -67,6 +67,17 @@ def short_names(names: list) -> dict:
     return out
 
 
+def number(value) -> float | None:
+    """value when it is a number (a record's field may be missing, null or malformed)."""
+    return None if isinstance(value, bool) or not isinstance(value, (int, float)) else value
+
+
+def shown(value, spec: str = ".4f", scale: float = 1.0) -> str:
+    """A record's number times scale, formatted by spec; "-" when it is not a number."""
+    value = number(value)
+    return "-" if value is None else format(value * scale, spec)
+
+
 class View:
     """One status line per step (overwritten on a terminal) and a line per violation."""
 
@@ -76,26 +87,32 @@ class View:
         self.received = 0  # records shown
 
     def step(self, r: dict) -> None:
-        working = r.get("peak_rss_bytes", 0) - r.get("baseline_rss_bytes", 0)
-        budget = r.get("budget_bytes") or self.budget
-        over = bool(r.get("budget_exceeded")) or (budget is not None and working > budget)
-        ranks = r.get("ranks") or {}
+        peak, base = number(r.get("peak_rss_bytes")), number(r.get("baseline_rss_bytes"))
+        working = peak - base if peak is not None and base is not None else None
+        budget = number(r.get("budget_bytes")) or self.budget
+        over = r.get("budget_exceeded") is True or (
+            budget is not None and working is not None and working > budget)
+        ranks = r.get("ranks") if isinstance(r.get("ranks"), dict) else {}
         short = short_names(list(ranks))
-        rank_text = " ".join(f"{short[name]}{tuple(v)}" for name, v in ranks.items() if v)
-        line = (f"step {r.get('step')} epoch {r.get('epoch')} loss {r.get('loss', float('nan')):.4f}"
-                f" {1e3 * r.get('step_seconds', 0):.0f} ms  working set {working / MIB:.1f}"
+        rank_text = " ".join(f"{short[name]}{tuple(v)}" for name, v in ranks.items()
+                             if isinstance(v, list) and v)
+        line = (f"step {r.get('step')} epoch {r.get('epoch')} loss {shown(r.get('loss'))}"
+                f" {shown(r.get('step_seconds'), '.0f', 1e3)} ms  working set "
+                f"{shown(working, '.1f', 1 / MIB)}"
                 + (f"/{budget / MIB:.1f}" if budget else "") + " MiB"
-                f"  kept {r.get('kept_bytes_total', 0) / MIB:.3f} MiB  {rank_text}")
+                f"  kept {shown(r.get('kept_bytes_total'), '.3f', 1 / MIB)} MiB  {rank_text}")
         if over:
             self.violations.append(r.get("step"))
             self.write(f"BUDGET VIOLATION at step {r.get('step')}: working set "
-                       f"{working / MIB:.1f} MiB > budget {budget / MIB:.1f} MiB", newline=True)
+                       f"{shown(working, '.1f', 1 / MIB)} MiB > budget "
+                       f"{shown(budget, '.1f', 1 / MIB)} MiB", newline=True)
         self.write(line, newline=not self.tty)
 
     def other(self, r: dict) -> None:
         kind = r.get("type")
         if kind == "epoch":
-            self.write(f"epoch {r.get('epoch')}: val accuracy {r.get('val_accuracy'):.4f}", True)
+            self.write(f"epoch {r.get('epoch')}: val accuracy {shown(r.get('val_accuracy'))}",
+                       True)
         elif kind == "summary":
             self.write(f"summary: {r.get('steps')} steps, final loss {r.get('final_train_loss')}"
                        f", val accuracy {r.get('final_val_accuracy')}", True)
@@ -128,6 +145,8 @@ def follow_file(path: Path, view: View, store: Store | None, idle_timeout: float
                         record = json.loads(line)
                     except ValueError:
                         continue
+                    if not isinstance(record, dict):  # not a record of the runner's
+                        continue
                     if store is not None:
                         store.save(record.get("_seq"), record)
                     if handle(record, view):
@@ -137,6 +156,8 @@ def follow_file(path: Path, view: View, store: Store | None, idle_timeout: float
 
 def handle(record: dict, view: View) -> bool:
     """Show one record; True when it is the runner's summary (the end of the run)."""
+    if not isinstance(record, dict):  # not a record of the runner's: nothing to show
+        return False
     view.received += 1
     if record.get("type") == "step":
         view.step(record)
