@@ -162,8 +162,9 @@ def emit_conv_forward(g: Graph, program: Program, op: Op, trainable: set,
         b = param_ref(g, program, b, trainable) if b else None
     conv = conv_layer(program, op)
     if g.nchwc and w in trainable and nchwc_depthwise(conv):  # a weight input: unpacked
+        attrs = {k: v for k, v in conv_attrs(conv).items() if k != "group"}  # its own group
         y = nchwc_depthwise_conv(g, op.name, op.inputs[0], w, conv.in_ch, pair(conv.kernel)[1],
-                                 b, **conv_attrs(conv, group=False))
+                                 b, **attrs)
         g.op("Identity", [y], op.name + "/out", outputs=[out])
         return
     g.op("Conv", [op.inputs[0], w] + ([b] if b else []), op.name, outputs=[out],
@@ -574,10 +575,10 @@ def conv_layer(program: Program, op: Op) -> ConvLayer:
                      (h, w), (oh, ow), dilation=a.get("dilation", 1))
 
 
-def conv_attrs(conv: ConvLayer, group: bool = True) -> dict:
-    """The ONNX Conv attributes of a conv (dilations only where not 1; group unless not)."""
+def conv_attrs(conv: ConvLayer) -> dict:
+    """The ONNX Conv attributes of a conv (dilations only where not 1)."""
     attrs = dict(kernel_shape=list(pair(conv.kernel)), strides=list(pair(conv.stride)),
-                 pads=list(pair(conv.padding)) * 2, **({"group": conv.groups} if group else {}))
+                 pads=list(pair(conv.padding)) * 2, group=conv.groups)
     if conv.dilation != 1:
         attrs["dilations"] = list(pair(conv.dilation))
     return attrs

@@ -334,8 +334,8 @@ def _nchwc_files(graphs: dict, runs: set, fail) -> set:
                              f'"probe_data": file name}}, got {_show(nchwc)}')
     for run, variant in nchwc["variants"].items():
         if run not in runs or not _is_file_name(variant):
-            fail(f"graphs.nchwc.variants.{run}", f"must map a forward or backward graph to a file name, "
-                                                 f"got {_show(variant)}")
+            fail(f"graphs.nchwc.variants.{run}", f"must map a forward or backward graph to a "
+                                                 f"file name, got {_show(variant)}")
     return set(nchwc["variants"].values()) | {nchwc["probe"], nchwc["probe_data"]}
 
 
@@ -478,8 +478,8 @@ class Graphs:
     backward: list   # backward_<p>.onnx in execution order, then update.onnx
     evaluate: str    # image -> logits, the trainable weights as inputs
     extra: dict = field(default_factory=dict)  # inference, overview
-    # {"variants": {forward or backward run: its form on onnxruntime's NCHWc kernels}, "probe": a graph
-    # of those kernels, "probe_data": its x, dy and expected dw (npz)}; {}: none
+    # {"variants": {forward or backward run: its form on onnxruntime's NCHWc kernels},
+    # "probe": a graph of those kernels, "probe_data": its x, dy and expected dw (npz)}; {}: none
     nchwc: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:

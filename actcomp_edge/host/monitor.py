@@ -155,9 +155,8 @@ def follow_file(path: Path, view: View, store: Store | None, idle_timeout: float
 
 
 def handle(record: dict, view: View) -> bool:
-    """Show one record; True when it is the runner's summary (the end of the run)."""
-    if not isinstance(record, dict):  # not a record of the runner's: nothing to show
-        return False
+    """Show one record (a dict: follow_file skips other JSON, the protocol decodes none);
+    True when it is the runner's summary (the end of the run)."""
     view.received += 1
     if record.get("type") == "step":
         view.step(record)
