@@ -1,4 +1,5 @@
-"""Training data on the device: an ImageFolder-style directory or an .npz (numpy + Pillow).
+"""Training data on the device: an ImageFolder-style directory or an .npz (numpy; Pillow only
+decodes and resizes files at load time).
 
 - directory: one sub-folder per class (sorted names = class order), JPEG/PNG files inside;
   files that are not readable images are skipped and counted (``Dataset.skipped``), never fatal;
@@ -120,16 +121,45 @@ def random_resized_crop(image: np.ndarray, rng: np.random.Generator,
     """uint8 (H, W, 3) -> uint8 (H, W, 3): a random box of scale * H * W pixels (area) and
     aspect w/h in ratio (log-uniform), resized back to (H, W), then flipped left-right with
     probability 1/2 (torchvision's RandomResizedCrop + RandomHorizontalFlip)."""
-    from PIL import Image
     h, w = image.shape[:2]
     area = rng.uniform(*scale) * h * w
     aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
     box_w = min(w, max(1, round(math.sqrt(area * aspect))))
     box_h = min(h, max(1, round(math.sqrt(area / aspect))))
     left, top = rng.integers(0, w - box_w + 1), rng.integers(0, h - box_h + 1)
-    crop = np.asarray(Image.fromarray(image).resize(
-        (w, h), Image.BILINEAR, box=(left, top, left + box_w, top + box_h)))
+    crop = bilinear_box(image, int(left), int(top), box_w, box_h)
     return crop[:, ::-1] if rng.random() < 0.5 else crop
+
+
+def bilinear_taps(n_out: int, start: int, length: int, n_in: int) -> tuple:
+    """Bilinear sampling of the span [start, start + length) of an axis of n_in pixels at
+    n_out half-pixel centres: (i0, i1, weight of i1 (n_out, 1) float32), clamped to the axis."""
+    centre = np.clip(start + (np.arange(n_out) + 0.5) * (length / n_out) - 0.5, 0, n_in - 1)
+    i0 = np.floor(centre).astype(np.intp)
+    return i0, np.minimum(i0 + 1, n_in - 1), (centre - i0).astype(np.float32)[:, None]
+
+
+def bilinear_box(image: np.ndarray, left: int, top: int, box_w: int, box_h: int) -> np.ndarray:
+    """uint8 (H, W, C) -> uint8 (H, W, C): the box (left, top, box_w, box_h) of the image
+    resized to (H, W), bilinear, pixels outside the box read where a tap falls on them (as
+    Pillow's BILINEAR with a box; within one level of it for a box no larger than the image).
+    In numpy, so that augmentation needs no Pillow (2.1 MiB of RSS)."""
+    h, w, c = image.shape
+    y0, y1, wy = bilinear_taps(h, top, box_h, h)
+    x0, x1, wx = bilinear_taps(w, left, box_w, w)
+    first, last = int(y0[0]), int(y1[-1]) + 1  # the rows any tap reads
+    rows = image[first:last].reshape(last - first, w * c)
+    channel = np.arange(c)
+    a = rows[:, (x0[:, None] * c + channel).ravel()].astype(np.float32)  # (rows, W * C)
+    b = rows[:, (x1[:, None] * c + channel).ravel()].astype(np.float32)
+    b -= a
+    b *= np.repeat(wx[:, 0], c)
+    a += b                                     # along x
+    upper, lower = a[y0 - first], a[y1 - first]
+    lower -= upper
+    lower *= wy
+    upper += lower                             # along y
+    return np.rint(upper, out=upper).astype(np.uint8).reshape(h, w, c)
 
 
 def resize(image: np.ndarray, size: tuple) -> np.ndarray:

@@ -402,10 +402,8 @@ class TrainingRun:
         self.take_snapshot()
         # the libraries every run's steps use are loaded before the baseline: numpy's random
         # module orders each epoch (2.2-2.5 MiB of RSS with OpenSSL, benchmarks/scripts/
-        # memory_ab.sh; the memory plan cannot see it), Pillow crops an augmented batch
+        # memory_ab.sh; the memory plan cannot see it)
         procmem.import_numpy_random()
-        if self.options.augment:
-            import PIL.Image  # noqa: F401
         baseline = procmem.rss_bytes()
         procmem.reset_peak()
         self.measures = StepMeasures(baseline, self.options.budget_bytes, peak=baseline)

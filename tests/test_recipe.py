@@ -2,6 +2,8 @@
 augmentation, and the one-line refusals of bad arguments and data."""
 import math
 import re
+import subprocess
+import sys
 
 import numpy as np
 import onnxruntime as ort
@@ -17,7 +19,7 @@ from device_runner.runtime import Trainer
 from device_runner.train import MAX_ROLLBACKS, Options, TrainingError, evaluate, fit
 from export.training_graph import TrainConfig
 from export_helpers import batch, export, random_model
-from helpers import actcomp, assert_one_error_line, rel_l2_error
+from helpers import ENV, actcomp, assert_one_error_line, rel_l2_error
 
 # ---------------------------------------------------------------- schedules
 
@@ -222,6 +224,45 @@ def test_augmentation_is_seeded_and_a_full_crop_is_the_image_or_its_mirror():
     out = data_module.random_resized_crop(image, np.random.default_rng(0), scale=(1, 1),
                                           ratio=(1, 1))
     assert np.array_equal(out, image) or np.array_equal(out, image[:, ::-1])
+
+
+def test_the_augmented_crop_is_pillows_bilinear_resize_of_its_box():
+    Image = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng(5)
+    for h, w in [(64, 64), (37, 50), (1, 9)]:
+        image = rng.integers(0, 256, (h, w, 3)).astype(np.uint8)
+        for _ in range(40):
+            box_w, box_h = int(rng.integers(1, w + 1)), int(rng.integers(1, h + 1))
+            left, top = int(rng.integers(0, w - box_w + 1)), int(rng.integers(0, h - box_h + 1))
+            ours = data_module.bilinear_box(image, left, top, box_w, box_h)
+            pillow = np.asarray(Image.fromarray(image).resize(
+                (w, h), Image.BILINEAR, box=(left, top, left + box_w, top + box_h)))
+            assert ours.shape == pillow.shape and ours.dtype == np.uint8
+            assert np.abs(ours.astype(int) - pillow).max() <= 1, (h, w, left, top, box_w, box_h)
+    # by hand: columns 1-2 of a ramp 40 x, stretched to 4 columns, sample x = 0.75, 1.25,
+    # 1.75, 2.25 (half-pixel centres): the taps read the columns beside the box
+    ramp = np.repeat(np.arange(0, 160, 40, dtype=np.uint8)[None, :, None], 4, 0)
+    row = data_module.bilinear_box(ramp, 1, 0, 2, 4)[0, :, 0]
+    np.testing.assert_array_equal(row, [30, 50, 70, 90])
+
+
+def test_an_augmented_run_on_an_npz_never_imports_pillow(artifact, tmp_path):
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data.npz"
+    np.savez(data, images=rng.integers(0, 256, (12, 64, 64, 3)).astype(np.uint8),
+             labels=np.arange(12) % 3)
+    code = f"""
+import sys
+sys.modules["PIL"] = None  # any import of Pillow now raises ImportError
+from device_runner.cli import main
+assert main(["train", {str(artifact)!r}, "--data", {str(data)!r}, "--max-steps", "2",
+             "--batch-size", "4", "--out", {str(tmp_path / 'run')!r}]) == 0
+print("no Pillow")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "no Pillow" in proc.stdout
 
 
 def test_augmentation_changes_training_and_no_augment_turns_it_off(artifact, image_folder,
