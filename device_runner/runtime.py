@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from math import prod
 from pathlib import Path
 
 import numpy as np
@@ -259,11 +260,19 @@ class Trainer:
                         for o in sess.get_outputs()}
         self.outputs.update({i.name: (i.shape, DTYPES[i.type]) for sess in self.sessions.values()
                              for i in sess.get_inputs() if i.name == memplan.STEP_INPUT})
+        for name, (shape, _) in list(self.outputs.items()):  # a bool mask is held as its bits
+            if names.is_mask_bool(name):
+                self.outputs[names.stored(name)] = ([shape[0], -(-prod(shape[1:]) // 8)],
+                                                    np.uint8)
         # which inputs and outputs have the batch as their first dim (sliced by micro-batches)
         self.batched = {v.name: bool(v.shape) and v.shape[0] == "batch"
                         for sess in self.sessions.values()
                         for v in list(sess.get_inputs()) + list(sess.get_outputs())}
-        self.backward_inputs = {n for run in self.backward_runs for n in self.io[run][0]}
+        self.backward_inputs = {names.stored(n) for run in self.backward_runs
+                                for n in self.io[run][0]}
+        # (C, H, W) of every bool mask a backward reads: unpacked from its bits to that shape
+        self.mask_shapes = {i.name: tuple(i.shape[1:]) for sess in self.sessions.values()
+                            for i in sess.get_inputs() if names.is_mask_bool(i.name)}
         # the classifier head's part of the backward's inputs (each linear's input, its
         # activations' masks): what no fine-tuned layer claims, but the loss gradient
         claimed = {n for layer in self.layers.values()
@@ -327,7 +336,15 @@ class Trainer:
             return self.trackers[layer.name](x)
         return self.row.compress(x, self.eps, self.ranks, cap, layer.stride)
 
+    def unpack_mask(self, name: str, bits: np.ndarray) -> np.ndarray:
+        """The bool (n, C, H, W) a backward reads as mask ``name``, from its bits (n, P)."""
+        shape = self.mask_shapes[name]
+        return np.unpackbits(bits, axis=1, count=prod(shape)).view(np.bool_).reshape(
+            (len(bits), *shape))
+
     def _feed(self, name: str, tensors: dict):
+        if names.is_mask_bool(name):  # held as bits since its forward: unpacked per slice
+            return tensors[names.stored(name)]
         if name in tensors:
             return tensors[name]
         return self.params[name] if name in self.params else self.state[name]
@@ -354,14 +371,17 @@ class Trainer:
             feeds = {n: self._feed(n, tensors) for n in inputs}
             placed = {}
             for name in outputs:
-                key = memplan.pool_key(name, position, tensors)
+                held = names.stored(name)  # a bool mask's place is its bits'
+                key = memplan.pool_key(held, position, tensors)
                 if key in self.slots:
-                    placed[name] = self._slot(key, name, self.batch)
+                    placed[name] = self._slot(key, held, self.batch)
             self._release(tensors, position)  # inputs read for the last time: feeds hold them
             results = self._run_in_slices(item, feeds, placed)
             del feeds
             for name, value in zip(outputs, results):
-                if names.is_new(name):
+                if names.is_mask_bool(name):  # 1 bit an element until its backward
+                    tensors[names.stored(name)] = value
+                elif names.is_new(name):
                     out["updates"][names.updated_of(name)] = value
                 elif name in tensors:  # d/<t> from another consumer of t: sum in place
                     np.add(tensors[name], value, out=tensors[name])
@@ -376,25 +396,37 @@ class Trainer:
         """Run a graph on the whole batch, or on slices of ``item.micro_batch`` samples (a
         partition whose every term is a map or a sum over samples: outputs with a batch dim
         are written slice by slice into their places, the others, grad/<param>, summed).
-        Outputs in ``placed`` go straight into the pool; the rest are returned."""
+        Outputs in ``placed`` go straight into the pool; the rest are returned. A bool mask is
+        packed into its bits, or unpacked from them, slice by slice: the whole bool never
+        exists."""
         name = item.graph
         session, (inputs, outputs) = self.sessions[name], self.io[name]
         step = min(item.micro_batch or self.batch, self.batch)
-        results = {}
+        results = {n: np.empty(self.output_shape(names.stored(n), self.batch), np.uint8)
+                   for n in outputs if names.is_mask_bool(n) and n not in placed}
         for start in range(0, self.batch, step):
             rows = slice(start, min(start + step, self.batch))
             binding = session.io_binding()
+            unpacked = []  # alive until the run: the binding reads their memory
             for n in inputs:
-                value = feeds[n]
-                binding.bind_cpu_input(n, value[rows] if self.batched[n] else value)
+                value = feeds[n][rows] if self.batched[n] else feeds[n]
+                if names.is_mask_bool(n):
+                    value = self.unpack_mask(n, value)
+                    unpacked.append(value)
+                binding.bind_cpu_input(n, value)
             for n in outputs:
-                if n in placed:
+                if n in placed and not names.is_mask_bool(n):
                     view = placed[n][rows] if self.batched[n] else placed[n]
                     binding.bind_output(n, "cpu", 0, view.dtype, view.shape, view.ctypes.data)
                 else:
                     binding.bind_output(n, "cpu")
             run_bound(session, binding)
             for n, value in zip(outputs, binding.get_outputs()):
+                if names.is_mask_bool(n):
+                    mask = value.numpy()
+                    bits = placed[n] if n in placed else results[n]
+                    bits[rows] = np.packbits(mask.reshape(len(mask), -1), axis=1)
+                    continue
                 if n in placed:
                     continue
                 # a copy: .numpy() is a view that would hold the block in onnxruntime's
@@ -406,7 +438,7 @@ class Trainer:
                     raise ValueError(f"{name}: output {n} has a batch dim but no pool place")
                 else:
                     results[n] += value
-            del binding
+            del binding, unpacked
         return [placed[n] if n in placed else results[n] for n in outputs]
 
     def forward(self, images: np.ndarray, labels: np.ndarray, prefix_out: dict | None = None,

@@ -255,11 +255,12 @@ def layer_masks(program, partitions: list) -> list:
     """The tensors each fine-tuned conv's forward partition keeps beside the conv's own
     pieces: masks, max-pool argmaxes, saved activations, multiply factors and a
     squeeze-excitation Linear's input, made between fine-tuned conv i and the next, belong to
-    conv i (full accounting); the head's belong to the classifier."""
+    conv i (full accounting); the head's belong to the classifier. Names as the runner holds
+    them (a mask as its bits: ``names.stored``)."""
     head = head_tensors(program)
     linear_inputs = {op.inputs[0] for op in program.ops if op.kind == "linear"} - head
-    return [[t for t in outputs if (names.is_saved(t) and names.source_of(t) not in head)
-             or t in linear_inputs]
+    return [[names.stored(t) for t in outputs if (names.is_saved(t) and names.source_of(t)
+                                                  not in head) or t in linear_inputs]
             for _, _, outputs in partitions[1:]]
 
 

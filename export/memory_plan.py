@@ -8,7 +8,8 @@ Working set = what the runner allocates once and then reuses, plus what the step
                 (tensors alive together in node order, from onnx shape inference)
     numpy       at each schedule position: the kept pieces alive, the
                 results (new params, state, gradients), the image batch, and the transient
-                of a decomposition (the method's ``workspace``)
+                of a decomposition (the method's ``workspace``) or of a backward run's
+                unpacked masks
 
 Data-dependent ranks (eps) take their bound (full multilinear rank, capped by a rank cap):
 ``rank_basis`` says which. Bytes; float32 4, bool/uint8 1.
@@ -161,6 +162,8 @@ def step_plan(models: dict, graphs: dict, dims: dict, chosen: dict, schedule: li
     sizes = {}
     for g in graphs.values():
         sizes.update(tensor_bytes(g))
+    for name in [n for n in sizes if names.is_mask_bool(n)]:  # held as its bits (pooled)
+        sizes[names.stored(name)] = batch * -(-(sizes[name] // batch) // 8)
     by_name = {layer.name: layer for layer in layers}
     row = METHODS[method]
     buffers = memplan.pool_buffers(schedule, io, by_name, row.keeps_input, lambda n: sizes[n])
@@ -189,6 +192,9 @@ def step_plan(models: dict, graphs: dict, dims: dict, chosen: dict, schedule: li
             for name in io[item.graph][1]:
                 if names.is_new(name) or names.is_grad(name):
                     results += sizes[name]
+            # the bool masks the run reads, unpacked from their bits a slice at a time
+            transient = sum(sizes[name] for name in io[item.graph][0]
+                            if names.is_mask_bool(name)) * micro.get(item.graph, batch) // batch
         numpy_at.append(labels + results + sum(numpy_live.values()) + transient)
         for name in list(numpy_live):  # kept pieces: until their backward partition
             if last.get(by_name[name].kept[0], -1) <= position:
@@ -216,6 +222,12 @@ SLICE_FLOOR_BYTES = 8 << 20  # below this an arena is not worth more graph runs 
 ARENA_SHARE = 0.125
 
 
+def pooled_outputs(model: onnx.ModelProto) -> set:
+    """The outputs of a graph the pool holds: all but its bool masks (packed out of the
+    arena as they come, ``names.stored``)."""
+    return {o.name for o in model.graph.output if not names.is_mask_bool(o.name)}
+
+
 def choose_micro_batches(graphs: dict, schedule: list, batch: int,
                          variants: dict | None = None) -> list:
     """The schedule with ``micro_batch`` (samples a run) on every graph run whose
@@ -229,13 +241,13 @@ def choose_micro_batches(graphs: dict, schedule: list, batch: int,
     forward = [name for name in runs if name.startswith("forward_")]
     chunkable = set(forward[:-1]) | {name for name in runs if name.startswith("backward_")}
     held = max(size for g in graphs.values() for name, size in tensor_bytes(g).items()
-               if name in {o.name for o in g.graph.output})
+               if name in pooled_outputs(g))
     target = max(int(held * ARENA_SHARE), SLICE_FLOOR_BYTES)
     out = []
     for item in schedule:
         name = item.graph if isinstance(item, Run) else None
         if name in chunkable:
-            arena = max(arena_peak(graphs[g], {o.name for o in graphs[g].graph.output})
+            arena = max(arena_peak(graphs[g], pooled_outputs(graphs[g]))
                         for g in (name, (variants or {}).get(name)) if g)
             if arena > target:
                 item = Run(name, max(1, batch * target // arena))

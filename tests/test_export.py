@@ -231,9 +231,9 @@ def test_kept_between_forward_and_backward_is_only_the_compressed_form(tmp_path)
     assert not conv_inputs & set(inputs)
     for layer in trainer.manifest.trainable_layers:
         assert [n for n in inputs if n.startswith(layer.name + "/kept/")] == layer.kept
-    masks = [i for n, i in inputs.items() if n.endswith("/mask_bits")]
-    assert masks and all(i.type == "tensor(uint8)" for i in masks)
-    assert not [n for n in inputs if n.endswith("/mask")]
+    masks = [i for n, i in inputs.items() if n.endswith("/mask_bool")]
+    assert masks and all(i.type == "tensor(bool)" for i in masks)
+    assert not [n for n in inputs if n.endswith("/mask_bits")]
     import onnx
     overview = onnx.load(str(trainer.folder / "overview.onnx"))
     decompositions = [n for n in overview.graph.node if n.domain == "ai.actcomp"]
@@ -422,27 +422,47 @@ def test_cli_export_unsupported_layer_and_bad_weights(tmp_path):
     assert proc.returncode == 2 and "stem.weight" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("chw", [(3, 5, 7), (8, 4, 4), (1, 1, 1)])
-def test_bit_packed_masks_are_np_packbits_and_unpack_exactly(chw):
-    """The forward's packing gives np.packbits of each sample's mask (1 bit an element), and
-    the backward's unpacking gives the mask back bit for bit, also when C*H*W is not a
-    multiple of 8."""
-    import onnxruntime as ort
-    from export.onnx_graph import Graph
-    from export.training_graph import pack_mask, unpack_mask
-    n = int(np.prod(chw))
-    g = Graph("pack_unpack")
-    g.input("mask", np.bool_, ["batch", *chw])
-    bits = pack_mask(g, "p", "mask", chw, "bits")
-    g.output(bits, np.uint8, ["batch", -(-n // 8)])
-    g.output(unpack_mask(g, "u", bits, chw), np.float32, ["batch", *chw])
-    session = ort.InferenceSession(g.model().SerializeToString(),
-                                   providers=["CPUExecutionProvider"])
-    mask = np.random.default_rng(0).random((3, *chw)) > 0.5
-    packed, unpacked = session.run(None, {"mask": mask})
-    np.testing.assert_array_equal(packed, np.packbits(mask.reshape(3, -1), axis=1))
-    assert packed.nbytes == 3 * -(-n // 8)
-    np.testing.assert_array_equal(unpacked, mask.astype(np.float32))
+def test_masks_are_held_as_packbits_of_the_forwards_bool_also_by_micro_batch(tmp_path):
+    """A forward graph outputs each mask as bool; the runner holds np.packbits of it (1 bit
+    an element, also when C*H*W is not a multiple of 8), packed slice by slice when the run
+    is sliced, and feeds the backward the same bool back."""
+    from actcomp_edge.core import names
+    from actcomp_edge.core.manifest import Run
+    spec, model = random_model("mcunet-in1", 10, 0)
+    trainer = export(model, spec, tmp_path, TrainConfig(n_layers=4, method="hosvd", eps=0.8),
+                     3, (96, 96))
+    images, labels = batch(3, (96, 96), 10)
+    bits = {n: v for n, v in trainer.forward(images, labels).tensors.items()
+            if names.is_mask_bits(n)}
+    held = [m for layer in trainer.manifest.trainable_layers for m in layer.masks]
+    assert held and sorted(held) == sorted(bits)
+    checked = 0
+    for position, item in enumerate(trainer.schedule):
+        made_here = [n for n in trainer.io.get(getattr(item, "graph", None), ((), ()))[1]
+                     if names.is_mask_bool(n)]
+        if not made_here:
+            continue
+        before = trainer.forward(images, labels, decompose=False, until=position).tensors
+        inputs, outputs = trainer.io[item.graph]
+        feeds = {n: trainer._feed(n, before) for n in inputs}
+        made = dict(zip(outputs, trainer.sessions[item.graph].run(None, {
+            n: trainer.unpack_mask(n, v) if names.is_mask_bool(n) else v
+            for n, v in feeds.items()})))
+        for n in made_here:
+            mask = made[n]
+            assert mask.dtype == np.bool_ and mask.shape[0] == 3
+            np.testing.assert_array_equal(bits[names.stored(n)],
+                                          np.packbits(mask.reshape(3, -1), axis=1))
+            np.testing.assert_array_equal(  # what the backward reads
+                trainer.unpack_mask(n, bits[names.stored(n)]), mask)
+            checked += 1
+    assert checked == len(held)
+    last_forward = trainer.schedule[trainer.backward_from - 1].graph
+    trainer.schedule = [Run(i.graph, 1) if isinstance(i, Run) and i.graph.startswith("forward_")
+                        and i.graph != last_forward else i for i in trainer.schedule]
+    sliced = trainer.forward(images, labels).tensors
+    for n, value in bits.items():
+        np.testing.assert_array_equal(sliced[n], value)
 
 
 @pytest.mark.parametrize("method,packed", [("vanilla", 0), ("hosvd", 2)])
@@ -455,8 +475,7 @@ def test_vanilla_reads_relu_masks_from_the_kept_inputs(method, packed, tmp_path)
     config = TrainConfig(n_layers=4, method=method, eps=0.8 if method == "hosvd" else None)
     trainer = export(model, spec, tmp_path, config, 2, (96, 96))
     masks = [m for layer in trainer.manifest.trainable_layers for m in layer.masks]
-    backward_inputs = {n for name in trainer.manifest.graphs.backward
-                       for n in trainer.io[name][0]}
+    backward_inputs = trainer.backward_inputs  # as the runner holds them (masks as bits)
     assert len(masks) == packed, masks
     assert all(m in backward_inputs for m in masks)
     kept_inputs = [layer.kept[0] for layer in trainer.manifest.trainable_layers]

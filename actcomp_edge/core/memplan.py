@@ -10,7 +10,9 @@ the runs' outputs straight into it (IOBinding), so no step allocates or page-fau
 
 The image batch is pooled too: the data loader writes it into its place before the step.
 Not pooled: ``new/*`` and ``grad/*`` (the step's results, kept after it), ``loss`` and
-``logits``, and what numpy makes (the kept pieces of a decomposition).
+``logits``, and what numpy makes (the kept pieces of a decomposition). A forward's bool
+mask is pooled as its bits (``names.stored``): the runner packs each micro-batch of it into
+them as the run makes it, so the bool stays in onnxruntime's arena.
 """
 from __future__ import annotations
 
@@ -34,12 +36,14 @@ class Buffer:
 
 
 def pooled(name: str) -> bool:
-    """Whether a run's output goes to the pool (the step's results do not)."""
+    """Whether a run's output goes to the pool (the step's results do not; a bool mask goes
+    as its bits, ``names.stored``)."""
     return not (names.is_new(name) or names.is_grad(name) or name in ("loss", "logits"))
 
 
 def last_use(schedule: list, io: dict, layers: dict, keeps_input: bool) -> dict:
-    """tensor -> last schedule position that reads it. schedule: of manifest.Run and
+    """tensor (as the runner holds it: ``names.stored``) -> last schedule position that reads
+    it. schedule: of manifest.Run and
     Compress; io: graph -> (input names, output names); layers: name -> manifest.Layer.
     keeps_input (vanilla): the kept piece *is* the conv input, so the conv input lives until
     its backward partition."""
@@ -49,7 +53,7 @@ def last_use(schedule: list, io: dict, layers: dict, keeps_input: bool) -> dict:
             last[layers[item.layer].input] = position
         else:
             for name in io[item.graph][0]:
-                last[name] = position
+                last[names.stored(name)] = position  # a mask is held as its bits
     if keeps_input:
         for layer in layers.values():
             x = layer.input
@@ -61,7 +65,8 @@ STEP_INPUT = "image"  # the step's image batch: written into the pool before the
 
 
 def pool_buffers(schedule: list, io: dict, layers: dict, keeps_input: bool, nbytes) -> list:
-    """Buffer of every pooled run output, and of the image batch (made before the first item,
+    """Buffer of every pooled run output (by its stored name; ``nbytes(name)``: its bytes),
+    and of the image batch (made before the first item,
     free after its last reader: later tensors reuse its place). A second gradient of the same
     tensor (``d/<t>`` from another consumer) gets a buffer of its own for that run only
     (then it is summed into the first)."""
@@ -74,6 +79,7 @@ def pool_buffers(schedule: list, io: dict, layers: dict, keeps_input: bool, nbyt
         for name in io[item.graph][1]:
             if not pooled(name):
                 continue
+            name = names.stored(name)  # a bool mask is held as its bits
             if name in made:
                 buffers.append(Buffer(pool_key(name, position, made), nbytes(name), position,
                                       position))
