@@ -120,6 +120,19 @@ def initial_arena_bytes(manifest: Manifest, cap: int | None) -> int:
     return min(int(ARENA_SLACK * manifest.memory_plan.arena_bytes), cap or NO_ARENA_CAP)
 
 
+def pack_mask(x: np.ndarray, above: float, below: float | None, bits: np.ndarray) -> None:
+    """bits (B, ceil(C*H*W / 8)) <- np.packbits of above < x < below (below None: no upper
+    bound) of each sample of x (B, C, H, W), a block of samples at a time."""
+    flat = x.reshape(len(x), -1)
+    step = memplan.mask_pack_samples(flat.shape[1])
+    for start in range(0, len(flat), step):
+        rows = flat[start:start + step]
+        mask = rows > above
+        if below is not None:
+            mask &= rows < below
+        bits[start:start + step] = np.packbits(mask, axis=1)
+
+
 def run_bound(session, binding) -> None:
     try:
         session.run_with_iobinding(binding)
@@ -264,6 +277,10 @@ class Trainer:
             if names.is_mask_bool(name):
                 self.outputs[names.stored(name)] = ([shape[0], -(-prod(shape[1:]) // 8)],
                                                     np.uint8)
+        for layer in m.trainable_layers:  # and so is the mask the runner packs of an input
+            if layer.input_mask:
+                self.outputs[layer.input_mask["bits"]] = (
+                    ["batch", -(-prod(layer.input_shape) // 8)], np.uint8)
         # which inputs and outputs have the batch as their first dim (sliced by micro-batches)
         self.batched = {v.name: bool(v.shape) and v.shape[0] == "batch"
                         for sess in self.sessions.values()
@@ -360,6 +377,10 @@ class Trainer:
             # rejected there (the check cost 8 ms a step at 42 convs)
             if not self.row.keeps_input and not np.isfinite(x.sum()):
                 raise NonFiniteActivation(f"the input of {layer.name} is not finite")
+            if layer.input_mask:  # its backward mask, from x itself, into its pool place
+                mask = layer.input_mask
+                bits = tensors[mask["bits"]] = self._slot(mask["bits"], mask["bits"], self.batch)
+                pack_mask(x, mask["above"], mask.get("below"), bits)
             kept = self.compress(layer, x)
             del x
             for piece, name in zip(kept.pieces, layer.kept):

@@ -23,8 +23,8 @@ from actcomp_edge.core.program import build_program, check_input_size, network_o
 from .memory_plan import choose_micro_batches, concrete, rank_dims, step_plan
 from .onnx_graph import IR_VERSION, OPSET, Graph
 from .training_graph import (TrainConfig, backward_partitions, conv_layer, eval_graph,
-                             forward_partitions, head_tensors, optimizer_state, overview_graph,
-                             split_program, update_graph)
+                             forward_partitions, head_tensors, input_masks, optimizer_state,
+                             overview_graph, split_program, update_graph)
 
 
 def save_model(model: onnx.ModelProto, path: Path) -> None:
@@ -264,18 +264,33 @@ def layer_masks(program, partitions: list) -> list:
             for _, _, outputs in partitions[1:]]
 
 
+def input_mask(masks: dict, conv_name: str) -> dict | None:
+    """The manifest's Layer.input_mask of a fine-tuned conv (training_graph.input_masks)."""
+    if conv_name not in masks:
+        return None
+    y, lo, hi = masks[conv_name]
+    return {"bits": names.mask_bits(y), "above": float(lo),
+            **({"below": float(hi)} if hi is not None else {})}
+
+
 def trainable_layers(split, method: str, partitions: list) -> list:
     """The manifest's trainable_layers: each fine-tuned conv's shapes (C, H, W), geometry,
-    kept pieces and masks."""
+    kept pieces and masks (the mask of its input the runner packs among them)."""
     shapes = split.program.shapes
     pieces = method_row(method).pieces
-    return [Layer(op.name, op.inputs[0], list(shapes[op.inputs[0]]), op.attrs["stride"],
-                  [names.kept(op.name, piece) for piece in pieces], masks, extra={
-                      "output_shape": list(shapes[op.output]), "kernel": op.attrs["kernel"],
-                      "padding": op.attrs["padding"], "groups": op.attrs["groups"],
-                      **({"dilation": op.attrs["dilation"]}
-                         if op.attrs.get("dilation", 1) != 1 else {})})
-            for op, masks in zip(split.trainable_convs, layer_masks(split.program, partitions))]
+    made_by_runner = input_masks(split, method)
+    layers = []
+    for op, masks in zip(split.trainable_convs, layer_masks(split.program, partitions)):
+        mask = input_mask(made_by_runner, op.name)
+        layers.append(Layer(
+            op.name, op.inputs[0], list(shapes[op.inputs[0]]), op.attrs["stride"],
+            [names.kept(op.name, piece) for piece in pieces],
+            masks + ([mask["bits"]] if mask else []), mask, extra={
+                "output_shape": list(shapes[op.output]), "kernel": op.attrs["kernel"],
+                "padding": op.attrs["padding"], "groups": op.attrs["groups"],
+                **({"dilation": op.attrs["dilation"]} if op.attrs.get("dilation", 1) != 1
+                   else {})}))
+    return layers
 
 
 def predicted_memory(program, config: TrainConfig, batch_size: int) -> PredictedMemory:

@@ -164,6 +164,9 @@ def step_plan(models: dict, graphs: dict, dims: dict, chosen: dict, schedule: li
         sizes.update(tensor_bytes(g))
     for name in [n for n in sizes if names.is_mask_bool(n)]:  # held as its bits (pooled)
         sizes[names.stored(name)] = batch * -(-(sizes[name] // batch) // 8)
+    for layer in layers:  # the mask the runner packs of an input, pooled as bits too
+        if layer.input_mask:
+            sizes[layer.input_mask["bits"]] = batch * -(-prod(layer.input_shape) // 8)
     by_name = {layer.name: layer for layer in layers}
     row = METHODS[method]
     buffers = memplan.pool_buffers(schedule, io, by_name, row.keeps_input, lambda n: sizes[n])
@@ -188,6 +191,9 @@ def step_plan(models: dict, graphs: dict, dims: dict, chosen: dict, schedule: li
             ranks, stride = chosen[layer.name], layer.stride
             numpy_live[layer.name] = numpy_kept_bytes(row, shape, ranks, stride)
             transient = row.workspace(shape, ranks, stride)
+            if layer.input_mask:  # packed before the decomposition: two bool blocks
+                elements = prod(layer.input_shape)
+                transient = max(transient, 2 * memplan.mask_pack_samples(elements) * elements)
         else:
             for name in io[item.graph][1]:
                 if names.is_new(name) or names.is_grad(name):

@@ -431,6 +431,35 @@ def packed_masks(split: Split, method: str) -> set:
     return {t for t, source in region_sources(split, method).items() if source == "bits"}
 
 
+def input_masks(split: Split, method: str) -> dict:
+    """conv name -> (y, lo, hi) for each fine-tuned conv whose input y is the output of a
+    clip or of a leaky ReLU (slope >= 0) in the fine-tuned region, when the method does not
+    keep y: the runner packs y's backward mask lo < y < hi from y at the decomposition (it
+    is exactly lo < x < hi of the op's input x), so the forward makes none. hi None: no
+    upper bound."""
+    if METHODS[method].keeps_input:
+        return {}
+    program = split.program
+    producer = {op.output: (i, op) for i, op in enumerate(program.ops)}
+    out = {}
+    for conv in split.trainable_convs:
+        y = conv.inputs[0]
+        i, op = producer.get(y, (-1, None))
+        if i < split.region_start:
+            continue
+        if op.kind == "clip":
+            out[conv.name] = (y, op.attrs["lo"], None if op.attrs["hi"] == RELU_HI
+                              else op.attrs["hi"])
+        elif op.kind == "act" and op.attrs["fn"] == "leaky_relu" and op.attrs["slope"] >= 0:
+            out[conv.name] = (y, 0.0, None)
+    return out
+
+
+def forward_masks(split: Split, method: str) -> set:
+    """The packed masks a forward graph makes (as bool): all but the runner's input_masks."""
+    return packed_masks(split, method) - {y for y, _, _ in input_masks(split, method).values()}
+
+
 def saved_activations(split: Split, method: str) -> set:
     """Outputs of the fine-tuned region's acts that keep a float32 tensor (<t>/act_saved)."""
     return {t for t, source in region_sources(split, method).items() if source == "saved"}
@@ -482,7 +511,7 @@ def forward_partitions(split: Split, config: TrainConfig, nchwc: bool = False) -
     """forward_0 .. forward_N as (Graph, inputs, outputs); liveness decides what crosses."""
     program = split.program
     trainable = set(split.trainable_params)
-    masked = packed_masks(split, config.method)
+    masked = forward_masks(split, config.method)
     saved = saved_activations(split, config.method)
     factors = kept_factors(split, config.method)
     pools = argmax_pools(split)
@@ -1033,17 +1062,21 @@ def copy_nodes(graph: Graph, renamed: dict) -> list:
 
 def append_forward(g: Graph, forward_graphs: list, split: Split, config: TrainConfig) -> None:
     """The forward partitions' nodes into g, each fine-tuned conv's input decomposed (an
-    ``ai.actcomp`` node giving its kept pieces) before the partition that starts with it."""
+    ``ai.actcomp`` node giving its kept pieces, and its mask where the runner makes it:
+    ``input_masks``) before the partition that starts with it."""
     op_type = METHODS[config.method].overview_op
     attrs = {}
     if config.eps is not None:
         attrs["eps"] = float(config.eps)
     if config.ranks:
         attrs["ranks"] = [int(r) for r in config.ranks]
+    masks = input_masks(split, config.method)
     for p, graph in enumerate(forward_graphs):
         if p >= 1:
             conv = split.trainable_convs[p - 1]
             kept = [names.kept(conv.name, piece) for piece in METHODS[config.method].pieces]
+            if conv.name in masks:  # the runner packs the input's mask there too
+                kept.append(names.mask_bool(conv.inputs[0]))
             g.op(op_type, [conv.inputs[0]], f"{conv.name}/decompose", outputs=kept,
                  domain=ACTCOMP_DOMAIN, **attrs)
         g.nodes.extend(copy_nodes(graph, {}))

@@ -233,13 +233,16 @@ def test_kept_between_forward_and_backward_is_only_the_compressed_form(tmp_path)
         assert [n for n in inputs if n.startswith(layer.name + "/kept/")] == layer.kept
     masks = [i for n, i in inputs.items() if n.endswith("/mask_bool")]
     assert masks and all(i.type == "tensor(bool)" for i in masks)
+    from actcomp_edge.core import names as tensor_names
     assert not [n for n in inputs if n.endswith("/mask_bits")]
     import onnx
     overview = onnx.load(str(trainer.folder / "overview.onnx"))
     decompositions = [n for n in overview.graph.node if n.domain == "ai.actcomp"]
     assert [n.op_type for n in decompositions] == ["HOSVD"] * 4
-    assert [list(n.output) for n in decompositions] == [
-        layer.kept for layer in trainer.manifest.trainable_layers]
+    assert [list(n.output) for n in decompositions] == [  # and the masks the runner makes
+        layer.kept + ([tensor_names.mask_bool(layer.input)] if layer.input_mask else [])
+        for layer in trainer.manifest.trainable_layers]
+    assert sum(bool(layer.input_mask) for layer in trainer.manifest.trainable_layers) == 2
     images, labels = batch(8, (128, 128), 10)
     result = trainer.step(images, labels, lr=0.01)
     for layer in trainer.manifest.trainable_layers:
@@ -423,9 +426,10 @@ def test_cli_export_unsupported_layer_and_bad_weights(tmp_path):
 
 
 def test_masks_are_held_as_packbits_of_the_forwards_bool_also_by_micro_batch(tmp_path):
-    """A forward graph outputs each mask as bool; the runner holds np.packbits of it (1 bit
-    an element, also when C*H*W is not a multiple of 8), packed slice by slice when the run
-    is sliced, and feeds the backward the same bool back."""
+    """A forward graph outputs each mask as bool, or the runner makes it from a fine-tuned
+    conv's input (Layer.input_mask); the runner holds np.packbits of it (1 bit an element,
+    also when C*H*W is not a multiple of 8), packed slice by slice when the run is sliced,
+    and feeds the backward the same bool back."""
     from actcomp_edge.core import names
     from actcomp_edge.core.manifest import Run
     spec, model = random_model("mcunet-in1", 10, 0)
@@ -456,7 +460,19 @@ def test_masks_are_held_as_packbits_of_the_forwards_bool_also_by_micro_batch(tmp
             np.testing.assert_array_equal(  # what the backward reads
                 trainer.unpack_mask(n, bits[names.stored(n)]), mask)
             checked += 1
-    assert checked == len(held)
+    made_by_runner = 0  # the masks of fine-tuned convs' inputs: packed from the input
+    inputs = {}
+    trainer.forward(images, labels, decompose=False,
+                    inspect=lambda layer, x: inputs.__setitem__(layer.name, x.copy()))
+    for layer in trainer.manifest.trainable_layers:
+        mask = layer.input_mask
+        if mask:
+            x = inputs[layer.name]
+            expect = (x > mask["above"]) & (x < mask.get("below", np.inf))
+            np.testing.assert_array_equal(bits[mask["bits"]],
+                                          np.packbits(expect.reshape(3, -1), axis=1))
+            made_by_runner += 1
+    assert made_by_runner >= 2 and checked + made_by_runner == len(held)
     last_forward = trainer.schedule[trainer.backward_from - 1].graph
     trainer.schedule = [Run(i.graph, 1) if isinstance(i, Run) and i.graph.startswith("forward_")
                         and i.graph != last_forward else i for i in trainer.schedule]

@@ -41,7 +41,11 @@ except ImportError:  # pragma: no cover - the Python in use decides
         from hashlib import sha256
 
 FORMAT = "actcomp-edge/training-artifact"
-FORMAT_VERSION = 3  # 3: the manifest carries the digest of its own content
+# 3: the manifest carries the digest of its own content; 4: masks cross between graphs as
+# bool, held as bits by the runner (a runner of 3 cannot run them), and a layer may name the
+# mask the runner makes of its input (``Layer.input_mask``). This runner runs 3 and 4.
+FORMAT_VERSION = 4
+OLDEST_FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 MIN_ONNXRUNTIME = "1.16.3"
 
@@ -116,7 +120,7 @@ def load_manifest(folder, onnxruntime_version: str | None = None,
     if _is_int(version) and version > FORMAT_VERSION:
         raise ArtifactError(f"artifact format version {version!r} is newer than this runner "
                             f"supports ({FORMAT_VERSION}): update actcomp-edge on the device")
-    if _is_int(version) and version < FORMAT_VERSION:
+    if _is_int(version) and version < OLDEST_FORMAT_VERSION:
         raise ArtifactError(f"artifact format version {version!r} predates the manifest's "
                             f"digest: re-export it with this actcomp-edge")
     check_schema(manifest, path)
@@ -197,6 +201,11 @@ def _is_step(v) -> bool:
         or v.keys() == {"compress"} and _is_text(v["compress"]))
 
 
+def _is_input_mask(v) -> bool:
+    return isinstance(v, dict) and v.keys() in ({"bits", "above"}, {"bits", "above", "below"}) \
+        and _is_text(v["bits"]) and all(_is_number(v[k]) for k in v.keys() - {"bits"})
+
+
 OBJECT = ("an object", lambda v: isinstance(v, dict))
 TEXT = ("a string", _is_text)
 TEXTS = ("a list of strings", _list_of(_is_text))
@@ -245,6 +254,8 @@ SCHEMA = {
                                   lambda v: _is_count(v) or _list_of(_is_count, (2,))(v)),
     "trainable_layers[].kept": TEXTS,
     "trainable_layers[].masks?": TEXTS,
+    "trainable_layers[].input_mask?": ('{"bits": string, "above": number (, "below": '
+                                       'number)}', _is_input_mask),
     "trainable_params": TEXTS,
     "graphs": OBJECT,
     "graphs.forward": ("a list of plain file names", _list_of(_is_file_name)),
@@ -430,18 +441,23 @@ class Layer:
     # what its forward partition keeps beside the pieces: masks, argmaxes, saved acts and
     # factors (names.is_saved), a squeeze-excitation Linear's input
     masks: list = field(default_factory=list)
+    # the backward mask of the input x the runner packs at the decomposition, from x itself:
+    # {"bits": names.mask_bits(x), "above": lo, "below": hi (absent: none)}, lo < x < hi
+    # (x is a clip's or a leaky ReLU's output: exactly its input's mask); None: not one
+    input_mask: dict | None = None
     extra: dict = field(default_factory=dict)  # output_shape, kernel, padding, groups, ...
 
     def to_json(self) -> dict:
         return {**self.extra, "name": self.name, "input": self.input,
                 "input_shape": self.input_shape, "stride": self.stride, "kept": self.kept,
-                "masks": self.masks}
+                "masks": self.masks,
+                **({"input_mask": self.input_mask} if self.input_mask else {})}
 
     @classmethod
     def from_json(cls, d: dict) -> Layer:
-        named = ("name", "input", "input_shape", "stride", "kept", "masks")
+        named = ("name", "input", "input_shape", "stride", "kept", "masks", "input_mask")
         return cls(d["name"], d["input"], d["input_shape"], d["stride"], d["kept"],
-                   d.get("masks", []), _rest(d, named))
+                   d.get("masks", []), d.get("input_mask"), _rest(d, named))
 
 
 @dataclass

@@ -66,7 +66,8 @@ STEP_INPUT = "image"  # the step's image batch: written into the pool before the
 
 def pool_buffers(schedule: list, io: dict, layers: dict, keeps_input: bool, nbytes) -> list:
     """Buffer of every pooled run output (by its stored name; ``nbytes(name)``: its bytes),
-    and of the image batch (made before the first item,
+    of every mask the runner packs at a decomposition (``Layer.input_mask``), and of the
+    image batch (made before the first item,
     free after its last reader: later tensors reuse its place). A second gradient of the same
     tensor (``d/<t>`` from another consumer) gets a buffer of its own for that run only
     (then it is summed into the first)."""
@@ -75,6 +76,10 @@ def pool_buffers(schedule: list, io: dict, layers: dict, keeps_input: bool, nbyt
     buffers = [Buffer(STEP_INPUT, nbytes(STEP_INPUT), 0, last.get(STEP_INPUT, 0))]
     for position, item in enumerate(schedule):
         if isinstance(item, Compress):
+            mask = layers[item.layer].input_mask  # the runner packs it at the decomposition
+            if mask:
+                bits = mask["bits"]
+                buffers.append(Buffer(bits, nbytes(bits), position, last.get(bits, position)))
             continue
         for name in io[item.graph][1]:
             if not pooled(name):
@@ -87,6 +92,14 @@ def pool_buffers(schedule: list, io: dict, layers: dict, keeps_input: bool, nbyt
                 made.add(name)
                 buffers.append(Buffer(name, nbytes(name), position, last.get(name, position)))
     return buffers
+
+
+PACK_BLOCK_BYTES = 1 << 20  # bool mask packed into bits at most this much at a time
+
+
+def mask_pack_samples(elements: int) -> int:
+    """Samples of ``elements`` (C*H*W) each packed into bits at a time (two bool temporaries)."""
+    return max(1, PACK_BLOCK_BYTES // max(1, elements))
 
 
 def pool_key(name: str, position: int, made) -> str:
