@@ -275,17 +275,22 @@ def input_mask(masks: dict, conv_name: str) -> dict | None:
 
 def trainable_layers(split, method: str, partitions: list) -> list:
     """The manifest's trainable_layers: each fine-tuned conv's shapes (C, H, W), geometry,
-    kept pieces and masks (the mask of its input the runner packs among them)."""
+    kept pieces, masks (the ones the runner packs at a decomposition with the layer whose
+    partition makes their tensor, as the memory tables count them) and input_mask."""
     shapes = split.program.shapes
     pieces = method_row(method).pieces
     made_by_runner = input_masks(split, method)
+    held = layer_masks(split.program, partitions)
+    for y, _, _ in made_by_runner.values():  # with the layer whose partition makes y
+        made_in = next(p for p, ops in enumerate(split.partitions)
+                       if any(split.program.ops[i].output == y for i in ops))
+        held[made_in - 1].append(names.mask_bits(y))
     layers = []
-    for op, masks in zip(split.trainable_convs, layer_masks(split.program, partitions)):
+    for op, masks in zip(split.trainable_convs, held):
         mask = input_mask(made_by_runner, op.name)
         layers.append(Layer(
             op.name, op.inputs[0], list(shapes[op.inputs[0]]), op.attrs["stride"],
-            [names.kept(op.name, piece) for piece in pieces],
-            masks + ([mask["bits"]] if mask else []), mask, extra={
+            [names.kept(op.name, piece) for piece in pieces], masks, mask, extra={
                 "output_shape": list(shapes[op.output]), "kernel": op.attrs["kernel"],
                 "padding": op.attrs["padding"], "groups": op.attrs["groups"],
                 **({"dilation": op.attrs["dilation"]} if op.attrs.get("dilation", 1) != 1

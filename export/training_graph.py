@@ -436,7 +436,8 @@ def input_masks(split: Split, method: str) -> dict:
     clip or of a leaky ReLU (slope >= 0) in the fine-tuned region, when the method does not
     keep y: the runner packs y's backward mask lo < y < hi from y at the decomposition (it
     is exactly lo < x < hi of the op's input x), so the forward makes none. hi None: no
-    upper bound."""
+    upper bound. A y that several fine-tuned convs read (a shortcut conv's) is packed at
+    the first."""
     if METHODS[method].keeps_input:
         return {}
     program = split.program
@@ -445,7 +446,7 @@ def input_masks(split: Split, method: str) -> dict:
     for conv in split.trainable_convs:
         y = conv.inputs[0]
         i, op = producer.get(y, (-1, None))
-        if i < split.region_start:
+        if i < split.region_start or any(y == seen for seen, _, _ in out.values()):
             continue
         if op.kind == "clip":
             out[conv.name] = (y, op.attrs["lo"], None if op.attrs["hi"] == RELU_HI

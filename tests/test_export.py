@@ -282,6 +282,10 @@ def test_tampered_truncated_and_too_new_artifacts_are_refused(tmp_path):
     (folder / "manifest.json").write_bytes(manifest_bytes(manifest))
     with pytest.raises(ArtifactError, match="newer"):
         load_manifest(folder)
+    manifest["format_version"] = 3  # its graphs packed the masks: not runnable here
+    (folder / "manifest.json").write_bytes(manifest_bytes(manifest))
+    with pytest.raises(ArtifactError, match="version 3 is older than this runner runs"):
+        load_manifest(folder)
     (folder / "manifest.json").write_text("{not json")
     with pytest.raises(ArtifactError, match="not valid JSON"):
         load_manifest(folder)

@@ -42,10 +42,9 @@ except ImportError:  # pragma: no cover - the Python in use decides
 
 FORMAT = "actcomp-edge/training-artifact"
 # 3: the manifest carries the digest of its own content; 4: masks cross between graphs as
-# bool, held as bits by the runner (a runner of 3 cannot run them), and a layer may name the
-# mask the runner makes of its input (``Layer.input_mask``). This runner runs 3 and 4.
+# bool, held as bits by the runner, which also makes the masks of fine-tuned conv inputs
+# (``Layer.input_mask``)
 FORMAT_VERSION = 4
-OLDEST_FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 MIN_ONNXRUNTIME = "1.16.3"
 
@@ -120,9 +119,9 @@ def load_manifest(folder, onnxruntime_version: str | None = None,
     if _is_int(version) and version > FORMAT_VERSION:
         raise ArtifactError(f"artifact format version {version!r} is newer than this runner "
                             f"supports ({FORMAT_VERSION}): update actcomp-edge on the device")
-    if _is_int(version) and version < OLDEST_FORMAT_VERSION:
-        raise ArtifactError(f"artifact format version {version!r} predates the manifest's "
-                            f"digest: re-export it with this actcomp-edge")
+    if _is_int(version) and version < FORMAT_VERSION:
+        raise ArtifactError(f"artifact format version {version!r} is older than this runner "
+                            f"runs ({FORMAT_VERSION}): re-export it with this actcomp-edge")
     check_schema(manifest, path)
     needed = manifest["min_onnxruntime"]
     if onnxruntime_version and version_tuple(onnxruntime_version) < version_tuple(needed):

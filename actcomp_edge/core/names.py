@@ -54,9 +54,10 @@ def mask_bits(tensor: str) -> str:
 
 def mask_bool(tensor: str) -> str:
     """The backward mask of clip or act output tensor as the graphs see it: bool (B, *shape),
-    made by a forward graph and read by a backward one. The runner packs it into
-    ``mask_bits`` as it leaves the forward and unpacks it for the backward (numpy's
-    packbits: ~20x faster than packing inside the graph)."""
+    read by a backward graph and made by a forward one, or by the runner from the tensor
+    itself where it is a fine-tuned conv's input (manifest ``Layer.input_mask``). The runner
+    holds it as ``mask_bits`` in between (numpy's packbits: ~20x faster than packing in the
+    graph)."""
     return tensor + "/mask_bool"
 
 
