@@ -83,13 +83,15 @@ def test_asi_follows_a_drifting_subspace():
         assert followed >= exact - 0.01
 
 
-def test_asi_subspace_step_against_numpy_subspace_iteration():
+@pytest.mark.parametrize("shape", [(7, 9, 5, 6), (3, 9, 32, 40)])  # small, large H * W
+def test_asi_subspace_step_against_numpy_subspace_iteration(shape):
     """Each non-batch factor spans G_n U (G_n = A_(n) A_(n)^T, from an einsum, not unfold);
     the batch factor spans the leading left singular vectors of the partial core (numpy's
     SVD); the core is A projected on the four factors."""
     rng = np.random.default_rng(4)
-    a = rng.standard_normal((7, 9, 5, 6))
-    previous = [np.linalg.qr(rng.standard_normal((d, k)))[0] for d, k in ((9, 4), (5, 3), (6, 2))]
+    a = rng.standard_normal(shape)
+    previous = [np.linalg.qr(rng.standard_normal((d, k)))[0]
+                for d, k in zip(shape[1:], (4, 3, 2))]
     t = subspace_step(a, previous, k1=3)
     grams = [np.einsum("bchw,bdhw->cd", a, a), np.einsum("bchw,bcgw->hg", a, a),
              np.einsum("bchw,bchv->wv", a, a)]
@@ -100,7 +102,7 @@ def test_asi_subspace_step_against_numpy_subspace_iteration():
     for u, gram, prev in zip(t.factors[1:], grams, previous):
         np.testing.assert_allclose(projector(u), projector(gram @ prev), atol=1e-8)
     u2, u3, u4 = (np.linalg.qr(gram @ prev)[0] for gram, prev in zip(grams, previous))
-    partial = np.einsum("bchw,ci,hj,wk->bijk", a, u2, u3, u4).reshape(7, -1)
+    partial = np.einsum("bchw,ci,hj,wk->bijk", a, u2, u3, u4).reshape(shape[0], -1)
     left = np.linalg.svd(partial)[0][:, :3]
     np.testing.assert_allclose(projector(t.factors[0]), projector(left), atol=1e-8)
     np.testing.assert_allclose(

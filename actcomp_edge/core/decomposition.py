@@ -369,6 +369,47 @@ def hosvd(activation: np.ndarray, eps: Optional[float] = None,
     return Tucker(project_core(a, factors), tuple(factors))
 
 
+SPATIAL_VIEW_MIN = 1024  # H * W from which the height mode is multiplied in place (below:
+#                          its unfold copy is cheaper than B * C small products; measured on
+#                          mcunet's 42 conv inputs at batch 32, 128 px)
+
+
+def in_place(shape: tuple, mode: int) -> bool:
+    """Whether mode n of a (B, C, H, W) tensor is multiplied without an unfold copy."""
+    return len(shape) == 4 and (mode in (1, 3) or mode == 2 and
+                                shape[2] * shape[3] >= SPATIAL_VIEW_MIN)
+
+
+def mode_apply(a: np.ndarray, u: np.ndarray, mode: int) -> np.ndarray:
+    """A x_n u^T: dim n (d_n) becomes K; u (d_n, K). For a (B, C, H, W) A (``in_place``) as
+    matrix products on views of A (channel: B products (K, C) @ (C, H W); height: B C
+    products (K, H) @ (H, W); width: one (B C H, W) @ (W, K)), else mode_product."""
+    if not in_place(a.shape, mode):
+        return mode_product(a, u.T, mode)
+    b, c, h, w = a.shape
+    if mode == 1:
+        return np.matmul(u.T, a.reshape(b, c, h * w)).reshape(b, -1, h, w)
+    if mode == 2:
+        return np.matmul(u.T, a.reshape(b * c, h, w)).reshape(b, c, -1, w)
+    return (a.reshape(-1, w) @ u).reshape(b, c, h, -1)
+
+
+def grow(a: np.ndarray, u: np.ndarray, mode: int) -> np.ndarray:
+    """A_(n) (A_(n)^T u), (d_n, K): one step of subspace iteration on mode n."""
+    if not in_place(a.shape, mode):
+        m = unfold(a, mode)
+        return m @ (m.T @ u)
+    b, c, h, w = a.shape
+    z = mode_apply(a, u, mode)
+    if mode == 1:
+        rows = a.reshape(b, c, h * w)
+        return np.matmul(rows, z.reshape(b, -1, h * w).transpose(0, 2, 1)).sum(0)
+    if mode == 2:
+        rows = a.reshape(b * c, h, w)
+        return np.matmul(rows, z.reshape(b * c, -1, w).transpose(0, 2, 1)).sum(0)
+    return a.reshape(-1, w).T @ z.reshape(-1, z.shape[3])
+
+
 def subspace_step(activation: np.ndarray, factors: Sequence[np.ndarray], k1: int) -> Tucker:
     """One step of ASI's compression at fixed ranks (Nguyen et al., ICML 2025), A (B, C, H, W):
 
@@ -378,15 +419,15 @@ def subspace_step(activation: np.ndarray, factors: Sequence[np.ndarray], k1: int
         core = U_1^T P_(1)
 
     factors: the last step's U_2, U_3, U_4. orth is a thin QR. No Gram wider than d_n x K_n
-    and no eigendecomposition but P's B x B one. K1 is at most B."""
+    and no eigendecomposition but P's B x B one. K1 is at most B. The products run on views
+    of A where they can (``grow``, ``mode_apply``: 226 -> 91 ms summed over mcunet's 42
+    inputs at batch 32, 128 px)."""
     a = np.asarray(activation)
-    us = {}
-    for n in range(1, a.ndim):
-        m = unfold(a, n)                                                 # (d_n, rest)
-        us[n] = np.linalg.qr(m @ (m.T @ factors[n - 1]))[0].astype(a.dtype)  # (d_n, K_n)
+    us = {n: np.linalg.qr(grow(a, factors[n - 1], n))[0].astype(a.dtype)  # (d_n, K_n)
+          for n in range(1, a.ndim)}
     partial = a
     for n in sorted(us, key=lambda n: us[n].shape[1] / a.shape[n]):    # most shrinking first
-        partial = mode_product(partial, us[n].T, n)
+        partial = mode_apply(partial, us[n], n)
     rows = np.ascontiguousarray(partial).reshape(a.shape[0], -1)        # P_(1) (B, K2 K3 K4)
     _, vectors = np.linalg.eigh(rows.astype(np.float64) @ rows.T.astype(np.float64))
     u1 = np.ascontiguousarray(vectors[:, ::-1][:, :min(k1, a.shape[0])], dtype=a.dtype)
