@@ -1,5 +1,5 @@
 #!/bin/bash
-# The memory A/Bs of issue 28 (README study 5): the same jobs through the CLIs, each a fresh
+# The memory A/Bs of issue 28 (README study 5): the same jobs (HOSVD, vanilla, N=42 asi) through the CLIs, each a fresh
 # process, a checkout BEFORE (e.g. `git worktree add --detach /tmp/before <commit>`) beside
 # AFTER (default: this checkout), alternating, ROUNDS rounds; prints each summary's step time,
 # baseline, working set and peak RSS.
@@ -13,6 +13,7 @@ JOBS=("n4:--layers 4 --method hosvd --eps 0.8 --batch-size 32 --input-size 128:8
       "n4v:--layers 4 --method vanilla --batch-size 32 --input-size 128:8"
       "n42:--layers 42 --method hosvd --eps 0.8 --batch-size 32 --input-size 128:8"
       "n42v:--layers 42 --method vanilla --batch-size 32 --input-size 128:8"
+      "n42a:--layers 42 --method asi --eps 0.8 --batch-size 32 --input-size 128:8"
       "paper:--layers 42 --method hosvd --eps 0.8 --batch-size 64 --input-size 224:5")
 for tree in before after; do
   dir=$([ $tree = before ] && echo "$BEFORE" || echo "$AFTER")
