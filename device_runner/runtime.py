@@ -275,12 +275,12 @@ class Trainer:
                              for i in sess.get_inputs() if i.name == memplan.STEP_INPUT})
         for name, (shape, _) in list(self.outputs.items()):  # a bool mask is held as its bits
             if names.is_mask_bool(name):
-                self.outputs[names.stored(name)] = ([shape[0], -(-prod(shape[1:]) // 8)],
-                                                    np.uint8)
+                self.outputs[names.stored(name)] = (
+                    [shape[0], memplan.packed_bytes(prod(shape[1:]))], np.uint8)
         for layer in m.trainable_layers:  # and so is the mask the runner packs of an input
             if layer.input_mask:
                 self.outputs[layer.input_mask["bits"]] = (
-                    ["batch", -(-prod(layer.input_shape) // 8)], np.uint8)
+                    ["batch", memplan.packed_bytes(prod(layer.input_shape))], np.uint8)
         # which inputs and outputs have the batch as their first dim (sliced by micro-batches)
         self.batched = {v.name: bool(v.shape) and v.shape[0] == "batch"
                         for sess in self.sessions.values()
@@ -423,8 +423,7 @@ class Trainer:
         name = item.graph
         session, (inputs, outputs) = self.sessions[name], self.io[name]
         step = min(item.micro_batch or self.batch, self.batch)
-        results = {n: np.empty(self.output_shape(names.stored(n), self.batch), np.uint8)
-                   for n in outputs if names.is_mask_bool(n) and n not in placed}
+        results = {}
         for start in range(0, self.batch, step):
             rows = slice(start, min(start + step, self.batch))
             binding = session.io_binding()
@@ -443,10 +442,9 @@ class Trainer:
                     binding.bind_output(n, "cpu")
             run_bound(session, binding)
             for n, value in zip(outputs, binding.get_outputs()):
-                if names.is_mask_bool(n):
+                if names.is_mask_bool(n):  # into its bits' place (memplan plans every one)
                     mask = value.numpy()
-                    bits = placed[n] if n in placed else results[n]
-                    bits[rows] = np.packbits(mask.reshape(len(mask), -1), axis=1)
+                    placed[n][rows] = np.packbits(mask.reshape(len(mask), -1), axis=1)
                     continue
                 if n in placed:
                     continue

@@ -22,9 +22,9 @@ from actcomp_edge.core.program import build_program, check_input_size, network_o
 
 from .memory_plan import choose_micro_batches, concrete, rank_dims, step_plan
 from .onnx_graph import IR_VERSION, OPSET, Graph
-from .training_graph import (TrainConfig, backward_partitions, conv_layer, eval_graph,
-                             forward_partitions, head_tensors, input_masks, optimizer_state,
-                             overview_graph, split_program, update_graph)
+from .training_graph import (TrainConfig, backward_partitions, conv_layer, crossings,
+                             eval_graph, forward_partitions, head_tensors, input_masks,
+                             optimizer_state, overview_graph, split_program, update_graph)
 
 
 def save_model(model: onnx.ModelProto, path: Path) -> None:
@@ -281,10 +281,9 @@ def trainable_layers(split, method: str, partitions: list) -> list:
     pieces = method_row(method).pieces
     made_by_runner = input_masks(split, method)
     held = layer_masks(split.program, partitions)
+    produced_in, _ = crossings(split)
     for y, _, _ in made_by_runner.values():  # with the layer whose partition makes y
-        made_in = next(p for p, ops in enumerate(split.partitions)
-                       if any(split.program.ops[i].output == y for i in ops))
-        held[made_in - 1].append(names.mask_bits(y))
+        held[produced_in[y] - 1].append(names.mask_bits(y))
     layers = []
     for op, masks in zip(split.trainable_convs, held):
         mask = input_mask(made_by_runner, op.name)

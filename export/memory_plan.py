@@ -163,10 +163,11 @@ def step_plan(models: dict, graphs: dict, dims: dict, chosen: dict, schedule: li
     for g in graphs.values():
         sizes.update(tensor_bytes(g))
     for name in [n for n in sizes if names.is_mask_bool(n)]:  # held as its bits (pooled)
-        sizes[names.stored(name)] = batch * -(-(sizes[name] // batch) // 8)
+        sizes[names.stored(name)] = batch * memplan.packed_bytes(sizes[name] // batch)
     for layer in layers:  # the mask the runner packs of an input, pooled as bits too
         if layer.input_mask:
-            sizes[layer.input_mask["bits"]] = batch * -(-prod(layer.input_shape) // 8)
+            sizes[layer.input_mask["bits"]] = batch * memplan.packed_bytes(
+                prod(layer.input_shape))
     by_name = {layer.name: layer for layer in layers}
     row = METHODS[method]
     buffers = memplan.pool_buffers(schedule, io, by_name, row.keeps_input, lambda n: sizes[n])

@@ -339,11 +339,21 @@ def activation_source(op: Op, derived: dict) -> str:
     output)."""
     if op.kind == "clip":
         return "kept" if op.output in derived else "bits"
-    fn, keeps = op.attrs["fn"], ACTIVATIONS[op.attrs["fn"]]
-    if op.output in derived and (keeps == "output" or (fn == "leaky_relu"
-                                                       and op.attrs["slope"] >= 0)):
+    keeps = ACTIVATIONS[op.attrs["fn"]]
+    if op.output in derived and (keeps == "output" or mask_bounds(op) is not None):
         return "kept"
     return "bits" if keeps == "mask" else "saved"
+
+
+def mask_bounds(op: Op) -> tuple | None:
+    """(lo, hi): op's backward mask is exactly lo < y < hi of its output y (hi None: no upper
+    bound): a clip's (y = min(max(x, lo), hi)) and a leaky ReLU's of slope >= 0 (y > 0 is
+    x > 0); None for every other op."""
+    if op.kind == "clip":
+        return op.attrs["lo"], None if op.attrs["hi"] == RELU_HI else op.attrs["hi"]
+    if op.kind == "act" and op.attrs["fn"] == "leaky_relu" and op.attrs["slope"] >= 0:
+        return 0.0, None
+    return None
 
 
 def activation_derivative(g: Graph, program: Program, op: Op, source: str, kept: str) -> str:
@@ -432,11 +442,10 @@ def packed_masks(split: Split, method: str) -> set:
 
 
 def input_masks(split: Split, method: str) -> dict:
-    """conv name -> (y, lo, hi) for each fine-tuned conv whose input y is the output of a
-    clip or of a leaky ReLU (slope >= 0) in the fine-tuned region, when the method does not
-    keep y: the runner packs y's backward mask lo < y < hi from y at the decomposition (it
-    is exactly lo < x < hi of the op's input x), so the forward makes none. hi None: no
-    upper bound. A y that several fine-tuned convs read (a shortcut conv's) is packed at
+    """conv name -> (y, lo, hi) for each fine-tuned conv whose input y is the output of an
+    op of the fine-tuned region whose mask y gives (``mask_bounds``), when the method does
+    not keep y: the runner packs y's backward mask lo < y < hi from y at the decomposition,
+    so the forward makes none. A y that several fine-tuned convs read (a shortcut conv's) is packed at
     the first."""
     if METHODS[method].keeps_input:
         return {}
@@ -448,11 +457,9 @@ def input_masks(split: Split, method: str) -> dict:
         i, op = producer.get(y, (-1, None))
         if i < split.region_start or any(y == seen for seen, _, _ in out.values()):
             continue
-        if op.kind == "clip":
-            out[conv.name] = (y, op.attrs["lo"], None if op.attrs["hi"] == RELU_HI
-                              else op.attrs["hi"])
-        elif op.kind == "act" and op.attrs["fn"] == "leaky_relu" and op.attrs["slope"] >= 0:
-            out[conv.name] = (y, 0.0, None)
+        bounds = mask_bounds(op)
+        if bounds is not None:
+            out[conv.name] = (y, *bounds)
     return out
 
 

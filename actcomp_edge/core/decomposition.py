@@ -370,8 +370,8 @@ def hosvd(activation: np.ndarray, eps: Optional[float] = None,
 
 
 SPATIAL_VIEW_MIN = 1024  # H * W from which the height mode is multiplied in place (below:
-#                          its unfold copy is cheaper than B * C small products; measured on
-#                          mcunet's 42 conv inputs at batch 32, 128 px)
+#                          its unfold copy was cheaper than B * C small products, per mode on
+#                          mcunet's 42 conv inputs at batch 32, 128 px, an ad-hoc script)
 
 
 def in_place(shape: tuple, mode: int) -> bool:
@@ -420,8 +420,8 @@ def subspace_step(activation: np.ndarray, factors: Sequence[np.ndarray], k1: int
 
     factors: the last step's U_2, U_3, U_4. orth is a thin QR. No Gram wider than d_n x K_n
     and no eigendecomposition but P's B x B one. K1 is at most B. The products run on views
-    of A where they can (``grow``, ``mode_apply``: 226 -> 91 ms summed over mcunet's 42
-    inputs at batch 32, 128 px)."""
+    of A where they can (``grow``, ``mode_apply``; the whole step over mcunet's 42 inputs at
+    batch 32, 128 px: benchmarks/scripts/numpy_parts.py)."""
     a = np.asarray(activation)
     us = {n: np.linalg.qr(grow(a, factors[n - 1], n))[0].astype(a.dtype)  # (d_n, K_n)
           for n in range(1, a.ndim)}

@@ -97,6 +97,11 @@ def pool_buffers(schedule: list, io: dict, layers: dict, keeps_input: bool, nbyt
 PACK_BLOCK_BYTES = 1 << 20  # bool mask packed into bits at most this much at a time
 
 
+def packed_bytes(elements: int) -> int:
+    """Bytes of a sample's mask of ``elements`` (C*H*W) at 1 bit each (np.packbits)."""
+    return -(-elements // 8)
+
+
 def mask_pack_samples(elements: int) -> int:
     """Samples of ``elements`` (C*H*W) each packed into bits at a time (two bool temporaries)."""
     return max(1, PACK_BLOCK_BYTES // max(1, elements))
