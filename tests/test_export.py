@@ -103,18 +103,41 @@ def test_stride_two_and_depthwise_layers(name, n_layers, hw, kernels, tmp_path):
         assert any(layer.extra["groups"] > 1 and layer.stride == 2 for layer in layers)
 
 
+# backward forms of a fine-tuned conv (methods.hosvd_weight_grad), by a node each makes
+HOSVD_FORMS = {"pointwise U3 (x) U4": "/U3_kron_U4", "pointwise U4 then U3": "/dY_x_U4_T",
+               "grouped rows": "/x_rows", "K2 channels": "/lowrank/"}
+
+
 @pytest.mark.parametrize("name,n_layers,hw", [("mcunet-in1", 4, (128, 128)),
                                               ("mcunet-in1", 12, (128, 128)),
+                                              ("mcunet-in1", 33, (128, 128)),
                                               ("mobilenet_v2", 4, (96, 96)),
                                               ("resnet18", 5, (96, 96))])
 @pytest.mark.parametrize("eps", [0.8, 0.95])
 def test_hosvd_gradients_equal_reference(name, n_layers, hw, eps, tmp_path):
     trainer, _, result = check_step(name, n_layers, "hosvd", tmp_path, eps=eps, hw=hw,
                                     batch_size=7)
+    if n_layers == 33:  # 4x4 to 32x32 maps: every form of the low-rank weight gradient
+        nodes = {node.name for path in tmp_path.rglob("backward_*.onnx")
+                 for node in onnx.load(str(path)).graph.node}
+        assert {form for form, mark in HOSVD_FORMS.items()
+                if any(mark in node for node in nodes)} == set(HOSVD_FORMS)
     # the comparison must cover real truncations: ranks above 1, channel rank below full
     for layer in trainer.manifest.trainable_layers:
         ranks = result.ranks[layer.name]
         assert max(ranks) > 1 and ranks[1] < layer.input_shape[0]
+
+
+@pytest.mark.parametrize("method", ["vanilla", "svd"])
+def test_an_rgb_stem_takes_the_column_form_of_its_weight_gradient(method, tmp_path):
+    """Every conv of mcunet-in1 fine-tuned: the stem (3 channels, 3x3, stride 2) takes
+    tap_weight_grad (a one-hot Conv makes x's columns), vanilla with the batch for N, svd
+    with its k rows."""
+    check_step("mcunet-in1", 42, method, tmp_path, eps=0.9 if method == "svd" else None,
+               hw=(48, 48), batch_size=3)
+    nodes = {node.name for path in tmp_path.rglob("backward_*.onnx")
+             for node in onnx.load(str(path)).graph.node}
+    assert any(node.startswith("stem/backward/columns") for node in nodes)
 
 
 @pytest.mark.parametrize("method", ["svd", "gf-r2"])

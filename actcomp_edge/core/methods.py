@@ -187,17 +187,31 @@ class Asi:
         return tucker_kept(t)
 
 
+# Map sizes (H * W of the input) up to which a backward form pays, per fine-tuned conv of
+# mcunet at batch 32, 128 px, eps 0.8 (per-layer onnxruntime profiles, NCHWc kernels):
+ROWS_MAX_HW = 64     # grouped: x's K1 rows rebuilt (8x8 and 4x4 maps: 32.8 -> 9.3 ms over
+#                      mcunet's eight; from 16x16 on the dense K2 form is faster at its ranks)
+KRON_MAX_HW = 256    # 1x1: U3 (x) U4 in one MatMul (16x16 and smaller: 44 -> 11 ms; 32x32
+#                      expand convs 3-5 -> 6-18 ms)
+
+
 def hosvd_weight_grad(g, name: str, kept: dict, dy: str, conv: ConvLayer) -> str:
-    """dW in the low-rank space, never rebuilding x: dY contracted with U1 over the batch, the
-    core expanded along H and W with the zero-padded U3, U4, the conv's weight gradient of
-    its K2 channels, then a projection with U2 (per group)."""
+    """dW in the low-rank space: dY contracted with U1 over the batch (z, (K1, O, H', W')),
+    then per kind of conv:
+    - 1x1: ``hosvd_pointwise_weight_grad``;
+    - grouped (depthwise) on a small map (H W <= ROWS_MAX_HW): the core's K1 rows rebuilt
+      along C, H, W (``tucker_rows``), then the conv's own weight gradient with K1 for the
+      batch: K1 / B of vanilla's flops, where the K2 form below is a dense (O, K2) one;
+    - else: the core expanded along H and W with the zero-padded U3, U4, the weight
+      gradient of a dense conv of its K2 channels, then a projection with U2 (per group)."""
     c, (h, w), out_ch = conv.in_ch, conv.input_hw, conv.out_ch
     (oh, ow), (kh, kw), (ph, pw) = conv.output_hw, pair(conv.kernel), pair(conv.padding)
-    groups = conv.groups
-    if (kh, kw, *pair(conv.stride), ph, pw, *pair(conv.dilation), groups) == \
+    if (kh, kw, *pair(conv.stride), ph, pw, *pair(conv.dilation), conv.groups) == \
             (1, 1, 1, 1, 0, 0, 1, 1, 1):
         return hosvd_pointwise_weight_grad(g, name, kept, dy, conv)
     z = batch_contract(g, name + "/dY_x_U1", kept["u_batch"], dy, (out_ch, oh, ow))
+    if conv.groups > 1 and h * w <= ROWS_MAX_HW:
+        return conv_weight_grad(g, name, tucker_rows(g, name, kept, conv), z, conv)
     u3, u4 = kept["u_height"], kept["u_width"]
     if ph:
         u3 = g.op("Pad", [u3, g.ints([ph, 0, ph, 0])], name + "/U3_padded")
@@ -208,6 +222,7 @@ def hosvd_weight_grad(g, name: str, kept: dict, dy: str, conv: ConvLayer) -> str
     low_conv = ConvLayer(name, "k2", out_ch, conv.kernel, conv.stride, 0, 1,
                          (h + 2 * ph, w + 2 * pw), (oh, ow), dilation=conv.dilation)
     dw_low = conv_weight_grad(g, name + "/lowrank", core_hw, z, low_conv)  # (O, K2, kh, kw)
+    groups = conv.groups
     if groups == 1:
         return g.op("Einsum", [dw_low, kept["u_channel"]], name + "/project_U2",
                     equation="okij,ck->ocij")
@@ -219,19 +234,42 @@ def hosvd_weight_grad(g, name: str, kept: dict, dy: str, conv: ConvLayer) -> str
     return g.op("Reshape", [dw, g.ints([out_ch, c // groups, kh, kw])], name + "/dW")
 
 
+def tucker_rows(g, name: str, kept: dict, conv: ConvLayer) -> str:
+    """core x_2 U2 x_3 U3 x_4 U4 (K1, C, H, W): x's Tucker form with its batch mode left
+    out, as three MatMuls (the width, then the height, then the channels: the widest last)."""
+    c, (h, w) = conv.in_ch, conv.input_hw
+    t = g.op("MatMul", [kept["core"], g.op("Transpose", [kept["u_width"]], name + "/U4_T",
+                                          perm=[1, 0])], name + "/core_x_U4")  # (K1,K2,K3,W)
+    t = g.op("MatMul", [kept["u_height"], t], name + "/core_x_U4_x_U3")       # (K1,K2,H,W)
+    t = g.op("Reshape", [t, g.ints([0, 0, h * w])], name + "/core_hw_flat")    # (K1,K2,HW)
+    t = g.op("MatMul", [kept["u_channel"], t], name + "/core_x_U432")         # (K1,C,HW)
+    return g.op("Reshape", [t, g.ints([0, c, h, w])], name + "/x_rows")
+
+
 def hosvd_pointwise_weight_grad(g, name: str, kept: dict, dy: str, conv: ConvLayer) -> str:
     """1x1: dW_low[o, k2] = sum dY[b,o,h,w] U1[b,k1] core[k1,k2,c,d] U3[h,c] U4[w,d], dY
-    projected on U4 then U3 first (it shrinks), never expanding the core; then dW = dW_low U2^T."""
-    c, out_ch = conv.in_ch, conv.out_ch
-    t = g.op("MatMul", [dy, kept["u_width"]], name + "/dY_x_U4")               # (B,O,H,K4)
-    t = g.op("Transpose", [t], name + "/dY_x_U4_T", perm=[0, 1, 3, 2])          # (B,O,K4,H)
-    t = g.op("MatMul", [t, kept["u_height"]], name + "/dY_x_U4_x_U3")          # (B,O,K4,K3)
+    projected on the spatial factors first (it shrinks), never expanding the core; then
+    dW = dW_low U2^T. Small maps (H W <= KRON_MAX_HW) take both spatial factors in one
+    MatMul with U3 (x) U4 (H W, K3 K4); larger ones U4 then U3 (fewer flops)."""
+    c, out_ch, (h, w) = conv.in_ch, conv.out_ch, conv.input_hw
+    if h * w <= KRON_MAX_HW:
+        u3 = g.op("Unsqueeze", [kept["u_height"], g.ints([1, 3])], name + "/U3_4d")  # (H,1,K3,1)
+        u4 = g.op("Unsqueeze", [kept["u_width"], g.ints([0, 2])], name + "/U4_4d")   # (1,W,1,K4)
+        u34 = g.op("Reshape", [g.op("Mul", [u3, u4], name + "/U3_kron_U4"),
+                               g.ints([h * w, -1])], name + "/U34")             # (HW, K3K4)
+        t = g.op("MatMul", [g.op("Reshape", [dy, g.ints([0, out_ch, h * w])],
+                                 name + "/dY_flat"), u34], name + "/dY_x_U34")   # (B,O,K3K4)
+        core = g.op("Reshape", [kept["core"], g.ints([0, 0, -1])], name + "/core_flat")
+    else:
+        t = g.op("MatMul", [dy, kept["u_width"]], name + "/dY_x_U4")             # (B,O,H,K4)
+        t = g.op("Transpose", [t], name + "/dY_x_U4_T", perm=[0, 1, 3, 2])      # (B,O,K4,H)
+        t = g.op("MatMul", [t, kept["u_height"]], name + "/dY_x_U4_x_U3")      # (B,O,K4,K3)
+        core = g.op("Transpose", [kept["core"]], name + "/core_T", perm=[0, 1, 3, 2])
+        core = g.op("Reshape", [core, g.ints([0, 0, -1])], name + "/core_flat")  # (K1,K2,K4K3)
     u1_t = g.op("Transpose", [kept["u_batch"]], name + "/U1_T", perm=[1, 0])
     z = g.op("MatMul", [u1_t, g.op("Reshape", [t, g.ints([0, -1])], name + "/t_flat")],
-             name + "/x_U1")                                                    # (K1, O*K4K3)
-    z = g.op("Reshape", [z, g.ints([0, out_ch, -1])], name + "/z")             # (K1,O,K4K3)
-    core = g.op("Transpose", [kept["core"]], name + "/core_T", perm=[0, 1, 3, 2])
-    core = g.op("Reshape", [core, g.ints([0, 0, -1])], name + "/core_flat")     # (K1,K2,K4K3)
+             name + "/x_U1")                                                    # (K1, O*K3K4)
+    z = g.op("Reshape", [z, g.ints([0, out_ch, -1])], name + "/z")             # (K1,O,K3K4)
     per_k1 = g.op("MatMul", [z, g.op("Transpose", [core], name + "/core_flat_T",
                                      perm=[0, 2, 1])], name + "/dW_low_per_k1")  # (K1,O,K2)
     low = g.op("ReduceSum", [per_k1, g.ints([0])], name + "/dW_low", keepdims=0)  # (O, K2)
@@ -318,6 +356,8 @@ def conv_weight_grad(g, name: str, x: str, dy: str, conv: ConvLayer) -> str:
     if (kh, kw, sh, sw, ph, pw, *dilation, groups) == (1, 1, 1, 1, 0, 0, 1, 1, 1):
         dw = pointwise_weight_grad(g, name, x, dy, c, out_ch, conv.output_hw)
         return g.op("Reshape", [dw, g.ints([out_ch, -1, 1, 1])], name + "/dW")
+    if groups == 1 and isinstance(c, int) and c < kh * kw:
+        return tap_weight_grad(g, name, x, dy, conv)
     if groups == 1:
         xr = g.op("Transpose", [x], name + "/x_T", perm=[1, 0, 2, 3])           # (C, N, H, W)
     else:
@@ -334,6 +374,27 @@ def conv_weight_grad(g, name: str, x: str, dy: str, conv: ConvLayer) -> str:
         full = g.op("Slice", [full, g.ints([0, 0]), g.ints([kh, kw]), g.ints([2, 3])],
                     name + "/crop")
     return g.op("Transpose", [full], name + "/dW", perm=[1, 0, 2, 3])
+
+
+def tap_weight_grad(g, name: str, x: str, dy: str, conv: ConvLayer) -> str:
+    """dW (O, C, kh, kw) of a dense conv with fewer input channels than taps (an RGB stem)
+    from x's columns: a Conv with one-hot kernels (group C) gives tap t of channel c as
+    output channel c kh kw + t (N, C kh kw, H', W'); then dY_n (O, H' W') times the
+    columns' transpose, summed over n. (The single-Conv form takes dY as a kernel of
+    H' x W' taps: slow on a large map.)"""
+    c, out_ch, (oh, ow) = conv.in_ch, conv.out_ch, conv.output_hw
+    (kh, kw), (ph, pw) = pair(conv.kernel), pair(conv.padding)
+    one_hot = np.tile(np.eye(kh * kw, dtype=np.float32).reshape(kh * kw, 1, kh, kw), (c, 1, 1, 1))
+    columns = g.op("Conv", [x, g.const(name + "/one_hot_taps", one_hot)], name + "/columns",
+                   strides=list(pair(conv.stride)), pads=[ph, pw, ph, pw],
+                   dilations=list(pair(conv.dilation)), group=c)       # (N, C kk, H', W')
+    columns = g.op("Reshape", [columns, g.ints([0, c * kh * kw, oh * ow])], name + "/columns_flat")
+    per_sample = g.op("MatMul", [g.op("Reshape", [dy, g.ints([0, out_ch, oh * ow])],
+                                      name + "/dY_flat"),
+                                 g.op("Transpose", [columns], name + "/columns_T",
+                                      perm=[0, 2, 1])], name + "/per_sample")  # (N, O, C kk)
+    dw_flat = g.op("ReduceSum", [per_sample, g.ints([0])], name + "/dW_flat", keepdims=0)
+    return g.op("Reshape", [dw_flat, g.ints([out_ch, c, kh, kw])], name + "/dW")
 
 
 def nchwc_depthwise(conv: ConvLayer) -> bool:
