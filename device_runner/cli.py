@@ -88,9 +88,11 @@ def print_result(summary: dict, rank_basis: str) -> None:
     """The measured working set against the memory plan's (of ``rank_basis`` ranks), and
     where the final and best weights are."""
     mib = 2 ** 20
+    basis = (f"the ranks the steps saw; at their bound "
+             f"{summary['bound_working_set_bytes'] / mib:.1f} MiB"
+             if summary.get("predicted_ranks") == "seen" else f"{rank_basis} ranks")
     print(f"working set: predicted {summary['predicted_working_set_bytes'] / mib:.1f} MiB "
-          f"(memory plan, {rank_basis} ranks), measured "
-          f"{summary['working_set_bytes'] / mib:.1f} MiB")
+          f"(memory plan, {basis}), measured {summary['working_set_bytes'] / mib:.1f} MiB")
     print(f"done: {summary['steps']} steps, val accuracy {summary['final_val_accuracy']:.4f}; "
           f"weights {summary['outputs']['weights']}, inference model "
           f"{summary['outputs']['inference']}")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from actcomp_edge.core import rank_budget, schedules
+from actcomp_edge.core import memplan, rank_budget, schedules
 from actcomp_edge.core.manifest import Manifest, sha256_file
 from actcomp_edge.core.npz import save_npz, write_atomic
 from actcomp_edge.core.record import StepRecord
@@ -103,6 +103,17 @@ def planned_working_set(manifest: Manifest, batch_size: int) -> int:
     with the batch (the pool is planned for the batch the step runs), so it scales."""
     plan = manifest.memory_plan
     return math.ceil(plan.working_set_bytes * batch_size / plan.batch_size)
+
+
+def seen_working_set(trainer: Trainer, ranks: dict, batch_size: int) -> int | None:
+    """The memory plan's working set (bytes) at batch_size with each layer's ranks at
+    ``ranks`` (the largest per mode a run saw) instead of their bound; None where the plan
+    has no data-dependent ranks or the artifact no rank model."""
+    plan = trainer.manifest.memory_plan
+    at_plan_batch = memplan.working_set_at(plan, trainer.schedule, trainer.layers, trainer.row,
+                                           ranks, trainer.last_use)
+    return None if at_plan_batch is None else math.ceil(
+        at_plan_batch * batch_size / plan.batch_size)
 
 
 def check_plan(manifest: Manifest, batch_size: int, budget: int) -> None:
@@ -277,6 +288,7 @@ class StepMeasures:
     process_peak: int = 0           # peak RSS before the last restart_peak, of everything
     kept_peak: dict = field(default_factory=lambda: {"paper": 0, "full": 0})
     rank_sums: dict = field(default_factory=dict)  # layer -> ranks per mode summed over steps
+    rank_max: dict = field(default_factory=dict)   # layer -> the largest rank per mode seen
     rank_steps: dict = field(default_factory=dict)  # layer -> the steps summed in rank_sums
 
     def exceeded(self, peak: int) -> bool:
@@ -302,6 +314,8 @@ class StepMeasures:
             if ranks:
                 self.rank_sums[layer] = self.rank_sums.get(layer, 0) + np.asarray(ranks, float)
                 self.rank_steps[layer] = self.rank_steps.get(layer, 0) + 1
+                self.rank_max[layer] = tuple(int(k) for k in np.maximum(
+                    self.rank_max.get(layer, ranks), ranks))
         self.kept_peak["paper"] = max(self.kept_peak["paper"], sum(result.kept_bytes.values()))
         self.kept_peak["full"] = max(self.kept_peak["full"], result.kept_full_bytes)
 
@@ -317,7 +331,8 @@ class StepMeasures:
             "budget_bytes": self.budget, "budget_violations": self.violations,
             "kept_bytes_peak": self.kept_peak,
             "mean_ranks": {layer: [round(float(r), 2) for r in summed / self.rank_steps[layer]]
-                           for layer, summed in self.rank_sums.items()}}
+                           for layer, summed in self.rank_sums.items()},
+            "max_ranks": {layer: list(ranks) for layer, ranks in self.rank_max.items()}}
 
 
 def output_classes(trainer: Trainer, train_set: Dataset) -> list:
@@ -357,7 +372,11 @@ class TrainingRun:
         self.state = RunState()
         self.guard = recipe.DivergenceGuard(trainer.manifest.num_classes)
         self.classes = output_classes(trainer, train_set)
-        self.predicted = planned_working_set(trainer.manifest, self.batch)
+        # the memory plan's working set: eps ranks at their bound (the guarantee), then at
+        # the largest ranks the run's steps saw (the prediction)
+        self.bound = self.predicted = planned_working_set(trainer.manifest, self.batch)
+        self.predicted_ranks = "bound" if trainer.row.ranks else None
+        self.planned_at = None  # the ranks self.predicted was last planned at
         self.val_accuracy = None     # the last evaluation's
         self.last_epoch_loss = None  # the mean training loss of the last epoch
         self.started = 0             # epochs started (the summary's "epochs")
@@ -498,6 +517,11 @@ class TrainingRun:
         state.epoch_steps += 1
         rss, peak = procmem.rss_bytes(), procmem.peak_rss_bytes()  # /proc once a step
         self.measures.add(result, seconds, peak)
+        if self.predicted_ranks and self.measures.rank_max != self.planned_at:
+            seen = seen_working_set(self.trainer, self.measures.rank_max, self.batch)
+            if seen is not None:
+                self.predicted, self.predicted_ranks = seen, "seen"
+            self.planned_at = dict(self.measures.rank_max)
         over = self.measures.exceeded(peak)
         if self.sender is not None and (state.step % self.options.report_every == 0 or over):
             self.sender.send(self.step_record(epoch, result, lr, seconds, rss, peak).to_json())
@@ -612,6 +636,9 @@ class TrainingRun:
             **self.measures.summary(), "threads": trainer.threads, "kernels": trainer.kernels,
             "peak_rss_bytes": self.measures.process_peak_now(),
             "predicted_working_set_bytes": self.predicted,
+            # eps ranks: the prediction at the largest ranks the steps saw ("seen"), and the
+            # plan at their bound (what check_plan guarantees)
+            "predicted_ranks": self.predicted_ranks, "bound_working_set_bytes": self.bound,
             "activation_budget_bytes": train.activation_budget,
             # asi: the ranks each layer kept from its first step on
             "fixed_ranks": {layer: [t.k1] + [u.shape[1] for u in t.factors]

@@ -10,12 +10,16 @@ Working set = what the runner allocates once and then reuses, plus what the step
                 results (new params, state, gradients), the image batch, and the transient
                 of a decomposition (the method's ``workspace``) or of a backward run's
                 unpacked masks
+    sessions    memplan.SESSION_BYTES for each graph the step runs
 
 Data-dependent ranks (eps) take their bound (full multilinear rank, capped by a rank cap):
-``rank_basis`` says which. Bytes; float32 4, bool/uint8 1.
+``rank_basis`` says which; ``rank_model`` is the plan as a function of the ranks, which
+the board evaluates at the ranks it saw (memplan.working_set_at). Bytes; float32 4,
+bool/uint8 1.
 """
 from __future__ import annotations
 
+import math
 from math import prod
 
 import onnx
@@ -23,7 +27,7 @@ from onnx import shape_inference
 
 from actcomp_edge.core import memplan, names
 from actcomp_edge.core.manifest import Compress, MemoryPlan, Run
-from actcomp_edge.core.memory import FLOAT_BYTES, layer_ranks
+from actcomp_edge.core.memory import layer_ranks
 from actcomp_edge.core.methods import METHODS, NCHWC_DOMAIN, Method
 
 ELEMENT_BYTES = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.BOOL: 1,
@@ -78,29 +82,35 @@ def tensor_bytes(model: onnx.ModelProto) -> dict:
     return out
 
 
-def node_workspace(node, model_sizes: dict, shapes: dict) -> int:
-    """Bytes a kernel allocates for itself while it runs (onnxruntime CPU): Einsum permutes
-    every input into a copy first; a Conv that is not 1x1 unfolds one image at a time into
-    a (C/group * kh * kw, H' * W') column buffer, a ConvTranspose its (O/group * kh * kw,
-    H * W) one."""
+def node_workspace(node, model_sizes: dict, shapes: dict) -> list:
+    """Bytes a kernel allocates for itself while it runs (onnxruntime CPU), in parts (each a
+    product of dims): Einsum permutes every input into a copy first; a Conv that is not 1x1
+    unfolds one image at a time into a (C/group * kh * kw, H' * W') column buffer, a
+    ConvTranspose its (O/group * kh * kw, H * W) one."""
     if node.op_type == "Einsum":
-        return sum(model_sizes.get(name, 0) for name in node.input)
+        return [model_sizes.get(name, 0) for name in node.input]
     if node.op_type in ("Conv", "ConvTranspose") and node.doc_string != NCHWC_TWIN:
         w = shapes.get(node.input[1])      # Conv (O, C/g, kh, kw); ConvTranspose (C, O/g, kh, kw)
         image = shapes.get(node.output[0] if node.op_type == "Conv" else node.input[0])
         if not w or not image or None in w or None in image or w[2] * w[3] == 1:
-            return 0
-        return 4 * w[1] * w[2] * w[3] * image[2] * image[3]
-    return 0
+            return []
+        return [4 * w[1] * w[2] * w[3] * image[2] * image[3]]
+    return []
 
 
 def arena_peak(model: onnx.ModelProto, pooled: set) -> int:
     """Largest sum of intermediates alive together when the nodes run in order, plus the
-    running kernel's own workspace (node_workspace): each tensor made by its node, freed
-    after its last reader; graph outputs not in the pool stay to the end; inputs,
-    initializers and pooled outputs are not the arena's."""
-    sizes = tensor_bytes(model)
-    shapes = tensor_shapes(model)
+    running kernel's own workspace (node_workspace): see arena_sets."""
+    sizes, shapes = tensor_bytes(model), tensor_shapes(model)
+    return max((sum(sizes.get(name, 0) for name in live)
+                + sum(node_workspace(node, sizes, shapes))
+                for node, live in arena_sets(model, pooled)), default=0)
+
+
+def arena_sets(model: onnx.ModelProto, pooled: set) -> list:
+    """(node, the intermediates alive while it runs) per node in order: each tensor made by
+    its node, freed after its last reader; graph outputs not in the pool stay to the end;
+    inputs, initializers and pooled outputs are not the arena's."""
     nodes = model.graph.node
     outside = {i.name for i in model.graph.input} | {i.name for i in model.graph.initializer}
     kept = {o.name for o in model.graph.output} - pooled
@@ -108,16 +118,13 @@ def arena_peak(model: onnx.ModelProto, pooled: set) -> int:
     for i, node in enumerate(nodes):
         for name in node.input:
             last[name] = i
-    live, peak = {}, 0
+    live, out = [], []
     for i, node in enumerate(nodes):
-        for name in node.output:
-            if name and name not in outside and name not in pooled:
-                live[name] = sizes.get(name, 0)
-        peak = max(peak, sum(live.values()) + node_workspace(node, sizes, shapes))
-        for name in list(live):
-            if name not in kept and last.get(name, -1) <= i:
-                del live[name]
-    return peak
+        live += [name for name in node.output if name and name not in outside
+                 and name not in pooled and name not in live]
+        out.append((node, list(live)))
+        live = [name for name in live if name in kept or last.get(name, -1) > i]
+    return out
 
 
 def tensor_shapes(model: onnx.ModelProto) -> dict:
@@ -127,12 +134,6 @@ def tensor_shapes(model: onnx.ModelProto) -> dict:
         dims = value.type.tensor_type.shape.dim
         out[value.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
     return out
-
-
-def numpy_kept_bytes(row: Method, shape: tuple, ranks, stride: int) -> int:
-    """What numpy holds of a decomposed activation; a method that keeps x itself holds it
-    in the pool."""
-    return 0 if row.keeps_input else FLOAT_BYTES * row.kept_floats(shape, ranks, stride)
 
 
 def rank_dims(layers: list, method: str, batch: int, ranks, rank_cap) -> tuple:
@@ -180,43 +181,111 @@ def step_plan(models: dict, graphs: dict, dims: dict, chosen: dict, schedule: li
     arena = {name: arena_peak(concrete(models[name], dict(dims, batch=micro[name]))
                               if name in micro else graphs[name], pooled) for name in graphs}
     last = memplan.last_use(schedule, io, by_name, row.keeps_input)
-    # the labels (the image batch has its place in the pool until its last reader)
-    labels = 8 * batch
-    numpy_live, numpy_at = {}, []
-    results = 0
-    for position, item in enumerate(schedule):
-        transient = 0
-        if isinstance(item, Compress):
-            layer = by_name[item.layer]
-            shape = (batch,) + tuple(layer.input_shape)
-            ranks, stride = chosen[layer.name], layer.stride
-            numpy_live[layer.name] = numpy_kept_bytes(row, shape, ranks, stride)
-            transient = row.workspace(shape, ranks, stride)
-            if layer.input_mask:  # packed before the decomposition: two bool blocks
-                elements = prod(layer.input_shape)
-                transient = max(transient, 2 * memplan.mask_pack_samples(elements) * elements)
-        else:
+    labels = 8 * batch  # the image batch has its place in the pool until its last reader
+    fixed, results = [], 0
+    for item in schedule:  # numpy's rank-free bytes at each position
+        unpacked = 0
+        if isinstance(item, Run):
             for name in io[item.graph][1]:
                 if names.is_new(name) or names.is_grad(name):
                     results += sizes[name]
             # the bool masks the run reads, unpacked from their bits a slice at a time
-            transient = sum(sizes[name] for name in io[item.graph][0]
-                            if names.is_mask_bool(name)) * micro.get(item.graph, batch) // batch
-        numpy_at.append(labels + results + sum(numpy_live.values()) + transient)
-        for name in list(numpy_live):  # kept pieces: until their backward partition
-            if last.get(by_name[name].kept[0], -1) <= position:
-                del numpy_live[name]
+            unpacked = sum(sizes[name] for name in io[item.graph][0]
+                           if names.is_mask_bool(name)) * micro.get(item.graph, batch) // batch
+        fixed.append(labels + results + unpacked)
+    release = {layer.name: last.get(layer.kept[0], -1) for layer in layers}
+    numpy_at = memplan.numpy_trace(schedule, by_name, row, chosen, batch, fixed, release)
     peak_position = max(range(len(schedule)), key=lambda p: numpy_at[p] + memplan.live_bytes(
         buffers, p))
     arena_bytes = max(arena.values(), default=0)
-    working_set = pool + arena_bytes + max(numpy_at, default=0)
+    sessions = memplan.SESSION_BYTES * len({item.graph for item in schedule
+                                            if isinstance(item, Run)})
+    working_set = pool + arena_bytes + max(numpy_at, default=0) + sessions
     where = schedule[peak_position]
     peak_at = where.graph if isinstance(where, Run) else f"compress {where.layer}"
     return MemoryPlan(batch, rank_basis, working_set_bytes=working_set, pool_bytes=pool,
                       arena_bytes=arena_bytes, numpy_peak_bytes=max(numpy_at, default=0),
                       peak_at=peak_at, extra={
                           "arena_graph": max(arena, key=arena.get) if arena else None,
-                          "arena_bytes_per_graph": arena})
+                          "arena_bytes_per_graph": arena, "session_bytes": sessions,
+                          "rank_model": {"numpy_fixed_at": fixed, "arena": rank_model(
+                              models, dict(dims), micro, pooled, row)} if row.ranks else None})
+
+
+PROBE, MOVED, CHECK = 2, 3, 5  # a rank's value at the base point, when it alone moves, all at once
+
+
+def rank_model(models: dict, dims: dict, micro: dict, pooled: set, row: Method) -> dict:
+    """graph -> {"symbols": [[layer, mode], ...], "positions": [terms, ...]}: the arena of
+    each graph with ranks in its shapes, as ``memplan.arena_at`` reads it. Each tensor's
+    bytes (and each kernel's workspace) is a monomial c * prod(k_i ** e_i), fitted on shape
+    inference with every rank at PROBE, then each alone at MOVED, and checked with all at
+    CHECK; a term that is none (a column buffer of a strided kernel) counts at its bytes at
+    ``dims`` (the bound: sizes grow with the ranks). A position's bytes are the sum of its
+    terms; positions another bounds term by term are left out."""
+    out = {}
+    for name, model in models.items():
+        symbols = sorted({d.dim_param for value in model.graph.input
+                          for d in value.type.tensor_type.shape.dim
+                          if d.dim_param and d.dim_param != "batch"})
+        if not symbols:
+            continue
+        base = dict(dims, batch=micro.get(name, dims["batch"]))
+        points = [dict(base, **dict.fromkeys(symbols, PROBE))]
+        points += [dict(points[0], **{s: MOVED}) for s in symbols]
+        points += [dict(base, **dict.fromkeys(symbols, CHECK)), base]
+        terms = [position_terms(concrete(model, point), pooled) for point in points]
+        out[name] = {"symbols": [[s.rsplit("/", 1)[0], row.rank_symbols.index(
+            s.rsplit("/", 1)[1])] for s in symbols], "positions": fit_positions(terms)}
+    return out
+
+
+def position_terms(model: onnx.ModelProto, pooled: set) -> list:
+    """Per node position, the bytes of each term of arena_peak's sum: {tensor or
+    "workspace@<node>/<part>": bytes}."""
+    sizes, shapes = tensor_bytes(model), tensor_shapes(model)
+    return [dict({name: sizes.get(name, 0) for name in live},
+                 **{f"workspace@{i}/{j}": part
+                    for j, part in enumerate(node_workspace(node, sizes, shapes))})
+            for i, (node, live) in enumerate(arena_sets(model, pooled))]
+
+
+def fit_positions(terms: list) -> list:
+    """The positions' polynomials (each a list of terms [[c, [e_1..e_n]], ...]) from
+    position_terms at rank_model's points: PROBE, each symbol at MOVED, CHECK, the bound."""
+    base, moved, check, bound = terms[0], terms[1:-2], terms[-2], terms[-1]
+    out = []
+    for i, position in enumerate(base):
+        poly = {}
+        for key, at_base in position.items():
+            exponents = monomial([at[i].get(key, 0) for at in moved], at_base)
+            total = sum(exponents or ())
+            if exponents is None or (at_base // PROBE ** total) * CHECK ** total != \
+                    check[i].get(key, 0):
+                exponents, coefficient = [0] * len(moved), bound[i].get(key, 0)
+            else:
+                coefficient = at_base // PROBE ** total
+            if coefficient:
+                poly[tuple(exponents)] = poly.get(tuple(exponents), 0) + coefficient
+        out.append(poly)
+    kept = []
+    for i, poly in enumerate(out):  # drop a position another bounds term by term
+        if not any(j != i and (other != poly or j < i) and all(
+                other.get(e, 0) >= c for e, c in poly.items()) for j, other in enumerate(out)):
+            kept.append([[c, list(e)] for e, c in sorted(poly.items())])
+    return kept
+
+
+def monomial(moved: list, at_base: int):
+    """The exponents e_j with moved[j] = at_base * (MOVED / PROBE) ** e_j, or None."""
+    exponents = []
+    for at in moved:
+        ratio = at / at_base if at_base else (0.0 if at else 1.0)
+        e = round(math.log(ratio, MOVED / PROBE)) if ratio > 0 else -1
+        if e < 0 or abs(ratio - (MOVED / PROBE) ** e) > 1e-9 * ratio:
+            return None
+        exponents.append(e)
+    return exponents
 
 
 SLICE_FLOOR_BYTES = 8 << 20  # below this an arena is not worth more graph runs a step

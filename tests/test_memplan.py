@@ -71,7 +71,8 @@ def test_runner_live_set_stays_inside_the_plan(tmp_path, method, eps):
     assert result.applied and seen
     plan = trainer.manifest.memory_plan
     assert plan.pool_bytes == trainer.pool.nbytes
-    assert plan.working_set_bytes == plan.pool_bytes + plan.arena_bytes + plan.numpy_peak_bytes
+    assert plan.working_set_bytes == (plan.pool_bytes + plan.arena_bytes + plan.numpy_peak_bytes
+                                      + plan.extra["session_bytes"])
 
 
 def test_steps_with_the_pool_equal_steps_without_reuse(tmp_path):
@@ -141,3 +142,73 @@ def test_backward_in_micro_batches_equals_the_whole_batch(tmp_path, method, eps)
     for name in whole.params:
         scale = np.abs(whole.params[name]).max()
         assert np.abs(sliced.params[name] - whole.params[name]).max() <= 1e-5 * scale, name
+
+
+def test_a_polynomial_and_the_arena_at_ranks_by_hand():
+    assert memplan.polynomial([[3, [1, 0]], [2, [2, 1]]], [5, 7]) == 3 * 5 + 2 * 25 * 7
+    model = {"b.onnx": {"symbols": [["conv", 1], ["conv", 0]],
+                        "positions": [[[100, [0, 0]], [4, [1, 1]]], [[10, [2, 0]]]]}}
+    bound = {"a.onnx": 150, "b.onnx": 999}  # a.onnx has no model: its bound counts
+    # conv ranks (K1, K2) = (3, 6): b's positions 100 + 4 * 6 * 3 = 172 and 10 * 36 = 360
+    assert memplan.arena_at(model, bound, {"conv": (3, 6)}) == 360
+    assert memplan.arena_at(model, bound, {"conv": (1, 2)}) == 150
+
+
+def test_a_size_that_is_no_monomial_of_the_ranks_counts_at_its_bound():
+    from export.memory_plan import CHECK, MOVED, PROBE, fit_positions
+    def at(k1, k2):  # one position: a tensor of 4 (k1 + k2) bytes, one of 4 k1 k2
+        return [{"sum": 4 * (k1 + k2), "product": 4 * k1 * k2}]
+    points = [at(PROBE, PROBE), at(MOVED, PROBE), at(PROBE, MOVED), at(CHECK, CHECK), at(8, 9)]
+    assert fit_positions(points) == [[[4 * (8 + 9), [0, 0]], [4, [1, 1]]]]
+
+
+@pytest.mark.parametrize("method,eps", [("hosvd", 0.8), ("asi", 0.8), ("svd", 0.9)])
+def test_the_plan_at_the_ranks_a_run_saw_is_the_exporters_plan_at_those_ranks(
+        tmp_path, method, eps):
+    """memplan.working_set_at (the board) at the bound gives the manifest's plan, and at the
+    ranks a step saw the exporter's step_plan made at those ranks by shape inference; the
+    run's summary predicts with the largest ranks its steps saw."""
+    import onnx
+    from device_runner.train import seen_working_set
+    from export.memory_plan import concrete, rank_dims, step_plan
+    spec, model = random_model("mcunet-in1", 3, calibration_hw=SIZE)
+    trainer = export(model, spec, tmp_path, TrainConfig(n_layers=12, method=method, eps=eps),
+                     4, SIZE)
+    m, plan = trainer.manifest, trainer.manifest.memory_plan
+    layers = m.trainable_layers
+    _, bound = rank_dims(layers, method, plan.batch_size, None, None)
+    assert memplan.working_set_at(plan, m.schedule, trainer.layers, trainer.row, bound,
+                                  trainer.last_use) == plan.working_set_bytes
+    images, labels = batch(4, SIZE, 3)
+    seen = trainer.step(images, labels, lr=0.01).ranks
+    assert seen != bound and plan.extra["rank_model"]["arena"]  # backward graphs modeled
+    models = {f: onnx.load(str(trainer.folder / f)) for f in plan.extra["arena_bytes_per_graph"]}
+    symbols = trainer.row.rank_symbols
+    for ranks in (seen, {name: (1,) * len(k) for name, k in seen.items()}):
+        dims = {"batch": plan.batch_size, **{f"{name}/{s}": k for name, at in ranks.items()
+                                             for s, k in zip(symbols, at)}}
+        expected = step_plan(models, {f: concrete(g, dims) for f, g in models.items()}, dims,
+                             ranks, m.schedule, layers, method, plan.batch_size, "seen",
+                             (m.graphs.nchwc or {}).get("variants", {}))
+        assert seen_working_set(trainer, ranks, plan.batch_size) == expected.working_set_bytes
+
+
+def test_a_runs_summary_predicts_the_working_set_at_the_ranks_its_steps_saw(tmp_path):
+    from device_runner.runtime import Trainer
+    from device_runner.train import seen_working_set
+    spec, model = random_model("mcunet-in1", 3, calibration_hw=SIZE)
+    art = export(model, spec, tmp_path / "art", TrainConfig(n_layers=4, method="hosvd",
+                                                            eps=0.8), 8, SIZE).folder
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", images=rng.integers(0, 256, (24,) + SIZE + (3,), np.uint8),
+             labels=rng.integers(0, 3, 24))
+    run = device("train", art, "--data", tmp_path / "d.npz", "--max-steps", "3", "--threads",
+                 "1", "--out", tmp_path / "run", "--summary", tmp_path / "s.json")
+    assert run.returncode == 0, run.stderr
+    summary = json.loads((tmp_path / "s.json").read_text())
+    plan = json.loads((art / "manifest.json").read_text())["memory_plan"]
+    assert summary["predicted_ranks"] == "seen"
+    assert summary["bound_working_set_bytes"] == plan["working_set_bytes"]
+    seen = {layer: tuple(k) for layer, k in summary["max_ranks"].items()}
+    assert summary["predicted_working_set_bytes"] == seen_working_set(Trainer(art), seen, 8)
+    assert "the ranks the steps saw; at their bound" in run.stdout

@@ -137,3 +137,24 @@ def test_asi_at_full_rank_reconstructs_exactly():
     for mode, u in enumerate((p["u_batch"], p["u_channel"], p["u_height"], p["u_width"])):
         rebuilt = np.moveaxis(np.moveaxis(rebuilt, mode, -1) @ u.T, -1, mode)
     np.testing.assert_allclose(rebuilt, x, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape,ranks", [((8, 24, 40, 40), (3, 5, 9, 7)),   # height in place
+                                         ((6, 64, 5, 5), (2, 7, 2, 3)),     # channels > rest
+                                         ((4, 3, 48, 48), (2, 1, 4, 3)),    # an RGB stem
+                                         ((16, 8, 24, 24), (4, 8, 20, 20))])  # height unfolded
+def test_the_workspace_rows_bound_what_numpy_allocates(shape, ranks):
+    """hosvd and asi's workspace (the memory plan's numpy term) is at least tracemalloc's
+    peak of the decomposition beyond x and what it keeps: the exact HOSVD at fixed ranks,
+    then a subspace step warm-started from its factors."""
+    import tracemalloc
+    from actcomp_edge.core.decomposition import hosvd, subspace_step
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    factors = [u.copy() for u in hosvd(x, ranks=ranks).factors[1:]]
+    for name, decompose in (("hosvd", lambda: hosvd(x, ranks=ranks)),
+                            ("asi", lambda: subspace_step(x, factors, ranks[0]))):
+        tracemalloc.start()
+        t = decompose()
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert METHODS[name].workspace(shape, ranks, 1) + 4 * t.kept_floats >= peak, name

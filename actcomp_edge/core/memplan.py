@@ -17,11 +17,17 @@ them as the run makes it, so the bool stays in onnxruntime's arena.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from math import prod
 
 from . import names
 from .manifest import Compress
 
 ALIGN = 64  # bytes: every place starts on a cache line
+# What an onnxruntime session adds at its first run beyond its tensors (its worker thread's
+# stack pages and first-run state): 305 KiB each over 85 sessions of one 256 x 256 MatMul,
+# intra-op threads 2, of which 256 KiB the output its own arena kept (onnxruntime 1.32.0,
+# x86-64; a helper's smaps breakdown of mcunet's 85 sessions found 4.0 MiB of thread stacks)
+SESSION_BYTES = 49 << 10
 
 
 @dataclass(frozen=True)
@@ -135,3 +141,75 @@ def _aligned(n: int) -> int:
 
 def live_bytes(buffers: list, position: int) -> int:
     return sum(b.nbytes for b in buffers if b.start <= position <= b.end)
+
+
+# ------------------------------------------------------- the plan at the ranks a run saw
+# eps ranks are planned at their bound at export. The exporter also writes what the plan
+# needs to be evaluated at other ranks (memory_plan.rank_model): per graph run, the arena
+# at each node position where it may peak as a polynomial in the ranks, and per schedule
+# position numpy's rank-free bytes. The board evaluates it at the ranks it saw.
+
+def polynomial(terms: list, values: list) -> int:
+    """sum of c * prod(v_i ** e_i) over terms [[c, [e_1, .., e_n]], ...], values (v_1..v_n)."""
+    total = 0
+    for coefficient, exponents in terms:
+        term = coefficient
+        for value, exponent in zip(values, exponents):
+            term *= value ** exponent
+        total += term
+    return int(total)
+
+
+def arena_at(model: dict, bound: dict, ranks: dict) -> int:
+    """Bytes of onnxruntime's arena at ``ranks`` (layer -> rank per mode): the largest
+    position of any graph. model: graph -> {"symbols": [[layer, mode], ...], "positions":
+    [terms, ...]} (polynomial); a graph it does not model takes its ``bound`` bytes."""
+    peak = 0
+    for graph, at_bound in bound.items():
+        entry = model.get(graph)
+        if entry is None:
+            peak = max(peak, at_bound)
+            continue
+        values = [ranks[layer][mode] for layer, mode in entry["symbols"]]
+        peak = max([peak] + [polynomial(terms, values) for terms in entry["positions"]])
+    return peak
+
+
+def numpy_trace(schedule: list, layers: dict, row, ranks: dict, batch: int, fixed: list,
+                release: dict) -> list:
+    """Bytes numpy holds at each schedule position: ``fixed`` (the labels, the results made
+    so far, the masks a backward unpacks), the kept pieces of every layer decomposed and not
+    yet released (``release``: layer -> the last position that reads them) and, at a
+    Compress, the decomposition's workspace or the packing of its input's mask. layers:
+    name -> manifest Layer; row: the method's Method; ranks: layer -> rank per mode."""
+    live, out = {}, []
+    for position, item in enumerate(schedule):
+        transient = 0
+        if isinstance(item, Compress):
+            layer = layers[item.layer]
+            shape, stride = (batch,) + tuple(layer.input_shape), layer.stride
+            k = ranks.get(layer.name)
+            live[layer.name] = 0 if row.keeps_input else 4 * row.kept_floats(shape, k, stride)
+            transient = row.workspace(shape, k, stride)
+            if layer.input_mask:  # packed before the decomposition: two bool blocks
+                elements = prod(layer.input_shape)
+                transient = max(transient, 2 * mask_pack_samples(elements) * elements)
+        out.append(fixed[position] + sum(live.values()) + transient)
+        for name in [name for name in live if release[name] <= position]:
+            del live[name]
+    return out
+
+
+def working_set_at(plan, schedule: list, layers: dict, row, ranks: dict, last: dict):
+    """The memory plan's working set (bytes, at plan.batch_size) with the data-dependent
+    ranks at ``ranks`` (layer -> rank per mode, e.g. the largest a run saw) instead of their
+    bound: pool + arena + numpy's peak + sessions, as export.memory_plan.step_plan sums them. plan: the
+    manifest's MemoryPlan; last: memplan.last_use of the step. None without a rank model."""
+    model = plan.extra.get("rank_model")
+    if not model or set(ranks) != set(layers):
+        return None
+    release = {name: last.get(layer.kept[0], -1) for name, layer in layers.items()}
+    numpy = max(numpy_trace(schedule, layers, row, ranks, plan.batch_size,
+                            model["numpy_fixed_at"], release))
+    arena = arena_at(model["arena"], plan.extra["arena_bytes_per_graph"], ranks)
+    return plan.pool_bytes + arena + numpy + plan.extra.get("session_bytes", 0)

@@ -29,8 +29,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from .arch import ConvLayer, pair
-from .decomposition import (GRAM_BLOCK_BYTES, Tucker, full_rank_bound, hosvd, subspace_step,
-                            svd_compress)
+from .decomposition import (GRAM_BLOCK_BYTES, Tucker, full_rank_bound, hosvd, in_place,
+                            subspace_step, svd_compress)
 
 GF_RADIUS = 2
 # onnxruntime's blocked-layout CPU kernels: contrib ops of every stock build, fast where MLAS
@@ -120,22 +120,36 @@ def tucker_ranks(shape: tuple, ranks, rank_cap) -> tuple:
 
 
 def hosvd_workspace(shape: tuple, ranks, stride: int) -> int:
-    """The mode Grams (float64, with eigh's copy) and blockwise float64 slices, then the
-    largest pair of successive partial cores (each mode product copies its strided input)."""
+    """What decomposition.hosvd allocates beyond x and the kept pieces (x is read in place):
+    - the Grams: the largest mode's (g x g float64 and numpy's eigh beside it, which took
+      4.8 g^2 doubles more of RSS for g = 512 here: its copy, vectors and LAPACK's work
+      arrays, which tracemalloc does not see; from a float32 unfold copy where d_n exceeds
+      the rest), beside two blocks of mode_gram's unfold copies (one sample or
+      GRAM_BLOCK_BYTES: the last and the next);
+    - the core: the mode products' outputs, the largest pair of successive ones.
+    At least tracemalloc's peak on each of mcunet's 42 conv inputs (batch 32, 128 px and batch
+    64, 224 px: benchmarks/scripts/numpy_workspace.py)."""
     size = prod(shape)
-    grams = max(3 * 8 * min(d, size // d) ** 2 + (2 * 8 * size if d > size // d else 0)
-                for d in shape) + GRAM_BLOCK_BYTES
-    sizes, current = [size], list(shape)
+    sample = 4 * (size // shape[0])
+    block = min(4 * size, max(sample, GRAM_BLOCK_BYTES // sample * sample))
+    grams = max(6 * 8 * min(d, size // d) ** 2 + (4 * size if d > size // d else 0)
+                for d in shape) + 2 * block
+    sizes, current = [], list(shape)
     for mode in sorted(range(4), key=lambda n: ranks[n] / shape[n]):
         current[mode] = ranks[mode]
         sizes.append(prod(current))
-    return max(grams, max(4 * (a + b) for a, b in zip(sizes[:-1], sizes[1:])))
+    return max(grams, 4 * sizes[0], max(4 * (a + b) for a, b in zip(sizes[:-1], sizes[1:])))
 
 
 def asi_workspace(shape: tuple, ranks, stride: int) -> int:
-    """The first step's exact HOSVD (hosvd), or a subspace step's unfold copy and its
-    partial core."""
-    return max(hosvd_workspace(shape, ranks, stride), 2 * 4 * prod(shape))
+    """The first step's exact HOSVD (hosvd_workspace), or a subspace step's: per mode, the
+    product with U_n (size K_n / d_n; with its strided copy and the next product's output:
+    three of them), beside x's unfold copy where that mode is not multiplied in place
+    (decomposition.in_place); then the partial core's products, as hosvd's."""
+    size = prod(shape)
+    grow = max(4 * 3 * size * k // d + (0 if in_place(shape, n) else 4 * size)
+               for n, (d, k) in enumerate(zip(shape, ranks)) if n)
+    return max(hosvd_workspace(shape, ranks, stride), grow)
 
 
 TUCKER_PIECES = ("core", "u_batch", "u_channel", "u_height", "u_width")
