@@ -38,7 +38,8 @@ class StepRecord:
     eps: float | None = None                   # None: the method has no eps ranks
     method: str | None = None
     working_set_bytes: int | None = None       # peak RSS minus the baseline
-    predicted_working_set_bytes: int | None = None  # the memory plan's, at this batch
+    predicted_working_set_bytes: int | None = None  # the memory plan's, at this batch (eps
+    #                                                 ranks: the largest the steps saw so far)
     budget_bytes: int | None = None            # None: no budget
     budget_exceeded: bool | None = None
     budget_action: dict | None = None          # what the budget check did (train.check_budget)
