@@ -201,12 +201,13 @@ class Asi:
         return tucker_kept(t)
 
 
-# Map sizes (H * W of the input) up to which a backward form pays, per fine-tuned conv of
-# mcunet at batch 32, 128 px, eps 0.8 (per-layer onnxruntime profiles, NCHWc kernels):
-ROWS_MAX_HW = 64     # grouped: x's K1 rows rebuilt (8x8 and 4x4 maps: 32.8 -> 9.3 ms over
-#                      mcunet's eight; from 16x16 on the dense K2 form is faster at its ranks)
-KRON_MAX_HW = 256    # 1x1: U3 (x) U4 in one MatMul (16x16 and smaller: 44 -> 11 ms; 32x32
-#                      expand convs 3-5 -> 6-18 ms)
+# Map sizes (H * W of the input) up to which a backward form pays: weight-gradient kernel ms
+# a step summed over mcunet's 42 convs at batch 32, 128 px, eps 0.8 (NCHWc kernels; the
+# forms forced everywhere and nowhere: benchmarks/scripts/backward_forms.py, 2026-12-08)
+ROWS_MAX_HW = 64     # grouped, x's K1 rows rebuilt: the eight on 8x8 and 4x4 maps 36.5 ->
+#                      8.3 ms; on 16x16 to 64x64 maps the K2 form (22.5 ms) beat it (28.6)
+KRON_MAX_HW = 256    # 1x1, U3 (x) U4 in one MatMul: the 21 on 16x16 maps and smaller 39.2
+#                      -> 13.2 ms; on larger maps U4 then U3 (22.4 ms) beat it (325)
 
 
 def hosvd_weight_grad(g, name: str, kept: dict, dy: str, conv: ConvLayer) -> str:
