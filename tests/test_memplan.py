@@ -212,3 +212,26 @@ def test_a_runs_summary_predicts_the_working_set_at_the_ranks_its_steps_saw(tmp_
     seen = {layer: tuple(k) for layer, k in summary["max_ranks"].items()}
     assert summary["predicted_working_set_bytes"] == seen_working_set(Trainer(art), seen, 8)
     assert "the ranks the steps saw; at their bound" in run.stdout
+
+
+@pytest.mark.parametrize("edit,where", [
+    (lambda m: m.update(numpy_fixed_at=m["numpy_fixed_at"][:-1]), "numpy_fixed_at"),
+    (lambda m: m.update(numpy_fixed_at="12"), "rank_model"),
+    (lambda m: next(iter(m["arena"].values()))["symbols"].append(["nowhere", 0]), "rank_model"),
+    (lambda m: next(iter(m["arena"].values()))["symbols"].__setitem__(0, ["nowhere", 0]),
+     "nowhere"),
+    (lambda m: next(iter(m["arena"].values()))["positions"][0].append([-1, [0, 0, 0, 0]]),
+     "rank_model"),
+    (lambda m: m["arena"].update({"../x.onnx": {"symbols": [], "positions": []}}),
+     "rank_model")])
+def test_a_malformed_rank_model_is_refused_in_one_line(edit, where, tmp_path):
+    from actcomp_edge.core.manifest import ArtifactError, load_manifest, manifest_bytes
+    spec, model = random_model("mcunet-in1", 3, calibration_hw=SIZE)
+    folder = export(model, spec, tmp_path, TrainConfig(n_layers=4, method="hosvd", eps=0.8),
+                    4, SIZE).folder
+    manifest = json.loads((folder / "manifest.json").read_text())
+    edit(manifest["memory_plan"]["rank_model"])
+    (folder / "manifest.json").write_bytes(manifest_bytes(manifest))
+    with pytest.raises(ArtifactError, match=where) as e:
+        load_manifest(folder, verify=False)
+    assert "\n" not in str(e.value) and "memory_plan.rank_model" in str(e.value)

@@ -205,6 +205,28 @@ def _is_input_mask(v) -> bool:
         and _is_text(v["bits"]) and all(_is_number(v[k]) for k in v.keys() - {"bits"})
 
 
+def _is_rank_model(v) -> bool:
+    """memory_plan.rank_model: null, or {"numpy_fixed_at": [bytes per schedule position],
+    "arena": {graph file: {"symbols": [[layer, mode 0..3], ...], "positions": [[[c, [e per
+    symbol]], ...], ...]}}} (export.memory_plan.rank_model)."""
+    def is_term(t, n):
+        return isinstance(t, list) and len(t) == 2 and _is_int(t[0]) and t[0] >= 0 and \
+            _list_of(lambda e: _is_int(e) and 0 <= e <= 8)(t[1]) and len(t[1]) == n
+
+    def is_graph(g):
+        if not (isinstance(g, dict) and g.keys() == {"symbols", "positions"}
+                and _list_of(lambda s: isinstance(s, list) and len(s) == 2 and _is_text(s[0])
+                             and _is_int(s[1]) and 0 <= s[1] <= 3)(g["symbols"])):
+            return False
+        n = len(g["symbols"])
+        return _list_of(_list_of(lambda t: is_term(t, n)))(g["positions"])
+    return v is None or (
+        isinstance(v, dict) and v.keys() == {"numpy_fixed_at", "arena"}
+        and _list_of(lambda b: _is_int(b) and b >= 0)(v["numpy_fixed_at"])
+        and isinstance(v["arena"], dict) and all(_is_file_name(k) and is_graph(g)
+                                                for k, g in v["arena"].items()))
+
+
 OBJECT = ("an object", lambda v: isinstance(v, dict))
 TEXT = ("a string", _is_text)
 TEXTS = ("a list of strings", _list_of(_is_text))
@@ -278,6 +300,14 @@ SCHEMA = {
     "memory_plan.arena_bytes": BYTES,
     "memory_plan.numpy_peak_bytes": BYTES,
     "memory_plan.peak_at": TEXT,
+    "memory_plan.arena_bytes_per_graph?": ("an object of graph file -> bytes", lambda v:
+                                           isinstance(v, dict) and all(
+                                               _is_file_name(k) and _is_int(b) and b >= 0
+                                               for k, b in v.items())),
+    "memory_plan.session_bytes?": BYTES,
+    "memory_plan.rank_model?": ('null or {"numpy_fixed_at": [bytes], "arena": {file: '
+                                '{"symbols": [[layer, mode]], "positions": [[[c, [e]]]]}}}',
+                                _is_rank_model),
     "files": ("a non-empty object", lambda v: isinstance(v, dict) and bool(v)),
 }
 
@@ -323,6 +353,16 @@ def check_schema(manifest: dict, where) -> None:
             if not isinstance(layer["stride"], int):
                 fail(f"trainable_layers[{i}].stride", f"must be one integer for "
                      f"{manifest['train']['method']}, got {_show(layer['stride'])}")
+    model = manifest["memory_plan"].get("rank_model")
+    if model is not None:  # what working_set_at reads: a position each, known layers
+        if len(model["numpy_fixed_at"]) != len(manifest["schedule"]):
+            fail("memory_plan.rank_model.numpy_fixed_at", f"has {len(model['numpy_fixed_at'])} "
+                 f"positions, the schedule {len(manifest['schedule'])}")
+        for graph, entry in model["arena"].items():
+            unknown = {layer for layer, _ in entry["symbols"]} - layers
+            if unknown or graph not in manifest["memory_plan"].get("arena_bytes_per_graph", {}):
+                fail(f"memory_plan.rank_model.arena.{graph}", "names a graph or layer the plan "
+                     f"does not have: {_show(sorted(unknown)[0] if unknown else graph)}")
     missing = layers - {step.get("compress") for step in manifest["schedule"]}
     if missing:
         fail("schedule", f"never compresses the input of {_show(sorted(missing)[0])}")

@@ -203,8 +203,9 @@ def numpy_trace(schedule: list, layers: dict, row, ranks: dict, batch: int, fixe
 def working_set_at(plan, schedule: list, layers: dict, row, ranks: dict, last: dict):
     """The memory plan's working set (bytes, at plan.batch_size) with the data-dependent
     ranks at ``ranks`` (layer -> rank per mode, e.g. the largest a run saw) instead of their
-    bound: pool + arena + numpy's peak + sessions, as export.memory_plan.step_plan sums them. plan: the
-    manifest's MemoryPlan; last: memplan.last_use of the step. None without a rank model."""
+    bound: pool + arena + numpy's peak + sessions, as export.memory_plan.step_plan sums
+    them. plan: the manifest's MemoryPlan; last: memplan.last_use of the step. None without
+    a rank model."""
     model = plan.extra.get("rank_model")
     if not model or set(ranks) != set(layers):
         return None
