@@ -99,10 +99,15 @@ def calibrate_ranks(trainer: Trainer, data: Dataset, batch_size: int, budget: in
 
 
 def planned_working_set(manifest: Manifest, batch_size: int) -> int:
-    """The memory plan's working set (bytes) at batch_size: every term of the plan grows
-    with the batch (the pool is planned for the batch the step runs), so it scales."""
-    plan = manifest.memory_plan
-    return math.ceil(plan.working_set_bytes * batch_size / plan.batch_size)
+    """The memory plan's working set (bytes) at batch_size (at_batch)."""
+    return at_batch(manifest.memory_plan, manifest.memory_plan.working_set_bytes, batch_size)
+
+
+def at_batch(plan, working_set: int, batch_size: int) -> int:
+    """A working set of the plan (bytes at plan.batch_size) at batch_size: every term but
+    the sessions' grows with the batch (the pool is planned for the batch the step runs)."""
+    sessions = plan.extra.get("session_bytes", 0)
+    return math.ceil((working_set - sessions) * batch_size / plan.batch_size) + sessions
 
 
 def seen_working_set(trainer: Trainer, ranks: dict, batch_size: int) -> int | None:
@@ -112,8 +117,7 @@ def seen_working_set(trainer: Trainer, ranks: dict, batch_size: int) -> int | No
     plan = trainer.manifest.memory_plan
     at_plan_batch = memplan.working_set_at(plan, trainer.schedule, trainer.layers, trainer.row,
                                            ranks, trainer.last_use)
-    return None if at_plan_batch is None else math.ceil(
-        at_plan_batch * batch_size / plan.batch_size)
+    return None if at_plan_batch is None else at_batch(plan, at_plan_batch, batch_size)
 
 
 def check_plan(manifest: Manifest, batch_size: int, budget: int) -> None:
@@ -130,8 +134,8 @@ def check_plan(manifest: Manifest, batch_size: int, budget: int) -> None:
     hint = (f"--batch-size {fits} would need about {fits * per_sample / mib:.1f} MiB"
             if fits >= 1 else "even batch 1 does not fit")
     raise BudgetError(f"budget {budget / mib:.1f} MiB is too small: the memory plan needs "
-                      f"{predicted / mib:.1f} MiB at batch {batch_size} (pool, arena, numpy; "
-                      f"peak at {plan.peak_at}); {hint}, or export with fewer --layers "
+                      f"{predicted / mib:.1f} MiB at batch {batch_size} (pool, arena, numpy, "
+                      f"sessions; peak at {plan.peak_at}); {hint}, or export with fewer --layers "
                       f"or a compressing --method")
 
 
@@ -375,7 +379,8 @@ class TrainingRun:
         # the memory plan's working set: eps ranks at their bound (the guarantee), then at
         # the largest ranks the run's steps saw (the prediction)
         self.bound = self.predicted = planned_working_set(trainer.manifest, self.batch)
-        self.predicted_ranks = "bound" if trainer.row.ranks else None
+        self.predicted_ranks = ("bound" if trainer.manifest.memory_plan.rank_basis == "bound"
+                                else None)  # else exact or fixed ranks: nothing to re-plan
         self.planned_at = None  # the ranks self.predicted was last planned at
         self.val_accuracy = None     # the last evaluation's
         self.last_epoch_loss = None  # the mean training loss of the last epoch

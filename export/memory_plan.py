@@ -101,10 +101,7 @@ def node_workspace(node, model_sizes: dict, shapes: dict) -> list:
 def arena_peak(model: onnx.ModelProto, pooled: set) -> int:
     """Largest sum of intermediates alive together when the nodes run in order, plus the
     running kernel's own workspace (node_workspace): see arena_sets."""
-    sizes, shapes = tensor_bytes(model), tensor_shapes(model)
-    return max((sum(sizes.get(name, 0) for name in live)
-                + sum(node_workspace(node, sizes, shapes))
-                for node, live in arena_sets(model, pooled)), default=0)
+    return max((sum(terms.values()) for terms in position_terms(model, pooled)), default=0)
 
 
 def arena_sets(model: onnx.ModelProto, pooled: set) -> list:
@@ -193,8 +190,8 @@ def step_plan(models: dict, graphs: dict, dims: dict, chosen: dict, schedule: li
             unpacked = sum(sizes[name] for name in io[item.graph][0]
                            if names.is_mask_bool(name)) * micro.get(item.graph, batch) // batch
         fixed.append(labels + results + unpacked)
-    release = {layer.name: last.get(layer.kept[0], -1) for layer in layers}
-    numpy_at = memplan.numpy_trace(schedule, by_name, row, chosen, batch, fixed, release)
+    numpy_at = memplan.numpy_trace(schedule, by_name, row, chosen, batch, fixed,
+                                   memplan.release_positions(by_name, last))
     peak_position = max(range(len(schedule)), key=lambda p: numpy_at[p] + memplan.live_bytes(
         buffers, p))
     arena_bytes = max(arena.values(), default=0)

@@ -214,24 +214,41 @@ def test_a_runs_summary_predicts_the_working_set_at_the_ranks_its_steps_saw(tmp_
     assert "the ranks the steps saw; at their bound" in run.stdout
 
 
+def _first_graph(plan):
+    return next(iter(plan["rank_model"]["arena"].values()))
+
+
 @pytest.mark.parametrize("edit,where", [
-    (lambda m: m.update(numpy_fixed_at=m["numpy_fixed_at"][:-1]), "numpy_fixed_at"),
-    (lambda m: m.update(numpy_fixed_at="12"), "rank_model"),
-    (lambda m: next(iter(m["arena"].values()))["symbols"].append(["nowhere", 0]), "rank_model"),
-    (lambda m: next(iter(m["arena"].values()))["symbols"].__setitem__(0, ["nowhere", 0]),
-     "nowhere"),
-    (lambda m: next(iter(m["arena"].values()))["positions"][0].append([-1, [0, 0, 0, 0]]),
+    (lambda p: p["rank_model"].update(numpy_fixed_at=p["rank_model"]["numpy_fixed_at"][:-1]),
+     "numpy_fixed_at"),
+    (lambda p: p["rank_model"].update(numpy_fixed_at="12"), "rank_model"),
+    (lambda p: _first_graph(p)["symbols"].append(["nowhere", 0]), "rank_model"),
+    (lambda p: _first_graph(p)["symbols"].__setitem__(0, ["nowhere", 0]), "nowhere"),
+    (lambda p: _first_graph(p)["positions"][0].append([-1, [0, 0, 0, 0]]), "rank_model"),
+    (lambda p: p["rank_model"]["arena"].update({"../x.onnx": {"symbols": [], "positions": []}}),
      "rank_model"),
-    (lambda m: m["arena"].update({"../x.onnx": {"symbols": [], "positions": []}}),
-     "rank_model")])
+    (lambda p: p.pop("arena_bytes_per_graph"), "needs memory_plan.arena_bytes_per_graph")])
 def test_a_malformed_rank_model_is_refused_in_one_line(edit, where, tmp_path):
     from actcomp_edge.core.manifest import ArtifactError, load_manifest, manifest_bytes
     spec, model = random_model("mcunet-in1", 3, calibration_hw=SIZE)
     folder = export(model, spec, tmp_path, TrainConfig(n_layers=4, method="hosvd", eps=0.8),
                     4, SIZE).folder
     manifest = json.loads((folder / "manifest.json").read_text())
-    edit(manifest["memory_plan"]["rank_model"])
+    edit(manifest["memory_plan"])
     (folder / "manifest.json").write_bytes(manifest_bytes(manifest))
     with pytest.raises(ArtifactError, match=where) as e:
         load_manifest(folder, verify=False)
     assert "\n" not in str(e.value) and "memory_plan.rank_model" in str(e.value)
+
+
+def test_a_rank_model_naming_a_mode_the_method_lacks_is_refused(tmp_path):
+    """svd keeps one rank (k): a symbol of mode 1 would index past it on the board."""
+    from actcomp_edge.core.manifest import ArtifactError, load_manifest, manifest_bytes
+    spec, model = random_model("mcunet-in1", 3, calibration_hw=SIZE)
+    folder = export(model, spec, tmp_path, TrainConfig(n_layers=4, method="svd", eps=0.8),
+                    4, SIZE).folder
+    manifest = json.loads((folder / "manifest.json").read_text())
+    _first_graph(manifest["memory_plan"])["symbols"][0][1] = 1
+    (folder / "manifest.json").write_bytes(manifest_bytes(manifest))
+    with pytest.raises(ArtifactError, match="names a mode past the method's 1 ranks"):
+        load_manifest(folder, verify=False)

@@ -354,7 +354,16 @@ def check_schema(manifest: dict, where) -> None:
                 fail(f"trainable_layers[{i}].stride", f"must be one integer for "
                      f"{manifest['train']['method']}, got {_show(layer['stride'])}")
     model = manifest["memory_plan"].get("rank_model")
-    if model is not None:  # what working_set_at reads: a position each, known layers
+    if model is not None:  # what working_set_at reads: a position each, known layers, modes
+        modes = len(METHODS[manifest["train"]["method"]].rank_symbols)
+        if not modes:
+            fail("memory_plan.rank_model", f"must be null for {manifest['train']['method']}, "
+                                           f"which has no ranks")
+        if "arena_bytes_per_graph" not in manifest["memory_plan"]:
+            fail("memory_plan.rank_model", "needs memory_plan.arena_bytes_per_graph beside it")
+        if any(mode >= modes for entry in model["arena"].values()
+               for _, mode in entry["symbols"]):
+            fail("memory_plan.rank_model", f"names a mode past the method's {modes} ranks")
         if len(model["numpy_fixed_at"]) != len(manifest["schedule"]):
             fail("memory_plan.rank_model.numpy_fixed_at", f"has {len(model['numpy_fixed_at'])} "
                  f"positions, the schedule {len(manifest['schedule'])}")
@@ -573,12 +582,13 @@ class MemoryPlan:
     """One step's planned memory at batch_size (export.memory_plan.step_plan), in bytes."""
     batch_size: int
     rank_basis: str
-    working_set_bytes: int   # pool + arena + numpy's peak
+    working_set_bytes: int   # pool + arena + numpy's peak + session_bytes (in extra)
     pool_bytes: int          # the tensors held between graph runs
     arena_bytes: int         # the largest intermediates of one graph run
     numpy_peak_bytes: int    # the decompositions' kept pieces and workspace, at their peak
     peak_at: str             # the schedule step where the working set peaks
-    extra: dict = field(default_factory=dict)  # arena_graph, arena_bytes_per_graph
+    extra: dict = field(default_factory=dict)  # arena_graph, arena_bytes_per_graph,
+    #                                            session_bytes, rank_model
 
     def to_json(self) -> dict:
         return {**self.extra, "batch_size": self.batch_size, "rank_basis": self.rank_basis,

@@ -200,6 +200,12 @@ def numpy_trace(schedule: list, layers: dict, row, ranks: dict, batch: int, fixe
     return out
 
 
+def release_positions(layers: dict, last: dict) -> dict:
+    """layer -> the last schedule position that reads its kept pieces (-1: none)."""
+    return {name: last.get(layer.kept[0], -1) if layer.kept else -1
+            for name, layer in layers.items()}
+
+
 def working_set_at(plan, schedule: list, layers: dict, row, ranks: dict, last: dict):
     """The memory plan's working set (bytes, at plan.batch_size) with the data-dependent
     ranks at ``ranks`` (layer -> rank per mode, e.g. the largest a run saw) instead of their
@@ -209,8 +215,7 @@ def working_set_at(plan, schedule: list, layers: dict, row, ranks: dict, last: d
     model = plan.extra.get("rank_model")
     if not model or set(ranks) != set(layers):
         return None
-    release = {name: last.get(layer.kept[0], -1) for name, layer in layers.items()}
     numpy = max(numpy_trace(schedule, layers, row, ranks, plan.batch_size,
-                            model["numpy_fixed_at"], release))
+                            model["numpy_fixed_at"], release_positions(layers, last)))
     arena = arena_at(model["arena"], plan.extra["arena_bytes_per_graph"], ranks)
     return plan.pool_bytes + arena + numpy + plan.extra.get("session_bytes", 0)
