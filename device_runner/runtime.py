@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController, threadpool_limits
 
 from actcomp_edge.core import memplan, names
 from actcomp_edge.core.decomposition import mode_energies
@@ -266,6 +266,7 @@ class Trainer:
         if self.row.tracker:
             self.trackers = {name: self.row.tracker(self.eps, self.ranks, self.rank_cap)
                              for name in self.layers}
+        self.blas = ThreadpoolController()  # made once: threadpool_limits rescans (0.26 ms)
         # input/output names of every session, read once (not on every step)
         self.io = {name: ([i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()])
                    for name, sess in self.sessions.items()}
@@ -349,8 +350,15 @@ class Trainer:
         if budget_cap is not None:
             cap = budget_cap if cap is None else np.minimum(cap, budget_cap).tolist()
         if self.trackers:
-            self.trackers[layer.name].rank_cap = cap
-            return self.trackers[layer.name](x)
+            tracker = self.trackers[layer.name]
+            tracker.rank_cap = cap
+            if tracker.factors is None:  # its first step: the exact HOSVD, every BLAS thread
+                return tracker(x)
+            # asi's subspace step (thin products) on one BLAS thread: a second one kept
+            # 16-17 MiB more resident at N=42 (its buffers, a malloc arena) for 5-9 % less
+            # time (benchmarks/scripts/numpy_parts.py: 174.3 against 166.2 ms, 42 inputs)
+            with self.blas.limit(limits=1, user_api="blas"):
+                return tracker(x)
         return self.row.compress(x, self.eps, self.ranks, cap, layer.stride)
 
     def unpack_mask(self, name: str, bits: np.ndarray) -> np.ndarray:

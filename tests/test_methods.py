@@ -158,3 +158,32 @@ def test_the_workspace_rows_bound_what_numpy_allocates(shape, ranks):
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         assert METHODS[name].workspace(shape, ranks, 1) + 4 * t.kept_floats >= peak, name
+
+
+def test_the_runner_takes_asi_subspace_steps_on_one_blas_thread(tmp_path, monkeypatch):
+    """The first step (the exact HOSVD) on the runner's BLAS threads, each subspace step on
+    one (runtime.Trainer.compress), and the runner's count back after it."""
+    from threadpoolctl import ThreadpoolController
+    from actcomp_edge.core import methods
+    from export.training_graph import TrainConfig
+    from export_helpers import batch, export, random_model
+    blas = ThreadpoolController()
+    if not blas.select(user_api="blas").lib_controllers:
+        pytest.skip("numpy's BLAS is not one threadpoolctl controls")
+    seen, step = [], methods.subspace_step
+
+    def counting(*args):
+        seen.append(blas.select(user_api="blas").info()[0]["num_threads"])
+        return step(*args)
+    monkeypatch.setattr(methods, "subspace_step", counting)
+    spec, model = random_model("mcunet-in1", 3, calibration_hw=(64, 64))
+    trainer = export(model, spec, tmp_path, TrainConfig(n_layers=3, method="asi", eps=0.8), 4,
+                     (64, 64))
+    before = blas.select(user_api="blas").info()[0]["num_threads"]
+    if before < 2:
+        pytest.skip("one BLAS thread on this machine: nothing to tell apart")
+    images, labels = batch(4, (64, 64), 3)
+    for _ in range(2):
+        trainer.step(images, labels, lr=0.01)
+    after = blas.select(user_api="blas").info()[0]["num_threads"]
+    assert seen == [1, 1, 1] and after == before

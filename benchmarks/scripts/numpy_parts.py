@@ -9,7 +9,8 @@ ants/bees, its pretrained weights from ../shared):
 - masks: runtime.pack_mask of every conv input (above 0, below 6: the ReLU6 of the region);
 - asi: decomposition.subspace_step of every conv input at ranks (12, 18, 4, 4), warm-started
   from random orthonormal factors; with --before TREE also TREE's subspace_step (a checkout,
-  e.g. `git worktree add --detach /tmp/before eed872d`) on the same inputs.
+  e.g. `git worktree add --detach /tmp/before eed872d`) on the same inputs; then this tree's
+  on one BLAS thread and on two.
 Prints the median over --repeats of each sum, in ms.
 """
 from __future__ import annotations
@@ -110,6 +111,14 @@ def main() -> None:
         f"{name} {median_ms(lambda: subspace_total(step, inputs, factors), args.repeats):.1f} ms"
         for name, step in steps.items())
     print(f"asi subspace step, {len(inputs)} inputs, ranks {RANKS}: {timed}")
+    from threadpoolctl import threadpool_limits
+    by_threads = []
+    for threads in (1, 2):  # the runner runs it on one (runtime.Trainer.compress)
+        with threadpool_limits(threads, user_api="blas"):
+            ms = median_ms(lambda: subspace_total(decomposition.subspace_step, inputs, factors),
+                           args.repeats)
+        by_threads.append(f"{threads} BLAS thread{'s' if threads > 1 else ''} {ms:.1f} ms")
+    print(f"asi subspace step, this tree: {', '.join(by_threads)}")
 
 if __name__ == "__main__":
     main()
