@@ -318,8 +318,8 @@ class StepMeasures:
             if ranks:
                 self.rank_sums[layer] = self.rank_sums.get(layer, 0) + np.asarray(ranks, float)
                 self.rank_steps[layer] = self.rank_steps.get(layer, 0) + 1
-                self.rank_max[layer] = tuple(int(k) for k in np.maximum(
-                    self.rank_max.get(layer, ranks), ranks))
+                self.rank_max[layer] = tuple(
+                    max(int(a), int(b)) for a, b in zip(self.rank_max.get(layer, ranks), ranks))
         self.kept_peak["paper"] = max(self.kept_peak["paper"], sum(result.kept_bytes.values()))
         self.kept_peak["full"] = max(self.kept_peak["full"], result.kept_full_bytes)
 

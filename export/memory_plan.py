@@ -175,8 +175,9 @@ def step_plan(models: dict, graphs: dict, dims: dict, chosen: dict, schedule: li
              if isinstance(item, Run) and item.micro_batch}
     micro.update({variant: micro[run] for run, variant in (variants or {}).items()
                   if run in micro})
-    arena = {name: arena_peak(concrete(models[name], dict(dims, batch=micro[name]))
-                              if name in micro else graphs[name], pooled) for name in graphs}
+    at_bound = {name: concrete(models[name], dict(dims, batch=micro[name]))
+                if name in micro else graphs[name] for name in graphs}  # at its run's batch
+    arena = {name: arena_peak(graph, pooled) for name, graph in at_bound.items()}
     last = memplan.last_use(schedule, io, by_name, row.keeps_input)
     labels = 8 * batch  # the image batch has its place in the pool until its last reader
     fixed, results = [], 0
@@ -206,20 +207,23 @@ def step_plan(models: dict, graphs: dict, dims: dict, chosen: dict, schedule: li
                           "arena_graph": max(arena, key=arena.get) if arena else None,
                           "arena_bytes_per_graph": arena, "session_bytes": sessions,
                           "rank_model": {"numpy_fixed_at": fixed, "arena": rank_model(
-                              models, dict(dims), micro, pooled, row)} if row.ranks else None})
+                              models, at_bound, dims, micro, pooled, row)}
+                          if row.ranks else None})
 
 
 PROBE, MOVED, CHECK = 2, 3, 5  # a rank's value at the base point, when it alone moves, all at once
 
 
-def rank_model(models: dict, dims: dict, micro: dict, pooled: set, row: Method) -> dict:
+def rank_model(models: dict, at_bound: dict, dims: dict, micro: dict, pooled: set,
+               row: Method) -> dict:
     """graph -> {"symbols": [[layer, mode], ...], "positions": [terms, ...]}: the arena of
     each graph with ranks in its shapes, as ``memplan.arena_at`` reads it. Each tensor's
     bytes (and each kernel's workspace) is a monomial c * prod(k_i ** e_i), fitted on shape
     inference with every rank at PROBE, then each alone at MOVED, and checked with all at
-    CHECK; a term that is none (a column buffer of a strided kernel) counts at its bytes at
-    ``dims`` (the bound: sizes grow with the ranks). A position's bytes are the sum of its
-    terms; positions another bounds term by term are left out."""
+    CHECK; a term that is none counts at its bytes in ``at_bound`` (each graph made
+    concrete at ``dims``, the bound, at its run's batch: sizes grow with the ranks). A
+    position's bytes are the sum of its terms; positions another bounds term by term are
+    left out."""
     out = {}
     for name, model in models.items():
         symbols = sorted({d.dim_param for value in model.graph.input
@@ -230,8 +234,9 @@ def rank_model(models: dict, dims: dict, micro: dict, pooled: set, row: Method) 
         base = dict(dims, batch=micro.get(name, dims["batch"]))
         points = [dict(base, **dict.fromkeys(symbols, PROBE))]
         points += [dict(points[0], **{s: MOVED}) for s in symbols]
-        points += [dict(base, **dict.fromkeys(symbols, CHECK)), base]
+        points.append(dict(base, **dict.fromkeys(symbols, CHECK)))
         terms = [position_terms(concrete(model, point), pooled) for point in points]
+        terms.append(position_terms(at_bound[name], pooled))
         out[name] = {"symbols": [[s.rsplit("/", 1)[0], row.rank_symbols.index(
             s.rsplit("/", 1)[1])] for s in symbols], "positions": fit_positions(terms)}
     return out

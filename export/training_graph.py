@@ -445,8 +445,8 @@ def input_masks(split: Split, method: str) -> dict:
     """conv name -> (y, lo, hi) for each fine-tuned conv whose input y is the output of an
     op of the fine-tuned region whose mask y gives (``mask_bounds``), when the method does
     not keep y: the runner packs y's backward mask lo < y < hi from y at the decomposition,
-    so the forward makes none. A y that several fine-tuned convs read (a shortcut conv's) is packed at
-    the first."""
+    so the forward makes none. A y that several fine-tuned convs read (a shortcut conv's) is
+    packed at the first."""
     if METHODS[method].keeps_input:
         return {}
     program = split.program
