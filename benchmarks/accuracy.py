@@ -298,15 +298,18 @@ def run_study(args, paths: dict, work: Path) -> dict:
 
 
 def shorten(arg: str) -> str:
-    """Paths relative to the repository or to ../shared, for readable commands."""
+    """Paths relative to the repository or to ../shared, for readable commands; a flag, a
+    value or a module name unchanged."""
+    if arg == sys.executable:
+        return ".venv/bin/python"
+    if not Path(arg).is_absolute() and not Path(arg).exists():
+        return arg
     for base, name in ((SHARED, "../shared"), (REPO, ".")):
         try:
             rel = Path(arg).resolve().relative_to(base.resolve())
             return f"{name}/{rel}"
         except (ValueError, OSError):
             pass
-    if arg == sys.executable:
-        return ".venv/bin/python"
     return arg
 
 
