@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from actcomp_edge.core.arch import ZOO
-from actcomp_edge.core.cliutil import add_rank_arguments, input_size, positive_int, size_bytes
+from actcomp_edge.core.cliutil import (add_rank_arguments, input_size, positive_int,
+                                       refuse_unused_rank_flags, size_bytes)
 from actcomp_edge.core.manifest import Manifest, folder_classes
 from actcomp_edge.core.memory import LayerPlan, Plan, plan_table
 from actcomp_edge.core.methods import METHODS
@@ -108,6 +109,7 @@ def train_config(args):
     needs --eps or --ranks (asi: or --activation-budget)."""
     from .training_graph import TrainConfig  # onnx: only once an export runs
     row = METHODS[args.method]
+    refuse_unused_rank_flags(args, [m.name for m in METHODS.values() if m.ranks])
     if row.ranks and args.eps is None and args.ranks is None and args.activation_budget is None:
         raise ValueError(f"--method {args.method} needs --eps (e.g. 0.8) or --ranks"
                          + (" or --activation-budget" if row.tracker else ""))

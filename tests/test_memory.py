@@ -135,6 +135,12 @@ def test_cli_non_square_input(capsys):
     (["plan", "--model", "resnet18", "--layers", "2", "--method", "hosvd", "--eps", "0"], "eps"),
     (["plan", "--model", "resnet18", "--layers", "2", "--method", "hosvd", "--ranks", "1", "2"],
      "4 ranks"),
+    (["plan", "--model", "resnet18", "--layers", "2", "--method", "vanilla", "--eps", "0.8"],
+     "--eps applies to the methods with ranks (hosvd, asi, svd), not vanilla"),
+    (["plan", "--model", "resnet18", "--layers", "2", "--method", "gf-r2", "--ranks", "2"],
+     "--ranks applies to the methods with ranks"),
+    (["plan", "--model", "resnet18", "--layers", "2", "--method", "vanilla", "--profile",
+      "pi-zero-2w", "--rank-cap", "2"], "--rank-cap applies to the methods with ranks"),
 ])
 def test_cli_errors_are_one_line(argv, message):
     assert_one_line_error(actcomp(*argv), message)

@@ -76,6 +76,18 @@ def eps_value(text: str) -> float:
     return value
 
 
+def refuse_unused_rank_flags(args, ranked_methods) -> None:
+    """ValueError (one line) for --eps, --ranks or --rank-cap with a method that has no ranks
+    (vanilla, gf-r2): the flag would be ignored."""
+    if args.method in ranked_methods:
+        return
+    for flag, value in (("--eps", args.eps), ("--ranks", args.ranks),
+                        ("--rank-cap", args.rank_cap)):
+        if value is not None:
+            raise ValueError(f"{flag} applies to the methods with ranks "
+                             f"({', '.join(ranked_methods)}), not {args.method}")
+
+
 def add_rank_arguments(parser, eps_note: str) -> None:
     """--eps | --ranks, and --rank-cap (hosvd, asi, svd)."""
     group = parser.add_mutually_exclusive_group()

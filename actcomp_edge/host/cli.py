@@ -10,7 +10,7 @@ from export.cli import add_export_parser
 from .. import __version__
 from ..core.arch import ZOO, load_spec
 from ..core.cliutil import (Parser, add_rank_arguments, input_size, non_negative_float,
-                            positive_float, positive_int, size_bytes)
+                            positive_float, positive_int, refuse_unused_rank_flags, size_bytes)
 from ..core.memory import mib, plan, plan_table
 from ..core.methods import METHODS
 from ..core.profiles import OPTIMIZER_STATE, Fit, load_profile, profile_names, \
@@ -84,6 +84,7 @@ def add_plan(sub) -> None:
 
 
 def cmd_plan(args) -> int:
+    refuse_unused_rank_flags(args, [m.name for m in METHODS.values() if m.ranks])
     if args.profile is not None:
         return cmd_plan_profile(args)
     if args.layers is None:
