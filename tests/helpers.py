@@ -62,7 +62,7 @@ def assert_one_line_error(proc, *messages: str, code: int = 2) -> str:
     return lines[0]
 
 
-def assert_one_error_line(proc, *messages: str, code: int = 2) -> str:
+def assert_error_among_progress(proc, *messages: str, code: int = 2) -> str:
     """A command exited with `code`, and of its stderr (which may hold progress and warnings)
     exactly one line says "error" and holds every one of `messages`, no traceback; returns
     that line."""

@@ -14,7 +14,7 @@ from actcomp_edge.core.npz import load_npz
 from device_runner import checkpoint
 from device_runner.data import DataError, load
 from device_helpers import DEVICE, SIZE, device, train_args, wait_for_checkpoint
-from helpers import ENV, REPO, SHARED, assert_one_error_line, assert_one_line_error
+from helpers import ENV, REPO, SHARED, assert_error_among_progress, assert_one_line_error
 
 
 def test_image_folder_loads_resizes_and_counts_junk(image_folder):
@@ -181,7 +181,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(artifact, image_fo
 ])
 def test_bad_runs_stop_with_one_line(artifact, image_folder, tmp_path, extra, code, message):
     proc = device(*train_args(artifact, image_folder, tmp_path / "run", *extra))
-    assert_one_error_line(proc, message, code=code)
+    assert_error_among_progress(proc, message, code=code)
 
 
 def test_tampered_artifact_and_bad_data_are_refused(artifact, tmp_path):

@@ -29,7 +29,7 @@ from actcomp_edge.core.manifest import manifest_bytes, sha256_file
 from actcomp_edge.core.npz import load_npz
 from device_helpers import device, train_args
 from device_runner import checkpoint
-from helpers import ENV, assert_one_error_line
+from helpers import ENV, assert_error_among_progress
 from link_helpers import Host
 
 STEPS = 8            # train_args: 2 epochs x 4 steps, a checkpoint every 2 steps
@@ -140,7 +140,7 @@ def test_a_disk_full_during_a_checkpoint_is_one_error_and_keeps_the_last_one(
     # three and a temp file
     disk = small_disk(best + int(3.5 * size) + 64 * 1024)
     out = disk / "run"
-    error = assert_one_error_line(device(*train_args(artifact, image_folder, out)),
+    error = assert_error_among_progress(device(*train_args(artifact, image_folder, out)),
                                   "No space left on device", "cannot write checkpoint", code=5)
     newest = assert_index_lists_only_complete_files(out / "checkpoints")
     assert newest is not None and f"step {newest} is the newest intact one" in error

@@ -19,7 +19,7 @@ from device_runner.runtime import Trainer
 from device_runner.train import MAX_ROLLBACKS, Options, TrainingError, evaluate, fit
 from export.training_graph import TrainConfig
 from export_helpers import batch, export, random_model
-from helpers import ENV, actcomp, assert_one_error_line, rel_l2_error
+from helpers import ENV, actcomp, assert_error_among_progress, rel_l2_error
 
 # ---------------------------------------------------------------- schedules
 
@@ -298,7 +298,7 @@ def test_augmentation_changes_training_and_no_augment_turns_it_off(artifact, ima
 def test_bad_arguments_are_one_line_before_any_work(artifact, image_folder, tmp_path, extra,
                                                     message):
     out = tmp_path / "run"
-    assert_one_error_line(device(*train_args(artifact, image_folder, out, *extra)), message)
+    assert_error_among_progress(device(*train_args(artifact, image_folder, out, *extra)), message)
     assert not out.exists()  # nothing was trained or written
 
 
@@ -307,12 +307,12 @@ def test_data_that_does_not_match_the_artifact_is_refused(artifact, image_folder
     (one_class / "red").mkdir(parents=True)
     for f in sorted((image_folder / "red").glob("*.png"))[:3]:
         (one_class / "red" / f.name).write_bytes(f.read_bytes())
-    assert_one_error_line(device(*train_args(artifact, one_class, tmp_path / "a")),
+    assert_error_among_progress(device(*train_args(artifact, one_class, tmp_path / "a")),
                           "has the classes ['red'], the artifact ['0', '1', '2']")
     fractions = tmp_path / "fractions.npz"
     np.savez(fractions, images=np.zeros((4, 8, 8, 3), np.uint8),
              labels=np.array([0, 1, 1.5, 2]))
-    assert_one_error_line(device(*train_args(artifact, fractions, tmp_path / "b")),
+    assert_error_among_progress(device(*train_args(artifact, fractions, tmp_path / "b")),
                           "labels must be class indices, got 1.5")
 
 
@@ -328,7 +328,7 @@ def test_named_classes_must_match(tmp_path):
 def test_export_refuses_an_input_smaller_than_the_total_stride(tmp_path):
     proc = actcomp("export", "--model", "mcunet-in1", "--layers", "2", "--method", "vanilla",
                    "--input-size", "16", "-o", tmp_path / "a", timeout=300)
-    assert_one_error_line(proc, "smaller than the network's total stride 32")
+    assert_error_among_progress(proc, "smaller than the network's total stride 32")
 
 
 def test_dropout_the_graphs_lack_is_recorded_not_dropped_silently(tmp_path):

@@ -410,6 +410,21 @@ def grow(a: np.ndarray, u: np.ndarray, mode: int) -> np.ndarray:
     return a.reshape(-1, w).T @ z.reshape(-1, z.shape[3])
 
 
+SPATIAL_GRAM_MAX_HW = 64  # H * W up to which a subspace step takes both spatial modes from
+#                         the (H W, H W) Gram and the partial core through U3 (x) U4: mcunet's
+#                         inputs at batch 32, 128 px, 1 BLAS thread: 4x4 maps 1.2-2.9 -> 0.6-1.6
+#                         ms a layer, 8x8 1.35x faster, 16x16 slower (an ad-hoc script)
+
+
+def spatial_grams(a: np.ndarray) -> tuple:
+    """The height and width mode Grams (H, H), (W, W) of A (B, C, H, W), from its (H W, H W)
+    Gram G: G3 = sum_w G[h, w, h', w], G4 = sum_h G[h, w, h, w']. One product over A."""
+    b, c, h, w = a.shape
+    flat = a.reshape(b * c, h * w)
+    g = (flat.T @ flat).reshape(h, w, h, w)
+    return g.trace(axis1=1, axis2=3), g.trace(axis1=0, axis2=2)
+
+
 def subspace_step(activation: np.ndarray, factors: Sequence[np.ndarray], k1: int) -> Tucker:
     """One step of ASI's compression at fixed ranks (Nguyen et al., ICML 2025), A (B, C, H, W):
 
@@ -419,15 +434,29 @@ def subspace_step(activation: np.ndarray, factors: Sequence[np.ndarray], k1: int
         core = U_1^T P_(1)
 
     factors: the last step's U_2, U_3, U_4. orth is a thin QR. No Gram wider than d_n x K_n
-    and no eigendecomposition but P's B x B one. K1 is at most B. The products run on views
-    of A where they can (``grow``, ``mode_apply``; the whole step over mcunet's 42 inputs at
-    batch 32, 128 px: benchmarks/scripts/numpy_parts.py)."""
+    (but the spatial one below) and no eigendecomposition but P's B x B one. K1 is at most B.
+    The products run on views of A where they can (``grow``, ``mode_apply``; the whole step
+    over mcunet's 42 inputs at batch 32, 128 px: benchmarks/scripts/numpy_parts.py). On a
+    small map (H W <= SPATIAL_GRAM_MAX_HW) A_(n) A_(n)^T of the spatial modes comes from
+    ``spatial_grams`` and P is A_(1)-rows times U_3 (x) U_4, then U_2^T: fewer, larger
+    products (the same numbers up to rounding)."""
     a = np.asarray(activation)
-    us = {n: np.linalg.qr(grow(a, factors[n - 1], n))[0].astype(a.dtype)  # (d_n, K_n)
-          for n in range(1, a.ndim)}
-    partial = a
-    for n in sorted(us, key=lambda n: us[n].shape[1] / a.shape[n]):    # most shrinking first
-        partial = mode_apply(partial, us[n], n)
+    small = a.ndim == 4 and a.shape[2] * a.shape[3] <= SPATIAL_GRAM_MAX_HW
+    if small:
+        grams = spatial_grams(a)
+        ys = {1: grow(a, factors[0], 1), 2: grams[0] @ factors[1], 3: grams[1] @ factors[2]}
+    else:
+        ys = {n: grow(a, factors[n - 1], n) for n in range(1, a.ndim)}
+    us = {n: np.linalg.qr(y)[0].astype(a.dtype) for n, y in ys.items()}   # (d_n, K_n)
+    if small:
+        b, c, h, w = a.shape
+        spatial = a.reshape(b, c, h * w) @ np.kron(us[2], us[3])            # (B, C, K3 K4)
+        partial = np.matmul(us[1].T, spatial)                              # (B, K2, K3 K4)
+        partial = partial.reshape(b, us[1].shape[1], us[2].shape[1], us[3].shape[1])
+    else:
+        partial = a
+        for n in sorted(us, key=lambda n: us[n].shape[1] / a.shape[n]):  # most shrinking first
+            partial = mode_apply(partial, us[n], n)
     rows = np.ascontiguousarray(partial).reshape(a.shape[0], -1)        # P_(1) (B, K2 K3 K4)
     _, vectors = np.linalg.eigh(rows.astype(np.float64) @ rows.T.astype(np.float64))
     u1 = np.ascontiguousarray(vectors[:, ::-1][:, :min(k1, a.shape[0])], dtype=a.dtype)
