@@ -10,7 +10,7 @@ from actcomp_edge.core.arch import ZOO
 from actcomp_edge.core.cliutil import (add_rank_arguments, input_size, positive_int,
                                        refuse_unused_rank_flags, size_bytes)
 from actcomp_edge.core.manifest import Manifest, folder_classes
-from actcomp_edge.core.memory import LayerPlan, Plan, plan_table
+from actcomp_edge.core.memory import Plan, plan_table
 from actcomp_edge.core.methods import METHODS
 
 
@@ -196,16 +196,6 @@ def model_file_name(ref: str) -> str:
     return stem if function == "build" else f"{stem}.{function}"
 
 
-def plan_from_manifest(manifest: Manifest) -> Plan:
-    """The memory plan the manifest's predicted_memory records."""
-    m = manifest.predicted_memory.to_json()
-    result = Plan(m["model"], m["method"], m["batch_size"], tuple(m["input_size"]), m["eps"],
-                  m["rank_basis"])
-    result.layers = [LayerPlan(**dict(layer, input_shape=tuple(layer["input_shape"])))
-                     for layer in m["layers"]]
-    return result
-
-
 def report(manifest: Manifest, args) -> int:
     """What was written: the dropout left out, the files, the predicted memory table."""
     if manifest.dropout_not_applied:
@@ -213,5 +203,5 @@ def report(manifest: Manifest, args) -> int:
               f"the classifier) is not in the training graphs: it fine-tunes without it")
     print(f"wrote training artifact {args.out} ({len(manifest.files)} files, "
           f"{len(manifest.graphs.forward)} forward partitions)")
-    print(plan_table(plan_from_manifest(manifest), args.layers))
+    print(plan_table(Plan.from_json(manifest.predicted_memory.to_json()), args.layers))
     return 0

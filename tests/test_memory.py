@@ -8,7 +8,7 @@ from actcomp_edge.host import cli
 from actcomp_edge.core.arch import load_spec
 from actcomp_edge.core.program import network
 from actcomp_edge.core.decomposition import hosvd
-from actcomp_edge.core.memory import mib, plan
+from actcomp_edge.core.memory import Plan, mib, plan
 from actcomp_edge.core.methods import gf_floats, hosvd_floats, svd_floats, vanilla_floats
 from helpers import actcomp, assert_one_line_error
 
@@ -93,6 +93,17 @@ def test_eps_plan_is_a_full_rank_bound_with_cap():
     capped = plan(net, 1, "hosvd", 32, 128, eps=0.8, rank_cap=8)
     assert capped.layers[0].rank_per_mode == (8, 8, 4, 4)
     assert plan(net, 1, "svd", 32, 128, eps=0.8).layers[0].rank_per_mode == (32,)
+
+
+@pytest.mark.parametrize("method,kwargs", [("hosvd", dict(eps=0.8)), ("svd", dict(ranks=(3,))),
+                                           ("vanilla", {})])
+def test_a_plan_through_json_and_back_is_the_same_plan(method, kwargs):
+    """What export's manifest records (to_json) is what its table prints (from_json)."""
+    net = network(load_spec("mcunet-in1"), 128)
+    p = plan(net, 3, method, 8, 128, **kwargs)
+    back = Plan.from_json(json.loads(json.dumps(p.to_json())))
+    assert back == p and back.to_json() == p.to_json()
+    assert isinstance(back.layers[0].input_shape, tuple)
 
 
 @pytest.mark.parametrize("kwargs,match", [

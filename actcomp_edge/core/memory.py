@@ -80,6 +80,16 @@ class Plan:
                                                if layer.rank_per_mode else None))
                            for layer in self.layers]}
 
+    @classmethod
+    def from_json(cls, data: dict) -> "Plan":
+        """The plan ``to_json`` gave (the totals are recomputed from its layers)."""
+        layers = [LayerPlan(**dict(layer, input_shape=tuple(layer["input_shape"]),
+                                   rank_per_mode=(tuple(layer["rank_per_mode"])
+                                                  if layer["rank_per_mode"] else None)))
+                  for layer in data["layers"]]
+        return cls(data["model"], data["method"], data["batch_size"], tuple(data["input_size"]),
+                   data["eps"], data["rank_basis"], layers)
+
 
 RANK_BASES = {
     "exact": "sizes are exact (no data-dependent ranks)",
