@@ -9,8 +9,9 @@ ants/bees, its pretrained weights from ../shared):
 - masks: runtime.pack_mask of every conv input (above 0, below 6: the ReLU6 of the region);
 - asi: decomposition.subspace_step of every conv input at ranks (12, 18, 4, 4), warm-started
   from random orthonormal factors; with --before TREE also TREE's subspace_step (a checkout,
-  e.g. `git worktree add --detach /tmp/before eed872d`) on the same inputs; then this tree's
-  on one BLAS thread and on two.
+  e.g. `git worktree add --detach /tmp/before eed872d`) on the same inputs, the two
+  alternating (one BLAS thread, after a warm-up of each); then this tree's on one BLAS thread
+  and on two.
 Prints the median over --repeats of each sum, in ms.
 """
 from __future__ import annotations
@@ -107,11 +108,18 @@ def main() -> None:
         sys.modules[spec.name] = before  # its dataclasses look their module up
         spec.loader.exec_module(before)
         steps[str(args.before)] = before.subspace_step
-    timed = ", ".join(
-        f"{name} {median_ms(lambda: subspace_total(step, inputs, factors), args.repeats):.1f} ms"
-        for name, step in steps.items())
-    print(f"asi subspace step, {len(inputs)} inputs, ranks {RANKS}: {timed}")
     from threadpoolctl import threadpool_limits
+    with threadpool_limits(1, user_api="blas"):  # the runner's (runtime.Trainer.compress)
+        for step in steps.values():               # a warm-up each
+            subspace_total(step, inputs, factors)
+        times = {name: [] for name in steps}
+        for _ in range(args.repeats):             # the trees alternate, repeat by repeat
+            for name, step in steps.items():
+                times[name].append(median_ms(lambda: subspace_total(step, inputs, factors), 1))
+    timed = ", ".join(f"{name} {statistics.median(ms):.1f} ms (spread {min(ms):.1f}-"
+                      f"{max(ms):.1f})" for name, ms in times.items())
+    print(f"asi subspace step, {len(inputs)} inputs, ranks {RANKS}, 1 BLAS thread, the trees "
+          f"alternating: {timed}")
     by_threads = []
     for threads in (1, 2):  # the runner runs it on one (runtime.Trainer.compress)
         with threadpool_limits(threads, user_api="blas"):
