@@ -66,8 +66,8 @@ def evaluate(trainer: Trainer, data: Dataset, batch_size: int,
 
 
 def dry_run(trainer: Trainer, data: Dataset, batch_size: int) -> tuple:
-    """(peak RSS growth, bytes kept for backward) of one training step on a real batch;
-    the training state is restored afterwards."""
+    """(peak RSS growth, bytes kept for backward, ranks: layer -> rank per mode or None) of
+    one training step on a real batch; the training state is restored afterwards."""
     norm = trainer.manifest.input
     saved = {k: np.array(v, copy=True) for k, v in trainer.state_arrays().items()}
     x, y = data.batch(np.arange(min(batch_size, len(data))), norm.mean, norm.std)
@@ -76,7 +76,7 @@ def dry_run(trainer: Trainer, data: Dataset, batch_size: int) -> tuple:
     result = trainer.step(x, y, lr=0.0)
     grown = procmem.peak_rss_bytes() - base
     trainer.load_state_arrays(saved)
-    return max(0, grown), result.kept_full_bytes
+    return max(0, grown), result.kept_full_bytes, result.ranks
 
 
 def calibrate_ranks(trainer: Trainer, data: Dataset, batch_size: int, budget: int,
@@ -154,11 +154,13 @@ def check_budget(trainer: Trainer, data: Dataset, batch_size: int, budget: int,
         f"{predicted.full_bytes * scale / mib:.1f} MiB ({predicted.rank_basis} ranks); "
         f"measuring a dry-run step")
     try:
-        need, kept = dry_run(trainer, data, batch_size)
+        need, kept, ranks = dry_run(trainer, data, batch_size)
     except MemoryBudgetError:
         raise BudgetError(f"budget {budget / mib:.1f} MiB is too small: a dry-run step of batch "
                           f"{batch_size} could not allocate within it; give a larger --budget, "
                           f"a smaller --batch-size, or export with fewer --layers") from None
+    seen = (seen_working_set(trainer, ranks, batch_size)  # eps ranks: planned above at
+            if trainer.manifest.memory_plan.rank_basis == "bound" else None)  # their bound
     if need > budget:
         per_sample = need / batch_size
         fits = int(budget // per_sample) if per_sample else batch_size
@@ -172,6 +174,7 @@ def check_budget(trainer: Trainer, data: Dataset, batch_size: int, budget: int,
     allowance = budget - (need - kept)
     trainer.rank_caps = rank_caps_for_budget(trainer, batch_size, allowance)
     log(f"budget: one step needs {need / mib:.1f} MiB of the {budget / mib:.1f} MiB budget"
+        + (f" (the memory plan at its ranks: {seen / mib:.1f} MiB)" if seen is not None else "")
         + (f"; rank caps of {min(trainer.rank_caps.values())}.."
            f"{max(trainer.rank_caps.values())} on {len(trainer.rank_caps)} of "
            f"{len(trainer.layers)} layers (the summary lists them) keep the worst-case "

@@ -1,6 +1,7 @@
 """The device runner end to end: CLI, data, checkpoints after SIGKILL, bad input, no torch."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -341,6 +342,11 @@ def test_threads_bound_onnxruntime_and_blas_and_default_to_the_profile_cores(art
     cores = next(int(line.split("=")[1].split("#")[0]) for line in profile.read_text().splitlines()
                  if line.split("=")[0].strip() == "cores")
     assert json.loads(summary.read_text())["threads"] == cores
+    # eps ranks: the plan at their bound before the dry run, at the dry run's ranks after it
+    out = proc.stdout + proc.stderr
+    bound = float(re.search(r"predicts a working set of ([\d.]+) MiB", out).group(1))
+    seen = float(re.search(r"the memory plan at its ranks: ([\d.]+) MiB", out).group(1))
+    assert 0 < seen <= bound, out
     assert f"--threads {cores} from profile" in proc.stderr  # said, with this machine's cores
     assert (f"this machine has {os.cpu_count()} cores" in proc.stderr) == (os.cpu_count() < cores)
 
