@@ -394,8 +394,24 @@ def mode_apply(a: np.ndarray, u: np.ndarray, mode: int) -> np.ndarray:
     return (a.reshape(-1, w) @ u).reshape(b, c, h, -1)
 
 
+GROW_BLOCK_BYTES = 4 << 20  # samples of A a subspace-iteration product takes at a time
+
+
+def grow_samples(shape: tuple) -> int:
+    """Samples of A (B, ...) per block of ``grow``: GROW_BLOCK_BYTES of float32, at least one."""
+    return max(1, GROW_BLOCK_BYTES // (4 * max(1, prod(shape[1:]))))
+
+
 def grow(a: np.ndarray, u: np.ndarray, mode: int) -> np.ndarray:
-    """A_(n) (A_(n)^T u), (d_n, K): one step of subspace iteration on mode n."""
+    """A_(n) (A_(n)^T u), (d_n, K): one step of subspace iteration on mode n (n >= 1), as
+    sum_j M_j (M_j^T u) over the unfolding's column blocks M_j of ``grow_samples`` samples:
+    its products and copies are a block's, never the whole of A's."""
+    step = grow_samples(a.shape)
+    return sum(grow_block(a[i:i + step], u, mode) for i in range(0, len(a), step))
+
+
+def grow_block(a: np.ndarray, u: np.ndarray, mode: int) -> np.ndarray:
+    """A_(n) (A_(n)^T u) of one block of samples, on views of it where ``in_place``."""
     if not in_place(a.shape, mode):
         m = unfold(a, mode)
         return m @ (m.T @ u)

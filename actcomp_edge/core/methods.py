@@ -29,8 +29,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from .arch import ConvLayer, pair
-from .decomposition import (GRAM_BLOCK_BYTES, Tucker, full_rank_bound, hosvd, in_place,
-                            subspace_step, svd_compress)
+from .decomposition import (GRAM_BLOCK_BYTES, Tucker, full_rank_bound, grow_samples, hosvd,
+                            in_place, subspace_step, svd_compress)
 
 GF_RADIUS = 2
 # onnxruntime's blocked-layout CPU kernels: contrib ops of every stock build, fast where MLAS
@@ -142,12 +142,13 @@ def hosvd_workspace(shape: tuple, ranks, stride: int) -> int:
 
 
 def asi_workspace(shape: tuple, ranks, stride: int) -> int:
-    """The first step's exact HOSVD (hosvd_workspace), or a subspace step's: per mode, the
-    product with U_n (size K_n / d_n; with its strided copy and the next product's output:
-    three of them), beside x's unfold copy where that mode is not multiplied in place
-    (decomposition.in_place); then the partial core's products, as hosvd's."""
-    size = prod(shape)
-    grow = max(4 * 3 * size * k // d + (0 if in_place(shape, n) else 4 * size)
+    """The first step's exact HOSVD (hosvd_workspace), or a subspace step's: per mode, on a
+    block of samples (decomposition.grow_samples), the product with U_n (size K_n / d_n; with
+    its strided copy and the next product's output: three of them), beside the block's
+    unfold copy where that mode is not multiplied in place (decomposition.in_place); then
+    the partial core's products, as hosvd's."""
+    block = prod(shape[1:]) * min(shape[0], grow_samples(shape))
+    grow = max(4 * 3 * block * k // d + (0 if in_place(shape, n) else 4 * block)
                for n, (d, k) in enumerate(zip(shape, ranks)) if n)
     return max(hosvd_workspace(shape, ranks, stride), grow)
 
