@@ -225,3 +225,51 @@ class ShuffleNetV2(nn.Module):
     def forward(self, x):
         x = self.stages(self.maxpool(self.conv1(x)))
         return self.fc(self.conv5(x).mean([2, 3]))
+
+
+# the test sizes: a quarter of the width (EfficientNet a third of the depth, RegNetY and
+# ShuffleNetV2 half), 10 classes, 32 px
+SIZE, CLASSES = 32, 10
+MODELS = {"mobilenet_v3_small": lambda: MobileNetV3Small(CLASSES, width=0.25),
+          "efficientnet_b0": lambda: EfficientNetB0(CLASSES, width=0.25, depth=0.34),
+          "regnety": lambda: RegNetY(CLASSES, width=0.25, depth=0.5),
+          "shufflenet_v2": lambda: ShuffleNetV2(CLASSES, width=0.25, depth=0.5)}
+
+
+def model(name: str) -> torch.nn.Module:
+    """The model with seeded weights and BN statistics of random images (as after training:
+    activations, and so gradients, of order 1 at every depth)."""
+    torch.manual_seed(0)
+    net = MODELS[name]()
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # a cumulative average
+    with torch.no_grad():
+        net.train()(torch.randn(16, 3, SIZE, SIZE))
+    return net.eval()
+
+
+class Activations(nn.Module):
+    """Every smooth or gated activation, as a module and as a function, in place too."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.stem_bn = nn.BatchNorm2d(8)
+        self.hswish = nn.Hardswish()
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.leaky = nn.LeakyReLU(0.1, inplace=True)
+        self.pw = nn.Conv2d(8, 12, 1)
+        self.silu = nn.SiLU()
+        self.mix = nn.Conv2d(12, 12, 3, padding=1, bias=False)
+        self.gate = nn.Hardsigmoid()
+        self.last = nn.Conv2d(12, 10, 1)
+        self.fc = nn.Linear(10, 3)
+
+    def forward(self, x):
+        x = self.hswish(self.stem_bn(self.stem(x)))
+        x = self.leaky(self.dw(x))
+        x = F.hardswish(self.silu(self.pw(x)))
+        x = self.gate(self.mix(x))
+        x = F.leaky_relu(self.last(x), 0.2).sigmoid()
+        return self.fc(F.silu(x).mean((2, 3)))

@@ -6,31 +6,14 @@ import pytest
 import torch
 
 from device_runner.runtime import Trainer
-from edge_models import EfficientNetB0, MobileNetV3Small, RegNetY, ShuffleNetV2
+from edge_models import CLASSES, MODELS, SIZE, model
 from export.module_export import ModuleOptions, export_module
 from export.torch_frontend import program_from_module
 from export_helpers import TOL, assert_update_is_sgds, torch_sgd_step
 from helpers import rel_max_error
 from export.training_graph import TrainConfig
 
-SIZE, BATCH, CLASSES = 32, 2, 10
-MODELS = {"mobilenet_v3_small": lambda: MobileNetV3Small(CLASSES, width=0.25),
-          "efficientnet_b0": lambda: EfficientNetB0(CLASSES, width=0.25, depth=0.34),
-          "regnety": lambda: RegNetY(CLASSES, width=0.25, depth=0.5),
-          "shufflenet_v2": lambda: ShuffleNetV2(CLASSES, width=0.25, depth=0.5)}
-
-
-def model(name: str) -> torch.nn.Module:
-    """The model with seeded weights and BN statistics of random images (as after training:
-    activations, and so gradients, of order 1 at every depth)."""
-    torch.manual_seed(0)
-    net = MODELS[name]()
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None  # a cumulative average
-    with torch.no_grad():
-        net.train()(torch.randn(16, 3, SIZE, SIZE))
-    return net.eval()
+BATCH = 2
 
 
 def n_convs(net) -> int:

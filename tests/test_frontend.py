@@ -13,6 +13,7 @@ from torch import nn
 from device_runner.runtime import Trainer
 from export.module_export import ModuleOptions, export_module
 from export.torch_frontend import FrontendError, program_from_module
+from edge_models import Activations
 from export_helpers import (TOL, assert_step_is_autograds, assert_update_is_sgds,
                             torch_sgd_step)
 from helpers import actcomp, assert_one_line_error, rel_max_error
@@ -473,32 +474,6 @@ def test_same_padding_of_an_even_kernel_is_refused_in_one_line():
     with pytest.raises(FrontendError, match=r"stem: padding='same' with kernel \(2, 2\) and "
                                             r"dilation \(1, 1\) pads one side more"):
         program_from_module(Even(), 12)
-
-
-class Activations(nn.Module):
-    """Every smooth or gated activation, as a module and as a function, in place too."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
-        self.stem_bn = nn.BatchNorm2d(8)
-        self.hswish = nn.Hardswish()
-        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
-        self.leaky = nn.LeakyReLU(0.1, inplace=True)
-        self.pw = nn.Conv2d(8, 12, 1)
-        self.silu = nn.SiLU()
-        self.mix = nn.Conv2d(12, 12, 3, padding=1, bias=False)
-        self.gate = nn.Hardsigmoid()
-        self.last = nn.Conv2d(12, 10, 1)
-        self.fc = nn.Linear(10, 3)
-
-    def forward(self, x):
-        x = self.hswish(self.stem_bn(self.stem(x)))
-        x = self.leaky(self.dw(x))
-        x = F.hardswish(self.silu(self.pw(x)))
-        x = self.gate(self.mix(x))
-        x = F.leaky_relu(self.last(x), 0.2).sigmoid()
-        return self.fc(F.silu(x).mean((2, 3)))
 
 
 @pytest.mark.parametrize("method,eps", [("vanilla", None), ("hosvd", 1.0), ("asi", 1.0),

@@ -129,8 +129,7 @@ def test_oldest_onnxruntime_trains_the_edge_cnns_like_the_newest(name, method, e
     grown to 5e-4 (measured)."""
     import torch
     from export.module_export import ModuleOptions, export_module
-    from test_edge_models import model
-    from test_frontend import Activations
+    from edge_models import Activations, model
     old = interpreter("ACTCOMP_ORT_OLDEST_PYTHON", ".venv-ort-oldest")
     torch.manual_seed(8)
     net = Activations() if name == "activations" else model(name)
