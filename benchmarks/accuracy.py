@@ -61,6 +61,7 @@ METHODS = {  # label -> (export --method, --eps)
     "svd-0.8": ("svd", 0.8),
     "gf-r2": ("gf-r2", None),
     "asi-0.8": ("asi", 0.8),
+    "asi-0.9": ("asi", 0.9),
 }
 DATASETS = {
     "hymenoptera": {"title": "ants/bees", "train": "hymenoptera_train.npz",
