@@ -350,6 +350,8 @@ def test_cli_export_errors(argv, message, tmp_path):
     (["--method", "vanilla", "--ranks", "4"], "--ranks applies to the methods with ranks"),
     (["--method", "vanilla", "--eps", "0.8"], "--eps applies to the methods with ranks"),
     (["--method", "gf-r2", "--rank-cap", "2"], "--rank-cap applies to the methods with ranks"),
+    (["--method", "hosvd", "--ranks", "2", "2", "2", "2", "--rank-cap", "1"],
+     "give --ranks or --rank-cap, not both"),
     (["--method", "hosvd", "--eps", "0.8", "--rank-cap", "2", "3"], "1 or 4 --rank-cap"),
     (["--method", "vanilla", "--classes", "no-such-file.txt"], "--classes no-such-file.txt"),
     (["--method", "hosvd", "--activation-budget", "1MiB"], "the fixed ranks of --method asi"),

@@ -152,6 +152,8 @@ def test_cli_non_square_input(capsys):
      "--ranks applies to the methods with ranks"),
     (["plan", "--model", "resnet18", "--layers", "2", "--method", "vanilla", "--profile",
       "pi-zero-2w", "--rank-cap", "2"], "--rank-cap applies to the methods with ranks"),
+    (["plan", "--model", "resnet18", "--layers", "2", "--method", "svd", "--ranks", "2",
+      "--rank-cap", "1"], "give --ranks or --rank-cap, not both"),
 ])
 def test_cli_errors_are_one_line(argv, message):
     assert_one_line_error(actcomp(*argv), message)

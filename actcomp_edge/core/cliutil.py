@@ -78,7 +78,11 @@ def eps_value(text: str) -> float:
 
 def refuse_unused_rank_flags(args, ranked_methods) -> None:
     """ValueError (one line) for --eps, --ranks or --rank-cap with a method that has no ranks
-    (vanilla, gf-r2): the flag would be ignored."""
+    (vanilla, gf-r2): the flag would be ignored; and for --rank-cap beside --ranks (a cap
+    bounds the eps rule's ranks: beside fixed ones it would lower them without a word)."""
+    if args.ranks is not None and args.rank_cap is not None:
+        raise ValueError("give --ranks or --rank-cap, not both: --rank-cap bounds the ranks "
+                         "--eps chooses, --ranks are the ranks")
     if args.method in ranked_methods:
         return
     for flag, value in (("--eps", args.eps), ("--ranks", args.ranks),
