@@ -58,8 +58,11 @@ class Graph:
         values = [int(v) for v in values]
         return self.const("const/i64/" + "_".join(map(str, values)), np.array(values, np.int64))
 
-    def scalar(self, value: float) -> str:
-        return self.const(f"const/f32/{value!r}", np.array(value, np.float32))
+    def scalar(self, value: float, rank: int = 0) -> str:
+        """A float32 constant; with ``rank``, of that many dims of 1 (to broadcast against a
+        tensor of that rank: see training_graph.emit_update)."""
+        name = f"const/f32/{value!r}" + (f"/rank{rank}" if rank else "")
+        return self.const(name, np.full([1] * rank, value, np.float32))
 
     def input(self, name: str, dtype, shape) -> str:
         self.inputs.append(helper.make_tensor_value_info(name, DTYPES[np.dtype(dtype)], shape))

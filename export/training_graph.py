@@ -28,6 +28,7 @@ onnxruntime wheel runs it. Tensor names say what they hold (``actcomp_edge.core.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
@@ -712,17 +713,28 @@ def strided_depthwise_input_grad_nchwc(g: Graph, name: str, dy: str, weight: str
     return nchwc_depthwise_conv(g, name + "/dX", up, flipped, c, kw, pads=before + after)
 
 
+def lr_of_rank(rank: int) -> str:
+    """The update graph's lr, reshaped to ``rank`` dims of 1."""
+    return f"lr/rank{rank}"
+
+
 def emit_update(g: Graph, config: TrainConfig, param: str, grad: str, shape) -> list:
-    """Optimizer step in torch's semantics; returns the state tensor names it reads."""
-    lr = "lr"
+    """Optimizer step in torch's semantics; returns the state tensor names it reads. Its
+    scalars (lr and the constants) have the param's rank, all dims 1: onnxruntime 1.32
+    multiplied a (576, 96, 1, 1) tensor by a rank-0 scalar in 931 us, by a (1, 1, 1, 1)
+    one in 14 (an elementwise op whose shape ends in 1s, against a scalar of another rank;
+    activations showed no such gap: benchmarks/scripts/scalar_broadcast.py)."""
+    rank = len(shape)
+    lr = lr_of_rank(rank)  # update_graph makes it
+    scalar = partial(g.scalar, rank=rank)
     if config.optimizer == "sgd":
         if config.weight_decay:
-            grad = g.op("Add", [grad, g.op("Mul", [param, g.scalar(config.weight_decay)],
+            grad = g.op("Add", [grad, g.op("Mul", [param, scalar(config.weight_decay)],
                                            param + "/decay")], param + "/grad_decayed")
         step_dir, state = grad, []
         if config.momentum:
             buf = g.input(names.state("momentum", param), np.float32, shape)
-            step_dir = g.op("Add", [g.op("Mul", [buf, g.scalar(config.momentum)], param + "/mom"),
+            step_dir = g.op("Add", [g.op("Mul", [buf, scalar(config.momentum)], param + "/mom"),
                                     grad], param + "/momentum",
                             outputs=[names.new(names.state("momentum", param))])
             g.output(step_dir, np.float32, shape)
@@ -735,23 +747,23 @@ def emit_update(g: Graph, config: TrainConfig, param: str, grad: str, shape) -> 
     b1, b2 = config.betas
     m = g.input(names.state("exp_avg", param), np.float32, shape)
     v = g.input(names.state("exp_avg_sq", param), np.float32, shape)
-    m_new = g.op("Add", [g.op("Mul", [m, g.scalar(b1)], param + "/m_b1"),
-                         g.op("Mul", [grad, g.scalar(1 - b1)], param + "/g_1mb1")],
+    m_new = g.op("Add", [g.op("Mul", [m, scalar(b1)], param + "/m_b1"),
+                         g.op("Mul", [grad, scalar(1 - b1)], param + "/g_1mb1")],
                  param + "/exp_avg", outputs=[names.new(names.state("exp_avg", param))])
     g_sq = g.op("Mul", [grad, grad], param + "/g_sq")
-    v_new = g.op("Add", [g.op("Mul", [v, g.scalar(b2)], param + "/v_b2"),
-                         g.op("Mul", [g_sq, g.scalar(1 - b2)], param + "/gsq_1mb2")],
+    v_new = g.op("Add", [g.op("Mul", [v, scalar(b2)], param + "/v_b2"),
+                         g.op("Mul", [g_sq, scalar(1 - b2)], param + "/gsq_1mb2")],
                  param + "/exp_avg_sq", outputs=[names.new(names.state("exp_avg_sq", param))])
-    bc1 = g.op("Sub", [g.scalar(1.0), g.op("Pow", [g.scalar(b1), "step"], param + "/b1_t")],
+    bc1 = g.op("Sub", [scalar(1.0), g.op("Pow", [scalar(b1), "step"], param + "/b1_t")],
                param + "/bias_correction1")
-    bc2 = g.op("Sub", [g.scalar(1.0), g.op("Pow", [g.scalar(b2), "step"], param + "/b2_t")],
+    bc2 = g.op("Sub", [scalar(1.0), g.op("Pow", [scalar(b2), "step"], param + "/b2_t")],
                param + "/bias_correction2")
     denom = g.op("Add", [g.op("Div", [g.op("Sqrt", [v_new], param + "/sqrt_v"),
                                       g.op("Sqrt", [bc2], param + "/sqrt_bc2")], param + "/v_hat"),
-                         g.scalar(config.adam_eps)], param + "/denom")
+                         scalar(config.adam_eps)], param + "/denom")
     step_size = g.op("Div", [lr, bc1], param + "/step_size")
-    decayed = g.op("Mul", [param, g.op("Sub", [g.scalar(1.0), g.op(
-        "Mul", [lr, g.scalar(config.weight_decay)], param + "/lr_wd")], param + "/1m_lr_wd")],
+    decayed = g.op("Mul", [param, g.op("Sub", [scalar(1.0), g.op(
+        "Mul", [lr, scalar(config.weight_decay)], param + "/lr_wd")], param + "/1m_lr_wd")],
         param + "/decayed")
     g.op("Sub", [decayed, g.op("Mul", [step_size, g.op("Div", [m_new, denom], param + "/m_over_d")],
                                param + "/delta")], param + "/update", outputs=[names.new(param)])
@@ -855,6 +867,9 @@ def update_graph(split: Split, config: TrainConfig) -> Graph:
     g.input("lr", np.float32, [])
     if config.optimizer == "adamw":
         g.input("step", np.float32, [])
+    for rank in sorted({len(split.program.params[name].shape)
+                        for name in split.trainable_params}):
+        g.op("Reshape", ["lr", g.ints([1] * rank)], "lr_reshaped", outputs=[lr_of_rank(rank)])
     for name in split.trainable_params:
         shape = list(split.program.params[name].shape)
         g.input(name, np.float32, shape)
