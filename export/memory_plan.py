@@ -26,7 +26,7 @@ import onnx
 from onnx import shape_inference
 
 from actcomp_edge.core import memplan, names
-from actcomp_edge.core.manifest import Compress, MemoryPlan, Run
+from actcomp_edge.core.manifest import MemoryPlan, Run
 from actcomp_edge.core.memory import layer_ranks
 from actcomp_edge.core.methods import METHODS, NCHWC_DOMAIN, Method
 

@@ -361,7 +361,7 @@ def activation_derivative(g: Graph, program: Program, op: Op, source: str, kept:
     """f'(x) as a float32 tensor of y's shape (dX = dY f'), exactly as torch's backward of
     each activation computes it, from what the backward reads (``activation_source``; kept:
     the tensor the source names)."""
-    fn, name, shape = op.attrs["fn"], op.name, program.shapes[op.output]
+    fn, name = op.attrs["fn"], op.name
     one = g.scalar(1.0)
     if ACTIVATIONS[fn] == "mask":
         if source == "bits":

@@ -118,7 +118,7 @@ class ProgramNet(nn.Module):
             elif op.kind == "mean":
                 y = x.mean((2, 3), keepdim=True)
             elif op.kind == "reshape":
-                y = x.reshape(x.shape[0], *shapes[op.output])
+                y = x.reshape(x.shape[0], *self.program.shapes[op.output])
             elif op.kind == "cat":
                 y = torch.cat([tensors[t] for t in op.inputs], 1)
             elif op.kind == "slice":

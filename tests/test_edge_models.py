@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from device_runner.runtime import Trainer
-from edge_models import CLASSES, MODELS, SIZE, model
+from edge_models import CLASSES, MODELS, SIZE, MobileNetV3Small, model
 from export.module_export import ModuleOptions, export_module
 from export.torch_frontend import program_from_module
 from export_helpers import TOL, assert_update_is_sgds, torch_sgd_step

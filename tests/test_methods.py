@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from actcomp_edge.core.arch import ConvLayer, conv_out
-from actcomp_edge.core.decomposition import hosvd, subspace_step, unfold
+from actcomp_edge.core.decomposition import hosvd, subspace_step
 from actcomp_edge.core.methods import BATCH, METHODS, Asi, compress, method, sum_pool
 
 

@@ -18,7 +18,6 @@ import datetime
 import json
 import statistics
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
