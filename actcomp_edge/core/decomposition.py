@@ -441,6 +441,35 @@ def spatial_grams(a: np.ndarray) -> tuple:
     return g.trace(axis1=1, axis2=3), g.trace(axis1=0, axis2=2)
 
 
+def small_map(shape: tuple) -> bool:
+    """Whether a (B, C, H, W) tensor's map is small: H W <= SPATIAL_GRAM_MAX_HW."""
+    return len(shape) == 4 and shape[2] * shape[3] <= SPATIAL_GRAM_MAX_HW
+
+
+def subspace_images(a: np.ndarray, factors: Sequence[np.ndarray]) -> dict:
+    """n -> A_(n) (A_(n)^T U_n) (d_n, K_n) for the non-batch modes n = 1..3 of A (B, C, H, W):
+    ``grow``; on a small map the spatial modes' A_(n) A_(n)^T from ``spatial_grams``."""
+    if not small_map(a.shape):
+        return {n: grow(a, factors[n - 1], n) for n in range(1, a.ndim)}
+    height, width = spatial_grams(a)
+    return {1: grow(a, factors[0], 1), 2: height @ factors[1], 3: width @ factors[2]}
+
+
+def partial_core(a: np.ndarray, us: dict) -> np.ndarray:
+    """P = A x_2 U_2^T x_3 U_3^T x_4 U_4^T (B, K2, K3, K4), us: n -> U (d_n, K_n): the modes
+    that shrink most first (``mode_apply``); on a small map A's rows (B, C, H W) times
+    U_3 (x) U_4, then U_2^T."""
+    if not small_map(a.shape):
+        partial = a
+        for n in sorted(us, key=lambda n: us[n].shape[1] / a.shape[n]):
+            partial = mode_apply(partial, us[n], n)
+        return partial
+    b, c, h, w = a.shape
+    spatial = a.reshape(b, c, h * w) @ np.kron(us[2], us[3])              # (B, C, K3 K4)
+    partial = np.matmul(us[1].T, spatial)                                  # (B, K2, K3 K4)
+    return partial.reshape(b, us[1].shape[1], us[2].shape[1], us[3].shape[1])
+
+
 def subspace_step(activation: np.ndarray, factors: Sequence[np.ndarray], k1: int) -> Tucker:
     """One step of ASI's compression at fixed ranks (Nguyen et al., ICML 2025), A (B, C, H, W):
 
@@ -450,29 +479,14 @@ def subspace_step(activation: np.ndarray, factors: Sequence[np.ndarray], k1: int
         core = U_1^T P_(1)
 
     factors: the last step's U_2, U_3, U_4. orth is a thin QR. No Gram wider than d_n x K_n
-    (but the spatial one below) and no eigendecomposition but P's B x B one. K1 is at most B.
-    The products run on views of A where they can (``grow``, ``mode_apply``; the whole step
-    over mcunet's 42 inputs at batch 32, 128 px: benchmarks/scripts/numpy_parts.py). On a
-    small map (H W <= SPATIAL_GRAM_MAX_HW) A_(n) A_(n)^T of the spatial modes comes from
-    ``spatial_grams`` and P is A_(1)-rows times U_3 (x) U_4, then U_2^T: fewer, larger
-    products (the same numbers up to rounding)."""
+    (but a small map's (H W, H W) one) and no eigendecomposition but P's B x B one. K1 is
+    at most B. The products run on views of A, a block of samples at a time where they can
+    (``subspace_images``, ``partial_core``; the whole step over mcunet's 42 inputs at batch
+    32, 128 px: benchmarks/scripts/numpy_parts.py)."""
     a = np.asarray(activation)
-    small = a.ndim == 4 and a.shape[2] * a.shape[3] <= SPATIAL_GRAM_MAX_HW
-    if small:
-        grams = spatial_grams(a)
-        ys = {1: grow(a, factors[0], 1), 2: grams[0] @ factors[1], 3: grams[1] @ factors[2]}
-    else:
-        ys = {n: grow(a, factors[n - 1], n) for n in range(1, a.ndim)}
-    us = {n: np.linalg.qr(y)[0].astype(a.dtype) for n, y in ys.items()}   # (d_n, K_n)
-    if small:
-        b, c, h, w = a.shape
-        spatial = a.reshape(b, c, h * w) @ np.kron(us[2], us[3])            # (B, C, K3 K4)
-        partial = np.matmul(us[1].T, spatial)                              # (B, K2, K3 K4)
-        partial = partial.reshape(b, us[1].shape[1], us[2].shape[1], us[3].shape[1])
-    else:
-        partial = a
-        for n in sorted(us, key=lambda n: us[n].shape[1] / a.shape[n]):  # most shrinking first
-            partial = mode_apply(partial, us[n], n)
+    us = {n: np.linalg.qr(y)[0].astype(a.dtype)                          # (d_n, K_n)
+          for n, y in subspace_images(a, factors).items()}
+    partial = partial_core(a, us)
     rows = np.ascontiguousarray(partial).reshape(a.shape[0], -1)        # P_(1) (B, K2 K3 K4)
     _, vectors = np.linalg.eigh(rows.astype(np.float64) @ rows.T.astype(np.float64))
     u1 = np.ascontiguousarray(vectors[:, ::-1][:, :min(k1, a.shape[0])], dtype=a.dtype)
