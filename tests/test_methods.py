@@ -164,7 +164,9 @@ def test_a_subspace_step_unfolds_a_block_of_samples_not_the_input(monkeypatch):
                                          ((6, 64, 5, 5), (2, 7, 2, 3)),     # channels > rest
                                          ((4, 3, 48, 48), (2, 1, 4, 3)),    # an RGB stem
                                          ((16, 8, 24, 24), (4, 8, 20, 20)),   # height unfolded
-                                         ((12, 16, 28, 28), (4, 5, 9, 7))])   # in blocks
+                                         ((12, 16, 28, 28), (4, 5, 9, 7)),    # in blocks
+                                         ((64, 24, 56, 56), (8, 12, 40, 40)),  # P's Gram
+                                         ((64, 32, 32, 32), (4, 32, 32, 32))])  # full ranks
 def test_the_workspace_rows_bound_what_numpy_allocates(shape, ranks, monkeypatch):
     """hosvd and asi's workspace (the memory plan's numpy term) is at least tracemalloc's
     peak of the decomposition beyond x and what it keeps: the exact HOSVD at fixed ranks,

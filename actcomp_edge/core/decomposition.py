@@ -488,7 +488,9 @@ def subspace_step(activation: np.ndarray, factors: Sequence[np.ndarray], k1: int
           for n, y in subspace_images(a, factors).items()}
     partial = partial_core(a, us)
     rows = np.ascontiguousarray(partial).reshape(a.shape[0], -1)        # P_(1) (B, K2 K3 K4)
-    _, vectors = np.linalg.eigh(rows.astype(np.float64) @ rows.T.astype(np.float64))
+    rows64 = rows.astype(np.float64)                                     # one float64 copy
+    _, vectors = np.linalg.eigh(rows64 @ rows64.T)
+    del rows64
     u1 = np.ascontiguousarray(vectors[:, ::-1][:, :min(k1, a.shape[0])], dtype=a.dtype)
     core = (u1.T @ rows).reshape((u1.shape[1],) + partial.shape[1:])
     return Tucker(np.ascontiguousarray(core), (u1, *(us[n] for n in sorted(us))))

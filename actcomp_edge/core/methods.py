@@ -30,7 +30,7 @@ import numpy as np
 
 from .arch import ConvLayer, pair
 from .decomposition import (GRAM_BLOCK_BYTES, Tucker, full_rank_bound, grow_samples, hosvd,
-                            in_place, subspace_step, svd_compress)
+                            in_place, small_map, subspace_step, svd_compress)
 
 GF_RADIUS = 2
 # onnxruntime's blocked-layout CPU kernels: contrib ops of every stock build, fast where MLAS
@@ -134,11 +134,18 @@ def hosvd_workspace(shape: tuple, ranks, stride: int) -> int:
     block = min(4 * size, max(sample, GRAM_BLOCK_BYTES // sample * sample))
     grams = max(6 * 8 * min(d, size // d) ** 2 + (4 * size if d > size // d else 0)
                 for d in shape) + 2 * block
+    return max(grams, product_chain_bytes(shape, ranks, sorted(range(4), key=lambda n:
+                                                                 ranks[n] / shape[n])))
+
+
+def product_chain_bytes(shape: tuple, ranks, modes) -> int:
+    """The largest pair of successive outputs (float32 bytes) of mode products applied to
+    a tensor of ``shape`` in the order ``modes``, each taking its mode to its rank."""
     sizes, current = [], list(shape)
-    for mode in sorted(range(4), key=lambda n: ranks[n] / shape[n]):
+    for mode in modes:
         current[mode] = ranks[mode]
         sizes.append(prod(current))
-    return max(grams, 4 * sizes[0], max(4 * (a + b) for a, b in zip(sizes[:-1], sizes[1:])))
+    return max([4 * sizes[0]] + [4 * (a + b) for a, b in zip(sizes[:-1], sizes[1:])])
 
 
 def asi_workspace(shape: tuple, ranks, stride: int) -> int:
@@ -146,11 +153,17 @@ def asi_workspace(shape: tuple, ranks, stride: int) -> int:
     block of samples (decomposition.grow_samples), the product with U_n (size K_n / d_n; with
     its strided copy and the next product's output: three of them), beside the block's
     unfold copy where that mode is not multiplied in place (decomposition.in_place); then
-    the partial core's products, as hosvd's."""
+    the partial core's products (decomposition.partial_core: the batch mode left whole; on a
+    small map the spatial modes, then the channels); then P (B, K2, K3, K4) beside its
+    float64 copy, for the batch mode's B x B Gram."""
     block = prod(shape[1:]) * min(shape[0], grow_samples(shape))
     grow = max(4 * 3 * block * k // d + (0 if in_place(shape, n) else 4 * block)
                for n, (d, k) in enumerate(zip(shape, ranks)) if n)
-    return max(hosvd_workspace(shape, ranks, stride), grow)
+    order = ((2, 3, 1) if small_map(shape) else
+             sorted((1, 2, 3), key=lambda n: ranks[n] / shape[n]))
+    partial = shape[0] * prod(ranks[1:])
+    return max(hosvd_workspace(shape, ranks, stride), grow,
+               product_chain_bytes(shape, ranks, order), (4 + 8) * partial)
 
 
 TUCKER_PIECES = ("core", "u_batch", "u_channel", "u_height", "u_width")
