@@ -159,8 +159,6 @@ def check_budget(trainer: Trainer, data: Dataset, batch_size: int, budget: int,
         raise BudgetError(f"budget {budget / mib:.1f} MiB is too small: a dry-run step of batch "
                           f"{batch_size} could not allocate within it; give a larger --budget, "
                           f"a smaller --batch-size, or export with fewer --layers") from None
-    seen = (seen_working_set(trainer, ranks, batch_size)  # eps ranks: planned above at
-            if trainer.manifest.memory_plan.rank_basis == "bound" else None)  # their bound
     if need > budget:
         per_sample = need / batch_size
         fits = int(budget // per_sample) if per_sample else batch_size
@@ -173,6 +171,8 @@ def check_budget(trainer: Trainer, data: Dataset, batch_size: int, budget: int,
     # beyond the kept activations; the rest of the budget may go to activations
     allowance = budget - (need - kept)
     trainer.rank_caps = rank_caps_for_budget(trainer, batch_size, allowance)
+    seen = (seen_working_set(trainer, ranks, batch_size)  # eps ranks: planned above at
+            if trainer.manifest.memory_plan.rank_basis == "bound" else None)  # their bound
     log(f"budget: one step needs {need / mib:.1f} MiB of the {budget / mib:.1f} MiB budget"
         + (f" (the memory plan at its ranks: {seen / mib:.1f} MiB)" if seen is not None else "")
         + (f"; rank caps of {min(trainer.rank_caps.values())}.."

@@ -11,7 +11,7 @@ from actcomp_edge.core.cliutil import (add_rank_arguments, input_size, positive_
                                        refuse_unused_rank_flags, size_bytes)
 from actcomp_edge.core.manifest import Manifest, folder_classes
 from actcomp_edge.core.memory import Plan, plan_table
-from actcomp_edge.core.methods import METHODS
+from actcomp_edge.core.methods import METHODS, RANKED
 
 
 def add_export_parser(subparsers) -> None:
@@ -109,7 +109,7 @@ def train_config(args):
     needs --eps or --ranks (asi: or --activation-budget)."""
     from .training_graph import TrainConfig  # onnx: only once an export runs
     row = METHODS[args.method]
-    refuse_unused_rank_flags(args, [m.name for m in METHODS.values() if m.ranks])
+    refuse_unused_rank_flags(args, RANKED)
     if row.ranks and args.eps is None and args.ranks is None and args.activation_budget is None:
         raise ValueError(f"--method {args.method} needs --eps (e.g. 0.8) or --ranks"
                          + (" or --activation-budget" if row.tracker else ""))

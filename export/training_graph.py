@@ -34,7 +34,8 @@ import numpy as np
 
 from actcomp_edge.core import names
 from actcomp_edge.core.arch import ACTIVATIONS, ConvLayer, pair
-from actcomp_edge.core.methods import BATCH, METHODS, nchwc_depthwise, nchwc_depthwise_conv
+from actcomp_edge.core.methods import (BATCH, METHODS, RANKED, nchwc_depthwise,
+                                        nchwc_depthwise_conv)
 
 import onnx
 from onnx import TensorProto
@@ -89,7 +90,7 @@ class TrainConfig:
                 continue
             if not row.rank_symbols:
                 raise ValueError(f"{flag} applies to the methods with ranks "
-                                 f"({', '.join(m.name for m in METHODS.values() if m.ranks)}), "
+                                 f"({', '.join(RANKED)}), "
                                  f"not {self.method}")
             n = 1 if isinstance(given, int) else len(given)
             if n not in counts:

@@ -428,8 +428,9 @@ def grow_block(a: np.ndarray, u: np.ndarray, mode: int) -> np.ndarray:
 
 SPATIAL_GRAM_MAX_HW = 64  # H * W up to which a subspace step takes both spatial modes from
 #                         the (H W, H W) Gram and the partial core through U3 (x) U4: mcunet's
-#                         inputs at batch 32, 128 px, 1 BLAS thread: 4x4 maps 1.2-2.9 -> 0.6-1.6
-#                         ms a layer, 8x8 1.35x faster, 16x16 slower (an ad-hoc script)
+#                         inputs at batch 32, 128 px, 1 BLAS thread: 4x4 maps 0.9-2.9 -> 0.45-1.6
+#                         ms a layer, 8x8 1.3-2.1x faster, 16x16 0.6-1.1x (an ad-hoc script,
+#                         other work on the machine)
 
 
 def spatial_grams(a: np.ndarray) -> tuple:

@@ -579,6 +579,7 @@ METHODS = {m.name: m for m in (
     Method("gf-r2", ("x_sum",), gf_dims, (), None, gf_floats, gf_workspace, gf_kept,
            gf_weight_grad, "GradientFilterSumPool", square_only=True),
 )}
+RANKED = tuple(name for name, m in METHODS.items() if m.ranks)  # --eps / --ranks apply to these
 
 
 # methods that were replaced: name -> its successor (an artifact naming one is re-exported)

@@ -12,7 +12,7 @@ from ..core.arch import ZOO, load_spec
 from ..core.cliutil import (Parser, add_rank_arguments, input_size, non_negative_float,
                             positive_float, positive_int, refuse_unused_rank_flags, size_bytes)
 from ..core.memory import mib, plan, plan_table
-from ..core.methods import METHODS
+from ..core.methods import METHODS, RANKED
 from ..core.profiles import OPTIMIZER_STATE, Fit, load_profile, profile_names, \
     trainable_param_count
 from ..core.program import network
@@ -84,7 +84,7 @@ def add_plan(sub) -> None:
 
 
 def cmd_plan(args) -> int:
-    refuse_unused_rank_flags(args, [m.name for m in METHODS.values() if m.ranks])
+    refuse_unused_rank_flags(args, RANKED)
     if args.profile is not None:
         return cmd_plan_profile(args)
     if args.layers is None:
